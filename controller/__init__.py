@@ -1,0 +1,1 @@
+"""Cluster metadata state machine, placement, failure handling and group coordination."""

@@ -1,0 +1,1 @@
+"""One broker process: storage, Raft, replicas, gRPC services and metrics."""

@@ -1,0 +1,1 @@
+"""The partition log: segment files with sparse offset and time indexes."""

@@ -1,0 +1,164 @@
+"""Topic configuration: the keys a topic accepts, their defaults, and their validation.
+
+Names and meanings follow Kafka's topic configs where one exists, so a Kafka user finds what
+they expect. docs/configuration.md is the reference a user reads; keep it in step.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from tidelog.errors import InvalidConfig, InvalidPartitions, InvalidTopic
+
+TOPIC_NAME_LENGTH_MAX = 249
+PARTITIONS_MAX = 10_000
+_TOPIC_NAME_RE = re.compile(r"^[a-zA-Z0-9._-]+$")
+
+
+def validate_topic_name(name: str) -> None:
+    """Kafka's rules: 1-249 characters from [a-zA-Z0-9._-], and not "." or ".."."""
+    if not name:
+        raise InvalidTopic("topic name is empty")
+    if len(name) > TOPIC_NAME_LENGTH_MAX:
+        raise InvalidTopic(
+            f"topic name is {len(name)} characters long; at most {TOPIC_NAME_LENGTH_MAX} allowed"
+        )
+    if name in (".", ".."):
+        raise InvalidTopic(f"topic name {name!r} is not allowed")
+    if not _TOPIC_NAME_RE.match(name):
+        bad = sorted({c for c in name if not re.match(r"[a-zA-Z0-9._-]", c)})
+        raise InvalidTopic(
+            f"topic name {name!r} contains {''.join(bad)!r}; "
+            "only ASCII letters, digits, '.', '_' and '-' are allowed"
+        )
+
+
+def validate_partitions(count: int) -> None:
+    if count < 1:
+        raise InvalidPartitions(f"partitions must be at least 1, got {count}")
+    if count > PARTITIONS_MAX:
+        raise InvalidPartitions(f"partitions must be at most {PARTITIONS_MAX}, got {count}")
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str, str], int]:
+    def parse(key: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise InvalidConfig(f"{key}={raw!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise InvalidConfig(f"{key}={value} is out of range [{lo}, {hi}]")
+        return value
+
+    return parse
+
+
+def _one_of(*choices: str) -> Callable[[str, str], str]:
+    def parse(key: str, raw: str) -> str:
+        if raw not in choices:
+            raise InvalidConfig(f"{key}={raw!r} must be one of {', '.join(choices)}")
+        return raw
+
+    return parse
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigKey:
+    name: str
+    default: str
+    parse: Callable[[str, str], object]
+    doc: str
+
+
+_I64 = 2**63 - 1
+TOPIC_CONFIG_KEYS: dict[str, ConfigKey] = {
+    k.name: k
+    for k in (
+        ConfigKey(
+            "segment.bytes", str(128 * 1024 * 1024), _int_in(4096, 2**31 - 1),
+            "Roll to a new segment file when the active one reaches this size.",
+        ),
+        ConfigKey(
+            "segment.ms", str(7 * 24 * 3600 * 1000), _int_in(1, _I64),
+            "Roll to a new segment when the active one is older than this.",
+        ),
+        ConfigKey(
+            "retention.ms", str(7 * 24 * 3600 * 1000), _int_in(-1, _I64),
+            "Delete closed segments whose newest record is older than this; -1 keeps forever.",
+        ),
+        ConfigKey(
+            "retention.bytes", "-1", _int_in(-1, _I64),
+            "Delete the oldest closed segments while the partition is larger; -1: no limit.",
+        ),
+        ConfigKey(
+            "max.message.bytes", str(8 * 1024 * 1024), _int_in(128, 64 * 1024 * 1024),
+            "Largest record batch (after compression) the partition accepts.",
+        ),
+        ConfigKey(
+            "flush", "durable", _one_of("durable", "os"),
+            "durable: fsync (grouped) before acknowledging; os: leave it to the page cache.",
+        ),
+        ConfigKey(
+            "cleanup.policy", "delete", _one_of("delete"),
+            "delete: retention removes whole old segments. (compact is not available yet.)",
+        ),
+        ConfigKey(
+            "index.interval.bytes", "4096", _int_in(0, 2**31 - 1),
+            "Bytes of batches between two entries of the sparse offset and time indexes.",
+        ),
+    )
+}
+
+
+def validate_topic_configs(configs: Mapping[str, str]) -> dict[str, str]:
+    """Check every key and value; return the overrides unchanged (as strings)."""
+    for key, raw in configs.items():
+        spec = TOPIC_CONFIG_KEYS.get(key)
+        if spec is None:
+            raise InvalidConfig(
+                f"unknown topic config {key!r}; known keys: {', '.join(sorted(TOPIC_CONFIG_KEYS))}"
+            )
+        spec.parse(key, raw)
+    return dict(configs)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicConfig:
+    """The effective, parsed configuration of one topic."""
+
+    segment_bytes: int
+    segment_ms: int
+    retention_ms: int
+    retention_bytes: int
+    max_message_bytes: int
+    flush: str
+    cleanup_policy: str
+    index_interval_bytes: int
+
+    @classmethod
+    def from_overrides(cls, overrides: Mapping[str, str]) -> TopicConfig:
+        merged = effective_configs(overrides)
+
+        def geti(key: str) -> int:
+            value = TOPIC_CONFIG_KEYS[key].parse(key, merged[key])
+            assert isinstance(value, int)
+            return value
+
+        return cls(
+            segment_bytes=geti("segment.bytes"),
+            segment_ms=geti("segment.ms"),
+            retention_ms=geti("retention.ms"),
+            retention_bytes=geti("retention.bytes"),
+            max_message_bytes=geti("max.message.bytes"),
+            flush=merged["flush"],
+            cleanup_policy=merged["cleanup.policy"],
+            index_interval_bytes=geti("index.interval.bytes"),
+        )
+
+
+def effective_configs(overrides: Mapping[str, str]) -> dict[str, str]:
+    merged = {k: spec.default for k, spec in TOPIC_CONFIG_KEYS.items()}
+    merged.update(overrides)
+    return merged

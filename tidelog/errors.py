@@ -1,0 +1,231 @@
+"""The errors tidelog reports, shared by the node (which raises them as gRPC statuses) and the
+client (which turns gRPC statuses back into these exceptions).
+
+On the wire an error is a gRPC status code plus a ``google.rpc.ErrorInfo`` detail with
+domain ``tidelog``, a machine-readable ``reason`` (the class's ``reason``) and string
+metadata (for NOT_LEADER, the leader's id and address). A user sees one readable line: the
+message says what failed, with which input, and what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+DOMAIN = "tidelog"
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class TidelogError(Exception):
+    """Base of every error tidelog raises on purpose."""
+
+    reason: ClassVar[str] = "INTERNAL"
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    #: Whether a client may retry the same request (after refreshing metadata).
+    retriable: ClassVar[bool] = False
+
+    def __init__(self, message: str, **metadata: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata: dict[str, str] = dict(metadata)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidTopic(TidelogError):
+    reason = "INVALID_TOPIC"
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class InvalidPartitions(TidelogError):
+    reason = "INVALID_PARTITIONS"
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class InvalidReplicationFactor(TidelogError):
+    reason = "INVALID_REPLICATION_FACTOR"
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class InvalidConfig(TidelogError):
+    reason = "INVALID_CONFIG"
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class InvalidRequest(TidelogError):
+    reason = "INVALID_REQUEST"
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class TopicExists(TidelogError):
+    reason = "TOPIC_EXISTS"
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class UnknownTopic(TidelogError):
+    reason = "UNKNOWN_TOPIC"
+    code = grpc.StatusCode.NOT_FOUND
+    # A topic just created may not have reached this node yet.
+    retriable = True
+
+
+class UnknownPartition(TidelogError):
+    reason = "UNKNOWN_PARTITION"
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class OffsetOutOfRange(TidelogError):
+    """The metadata carries ``log_start_offset`` and ``high_watermark``."""
+
+    reason = "OFFSET_OUT_OF_RANGE"
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class CorruptBatch(TidelogError):
+    """A record batch failed validation: bad CRC, truncated, inconsistent counts or lengths."""
+
+    reason = "CORRUPT_BATCH"
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class BatchTooLarge(TidelogError):
+    reason = "BATCH_TOO_LARGE"
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotLeader(TidelogError):
+    """The metadata carries ``leader_id`` and ``leader_address`` when a leader is known."""
+
+    reason = "NOT_LEADER"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    retriable = True
+
+
+class LeaderNotAvailable(TidelogError):
+    reason = "LEADER_NOT_AVAILABLE"
+    code = grpc.StatusCode.UNAVAILABLE
+    retriable = True
+
+
+class NotEnoughReplicas(TidelogError):
+    reason = "NOT_ENOUGH_REPLICAS"
+    code = grpc.StatusCode.UNAVAILABLE
+    retriable = True
+
+
+class RequestTimedOut(TidelogError):
+    reason = "REQUEST_TIMED_OUT"
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    retriable = True
+
+
+class NodeUnavailable(TidelogError):
+    """The client could not reach a node (connection refused, reset, or timed out)."""
+
+    reason = "NODE_UNAVAILABLE"
+    code = grpc.StatusCode.UNAVAILABLE
+    retriable = True
+
+
+class StorageError(TidelogError):
+    reason = "STORAGE_ERROR"
+    code = grpc.StatusCode.INTERNAL
+
+
+class Unsupported(TidelogError):
+    reason = "UNSUPPORTED"
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+_BY_REASON: dict[str, type[TidelogError]] = {
+    cls.reason: cls
+    for cls in (
+        TidelogError,
+        InvalidTopic,
+        InvalidPartitions,
+        InvalidReplicationFactor,
+        InvalidConfig,
+        InvalidRequest,
+        TopicExists,
+        UnknownTopic,
+        UnknownPartition,
+        OffsetOutOfRange,
+        CorruptBatch,
+        BatchTooLarge,
+        NotLeader,
+        LeaderNotAvailable,
+        NotEnoughReplicas,
+        RequestTimedOut,
+        NodeUnavailable,
+        StorageError,
+        Unsupported,
+    )
+}
+
+# Transport-level codes that mean "try again, maybe elsewhere" when no ErrorInfo came along.
+_RETRIABLE_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def to_status_details(err: TidelogError) -> tuple[grpc.StatusCode, str, bytes]:
+    """The (code, message, grpc-status-details-bin) triple a server aborts with."""
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=err.code.value[0], message=err.message, details=[detail])
+    return err.code, err.message, status.SerializeToString()
+
+
+def trailing_metadata(err: TidelogError) -> tuple[tuple[str, bytes], ...]:
+    _, _, details = to_status_details(err)
+    return ((_STATUS_DETAILS_KEY, details),)
+
+
+def from_rpc_error(exc: grpc.RpcError) -> TidelogError:
+    """Turn a gRPC error (sync or aio) into the matching TidelogError."""
+    code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
+    message: str = exc.details() or code.name  # type: ignore[attr-defined]
+    trailers: Any = exc.trailing_metadata()  # type: ignore[attr-defined]
+    info = _error_info(trailers)
+    if info is not None and info.domain == DOMAIN:
+        cls = _BY_REASON.get(info.reason, TidelogError)
+        err = cls(message, **dict(info.metadata))
+        return err
+    if code in _RETRIABLE_CODES:
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return RequestTimedOut(f"request timed out: {message}")
+        return NodeUnavailable(f"node unavailable: {message}")
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return Unsupported(f"not supported by this node: {message}")
+    return TidelogError(f"{code.name}: {message}")
+
+
+def _error_info(trailers: Any) -> error_details_pb2.ErrorInfo | None:
+    if not trailers:
+        return None
+    items: list[tuple[str, Any]]
+    if isinstance(trailers, Mapping):
+        items = list(trailers.items())
+    else:
+        items = [(k, v) for k, v in trailers]
+    for key, value in items:
+        if key != _STATUS_DETAILS_KEY:
+            continue
+        status = status_pb2.Status()
+        try:
+            status.ParseFromString(value if isinstance(value, bytes) else bytes(value))
+        except Exception:
+            return None
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                return info
+    return None
