@@ -1,0 +1,25 @@
+# Shared by scripts/test.sh and scripts/demo.sh: create (once) the virtual environment in .venv
+# and install tidelog into it. Sourced, not run.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  for candidate in python3.11 python3.12 python3.13 python3; do
+    if command -v "$candidate" >/dev/null 2>&1; then PY="$candidate"; break; fi
+  done
+fi
+if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
+  echo "error: tidelog needs Python 3.11 or newer; $PY is $("$PY" -V 2>&1)" >&2
+  exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+EXTRAS="${TIDELOG_EXTRAS:-}"
+STAMP=".venv/.tidelog-installed${EXTRAS:+-$EXTRAS}"
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
+  touch "$STAMP"
+fi

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up the environment (once) and run every check CI runs: lint, types, generated code, tests
+# (unit, deterministic simulation, integration with real node processes).
+TIDELOG_EXTRAS=dev
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+
+echo "== ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+echo "== mypy"
+.venv/bin/mypy tidelog node controller client tests bench scripts
+echo "== generated protobuf code"
+.venv/bin/python scripts/gen_proto.py --check
+echo "== pytest"
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
