@@ -1,0 +1,682 @@
+"""Record batches: the one binary format shared by producer, broker, log and consumer.
+
+A batch is a fixed 73-byte little-endian header followed by a *columnar* records block
+(see docs/wire-format.md). Columns let CPython encode and decode a whole batch with a
+handful of C-level bulk operations (``array``, ``bytes.join``, slicing) instead of a Python
+loop over varints per record: the cost is paid per batch, which is what makes a Python
+broker fast enough. The broker itself only calls :func:`validate_batches` and
+:func:`stamp`; it stores and serves the producer's bytes unchanged.
+
+The CRC-32C covers bytes ``[29, end)``-minus-itself, i.e. ``[33, end)``: everything the
+producer wrote. The fields before it (base offset, length, Raft term and index) are written
+by the node after the producer computed the CRC, so they cannot be covered by it; the
+partition log checks them through offset and index continuity instead.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import sys
+import threading
+import time
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import accumulate, pairwise, repeat
+from typing import NamedTuple
+
+import crc32c
+import lz4.frame
+import zstandard
+
+from tidelog.errors import BatchTooLarge, CorruptBatch
+
+__all__ = [
+    "BATCH_OVERHEAD_BYTES",
+    "HEADER_SIZE",
+    "MAGIC",
+    "RECORDS_BLOCK_BYTES_MAX",
+    "BatchHeader",
+    "Codec",
+    "Record",
+    "decode_batches",
+    "decode_records",
+    "decode_values",
+    "encode_batch",
+    "iter_headers",
+    "read_header",
+    "stamp",
+    "validate_batch",
+    "validate_batches",
+]
+
+MAGIC = 2
+HEADER_SIZE = 73
+BATCH_OVERHEAD_BYTES = HEADER_SIZE
+
+#: Bytes before (and including) ``batch_length``; ``size = batch_length + LENGTH_PREFIX_SIZE``.
+LENGTH_PREFIX_SIZE = 12
+#: Where the CRC field starts and where the bytes it covers start.
+CRC_OFFSET = 29
+CRC_COVERED_FROM = 33
+
+#: Largest records block a compressed batch may expand to. It bounds the memory a single
+#: (possibly hostile) batch can make the broker allocate while validating it.
+RECORDS_BLOCK_BYTES_MAX = 256 * 1024 * 1024
+#: Column limits that follow from the column types (uint16 header counts and key lengths).
+HEADERS_PER_RECORD_MAX = 0xFFFF
+HEADER_KEY_BYTES_MAX = 0xFFFF
+INT32_MAX = 2**31 - 1
+INT32_MIN = -(2**31)
+
+ATTR_CODEC_MASK = 0x07
+ATTR_HAS_HEADERS = 0x10
+ATTR_CONTROL = 0x20
+_ATTR_KNOWN = ATTR_CODEC_MASK | ATTR_HAS_HEADERS | ATTR_CONTROL
+
+# base_offset, batch_length, raft_term, raft_index, magic, crc, attributes, last_offset_delta,
+# first_timestamp, max_timestamp, producer_id, producer_epoch, base_sequence, record_count
+_HEADER = struct.Struct("<qiqqbIhiqqqhii")
+# The same header split at the CRC: the prefix the node owns and the CRC-covered rest.
+_PREFIX = struct.Struct("<qiqqbI")
+_COVERED = struct.Struct("<hiqqqhii")
+_STAMP_OFFSET = struct.Struct("<q")
+_STAMP_RAFT = struct.Struct("<qq")
+_RAFT_TERM_OFFSET = 12
+
+assert _HEADER.size == HEADER_SIZE
+assert _PREFIX.size == CRC_COVERED_FROM
+assert _PREFIX.size + _COVERED.size == HEADER_SIZE
+assert array("i").itemsize == 4 and array("H").itemsize == 2
+assert RECORDS_BLOCK_BYTES_MAX <= INT32_MAX
+
+_SWAP = sys.byteorder != "little"
+
+
+class Codec(enum.IntEnum):
+    """Compression of the records block (attribute bits 0-2)."""
+
+    NONE = 0
+    LZ4 = 1
+    ZSTD = 2
+
+    @classmethod
+    def parse(cls, name: str | Codec) -> Codec:
+        """The codec for a config or CLI value such as ``"lz4"`` (case-insensitive)."""
+        if isinstance(name, Codec):
+            return name
+        try:
+            return cls[name.strip().upper()]
+        except KeyError:
+            choices = ", ".join(c.name.lower() for c in cls)
+            raise ValueError(
+                f"unknown compression codec {name!r}: choose one of {choices}"
+            ) from None
+
+
+@dataclass(slots=True)
+class Record:
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes | None]]
+
+
+class BatchHeader(NamedTuple):
+    base_offset: int
+    batch_length: int
+    raft_term: int
+    raft_index: int
+    magic: int
+    crc: int
+    attributes: int
+    last_offset_delta: int
+    first_timestamp: int
+    max_timestamp: int
+    producer_id: int
+    producer_epoch: int
+    base_sequence: int
+    record_count: int
+
+    @property
+    def size(self) -> int:
+        """Total bytes of the batch, header included."""
+        return self.batch_length + LENGTH_PREFIX_SIZE
+
+    @property
+    def last_offset(self) -> int:
+        return self.base_offset + self.last_offset_delta
+
+    @property
+    def codec(self) -> Codec:
+        return Codec(self.attributes & ATTR_CODEC_MASK)
+
+    @property
+    def is_control(self) -> bool:
+        return bool(self.attributes & ATTR_CONTROL)
+
+    @property
+    def has_headers(self) -> bool:
+        return bool(self.attributes & ATTR_HAS_HEADERS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compression. zstandard contexts must not be shared between threads, and the node may run
+# validation in a thread pool, so each thread keeps its own.
+
+_local = threading.local()
+
+
+def _zstd_compressor() -> zstandard.ZstdCompressor:
+    comp: zstandard.ZstdCompressor | None = getattr(_local, "zc", None)
+    if comp is None:
+        comp = _local.zc = zstandard.ZstdCompressor(write_content_size=True)
+    return comp
+
+
+def _zstd_decompressor() -> zstandard.ZstdDecompressor:
+    dec: zstandard.ZstdDecompressor | None = getattr(_local, "zd", None)
+    if dec is None:
+        dec = _local.zd = zstandard.ZstdDecompressor()
+    return dec
+
+
+def _compress(codec: Codec, block: bytes) -> bytes:
+    if codec is Codec.LZ4:
+        return bytes(lz4.frame.compress(block, store_size=True))
+    if codec is Codec.ZSTD:
+        return _zstd_compressor().compress(block)
+    return block
+
+
+def _decompress(codec: Codec, data: bytes | memoryview, where: int) -> bytes:
+    """Expand a records block, refusing anything beyond RECORDS_BLOCK_BYTES_MAX before
+    allocating it (a few bytes of zstd can claim gigabytes)."""
+    limit = RECORDS_BLOCK_BYTES_MAX
+    try:
+        if codec is Codec.LZ4:
+            dec = lz4.frame.LZ4FrameDecompressor()
+            out = dec.decompress(data, max_length=limit + 1)
+            if len(out) > limit:
+                raise CorruptBatch(
+                    f"lz4 records block of batch at byte {where} expands past "
+                    f"{limit} bytes (RECORDS_BLOCK_BYTES_MAX)"
+                )
+            if not dec.eof:
+                raise CorruptBatch(f"lz4 records block of batch at byte {where} is truncated")
+            if dec.unused_data:
+                raise CorruptBatch(
+                    f"lz4 records block of batch at byte {where} has "
+                    f"{len(dec.unused_data)} bytes after the end of its frame"
+                )
+            return bytes(out)
+        if codec is Codec.ZSTD:
+            declared = zstandard.frame_content_size(data)
+            if declared > limit:
+                raise CorruptBatch(
+                    f"zstd records block of batch at byte {where} declares {declared} bytes, "
+                    f"more than {limit} (RECORDS_BLOCK_BYTES_MAX)"
+                )
+            return _zstd_decompressor().decompress(
+                data, max_output_size=limit, allow_extra_data=False
+            )
+    except CorruptBatch:
+        raise
+    except (RuntimeError, zstandard.ZstdError, ValueError) as exc:
+        raise CorruptBatch(
+            f"cannot decompress the {codec.name.lower()} records block of batch at byte "
+            f"{where}: {exc}"
+        ) from exc
+    raise CorruptBatch(f"batch at byte {where} names unknown codec {int(codec)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _int32_column(values: list[int], what: str) -> array[int]:
+    try:
+        col = array("i", values)
+    except OverflowError:
+        bad = next(v for v in values if not INT32_MIN <= v <= INT32_MAX)
+        raise ValueError(f"{what} {bad} does not fit in a signed 32-bit column") from None
+    return col
+
+
+def _column_bytes(col: array[int]) -> bytes:
+    if _SWAP:
+        col = array(col.typecode, col)
+        col.byteswap()
+    return col.tobytes()
+
+
+def _lengths(items: Sequence[bytes | None], what: str) -> tuple[array[int], bytes]:
+    """The length column (-1 for None) and the concatenated bytes of a key or value column."""
+    if None in items:
+        lens = [-1 if x is None else len(x) for x in items]
+        data = b"".join([x for x in items if x is not None])
+    else:
+        lens = list(map(len, items))  # type: ignore[arg-type]
+        data = b"".join(items)  # type: ignore[arg-type]
+    return _int32_column(lens, f"{what} length"), data
+
+
+def _encode_headers(headers: Sequence[Sequence[tuple[str, bytes | None]]], n: int) -> list[bytes]:
+    if len(headers) != n:
+        raise ValueError(f"got {len(headers)} header lists for {n} values: pass one per record")
+    counts = [len(h) for h in headers]
+    if counts and max(counts) > HEADERS_PER_RECORD_MAX:
+        raise ValueError(
+            f"a record has {max(counts)} headers, more than {HEADERS_PER_RECORD_MAX} "
+            "(HEADERS_PER_RECORD_MAX)"
+        )
+    flat = [kv for h in headers for kv in h]
+    hkeys = [k.encode() for k, _ in flat]
+    klens = list(map(len, hkeys))
+    if klens and max(klens) > HEADER_KEY_BYTES_MAX:
+        raise ValueError(
+            f"a header key is {max(klens)} bytes of UTF-8, more than {HEADER_KEY_BYTES_MAX} "
+            "(HEADER_KEY_BYTES_MAX)"
+        )
+    vlens, vdata = _lengths([v for _, v in flat], "header value")
+    return [
+        _column_bytes(array("H", counts)),
+        _column_bytes(array("H", klens)),
+        _column_bytes(vlens),
+        b"".join(hkeys),
+        vdata,
+    ]
+
+
+def encode_batch(
+    values: Sequence[bytes | None],
+    keys: Sequence[bytes | None] | None = None,
+    timestamps_ms: Sequence[int] | int | None = None,
+    headers: Sequence[Sequence[tuple[str, bytes | None]]] | None = None,
+    *,
+    codec: Codec = Codec.NONE,
+    producer_id: int = -1,
+    producer_epoch: int = -1,
+    base_sequence: int = -1,
+    control: bool = False,
+    base_offset: int = 0,
+) -> bytes:
+    """One batch holding ``values`` (with optional parallel ``keys``, timestamps, headers).
+
+    ``timestamps_ms`` may be one int for every record, a sequence with one per record, or
+    None for "now". The first record's timestamp is the batch's ``first_timestamp``; others
+    are stored as signed 32-bit deltas from it, so one batch spans at most ~24 days.
+    """
+    n = len(values)
+    if n == 0:
+        raise ValueError("a batch needs at least one record")
+    if n > INT32_MAX:
+        raise ValueError(f"{n} records do not fit in one batch")
+    codec = Codec(codec)
+
+    if timestamps_ms is None or isinstance(timestamps_ms, int):
+        first_ts = time.time_ns() // 1_000_000 if timestamps_ms is None else timestamps_ms
+        max_ts = first_ts
+        ts_col = bytes(4 * n)
+    else:
+        if len(timestamps_ms) != n:
+            raise ValueError(f"got {len(timestamps_ms)} timestamps for {n} values")
+        first_ts = timestamps_ms[0]
+        deltas = [t - first_ts for t in timestamps_ms]
+        ts_col = _column_bytes(_int32_column(deltas, "timestamp delta (ms)"))
+        max_ts = first_ts + max(deltas)
+
+    if keys is None:
+        key_lens_col = _column_bytes(array("i", [-1]) * n)
+        key_data = b""
+    else:
+        if len(keys) != n:
+            raise ValueError(f"got {len(keys)} keys for {n} values: pass one key (or None) each")
+        key_lens, key_data = _lengths(keys, "key")
+        key_lens_col = _column_bytes(key_lens)
+    value_lens, value_data = _lengths(values, "value")
+
+    parts = [ts_col, key_lens_col, _column_bytes(value_lens), key_data, value_data]
+    attributes = int(codec)
+    if headers is not None and any(headers):
+        parts += _encode_headers(headers, n)
+        attributes |= ATTR_HAS_HEADERS
+    elif headers is not None and len(headers) != n:
+        raise ValueError(f"got {len(headers)} header lists for {n} values: pass one per record")
+    if control:
+        attributes |= ATTR_CONTROL
+
+    if codec is Codec.NONE:
+        block_parts = parts
+        block_len = sum(map(len, parts))
+    else:
+        block = b"".join(parts)
+        if len(block) > RECORDS_BLOCK_BYTES_MAX:
+            raise ValueError(
+                f"records block of {len(block)} bytes exceeds {RECORDS_BLOCK_BYTES_MAX} "
+                "(RECORDS_BLOCK_BYTES_MAX): send smaller batches"
+            )
+        block_parts = [_compress(codec, block)]
+        block_len = len(block_parts[0])
+
+    batch_length = HEADER_SIZE - LENGTH_PREFIX_SIZE + block_len
+    if batch_length > INT32_MAX:
+        raise ValueError(f"batch of {batch_length} bytes is too large for one batch")
+    covered = _COVERED.pack(
+        attributes, n - 1, first_ts, max_ts, producer_id, producer_epoch, base_sequence, n
+    )
+    crc = crc32c.crc32c(covered)
+    for part in block_parts:
+        crc = crc32c.crc32c(part, crc)
+    prefix = _PREFIX.pack(base_offset, batch_length, 0, 0, MAGIC, crc)
+    return b"".join([prefix, covered, *block_parts])
+
+
+# ---------------------------------------------------------------------------------------------
+# Headers and validation
+
+Buffer = bytes | bytearray | memoryview
+
+
+def read_header(buf: Buffer, pos: int = 0) -> BatchHeader:
+    """The header of the batch at ``pos``, checked for self-consistency but not its CRC."""
+    avail = len(buf) - pos
+    if avail < HEADER_SIZE:
+        raise CorruptBatch(
+            f"truncated batch at byte {pos}: {avail} bytes left, a header needs {HEADER_SIZE}"
+        )
+    h = BatchHeader._make(_HEADER.unpack_from(buf, pos))
+    if h.magic != MAGIC:
+        raise CorruptBatch(
+            f"batch at byte {pos} has magic {h.magic}, expected {MAGIC} "
+            "(not a tidelog v2 record batch, or a corrupt one)"
+        )
+    if h.batch_length < HEADER_SIZE - LENGTH_PREFIX_SIZE:
+        raise CorruptBatch(
+            f"batch at byte {pos} has batch_length {h.batch_length}, less than the "
+            f"{HEADER_SIZE - LENGTH_PREFIX_SIZE} bytes of header that follow the field"
+        )
+    if h.record_count < 1:
+        raise CorruptBatch(f"batch at byte {pos} has record_count {h.record_count}, needs >= 1")
+    if h.last_offset_delta != h.record_count - 1:
+        raise CorruptBatch(
+            f"batch at byte {pos} has last_offset_delta {h.last_offset_delta} but record_count "
+            f"{h.record_count} (expected last_offset_delta = record_count - 1)"
+        )
+    if h.attributes & ~_ATTR_KNOWN:
+        raise CorruptBatch(
+            f"batch at byte {pos} sets unknown attribute bits {h.attributes & ~_ATTR_KNOWN:#x}"
+        )
+    if h.attributes & ATTR_CODEC_MASK > Codec.ZSTD:
+        raise CorruptBatch(
+            f"batch at byte {pos} names unknown compression codec {h.attributes & ATTR_CODEC_MASK}"
+        )
+    if h.size > avail:
+        raise CorruptBatch(
+            f"truncated batch at byte {pos}: header says {h.size} bytes, only {avail} present"
+        )
+    return h
+
+
+def _check_crc(buf: Buffer, pos: int, h: BatchHeader) -> None:
+    computed = crc32c.crc32c(memoryview(buf)[pos + CRC_COVERED_FROM : pos + h.size])
+    if computed != h.crc:
+        raise CorruptBatch(
+            f"CRC mismatch in batch at byte {pos}: stored {h.crc:#010x}, computed {computed:#010x}"
+        )
+
+
+def _raw_block(buf: Buffer, pos: int, h: BatchHeader) -> tuple[bytes, int, int]:
+    """The uncompressed records block and the slice ``[start, end)`` of it that holds it.
+
+    For an uncompressed batch in a ``bytes`` buffer this is the buffer itself, so slicing
+    keys and values costs one copy each and the block is never copied as a whole.
+    """
+    start = pos + HEADER_SIZE
+    end = pos + h.size
+    codec = Codec(h.attributes & ATTR_CODEC_MASK)
+    if codec is Codec.NONE:
+        if isinstance(buf, bytes):
+            return buf, start, end
+        return bytes(buf[start:end]), 0, end - start
+    block = _decompress(codec, memoryview(buf)[start:end], pos)
+    return block, 0, len(block)
+
+
+def _int_column(typecode: str, block: bytes, start: int, n: int) -> array[int]:
+    col = array(typecode)
+    col.frombytes(memoryview(block)[start : start + n * col.itemsize])
+    if _SWAP:
+        col.byteswap()
+    return col
+
+
+class _Layout(NamedTuple):
+    """Where each column of a checked records block lies (absolute indexes into the block)."""
+
+    ts: array[int]
+    key_lens: array[int]
+    value_lens: array[int]
+    keys_at: int
+    values_at: int
+    counts: array[int] | None
+    hkey_lens: array[int] | None
+    hvalue_lens: array[int] | None
+    hkeys_at: int
+    hvalues_at: int
+
+
+def _data_bytes(lens: array[int], what: str, where: int) -> int:
+    """Total bytes of a length column where -1 means null; rejects other negatives."""
+    if not lens:
+        return 0
+    low = min(lens)
+    if low < -1:
+        raise CorruptBatch(f"batch at byte {where} has a {what} length of {low}")
+    return sum(lens) + lens.count(-1)
+
+
+def _layout(h: BatchHeader, block: bytes, start: int, end: int, where: int) -> _Layout:
+    """Parse the column arrays and check that they imply exactly the block's length: this is
+    the record-count check, as a wrong count shifts every column boundary."""
+    n = h.record_count
+    block_len = end - start
+    fixed = 12 * n + (2 * n if h.has_headers else 0)
+    if block_len < fixed:
+        raise CorruptBatch(
+            f"batch at byte {where} claims record_count {n}, which needs at least {fixed} bytes "
+            f"of columns, but its records block is {block_len} bytes"
+        )
+    ts = _int_column("i", block, start, n)
+    key_lens = _int_column("i", block, start + 4 * n, n)
+    value_lens = _int_column("i", block, start + 8 * n, n)
+    keys_at = start + 12 * n
+    values_at = keys_at + _data_bytes(key_lens, "key", where)
+    at = values_at + _data_bytes(value_lens, "value", where)
+    counts = hkey_lens = hvalue_lens = None
+    hkeys_at = hvalues_at = at
+    if h.has_headers:
+        if at + 2 * n > end:
+            raise _length_mismatch(h, where, block_len, at + 2 * n - start)
+        counts = _int_column("H", block, at, n)
+        nh = sum(counts)
+        at += 2 * n
+        if at + 6 * nh > end:
+            raise _length_mismatch(h, where, block_len, at + 6 * nh - start)
+        hkey_lens = _int_column("H", block, at, nh)
+        hvalue_lens = _int_column("i", block, at + 2 * nh, nh)
+        hkeys_at = at + 6 * nh
+        hvalues_at = hkeys_at + sum(hkey_lens)
+        at = hvalues_at + _data_bytes(hvalue_lens, "header value", where)
+    if at != end:
+        raise _length_mismatch(h, where, block_len, at - start)
+    if ts and h.first_timestamp + max(ts) != h.max_timestamp:
+        raise CorruptBatch(
+            f"batch at byte {where} has max_timestamp {h.max_timestamp} but its records "
+            f"imply {h.first_timestamp + max(ts)}"
+        )
+    return _Layout(
+        ts, key_lens, value_lens, keys_at, values_at, counts, hkey_lens, hvalue_lens,
+        hkeys_at, hvalues_at,
+    )  # fmt: skip
+
+
+def _length_mismatch(h: BatchHeader, where: int, actual: int, implied: int) -> CorruptBatch:
+    return CorruptBatch(
+        f"batch at byte {where}: records block is {actual} bytes but record_count "
+        f"{h.record_count} and the column lengths imply {implied} bytes"
+    )
+
+
+def validate_batch(
+    buf: Buffer,
+    pos: int = 0,
+    *,
+    max_bytes: int | None = None,
+    check_records: bool = True,
+) -> BatchHeader:
+    """Everything the broker checks before it accepts a batch: header, size limit, CRC, and
+    (with ``check_records``) that the records block holds exactly ``record_count`` records,
+    decompressing it if needed."""
+    h = read_header(buf, pos)
+    if max_bytes is not None and h.size > max_bytes:
+        raise BatchTooLarge(
+            f"batch at byte {pos} is {h.size} bytes, more than the limit of {max_bytes}: "
+            "send smaller batches or raise the topic's max.message.bytes"
+        )
+    _check_crc(buf, pos, h)
+    if check_records:
+        _layout(h, *_raw_block(buf, pos, h), pos)
+    return h
+
+
+def iter_headers(buf: Buffer, pos: int = 0) -> Iterator[tuple[int, BatchHeader]]:
+    """Each ``(position, header)`` of the batches laid end to end from ``pos`` (no CRC check)."""
+    end = len(buf)
+    while pos < end:
+        h = read_header(buf, pos)
+        yield pos, h
+        pos += h.size
+
+
+def validate_batches(buf: Buffer, *, max_bytes: int | None = None) -> list[tuple[int, BatchHeader]]:
+    """Validate every batch of a produce request; any bad byte rejects the whole request."""
+    end = len(buf)
+    if end == 0:
+        raise CorruptBatch("no record batch: the request carries 0 bytes of records")
+    out: list[tuple[int, BatchHeader]] = []
+    pos = 0
+    while pos < end:
+        if out and end - pos < HEADER_SIZE:
+            raise CorruptBatch(
+                f"{end - pos} bytes of trailing garbage after the last batch (at byte {pos})"
+            )
+        h = validate_batch(buf, pos, max_bytes=max_bytes)
+        out.append((pos, h))
+        pos += h.size
+    return out
+
+
+def stamp(
+    buf: bytearray | memoryview, pos: int, base_offset: int, raft_term: int, raft_index: int
+) -> None:
+    """Write the node-owned fields in place; they lie outside the CRC, so it stays valid."""
+    _STAMP_OFFSET.pack_into(buf, pos, base_offset)
+    _STAMP_RAFT.pack_into(buf, pos + _RAFT_TERM_OFFSET, raft_term, raft_index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _split(block: bytes, at: int, lens: array[int]) -> list[bytes | None] | list[bytes]:
+    """Cut consecutive byte strings out of ``block`` by a length column (-1 = None)."""
+    if not lens:
+        return []
+    if min(lens) >= 0:
+        bounds = list(accumulate(lens, initial=at))
+        return [block[a:b] for a, b in pairwise(bounds)]
+    is_null = [n < 0 for n in lens]
+    bounds = list(accumulate([0 if n < 0 else n for n in lens], initial=at))
+    return [None if z else block[a:b] for z, a, b in zip(is_null, bounds, bounds[1:], strict=False)]
+
+
+def _decode_block(h: BatchHeader, block: bytes, start: int, end: int, where: int) -> list[Record]:
+    lay = _layout(h, block, start, end, where)
+    n = h.record_count
+    values = _split(block, lay.values_at, lay.value_lens)
+    if lay.key_lens.count(-1) == n:
+        keys: Sequence[bytes | None] = [None] * n
+    else:
+        keys = _split(block, lay.keys_at, lay.key_lens)
+    first = h.first_timestamp
+    if not any(lay.ts):
+        timestamps: Iterator[int] | list[int] = repeat(first, n)
+    else:
+        timestamps = [first + d for d in lay.ts]
+    if lay.counts is None or lay.hkey_lens is None or lay.hvalue_lens is None:
+        headers: list[list[tuple[str, bytes | None]]] = [[] for _ in range(n)]
+    else:
+        headers = _decode_headers(block, lay, lay.counts, lay.hkey_lens, lay.hvalue_lens, where)
+    base = h.base_offset
+    return list(map(Record, range(base, base + n), timestamps, keys, values, headers))
+
+
+def _decode_headers(
+    block: bytes,
+    lay: _Layout,
+    counts: array[int],
+    hkey_lens: array[int],
+    hvalue_lens: array[int],
+    where: int,
+) -> list[list[tuple[str, bytes | None]]]:
+    raw_keys = _split(block, lay.hkeys_at, hkey_lens)
+    try:
+        hkeys = [k.decode() for k in raw_keys if k is not None]
+    except UnicodeDecodeError as exc:
+        raise CorruptBatch(
+            f"batch at byte {where} has a header key that is not UTF-8: {exc}"
+        ) from exc
+    pairs = list(zip(hkeys, _split(block, lay.hvalues_at, hvalue_lens), strict=True))
+    bounds = list(accumulate(counts, initial=0))
+    return [pairs[a:b] for a, b in pairwise(bounds)]
+
+
+def decode_records(buf: Buffer, pos: int = 0, *, verify_crc: bool = True) -> list[Record]:
+    """All records of the batch at ``pos`` (control batches included)."""
+    h = read_header(buf, pos)
+    if verify_crc:
+        _check_crc(buf, pos, h)
+    return _decode_block(h, *_raw_block(buf, pos, h), pos)
+
+
+def decode_batches(buf: Buffer, *, min_offset: int = 0, verify_crc: bool = True) -> list[Record]:
+    """The data records of consecutive batches, from ``min_offset`` on.
+
+    A fetch may start in the middle of a batch (the broker serves whole batches), so records
+    before ``min_offset`` are dropped here. Control batches are invisible to consumers.
+    """
+    out: list[Record] = []
+    for pos, h in iter_headers(buf):
+        if h.is_control or h.last_offset < min_offset:
+            continue
+        if verify_crc:
+            _check_crc(buf, pos, h)
+        records = _decode_block(h, *_raw_block(buf, pos, h), pos)
+        if h.base_offset < min_offset:
+            records = records[min_offset - h.base_offset :]
+        out += records
+    return out
+
+
+def decode_values(buf: Buffer, pos: int = 0, *, verify_crc: bool = True) -> list[bytes | None]:
+    """Only the values of the batch at ``pos``: the fast path for consumers that ignore keys,
+    timestamps and headers."""
+    h = read_header(buf, pos)
+    if verify_crc:
+        _check_crc(buf, pos, h)
+    block, start, end = _raw_block(buf, pos, h)
+    lay = _layout(h, block, start, end, pos)
+    return list(_split(block, lay.values_at, lay.value_lens))
