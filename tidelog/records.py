@@ -7,8 +7,8 @@ loop over varints per record: the cost is paid per batch, which is what makes a 
 broker fast enough. The broker itself only calls :func:`validate_batches` and
 :func:`stamp`; it stores and serves the producer's bytes unchanged.
 
-The CRC-32C covers bytes ``[29, end)``-minus-itself, i.e. ``[33, end)``: everything the
-producer wrote. The fields before it (base offset, length, Raft term and index) are written
+The CRC-32C covers bytes ``[33, end)``, everything after the CRC field: what the producer
+wrote. The fields before it (base offset, length, Raft term and index) are written
 by the node after the producer computed the CRC, so they cannot be covered by it; the
 partition log checks them through offset and index continuity instead.
 """
@@ -82,6 +82,7 @@ _HEADER = struct.Struct("<qiqqbIhiqqqhii")
 # The same header split at the CRC: the prefix the node owns and the CRC-covered rest.
 _PREFIX = struct.Struct("<qiqqbI")
 _COVERED = struct.Struct("<hiqqqhii")
+_CRC = struct.Struct("<I")
 _STAMP_OFFSET = struct.Struct("<q")
 _STAMP_RAFT = struct.Struct("<qq")
 _RAFT_TERM_OFFSET = 12
@@ -365,13 +366,22 @@ def encode_batch(
     batch_length = HEADER_SIZE - LENGTH_PREFIX_SIZE + block_len
     if batch_length > INT32_MAX:
         raise ValueError(f"batch of {batch_length} bytes is too large for one batch")
-    covered = _COVERED.pack(
-        attributes, n - 1, first_ts, max_ts, producer_id, producer_epoch, base_sequence, n
-    )
+    try:
+        covered = _COVERED.pack(
+            attributes, n - 1, first_ts, max_ts, producer_id, producer_epoch, base_sequence, n
+        )
+        prefix = _PREFIX.pack(base_offset, batch_length, 0, 0, MAGIC, 0)
+    except struct.error as exc:
+        raise ValueError(
+            f"a header field is out of range ({exc}): producer_id and timestamps are int64, "
+            f"producer_epoch int16, base_sequence int32 (got producer_id={producer_id}, "
+            f"producer_epoch={producer_epoch}, base_sequence={base_sequence}, "
+            f"first_timestamp={first_ts}, base_offset={base_offset})"
+        ) from None
     crc = crc32c.crc32c(covered)
     for part in block_parts:
         crc = crc32c.crc32c(part, crc)
-    prefix = _PREFIX.pack(base_offset, batch_length, 0, 0, MAGIC, crc)
+    prefix = prefix[:CRC_OFFSET] + _CRC.pack(crc)
     return b"".join([prefix, covered, *block_parts])
 
 

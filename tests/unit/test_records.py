@@ -324,6 +324,9 @@ def test_zstd_frame_without_content_size_is_accepted() -> None:
         ({"values": [b"a", b"b"], "timestamps_ms": [0, 2**31]}, "signed 32-bit"),
         ({"values": [b"a"], "headers": [[("k" * 70_000, None)]]}, "HEADER_KEY_BYTES_MAX"),
         ({"values": [b"a"], "headers": [[("k", None)] * 70_000]}, "HEADERS_PER_RECORD_MAX"),
+        ({"values": [b"a"], "producer_epoch": 2**15}, "producer_epoch=32768"),
+        ({"values": [b"a"], "producer_id": -(2**63) - 1}, "out of range"),
+        ({"values": [b"a"], "timestamps_ms": 2**63}, "out of range"),
     ],
 )
 def test_encode_rejects_bad_input(kwargs: dict[str, object], match: str) -> None:
