@@ -48,6 +48,7 @@ __all__ = [
     "iter_headers",
     "read_header",
     "stamp",
+    "unpack_header",
     "validate_batch",
     "validate_batches",
 ]
@@ -391,8 +392,18 @@ def encode_batch(
 Buffer = bytes | bytearray | memoryview
 
 
-def read_header(buf: Buffer, pos: int = 0) -> BatchHeader:
-    """The header of the batch at ``pos``, checked for self-consistency but not its CRC."""
+def unpack_header(buf: Buffer, pos: int = 0) -> BatchHeader:
+    """The 73 header bytes at ``pos`` as fields, without any check (struct.error if short):
+    for code that inspects headers it has already validated."""
+    return BatchHeader._make(_HEADER.unpack_from(buf, pos))
+
+
+def read_header(buf: Buffer, pos: int = 0, *, whole_batch: bool = True) -> BatchHeader:
+    """The header of the batch at ``pos``, checked for self-consistency but not its CRC.
+
+    ``whole_batch=False`` accepts a buffer that holds only the header (a log scan that reads
+    headers alone); then the caller must check that ``size`` bytes really follow.
+    """
     avail = len(buf) - pos
     if avail < HEADER_SIZE:
         raise CorruptBatch(
@@ -424,7 +435,7 @@ def read_header(buf: Buffer, pos: int = 0) -> BatchHeader:
         raise CorruptBatch(
             f"batch at byte {pos} names unknown compression codec {h.attributes & ATTR_CODEC_MASK}"
         )
-    if h.size > avail:
+    if whole_batch and h.size > avail:
         raise CorruptBatch(
             f"truncated batch at byte {pos}: header says {h.size} bytes, only {avail} present"
         )

@@ -142,6 +142,16 @@ def test_header_properties() -> None:
     assert h.producer_id == -1 and h.producer_epoch == -1 and h.base_sequence == -1
 
 
+def test_read_header_alone() -> None:
+    buf = small_batch()
+    with pytest.raises(CorruptBatch, match="truncated"):
+        read_header(buf[:HEADER_SIZE])
+    assert read_header(buf[:HEADER_SIZE], whole_batch=False) == read_header(buf)
+    assert records.unpack_header(buf[:HEADER_SIZE]) == read_header(buf)
+    with pytest.raises(CorruptBatch, match="magic"):
+        read_header(b"\x00" * HEADER_SIZE, whole_batch=False)
+
+
 def test_codec_parse() -> None:
     assert Codec.parse("lz4") is Codec.LZ4
     assert Codec.parse(" ZSTD ") is Codec.ZSTD
