@@ -1,0 +1,161 @@
+"""Run a node in the foreground: ``tidelog node start`` and ``python -m tidelog.node``.
+
+Memory allocator tuning happens here because it cannot happen later. glibc reads its
+``MALLOC_*_`` variables once, when the process starts. With its defaults it hands every
+large buffer (a produce request, a fetch response: 100 KB to MBs) back to the kernel when
+freed and page-faults it in again on the next request, which cost 15-18% of server time
+(+40% throughput on grpc.aio unary once disabled, DESIGN.md, Performance). So when the
+variables are missing, :func:`run_node` re-executes the same process (same pid, so
+supervisors and pid files keep working) as ``python -m tidelog.node ...`` with them set.
+``TIDELOG_NO_REEXEC=1`` turns that off; values already in the environment are respected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import signal
+import sys
+from pathlib import Path
+
+from tidelog.node import limits
+
+log = logging.getLogger("tidelog.node")
+
+#: Bytes. Allocations below the mmap threshold come from the heap and are reused; trim and
+#: top pad keep freed heap memory in the process instead of returning it per request.
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
+    "MALLOC_TRIM_THRESHOLD_": str(256 * 1024 * 1024),
+    "MALLOC_TOP_PAD_": str(64 * 1024 * 1024),
+}
+_NO_REEXEC = "TIDELOG_NO_REEXEC"
+_REEXECED = "TIDELOG_MALLOC_TUNED"
+
+
+def node_argv(
+    node_id: int,
+    listen: str,
+    data_dir: Path,
+    metrics_port: int,
+    advertised: str | None,
+    log_level: str,
+) -> list[str]:
+    argv = [
+        sys.executable, "-m", "tidelog.node",
+        "--id", str(node_id), "--listen", listen, "--data-dir", str(data_dir),
+        "--metrics-port", str(metrics_port), "--log-level", log_level,
+    ]  # fmt: skip
+    if advertised:
+        argv += ["--advertised", advertised]
+    return argv
+
+
+def _reexec_with_malloc_tuning(argv: list[str]) -> None:
+    """Replace this process with one whose glibc allocator is tuned (see module doc)."""
+    if (
+        os.environ.get(_NO_REEXEC)
+        or os.environ.get(_REEXECED)
+        or not sys.platform.startswith("linux")
+    ):
+        return
+    if all(k in os.environ for k in MALLOC_ENV):
+        return
+    env = dict(os.environ)
+    for key, value in MALLOC_ENV.items():
+        env.setdefault(key, value)
+    env[_REEXECED] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, env)
+
+
+def _raise_open_files_limit() -> None:
+    """Every partition keeps a few files open; take the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve(
+    node_id: int,
+    listen: str,
+    data_dir: Path,
+    metrics_port: int,
+    advertised: str | None = None,
+) -> None:
+    """Start a node and run it until SIGTERM or SIGINT, then drain and stop.
+
+    A second signal during the drain cuts it short."""
+    from tidelog.node.server import Node
+
+    node = Node(node_id, listen, data_dir, metrics_port, advertised)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+    drain: asyncio.Future[None] | None = None
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("received %s: draining", signal.Signals(signum).name)
+            stop.set()
+        else:
+            log.warning("received %s again: stopping without waiting", signal.Signals(signum).name)
+            if drain is not None:
+                drain.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await node.start()
+    except BaseException:
+        await node.stop(0)
+        raise
+    await stop.wait()
+    drain = asyncio.ensure_future(node.stop(limits.drain_timeout_ms / 1000))
+    try:
+        await asyncio.shield(drain)
+    except asyncio.CancelledError:
+        await node.stop(0)
+
+
+def run_node(
+    node_id: int,
+    listen: str,
+    data_dir: Path,
+    metrics_port: int,
+    advertised: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """Run one node in the foreground until SIGTERM/SIGINT (blocking).
+
+    May replace the calling process (execve) to tune the memory allocator first; see the
+    module docstring."""
+    data_dir = Path(data_dir)
+    _reexec_with_malloc_tuning(
+        node_argv(node_id, listen, data_dir.resolve(), metrics_port, advertised, log_level)
+    )
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    _raise_open_files_limit()
+    _install_uvloop()
+    asyncio.run(serve(node_id, listen, data_dir, metrics_port, advertised))

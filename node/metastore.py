@@ -1,0 +1,66 @@
+"""The node's one RocksDB instance (rocksdict), shared by everything that keeps metadata.
+
+RocksDB allows a single read-write opener per database, so the node opens it once here and
+hands out column families: ``topics`` now; Raft hard state, compacted-topic tables and
+consumer offsets later. Writes that the node's correctness depends on are synced (``sync``
+defaults to True): an acknowledged CreateTopics must survive a power cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from rocksdict import Options, Rdict, WriteOptions
+
+
+class MetaStore:
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self._options = Options(raw_mode=True)
+        self._options.create_if_missing(True)
+        self.path = path
+        self._db: Rdict | None = Rdict(str(path), self._options)
+        self._columns: dict[str, Rdict] = {}
+        self._sync = WriteOptions()
+        self._sync.sync = True
+        self._nosync = WriteOptions()
+
+    def _column(self, name: str) -> Rdict:
+        column = self._columns.get(name)
+        if column is not None:
+            return column
+        if self._db is None:
+            raise RuntimeError("the metadata store is closed")
+        if name in Rdict.list_cf(str(self.path), self._options):
+            column = self._db.get_column_family(name)
+        else:
+            column = self._db.create_column_family(name, Options(raw_mode=True))
+        self._columns[name] = column
+        return column
+
+    def get(self, column: str, key: bytes) -> bytes | None:
+        value = self._column(column).get(key)
+        assert value is None or isinstance(value, bytes)
+        return value
+
+    def put(self, column: str, key: bytes, value: bytes, *, sync: bool = True) -> None:
+        self._column(column).put(key, value, self._sync if sync else self._nosync)
+
+    def delete(self, column: str, key: bytes, *, sync: bool = True) -> None:
+        self._column(column).delete(key, self._sync if sync else self._nosync)
+
+    def items(self, column: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        """Key order; only the keys that start with ``prefix``."""
+        for key, value in self._column(column).items(from_key=prefix):
+            assert isinstance(key, bytes) and isinstance(value, bytes)  # raw mode
+            if not key.startswith(prefix):
+                return
+            yield key, value
+
+    def close(self) -> None:
+        # Column family handles keep the database (and its LOCK file) alive: drop them first.
+        self._columns.clear()
+        if self._db is not None:
+            self._db.close()
+            self._db = None

@@ -1,0 +1,209 @@
+"""Prometheus metrics of one node (``tidelog_`` prefix), served on the node's metrics port.
+
+Costs decide the shape (DESIGN.md, Performance): ``.labels(...)`` costs more than the
+increment itself, so the hot paths hold pre-bound children (:class:`ApiMetrics` per API,
+:class:`TopicMetrics` per topic) and count once per batch with the header's record count,
+never once per record. Per-partition gauges (log size, offsets) are not updated on every
+append at all: a collector reads them from the live partitions when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+# Seconds. Produce under acks=all includes the group commit's fsync (hundreds of us to ms).
+_LATENCY_BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+_FSYNC_BUCKETS_S = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionStats:
+    """What the scrape-time collector reports for one partition."""
+
+    topic: str
+    partition: int
+    size_bytes: int
+    log_start_offset: int
+    log_end_offset: int
+    high_watermark: int
+    segment_count: int
+
+
+class _PartitionCollector(Collector):
+    def __init__(self, source: Callable[[], Iterable[PartitionStats]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["topic", "partition"]
+        size = GaugeMetricFamily(
+            "tidelog_log_size_bytes", "Bytes of segment files of a partition.", labels=labels
+        )
+        start = GaugeMetricFamily(
+            "tidelog_log_start_offset", "First offset still in a partition's log.", labels=labels
+        )
+        end = GaugeMetricFamily(
+            "tidelog_log_end_offset", "Offset the next appended record gets.", labels=labels
+        )
+        hw = GaugeMetricFamily(
+            "tidelog_high_watermark", "Offset one past the last committed record.", labels=labels
+        )
+        segments = GaugeMetricFamily(
+            "tidelog_log_segments", "Segment files of a partition.", labels=labels
+        )
+        for s in self._source():
+            key = [s.topic, str(s.partition)]
+            size.add_metric(key, s.size_bytes)
+            start.add_metric(key, s.log_start_offset)
+            end.add_metric(key, s.log_end_offset)
+            hw.add_metric(key, s.high_watermark)
+            segments.add_metric(key, s.segment_count)
+        yield from (size, start, end, hw, segments)
+
+    def describe(self) -> Iterator[Metric]:
+        # No samples at registration time: the collector is called only at scrape.
+        return iter(())
+
+
+class ApiMetrics:
+    """Pre-bound children of one API: the OK counter and the latency histogram."""
+
+    __slots__ = ("_by_code", "_requests", "api", "latency", "ok")
+
+    def __init__(self, api: str, requests: Counter, latency: Histogram) -> None:
+        self.api = api
+        self._requests = requests
+        self.ok = requests.labels(api, grpc.StatusCode.OK.name)
+        self.latency = latency.labels(api)
+        self._by_code: dict[grpc.StatusCode, Counter] = {grpc.StatusCode.OK: self.ok}
+
+    def count(self, code: grpc.StatusCode) -> None:
+        child = self._by_code.get(code)
+        if child is None:
+            child = self._by_code[code] = self._requests.labels(self.api, code.name)
+        child.inc()
+
+
+class TopicMetrics:
+    """Pre-bound per-topic data counters."""
+
+    __slots__ = ("bytes_in", "bytes_out", "records_in", "records_out")
+
+    def __init__(
+        self, records_in: Counter, bytes_in: Counter, records_out: Counter, bytes_out: Counter
+    ) -> None:
+        self.records_in = records_in
+        self.bytes_in = bytes_in
+        self.records_out = records_out
+        self.bytes_out = bytes_out
+
+
+class NodeMetrics:
+    """All metrics of a node, in their own registry (tests run several nodes per process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._requests = Counter(
+            "tidelog_requests", "gRPC requests handled, by API and status code.",
+            ["api", "code"], registry=r,
+        )  # fmt: skip
+        self._latency = Histogram(
+            "tidelog_request_latency_seconds", "Time to answer a request (Fetch: until the "
+            "first response).", ["api"], buckets=_LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self._records_in = Counter(
+            "tidelog_records_in", "Records appended, by topic.", ["topic"], registry=r
+        )
+        self._bytes_in = Counter(
+            "tidelog_bytes_in", "Batch bytes appended, by topic.", ["topic"], registry=r
+        )
+        self._records_out = Counter(
+            "tidelog_records_out", "Records sent to consumers (whole batches), by topic.",
+            ["topic"], registry=r,
+        )  # fmt: skip
+        self._bytes_out = Counter(
+            "tidelog_bytes_out", "Batch bytes sent to consumers, by topic.", ["topic"], registry=r
+        )
+        self.fsyncs = Counter(
+            "tidelog_fsyncs", "Partition log fsyncs (one per dirty partition per group commit).",
+            registry=r,
+        )  # fmt: skip
+        self.fsync_latency = Histogram(
+            "tidelog_fsync_latency_seconds", "Time of one partition log fsync.",
+            buckets=_FSYNC_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.group_commits = Counter(
+            "tidelog_group_commits", "Group commit rounds (each fsyncs every dirty partition).",
+            registry=r,
+        )  # fmt: skip
+        self.group_commit_partitions = Histogram(
+            "tidelog_group_commit_partitions", "Partitions fsynced by one group commit round.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r,
+        )  # fmt: skip
+        self._apis: dict[str, ApiMetrics] = {}
+        self._topics: dict[str, TopicMetrics] = {}
+
+    def api(self, name: str) -> ApiMetrics:
+        api = self._apis.get(name)
+        if api is None:
+            api = self._apis[name] = ApiMetrics(name, self._requests, self._latency)
+        return api
+
+    def topic(self, name: str) -> TopicMetrics:
+        topic = self._topics.get(name)
+        if topic is None:
+            topic = self._topics[name] = TopicMetrics(
+                self._records_in.labels(name),
+                self._bytes_in.labels(name),
+                self._records_out.labels(name),
+                self._bytes_out.labels(name),
+            )
+        return topic
+
+    def forget_topic(self, name: str) -> None:
+        """Drop a deleted topic's series, so a busy cluster's scrape does not grow forever."""
+        if self._topics.pop(name, None) is None:
+            return
+        for family in (self._records_in, self._bytes_in, self._records_out, self._bytes_out):
+            try:
+                family.remove(name)
+            except KeyError:
+                pass
+
+    def watch_partitions(self, source: Callable[[], Iterable[PartitionStats]]) -> None:
+        """Report per-partition gauges from ``source`` at every scrape. ``source`` runs on the
+        HTTP server's thread, so it must only read plain attributes."""
+        self.registry.register(_PartitionCollector(source))
+
+    def serve(self, host: str, port: int) -> MetricsServer:
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        return MetricsServer(server, thread)
+
+
+class MetricsServer:
+    def __init__(self, server: object, thread: object) -> None:
+        self._server = server
+        self._thread = thread
+
+    @property
+    def port(self) -> int:
+        port = self._server.server_port  # type: ignore[attr-defined]
+        assert isinstance(port, int)
+        return port
+
+    def close(self) -> None:
+        self._server.shutdown()  # type: ignore[attr-defined]
+        self._server.server_close()  # type: ignore[attr-defined]

@@ -1,0 +1,114 @@
+"""What every servicer method shares: TidelogError -> gRPC status with ErrorInfo, request
+counting and latency by API and status code.
+
+A decorator rather than a server interceptor: grpc.aio interceptors add a layer of calls to
+every RPC, while this costs two clock reads and two pre-bound metric updates. Errors are
+raised as :class:`TidelogError` in the node's logic and turned into a status only here;
+anything else is a bug, reported as INTERNAL with a log line, and the node keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, Protocol, TypeVar
+
+import grpc
+from grpc import aio
+from tidelog.node.metrics import ApiMetrics, NodeMetrics
+
+from tidelog.errors import TidelogError, trailing_metadata
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+S = TypeVar("S", bound="HasMetrics")
+
+Context = aio.ServicerContext[Any, Any]
+
+
+class HasMetrics(Protocol):
+    metrics: NodeMetrics
+
+
+async def _abort(api: ApiMetrics, context: Context, exc: BaseException) -> NoReturn:
+    if isinstance(exc, TidelogError):
+        api.count(exc.code)
+        await context.abort(exc.code, exc.message, trailing_metadata=trailing_metadata(exc))
+    log.error("%s failed with an unexpected error", api.api, exc_info=exc)
+    api.count(grpc.StatusCode.INTERNAL)
+    await context.abort(
+        grpc.StatusCode.INTERNAL, f"internal error in {api.api}: {type(exc).__name__}: {exc}"
+    )
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
+def unary(
+    name: str,
+) -> Callable[
+    [Callable[[S, Req, Context], Awaitable[Resp]]], Callable[[S, Req, Context], Awaitable[Resp]]
+]:
+    def decorate(
+        fn: Callable[[S, Req, Context], Awaitable[Resp]],
+    ) -> Callable[[S, Req, Context], Awaitable[Resp]]:
+        @functools.wraps(fn)
+        async def handler(self: S, request: Req, context: Context) -> Resp:
+            api = self.metrics.api(name)
+            t0 = time.perf_counter()
+            try:
+                response = await fn(self, request, context)
+            except asyncio.CancelledError:
+                api.count(grpc.StatusCode.CANCELLED)
+                raise
+            except aio.AbortError:
+                raise
+            except Exception as exc:
+                api.latency.observe(time.perf_counter() - t0)
+                await _abort(api, context, exc)
+            api.latency.observe(time.perf_counter() - t0)
+            api.ok.inc()
+            return response
+
+        return handler
+
+    return decorate
+
+
+def stream(
+    name: str,
+) -> Callable[
+    [Callable[[S, Req, Context], AsyncIterator[Resp]]],
+    Callable[[S, Req, Context], AsyncIterator[Resp]],
+]:
+    """For server streams; the latency recorded is the time to the first response."""
+
+    def decorate(
+        fn: Callable[[S, Req, Context], AsyncIterator[Resp]],
+    ) -> Callable[[S, Req, Context], AsyncIterator[Resp]]:
+        @functools.wraps(fn)
+        async def handler(self: S, request: Req, context: Context) -> AsyncIterator[Resp]:
+            api = self.metrics.api(name)
+            t0 = time.perf_counter()
+            first = True
+            try:
+                async for response in fn(self, request, context):
+                    if first:
+                        api.latency.observe(time.perf_counter() - t0)
+                        first = False
+                    yield response
+            except asyncio.CancelledError:
+                api.count(grpc.StatusCode.CANCELLED)
+                raise
+            except aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(api, context, exc)
+            api.ok.inc()
+
+        return handler
+
+    return decorate

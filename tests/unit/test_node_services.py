@@ -1,0 +1,200 @@
+"""The gRPC services in-process, over a real grpc.aio server, with in-memory logs.
+
+The integration suite (tests/integration/test_node_api.py) repeats the API against a real
+node process and the real log; this one is fast and checks the streaming details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc import aio
+from tidelog.node.server import Node
+
+from tests.unit.node_fakes import FakeLog
+from tidelog.errors import from_rpc_error
+from tidelog.records import decode_batches, encode_batch
+from tidelog.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Client:
+    def __init__(self, node: Node) -> None:
+        self.channel = aio.insecure_channel(f"127.0.0.1:{node.port}")
+        self.broker = broker_pb2_grpc.BrokerStub(self.channel)
+        self.admin = admin_pb2_grpc.AdminStub(self.channel)
+
+    async def create(
+        self, name: str, partitions: int = 1, configs: dict[str, str] | None = None
+    ) -> None:
+        await self.admin.CreateTopics(
+            admin_pb2.CreateTopicsRequest(
+                topics=[admin_pb2.TopicSpec(name=name, partitions=partitions, configs=configs)]
+            )
+        )
+
+    async def produce(
+        self, topic: str, values: list[bytes], acks: broker_pb2.Acks.ValueType = broker_pb2.ACKS_ALL
+    ) -> broker_pb2.ProduceResponse:
+        return await self.broker.Produce(
+            broker_pb2.ProduceRequest(topic=topic, batches=encode_batch(values), acks=acks)
+        )
+
+
+async def read(call: object) -> broker_pb2.FetchResponse:
+    msg = await asyncio.wait_for(call.read(), 5)  # type: ignore[attr-defined]
+    assert isinstance(msg, broker_pb2.FetchResponse), msg
+    return msg
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    n = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=FakeLog)
+    await n.start()
+    yield n
+    await n.stop(1)
+
+
+@pytest.fixture
+async def client(node: Node) -> AsyncIterator[Client]:
+    c = Client(node)
+    yield c
+    await c.channel.close(None)
+
+
+@pytest.mark.timeout(20)
+async def test_produce_then_fetch_once(client: Client) -> None:
+    await client.create("t")
+    r = await client.produce("t", [b"a", b"b"])
+    assert (r.base_offset, r.last_offset) == (0, 1)
+    r = await client.produce("t", [b"c"])
+    assert (r.base_offset, r.last_offset) == (2, 2)
+    responses = [
+        m
+        async for m in client.broker.Fetch(broker_pb2.FetchRequest(topic="t", offset=1, once=True))
+    ]
+    assert len(responses) == 1
+    resp = responses[0]
+    assert resp.high_watermark == 3 and resp.next_offset == 3
+    assert [rec.value for rec in decode_batches(resp.batches, min_offset=1)] == [b"b", b"c"]
+
+
+@pytest.mark.timeout(20)
+async def test_fetch_stream_pushes_new_batches_and_keeps_alive(client: Client) -> None:
+    await client.create("s")
+    call = client.broker.Fetch(broker_pb2.FetchRequest(topic="s", offset=0, max_wait_ms=50))
+    first = await read(call)
+    assert first.batches == b"" and first.high_watermark == 0 and first.next_offset == 0
+    await client.produce("s", [b"x"])
+    msg = await read(call)
+    while not msg.batches:
+        msg = await read(call)
+    assert [r.value for r in decode_batches(msg.batches)] == [b"x"]
+    assert msg.next_offset == 1
+    call.cancel()
+
+
+@pytest.mark.timeout(20)
+async def test_fetch_stream_ends_when_topic_deleted(client: Client) -> None:
+    await client.create("d")
+    call = client.broker.Fetch(broker_pb2.FetchRequest(topic="d", offset=0, max_wait_ms=10_000))
+    await asyncio.sleep(0.1)
+    await client.admin.DeleteTopics(admin_pb2.DeleteTopicsRequest(names=["d"]))
+    with pytest.raises(aio.AioRpcError) as info:
+        await read(call)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert from_rpc_error(info.value).reason == "UNKNOWN_TOPIC"
+
+
+@pytest.mark.timeout(20)
+async def test_fetch_respects_max_bytes_but_sends_one_batch(client: Client) -> None:
+    await client.create("m", configs={"flush": "os"})
+    for i in range(5):
+        await client.produce("m", [bytes([i]) * 1000], acks=broker_pb2.ACKS_LEADER)
+    resp = await read(
+        client.broker.Fetch(broker_pb2.FetchRequest(topic="m", offset=0, max_bytes=1, once=True))
+    )
+    assert resp.next_offset == 1
+    resp = await read(
+        client.broker.Fetch(broker_pb2.FetchRequest(topic="m", offset=0, max_bytes=2500, once=True))
+    )
+    assert resp.next_offset == 2
+
+
+@pytest.mark.timeout(20)
+async def test_errors_carry_reason_and_are_counted(node: Node, client: Client) -> None:
+    with pytest.raises(aio.AioRpcError) as info:
+        await client.produce("nope", [b"x"])
+    err = from_rpc_error(info.value)
+    assert err.reason == "UNKNOWN_TOPIC" and "nope" in err.message
+    await client.create("e", 2)
+    with pytest.raises(aio.AioRpcError) as info:
+        await client.broker.Produce(
+            broker_pb2.ProduceRequest(topic="e", partition=2, batches=encode_batch([b"x"]))
+        )
+    assert from_rpc_error(info.value).reason == "UNKNOWN_PARTITION"
+    reg = node.metrics.registry
+    assert (
+        reg.get_sample_value("tidelog_requests_total", {"api": "Produce", "code": "NOT_FOUND"}) == 2
+    )
+    assert (
+        reg.get_sample_value("tidelog_requests_total", {"api": "CreateTopics", "code": "OK"}) == 1
+    )
+
+
+@pytest.mark.timeout(20)
+async def test_unexpected_exception_is_internal_and_node_keeps_serving(
+    node: Node, client: Client
+) -> None:
+    await client.create("i")
+    _, part = node.registry.partition("i", 0)
+
+    def boom(offset: int, max_bytes: int, *, upto: int) -> bytes:
+        raise ZeroDivisionError("boom")
+
+    part.log.read = boom  # type: ignore[method-assign]
+    await client.produce("i", [b"x"])
+    with pytest.raises(aio.AioRpcError) as info:
+        await client.broker.Fetch(broker_pb2.FetchRequest(topic="i", once=True)).read()
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "ZeroDivisionError" in (info.value.details() or "")
+    assert (await client.produce("i", [b"y"])).base_offset == 1
+
+
+@pytest.mark.timeout(20)
+async def test_acks_all_waits_for_group_commit(node: Node, client: Client) -> None:
+    await client.create("g")
+    rs = await asyncio.gather(*(client.produce("g", [b"v"] * 10) for _ in range(50)))
+    assert sorted(r.base_offset for r in rs) == list(range(0, 500, 10))
+    _, part = node.registry.partition("g", 0)
+    lg = part.log
+    assert isinstance(lg, FakeLog)
+    assert lg.flushed_offset == 500 and part.high_watermark == 500
+    assert lg.flush_calls <= 50
+
+
+@pytest.mark.timeout(20)
+async def test_shutdown_ends_streams_with_unavailable(tmp_path: Path) -> None:
+    node = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=FakeLog)
+    await node.start()
+    c = Client(node)
+    await c.create("z")
+    call = c.broker.Fetch(broker_pb2.FetchRequest(topic="z", max_wait_ms=10_000))
+    await asyncio.sleep(0.1)
+    stop = asyncio.create_task(node.stop(5))
+    with pytest.raises(aio.AioRpcError) as info:
+        await read(call)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    await stop
+    await c.channel.close(None)
