@@ -1,0 +1,902 @@
+"""The Raft state machine of one group: ``tick``, ``step``, ``ready``, ``advance``.
+
+The core is pure: it never touches a clock, a socket, a disk or a random source of its own.
+The driver feeds it ticks and messages, takes a ``Ready`` (state to persist, messages to send,
+entries to apply; see ``types.Ready`` for the ordering contract) and calls ``advance``.
+
+Each role swaps in its own tick and step functions (``_tick``, ``_step``), as in etcd raft:
+
+- follower / pre-candidate / candidate: ``_tick_election`` (a counter and a compare, nothing
+  else, so thousands of idle followers cost next to nothing);
+- leader: ``_tick_heartbeat`` (heartbeats, check-quorum, transfer and snapshot timeouts).
+
+Protocol choices (Raft paper = Ongaro & Ousterhout 2014; thesis = Ongaro 2014):
+
+- Elections (§5.2) with timeouts drawn from ``[T, 2T)``; pre-vote (thesis §9.6): a node first
+  asks "would you vote for me at term+1?" without bumping its own term, and a peer says no
+  while it still hears from a leader, so a partitioned node that returns cannot disrupt.
+- Check-quorum (thesis §6.2): a leader that has not heard from a majority for an election
+  timeout steps down (and then refuses proposals); followers that hear from a leader ignore
+  votes for the same period (the "lease" that also protects the leader from pre-votes).
+- Log replication (§5.3) with batching (``max_msg_bytes``), per-follower flow control
+  (``max_inflight_msgs`` / ``max_inflight_bytes``) and pipelining (optimistic ``next``).
+  Proposals and commit notifications made between two ``ready()`` calls are sent together.
+- Fast conflict resolution: a follower rejecting an APPEND answers with the last index of
+  its log whose term is not newer than the leader's, and that term; the leader then skips
+  back to its own last entry of a term no newer than that one, so each round trip skips at
+  least a whole term on both sides (the paper's ConflictTerm/ConflictIndex, as in etcd).
+- Commit only of entries of the current term by counting (§5.4.2); a new leader appends an
+  EMPTY entry so earlier entries commit at once.
+- Leadership transfer (thesis §3.10): the leader catches the transferee up, sends it
+  TIMEOUT_NOW, refuses proposals meanwhile and gives up after an election timeout.
+- Learners receive the log but never campaign and never count in a quorum.
+- Linearizable reads use ReadIndex (thesis §6.4), not leases: the leader records its commit
+  index, confirms it is still leader by a heartbeat round that a quorum acknowledges, then
+  answers; no clock assumption is needed, at the cost of one round trip (shared by every
+  read issued in the same Ready cycle).
+- Snapshots: a follower that needs entries below the leader's first index gets the
+  application's snapshot (``Storage.snapshot()``), which it installs through its Ready.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import quorum
+from .errors import (
+    CompactedError,
+    NotLeader,
+    ProposalDropped,
+    SnapshotTemporarilyUnavailable,
+    UnavailableError,
+)
+from .limits import DEFAULT_CONFIG, Config, Rand
+from .log import RaftLog
+from .progress import Progress, ProgressState, ProgressTracker
+from .storage import StorageReader
+from .types import (
+    NONE,
+    ConfState,
+    Entry,
+    EntryKind,
+    HardState,
+    Message,
+    MessageKind,
+    ReadState,
+    Ready,
+    Role,
+    Snapshot,
+    SoftState,
+)
+
+#: The context of a VOTE caused by TIMEOUT_NOW: it overrides the voters' leader lease, since
+#: the current leader asked for the election.
+TRANSFER_CONTEXT = b"transfer"
+
+_K = MessageKind
+
+
+@dataclass(slots=True)
+class _PendingRead:
+    index: int
+    frm: int
+    acks: set[int]
+
+
+class RawNode:
+    """One Raft group member. Not thread-safe; one driver owns it."""
+
+    __slots__ = (
+        "_bcast_pending",
+        "_heartbeat_elapsed",
+        "_msgs",
+        "_pending_reads",
+        "_prev_hard_state",
+        "_prev_soft_state",
+        "_randomized_election_timeout",
+        "_read_heartbeat_ctx",
+        "_read_only",
+        "_read_states",
+        "_ready_outstanding",
+        "_rng",
+        "_step",
+        "_tick",
+        "_uncommitted_bytes",
+        "cfg",
+        "election_elapsed",
+        "id",
+        "lead_transferee",
+        "leader_id",
+        "log",
+        "role",
+        "term",
+        "tracker",
+        "vote",
+    )
+
+    def __init__(
+        self,
+        node_id: int,
+        storage: StorageReader,
+        rng: Rand,
+        config: Config = DEFAULT_CONFIG,
+        applied: int = 0,
+    ) -> None:
+        """Builds the core from whatever ``storage`` holds: a fresh group (empty log) or a
+        restart after a crash (term, vote, commit, membership and log come back from it).
+        ``applied`` is the last index the state machine had applied durably; committed entries
+        after it are delivered again."""
+        assert node_id != NONE, "node id 0 is reserved"
+        self.id = node_id
+        self.cfg = config
+        self._rng = rng
+        self.log = RaftLog(storage, applied)
+        hs = storage.hard_state()
+        conf = storage.conf_state()
+        self.term = hs.term
+        self.vote = hs.vote
+        self.tracker = ProgressTracker(conf, config.max_inflight_msgs, config.max_inflight_bytes)
+        self.leader_id = NONE
+        self.role = Role.FOLLOWER
+        self.lead_transferee = NONE
+        self.election_elapsed = 0
+        self._heartbeat_elapsed = 0
+        self._randomized_election_timeout = 0
+        self._msgs: list[Message] = []
+        self._read_states: list[ReadState] = []
+        # ctx -> pending read, in arrival order (acknowledging one confirms all before it).
+        self._read_only: OrderedDict[bytes, _PendingRead] = OrderedDict()
+        # Reads that arrived before the leader committed an entry of its term.
+        self._pending_reads: list[tuple[int, bytes]] = []
+        self._read_heartbeat_ctx: bytes | None = None
+        self._bcast_pending = False
+        self._uncommitted_bytes = 0
+        self._ready_outstanding = False
+        self._prev_hard_state = hs
+        self._prev_soft_state = SoftState(NONE, Role.FOLLOWER)
+        self._tick: Callable[[], None] = self._tick_election
+        self._step: Callable[[Message], None] = self._step_follower
+        self._become_follower(self.term, NONE)
+
+    # ---- accessors ----------------------------------------------------------------------
+
+    @property
+    def commit_index(self) -> int:
+        return self.log.committed
+
+    @property
+    def applied_index(self) -> int:
+        return self.log.applied
+
+    @property
+    def conf_state(self) -> ConfState:
+        return self.tracker.conf
+
+    @property
+    def hard_state(self) -> HardState:
+        return HardState(self.term, self.vote, self.log.committed)
+
+    @property
+    def soft_state(self) -> SoftState:
+        return SoftState(self.leader_id, self.role)
+
+    def progress(self, node_id: int) -> Progress | None:
+        """The leader's view of ``node_id`` (None on a non-leader or for a non-member)."""
+        if self.role != Role.LEADER:
+            return None
+        return self.tracker.progress.get(node_id)
+
+    def _promotable(self) -> bool:
+        return self.id in self.tracker.conf.voters or self.id in self.tracker.conf.voters_outgoing
+
+    # ---- driver interface ---------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Advances logical time by one tick."""
+        self._tick()
+
+    def campaign(self) -> None:
+        """Starts an election now (as if the election timer had fired)."""
+        if self.role != Role.LEADER and self._promotable():
+            self._hup(transfer=False)
+
+    def step(self, m: Message) -> None:
+        """Feeds one message from a peer. Stale or unexpected messages are ignored."""
+        assert m.to == self.id, f"message for {m.to} delivered to {self.id}"
+        if m.frm == self.id:
+            return
+        if m.term > self.term:
+            if m.kind == _K.VOTE or m.kind == _K.PRE_VOTE:
+                if self._in_lease(m):
+                    return  # a leader is alive: do not let this candidate disrupt it
+            if m.kind == _K.PRE_VOTE or (m.kind == _K.PRE_VOTE_RESP and not m.reject):
+                # A pre-vote never changes terms; a granted answer carries the term the
+                # pre-candidate will campaign in, which is not ours yet.
+                pass
+            elif m.kind in (_K.APPEND, _K.HEARTBEAT, _K.SNAPSHOT):
+                self._become_follower(m.term, m.frm)
+            else:
+                self._become_follower(m.term, NONE)
+        elif m.term < self.term:
+            if (self.cfg.check_quorum or self.cfg.pre_vote) and m.kind in (
+                _K.APPEND,
+                _K.HEARTBEAT,
+            ):
+                # A stale leader: tell it our term so it steps down. Without this, with
+                # pre-vote or check-quorum a removed leader could linger forever.
+                self._send(Message(_K.APPEND_RESP, self.id, m.frm, self.term))
+            elif m.kind == _K.PRE_VOTE:
+                # Let the pre-candidate learn our term (it may be behind).
+                self._send(Message(_K.PRE_VOTE_RESP, self.id, m.frm, self.term, reject=True))
+            return
+
+        if m.kind == _K.VOTE or m.kind == _K.PRE_VOTE:
+            self._handle_vote_request(m)
+        else:
+            self._step(m)
+
+    def propose(self, data: bytes, kind: EntryKind = EntryKind.NORMAL) -> int:
+        """Appends ``data`` to the leader's log; returns its index (its term is ``self.term``).
+        The entry is committed once it appears in ``Ready.committed``. Raises ``NotLeader``
+        on a non-leader, ``ProposalDropped`` during a leadership transfer or when too many
+        bytes are uncommitted."""
+        if self.role != Role.LEADER:
+            raise NotLeader("this node is not the leader", self.leader_id)
+        if self.lead_transferee != NONE:
+            raise ProposalDropped(
+                f"leadership transfer to {self.lead_transferee} in progress", self.id
+            )
+        entry = Entry(self.term, self.log.last_index() + 1, data, kind)
+        size = entry.size_bytes
+        if (
+            self._uncommitted_bytes
+            and self._uncommitted_bytes + size > self.cfg.max_uncommitted_bytes
+        ):
+            raise ProposalDropped(
+                f"{self._uncommitted_bytes} bytes uncommitted (max_uncommitted_bytes "
+                f"{self.cfg.max_uncommitted_bytes}): followers are behind, retry later",
+                self.id,
+            )
+        self._uncommitted_bytes += size
+        self._append_entries([entry])
+        self._bcast_pending = True
+        return entry.index
+
+    def transfer_leadership(self, to: int) -> None:
+        """Asks the leader to hand leadership to voter ``to`` (forwarded if we are a follower)."""
+        if to not in self.tracker.conf.voters:
+            raise ValueError(f"cannot transfer leadership to {to}: not a voter")
+        if self.role == Role.LEADER:
+            self._leader_transfer(to)
+        elif self.leader_id != NONE:
+            self._send(Message(_K.TRANSFER_LEADER, self.id, self.leader_id, self.term, index=to))
+        else:
+            raise NotLeader("no leader known to transfer leadership from", NONE)
+
+    def read_index(self, context: bytes) -> None:
+        """Requests a linearizable read. A ``ReadState(index, context)`` appears in a later
+        Ready once leadership at ``index`` is confirmed; the read is safe once the local
+        applied index reaches it. ``context`` must be unique among pending reads. Reads are
+        dropped if leadership changes first (the caller retries on timeout)."""
+        assert context, "read_index needs a non-empty context"
+        if self.role == Role.LEADER:
+            self._leader_read(self.id, context)
+        elif self.leader_id != NONE:
+            self._send(Message(_K.READ_INDEX, self.id, self.leader_id, self.term, context=context))
+        else:
+            raise NotLeader("no leader known to serve a read index", NONE)
+
+    def report_unreachable(self, to: int) -> None:
+        """The transport failed to deliver to ``to``: stop pipelining into the void."""
+        pr = self.progress(to)
+        if pr is not None and pr.state == ProgressState.REPLICATE:
+            pr.become_probe()
+
+    def report_snapshot(self, to: int, ok: bool) -> None:
+        """The transport finished (``ok``) or failed sending a snapshot to ``to``."""
+        pr = self.progress(to)
+        if pr is None or pr.state != ProgressState.SNAPSHOT:
+            return
+        if not ok:
+            pr.pending_snapshot = 0
+        pr.become_probe()
+        # Wait for the next heartbeat answer before probing, as the follower may be down.
+        pr.probe_sent = True
+
+    def has_ready(self) -> bool:
+        """Cheap: whether ``ready()`` would return work. Drivers skip idle groups with it."""
+        if self._ready_outstanding:
+            return False
+        if self._msgs or self._bcast_pending or self._read_states:
+            return True
+        if self._read_heartbeat_ctx is not None:
+            return True
+        log = self.log
+        if log.unstable.entries or log.unstable.snapshot is not None:
+            return True
+        if log.committed > log.applied and log.has_next_committed():
+            return True
+        hs = self._prev_hard_state
+        if hs.term != self.term or hs.vote != self.vote or hs.commit != log.committed:
+            return True
+        ss = self._prev_soft_state
+        return ss.leader_id != self.leader_id or ss.role != self.role
+
+    def ready(self) -> Ready:
+        """Takes the pending work. Call ``advance`` with it before the next ``ready``."""
+        assert not self._ready_outstanding, "ready() called twice without advance()"
+        self._flush_lazy_sends()
+        log = self.log
+        hs: HardState | None = None
+        prev = self._prev_hard_state
+        must_sync = False
+        if prev.term != self.term or prev.vote != self.vote or prev.commit != log.committed:
+            # A commit-only change need not be synced: a lost commit index is relearned.
+            must_sync = prev.term != self.term or prev.vote != self.vote
+            hs = self._prev_hard_state = HardState(self.term, self.vote, log.committed)
+        entries = tuple(log.unstable.entries)
+        if entries:
+            must_sync = True
+        snapshot = log.unstable.snapshot
+        if snapshot is not None:
+            must_sync = True
+        committed: tuple[Entry, ...] = ()
+        if log.has_next_committed():
+            committed = tuple(log.next_committed(self.cfg.max_committed_bytes_per_ready))
+            if self.role == Role.LEADER and committed:
+                freed = sum(
+                    e.size_bytes
+                    for e in committed
+                    if e.term == self.term and e.kind != EntryKind.EMPTY
+                )
+                self._uncommitted_bytes = max(0, self._uncommitted_bytes - freed)
+        soft: SoftState | None = None
+        ss = self._prev_soft_state
+        if ss.leader_id != self.leader_id or ss.role != self.role:
+            soft = SoftState(self.leader_id, self.role)
+            self._prev_soft_state = soft
+        msgs = tuple(self._msgs)
+        self._msgs.clear()
+        read_states = tuple(self._read_states)
+        self._read_states.clear()
+        self._ready_outstanding = True
+        return Ready(
+            hard_state=hs,
+            entries=entries,
+            must_sync=must_sync,
+            committed=committed,
+            messages=msgs,
+            snapshot=snapshot,
+            read_states=read_states,
+            soft_state=soft,
+        )
+
+    def advance(self, rd: Ready) -> None:
+        """The driver persisted, sent and applied everything in ``rd``."""
+        assert self._ready_outstanding, "advance() without a ready()"
+        self._ready_outstanding = False
+        log = self.log
+        if rd.snapshot is not None:
+            log.stable_snap_to(rd.snapshot.meta.index)
+            log.applied_to(rd.snapshot.meta.index)
+        if rd.entries:
+            last = rd.entries[-1]
+            log.stable_to(last.index, last.term)
+        if rd.committed:
+            log.applied_to(rd.committed[-1].index)
+
+    # ---- role transitions ---------------------------------------------------------------
+
+    def _reset(self, term: int) -> None:
+        if term != self.term:
+            self.term = term
+            self.vote = NONE
+        self.leader_id = NONE
+        self.election_elapsed = 0
+        self._heartbeat_elapsed = 0
+        self._randomized_election_timeout = self._rng.randint(
+            self.cfg.election_timeout_ticks, 2 * self.cfg.election_timeout_ticks - 1
+        )
+        self.lead_transferee = NONE
+        self.tracker.reset(self.tracker.conf, self.log.last_index() + 1)
+        own = self.tracker.progress.get(self.id)
+        if own is not None:
+            own.match = self.log.last_index()
+        self._read_only.clear()
+        self._pending_reads.clear()
+        self._read_heartbeat_ctx = None
+        self._bcast_pending = False
+        self._uncommitted_bytes = 0
+
+    def _become_follower(self, term: int, leader_id: int) -> None:
+        self._reset(term)
+        self._step = self._step_follower
+        self._tick = self._tick_election
+        self.leader_id = leader_id
+        self.role = Role.FOLLOWER
+
+    def _become_pre_candidate(self) -> None:
+        assert self.role != Role.LEADER, "leader cannot become pre-candidate"
+        # Term and vote stay: a pre-candidate has not started an election yet.
+        self._step = self._step_candidate
+        self._tick = self._tick_election
+        self.tracker.votes = {}
+        self.leader_id = NONE
+        self.role = Role.PRE_CANDIDATE
+
+    def _become_candidate(self) -> None:
+        assert self.role != Role.LEADER, "leader cannot become candidate"
+        self._reset(self.term + 1)
+        self._step = self._step_candidate
+        self._tick = self._tick_election
+        self.vote = self.id
+        self.role = Role.CANDIDATE
+
+    def _become_leader(self) -> None:
+        assert self.role == Role.CANDIDATE, f"{self.role.name} cannot become leader"
+        self._reset(self.term)
+        self._step = self._step_leader
+        self._tick = self._tick_heartbeat
+        self.leader_id = self.id
+        self.role = Role.LEADER
+        own = self.tracker.progress.get(self.id)
+        if own is not None:
+            # The leader's own log is, by definition, replicating.
+            own.become_replicate()
+            own.recent_active = True
+        # Commits every earlier entry once it commits (§5.4.2); also how followers learn of us.
+        self._append_entries([Entry(self.term, self.log.last_index() + 1, b"", EntryKind.EMPTY)])
+        self._bcast_pending = True
+
+    # ---- elections ----------------------------------------------------------------------
+
+    def _in_lease(self, m: Message) -> bool:
+        """Whether we heard from a live leader within the election timeout, so a (pre-)vote
+        request from a would-be disruptor is ignored (unless the leader asked for it)."""
+        if m.context == TRANSFER_CONTEXT:
+            return False
+        if self.leader_id == NONE or self.election_elapsed >= self.cfg.election_timeout_ticks:
+            return False
+        if m.kind == _K.PRE_VOTE:
+            return self.cfg.pre_vote or self.cfg.check_quorum
+        return self.cfg.check_quorum
+
+    def _hup(self, transfer: bool) -> None:
+        if self.cfg.pre_vote and not transfer:
+            self._run_election(pre=True, transfer=False)
+        else:
+            self._run_election(pre=False, transfer=transfer)
+
+    def _run_election(self, pre: bool, transfer: bool) -> None:
+        if pre:
+            self._become_pre_candidate()
+            kind, term = _K.PRE_VOTE, self.term + 1
+        else:
+            self._become_candidate()
+            kind, term = _K.VOTE, self.term
+        self.tracker.record_vote(self.id, True)
+        if self.tracker.tally_votes() == quorum.VoteResult.WON:
+            # A single-voter group wins at once.
+            if pre:
+                self._run_election(pre=False, transfer=False)
+            else:
+                self._become_leader()
+            return
+        last_index = self.log.last_index()
+        last_term = self.log.last_term()
+        ctx = TRANSFER_CONTEXT if transfer else b""
+        for nid in self.tracker.voter_ids():
+            if nid != self.id:
+                self._send(
+                    Message(
+                        kind, self.id, nid, term, log_term=last_term, index=last_index, context=ctx
+                    )
+                )
+
+    def _handle_vote_request(self, m: Message) -> None:
+        pre = m.kind == _K.PRE_VOTE
+        resp = _K.PRE_VOTE_RESP if pre else _K.VOTE_RESP
+        can_vote = (
+            self.vote == m.frm
+            or (self.vote == NONE and self.leader_id == NONE)
+            or (pre and m.term > self.term)
+        )
+        if can_vote and self.log.is_up_to_date(m.index, m.log_term):
+            # A granted pre-vote answers in the asked term so the pre-candidate can count it.
+            self._send(Message(resp, self.id, m.frm, m.term))
+            if not pre:
+                self.election_elapsed = 0
+                self.vote = m.frm
+        else:
+            self._send(Message(resp, self.id, m.frm, self.term, reject=True))
+
+    # ---- ticks --------------------------------------------------------------------------
+
+    def _tick_election(self) -> None:
+        self.election_elapsed += 1
+        if self.election_elapsed >= self._randomized_election_timeout:
+            self._election_timeout()
+
+    def _election_timeout(self) -> None:
+        self.election_elapsed = 0
+        if self._promotable():
+            self._hup(transfer=False)
+
+    def _tick_heartbeat(self) -> None:
+        self._heartbeat_elapsed += 1
+        self.election_elapsed += 1
+        if self.election_elapsed >= self.cfg.election_timeout_ticks:
+            self.election_elapsed = 0
+            if self.cfg.check_quorum and not self._check_quorum():
+                return  # stepped down
+            if self.lead_transferee != NONE:
+                self.lead_transferee = NONE  # the transferee did not win in time: give up
+            self._check_snapshot_transfers()
+        if self.role != Role.LEADER:
+            return
+        if self._heartbeat_elapsed >= self.cfg.heartbeat_interval_ticks:
+            self._heartbeat_elapsed = 0
+            self._bcast_heartbeat(b"")
+
+    def _check_quorum(self) -> bool:
+        """Steps down if a quorum was not heard from during the last election timeout."""
+        if not self.tracker.quorum_active(self.id):
+            self._become_follower(self.term, NONE)
+            return False
+        for nid, pr in self.tracker.progress.items():
+            if nid != self.id:
+                pr.recent_active = False
+        return True
+
+    def _check_snapshot_transfers(self) -> None:
+        """A snapshot still unacknowledged after two check periods is presumed lost: retry."""
+        for pr in self.tracker.progress.values():
+            if pr.state == ProgressState.SNAPSHOT:
+                pr.snapshot_checks += 1
+                if pr.snapshot_checks >= 2:
+                    pr.pending_snapshot = 0
+                    pr.become_probe()
+
+    # ---- follower and candidate steps ---------------------------------------------------
+
+    def _step_follower(self, m: Message) -> None:
+        k = m.kind
+        if k == _K.APPEND:
+            self.election_elapsed = 0
+            self.leader_id = m.frm
+            self._handle_append(m)
+        elif k == _K.HEARTBEAT:
+            self.election_elapsed = 0
+            self.leader_id = m.frm
+            self.log.commit_to(m.commit)
+            self._send(Message(_K.HEARTBEAT_RESP, self.id, m.frm, self.term, context=m.context))
+        elif k == _K.SNAPSHOT:
+            self.election_elapsed = 0
+            self.leader_id = m.frm
+            self._handle_snapshot(m)
+        elif k == _K.TIMEOUT_NOW:
+            if self._promotable():
+                # The leader asked: skip pre-vote and override the voters' lease.
+                self._hup(transfer=True)
+        elif k == _K.READ_INDEX_RESP:
+            self._read_states.append(ReadState(m.index, m.context))
+        elif k == _K.TRANSFER_LEADER and self.leader_id != NONE:
+            self._send(
+                Message(_K.TRANSFER_LEADER, self.id, self.leader_id, self.term, index=m.index)
+            )
+
+    def _step_candidate(self, m: Message) -> None:
+        k = m.kind
+        if k in (_K.APPEND, _K.HEARTBEAT, _K.SNAPSHOT):
+            # Someone won this term (m.term == self.term here): follow it.
+            self._become_follower(m.term, m.frm)
+            self._step_follower(m)
+            return
+        expected = _K.PRE_VOTE_RESP if self.role == Role.PRE_CANDIDATE else _K.VOTE_RESP
+        if k != expected:
+            return
+        self.tracker.record_vote(m.frm, not m.reject)
+        result = self.tracker.tally_votes()
+        if result == quorum.VoteResult.WON:
+            if self.role == Role.PRE_CANDIDATE:
+                self._run_election(pre=False, transfer=False)
+            else:
+                self._become_leader()
+        elif result == quorum.VoteResult.LOST:
+            # Stay in the same term; the election timer will try again.
+            self._become_follower(self.term, NONE)
+
+    def _handle_append(self, m: Message) -> None:
+        log = self.log
+        if m.index < log.committed:
+            # Everything up to our commit already matches the leader's log.
+            self._send(Message(_K.APPEND_RESP, self.id, m.frm, self.term, index=log.committed))
+            return
+        last = log.maybe_append(m.index, m.log_term, m.commit, m.entries)
+        if last is not None:
+            self._send(Message(_K.APPEND_RESP, self.id, m.frm, self.term, index=last))
+            return
+        # Mismatch at m.index: point the leader at the last entry that could still match.
+        hint_index = min(m.index, log.last_index())
+        hint_index, hint_term = log.find_conflict_by_term(hint_index, m.log_term)
+        self._send(
+            Message(
+                _K.APPEND_RESP,
+                self.id,
+                m.frm,
+                self.term,
+                index=m.index,
+                reject=True,
+                reject_hint=hint_index,
+                reject_hint_term=hint_term,
+            )
+        )
+
+    def _handle_snapshot(self, m: Message) -> None:
+        snap = m.snapshot
+        assert snap is not None, "SNAPSHOT message without a snapshot"
+        if self._restore(snap):
+            index = self.log.last_index()
+        else:
+            index = self.log.committed
+        self._send(Message(_K.APPEND_RESP, self.id, m.frm, self.term, index=index))
+
+    def _restore(self, snap: Snapshot) -> bool:
+        meta = snap.meta
+        log = self.log
+        if meta.index <= log.committed:
+            return False  # old news
+        if self.id not in meta.conf.members:
+            return False  # not a member at that point: it cannot be meant for us
+        if log.match_term(meta.index, meta.term):
+            # Our log already holds the snapshot's last entry: just fast-forward the commit.
+            log.commit_to(meta.index)
+            return False
+        log.restore(snap)
+        self.tracker.reset(meta.conf, log.last_index() + 1)
+        return True
+
+    # ---- leader -------------------------------------------------------------------------
+
+    def _append_entries(self, entries: list[Entry]) -> None:
+        last = self.log.append(entries)
+        own = self.tracker.progress.get(self.id)
+        if own is not None:
+            own.maybe_update(last)
+        # A single-voter group commits at once (durability comes from the Ready contract:
+        # entries are persisted before the committed ones are applied).
+        self._maybe_commit()
+
+    def _maybe_commit(self) -> bool:
+        if self.log.maybe_commit(self.tracker.committed(), self.term):
+            self._bcast_pending = True
+            if self._pending_reads:
+                self._release_pending_reads()
+            return True
+        return False
+
+    def _step_leader(self, m: Message) -> None:
+        k = m.kind
+        if k == _K.READ_INDEX:
+            self._leader_read(m.frm, m.context)
+            return
+        if k == _K.TRANSFER_LEADER:
+            if m.index in self.tracker.conf.voters:
+                self._leader_transfer(m.index)
+            return
+        pr = self.tracker.progress.get(m.frm)
+        if pr is None:
+            return  # not a member (any more)
+        if k == _K.APPEND_RESP:
+            pr.recent_active = True
+            self._handle_append_resp(m, pr)
+        elif k == _K.HEARTBEAT_RESP:
+            pr.recent_active = True
+            pr.probe_sent = False
+            if pr.state == ProgressState.REPLICATE and pr.inflights.full():
+                pr.inflights.free_first_one()
+            if pr.match < self.log.last_index():
+                self._send_append(m.frm, pr, send_if_empty=True)
+            if m.context and self._read_only:
+                self._read_ack(m.frm, m.context)
+        elif k == _K.SNAPSHOT_RESP:
+            pr.recent_active = True
+            self.report_snapshot(m.frm, not m.reject)
+
+    def _handle_append_resp(self, m: Message, pr: Progress) -> None:
+        if m.reject:
+            next_probe = m.reject_hint
+            if m.reject_hint_term > 0:
+                next_probe, _ = self.log.find_conflict_by_term(m.reject_hint, m.reject_hint_term)
+            if pr.maybe_decr_to(m.index, next_probe):
+                if pr.state == ProgressState.REPLICATE:
+                    pr.become_probe()
+                self._send_append(m.frm, pr, send_if_empty=True)
+            return
+        was_paused = pr.is_paused()
+        if not pr.maybe_update(m.index):
+            return
+        if pr.state == ProgressState.PROBE:
+            pr.become_replicate()
+        elif pr.state == ProgressState.SNAPSHOT:
+            if pr.match + 1 >= self.log.first_index():
+                pr.become_probe()
+                pr.become_replicate()
+        else:
+            pr.inflights.free_le(m.index)
+        if self._maybe_commit():
+            pass  # the lazy broadcast carries the new commit to everyone
+        elif was_paused:
+            self._send_append(m.frm, pr, send_if_empty=False)
+        # Fill the window again (pipelining) without waiting for the next proposal.
+        while self._send_append(m.frm, pr, send_if_empty=False):
+            pass
+        if m.frm == self.lead_transferee and pr.match == self.log.last_index():
+            self._send(Message(_K.TIMEOUT_NOW, self.id, m.frm, self.term))
+
+    def _send_append(self, to: int, pr: Progress, send_if_empty: bool) -> bool:
+        """Sends ``to`` the entries it lacks (or a snapshot); False if nothing was sent."""
+        if pr.is_paused():
+            return False
+        log = self.log
+        prev_index = pr.next - 1
+        try:
+            prev_term = log.term(prev_index)
+            entries = log.entries(pr.next, self.cfg.max_msg_bytes)
+        except CompactedError:
+            return self._send_snapshot(to, pr)
+        except UnavailableError:
+            # next is optimistic beyond our log (we were truncated by a snapshot?): re-probe.
+            pr.become_probe()
+            return False
+        commit = log.committed
+        if not entries and not send_if_empty and pr.sent_commit >= commit:
+            return False
+        nbytes = 0
+        for e in entries:
+            nbytes += e.size_bytes
+        self._send(
+            Message(
+                _K.APPEND,
+                self.id,
+                to,
+                self.term,
+                log_term=prev_term,
+                index=prev_index,
+                entries=tuple(entries),
+                commit=commit,
+            )
+        )
+        pr.sent_commit = commit
+        pr.sent_entries(prev_index + len(entries), nbytes, len(entries))
+        return True
+
+    def _send_snapshot(self, to: int, pr: Progress) -> bool:
+        if not pr.recent_active:
+            return False  # do not ship a snapshot to a node that may be down
+        try:
+            snap = self.log.snapshot()
+        except SnapshotTemporarilyUnavailable:
+            return False
+        assert not snap.is_empty, "a compacted log needs a snapshot covering it"
+        self._send(Message(_K.SNAPSHOT, self.id, to, self.term, snapshot=snap))
+        pr.become_snapshot(snap.meta.index)
+        return True
+
+    def _bcast_heartbeat(self, ctx: bytes) -> None:
+        committed = self.log.committed
+        for nid, pr in self.tracker.progress.items():
+            if nid == self.id:
+                continue
+            # Never tell a follower to commit beyond what it is known to hold.
+            commit = min(pr.match, committed)
+            self._send(Message(_K.HEARTBEAT, self.id, nid, self.term, commit=commit, context=ctx))
+
+    def _flush_lazy_sends(self) -> None:
+        """Sends what proposals, commits and reads since the last Ready made necessary, once
+        per follower, so many small proposals share one APPEND."""
+        if self.role != Role.LEADER:
+            self._bcast_pending = False
+            self._read_heartbeat_ctx = None
+            return
+        if self._bcast_pending:
+            self._bcast_pending = False
+            for nid, pr in self.tracker.progress.items():
+                if nid != self.id:
+                    while self._send_append(nid, pr, send_if_empty=False):
+                        pass
+        if self._read_heartbeat_ctx is not None:
+            self._bcast_heartbeat(self._read_heartbeat_ctx)
+            self._read_heartbeat_ctx = None
+
+    def _leader_transfer(self, to: int) -> None:
+        if self.lead_transferee == to:
+            return
+        self.lead_transferee = NONE  # abort any earlier transfer
+        if to == self.id:
+            return
+        pr = self.tracker.progress.get(to)
+        if pr is None or pr.is_learner:
+            return
+        # The transfer must finish within one election timeout.
+        self.election_elapsed = 0
+        self.lead_transferee = to
+        if pr.match == self.log.last_index():
+            self._send(Message(_K.TIMEOUT_NOW, self.id, to, self.term))
+        else:
+            self._send_append(to, pr, send_if_empty=True)
+
+    # ---- read index ---------------------------------------------------------------------
+
+    def _committed_in_term(self) -> bool:
+        return self.log.term_or_none(self.log.committed) == self.term
+
+    def _leader_read(self, frm: int, ctx: bytes) -> None:
+        if self.tracker.is_singleton():
+            self._answer_read(frm, self.log.committed, ctx)
+            return
+        if len(self._read_only) + len(self._pending_reads) >= self.cfg.max_pending_reads:
+            if frm == self.id:
+                raise ProposalDropped(
+                    f"{self.cfg.max_pending_reads} reads pending (max_pending_reads)", self.id
+                )
+            return  # a remote requester times out and retries
+        if not self._committed_in_term():
+            # Our commit index may lag the true one until an entry of our term commits.
+            self._pending_reads.append((frm, ctx))
+            return
+        self._add_read(frm, ctx)
+
+    def _add_read(self, frm: int, ctx: bytes) -> None:
+        if ctx in self._read_only:
+            return
+        self._read_only[ctx] = _PendingRead(self.log.committed, frm, {self.id})
+        self._read_heartbeat_ctx = ctx
+
+    def _release_pending_reads(self) -> None:
+        if not self._committed_in_term():
+            return
+        pending, self._pending_reads = self._pending_reads, []
+        for frm, ctx in pending:
+            self._add_read(frm, ctx)
+
+    def _read_ack(self, frm: int, ctx: bytes) -> None:
+        req = self._read_only.get(ctx)
+        if req is None:
+            return
+        req.acks.add(frm)
+        votes = dict.fromkeys(req.acks, True)
+        conf = self.tracker.conf
+        if (
+            quorum.joint_vote_result(conf.voters, conf.voters_outgoing, votes)
+            != quorum.VoteResult.WON
+        ):
+            return
+        # Leadership confirmed after every read registered up to ctx: answer them all.
+        while self._read_only:
+            c, r = self._read_only.popitem(last=False)
+            self._answer_read(r.frm, r.index, c)
+            if c == ctx:
+                break
+
+    def _answer_read(self, frm: int, index: int, ctx: bytes) -> None:
+        if frm == self.id:
+            self._read_states.append(ReadState(index, ctx))
+        else:
+            self._send(
+                Message(_K.READ_INDEX_RESP, self.id, frm, self.term, index=index, context=ctx)
+            )
+
+    # ---- plumbing -----------------------------------------------------------------------
+
+    def _send(self, m: Message) -> None:
+        self._msgs.append(m)
+
+    def __repr__(self) -> str:
+        return (
+            f"RawNode(id={self.id} {self.role.name} term={self.term} vote={self.vote} "
+            f"leader={self.leader_id} last={self.log.last_index()} commit={self.log.committed} "
+            f"applied={self.log.applied})"
+        )

@@ -1,0 +1,72 @@
+"""Every knob and bound of the Raft core in one place, with their relations asserted.
+
+Time is counted in ticks; the driver decides what a tick is (tidelog ticks every 100 ms,
+so the defaults give a heartbeat every 100 ms and elections after 1-2 s of silence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+class Rand(Protocol):
+    """The seeded random source the caller passes in (e.g. ``random.Random(seed)``); the core
+    draws election timeouts from it and from nothing else."""
+
+    def randint(self, a: int, b: int) -> int:
+        """A uniform integer in ``[a, b]``, both ends included."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Limits and features of one Raft group. Immutable; shared by every group of a node."""
+
+    #: A follower that hears nothing from a leader for a randomized timeout in
+    #: ``[election_timeout_ticks, 2 * election_timeout_ticks)`` starts an election. It is also
+    #: the check-quorum period and the bound on a leadership transfer.
+    election_timeout_ticks: int = 10
+    #: A leader sends heartbeats this often.
+    heartbeat_interval_ticks: int = 1
+    #: Entry bytes (``Entry.size_bytes``) per APPEND message; one entry may exceed it alone.
+    max_msg_bytes: int = 1 * MIB
+    #: APPEND messages in flight (sent, not acknowledged) per follower in replicate state.
+    max_inflight_msgs: int = 256
+    #: Entry bytes in flight per follower; together with the count it bounds the memory a
+    #: slow follower can pin on the leader.
+    max_inflight_bytes: int = 32 * MIB
+    #: Bytes proposed but not yet committed; beyond it a leader drops proposals (backpressure
+    #: instead of unbounded growth when followers lag).
+    max_uncommitted_bytes: int = 64 * MIB
+    #: Bytes of committed entries handed to the application in one Ready.
+    max_committed_bytes_per_ready: int = 16 * MIB
+    #: ReadIndex requests waiting for their heartbeat round (or for the leader's first commit).
+    max_pending_reads: int = 4096
+    #: Pre-vote (thesis §9.6): a node asks whether it could win before bumping its term, so a
+    #: partitioned node that returns does not depose a healthy leader.
+    pre_vote: bool = True
+    #: Check-quorum (thesis §6.2): a leader steps down after an election timeout without
+    #: hearing from a majority; followers ignore votes while they hear from a leader.
+    check_quorum: bool = True
+
+    def __post_init__(self) -> None:
+        assert self.heartbeat_interval_ticks >= 1, "heartbeat_interval_ticks must be >= 1"
+        assert self.election_timeout_ticks > self.heartbeat_interval_ticks, (
+            "an election timeout must span more than one heartbeat interval, or followers "
+            "campaign against a healthy leader"
+        )
+        assert self.max_msg_bytes >= 1
+        assert self.max_inflight_msgs >= 1
+        assert self.max_inflight_bytes >= self.max_msg_bytes, (
+            "max_inflight_bytes below max_msg_bytes would stall replication after one message"
+        )
+        assert self.max_uncommitted_bytes >= self.max_msg_bytes
+        assert self.max_committed_bytes_per_ready >= self.max_msg_bytes
+        assert self.max_pending_reads >= 1
+
+
+DEFAULT_CONFIG = Config()
