@@ -1,0 +1,197 @@
+"""Topic administration: create, delete, list, describe and reconfigure topics.
+
+Every call goes to the first node that answers (the node forwards to whoever owns the
+decision), and every failure comes back as the :mod:`tidelog.errors` class the node named,
+so a caller can catch ``TopicExists`` or ``InvalidConfig`` rather than parse messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from tidelog.client.metadata import ClusterMetadata, NodeInfo, TopicInfo
+
+from tidelog.v1 import admin_pb2
+
+__all__ = ["Admin", "ClusterView", "PartitionDescription", "TopicDescription"]
+
+#: Deadline of one admin RPC: creating a replicated topic waits for its partitions' leaders.
+ADMIN_REQUEST_TIMEOUT_MS = 30_000
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionDescription:
+    partition: int
+    leader: int
+    replicas: tuple[int, ...]
+    in_sync: tuple[int, ...]
+    log_start_offset: int
+    high_watermark: int
+    size_bytes: int
+    leader_term: int
+
+
+@dataclass(frozen=True, slots=True)
+class TopicDescription:
+    name: str
+    replication_factor: int
+    partitions: tuple[PartitionDescription, ...]
+    #: The effective configuration: overrides and node defaults.
+    configs: dict[str, str] = field(default_factory=dict)
+    #: The keys of ``configs`` that are overrides set on this topic.
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    cluster_id: str
+    controller_id: int
+    nodes: tuple[NodeInfo, ...]
+    topics: tuple[TopicInfo, ...]
+
+
+def _description(t: admin_pb2.TopicDescription) -> TopicDescription:
+    return TopicDescription(
+        name=t.name,
+        replication_factor=t.replication_factor,
+        partitions=tuple(
+            PartitionDescription(
+                partition=p.partition,
+                leader=p.leader,
+                replicas=tuple(p.replicas),
+                in_sync=tuple(p.in_sync),
+                log_start_offset=p.log_start_offset,
+                high_watermark=p.high_watermark,
+                size_bytes=p.size_bytes,
+                leader_term=p.leader_term,
+            )
+            for p in sorted(t.partitions, key=lambda p: p.partition)
+        ),
+        configs=dict(t.configs),
+        overrides=tuple(t.overrides),
+    )
+
+
+def _names(names: str | Sequence[str]) -> list[str]:
+    return [names] if isinstance(names, str) else list(names)
+
+
+class Admin:
+    """``async with Admin("127.0.0.1:9092") as admin: await admin.create_topics("t", 3)``."""
+
+    def __init__(
+        self,
+        bootstrap: str | Sequence[str],
+        *,
+        request_timeout_ms: int = ADMIN_REQUEST_TIMEOUT_MS,
+    ) -> None:
+        self._meta = ClusterMetadata(bootstrap)
+        self._timeout_s = request_timeout_ms / 1000
+
+    async def __aenter__(self) -> Admin:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._meta.close()
+
+    async def create_topics(
+        self,
+        name: str | Sequence[str],
+        partitions: int = 1,
+        replication_factor: int = 1,
+        configs: Mapping[str, str] | None = None,
+        *,
+        validate_only: bool = False,
+    ) -> list[str]:
+        """Create one topic (or several alike); returns the names created."""
+        specs = [
+            admin_pb2.TopicSpec(
+                name=n,
+                partitions=partitions,
+                replication_factor=replication_factor,
+                configs=dict(configs or {}),
+            )
+            for n in _names(name)
+        ]
+        req = admin_pb2.CreateTopicsRequest(topics=specs, validate_only=validate_only)
+
+        async def call(address: str) -> admin_pb2.CreateTopicsResponse:
+            resp: admin_pb2.CreateTopicsResponse = await self._meta.admin(address).CreateTopics(
+                req, timeout=self._timeout_s
+            )
+            return resp
+
+        resp = await self._meta.call_any("create topics", call)
+        return list(resp.created)
+
+    async def delete_topics(self, names: str | Sequence[str]) -> list[str]:
+        req = admin_pb2.DeleteTopicsRequest(names=_names(names))
+
+        async def call(address: str) -> admin_pb2.DeleteTopicsResponse:
+            resp: admin_pb2.DeleteTopicsResponse = await self._meta.admin(address).DeleteTopics(
+                req, timeout=self._timeout_s
+            )
+            return resp
+
+        resp = await self._meta.call_any("delete topics", call)
+        return list(resp.deleted)
+
+    async def describe_topics(
+        self, names: str | Sequence[str] | None = None
+    ) -> list[TopicDescription]:
+        """Every topic (``names=None``) or the named ones, with offsets, sizes and configs."""
+        req = admin_pb2.DescribeTopicsRequest(names=[] if names is None else _names(names))
+
+        async def call(address: str) -> admin_pb2.DescribeTopicsResponse:
+            resp: admin_pb2.DescribeTopicsResponse = await self._meta.admin(address).DescribeTopics(
+                req, timeout=self._timeout_s
+            )
+            return resp
+
+        resp = await self._meta.call_any("describe topics", call)
+        return sorted((_description(t) for t in resp.topics), key=lambda d: d.name)
+
+    async def alter_topic_config(
+        self,
+        topic: str,
+        *,
+        set: Mapping[str, str] | None = None,
+        delete: Sequence[str] = (),
+    ) -> TopicDescription:
+        """Set and remove topic overrides in one step; returns the topic as it is now."""
+        req = admin_pb2.AlterTopicConfigRequest(
+            topic=topic, set=dict(set or {}), delete=list(delete)
+        )
+
+        async def call(address: str) -> admin_pb2.AlterTopicConfigResponse:
+            resp: admin_pb2.AlterTopicConfigResponse = await self._meta.admin(
+                address
+            ).AlterTopicConfig(req, timeout=self._timeout_s)
+            return resp
+
+        resp = await self._meta.call_any("alter topic config", call)
+        return _description(resp.topic)
+
+    async def list_topics(self, *, internal: bool = False) -> list[str]:
+        view = await self.metadata()
+        return sorted(t.name for t in view.topics if internal or not t.internal)
+
+    async def metadata(self) -> ClusterView:
+        """Nodes, topics, partitions and leaders, as the cluster sees them now."""
+        await self._meta.refresh()
+        return ClusterView(
+            cluster_id=self._meta.cluster_id,
+            controller_id=self._meta.controller_id,
+            nodes=tuple(sorted(self._meta.nodes.values(), key=lambda n: n.node_id)),
+            topics=tuple(sorted(self._meta.topics.values(), key=lambda t: t.name)),
+        )

@@ -1,0 +1,274 @@
+"""Blocking facades over the async clients, for scripts and REPLs.
+
+Each facade runs its async client on a private event loop in a daemon thread and forwards
+calls to it, so a script never sees asyncio. They add no behaviour of their own: errors,
+retries and ordering are those of :class:`Producer`, :class:`Consumer` and :class:`Admin`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from tidelog.client.admin import Admin, ClusterView, TopicDescription
+from tidelog.client.consumer import Consumer, FetchedBatch
+from tidelog.client.producer import Producer
+from tidelog.client.structs import (
+    BatchMetadata,
+    ConsumerRecord,
+    Header,
+    RecordMetadata,
+    TopicPartition,
+)
+
+__all__ = ["SyncAdmin", "SyncConsumer", "SyncProducer"]
+
+T = TypeVar("T")
+
+#: Sends a SyncProducer lets be outstanding (queued or unacknowledged) before send() blocks:
+#: the blocking-queue behaviour of Kafka's Java producer, counted in records.
+PENDING_SENDS_MAX = 100_000
+
+
+class _LoopThread:
+    """An event loop running forever in a daemon thread."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+class _Facade:
+    def __init__(self, name: str) -> None:
+        self._lt = _LoopThread(name)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class SyncProducer(_Facade):
+    """``with SyncProducer("127.0.0.1:9092") as p: p.send("t", b"v").result()``.
+
+    Keyword arguments are those of :class:`Producer`.
+    """
+
+    def __init__(self, bootstrap: str | Sequence[str], **options: Any) -> None:
+        super().__init__("tidelog-producer")
+        self._pending = threading.BoundedSemaphore(PENDING_SENDS_MAX)
+
+        async def make() -> Producer:
+            p = Producer(bootstrap, **options)
+            await p.start()
+            return p
+
+        try:
+            self._producer = self._lt.run(make())
+        except BaseException:
+            self._lt.close()
+            raise
+
+    def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        *,
+        partition: int | None = None,
+        headers: Sequence[Header] | None = None,
+        timestamp_ms: int | None = None,
+    ) -> concurrent.futures.Future[RecordMetadata]:
+        """Queue a record; ``.result()`` on the returned future waits for its metadata.
+        Blocks while PENDING_SENDS_MAX sends are outstanding."""
+        self._pending.acquire()
+        fut = self._lt.submit(
+            self._producer.send_and_wait(
+                topic, value, key, partition=partition, headers=headers, timestamp_ms=timestamp_ms
+            )
+        )
+        fut.add_done_callback(lambda _: self._pending.release())
+        return fut
+
+    def send_many(
+        self,
+        topic: str,
+        values: Sequence[bytes],
+        keys: Sequence[bytes | None] | None = None,
+        *,
+        partition: int | None = None,
+    ) -> concurrent.futures.Future[list[BatchMetadata]]:
+        async def go() -> list[BatchMetadata]:
+            return await self._producer.send_many(topic, values, keys, partition=partition)
+
+        return self._lt.submit(go())
+
+    def flush(self) -> None:
+        self._lt.run(self._producer.flush())
+
+    def partitions_for(self, topic: str) -> int:
+        return self._lt.run(self._producer.partitions_for(topic))
+
+    def close(self) -> None:
+        try:
+            self._lt.run(self._producer.stop())
+        finally:
+            self._lt.close()
+
+
+class SyncConsumer(_Facade):
+    """``with SyncConsumer("127.0.0.1:9092") as c: c.assign([...]); c.poll()``.
+
+    Keyword arguments are those of :class:`Consumer`.
+    """
+
+    def __init__(self, bootstrap: str | Sequence[str], **options: Any) -> None:
+        super().__init__("tidelog-consumer")
+
+        async def make() -> Consumer:
+            c = Consumer(bootstrap, **options)
+            await c.start()
+            return c
+
+        try:
+            self._consumer = self._lt.run(make())
+        except BaseException:
+            self._lt.close()
+            raise
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        async def go() -> Any:
+            return fn(*args)
+
+        return self._lt.run(go())
+
+    def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        self._call(self._consumer.assign, list(partitions))
+
+    def assignment(self) -> list[TopicPartition]:
+        result: list[TopicPartition] = self._call(self._consumer.assignment)
+        return result
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self._call(self._consumer.seek, tp, offset)
+
+    def seek_to_beginning(self, *partitions: TopicPartition) -> dict[TopicPartition, int]:
+        return self._lt.run(self._consumer.seek_to_beginning(*partitions))
+
+    def seek_to_end(self, *partitions: TopicPartition) -> dict[TopicPartition, int]:
+        return self._lt.run(self._consumer.seek_to_end(*partitions))
+
+    def seek_to_time(
+        self, timestamp_ms: int, *partitions: TopicPartition
+    ) -> dict[TopicPartition, int]:
+        return self._lt.run(self._consumer.seek_to_time(timestamp_ms, *partitions))
+
+    def position(self, tp: TopicPartition) -> int:
+        return self._lt.run(self._consumer.position(tp))
+
+    def partitions_for(self, topic: str) -> list[TopicPartition]:
+        return self._lt.run(self._consumer.partitions_for(topic))
+
+    def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        return self._lt.run(self._consumer.end_offsets(list(partitions)))
+
+    def beginning_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        return self._lt.run(self._consumer.beginning_offsets(list(partitions)))
+
+    def poll(self, timeout_ms: float = 1000, max_records: int = 10_000) -> list[ConsumerRecord]:
+        return self._lt.run(self._consumer.poll(timeout_ms, max_records))
+
+    def poll_batches(
+        self, timeout_ms: float = 1000, max_records: int = 10_000
+    ) -> list[FetchedBatch]:
+        return self._lt.run(self._consumer.poll_batches(timeout_ms, max_records))
+
+    def __iter__(self) -> Iterator[ConsumerRecord]:
+        """Records forever (stop with break or Ctrl-C)."""
+        while True:
+            yield from self.poll(timeout_ms=1000)
+
+    def close(self) -> None:
+        try:
+            self._lt.run(self._consumer.stop())
+        finally:
+            self._lt.close()
+
+
+class SyncAdmin(_Facade):
+    def __init__(self, bootstrap: str | Sequence[str], **options: Any) -> None:
+        super().__init__("tidelog-admin")
+
+        async def make() -> Admin:
+            return Admin(bootstrap, **options)
+
+        self._admin = self._lt.run(make())
+
+    def create_topics(
+        self,
+        name: str | Sequence[str],
+        partitions: int = 1,
+        replication_factor: int = 1,
+        configs: Mapping[str, str] | None = None,
+        *,
+        validate_only: bool = False,
+    ) -> list[str]:
+        return self._lt.run(
+            self._admin.create_topics(
+                name, partitions, replication_factor, configs, validate_only=validate_only
+            )
+        )
+
+    def delete_topics(self, names: str | Sequence[str]) -> list[str]:
+        return self._lt.run(self._admin.delete_topics(names))
+
+    def describe_topics(self, names: str | Sequence[str] | None = None) -> list[TopicDescription]:
+        return self._lt.run(self._admin.describe_topics(names))
+
+    def alter_topic_config(
+        self,
+        topic: str,
+        *,
+        set: Mapping[str, str] | None = None,
+        delete: Sequence[str] = (),
+    ) -> TopicDescription:
+        return self._lt.run(self._admin.alter_topic_config(topic, set=set, delete=delete))
+
+    def list_topics(self, *, internal: bool = False) -> list[str]:
+        return self._lt.run(self._admin.list_topics(internal=internal))
+
+    def metadata(self) -> ClusterView:
+        return self._lt.run(self._admin.metadata())
+
+    def close(self) -> None:
+        try:
+            self._lt.run(self._admin.close())
+        finally:
+            self._lt.close()
