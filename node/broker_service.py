@@ -83,8 +83,8 @@ class BrokerService(pb_grpc.BrokerServicer):
                 f"produce request carries {len(buf)} bytes of batches, more than the limit of "
                 f"{limits.produce_request_bytes_max}: send fewer batches per request"
             )
-        headers = validate_batches(buf, max_bytes=topic.config.max_message_bytes)
-        base, last = part.append_as_leader(buf, headers)
+        validate_batches(buf, max_bytes=topic.config.max_message_bytes)
+        base, last = part.append_as_leader(buf)
         append_time_ms = time.time_ns() // 1_000_000
         tm = topic.metrics
         tm.records_in.inc(last - base + 1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Protocol
 
 from tidelog.config import TopicConfig
@@ -27,7 +27,6 @@ from tidelog.errors import (
     TidelogError,
     UnknownTopic,
 )
-from tidelog.records import BatchHeader
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +48,7 @@ class LogLike(Protocol):
     @property
     def segment_count(self) -> int: ...
 
-    def append(
-        self, batches: bytes, headers: Sequence[tuple[int, BatchHeader]], raft_term: int
-    ) -> tuple[int, int]: ...
+    def append(self, batches: bytes, raft_term: int) -> tuple[int, int]: ...
     def read(self, offset: int, max_bytes: int, *, upto: int) -> bytes: ...
     def offset_for_timestamp(self, timestamp_ms: int) -> tuple[int, int] | None: ...
     def flush(self) -> int: ...
@@ -135,15 +132,13 @@ class Partition:
 
     # -- leader append and commit --------------------------------------------------------
 
-    def append_as_leader(
-        self, batches: bytes, headers: Sequence[tuple[int, BatchHeader]]
-    ) -> tuple[int, int]:
+    def append_as_leader(self, batches: bytes) -> tuple[int, int]:
         """Append validated batches with one write; returns (base offset, last offset).
 
         The batches are not visible to consumers until :meth:`commit` moves the high
         watermark past them."""
         self.check_open()
-        base, last = self.log.append(batches, headers, SINGLE_NODE_TERM)
+        base, last = self.log.append(batches, SINGLE_NODE_TERM)
         if self.config.flush == "os":
             self.commit(last + 1)
         else:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from tidelog.config import TopicConfig
 from tidelog.errors import OffsetOutOfRange
-from tidelog.records import BatchHeader, stamp
+from tidelog.records import iter_headers, stamp
 
 
 class FakeLog:
@@ -45,13 +44,11 @@ class FakeLog:
     def segment_count(self) -> int:
         return 1
 
-    def append(
-        self, batches: bytes, headers: Sequence[tuple[int, BatchHeader]], raft_term: int
-    ) -> tuple[int, int]:
+    def append(self, batches: bytes, raft_term: int) -> tuple[int, int]:
         buf = bytearray(batches)
         base = offset = self.log_end_offset
         with self._lock:
-            for pos, h in headers:
+            for pos, h in iter_headers(buf):
                 stamp(buf, pos, offset, raft_term, 0)
                 last = offset + h.record_count - 1
                 self.entries.append((offset, last, bytes(buf[pos : pos + h.size]), h.max_timestamp))

@@ -12,11 +12,10 @@ from tidelog.node.partition import Partition
 from tests.unit.node_fakes import FakeLog
 from tidelog.config import TopicConfig
 from tidelog.errors import StorageError
-from tidelog.records import encode_batch, validate_batches
+from tidelog.records import encode_batch
 
 DURABLE = TopicConfig.from_overrides({})
 BATCH = encode_batch([b"x" * 100] * 10)
-HEADERS = validate_batches(BATCH)
 
 
 def partitions(committer: GroupCommitter, n: int) -> list[tuple[Partition, FakeLog]]:
@@ -42,7 +41,7 @@ async def test_concurrent_acks_all_produces_share_fsyncs() -> None:
     lg.flush_delay_s = 0.005
 
     async def produce() -> None:
-        _, last = p.append_as_leader(BATCH, HEADERS)
+        _, last = p.append_as_leader(BATCH)
         await p.wait_committed(last + 1, 5)
 
     requests = 200
@@ -62,7 +61,7 @@ async def test_each_dirty_partition_is_fsynced_once_per_round() -> None:
     parts = partitions(committer, 5)
     for p, _ in parts:
         for _ in range(3):
-            p.append_as_leader(BATCH, HEADERS)
+            p.append_as_leader(BATCH)
     await committer.flush_round()
     assert [lg.flush_calls for _, lg in parts] == [1] * 5
     assert [p.high_watermark for p, _ in parts] == [30] * 5
@@ -88,10 +87,10 @@ async def test_fsync_failure_fails_the_partition_not_the_committer() -> None:
     committer.start()
     (bad, bad_log), (good, _) = partitions(committer, 2)
     bad_log.flush_error = OSError(5, "Input/output error")
-    _, last = bad.append_as_leader(BATCH, HEADERS)
+    _, last = bad.append_as_leader(BATCH)
     with pytest.raises(StorageError, match="Input/output error"):
         await bad.wait_committed(last + 1, 5)
-    _, last = good.append_as_leader(BATCH, HEADERS)
+    _, last = good.append_as_leader(BATCH)
     await good.wait_committed(last + 1, 5)
     await committer.stop()
 
@@ -102,7 +101,7 @@ async def test_forget_waits_for_the_flush_in_progress() -> None:
     committer.start()
     [(p, lg)] = partitions(committer, 1)
     lg.flush_delay_s = 0.1
-    p.append_as_leader(BATCH, HEADERS)
+    p.append_as_leader(BATCH)
     while lg.flushing_now == 0:
         await asyncio.sleep(0.001)
     await committer.forget(p)
@@ -115,6 +114,6 @@ async def test_forget_waits_for_the_flush_in_progress() -> None:
 async def test_stop_flushes_what_is_left() -> None:
     committer = GroupCommitter(NodeMetrics())
     [(p, lg)] = partitions(committer, 1)
-    p.append_as_leader(BATCH, HEADERS)
+    p.append_as_leader(BATCH)
     await committer.stop()
     assert lg.flushed_offset == 10 and p.high_watermark == 10

@@ -30,7 +30,7 @@ def make(config: TopicConfig = DURABLE) -> tuple[Partition, FakeLog, list[Partit
 
 def append(p: Partition, n: int, ts: int = 1000) -> tuple[int, int]:
     buf = encode_batch([b"v%d" % i for i in range(n)], timestamps_ms=ts)
-    return p.append_as_leader(buf, validate_batches(buf))
+    return p.append_as_leader(buf)
 
 
 @pytest.mark.timeout(10)
