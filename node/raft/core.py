@@ -697,7 +697,17 @@ class RawNode:
             pr.probe_sent = False
             if pr.state == ProgressState.REPLICATE and pr.inflights.full():
                 pr.inflights.free_first_one()
-            if pr.match < self.log.last_index():
+            last = self.log.last_index()
+            if pr.match < last and (
+                pr.state != ProgressState.REPLICATE
+                or pr.next <= last
+                or pr.match == pr.match_at_heartbeat
+            ):
+                # Probing, or entries wait for room in the window, or nothing was acknowledged
+                # during the heartbeat's round trip although entries are missing (and were sent
+                # at least a heartbeat interval ago, or the heartbeat would have been skipped):
+                # the APPENDs were probably lost. An empty APPEND makes the follower reveal
+                # where its log ends.
                 self._send_append(m.frm, pr, send_if_empty=True)
             if m.context and self._read_only:
                 self._read_ack(m.frm, m.context)
@@ -726,13 +736,11 @@ class RawNode:
                 pr.become_replicate()
         else:
             pr.inflights.free_le(m.index)
-        if self._maybe_commit():
-            pass  # the lazy broadcast carries the new commit to everyone
-        elif was_paused:
-            self._send_append(m.frm, pr, send_if_empty=False)
-        # Fill the window again (pipelining) without waiting for the next proposal.
-        while self._send_append(m.frm, pr, send_if_empty=False):
-            pass
+        # What this answer made sendable (new entries in an opened window, a new commit index
+        # for everyone) goes out in the next Ready, merged with proposals made meanwhile.
+        self._maybe_commit()
+        if was_paused or pr.next <= self.log.last_index():
+            self._bcast_pending = True
         if m.frm == self.lead_transferee and pr.match == self.log.last_index():
             self._send(Message(_K.TIMEOUT_NOW, self.id, m.frm, self.term))
 
@@ -770,6 +778,7 @@ class RawNode:
             )
         )
         pr.sent_commit = commit
+        pr.appended_since_heartbeat = True
         pr.sent_entries(prev_index + len(entries), nbytes, len(entries))
         return True
 
@@ -786,10 +795,19 @@ class RawNode:
         return True
 
     def _bcast_heartbeat(self, ctx: bytes) -> None:
+        """Heartbeats carry only term, commit and ``ctx`` so a per-peer batcher can merge
+        those of many groups. A periodic round (no ``ctx``) skips followers that got an
+        APPEND since the last round: a busy group sends no heartbeats at all. A read round
+        (``ctx``) goes to everyone, since its answers confirm leadership."""
         committed = self.log.committed
         for nid, pr in self.tracker.progress.items():
             if nid == self.id:
                 continue
+            if pr.appended_since_heartbeat:
+                pr.appended_since_heartbeat = False
+                if not ctx:
+                    continue
+            pr.match_at_heartbeat = pr.match
             # Never tell a follower to commit beyond what it is known to hold.
             commit = min(pr.match, committed)
             self._send(Message(_K.HEARTBEAT, self.id, nid, self.term, commit=commit, context=ctx))

@@ -78,9 +78,11 @@ class Progress:
     """The leader's view of one follower (or of itself)."""
 
     __slots__ = (
+        "appended_since_heartbeat",
         "inflights",
         "is_learner",
         "match",
+        "match_at_heartbeat",
         "next",
         "pending_snapshot",
         "probe_sent",
@@ -106,6 +108,12 @@ class Progress:
         self.recent_active = False
         #: Highest commit index sent to it (whether an empty APPEND is worth sending).
         self.sent_commit = 0
+        #: An APPEND went out since the last heartbeat: it resets the follower's election
+        #: timer just as well, so the periodic heartbeat to it is skipped.
+        self.appended_since_heartbeat = False
+        #: ``match`` when the last heartbeat went out: unchanged when its answer comes back
+        #: while entries are missing means APPENDs were lost, not merely in flight.
+        self.match_at_heartbeat = 0
         self.is_learner = is_learner
         self.inflights = Inflights(max_inflight_msgs, max_inflight_bytes)
 

@@ -164,6 +164,13 @@ class Cluster:
             out.append((m, True))
         return out
 
+    def round(self) -> None:
+        """Every live node processes one Ready, then every queued message is delivered once."""
+        for nid in self.nodes:
+            if nid not in self.down:
+                self.process_ready(nid)
+        self.deliver()
+
     def stabilize(self, max_rounds: int = 1000) -> list[str]:
         """Processes Readys and delivers messages until nothing moves; returns a trace."""
         trace: list[str] = []
