@@ -20,6 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
+import prometheus_client
 from tidelog.node import limits
 
 log = logging.getLogger("tidelog.node")
@@ -158,4 +159,6 @@ def run_node(
     )
     _raise_open_files_limit()
     _install_uvloop()
+    # A `_created` timestamp per series doubles what every scrape carries, for nothing.
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     asyncio.run(serve(node_id, listen, data_dir, metrics_port, advertised))

@@ -116,6 +116,7 @@ class Node:
         self._health: Any = None
         self._metrics_server: MetricsServer | None = None
         self._retention_task: asyncio.Task[None] | None = None
+        self.retention_interval_s = limits.retention_interval_ms / 1000
 
     @property
     def registry(self) -> TopicRegistry:
@@ -188,9 +189,8 @@ class Node:
 
     async def _retention_loop(self) -> None:
         """Roll segments by age and delete what retention.ms / retention.bytes allow."""
-        interval_s = limits.retention_interval_ms / 1000
         while True:
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(self.retention_interval_s)
             now_ms = time.time_ns() // 1_000_000
             for p in self.registry.partitions():
                 if p.closed:

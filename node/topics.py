@@ -43,6 +43,7 @@ from tidelog.errors import (
     InvalidPartitions,
     InvalidReplicationFactor,
     InvalidRequest,
+    StorageError,
     TidelogError,
     TopicExists,
     UnknownPartition,
@@ -222,7 +223,15 @@ class TopicRegistry:
         topic_dir = self._dir / meta.name
 
         def open_all() -> list[LogLike]:
-            return [self._open_log(topic_dir / str(i), config) for i in range(meta.partitions)]
+            logs: list[LogLike] = []
+            try:
+                for i in range(meta.partitions):
+                    logs.append(self._open_log(topic_dir / str(i), config))
+            except BaseException:
+                for lg in logs:
+                    lg.close()
+                raise
+            return logs
 
         logs = await asyncio.to_thread(open_all)
         partitions = [
@@ -309,7 +318,14 @@ class TopicRegistry:
                 return [m.name for m in metas]
             for meta in metas:
                 self._store.put(TOPICS_COLUMN, _key(meta.name), meta.to_json())
-                self._topics[meta.name] = await self._open_topic(meta)
+                try:
+                    self._topics[meta.name] = await self._open_topic(meta)
+                except Exception as exc:
+                    # Leave no topic behind that exists on disk but not in memory.
+                    self._store.delete(TOPICS_COLUMN, _key(meta.name))
+                    await asyncio.to_thread(shutil.rmtree, self._dir / meta.name, True)
+                    log.exception("creating topic %s failed", meta.name)
+                    raise StorageError(f"cannot create topic {meta.name!r}: {exc}") from exc
                 log.info(
                     "created topic %s: %d partitions, overrides %s",
                     meta.name, meta.partitions, meta.overrides or "none",

@@ -198,3 +198,20 @@ async def test_shutdown_ends_streams_with_unavailable(tmp_path: Path) -> None:
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     await stop
     await c.channel.close(None)
+
+
+@pytest.mark.timeout(20)
+async def test_retention_and_roll_run_in_the_background(tmp_path: Path) -> None:
+    node = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=FakeLog)
+    node.retention_interval_s = 0.01
+    await node.start()
+    c = Client(node)
+    await c.create("r", 2)
+    logs = [p.log for p in node.registry.partitions()]
+    assert all(isinstance(lg, FakeLog) for lg in logs)
+    deadline = asyncio.get_running_loop().time() + 5
+    while not all(lg.retention_runs and lg.rolls for lg in logs):  # type: ignore[attr-defined]
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    await c.channel.close(None)
+    await node.stop(1)

@@ -20,6 +20,7 @@ from tidelog.errors import (
     InvalidReplicationFactor,
     InvalidRequest,
     InvalidTopic,
+    StorageError,
     TopicExists,
     UnknownPartition,
     UnknownTopic,
@@ -217,3 +218,25 @@ async def test_partition_stats_cover_every_partition(env: Env) -> None:
     await r.create([NewTopic("s", 2)])
     stats = r.partition_stats()
     assert [(s.topic, s.partition) for s in stats] == [("s", 0), ("s", 1)]
+
+
+@pytest.mark.timeout(10)
+async def test_failed_create_leaves_nothing_behind(env: Env) -> None:
+    r = reg(env)
+    opened: list[FakeLog] = []
+
+    def flaky(directory: Path, config: TopicConfig) -> LogLike:
+        if directory.name == "2":
+            raise OSError(28, "No space left on device")
+        lg = FakeLog(directory, config)
+        opened.append(lg)
+        return lg
+
+    r._open_log = flaky
+    with pytest.raises(StorageError, match="No space left"):
+        await r.create([NewTopic("full", 4)])
+    assert all(lg.closed for lg in opened) and len(opened) == 2
+    assert r.topics() == []
+    assert not (env.data_dir / "topics" / "full").exists()
+    r = await env.restart()
+    assert r.topics() == []
