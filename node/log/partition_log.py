@@ -29,6 +29,7 @@ import threading
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 from operator import attrgetter
 from pathlib import Path
 from typing import NamedTuple
@@ -52,6 +53,8 @@ from .segment import (
 log = logging.getLogger(__name__)
 
 START_FILE = "log_start.json"
+#: entries_by_index reads entries at least this large (on average) with one pread each.
+ENTRY_OWN_READ_BYTES_MIN = 16 * 1024
 _START_FILE_VERSION = 1
 _SEGMENT_FILE_RE = re.compile(r"^(\d{20})(\.log|\.index|\.timeindex)$")
 
@@ -353,7 +356,18 @@ class PartitionLog:
         pos, h = seg.find(offset)
         if h.last_offset >= limit:
             return b""
-        want = min(max(h.size, max_bytes), seg.size - pos)
+        # Bytes up to the batch holding `limit` (excluded), and within max_bytes.
+        stop = seg.find(limit)[0] if limit < seg.next_offset else seg.size
+        budget_end = pos + max(h.size, max_bytes)
+        if budget_end >= stop:
+            return seg.pread(stop - pos, pos)
+        positions = seg.positions
+        if positions is not None:
+            # Batch boundaries are known: read exactly the batches that fit, no copy after.
+            k = h.raft_index - seg.first_index
+            end = positions[bisect_right(positions, budget_end, lo=k + 1) - 1]
+            return seg.pread(end - pos, pos)
+        want = budget_end - pos
         data = seg.pread(want, pos)
         cut = h.size
         while cut + HEADER_SIZE <= want:
@@ -449,11 +463,13 @@ class PartitionLog:
                 stop += 1
             if stop == j:
                 break
-            data = seg.pread(end - start, start)
-            for m in range(j, stop):
-                a = positions[m] - start
-                b = (positions[m + 1] if m + 1 < len(positions) else seg.size) - start
-                out.append(data[a:b])
+            bounds = [*positions[j:stop], end]
+            if end - start >= (stop - j) * ENTRY_OWN_READ_BYTES_MIN:
+                # Large entries: one pread each, rather than a big read sliced (copied) again.
+                out += [seg.pread(b - a, a) for a, b in pairwise(bounds)]
+            else:
+                data = seg.pread(end - start, start)
+                out += [data[a - start : b - start] for a, b in pairwise(bounds)]
             budget -= end - start
             index = seg.first_index + stop
             if stop < k:

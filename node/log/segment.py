@@ -320,7 +320,7 @@ class Segment:
         return peek_header(os.pread(self.fd, HEADER_SIZE, pos), 0, pos)
 
     def walk(
-        self, start: int, end: int, *, bodies: bool = False
+        self, start: int, end: int, *, bodies: bool = False, window: int | None = None
     ) -> Iterator[tuple[int, BatchHeader, bytes, int]]:
         """``(position, header, buffer, offset in buffer)`` for each batch in ``[start, end)``.
 
@@ -331,7 +331,8 @@ class Segment:
         buf = b""
         buf_at = 0
         last_size = 0
-        window = CRC_SCAN_WINDOW_BYTES if bodies else HEADER_SCAN_WINDOW_BYTES
+        if window is None:
+            window = CRC_SCAN_WINDOW_BYTES if bodies else HEADER_SCAN_WINDOW_BYTES
         pos = start
         while pos < end:
             off = pos - buf_at
@@ -356,9 +357,11 @@ class Segment:
         """Position and header of the batch holding ``offset`` (which must be stored here)."""
         assert self.base_offset <= offset < self.next_offset, (offset, self.base_offset)
         rel, pos = self.offset_index.floor(offset - self.base_offset)
+        # The batch lies within about one index interval of the entry.
+        window = min(HEADER_SCAN_WINDOW_BYTES, self.index_interval_bytes + 2 * HEADER_SIZE)
         for attempt in range(2):
             try:
-                for p, h, _buf, _off in self.walk(pos, self.size):
+                for p, h, _buf, _off in self.walk(pos, self.size, window=window):
                     if attempt == 0 and p == pos and h.base_offset != self.base_offset + rel:
                         raise BadBatch(p, f"index says offset {self.base_offset + rel}")
                     if h.last_offset >= offset:

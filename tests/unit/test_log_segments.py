@@ -126,9 +126,19 @@ def test_sparse_index_entries(tmp_path: Path) -> None:
     assert len((tmp_path / f"{0:020d}.timeindex").read_bytes()) % TIME_ENTRY_BYTES == 0
 
 
-def test_read_respects_max_bytes_and_upto(tmp_path: Path) -> None:
-    log = open_log(tmp_path)
+@pytest.mark.parametrize("closed", [False, True])
+def test_read_respects_max_bytes_and_upto(tmp_path: Path, closed: bool) -> None:
+    clock = Clock()
+    log = open_log(tmp_path, clock, segment_ms=1000)
     ranges = fill(log, 10)  # two records per batch: offsets 0..19
+    if closed:
+        # Reopened closed segments find batch boundaries by walking headers, not positions.
+        clock.now_ms += 1000
+        assert log.maybe_roll()
+        fill(log, 1)
+        log.close()
+        log = open_log(tmp_path, clock, segment_ms=1000)
+        assert log.segment_base_offsets == [0, 20]
     one = len(batch(2))
     assert offsets_of(log.read(0, 1)) == [0, 1]  # at least one batch
     assert offsets_of(log.read(0, one)) == [0, 1]
@@ -141,7 +151,7 @@ def test_read_respects_max_bytes_and_upto(tmp_path: Path) -> None:
     assert log.read(10, 1 << 20, upto=11) == b""  # straddles upto
     assert log.read(10, 1 << 20, upto=10) == b""
     assert log.read(12, 1 << 20, upto=10) == b""  # above the watermark, below the end
-    assert log.read(20, 1 << 20) == b""  # the log end
+    assert log.read(20, 1 << 20, upto=20) == b""
     assert offsets_of(log.read(4, 1, upto=1 << 40)) == [4, 5]
     assert ranges[-1] == (18, 19)
     log.close()
