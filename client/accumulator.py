@@ -33,10 +33,13 @@ __all__ = [
 
 #: Column bytes per record: a timestamp delta, a key length and a value length (int32 each).
 RECORD_OVERHEAD_BYTES = 12
-#: Per header: its share of the count column is 2 bytes per record (counted once per record
-#: with headers), then a uint16 key length and an int32 value length.
+#: Per header: a uint16 key length and an int32 value length.
 HEADER_OVERHEAD_BYTES = 6
+#: Once any record of a batch has headers, every record has a uint16 header count.
 HEADERS_COUNT_BYTES = 2
+#: Slack when comparing a batch's age to linger_ms: the timer that fires at creation +
+#: linger may read a clock a hair earlier in floating point, and must still find it ready.
+LINGER_SLACK_S = 0.0005
 
 
 def record_size(value: bytes | None, key: bytes | None, headers: Sequence[Header] | None) -> int:
@@ -277,7 +280,11 @@ class Accumulator:
         new (the caller starts the linger timer, and the previous batch became sendable)."""
         batch = self.open_batch(tp)
         created = False
+        if batch is not None:
+            size += _headers_extra(batch, bool(headers))
         if batch is None or (batch.values and batch.size_bytes + size > self.batch_bytes_max):
+            if batch is not None:
+                size -= _headers_extra(batch, bool(headers))
             batch = self._new_batch(tp, now_s, now_ms)
             created = True
         index = batch.append(value, key, headers, timestamp_ms, size)
@@ -309,7 +316,11 @@ class Accumulator:
         before = cumulative[start - 1] if start else 0
         batch = self.open_batch(tp)
         created = False
-        if batch is None or batch.size_bytes + cumulative[start] - before > self.batch_bytes_max:
+        if (
+            batch is None
+            or batch.headers is not None  # its records carry a header count: start afresh
+            or batch.size_bytes + cumulative[start] - before > self.batch_bytes_max
+        ):
             batch = self._new_batch(tp, now_s, now_ms)
             created = True
         room = self.batch_bytes_max - batch.size_bytes
@@ -337,7 +348,8 @@ class Accumulator:
         if not dq:
             return None
         head = dq[0]
-        if not (head.closed or force or len(dq) > 1 or now_s - head.created_s >= linger_s):
+        lingered = now_s - head.created_s + LINGER_SLACK_S >= linger_s
+        if not (head.closed or force or lingered or len(dq) > 1):
             return None
         head.closed = True
         dq.popleft()
@@ -367,6 +379,15 @@ class Accumulator:
 
     def queued_batches(self) -> int:
         return sum(len(dq) for dq in self.batches.values())
+
+
+def _headers_extra(batch: PendingBatch, has_headers: bool) -> int:
+    """Header-count bytes a record adds to ``batch`` beyond its own record_size: the counts
+    of the earlier records when it is the first with headers, or its own zero count when it
+    has none but the batch has."""
+    if has_headers:
+        return 0 if batch.headers is not None else HEADERS_COUNT_BYTES * len(batch.values)
+    return HEADERS_COUNT_BYTES if batch.headers is not None else 0
 
 
 def cumulative_sizes(values: Sequence[bytes], keys: Sequence[bytes | None] | None) -> list[int]:

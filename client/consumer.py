@@ -27,7 +27,7 @@ from typing import Literal
 
 import grpc
 import grpc.aio
-from tidelog.client.metadata import ClusterMetadata
+from tidelog.client.metadata import ClusterMetadata, parse_bootstrap
 from tidelog.client.structs import ConsumerRecord, TopicPartition
 
 from tidelog.errors import (
@@ -106,6 +106,8 @@ class _Fetcher:
         self.queued_bytes = 0
         self.error: TidelogError | None = None
         self.high_watermark = -1
+        #: Whether the current stream delivered anything (resets the reconnect backoff).
+        self.progressed = False
         self.room = asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"fetch {tp}")
 
@@ -129,11 +131,14 @@ class _Fetcher:
             while True:
                 if backoff_ms:
                     await asyncio.sleep(backoff_ms / 1000)
+                self.progressed = False
                 try:
                     address = await c._leader(tp)
                     await self._stream(meta.broker(address))
                     backoff_ms = 0
                 except grpc.aio.AioRpcError as exc:
+                    if self.progressed:
+                        backoff_ms = 0  # the stream worked for a while: a fresh failure
                     err = from_rpc_error(exc)
                     if isinstance(err, OffsetOutOfRange) and c._reset != "error":
                         self.fetch_offset = await c._reset_offset(tp, err)
@@ -177,6 +182,7 @@ class _Fetcher:
         call = stub.Fetch(request)
         try:
             async for resp in call:
+                self.progressed = True
                 self.high_watermark = resp.high_watermark
                 if resp.batches:
                     chunk = _Chunk(
@@ -221,7 +227,7 @@ class Consumer:
             )
         if max_bytes <= 0 or fetch_max_wait_ms < 0 or queue_bytes_max_per_partition <= 0:
             raise ValueError("max_bytes and queue bytes must be > 0, fetch_max_wait_ms >= 0")
-        self._bootstrap = bootstrap
+        self._bootstrap = parse_bootstrap(bootstrap)
         self._max_bytes = max_bytes
         self._fetch_max_wait_ms = fetch_max_wait_ms
         self._initial: OffsetReset = auto_offset_reset or "latest"

@@ -35,7 +35,7 @@ from tidelog.client.accumulator import (
     cumulative_sizes,
     record_size,
 )
-from tidelog.client.metadata import ClusterMetadata, TopicInfo
+from tidelog.client.metadata import ClusterMetadata, TopicInfo, parse_bootstrap
 from tidelog.client.partitioner import StickyPartitioner, partition_for_key
 from tidelog.client.structs import BatchMetadata, Header, RecordMetadata, TopicPartition
 
@@ -297,7 +297,7 @@ class Producer:
             raise ValueError("retries and retry_backoff_ms must be >= 0")
         if request_timeout_ms <= 0 or delivery_timeout_ms <= 0:
             raise ValueError("request_timeout_ms and delivery_timeout_ms must be > 0")
-        self._bootstrap = bootstrap
+        self._bootstrap = parse_bootstrap(bootstrap)
         self._linger_s = linger_ms / 1000
         self._max_in_flight = max_in_flight_per_partition
         self._retries = retries
