@@ -8,7 +8,7 @@ echo "== ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 echo "== mypy"
-.venv/bin/mypy tidelog node controller client tests bench scripts
+bash scripts/typecheck.sh
 echo "== generated protobuf code"
 .venv/bin/python scripts/gen_proto.py --check
 echo "== pytest"
