@@ -90,6 +90,8 @@ class RawNode:
 
     __slots__ = (
         "_bcast_pending",
+        "_dirty",
+        "_hb_resp",
         "_heartbeat_elapsed",
         "_msgs",
         "_pending_reads",
@@ -154,6 +156,11 @@ class RawNode:
         self._bcast_pending = False
         self._uncommitted_bytes = 0
         self._ready_outstanding = False
+        # Set by every entry point that may create work, cleared when ready() or has_ready()
+        # finds none: an untouched group answers has_ready() with one attribute test.
+        self._dirty = True
+        # The heartbeat answer of an idle follower never changes: built once, reused.
+        self._hb_resp: Message | None = None
         self._prev_hard_state = hs
         self._prev_soft_state = SoftState(NONE, Role.FOLLOWER)
         self._tick: Callable[[], None] = self._tick_election
@@ -200,6 +207,7 @@ class RawNode:
     def campaign(self) -> None:
         """Starts an election now (as if the election timer had fired)."""
         if self.role != Role.LEADER and self._promotable():
+            self._dirty = True
             self._hup(transfer=False)
 
     def step(self, m: Message) -> None:
@@ -207,6 +215,7 @@ class RawNode:
         assert m.to == self.id, f"message for {m.to} delivered to {self.id}"
         if m.frm == self.id:
             return
+        self._dirty = True
         if m.term > self.term:
             if m.kind == _K.VOTE or m.kind == _K.PRE_VOTE:
                 if self._in_lease(m):
@@ -260,6 +269,7 @@ class RawNode:
                 self.id,
             )
         self._uncommitted_bytes += size
+        self._dirty = True
         self._append_entries([entry])
         self._bcast_pending = True
         return entry.index
@@ -268,6 +278,7 @@ class RawNode:
         """Asks the leader to hand leadership to voter ``to`` (forwarded if we are a follower)."""
         if to not in self.tracker.conf.voters:
             raise ValueError(f"cannot transfer leadership to {to}: not a voter")
+        self._dirty = True
         if self.role == Role.LEADER:
             self._leader_transfer(to)
         elif self.leader_id != NONE:
@@ -281,6 +292,7 @@ class RawNode:
         applied index reaches it. ``context`` must be unique among pending reads. Reads are
         dropped if leadership changes first (the caller retries on timeout)."""
         assert context, "read_index needs a non-empty context"
+        self._dirty = True
         if self.role == Role.LEADER:
             self._leader_read(self.id, context)
         elif self.leader_id != NONE:
@@ -292,6 +304,7 @@ class RawNode:
         """The transport failed to deliver to ``to``: stop pipelining into the void."""
         pr = self.progress(to)
         if pr is not None and pr.state == ProgressState.REPLICATE:
+            self._dirty = True
             pr.become_probe()
 
     def report_snapshot(self, to: int, ok: bool) -> None:
@@ -299,6 +312,7 @@ class RawNode:
         pr = self.progress(to)
         if pr is None or pr.state != ProgressState.SNAPSHOT:
             return
+        self._dirty = True
         if not ok:
             pr.pending_snapshot = 0
         pr.become_probe()
@@ -307,7 +321,7 @@ class RawNode:
 
     def has_ready(self) -> bool:
         """Cheap: whether ``ready()`` would return work. Drivers skip idle groups with it."""
-        if self._ready_outstanding:
+        if not self._dirty or self._ready_outstanding:
             return False
         if self._msgs or self._bcast_pending or self._read_states:
             return True
@@ -322,12 +336,16 @@ class RawNode:
         if hs.term != self.term or hs.vote != self.vote or hs.commit != log.committed:
             return True
         ss = self._prev_soft_state
-        return ss.leader_id != self.leader_id or ss.role != self.role
+        if ss.leader_id != self.leader_id or ss.role != self.role:
+            return True
+        self._dirty = False
+        return False
 
     def ready(self) -> Ready:
         """Takes the pending work. Call ``advance`` with it before the next ``ready``."""
         assert not self._ready_outstanding, "ready() called twice without advance()"
-        self._flush_lazy_sends()
+        if self._bcast_pending or self._read_heartbeat_ctx is not None:
+            self._flush_lazy_sends()
         log = self.log
         hs: HardState | None = None
         prev = self._prev_hard_state
@@ -336,14 +354,15 @@ class RawNode:
             # A commit-only change need not be synced: a lost commit index is relearned.
             must_sync = prev.term != self.term or prev.vote != self.vote
             hs = self._prev_hard_state = HardState(self.term, self.vote, log.committed)
-        entries = tuple(log.unstable.entries)
-        if entries:
+        entries: tuple[Entry, ...] = ()
+        if log.unstable.entries:
+            entries = tuple(log.unstable.entries)
             must_sync = True
         snapshot = log.unstable.snapshot
         if snapshot is not None:
             must_sync = True
         committed: tuple[Entry, ...] = ()
-        if log.has_next_committed():
+        if log.committed > log.applied and log.has_next_committed():
             committed = tuple(log.next_committed(self.cfg.max_committed_bytes_per_ready))
             if self.role == Role.LEADER and committed:
                 freed = sum(
@@ -357,26 +376,23 @@ class RawNode:
         if ss.leader_id != self.leader_id or ss.role != self.role:
             soft = SoftState(self.leader_id, self.role)
             self._prev_soft_state = soft
-        msgs = tuple(self._msgs)
-        self._msgs.clear()
-        read_states = tuple(self._read_states)
-        self._read_states.clear()
+        msgs: tuple[Message, ...] = ()
+        if self._msgs:
+            msgs = tuple(self._msgs)
+            self._msgs.clear()
+        read_states: tuple[ReadState, ...] = ()
+        if self._read_states:
+            read_states = tuple(self._read_states)
+            self._read_states.clear()
         self._ready_outstanding = True
-        return Ready(
-            hard_state=hs,
-            entries=entries,
-            must_sync=must_sync,
-            committed=committed,
-            messages=msgs,
-            snapshot=snapshot,
-            read_states=read_states,
-            soft_state=soft,
-        )
+        self._dirty = False
+        return Ready(hs, entries, must_sync, committed, msgs, snapshot, read_states, soft)
 
     def advance(self, rd: Ready) -> None:
         """The driver persisted, sent and applied everything in ``rd``."""
         assert self._ready_outstanding, "advance() without a ready()"
         self._ready_outstanding = False
+        self._dirty = True  # more committed entries may wait than one Ready carried
         log = self.log
         if rd.snapshot is not None:
             log.stable_snap_to(rd.snapshot.meta.index)
@@ -520,11 +536,13 @@ class RawNode:
             self._election_timeout()
 
     def _election_timeout(self) -> None:
+        self._dirty = True
         self.election_elapsed = 0
         if self._promotable():
             self._hup(transfer=False)
 
     def _tick_heartbeat(self) -> None:
+        self._dirty = True
         self._heartbeat_elapsed += 1
         self.election_elapsed += 1
         if self.election_elapsed >= self.cfg.election_timeout_ticks:
@@ -571,7 +589,14 @@ class RawNode:
             self.election_elapsed = 0
             self.leader_id = m.frm
             self.log.commit_to(m.commit)
-            self._send(Message(_K.HEARTBEAT_RESP, self.id, m.frm, self.term, context=m.context))
+            if m.context:
+                resp = Message(_K.HEARTBEAT_RESP, self.id, m.frm, self.term, context=m.context)
+            else:
+                cached = self._hb_resp
+                if cached is None or cached.to != m.frm or cached.term != self.term:
+                    cached = self._hb_resp = Message(_K.HEARTBEAT_RESP, self.id, m.frm, self.term)
+                resp = cached
+            self._send(resp)
         elif k == _K.SNAPSHOT:
             self.election_elapsed = 0
             self.leader_id = m.frm
@@ -810,7 +835,18 @@ class RawNode:
             pr.match_at_heartbeat = pr.match
             # Never tell a follower to commit beyond what it is known to hold.
             commit = min(pr.match, committed)
-            self._send(Message(_K.HEARTBEAT, self.id, nid, self.term, commit=commit, context=ctx))
+            if ctx:
+                self._send(
+                    Message(_K.HEARTBEAT, self.id, nid, self.term, commit=commit, context=ctx)
+                )
+                continue
+            # An idle group sends the same heartbeat every time: reuse the immutable message.
+            hb = pr.last_heartbeat
+            if hb is None or hb.commit != commit or hb.term != self.term:
+                hb = pr.last_heartbeat = Message(
+                    _K.HEARTBEAT, self.id, nid, self.term, commit=commit
+                )
+            self._send(hb)
 
     def _flush_lazy_sends(self) -> None:
         """Sends what proposals, commits and reads since the last Ready made necessary, once

@@ -21,7 +21,7 @@ import enum
 from collections import deque
 
 from . import quorum
-from .types import ConfState
+from .types import ConfState, Message
 
 
 class ProgressState(enum.IntEnum):
@@ -81,6 +81,7 @@ class Progress:
         "appended_since_heartbeat",
         "inflights",
         "is_learner",
+        "last_heartbeat",
         "match",
         "match_at_heartbeat",
         "next",
@@ -114,6 +115,8 @@ class Progress:
         #: ``match`` when the last heartbeat went out: unchanged when its answer comes back
         #: while entries are missing means APPENDs were lost, not merely in flight.
         self.match_at_heartbeat = 0
+        #: The last periodic heartbeat sent to it, reused while term and commit stay put.
+        self.last_heartbeat: Message | None = None
         self.is_learner = is_learner
         self.inflights = Inflights(max_inflight_msgs, max_inflight_bytes)
 

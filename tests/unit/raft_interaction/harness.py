@@ -35,6 +35,14 @@ class MinRand:
         return a
 
 
+class MaxRand:
+    """Always the high end: a node with it times out at 2T-1 ticks, so ticking it T times
+    ends its leader lease without making it campaign."""
+
+    def randint(self, a: int, b: int) -> int:
+        return b
+
+
 def fmt_entry(e: Entry) -> str:
     if e.kind == EntryKind.EMPTY:
         return f"{e.term}/{e.index} EMPTY"
@@ -82,10 +90,14 @@ class Cluster:
         learners: Iterable[int] = (),
         config: Config | None = None,
         rng: Rand | None = None,
+        rngs: dict[int, Rand] | None = None,
     ) -> None:
         self.conf = ConfState(voters=frozenset(voters), learners=frozenset(learners))
         self.config = config or Config()
-        self.rng: Rand = rng if rng is not None else MinRand()
+        default: Rand = rng if rng is not None else MinRand()
+        self.rngs: dict[int, Rand] = {
+            nid: (rngs or {}).get(nid, default) for nid in self.conf.members
+        }
         self.nodes: dict[int, Node] = {}
         self.outbox: list[Message] = []
         self.cut: set[tuple[int, int]] = set()
@@ -93,7 +105,7 @@ class Cluster:
         self.delivered = 0
         for nid in sorted(self.conf.members):
             storage = MemoryStorage(self.conf)
-            self.nodes[nid] = Node(RawNode(nid, storage, self.rng, self.config), storage)
+            self.nodes[nid] = Node(RawNode(nid, storage, self.rngs[nid], self.config), storage)
 
     def __getitem__(self, nid: int) -> RawNode:
         return self.nodes[nid].raft
@@ -125,7 +137,7 @@ class Cluster:
         node = self.nodes[nid]
         self.outbox = [m for m in self.outbox if m.frm != nid]
         applied = node.applied[-1].index if node.applied else 0
-        node.raft = RawNode(nid, node.storage, self.rng, self.config, applied=applied)
+        node.raft = RawNode(nid, node.storage, self.rngs[nid], self.config, applied=applied)
 
     # ---- the Ready loop -----------------------------------------------------------------
 
@@ -214,7 +226,7 @@ class Cluster:
         storage.set_hard_state(HardState(term=term))
         node.storage = storage
         node.applied = []
-        node.raft = RawNode(nid, storage, self.rng, self.config)
+        node.raft = RawNode(nid, storage, self.rngs[nid], self.config)
 
     def status(self, nid: int) -> list[str]:
         r = self[nid]
