@@ -135,7 +135,9 @@ class _Fetcher:
                 try:
                     address = await c._leader(tp)
                     await self._stream(meta.broker(address))
-                    backoff_ms = 0
+                    # The node ended the stream without an error (it is shutting down, say):
+                    # reopen, at once if it delivered something, else after a pause.
+                    backoff_ms = 0 if self.progressed else float(c._retry_backoff_ms)
                 except grpc.aio.AioRpcError as exc:
                     if self.progressed:
                         backoff_ms = 0  # the stream worked for a while: a fresh failure
@@ -457,7 +459,10 @@ class Consumer:
                         f.take(chunk)
                         raise
                 recs = chunk.records
-                take = recs[chunk.cursor : chunk.cursor + budget]
+                if chunk.cursor == 0 and len(recs) <= budget:
+                    take = recs  # the common case: the whole chunk, no copy
+                else:
+                    take = recs[chunk.cursor : chunk.cursor + budget]
                 chunk.cursor += len(take)
                 if chunk.cursor >= len(recs):
                     f.chunks.popleft()

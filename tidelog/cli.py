@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -357,8 +358,7 @@ async def _produce_stdin(
     compression: str,
     linger_ms: float,
 ) -> int:
-    loop = asyncio.get_running_loop()
-    fd = sys.stdin.fileno()
+    chunks = _StdinChunks(sys.stdin.fileno(), asyncio.get_running_loop())
     async with Producer(
         bootstrap,
         acks=acks,
@@ -378,9 +378,7 @@ async def _produce_stdin(
         count = 0
         eof = False
         while not eof:
-            # os.read returns what is available: interactive lines go out as typed, piped
-            # input in large chunks. In a thread, so the sender keeps running meanwhile.
-            data = await loop.run_in_executor(None, os.read, fd, STDIN_CHUNK_BYTES)
+            data = await chunks.next()
             if not data:
                 eof = True
                 lines = [pending] if pending else []
@@ -413,6 +411,38 @@ async def _produce_stdin(
                 await window.popleft()
         await producer.flush()
     return count
+
+
+class _StdinChunks:
+    """Stdin read by a daemon thread, handed to the event loop chunk by chunk.
+
+    ``os.read`` returns what is available, so typed lines go out as typed and piped input in
+    large chunks, while the sender keeps running. A daemon thread rather than an executor:
+    on Ctrl-C nothing waits for a read blocked on the terminal.
+    """
+
+    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=2)
+        self._loop = loop
+        self._fd = fd
+        threading.Thread(target=self._read, name="stdin", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self._fd, STDIN_CHUNK_BYTES)
+            except OSError:
+                data = b""
+            try:
+                asyncio.run_coroutine_threadsafe(self._queue.put(data), self._loop).result()
+            except RuntimeError:  # the loop is gone
+                return
+            if not data:
+                return
+
+    async def next(self) -> bytes:
+        """The next chunk; b"" at the end of input."""
+        return await self._queue.get()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -614,7 +644,7 @@ def bench_produce(
     linger_ms: float,
     max_in_flight: int,
 ) -> None:
-    """Produce --records records of --record-bytes random bytes as fast as possible."""
+    """Produce --records records of --record-bytes of random hex text, as fast as possible."""
     from tidelog.bench import produce_bench
 
     result = _run(
