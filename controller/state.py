@@ -1,0 +1,768 @@
+"""The cluster metadata state machine: what the controller's Raft group (group 0) replicates.
+
+Every node applies the same committed commands in the same order and so holds the same
+``ClusterState``: nodes and their liveness, topics, their config overrides and partition
+assignments, and leader hints. ``apply`` is deterministic (no clock, no randomness, no
+iteration over unordered containers where order shows) and validates before it changes
+anything: a rejected command yields an error result and leaves the metadata untouched,
+identically everywhere. Raising is reserved for a driver's mistake (indexes not increasing).
+
+Two counters: ``applied_index`` is the index of the last command applied (accepted or
+rejected: the driver's progress); ``version`` is the index of the last command that changed
+the metadata, so a Metadata answer can tell a client whether anything changed.
+
+Partition Raft groups get stable ids ``topic_id * GROUP_ID_STRIDE + partition``; the topic id
+is the index of the command that created the topic, so a topic deleted and created again
+under the same name gets new groups, and stale replicas or messages of the old incarnation
+cannot be mistaken for the new one. Group 0 is the controller.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Any
+
+import crc32c
+from tidelog.controller.commands import (
+    LEADER_HINTS_MAX,
+    AlterTopicConfig,
+    Command,
+    CreateTopic,
+    DeleteTopic,
+    MarkNodeAlive,
+    MarkNodeDead,
+    RegisterNode,
+    UpdatePartitionLeaders,
+    decode_command,
+)
+from tidelog.controller.placement import NodeInfo, assign_replicas
+
+from tidelog.config import (
+    PARTITIONS_MAX,
+    TOPIC_CONFIG_KEYS,
+    TopicConfig,
+    effective_configs,
+    validate_partitions,
+    validate_topic_configs,
+    validate_topic_name,
+)
+from tidelog.errors import (
+    InvalidConfig,
+    InvalidReplicationFactor,
+    InvalidRequest,
+    StorageError,
+    TidelogError,
+    TopicExists,
+    UnknownPartition,
+    UnknownTopic,
+)
+
+#: The Raft group of the controller itself.
+CONTROLLER_GROUP_ID = 0
+#: Group ids reserved per topic: one per possible partition.
+GROUP_ID_STRIDE = PARTITIONS_MAX
+#: Group ids travel as signed 64-bit integers.
+GROUP_ID_MAX = 2**63 - 1
+#: Node ids travel as int32 in the protos; 0 means "no node" (as in the Raft core).
+NODE_ID_MAX = 2**31 - 1
+ADDRESS_LENGTH_MAX = 255
+RACK_LENGTH_MAX = 255
+#: "No leader known" in leader hints.
+NO_LEADER = 0
+
+_SNAPSHOT_MAGIC = b"TLCS"
+_SNAPSHOT_FORMAT = 1
+# magic, format, CRC-32C of the body
+_SNAPSHOT_HEADER = struct.Struct(">4sBI")
+
+assert GROUP_ID_STRIDE >= PARTITIONS_MAX, "partitions of two topics would share group ids"
+assert CONTROLLER_GROUP_ID < GROUP_ID_STRIDE, "topic ids start at 1, above the controller"
+
+
+def group_id_for(topic_id: int, partition: int) -> int:
+    """The Raft group id of a partition: unique across topics and incarnations, never 0."""
+    if topic_id < 1 or not 0 <= partition < GROUP_ID_STRIDE:
+        raise ValueError(f"no group id for topic id {topic_id}, partition {partition}")
+    group_id = topic_id * GROUP_ID_STRIDE + partition
+    if group_id > GROUP_ID_MAX:
+        raise ValueError(f"group id of topic id {topic_id} exceeds {GROUP_ID_MAX}")
+    return group_id
+
+
+def split_group_id(group_id: int) -> tuple[int, int]:
+    """(topic_id, partition) of a partition group id; the inverse of ``group_id_for``."""
+    if group_id < GROUP_ID_STRIDE:
+        raise ValueError(f"group id {group_id} is not a partition group")
+    return divmod(group_id, GROUP_ID_STRIDE)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    node_id: int
+    address: str
+    metrics_address: str
+    rack: str | None
+    alive: bool
+    registered_at_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionAssignment:
+    """A partition's replicas and its Raft group. ``leader`` and ``leader_term`` are the last
+    leader observed (a hint for Metadata answers; ``NO_LEADER`` when unknown)."""
+
+    partition: int
+    replicas: tuple[int, ...]
+    preferred_leader: int
+    group_id: int
+    leader: int = NO_LEADER
+    leader_term: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TopicRecord:
+    name: str
+    #: The index of the command that created the topic.
+    topic_id: int
+    replication_factor: int
+    #: Overrides only; ``effective_configs`` adds the defaults.
+    configs: Mapping[str, str]
+    partitions: tuple[PartitionAssignment, ...]
+
+    def effective_configs(self) -> dict[str, str]:
+        return effective_configs(self.configs)
+
+    def config(self) -> TopicConfig:
+        return TopicConfig.from_overrides(self.configs)
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """The outcome of one command, the same on every node.
+
+    ``changed``: the metadata changed (``version`` is now ``index``). ``topic``: the topic as
+    it stands after a CreateTopic or AlterTopicConfig, for the admin answer.
+    """
+
+    index: int
+    error: TidelogError | None = None
+    changed: bool = False
+    topic: TopicRecord | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def raise_for_error(self) -> ApplyResult:
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+class CorruptSnapshot(StorageError):
+    """Snapshot bytes that fail their checksum or do not describe a consistent state."""
+
+
+def _in_topic(name: str, err: TidelogError) -> TidelogError:
+    return type(err)(f"topic {name!r}: {err.message}", **err.metadata)
+
+
+def _unknown_topic(name: str) -> UnknownTopic:
+    return UnknownTopic(f"unknown topic {name!r}: create it first (tidelog topic create)")
+
+
+class ClusterState:
+    """Nodes, topics and assignments as of ``applied_index``; mutated only by ``apply`` and
+    ``restore``. Records handed out are immutable and stay valid after later changes."""
+
+    def __init__(self) -> None:
+        self._applied_index = 0
+        self._version = 0
+        self._nodes: dict[int, NodeRecord] = {}
+        self._topics: dict[str, TopicRecord] = {}
+        self._topic_by_id: dict[int, str] = {}
+        self._by_node: dict[int, set[tuple[str, int]]] = {}
+
+    @classmethod
+    def from_snapshot(cls, data: bytes) -> ClusterState:
+        state = cls()
+        state.restore(data)
+        return state
+
+    # -- reads ---------------------------------------------------------------------------
+
+    @property
+    def applied_index(self) -> int:
+        return self._applied_index
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def nodes(self) -> Mapping[int, NodeRecord]:
+        return MappingProxyType(self._nodes)
+
+    @property
+    def topics(self) -> Mapping[str, TopicRecord]:
+        return MappingProxyType(self._topics)
+
+    def live_node_ids(self) -> list[int]:
+        return sorted(i for i, n in self._nodes.items() if n.alive)
+
+    def topic(self, name: str) -> TopicRecord:
+        record = self._topics.get(name)
+        if record is None:
+            raise _unknown_topic(name)
+        return record
+
+    def partition(self, topic: str, partition: int) -> PartitionAssignment:
+        record = self.topic(topic)
+        if not 0 <= partition < len(record.partitions):
+            raise UnknownPartition(
+                f"topic {topic!r} has no partition {partition}; its partitions are "
+                f"0..{len(record.partitions) - 1}"
+            )
+        return record.partitions[partition]
+
+    def partition_group_id(self, topic: str, partition: int) -> int:
+        return self.partition(topic, partition).group_id
+
+    def locate_group(self, group_id: int) -> tuple[str, int] | None:
+        """The (topic, partition) a group id belongs to now; None for the controller group
+        and for groups of deleted topics."""
+        if group_id < GROUP_ID_STRIDE:
+            return None
+        topic_id, partition = split_group_id(group_id)
+        name = self._topic_by_id.get(topic_id)
+        if name is None or partition >= len(self._topics[name].partitions):
+            return None
+        return name, partition
+
+    def replicas_on(self, node_id: int) -> frozenset[tuple[str, int]]:
+        """The (topic, partition) pairs with a replica on the node: what it must host."""
+        return frozenset(self._by_node.get(node_id, ()))
+
+    def replica_counts(self) -> dict[int, int]:
+        """Replicas per registered node (0 included)."""
+        return {i: len(self._by_node.get(i, ())) for i in sorted(self._nodes)}
+
+    def preferred_leader_counts(self) -> dict[int, int]:
+        counts = dict.fromkeys(sorted(self._nodes), 0)
+        for topic in self._topics.values():
+            for p in topic.partitions:
+                counts[p.preferred_leader] = counts.get(p.preferred_leader, 0) + 1
+        return counts
+
+    def describe(self) -> dict[str, Any]:
+        """Everything, as plain JSON-ready data in a stable order (for status and debugging)."""
+        return {
+            "applied_index": self._applied_index,
+            "version": self._version,
+            "nodes": [
+                {
+                    "node_id": n.node_id,
+                    "address": n.address,
+                    "metrics_address": n.metrics_address,
+                    "rack": n.rack,
+                    "alive": n.alive,
+                    "registered_at_index": n.registered_at_index,
+                    "replicas": len(self._by_node.get(n.node_id, ())),
+                }
+                for _, n in sorted(self._nodes.items())
+            ],
+            "topics": [
+                {
+                    "name": t.name,
+                    "topic_id": t.topic_id,
+                    "replication_factor": t.replication_factor,
+                    "configs": dict(t.configs),
+                    "partitions": [
+                        {
+                            "partition": p.partition,
+                            "group_id": p.group_id,
+                            "replicas": list(p.replicas),
+                            "preferred_leader": p.preferred_leader,
+                            "leader": p.leader,
+                            "leader_term": p.leader_term,
+                        }
+                        for p in t.partitions
+                    ],
+                }
+                for _, t in sorted(self._topics.items())
+            ],
+        }
+
+    # -- proposing -----------------------------------------------------------------------
+
+    def prepare_create_topic(
+        self,
+        name: str,
+        partitions: int,
+        replication_factor: int,
+        configs: Mapping[str, str] | None = None,
+    ) -> CreateTopic:
+        """The CreateTopic the active controller should propose: validated against this state
+        (raising what ``apply`` would reject it with) and placed over the live nodes, the
+        load of the existing topics taken into account."""
+        configs = dict(configs or {})
+        self._check_topic_spec(name, partitions, replication_factor, configs)
+        live = [self._nodes[i] for i in self.live_node_ids()]
+        loads = self.replica_counts()
+        leads = self.preferred_leader_counts()
+        assignments = assign_replicas(
+            partitions,
+            replication_factor,
+            [NodeInfo(n.node_id, n.rack) for n in live],
+            existing_load={n.node_id: loads[n.node_id] for n in live},
+            existing_leaders={n.node_id: leads[n.node_id] for n in live},
+        )
+        command = CreateTopic(name, partitions, replication_factor, configs, assignments)
+        self.check(command)
+        return command
+
+    def check(self, command: Command) -> None:
+        """Raise the error ``apply`` would reject the command with now; change nothing."""
+        match command:
+            case RegisterNode():
+                self._check_register(command)
+            case MarkNodeDead() | MarkNodeAlive():
+                self._check_known_node(command.node_id)
+            case CreateTopic():
+                self._check_create(command)
+            case DeleteTopic():
+                self.topic(command.name)
+            case AlterTopicConfig():
+                self._check_alter(command)
+            case UpdatePartitionLeaders():
+                self._check_hints(command)
+            case _:
+                raise TypeError(f"not a controller command: {command!r}")
+
+    # -- applying ------------------------------------------------------------------------
+
+    def apply(self, index: int, command: Command) -> ApplyResult:
+        """Apply the command committed at ``index``: validate, then change, never half."""
+        if index <= self._applied_index:
+            raise ValueError(
+                f"controller command at index {index} applied after index "
+                f"{self._applied_index}: indexes must increase"
+            )
+        try:
+            self.check(command)
+        except TidelogError as err:
+            result = ApplyResult(index, error=err)
+        else:
+            result = self._mutate(index, command)
+        self._applied_index = index
+        if result.changed:
+            self._version = index
+        return result
+
+    def apply_encoded(self, index: int, data: bytes) -> ApplyResult:
+        """``apply`` of an encoded command; CommandDecodeError if the bytes are not one."""
+        return self.apply(index, decode_command(data))
+
+    def _mutate(self, index: int, command: Command) -> ApplyResult:
+        match command:
+            case RegisterNode():
+                return self._do_register(index, command)
+            case MarkNodeDead():
+                return self._do_set_alive(index, command.node_id, alive=False)
+            case MarkNodeAlive():
+                return self._do_set_alive(index, command.node_id, alive=True)
+            case CreateTopic():
+                return self._do_create(index, command)
+            case DeleteTopic():
+                return self._do_delete(index, command)
+            case AlterTopicConfig():
+                return self._do_alter(index, command)
+            case UpdatePartitionLeaders():
+                return self._do_hints(index, command)
+        raise TypeError(f"not a controller command: {command!r}")
+
+    # -- nodes -----------------------------------------------------------------------------
+
+    def _check_register(self, c: RegisterNode) -> None:
+        if not 1 <= c.node_id <= NODE_ID_MAX:
+            raise InvalidRequest(f"node id must be in [1, {NODE_ID_MAX}], got {c.node_id}")
+        if not c.address or len(c.address) > ADDRESS_LENGTH_MAX:
+            raise InvalidRequest(
+                f"node {c.node_id}: address must be 1 to {ADDRESS_LENGTH_MAX} characters, "
+                f"got {c.address!r}"
+            )
+        if len(c.metrics_address) > ADDRESS_LENGTH_MAX:
+            raise InvalidRequest(
+                f"node {c.node_id}: metrics address is longer than {ADDRESS_LENGTH_MAX} characters"
+            )
+        if c.rack is not None and not 1 <= len(c.rack) <= RACK_LENGTH_MAX:
+            raise InvalidRequest(
+                f"node {c.node_id}: rack must be 1 to {RACK_LENGTH_MAX} characters "
+                f"(or absent), got {c.rack!r}"
+            )
+
+    def _check_known_node(self, node_id: int) -> None:
+        if node_id not in self._nodes:
+            raise InvalidRequest(
+                f"node {node_id} is not registered; registered nodes: {sorted(self._nodes)}"
+            )
+
+    def _do_register(self, index: int, c: RegisterNode) -> ApplyResult:
+        old = self._nodes.get(c.node_id)
+        new = NodeRecord(
+            node_id=c.node_id,
+            address=c.address,
+            metrics_address=c.metrics_address,
+            rack=c.rack,
+            alive=True,
+            registered_at_index=old.registered_at_index if old is not None else index,
+        )
+        if new == old:
+            return ApplyResult(index)
+        self._nodes[c.node_id] = new
+        return ApplyResult(index, changed=True)
+
+    def _do_set_alive(self, index: int, node_id: int, *, alive: bool) -> ApplyResult:
+        old = self._nodes[node_id]
+        if old.alive == alive:
+            return ApplyResult(index)
+        self._nodes[node_id] = replace(old, alive=alive)
+        if not alive:
+            # A hint naming a dead node is known to be wrong; the partition's group elects
+            # another leader, which a later hint (of a higher term) records.
+            cleared: dict[str, dict[int, tuple[int, int]]] = {}
+            for topic, p in self._by_node.get(node_id, ()):
+                current = self._topics[topic].partitions[p]
+                if current.leader == node_id:
+                    cleared.setdefault(topic, {})[p] = (NO_LEADER, current.leader_term)
+            self._set_leaders(cleared)
+        return ApplyResult(index, changed=True)
+
+    # -- topics ----------------------------------------------------------------------------
+
+    def _check_topic_spec(
+        self, name: str, partitions: int, replication_factor: int, configs: Mapping[str, str]
+    ) -> None:
+        validate_topic_name(name)
+        if name in self._topics:
+            raise TopicExists(f"topic {name!r} already exists")
+        try:
+            validate_partitions(partitions)
+            if replication_factor < 1:
+                raise InvalidReplicationFactor(
+                    f"replication factor must be at least 1, got {replication_factor}"
+                )
+            validate_topic_configs(configs)
+        except TidelogError as err:
+            raise _in_topic(name, err) from None
+        live = self.live_node_ids()
+        if replication_factor > len(live):
+            raise InvalidReplicationFactor(
+                f"topic {name!r}: replication factor {replication_factor} is larger than the "
+                f"{len(live)} live nodes {live}; lower it or start more nodes"
+            )
+
+    def _check_create(self, c: CreateTopic) -> None:
+        self._check_topic_spec(c.name, c.partitions, c.replication_factor, c.configs)
+        if len(c.assignments) != c.partitions:
+            raise InvalidRequest(
+                f"topic {c.name!r}: {len(c.assignments)} assignments for {c.partitions} partitions"
+            )
+        for p, replicas in enumerate(c.assignments):
+            if len(replicas) != c.replication_factor or len(set(replicas)) != len(replicas):
+                raise InvalidRequest(
+                    f"topic {c.name!r} partition {p}: replicas {list(replicas)} are not "
+                    f"{c.replication_factor} distinct nodes"
+                )
+            for node_id in replicas:
+                node = self._nodes.get(node_id)
+                if node is None or not node.alive:
+                    raise InvalidRequest(
+                        f"topic {c.name!r} partition {p}: replica node {node_id} is "
+                        f"{'not registered' if node is None else 'dead'}; live nodes are "
+                        f"{self.live_node_ids()}"
+                    )
+
+    def _do_create(self, index: int, c: CreateTopic) -> ApplyResult:
+        group_id_for(index, c.partitions - 1)  # raises before anything changes if too large
+        record = TopicRecord(
+            name=c.name,
+            topic_id=index,
+            replication_factor=c.replication_factor,
+            configs=MappingProxyType(dict(c.configs)),
+            partitions=tuple(
+                PartitionAssignment(
+                    partition=p,
+                    replicas=tuple(replicas),
+                    preferred_leader=replicas[0],
+                    group_id=group_id_for(index, p),
+                )
+                for p, replicas in enumerate(c.assignments)
+            ),
+        )
+        self._add_topic(record)
+        return ApplyResult(index, changed=True, topic=record)
+
+    def _do_delete(self, index: int, c: DeleteTopic) -> ApplyResult:
+        record = self._topics.pop(c.name)
+        del self._topic_by_id[record.topic_id]
+        for p in record.partitions:
+            for node_id in p.replicas:
+                hosted = self._by_node[node_id]
+                hosted.discard((record.name, p.partition))
+                if not hosted:
+                    del self._by_node[node_id]
+        return ApplyResult(index, changed=True)
+
+    def _check_alter(self, c: AlterTopicConfig) -> None:
+        self.topic(c.name)
+        both = sorted(set(c.set) & set(c.delete))
+        if both:
+            raise InvalidRequest(f"topic {c.name!r}: configs {both} are both set and deleted")
+        try:
+            validate_topic_configs(c.set)
+        except TidelogError as err:
+            raise _in_topic(c.name, err) from None
+        unknown = sorted(k for k in c.delete if k not in TOPIC_CONFIG_KEYS)
+        if unknown:
+            raise InvalidConfig(
+                f"topic {c.name!r}: cannot delete unknown configs {unknown}; known keys: "
+                f"{', '.join(sorted(TOPIC_CONFIG_KEYS))}"
+            )
+
+    def _do_alter(self, index: int, c: AlterTopicConfig) -> ApplyResult:
+        record = self._topics[c.name]
+        configs = dict(record.configs)
+        configs.update(c.set)
+        for key in c.delete:
+            configs.pop(key, None)
+        if configs == dict(record.configs):
+            return ApplyResult(index, topic=record)
+        new = replace(record, configs=MappingProxyType(dict(sorted(configs.items()))))
+        self._topics[c.name] = new
+        return ApplyResult(index, changed=True, topic=new)
+
+    def _add_topic(self, record: TopicRecord) -> None:
+        self._topics[record.name] = record
+        self._topic_by_id[record.topic_id] = record.name
+        for p in record.partitions:
+            for node_id in p.replicas:
+                self._by_node.setdefault(node_id, set()).add((record.name, p.partition))
+
+    # -- leader hints ----------------------------------------------------------------------
+
+    def _check_hints(self, c: UpdatePartitionLeaders) -> None:
+        if len(c.hints) > LEADER_HINTS_MAX:
+            raise InvalidRequest(
+                f"{len(c.hints)} leader hints in one command; at most {LEADER_HINTS_MAX}"
+            )
+        for h in c.hints:
+            if h.group_id < 0 or h.term < 0 or not 0 <= h.leader <= NODE_ID_MAX:
+                raise InvalidRequest(f"malformed leader hint {h}")
+
+    def _do_hints(self, index: int, c: UpdatePartitionLeaders) -> ApplyResult:
+        """Record hints that are news: a higher term, or a leader found in a term recorded as
+        leaderless. Hints for unknown groups (a deleted topic), naming a node that is not a
+        replica or is dead, or from an older term are dropped: they are stale, not errors."""
+        updates: dict[str, dict[int, tuple[int, int]]] = {}
+        for h in c.hints:
+            located = self.locate_group(h.group_id)
+            if located is None:
+                continue
+            topic, p = located
+            pending = updates.get(topic, {}).get(p)
+            current = self._topics[topic].partitions[p]
+            leader, term = pending if pending is not None else (current.leader, current.leader_term)
+            if h.leader != NO_LEADER:
+                node = self._nodes.get(h.leader)
+                if h.leader not in current.replicas or node is None or not node.alive:
+                    continue
+            newer = h.term > term or (h.term == term and leader == NO_LEADER != h.leader)
+            if newer:
+                updates.setdefault(topic, {})[p] = (h.leader, h.term)
+        changed = self._set_leaders(updates)
+        return ApplyResult(index, changed=changed)
+
+    def _set_leaders(self, updates: Mapping[str, Mapping[int, tuple[int, int]]]) -> bool:
+        changed = False
+        for topic in sorted(updates):
+            record = self._topics[topic]
+            partitions = list(record.partitions)
+            for p, (leader, term) in updates[topic].items():
+                old = partitions[p]
+                if (old.leader, old.leader_term) != (leader, term):
+                    partitions[p] = replace(old, leader=leader, leader_term=term)
+                    changed = True
+            self._topics[topic] = replace(record, partitions=tuple(partitions))
+        return changed
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """The whole state as checksummed, canonical bytes (equal states, equal bytes)."""
+        body = {
+            "applied_index": self._applied_index,
+            "version": self._version,
+            "nodes": [
+                [n.node_id, n.address, n.metrics_address, n.rack, n.alive, n.registered_at_index]
+                for _, n in sorted(self._nodes.items())
+            ],
+            "topics": [
+                {
+                    "name": t.name,
+                    "topic_id": t.topic_id,
+                    "replication_factor": t.replication_factor,
+                    "configs": dict(t.configs),
+                    "partitions": [
+                        [list(p.replicas), p.preferred_leader, p.leader, p.leader_term]
+                        for p in t.partitions
+                    ],
+                }
+                for _, t in sorted(self._topics.items())
+            ],
+        }
+        raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+        header = _SNAPSHOT_HEADER.pack(_SNAPSHOT_MAGIC, _SNAPSHOT_FORMAT, crc32c.crc32c(raw))
+        return header + raw
+
+    def restore(self, data: bytes) -> None:
+        """Replace the whole state with a snapshot's; on CorruptSnapshot nothing changes."""
+        loaded = _load_snapshot(data)
+        self._applied_index = loaded._applied_index
+        self._version = loaded._version
+        self._nodes = loaded._nodes
+        self._topics = loaded._topics
+        self._topic_by_id = loaded._topic_by_id
+        self._by_node = loaded._by_node
+
+
+def _load_snapshot(data: bytes) -> ClusterState:
+    if len(data) < _SNAPSHOT_HEADER.size:
+        raise CorruptSnapshot(f"controller snapshot is {len(data)} bytes, shorter than its header")
+    magic, fmt, crc = _SNAPSHOT_HEADER.unpack_from(data)
+    if magic != _SNAPSHOT_MAGIC:
+        raise CorruptSnapshot(f"not a controller snapshot (magic {magic!r})")
+    if fmt != _SNAPSHOT_FORMAT:
+        raise CorruptSnapshot(
+            f"controller snapshot format {fmt} is not understood by this node (it reads "
+            f"format {_SNAPSHOT_FORMAT}); upgrade this node"
+        )
+    raw = data[_SNAPSHOT_HEADER.size :]
+    if crc32c.crc32c(raw) != crc:
+        raise CorruptSnapshot("controller snapshot fails its CRC-32C check")
+    try:
+        return _build(json.loads(raw))
+    except CorruptSnapshot:
+        raise
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        RecursionError,
+        TidelogError,
+    ) as exc:
+        raise CorruptSnapshot(f"controller snapshot is inconsistent: {exc!r}") from None
+
+
+def _int(value: Any) -> int:
+    if type(value) is not int:
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, got {value!r}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected a boolean, got {value!r}")
+    return value
+
+
+def _str_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected an object, got {value!r}")
+    return {_str(k): _str(v) for k, v in value.items()}
+
+
+def _build(body: Any) -> ClusterState:
+    """A state from a decoded snapshot body, checking what ``apply`` guarantees."""
+    if not isinstance(body, dict):
+        raise TypeError(f"expected an object, got {type(body).__name__}")
+    state = ClusterState()
+    state._applied_index = _int(body["applied_index"])
+    state._version = _int(body["version"])
+    if not 0 <= state._version <= state._applied_index:
+        raise ValueError(f"version {state._version} after applied index {state._applied_index}")
+    for node_id, address, metrics_address, rack, alive, registered_at in _list(body["nodes"]):
+        node = NodeRecord(
+            node_id=_int(node_id),
+            address=_str(address),
+            metrics_address=_str(metrics_address),
+            rack=None if rack is None else _str(rack),
+            alive=_bool(alive),
+            registered_at_index=_int(registered_at),
+        )
+        if node.node_id in state._nodes or not 1 <= node.node_id <= NODE_ID_MAX:
+            raise ValueError(f"node id {node.node_id} repeated or out of range")
+        if not 1 <= node.registered_at_index <= state._applied_index:
+            raise ValueError(f"node {node.node_id} registered at {node.registered_at_index}")
+        state._nodes[node.node_id] = node
+    for t in _list(body["topics"]):
+        name = _str(t["name"])
+        validate_topic_name(name)
+        topic_id = _int(t["topic_id"])
+        rf = _int(t["replication_factor"])
+        configs = validate_topic_configs(_str_map(t["configs"]))
+        if name in state._topics or topic_id in state._topic_by_id:
+            raise ValueError(f"topic {name!r} (id {topic_id}) repeated")
+        if not 1 <= topic_id <= state._applied_index:
+            raise ValueError(f"topic {name!r} id {topic_id} out of range")
+        partitions = []
+        for p, (raw_replicas, raw_preferred, raw_leader, raw_term) in enumerate(
+            _list(t["partitions"])
+        ):
+            replicas = tuple(_int(r) for r in raw_replicas)
+            preferred, leader = _int(raw_preferred), _int(raw_leader)
+            if len(replicas) != rf or len(set(replicas)) != rf:
+                raise ValueError(f"topic {name!r} partition {p}: replicas {replicas} for RF {rf}")
+            if not set(replicas) <= state._nodes.keys():
+                raise ValueError(f"topic {name!r} partition {p}: unregistered replica")
+            if preferred not in replicas or leader not in (*replicas, NO_LEADER):
+                raise ValueError(f"topic {name!r} partition {p}: leader outside the replicas")
+            partitions.append(
+                PartitionAssignment(
+                    partition=p,
+                    replicas=replicas,
+                    preferred_leader=preferred,
+                    group_id=group_id_for(topic_id, p),
+                    leader=leader,
+                    leader_term=_int(raw_term),
+                )
+            )
+        validate_partitions(len(partitions))
+        state._add_topic(
+            TopicRecord(
+                name=name,
+                topic_id=topic_id,
+                replication_factor=rf,
+                configs=MappingProxyType(dict(sorted(configs.items()))),
+                partitions=tuple(partitions),
+            )
+        )
+    return state
