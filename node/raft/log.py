@@ -87,13 +87,17 @@ class RaftLog:
         last = storage.last_index()
         self.unstable = Unstable(last + 1)
         hs = storage.hard_state()
-        # The compaction point is committed by construction (only applied entries compact).
-        self.committed = max(hs.commit, first - 1)
-        assert self.committed <= last, f"commit {self.committed} beyond last index {last}"
-        self.applied = max(applied, first - 1)
-        assert self.applied <= self.committed, (
-            f"applied {self.applied} beyond commit {self.committed}"
+        assert hs.commit <= last, (
+            f"stored commit {hs.commit} beyond last index {last}: the log lost synced entries"
         )
+        assert applied <= last, (
+            f"applied {applied} beyond last index {last}: the log lost synced entries"
+        )
+        # The compaction point is committed by construction (only applied entries compact),
+        # and so is whatever the application applied: a commit-only hard state is not synced
+        # (``Ready.must_sync``), so the stored commit may lag the applied index after a crash.
+        self.committed = max(hs.commit, first - 1, applied)
+        self.applied = max(applied, first - 1)
 
     def __repr__(self) -> str:
         return (

@@ -136,8 +136,11 @@ class MessageKind(enum.IntEnum):
     HEARTBEAT_RESP = 7
     #: Leadership transfer: campaign now, ignoring the election timer and leader stickiness.
     TIMEOUT_NOW = 8
-    #: Carries ``snapshot``; answered by APPEND_RESP (or SNAPSHOT_RESP on failure).
+    #: Carries ``snapshot``; the follower answers with APPEND_RESP (``index`` = its new last
+    #: index, or its commit index if the snapshot was old news).
     SNAPSHOT = 9
+    #: Never sent by the core: a driver that streams snapshots out of band may send it to the
+    #: leader (``reject`` = the transfer failed) instead of calling ``report_snapshot`` there.
     SNAPSHOT_RESP = 10
     #: A follower forwards a linearizable read request (``context``) to the leader.
     READ_INDEX = 11

@@ -136,3 +136,16 @@ def test_restore_snapshot_and_restart_from_compacted_storage() -> None:
     restarted = RaftLog(s, applied=0)
     assert restarted.applied == 3  # nothing below the compaction point is re-delivered
     assert [e.index for e in restarted.next_committed(1 << 20)] == [4]
+
+
+def test_restart_with_applied_ahead_of_unsynced_commit() -> None:
+    s = MemoryStorage()
+    s.append(ents(1, 1, 1, 1))
+    s.set_hard_state(HardState(term=1, vote=1, commit=2))  # the commit of 4 was not synced
+    log = RaftLog(s, applied=4)
+    assert (log.committed, log.applied) == (4, 4)
+    with pytest.raises(AssertionError, match="lost synced entries"):
+        RaftLog(s, applied=5)
+    s.set_hard_state(HardState(term=1, vote=1, commit=9))
+    with pytest.raises(AssertionError, match="lost synced entries"):
+        RaftLog(s)
