@@ -29,7 +29,9 @@ Protocol choices (Raft paper = Ongaro & Ousterhout 2014; thesis = Ongaro 2014):
   EMPTY entry so earlier entries commit at once.
 - Leadership transfer (thesis §3.10): the leader catches the transferee up, sends it
   TIMEOUT_NOW, refuses proposals meanwhile and gives up after an election timeout.
-- Learners receive the log but never campaign and never count in a quorum.
+- Learners receive the log but never campaign and never count in a quorum; candidates never
+  ask them. A learner that is asked anyway (its configuration is stale: it was promoted and
+  does not know yet) answers like a voter, since only the candidate decides whose votes count.
 - Linearizable reads use ReadIndex (thesis §6.4), not leases: the leader records its commit
   index, confirms it is still leader by a heartbeat round that a quorum acknowledges, then
   answers; no clock assumption is needed, at the cost of one round trip (shared by every
