@@ -125,36 +125,40 @@ class _Fetcher:
         meta = c._meta_()
         backoff_ms = 0.0
         try:
-            if self.fetch_offset is None:
-                self.fetch_offset = await c._reset_offset(tp, None)
-                c._positions[tp] = self.fetch_offset
             while True:
                 if backoff_ms:
                     await asyncio.sleep(backoff_ms / 1000)
                 self.progressed = False
                 try:
+                    if self.fetch_offset is None:
+                        reset = await c._reset_offset(tp, None)
+                        # position() may have resolved it meanwhile: one answer wins.
+                        self.fetch_offset = c._positions.setdefault(tp, reset)
                     address = await c._leader(tp)
                     await self._stream(meta.broker(address))
                     # The node ended the stream without an error (it is shutting down, say):
                     # reopen, at once if it delivered something, else after a pause.
                     backoff_ms = 0 if self.progressed else float(c._retry_backoff_ms)
+                    continue
                 except grpc.aio.AioRpcError as exc:
-                    if self.progressed:
-                        backoff_ms = 0  # the stream worked for a while: a fresh failure
                     err = from_rpc_error(exc)
-                    if isinstance(err, OffsetOutOfRange) and c._reset != "error":
-                        self.fetch_offset = await c._reset_offset(tp, err)
-                        self._restart_at(self.fetch_offset)
-                        continue
-                    if not err.retriable:
-                        raise err from None
-                    if isinstance(err, UnknownTopic):
-                        await meta.refresh(force=False)
-                        if meta.topic(tp.topic) is None:
-                            raise err from None
-                    log.debug("fetch %s: %s; reconnecting", tp, err)
-                    backoff_ms = min(max(backoff_ms * 2, c._retry_backoff_ms), RETRY_BACKOFF_MAX_MS)
+                except TidelogError as exc:
+                    err = exc
+                if self.progressed:
+                    backoff_ms = 0  # the stream worked for a while: this is a fresh failure
+                if isinstance(err, OffsetOutOfRange) and c._reset != "error":
+                    self.fetch_offset = await c._reset_offset(tp, err)
+                    self._restart_at(self.fetch_offset)
+                    continue
+                if not err.retriable:
+                    raise err
+                if isinstance(err, UnknownTopic):
                     await c._refresh_quietly()
+                    if meta.topic(tp.topic) is None:
+                        raise err
+                log.debug("fetch %s: %s; retrying", tp, err)
+                backoff_ms = min(max(backoff_ms * 2, c._retry_backoff_ms), RETRY_BACKOFF_MAX_MS)
+                await c._refresh_quietly()
         except asyncio.CancelledError:
             raise
         except TidelogError as err:

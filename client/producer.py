@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import time
 from collections import deque
@@ -337,13 +338,17 @@ class Producer:
             self._meta = None
             raise
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_ms: float | None = None) -> None:
         """Send what is buffered, then close. Records that cannot be delivered fail after
-        ``delivery_timeout_ms``."""
+        ``delivery_timeout_ms``, or when ``timeout_ms`` runs out first."""
         if self._meta is None or self._closed:
             return
         try:
-            await self.flush()
+            if timeout_ms is None:
+                await self.flush()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.flush(), timeout_ms / 1000)
         finally:
             self._closed = True
             tasks: list[asyncio.Task[Any]] = [s.task for s in self._senders.values()]
@@ -817,7 +822,10 @@ class Producer:
         except grpc.aio.AioRpcError as exc:
             err = from_rpc_error(exc)
         except asyncio.CancelledError:
+            # Only stop() cancels requests; nobody may wait on this batch forever.
             st.in_flight -= 1
+            if not batch.done:
+                self._fail_batch(batch, TidelogError("the producer was closed before delivering"))
             raise
         except Exception as exc:  # the channel closed under us, or similar: retry elsewhere
             err = NodeUnavailable(f"produce to {address} failed: {exc!r}")

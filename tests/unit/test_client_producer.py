@@ -221,3 +221,14 @@ async def test_start_fails_clearly_without_a_node() -> None:
     p = Producer(f"127.0.0.1:{free_port()}")
     with pytest.raises(NodeUnavailable, match="no node answered"):
         await p.start()
+
+
+async def test_stop_with_a_timeout_fails_what_cannot_be_delivered() -> None:
+    async with FakeCluster({"t": 1}) as fake:
+        fake.produce_fault = lambda n, req: NodeUnavailable("down")
+        p = Producer(fake.address, retry_backoff_ms=10)
+        await p.start()
+        fut = p.send("t", b"v")
+        await asyncio.wait_for(p.stop(timeout_ms=300), 5)
+        with pytest.raises(TidelogError, match="closed before delivering"):
+            await fut
