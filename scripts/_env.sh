@@ -19,7 +19,12 @@ fi
 EXTRAS="${TIDELOG_EXTRAS:-}"
 STAMP=".venv/.tidelog-installed${EXTRAS:+-$EXTRAS}"
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
+  echo "installing tidelog into .venv (log: .venv/install.log)"
+  if ! { .venv/bin/python -m pip install --upgrade pip &&
+         .venv/bin/python -m pip install -e ".${EXTRAS:+[$EXTRAS]}"; } >.venv/install.log 2>&1; then
+    tail -n 30 .venv/install.log >&2
+    echo "error: installing tidelog failed; the whole log is .venv/install.log" >&2
+    exit 1
+  fi
   touch "$STAMP"
 fi
