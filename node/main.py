@@ -161,4 +161,10 @@ def run_node(
     _install_uvloop()
     # A `_created` timestamp per series doubles what every scrape carries, for nothing.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
-    asyncio.run(serve(node_id, listen, data_dir, metrics_port, advertised))
+    from tidelog.node.server import StartupError
+
+    try:
+        asyncio.run(serve(node_id, listen, data_dir, metrics_port, advertised))
+    except StartupError as exc:
+        log.error("node %d cannot start: %s", node_id, exc)
+        raise SystemExit(1) from None

@@ -59,6 +59,10 @@ GRPC_OPTIONS = [
 ]
 
 
+class StartupError(Exception):
+    """The node cannot start for a reason the operator can fix; the message says which."""
+
+
 def split_host_port(address: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` -> (host, port), with a readable error."""
     host, sep, port = address.rpartition(":")
@@ -129,7 +133,7 @@ class Node:
         if raw is None:
             store.put(NODE_COLUMN, _NODE_ID_KEY, str(self.node_id).encode())
         elif int(raw) != self.node_id:
-            raise SystemExit(
+            raise StartupError(
                 f"data directory {self.data_dir} belongs to node {int(raw)}, not node "
                 f"{self.node_id}: start with --id {int(raw)} or use another --data-dir"
             )
@@ -142,8 +146,18 @@ class Node:
     async def start(self) -> None:
         t0 = time.monotonic()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        host, port = split_host_port(self.listen)
-        self._store = store = MetaStore(self.data_dir / "meta")
+        try:
+            host, port = split_host_port(self.listen)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        try:
+            self._store = store = MetaStore(self.data_dir / "meta")
+        except Exception as exc:
+            if "lock" in str(exc).lower():
+                raise StartupError(
+                    f"data directory {self.data_dir} is in use by another node process"
+                ) from exc
+            raise StartupError(f"cannot open the metadata store in {self.data_dir}: {exc}") from exc
         cluster_id = self._load_identity(store)
 
         self._committer = GroupCommitter(self.metrics)
@@ -155,10 +169,18 @@ class Node:
 
         server = aio.server(options=GRPC_OPTIONS)
         self._server = server
-        self.port = server.add_insecure_port(join_host_port(host, port))
+        try:
+            self.port = server.add_insecure_port(join_host_port(host, port))
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise SystemExit(f"cannot listen on {self.listen}: the address is in use or invalid")
-        self._metrics_server = self.metrics.serve(host or "0.0.0.0", self.metrics_port)
+            raise StartupError(f"cannot listen on {self.listen}: the address is in use or invalid")
+        try:
+            self._metrics_server = self.metrics.serve(host or "0.0.0.0", self.metrics_port)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve metrics on port {self.metrics_port}: {exc.strerror or exc}"
+            ) from exc
 
         advertised = self.advertised or join_host_port(_reachable_host(host), self.port)
         metrics_address = join_host_port(_reachable_host(host), self._metrics_server.port)

@@ -522,6 +522,24 @@ async def test_metrics_endpoint(api: Api, node: NodeProcess) -> None:
         assert line in body, line
 
 
+@pytest.mark.timeout(60)
+def test_startup_errors_exit_1_with_a_readable_line(node: NodeProcess, tmp_path: Path) -> None:
+    cases = [
+        (["--id", "2", "--listen", node.address, "--data-dir", str(tmp_path / "a")], "cannot listen on"),
+        (["--id", "1", "--listen", "127.0.0.1:0", "--data-dir", str(node.data_dir)], "in use by another node process"),
+        (["--id", "2", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "b"), "--metrics-port", str(node.metrics_port)], "cannot serve metrics"),
+        (["--id", "2", "--listen", "no-port", "--data-dir", str(tmp_path / "c")], "is not host:port"),
+    ]  # fmt: skip
+    for args, words in cases:
+        if "--metrics-port" not in args:
+            args = [*args, "--metrics-port", "0"]
+        done = subprocess.run(
+            [sys.executable, "-m", "tidelog.node", *args], capture_output=True, timeout=30
+        )
+        assert done.returncode == 1, done.stderr
+        assert words in done.stderr.decode(), done.stderr
+
+
 # ---- restarts (last: they restart the shared node) ---------------------------------------
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc import aio
-from tidelog.node.server import Node
+from tidelog.node.server import Node, StartupError
 
 from tests.unit.node_fakes import FakeLog
 from tidelog.errors import from_rpc_error
@@ -215,3 +215,19 @@ async def test_retention_and_roll_run_in_the_background(tmp_path: Path) -> None:
         await asyncio.sleep(0.01)
     await c.channel.close(None)
     await node.stop(1)
+
+
+@pytest.mark.timeout(20)
+async def test_data_dir_of_another_node_is_refused(tmp_path: Path) -> None:
+    first = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=FakeLog)
+    await first.start()
+    cluster_id = first.identity.cluster_id if first.identity else ""
+    await first.stop(1)
+    other = Node(2, "127.0.0.1:0", tmp_path, free_port(), open_log=FakeLog)
+    with pytest.raises(StartupError, match="belongs to node 1"):
+        await other.start()
+    await other.stop(0)
+    again = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=FakeLog)
+    await again.start()
+    assert again.identity is not None and again.identity.cluster_id == cluster_id
+    await again.stop(1)
