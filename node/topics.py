@@ -184,22 +184,26 @@ class TopicRegistry:
         return [p for t in list(self._topics.values()) for p in t.partitions]
 
     def partition_stats(self) -> list[PartitionStats]:
-        """Runs on the metrics HTTP thread: reads plain attributes only."""
+        """Runs on the metrics HTTP thread: reads plain attributes only, and skips a
+        partition that is being deleted under it rather than failing the whole scrape."""
         out = []
         for topic in list(self._topics.values()):
             for p in topic.partitions:
                 lg = p.log
-                out.append(
-                    PartitionStats(
-                        p.topic,
-                        p.index,
-                        lg.size_bytes,
-                        lg.log_start_offset,
-                        lg.log_end_offset,
-                        p.high_watermark,
-                        lg.segment_count,
+                try:
+                    out.append(
+                        PartitionStats(
+                            p.topic,
+                            p.index,
+                            lg.size_bytes,
+                            lg.log_start_offset,
+                            lg.log_end_offset,
+                            p.high_watermark,
+                            lg.segment_count,
+                        )
                     )
-                )
+                except Exception:
+                    continue
         return out
 
     # -- startup and shutdown ------------------------------------------------------------
