@@ -1,0 +1,601 @@
+"""The node-to-node Raft transport: one long-lived gRPC stream to each peer carries the
+messages of every Raft group the two nodes share.
+
+Why this shape (DESIGN.md, Performance; proto/tidelog/v1/raft.proto, Framing):
+
+* An RPC costs 130-400 us of CPU while data costs 1-3 us per KB, so per-message RPCs would
+  cap a node at a few thousand Raft messages per second. :meth:`RaftTransport.send` only
+  appends to the peer's outbox and never awaits; a flush scheduled with ``loop.call_soon``
+  runs once after the current loop iteration, so everything the node's groups produced in
+  that iteration for a peer leaves in one ``RaftBatch`` (heartbeats of all groups as packed
+  columns), written on the peer's stream by the one sender task that owns it.
+* The stream is one-way: the peer answers on its own stream to us. Raft needs no RPC
+  replies, tolerates loss and reordering, and retries by itself, so the transport never
+  retransmits: a write that fails loses its batch, and the sender reconnects with capped
+  exponential backoff (50 ms .. 1 s).
+* Memory stays bounded whatever the peer does: while it is down or slow, the outbox keeps at
+  most ``outbox_messages_max`` messages and ``outbox_bytes_max`` bytes and drops the OLDEST
+  beyond them, so that when the peer returns it first hears the freshest state (the latest
+  heartbeats and votes) rather than a backlog Raft has already given up on.
+* Receiving is the Raft service on the node's own gRPC server (:meth:`add_servicer`): each
+  batch is checked (addressed to this node of this cluster), decoded and handed to
+  ``deliver`` on the event loop.
+
+Batches travel as bytes the transport serializes and parses itself, so the byte counters are
+exact without a second walk over the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, NoReturn
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc import aio
+from prometheus_client import CollectorRegistry, Counter
+from tidelog.node import limits
+from tidelog.node.raft.types import Message
+from tidelog.node.raft_codec import (
+    CodecError,
+    HeartbeatCache,
+    decode_batch,
+    encode_batch,
+    wire_size_estimate,
+)
+
+from tidelog.errors import InvalidRequest, TidelogError, trailing_metadata
+from tidelog.v1 import raft_pb2
+
+log = logging.getLogger(__name__)
+
+KIB: Final = 1024
+MIB: Final = 1024 * KIB
+
+#: Messages and estimated bytes (``raft_codec.wire_size_estimate``) waiting for one peer;
+#: beyond either the oldest are dropped. 100,000 is ten 100 ms ticks of heartbeats of 10,000
+#: groups; the bytes hold a few dozen full 1 MiB APPENDs.
+outbox_messages_max: Final = 100_000
+outbox_bytes_max: Final = 64 * MIB
+#: Estimated bytes per RaftBatch: a flush larger than this leaves in several batches, so one
+#: write never pins unbounded memory in gRPC. A single larger message travels alone.
+batch_bytes_max: Final = 8 * MIB
+#: A single message above this cannot travel (the receiver's gRPC limit): dropped, logged.
+message_bytes_max: Final = limits.grpc_message_bytes_max - 1 * MIB
+#: Reconnect backoff after a stream fails: doubles from min to max, back to min once a
+#: stream has lived for ``stream_stable_ms`` (so a peer that accepts and then refuses us is
+#: not hammered, and a refusal is not reported as a recovery every retry).
+reconnect_backoff_min_ms: Final = 50
+reconnect_backoff_max_ms: Final = 1_000
+stream_stable_ms: Final = 1_000
+#: HTTP/2 keepalive on peer channels: a peer that stops answering (paused, partitioned) is
+#: detected without waiting for TCP. At or above the node server's minimum ping interval.
+keepalive_time_ms: Final = 10_000
+keepalive_timeout_ms: Final = 5_000
+#: Bound on the "peer refused us" warnings remembered (to log each distinct refusal once).
+refusals_logged_max: Final = 1_024
+
+assert 0 < reconnect_backoff_min_ms <= reconnect_backoff_max_ms <= stream_stable_ms
+assert 0 < batch_bytes_max <= outbox_bytes_max
+assert batch_bytes_max < message_bytes_max < limits.grpc_message_bytes_max
+assert outbox_messages_max >= 1
+assert keepalive_time_ms >= 5_000, "the node server rejects pings more often than every 5 s"
+
+SERVICE_NAME: Final = raft_pb2.DESCRIPTOR.services_by_name["Raft"].full_name
+STREAM_METHOD: Final = f"/{SERVICE_NAME}/Stream"
+_STREAM_CLOSED: Final = raft_pb2.StreamClosed().SerializeToString()
+_STABLE_S: Final = stream_stable_ms / 1000
+
+#: Options for a gRPC server that accepts peers' streams (the node's own server sets the
+#: same message bound in node/server.py; tests and benchmarks use these).
+GRPC_SERVER_OPTIONS: Final[Sequence[tuple[str, Any]]] = (
+    ("grpc.max_receive_message_length", limits.grpc_message_bytes_max),
+    ("grpc.max_send_message_length", limits.grpc_message_bytes_max),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.so_reuseport", 0),
+)
+
+_CHANNEL_OPTIONS: Final[Sequence[tuple[str, Any]]] = (
+    ("grpc.max_send_message_length", limits.grpc_message_bytes_max),
+    ("grpc.max_receive_message_length", limits.grpc_message_bytes_max),
+    # gRPC's own reconnect backoff would otherwise reach 120 s and fail our calls fast
+    # for that long; keep it within ours.
+    ("grpc.initial_reconnect_backoff_ms", reconnect_backoff_min_ms),
+    ("grpc.min_reconnect_backoff_ms", reconnect_backoff_min_ms),
+    ("grpc.max_reconnect_backoff_ms", reconnect_backoff_max_ms),
+    ("grpc.keepalive_time_ms", keepalive_time_ms),
+    ("grpc.keepalive_timeout_ms", keepalive_timeout_ms),
+    ("grpc.enable_retries", 0),
+    # A fresh connection per attempt, not a subchannel shared with other channels.
+    ("grpc.use_local_subchannel_pool", 1),
+)
+
+#: ``deliver(from_node, [(group, message), ...])``, called on the event loop per batch.
+Deliver = Callable[[int, list[tuple[int, Message]]], None]
+_Context = aio.ServicerContext[Any, Any]
+
+
+class PeerMismatch(TidelogError):
+    """A batch reached a node it was not addressed to (wrong node id or cluster)."""
+
+    reason = "PEER_MISMATCH"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    """What the transport knows about one peer, for status pages and tests."""
+
+    node_id: int
+    address: str
+    #: A stream is open and the channel to the peer is READY.
+    connected: bool
+    queued_messages: int
+    queued_bytes: int
+    #: The last reason the stream to the peer failed (None until it first fails).
+    last_error: str | None
+
+
+class PeerCounters:
+    """Pre-bound children of one peer (``.labels`` costs more than the increment)."""
+
+    __slots__ = (
+        "batches_received",
+        "batches_sent",
+        "bytes_received",
+        "bytes_sent",
+        "dropped",
+        "messages_received",
+        "messages_sent",
+    )
+
+    def __init__(self, m: TransportMetrics, peer: str) -> None:
+        self.batches_sent = m.batches_sent.labels(peer)
+        self.messages_sent = m.messages_sent.labels(peer)
+        self.bytes_sent = m.bytes_sent.labels(peer)
+        self.batches_received = m.batches_received.labels(peer)
+        self.messages_received = m.messages_received.labels(peer)
+        self.bytes_received = m.bytes_received.labels(peer)
+        self.dropped = m.dropped.labels(peer)
+
+
+class TransportMetrics:
+    """The transport's counters (``tidelog_raft_`` prefix, label ``peer`` = node id)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"tidelog_raft_{name}", doc, ["peer"], registry=registry)
+
+        self.batches_sent = counter("batches_sent", "RaftBatch messages written to a peer.")
+        self.messages_sent = counter(
+            "messages_sent", "Raft messages written to a peer (each heartbeat counts)."
+        )
+        self.bytes_sent = counter("bytes_sent", "Serialized RaftBatch bytes written to a peer.")
+        self.batches_received = counter("batches_received", "RaftBatch messages from a peer.")
+        self.messages_received = counter(
+            "messages_received", "Raft messages received from a peer (each heartbeat counts)."
+        )
+        self.bytes_received = counter(
+            "bytes_received", "Serialized RaftBatch bytes received from a peer."
+        )
+        self.dropped = counter(
+            "messages_dropped",
+            "Raft messages to a peer never written: outbox full, stream failed, unknown peer.",
+        )
+        self._peers: dict[int, PeerCounters] = {}
+
+    def peer(self, node_id: int) -> PeerCounters:
+        c = self._peers.get(node_id)
+        if c is None:
+            c = self._peers[node_id] = PeerCounters(self, str(node_id))
+        return c
+
+
+class _Peer:
+    """One peer's outbox and the state of the stream to it, owned by its sender task.
+
+    ``queue`` holds (group, message, estimated bytes); its first ``flushed`` items have been
+    flushed and may be taken by the sender, the rest arrived in the current iteration."""
+
+    __slots__ = (
+        "address",
+        "call",
+        "channel",
+        "counters",
+        "dirty",
+        "flushed",
+        "last_error",
+        "node_id",
+        "queue",
+        "queued_bytes",
+        "removed",
+        "task",
+        "wake",
+    )
+
+    def __init__(self, node_id: int, address: str, counters: PeerCounters) -> None:
+        self.node_id = node_id
+        self.address = address
+        self.counters = counters
+        self.queue: deque[tuple[int, Message, int]] = deque()
+        self.queued_bytes = 0
+        self.flushed = 0
+        self.dirty = False
+        self.removed = False
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.channel: aio.Channel | None = None
+        self.call: aio.StreamUnaryCall[bytes, bytes] | None = None
+        self.last_error: str | None = None
+
+    def take(self) -> list[tuple[int, Message]]:
+        """Flushed messages for one batch: at least one, at most ``batch_bytes_max``."""
+        q = self.queue
+        items: list[tuple[int, Message]] = []
+        size = 0
+        n = 0
+        while n < self.flushed:
+            group, msg, s = q[0]
+            if n and size + s > batch_bytes_max:
+                break
+            q.popleft()
+            items.append((group, msg))
+            size += s
+            n += 1
+        self.flushed -= n
+        self.queued_bytes -= size
+        return items
+
+    def drop_all(self) -> int:
+        n = len(self.queue)
+        self.queue.clear()
+        self.queued_bytes = 0
+        self.flushed = 0
+        return n
+
+
+class RaftTransport:
+    """Sends Raft messages to peers and delivers the peers' messages to this node.
+
+    Use from the event loop thread: :meth:`send` and :meth:`flush` are plain calls, and
+    :meth:`set_peer` starts the peer's sender task on the running loop.
+    """
+
+    def __init__(
+        self,
+        node_id: int,
+        cluster_id: str,
+        *,
+        deliver: Deliver,
+        registry: CollectorRegistry | None = None,
+        outbox_messages_max: int = outbox_messages_max,
+        outbox_bytes_max: int = outbox_bytes_max,
+    ) -> None:
+        if node_id <= 0:
+            raise ValueError(f"node id {node_id} is not positive: node ids start at 1")
+        if outbox_messages_max < 1 or outbox_bytes_max < 1:
+            raise ValueError("outbox bounds must be at least 1")
+        self.node_id = node_id
+        self.cluster_id = cluster_id
+        self._deliver = deliver
+        #: Where the counters live; the node passes its own registry, tests get a fresh one.
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = TransportMetrics(self.registry)
+        self._outbox_messages_max = outbox_messages_max
+        self._outbox_bytes_max = outbox_bytes_max
+        self._peers: dict[int, _Peer] = {}
+        self._dirty: list[_Peer] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._retired: set[asyncio.Task[None]] = set()
+        self._hb_caches: dict[int, HeartbeatCache] = {}
+        self._refusals_logged: set[tuple[int, int, str]] = set()
+        self._closed = False
+
+    # ---- peers -----------------------------------------------------------------------------
+
+    def set_peer(self, node_id: int, address: str) -> None:
+        """Add a peer, or move it to a new address (its stream reconnects there at once,
+        keeping the queued messages)."""
+        if self._closed:
+            raise RuntimeError("the transport is closed")
+        if node_id == self.node_id:
+            raise ValueError(f"node {node_id} cannot be its own peer")
+        if node_id <= 0:
+            raise ValueError(f"peer id {node_id} is not positive: node ids start at 1")
+        peer = self._peers.get(node_id)
+        if peer is not None:
+            if peer.address == address:
+                return
+            log.info("raft peer %d moves from %s to %s", node_id, peer.address, address)
+            peer.address = address
+            self._retire(peer)
+        else:
+            peer = self._peers[node_id] = _Peer(node_id, address, self.metrics.peer(node_id))
+        peer.task = asyncio.get_running_loop().create_task(
+            self._run_peer(peer), name=f"raft-send-{node_id}"
+        )
+
+    def remove_peer(self, node_id: int) -> None:
+        """Forget a peer: its stream closes and its queued messages are dropped."""
+        peer = self._peers.pop(node_id, None)
+        if peer is None:
+            return
+        peer.removed = True
+        self._retire(peer)
+        dropped = peer.drop_all()
+        if dropped:
+            peer.counters.dropped.inc(dropped)
+
+    def peers(self) -> dict[int, str]:
+        return {nid: p.address for nid, p in self._peers.items()}
+
+    def peer_status(self, node_id: int) -> PeerStatus:
+        p = self._peers[node_id]
+        connected = (
+            p.call is not None
+            and not p.call.done()
+            and p.channel is not None
+            and p.channel.get_state() == grpc.ChannelConnectivity.READY
+        )
+        return PeerStatus(node_id, p.address, connected, len(p.queue), p.queued_bytes, p.last_error)
+
+    def _retire(self, peer: _Peer) -> None:
+        """Cancel the peer's sender task; close() still awaits it."""
+        task, peer.task = peer.task, None
+        if task is not None and not task.done():
+            task.cancel()
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
+
+    # ---- sending ---------------------------------------------------------------------------
+
+    def send(self, to_node: int, group: int, msg: Message) -> None:
+        """Queue ``msg`` of ``group`` for ``to_node``; it leaves with the flush at the end of
+        this loop iteration (or an explicit :meth:`flush`). Never blocks; drops (and counts)
+        what the peer's outbox cannot hold."""
+        peer = self._peers.get(to_node)
+        if peer is None:
+            self.metrics.peer(to_node).dropped.inc()
+            log.debug("raft message for unknown peer %d (group %d) dropped", to_node, group)
+            return
+        size = wire_size_estimate(msg)
+        if size > message_bytes_max:
+            peer.counters.dropped.inc()
+            log.warning(
+                "raft %s of group %d to node %d dropped: %d bytes exceed the %d-byte limit of "
+                "one message", msg.kind.name, group, to_node, size, message_bytes_max,
+            )  # fmt: skip
+            return
+        q = peer.queue
+        q.append((group, msg, size))
+        peer.queued_bytes += size
+        if len(q) > self._outbox_messages_max or peer.queued_bytes > self._outbox_bytes_max:
+            self._trim(peer)
+        if not peer.dirty:
+            peer.dirty = True
+            self._dirty.append(peer)
+            if self._flush_handle is None:
+                self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
+
+    def _trim(self, peer: _Peer) -> None:
+        """Drop the oldest messages until the outbox is within its bounds (keeping at least
+        the newest one, which is within ``message_bytes_max``)."""
+        q = peer.queue
+        dropped = 0
+        while len(q) > 1 and (
+            len(q) > self._outbox_messages_max or peer.queued_bytes > self._outbox_bytes_max
+        ):
+            _, _, size = q.popleft()
+            peer.queued_bytes -= size
+            if peer.flushed:
+                peer.flushed -= 1
+            dropped += 1
+        peer.counters.dropped.inc(dropped)
+
+    def flush(self) -> None:
+        """Hand everything queued so far to the sender tasks (runs by itself once per loop
+        iteration after a :meth:`send`; call it directly to send without waiting for that)."""
+        handle, self._flush_handle = self._flush_handle, None
+        if handle is not None:
+            handle.cancel()
+        for peer in self._dirty:
+            peer.dirty = False
+            if not peer.removed and peer.flushed != len(peer.queue):
+                peer.flushed = len(peer.queue)
+                peer.wake.set()
+        self._dirty.clear()
+
+    async def _run_peer(self, peer: _Peer) -> None:
+        """The sender task: keep a stream open to the peer and write its batches on it."""
+        backoff_ms = reconnect_backoff_min_ms
+        while True:
+            started = time.monotonic()
+            try:
+                await self._stream_to(peer)
+                error = "the peer ended the stream"
+            except asyncio.CancelledError:
+                raise
+            except aio.AioRpcError as exc:
+                error = f"{exc.code().name}: {exc.details()}"
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            self._note_failure(peer, error)
+            if time.monotonic() - started >= _STABLE_S:
+                backoff_ms = reconnect_backoff_min_ms
+            await asyncio.sleep(backoff_ms / 1000)
+            backoff_ms = min(2 * backoff_ms, reconnect_backoff_max_ms)
+
+    def _note_failure(self, peer: _Peer, error: str) -> None:
+        # Log a change of reason once, not every retry of a peer that stays down.
+        kind = error.split(":", 1)[0]
+        previous = peer.last_error.split(":", 1)[0] if peer.last_error else None
+        if kind != previous:
+            log.warning(
+                "raft stream to node %d at %s failed: %s", peer.node_id, peer.address, error
+            )
+        else:
+            log.debug("raft stream to node %d at %s failed: %s", peer.node_id, peer.address, error)
+        peer.last_error = error
+
+    async def _stream_to(self, peer: _Peer) -> None:
+        """One stream's life: returns or raises when it ends; what was taken and not written
+        is dropped (Raft retries)."""
+        channel = peer.channel = aio.insecure_channel(peer.address, options=_CHANNEL_OPTIONS)
+        call: aio.StreamUnaryCall[bytes, bytes] | None = None
+        try:
+            call = peer.call = channel.stream_unary(
+                STREAM_METHOD, request_serializer=None, response_deserializer=None
+            )(None)
+            # Take nothing from the outbox before the peer accepted the connection: a peer
+            # that is down keeps its (bounded) backlog instead of losing a batch per retry.
+            await call.wait_for_connection()
+            connected_at = time.monotonic()
+            wake = peer.wake
+            call.add_done_callback(lambda _call: wake.set())
+            counters = peer.counters
+            while not call.done():
+                if not peer.flushed:
+                    wake.clear()
+                    await wake.wait()
+                    continue
+                items = peer.take()
+                data = encode_batch(
+                    self.node_id, peer.node_id, self.cluster_id, items
+                ).SerializeToString()
+                try:
+                    await call.write(data)
+                except BaseException:
+                    counters.dropped.inc(len(items))
+                    raise
+                counters.batches_sent.inc()
+                counters.messages_sent.inc(len(items))
+                counters.bytes_sent.inc(len(data))
+                # Recovered only once the stream proved stable: a peer that accepts writes
+                # and then refuses the stream must not flap between "up" and "failed".
+                if peer.last_error is not None and time.monotonic() - connected_at >= _STABLE_S:
+                    log.info("raft stream to node %d at %s is up", peer.node_id, peer.address)
+                    peer.last_error = None
+            await call  # raises the status it ended with
+        finally:
+            # A task replaced by set_peer must not clear what its successor set.
+            if peer.call is call:
+                peer.call = None
+            if peer.channel is channel:
+                peer.channel = None
+            await channel.close(None)
+
+    # ---- receiving -------------------------------------------------------------------------
+
+    def add_servicer(self, server: aio.Server) -> None:
+        """Serve the Raft service on ``server``, so peers' streams reach :meth:`_serve`.
+
+        Registered as raw bytes (no generated servicer) so the transport parses each batch
+        itself and counts its exact size."""
+        handler = grpc.stream_unary_rpc_method_handler(
+            self._serve, request_deserializer=None, response_serializer=None
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Stream": handler}),)
+        )
+
+    async def _serve(self, requests: AsyncIterator[bytes], context: _Context) -> bytes:
+        peer_id = 0
+        counters: PeerCounters | None = None
+        cache: HeartbeatCache | None = None
+        async for raw in requests:
+            try:
+                batch = raft_pb2.RaftBatch.FromString(raw)
+            except DecodeError as exc:
+                await self._refuse(context, InvalidRequest(f"undecodable RaftBatch: {exc}"))
+            if batch.to_node != self.node_id or batch.cluster_id != self.cluster_id:
+                await self._refuse(context, self._mismatch(batch))
+            if batch.from_node != peer_id or counters is None or cache is None:
+                peer_id = batch.from_node
+                counters = self.metrics.peer(peer_id)
+                cache = self._hb_caches.get(peer_id)
+                if cache is None:
+                    cache = self._hb_caches[peer_id] = HeartbeatCache()
+            try:
+                items = decode_batch(batch, cache)
+            except CodecError as exc:
+                await self._refuse(
+                    context, InvalidRequest(f"invalid RaftBatch from node {peer_id}: {exc}")
+                )
+            counters.batches_received.inc()
+            counters.messages_received.inc(len(items))
+            counters.bytes_received.inc(len(raw))
+            if self._closed or not items:
+                continue
+            try:
+                self._deliver(peer_id, items)
+            except Exception:
+                log.exception("delivering a raft batch from node %d failed", peer_id)
+        return _STREAM_CLOSED
+
+    def _mismatch(self, batch: raft_pb2.RaftBatch) -> PeerMismatch:
+        err = PeerMismatch(
+            f"raft batch from node {batch.from_node} is addressed to node {batch.to_node} of "
+            f"cluster {batch.cluster_id!r} but reached node {self.node_id} of cluster "
+            f"{self.cluster_id!r}: the sender's peer address is stale or it belongs to "
+            "another cluster",
+            node_id=str(self.node_id),
+            cluster_id=self.cluster_id,
+        )
+        key = (batch.from_node, batch.to_node, batch.cluster_id)
+        if key not in self._refusals_logged:
+            if len(self._refusals_logged) >= refusals_logged_max:
+                self._refusals_logged.clear()
+            self._refusals_logged.add(key)
+            log.warning("%s", err.message)
+        return err
+
+    async def _refuse(self, context: _Context, err: TidelogError) -> NoReturn:
+        if not isinstance(err, PeerMismatch):
+            log.warning("refusing a raft stream: %s", err.message)
+        await context.abort(err.code, err.message, trailing_metadata=trailing_metadata(err))
+        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop every sender task and close the channels; queued messages are dropped.
+        Streams from peers stay with the gRPC server, which closes them when it stops."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        for node_id in list(self._peers):
+            self.remove_peer(node_id)
+        # remove_peer cancelled them; a second cancel would interrupt their channel close.
+        for task in list(self._retired):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+__all__ = [
+    "GRPC_SERVER_OPTIONS",
+    "SERVICE_NAME",
+    "STREAM_METHOD",
+    "Deliver",
+    "PeerCounters",
+    "PeerMismatch",
+    "PeerStatus",
+    "RaftTransport",
+    "TransportMetrics",
+    "batch_bytes_max",
+    "message_bytes_max",
+    "outbox_bytes_max",
+    "outbox_messages_max",
+    "reconnect_backoff_max_ms",
+    "reconnect_backoff_min_ms",
+    "stream_stable_ms",
+]
