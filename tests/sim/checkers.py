@@ -14,8 +14,8 @@ Invariants (the name a violation reports):
 - ``state-machine-safety``: an entry applied at index ``i`` is the same on every node, the
   applied state at ``i`` is the same on every node, and a node's log never changes at or
   below its commit index (also across crashes).
-- ``leader-completeness``: every entry acknowledged to a client is in the log of every leader
-  elected after the acknowledgement.
+- ``leader-completeness``: every committed entry, and by name every entry acknowledged to a
+  client, is in the log of every leader of a later term than the one it was committed in.
 - ``linear-order``: a node applies 1, 2, 3, ... with no gap and no repeat (restarting from its
   snapshot after a crash); each proposal is applied at one index only.
 - ``read-linearizability``: a read index is never below an index acknowledged to a client
@@ -24,6 +24,7 @@ Invariants (the name a violation reports):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import struct
 from dataclasses import dataclass
@@ -102,6 +103,8 @@ class Ack:
     chain: int
     payload: bytes
     time: int
+    #: The term the entry was committed in (an upper bound), set by ``Checker.on_ack``.
+    commit_term: int = 0
 
 
 class Checker:
@@ -110,6 +113,8 @@ class Checker:
     __slots__ = (
         "_applied",
         "_chains",
+        "_commit_max_by_term",
+        "_commit_term",
         "_committed",
         "_leaders",
         "_payload_index",
@@ -124,6 +129,11 @@ class Checker:
         self._chains: dict[tuple[int, int], int] = {(0, 0): GENESIS_HASH}
         #: index -> chain hash, the first time any node committed that index.
         self._committed: dict[int, int] = {0: GENESIS_HASH}
+        #: index -> the term of the node that first committed it (the leader that committed
+        #: it, or a node of a later term: an upper bound either way).
+        self._commit_term: dict[int, int] = {0: 0}
+        #: term -> the highest index first committed in that term.
+        self._commit_max_by_term: dict[int, int] = {}
         #: index -> the entry first applied there.
         self._applied: dict[int, Entry] = {}
         #: index -> state-machine digest after applying it.
@@ -147,25 +157,39 @@ class Checker:
                 )
 
     def on_new_leader(self, node: int, term: int, log: LogShadow) -> None:
-        """Leader completeness, checked at the moment a node wins an election."""
-        committed_base = self._committed.get(log.base_index)
+        """Leader completeness, checked at the moment a node wins an election.
+
+        "Later" means a later *term* than the one the entry was committed in, not a later
+        time: a candidate whose messages were delayed can win an old term after a newer
+        term's leader committed more (it can never commit anything itself, as a majority has
+        moved on), and Raft rightly lets it lack those entries.
+        """
+        # The highest index first committed in an earlier term; by the hash chain, holding
+        # it means holding every committed entry before it.
+        best = max((i for t, i in self._commit_max_by_term.items() if t < term), default=0)
+        if not self._holds(log, best):
+            raise InvariantViolation(
+                "leader-completeness",
+                f"leader {node} of term {term} lacks committed index {best} "
+                f"(committed in term {self._commit_term[best]}; its log: snapshot at "
+                f"{log.base_index}, last index {log.last_index}, term there {log.term_at(best)})",
+            )
         for ack in self.acks:
-            if ack.index <= log.base_index:
-                if committed_base is not None and committed_base != log.base_hash:
-                    raise InvariantViolation(
-                        "leader-completeness",
-                        f"leader {node} of term {term} has a snapshot at {log.base_index} "
-                        f"that does not contain acknowledged entry {ack.index}",
-                    )
-                continue
-            if log.hash_at(ack.index) != ack.chain:
-                have = log.term_at(ack.index)
+            if ack.commit_term < term and not self._holds(log, ack.index):
                 raise InvariantViolation(
                     "leader-completeness",
                     f"leader {node} of term {term} lacks acknowledged entry index {ack.index} "
-                    f"term {ack.term} payload {ack.payload!r} "
-                    f"(its log: last index {log.last_index}, term there {have})",
+                    f"term {ack.term} payload {ack.payload!r} (committed in term "
+                    f"{ack.commit_term}; its log: last index {log.last_index}, term there "
+                    f"{log.term_at(ack.index)})",
                 )
+
+    def _holds(self, log: LogShadow, index: int) -> bool:
+        """Whether ``log`` holds the committed entry at ``index`` (and so the prefix)."""
+        if index <= log.base_index:
+            # Compacted: the snapshot point is committed, so it must be the committed one.
+            return self._committed.get(log.base_index) == log.base_hash
+        return log.hash_at(index) == self._committed[index]
 
     # ---- log writes --------------------------------------------------------------------
 
@@ -222,7 +246,7 @@ class Checker:
             log.hashes.append(h)
             prev = h
 
-    def on_commit(self, node: int, log: LogShadow, commit: int) -> None:
+    def on_commit(self, node: int, log: LogShadow, commit: int, term: int) -> None:
         """Records the node's new commit index; the entries it newly covers must be the ones
         every other node committed there."""
         old = log.commit
@@ -237,15 +261,26 @@ class Checker:
                 "state-machine-safety",
                 f"node {node} commits {commit} beyond its last index {log.last_index}",
             )
-        self._check_committed(node, log, max(old + 1, log.base_index), commit)
+        self._check_committed(node, log, max(old + 1, log.base_index), commit, term)
         log.commit = commit
 
-    def _check_committed(self, node: int, log: LogShadow, lo: int, hi: int) -> None:
-        committed = self._committed
+    def _record_commit(self, index: int, h: int, term: int) -> int:
+        """Records the first commit of ``index``; returns the chain hash committed there."""
+        first = self._committed.get(index)
+        if first is not None:
+            return first
+        self._committed[index] = h
+        self._commit_term[index] = term
+        best = self._commit_max_by_term.get(term, 0)
+        if index > best:
+            self._commit_max_by_term[term] = index
+        return h
+
+    def _check_committed(self, node: int, log: LogShadow, lo: int, hi: int, term: int) -> None:
         for i in range(lo, hi + 1):
             h = log.hash_at(i)
             assert h is not None
-            first = committed.setdefault(i, h)
+            first = self._record_commit(i, h, term)
             if first != h:
                 raise InvariantViolation(
                     "state-machine-safety",
@@ -253,7 +288,9 @@ class Checker:
                     "the entry another node committed there",
                 )
 
-    def on_install_snapshot(self, node: int, log: LogShadow, index: int, term: int) -> None:
+    def on_install_snapshot(
+        self, node: int, log: LogShadow, index: int, term: int, node_term: int
+    ) -> None:
         """The log becomes the snapshot point; that point must be an entry some node wrote,
         and the committed one at that index."""
         h = self._chains.get((index, term))
@@ -267,7 +304,7 @@ class Checker:
                 "state-machine-safety",
                 f"node {node} installs a snapshot at {index} below its commit index {log.commit}",
             )
-        first = self._committed.setdefault(index, h)
+        first = self._record_commit(index, h, node_term)
         if first != h:
             raise InvariantViolation(
                 "state-machine-safety",
@@ -289,7 +326,13 @@ class Checker:
         del log.hashes[:k]
 
     def on_restart(
-        self, node: int, base_index: int, base_term: int, entries: list[Entry], commit: int
+        self,
+        node: int,
+        base_index: int,
+        base_term: int,
+        entries: list[Entry],
+        commit: int,
+        term: int,
     ) -> LogShadow:
         """Rebuilds a node's shadow from what survived on its disk and checks the surviving
         committed prefix is still the committed one."""
@@ -308,7 +351,7 @@ class Checker:
                 f"node {node} restarted with commit {commit} beyond its durable log "
                 f"(last index {log.last_index}): committed entries were not durable",
             )
-        self._check_committed(node, log, base_index, max(commit, base_index))
+        self._check_committed(node, log, base_index, max(commit, base_index), term)
         log.commit = max(commit, base_index)
         return log
 
@@ -373,7 +416,7 @@ class Checker:
                 "state-machine-safety",
                 f"acknowledged entry at {ack.index} differs from the committed one",
             )
-        self.acks.append(ack)
+        self.acks.append(dataclasses.replace(ack, commit_term=self._commit_term[ack.index]))
         self.acked_max_index = max(self.acked_max_index, ack.index)
 
     def on_read(self, node: int, read_index: int, acked_before: int) -> None:

@@ -31,15 +31,15 @@ LATENCY_UNITS_MAX = 2 * TICK_UNITS
 SLOW_LATENCY_UNITS_MAX = 12 * TICK_UNITS
 DROP_RATE_MAX = 0.2
 DUPLICATE_RATE_MAX = 0.1
-SLOW_RATE_MAX = 0.05
+SLOW_RATE_MAX = 0.3
 
 #: A synced write takes up to this long; the node is busy (it neither ticks nor receives)
 #: until the sync completes, and a crash in that window loses or tears the write.
 SYNC_UNITS_MAX = 6
 
 #: The safety phase's length; faults are injected only inside it.
-SAFETY_TICKS_MIN = 120
-SAFETY_TICKS_MAX = 240
+SAFETY_TICKS_MIN = 300
+SAFETY_TICKS_MAX = 700
 #: The liveness phase must elect a leader and commit a fresh proposal within this many ticks
 #: of healing every fault, counted in election timeouts so it scales with the options.
 LIVENESS_ELECTIONS_MAX = 12
@@ -86,6 +86,7 @@ class SimOptions:
     #: Probability that a crash tears unsynced writes to a random prefix rather than losing
     #: them all.
     torn_write_rate: float
+    #: A crashed node restarts after 1 unit to this many ticks.
     downtime_ticks_max: int
     #: Mean ticks between network partitions (0: none).
     partition_every_ticks: int
@@ -99,10 +100,13 @@ class SimOptions:
     propose_every_units: int
     payload_bytes_max: int
     safety_ticks: int
-    #: Probability that a node crashes in the middle of an fsync it just started.
+    #: Probability that a node crashes in the middle of an fsync it just started, or just
+    #: after a write that needed no fsync.
     mid_sync_crash_rate: float
     #: Mean units between two linearizable read requests (0: no reads).
     read_every_units: int
+    #: Mean ticks between process pauses (0: none); a pause lasts up to 3 election timeouts.
+    pause_every_ticks: int
 
     @classmethod
     def draw(cls, rng: random.Random) -> SimOptions:
@@ -125,11 +129,13 @@ class SimOptions:
             max_committed_bytes_per_ready=msg_bytes * rng.choice((1, 8, 1024)),
             latency_units_min=latency_min,
             latency_units_max=rng.randint(latency_min, LATENCY_UNITS_MAX),
-            slow_rate=rng.choice((0.0, rng.uniform(0.0, SLOW_RATE_MAX))),
+            # No tail, a thin one, or a fat one that keeps elections churning and delivers
+            # answers to elections long lost (stale terms, stale grants, stale appends).
+            slow_rate=rng.choice((0.0, rng.uniform(0.0, 0.05), rng.uniform(0.05, SLOW_RATE_MAX))),
             drop_rate=rng.choice((0.0, rng.uniform(0.0, DROP_RATE_MAX))),
             duplicate_rate=rng.choice((0.0, rng.uniform(0.0, DUPLICATE_RATE_MAX))),
             sync_units_max=rng.randint(0, SYNC_UNITS_MAX),
-            crash_every_ticks=rng.choice((0, 30, 60, 120)),
+            crash_every_ticks=rng.choice((0, 15, 30, 60, 120)),
             torn_write_rate=rng.choice((0.0, 0.5, 1.0)),
             downtime_ticks_max=rng.randint(5, 40),
             partition_every_ticks=rng.choice((0, 25, 50, 100)),
@@ -142,6 +148,7 @@ class SimOptions:
             safety_ticks=rng.randint(SAFETY_TICKS_MIN, SAFETY_TICKS_MAX),
             mid_sync_crash_rate=rng.choice((0.0, 0.002, 0.01)),
             read_every_units=rng.choice((0, 10, 40)),
+            pause_every_ticks=rng.choice((0, 20, 50, 100)),
         )
 
     def describe(self) -> str:

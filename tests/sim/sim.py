@@ -66,6 +66,8 @@ _HEAL = 7
 _TRANSFER = 8
 _LIVENESS = 9
 _READ = 10
+_PAUSE = 11
+_RESUME = 12
 
 _SNAPSHOT_DATA = struct.Struct(">QQ")
 
@@ -104,10 +106,17 @@ class SimNode:
     inbox: deque[Message] = field(default_factory=deque)
     role: Role = Role.FOLLOWER
     term: int = 0
+    #: Stopped (as by SIGSTOP, a long GC pause or a stalled VM): ticks are lost and messages
+    #: wait in the inbox, to be handled all at once, stale, when it resumes.
+    paused: bool = False
 
     @property
     def up(self) -> bool:
         return self.core is not None
+
+    @property
+    def blocked(self) -> bool:
+        return self.syncing is not None or self.paused
 
 
 @dataclass(slots=True)
@@ -241,6 +250,8 @@ class Simulation:
             self._at(self._mean_gap(opts.partition_every_ticks), _PARTITION)
         if opts.transfer_every_ticks:
             self._at(self._mean_gap(opts.transfer_every_ticks), _TRANSFER)
+        if opts.pause_every_ticks:
+            self._at(self._mean_gap(opts.pause_every_ticks), _PAUSE)
         if opts.read_every_units:
             self._at(self._client_rng.randint(1, opts.read_every_units), _READ)
         self._at(self.safety_end, _LIVENESS)
@@ -284,6 +295,10 @@ class Simulation:
                 self._on_liveness_start()
             elif kind == _READ:
                 self._on_read()
+            elif kind == _PAUSE:
+                self._on_pause()
+            elif kind == _RESUME:
+                self._on_resume(a, obj)
             if self.in_liveness and self._liveness_done():
                 self.stats.liveness_ticks = (self.now - self.liveness_start) // TICK_UNITS
                 self._log(f"liveness reached after {self.stats.liveness_ticks} ticks")
@@ -309,8 +324,9 @@ class Simulation:
         base_term = storage.term(base_index)
         last = storage.last_index()
         entries = storage.entries(first, last + 1, NO_LIMIT_BYTES) if last >= first else []
-        commit = storage.hard_state().commit
-        node.log = self.checker.on_restart(node.id, base_index, base_term, entries, commit)
+        hs = storage.hard_state()
+        commit = hs.commit
+        node.log = self.checker.on_restart(node.id, base_index, base_term, entries, commit, hs.term)
         node.applied, node.digest = 0, GENESIS_HASH
         if first > 1:
             applied, digest = decode_state(storage.snapshot().data)
@@ -336,14 +352,20 @@ class Simulation:
         opts = self.opts
         if target:
             node = self.nodes[target]
-            if node.up and node.syncing is not None:
+            if node.up and (node.syncing is not None or node.disk.dirty):
                 self._crash(node)
             return
         up = [n for n in self.nodes.values() if n.up]
         # Keep the crashes from taking the whole cluster down most of the time, but let them
         # take a majority down now and then (the cluster must then recover on restart).
         if up and (len(up) > len(self.nodes) // 2 + 1 or self._fault_rng.random() < 0.2):
-            self._crash(self._fault_rng.choice(up))
+            # Leaders half the time: their crashes make the interesting histories (a term's
+            # entries on a minority, a new leader without them, the old one coming back).
+            leader = self._leader()
+            if leader is not None and self._fault_rng.random() < 0.5:
+                self._crash(leader)
+            else:
+                self._crash(self._fault_rng.choice(up))
         self._at(self.now + self._mean_gap(opts.crash_every_ticks), _CRASH)
 
     def _crash(self, node: SimNode) -> None:
@@ -354,6 +376,7 @@ class Simulation:
         loss = node.disk.crash(self._disk_rng, torn)
         node.core = None
         node.syncing = None
+        node.paused = False
         node.inbox.clear()
         node.incarnation += 1
         self.stats.crashes += 1
@@ -361,8 +384,35 @@ class Simulation:
             f"n{node.id} CRASH (mid-sync {was_syncing}): lost {loss.ops_lost} unsynced "
             f"writes, tore {loss.entries_torn} entries"
         )
-        down = self._fault_rng.randint(1, opts.downtime_ticks_max) * TICK_UNITS
+        # From a quick process restart (a few units) to a long outage.
+        down = self._fault_rng.randint(1, opts.downtime_ticks_max * TICK_UNITS)
         self._at(self.now + down, _RESTART, node.id)
+
+    def _on_pause(self) -> None:
+        if self.in_liveness:
+            return
+        rng = self._fault_rng
+        self._at(self.now + self._mean_gap(self.opts.pause_every_ticks), _PAUSE)
+        leader = self._leader()
+        candidates = [n for n in self.nodes.values() if n.up and not n.blocked]
+        if not candidates:
+            return
+        if leader is not None and not leader.blocked and rng.random() < 0.5:
+            node = leader
+        else:
+            node = rng.choice(candidates)
+        node.paused = True
+        length = rng.randint(1, 3 * self.opts.election_ticks * TICK_UNITS)
+        self._log(f"n{node.id} PAUSE for {length} units")
+        self._at(self.now + length, _RESUME, node.id, node.incarnation)
+
+    def _on_resume(self, nid: int, incarnation: object) -> None:
+        node = self.nodes[nid]
+        if not node.up or node.incarnation != incarnation or not node.paused:
+            return
+        node.paused = False
+        self._log(f"n{node.id} RESUME with {len(node.inbox)} stale messages")
+        self._unblock(node)
 
     def _on_restart(self, nid: int) -> None:
         node = self.nodes[nid]
@@ -374,7 +424,7 @@ class Simulation:
 
     def _drive(self, node: SimNode) -> None:
         core = node.core
-        while core is not None and node.syncing is None and core.has_ready():
+        while core is not None and not node.blocked and core.has_ready():
             rd = core.ready()
             self._persist(node, rd)
             if rd.must_sync:
@@ -382,12 +432,19 @@ class Simulation:
                 if delay > 0:
                     node.syncing = rd
                     self._at(self.now + delay, _SYNC, node.id, rd)
-                    rate = self.opts.mid_sync_crash_rate
-                    if rate and not self.in_liveness and self._fault_rng.random() < rate:
-                        self._at(self.now + self._fault_rng.randint(0, delay - 1), _CRASH, node.id)
+                    self._maybe_crash_soon(node, delay - 1)
                     return
                 node.disk.sync()
+            elif node.disk.dirty:
+                self._maybe_crash_soon(node)
             self._complete(node, rd)
+
+    def _maybe_crash_soon(self, node: SimNode, within_units: int = 2) -> None:
+        """Sometimes schedules a crash while writes are not yet durable (in the middle of an
+        fsync, or just after a write that needed none), the crashes that lose data."""
+        rate = self.opts.mid_sync_crash_rate
+        if rate and not self.in_liveness and self._fault_rng.random() < rate:
+            self._at(self.now + self._fault_rng.randint(0, within_units), _CRASH, node.id)
 
     def _persist(self, node: SimNode, rd: Ready) -> None:
         disk, log, checker = node.disk, node.log, self.checker
@@ -397,12 +454,12 @@ class Simulation:
             checker.on_append(node.id, log, rd.entries)
             disk.append(rd.entries)
         if rd.hard_state is not None:
-            checker.on_commit(node.id, log, rd.hard_state.commit)
+            checker.on_commit(node.id, log, rd.hard_state.commit, rd.hard_state.term)
             disk.set_hard_state(rd.hard_state)
 
     def _install_snapshot(self, node: SimNode, snap: Snapshot) -> None:
         meta = snap.meta
-        self.checker.on_install_snapshot(node.id, node.log, meta.index, meta.term)
+        self.checker.on_install_snapshot(node.id, node.log, meta.index, meta.term, node.term)
         node.disk.install_snapshot(snap)
         applied, digest = decode_state(snap.data)
         if applied != meta.index:
@@ -423,18 +480,19 @@ class Simulation:
         node.syncing = None
         node.disk.sync()
         self._complete(node, rd)
+        self._unblock(node)
+
+    def _unblock(self, node: SimNode) -> None:
+        """The node runs again: it takes new work, then the messages that waited."""
         self._drive(node)
-        while node.inbox and node.syncing is None and node.up:
+        while node.inbox and not node.blocked and node.up:
             self._step(node, node.inbox.popleft())
 
     def _complete(self, node: SimNode, rd: Ready) -> None:
         """After the writes are durable: send, apply, advance."""
         core = node.core
         assert core is not None
-        for msg in rd.messages:
-            self.stats.messages_sent += 1
-            for when, m in self.net.send(self.now, msg):
-                self._at(when, _DELIVER, 0, m)
+        self._send(rd.messages)
         for e in rd.committed:
             node.digest = self.checker.on_apply(node.id, node.applied, node.digest, e)
             node.applied = e.index
@@ -455,6 +513,12 @@ class Simulation:
             node.disk.compact(node.applied, encode_state(node.applied, node.digest))
             self.checker.on_compact(node.log, node.applied)
             self._log(f"n{node.id} compacts log up to {node.applied}")
+
+    def _send(self, messages: tuple[Message, ...]) -> None:
+        for msg in messages:
+            self.stats.messages_sent += 1
+            for when, m in self.net.send(self.now, msg):
+                self._at(when, _DELIVER, 0, m)
 
     # ---- stepping ----------------------------------------------------------------------
 
@@ -480,6 +544,11 @@ class Simulation:
     def _step(self, node: SimNode, msg: Message) -> None:
         core = node.core
         assert core is not None
+        if self._trace is not None and msg.kind not in (
+            MessageKind.HEARTBEAT,
+            MessageKind.HEARTBEAT_RESP,
+        ):
+            self._log(_describe(msg))
         core.step(msg)
         self._observe(node)
         self._drive(node)
@@ -489,8 +558,8 @@ class Simulation:
         if not node.up or incarnation != node.incarnation:
             return  # a crash ends the tick chain; the restart starts a new one
         self._at(self.now + node.tick_period_units, _TICK, nid, incarnation)
-        if node.syncing is not None:
-            return  # blocked in fsync: this tick is lost, as a full ticker channel drops it
+        if node.blocked:
+            return  # blocked (fsync or pause): this tick is lost, as a full ticker channel drops it
         core = node.core
         assert core is not None
         self.stats.ticks += 1
@@ -502,15 +571,10 @@ class Simulation:
         node = self.nodes.get(msg.to)
         if node is None or not node.up or not self.net.can_deliver(msg):
             return
-        if node.syncing is not None:
+        if node.blocked:
             if len(node.inbox) < INBOX_MAX:
                 node.inbox.append(msg)
             return
-        if self._trace is not None and msg.kind not in (
-            MessageKind.HEARTBEAT,
-            MessageKind.HEARTBEAT_RESP,
-        ):
-            self._log(_describe(msg))
         self._step(node, msg)
 
     # ---- clients -----------------------------------------------------------------------
@@ -529,8 +593,8 @@ class Simulation:
         if not node.up:
             client.guess = rng.choice(self.voter_ids)  # connection refused: try another
             return
-        if node.syncing is not None:
-            return  # the node is blocked in an fsync; try again later
+        if node.blocked:
+            return  # the node is blocked; try again later
         core = node.core
         assert core is not None
         client.seq += 1
@@ -578,7 +642,7 @@ class Simulation:
         self._at(self.now + rng.randint(1, 2 * self.opts.read_every_units), _READ)
         node = self.nodes[rng.choice(list(self.nodes))]
         core = node.core
-        if core is None or node.syncing is not None:
+        if core is None or node.blocked:
             return
         self._read_seq += 1
         ctx = b"read-%d" % self._read_seq
@@ -629,7 +693,7 @@ class Simulation:
         rng = self._fault_rng
         self._at(self.now + self._mean_gap(self.opts.transfer_every_ticks), _TRANSFER)
         leader = self._leader()
-        if leader is None or leader.syncing is not None:
+        if leader is None or leader.blocked:
             return
         target = rng.choice([v for v in self.voter_ids if v != leader.id])
         core = leader.core
@@ -654,6 +718,9 @@ class Simulation:
             if not node.up:
                 self._start(node)
                 self._observe(node)
+            elif node.paused:
+                node.paused = False
+                self._unblock(node)
 
     def _liveness_done(self) -> bool:
         ack = self._liveness_ack
