@@ -302,6 +302,36 @@ class RawNode:
         else:
             raise NotLeader("no leader known to serve a read index", NONE)
 
+    def add_learner(self, node_id: int) -> None:
+        """Makes ``node_id`` a learner of this group at once, without a log entry.
+
+        Safe without consensus because a learner never votes, never campaigns and never
+        counts toward a quorum: the membership that decides elections and commits does not
+        change. Each member that should replicate to the learner calls this (the cluster
+        does it when it applies the learner's registration, at the same log position on every
+        node). A no-op for a node that is already a member."""
+        assert node_id != NONE, "node id 0 is reserved"
+        conf = self.tracker.conf
+        if node_id in conf.members:
+            return
+        self.tracker.conf = ConfState(conf.voters, conf.learners | {node_id}, conf.voters_outgoing)
+        self.tracker.progress[node_id] = Progress(
+            self.log.last_index() + 1,
+            self.cfg.max_inflight_msgs,
+            self.cfg.max_inflight_bytes,
+            is_learner=True,
+        )
+        self._dirty = True
+
+    def remove_learner(self, node_id: int) -> None:
+        """Stops replicating to learner ``node_id`` (a no-op for voters and non-members)."""
+        conf = self.tracker.conf
+        if node_id not in conf.learners:
+            return
+        self.tracker.conf = ConfState(conf.voters, conf.learners - {node_id}, conf.voters_outgoing)
+        self.tracker.progress.pop(node_id, None)
+        self._dirty = True
+
     def report_unreachable(self, to: int) -> None:
         """The transport failed to deliver to ``to``: stop pipelining into the void."""
         pr = self.progress(to)
@@ -414,9 +444,9 @@ class RawNode:
         self.leader_id = NONE
         self.election_elapsed = 0
         self._heartbeat_elapsed = 0
-        self._randomized_election_timeout = self._rng.randint(
-            self.cfg.election_timeout_ticks, 2 * self.cfg.election_timeout_ticks - 1
-        )
+        timeout = self.cfg.election_timeout_ticks
+        span = self.cfg.election_timeout_span_ticks or timeout
+        self._randomized_election_timeout = self._rng.randint(timeout, timeout + span - 1)
         self.lead_transferee = NONE
         self.tracker.reset(self.tracker.conf, self.log.last_index() + 1)
         own = self.tracker.progress.get(self.id)
@@ -464,9 +494,17 @@ class RawNode:
             # The leader's own log is, by definition, replicating.
             own.become_replicate()
             own.recent_active = True
-        # Commits every earlier entry once it commits (§5.4.2); also how followers learn of us.
-        self._append_entries([Entry(self.term, self.log.last_index() + 1, b"", EntryKind.EMPTY)])
-        self._bcast_pending = True
+        if self.cfg.always_append_empty or self.log.last_index() > self.log.committed:
+            # Commits every earlier entry once it commits (§5.4.2); also how followers learn
+            # of us.
+            self._append_entries(
+                [Entry(self.term, self.log.last_index() + 1, b"", EntryKind.EMPTY)]
+            )
+            self._bcast_pending = True
+        else:
+            # Everything in our log is committed (so our commit index is the group's): no
+            # entry is needed, only a heartbeat round that tells the followers who leads.
+            self._bcast_heartbeat(b"")
 
     # ---- elections ----------------------------------------------------------------------
 

@@ -30,6 +30,12 @@ class Config:
     #: ``[election_timeout_ticks, 2 * election_timeout_ticks)`` starts an election. It is also
     #: the check-quorum period and the bound on a leadership transfer.
     election_timeout_ticks: int = 10
+    #: Width of the randomized part of the election timeout: a follower times out after
+    #: ``[election_timeout_ticks, election_timeout_ticks + span)`` ticks. 0 (the default)
+    #: means a span of ``election_timeout_ticks``, the paper's ``[T, 2T)``; a narrower span
+    #: shortens the expected failover (the cluster uses ``[T, 1.5T)``) at a slightly higher
+    #: risk of split votes.
+    election_timeout_span_ticks: int = 0
     #: A leader sends heartbeats this often.
     heartbeat_interval_ticks: int = 1
     #: Entry bytes (``Entry.size_bytes``) per APPEND message; one entry may exceed it alone.
@@ -52,6 +58,12 @@ class Config:
     #: Check-quorum (thesis §6.2): a leader steps down after an election timeout without
     #: hearing from a majority; followers ignore votes while they hear from a leader.
     check_quorum: bool = True
+    #: A new leader appends an EMPTY entry so that entries of earlier terms commit (§5.4.2).
+    #: With False it appends one only when its log holds entries beyond its commit index:
+    #: when the log is entirely committed there is nothing to commit indirectly, and a log
+    #: whose every entry takes a consumer offset (a partition) keeps its offsets dense
+    #: across restarts. Then ``read_index`` waits for the term's first proposal to commit.
+    always_append_empty: bool = True
 
     def __post_init__(self) -> None:
         assert self.heartbeat_interval_ticks >= 1, "heartbeat_interval_ticks must be >= 1"
@@ -59,6 +71,7 @@ class Config:
             "an election timeout must span more than one heartbeat interval, or followers "
             "campaign against a healthy leader"
         )
+        assert self.election_timeout_span_ticks >= 0, "election_timeout_span_ticks must be >= 0"
         assert self.max_msg_bytes >= 1
         assert self.max_inflight_msgs >= 1
         assert self.max_inflight_bytes >= self.max_msg_bytes, (
