@@ -94,6 +94,8 @@ PRODUCER_RETRY_BACKOFF_MS: Final = 50
 #: Examples of each kind of violation kept in the verdict.
 EXAMPLES_MAX: Final = 10
 HEALTH_POLL_S: Final = 0.2
+#: With fewer nodes, killing one stops the whole cluster: nothing to fail over to.
+CLUSTER_NODES_MIN = 2
 
 VALUE_PREFIX: Final = b"tidelog-chaos"
 
@@ -700,9 +702,10 @@ async def run_chaos(
             f"chaos needs every node of the cluster in {directory} running, but "
             f"{', '.join(down)}; `tidelog cluster start ID` brings a node back"
         )
-    if len(cluster.nodes) < 2:
+    if len(cluster.nodes) < CLUSTER_NODES_MIN:
         raise ChaosError(
-            "chaos needs a cluster of at least 2 nodes (3 for RF 3): `tidelog cluster up --nodes 3`"
+            f"chaos needs a cluster of at least {CLUSTER_NODES_MIN} nodes (3 for RF 3): "
+            "`tidelog cluster up --nodes 3`"
         )
     if seed is None:
         seed = secrets.randbits(32)
