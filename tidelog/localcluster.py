@@ -992,7 +992,7 @@ def render_status(status: ClusterStatus) -> list[Any]:
     return out
 
 
-def render_nodes(result: UpResult) -> list[Any]:
+def render_nodes(result: UpResult, cwd: Path | None = None) -> list[Any]:
     """Rich renderables for ``up``: the nodes, the controller, how other commands find it."""
     from rich.table import Table
     from rich.text import Text
@@ -1006,14 +1006,15 @@ def render_nodes(result: UpResult) -> list[Any]:
         node = f"{n.node_id}*" if n.node_id == result.controller_id else str(n.node_id)
         table.add_row(node, str(n.pid), n.address, n.metrics_address, str(n.log_path))
     bootstrap = ",".join(n.address for n in cluster.nodes)
-    return [
-        table,
-        Text(f"controller leader: node {result.controller_id} (marked *)"),
-        Text(
-            "commands run from the directory holding .tidelog/cluster find the cluster; "
-            f"elsewhere pass --bootstrap {bootstrap}"
-        ),
-    ]
+    home = (cwd or Path.cwd()).absolute()
+    if cluster.directory == home / CLUSTER_DIR_DEFAULT:
+        found = f"commands run in {home} find it; elsewhere pass --bootstrap {bootstrap}"
+    else:
+        found = (
+            f"pass --bootstrap {bootstrap} (or set TIDELOG_BOOTSTRAP) and --dir "
+            f"{cluster.directory} to the cluster commands"
+        )
+    return [table, Text(f"controller leader: node {result.controller_id} (marked *)"), Text(found)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -513,3 +513,26 @@ def test_cli_status_of_a_stopped_cluster(tmp_path: Path) -> None:
     assert "dead" in result.output and "no running node answered" in result.output
     result = CliRunner().invoke(_cli(), ["cluster", "status", "--json", "--dir", str(tmp_path)])
     assert json.loads(result.output)["controller_id"] is None
+
+
+def _text(renderables: list[object]) -> str:
+    console = Console(file=io.StringIO(), width=240, color_system=None)
+    for r in renderables:
+        console.print(r)
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    assert isinstance(out, str)
+    return out
+
+
+def test_up_rendering_says_how_other_commands_find_the_cluster(tmp_path: Path) -> None:
+    directory = tmp_path / ".tidelog" / "cluster"
+    nodes = tuple(_spec(directory, i, 10 + i) for i in (1, 2, 3))
+    result = localcluster.UpResult(ClusterFile(directory, nodes, "", 0), 2, resumed=False)
+    text = _text(localcluster.render_nodes(result, cwd=tmp_path))
+    assert "local cluster started in" in text
+    assert "controller leader: node 2" in text
+    assert "127.0.0.1:19002" in text and "127.0.0.1:19102" in text
+    assert f"commands run in {tmp_path} find it" in text
+    elsewhere = _text(localcluster.render_nodes(result, cwd=tmp_path / "sub"))
+    assert "--bootstrap 127.0.0.1:19001,127.0.0.1:19002,127.0.0.1:19003" in elsewhere
+    assert "--dir" in elsewhere
