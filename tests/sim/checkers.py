@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tidelog.node.raft.types import Entry, EntryKind, Role
@@ -116,6 +117,7 @@ class Checker:
         "_commit_max_by_term",
         "_commit_term",
         "_committed",
+        "_entry_term",
         "_leaders",
         "_payload_index",
         "_sm_digests",
@@ -129,6 +131,8 @@ class Checker:
         self._chains: dict[tuple[int, int], int] = {(0, 0): GENESIS_HASH}
         #: index -> chain hash, the first time any node committed that index.
         self._committed: dict[int, int] = {0: GENESIS_HASH}
+        #: index -> the term of the entry committed there.
+        self._entry_term: dict[int, int] = {0: 0}
         #: index -> the term of the node that first committed it (the leader that committed
         #: it, or a node of a later term: an upper bound either way).
         self._commit_term: dict[int, int] = {0: 0}
@@ -156,40 +160,44 @@ class Checker:
                     "election-safety", f"two leaders in term {term}: {first} and {node}"
                 )
 
-    def on_new_leader(self, node: int, term: int, log: LogShadow) -> None:
-        """Leader completeness, checked at the moment a node wins an election.
+    def on_new_leader(
+        self, node: int, term: int, term_at: Callable[[int], int | None], base_index: int
+    ) -> None:
+        """Leader completeness, checked the moment a node wins an election, against its whole
+        log (``term_at``, persisted or not; entries up to ``base_index`` are compacted).
 
         "Later" means a later *term* than the one the entry was committed in, not a later
         time: a candidate whose messages were delayed can win an old term after a newer
         term's leader committed more (it can never commit anything itself, as a majority has
-        moved on), and Raft rightly lets it lack those entries.
+        moved on), and Raft rightly lets it lack those entries (seed 554 is such a run).
+        Entries are compared by (index, term), which identifies them given log matching
+        (checked separately on every write).
         """
-        # The highest index first committed in an earlier term; by the hash chain, holding
-        # it means holding every committed entry before it.
+        # The highest index first committed in an earlier term: holding it means holding
+        # every committed entry before it.
         best = max((i for t, i in self._commit_max_by_term.items() if t < term), default=0)
-        if not self._holds(log, best):
+        if not self._holds(term_at, base_index, best):
             raise InvariantViolation(
                 "leader-completeness",
-                f"leader {node} of term {term} lacks committed index {best} "
-                f"(committed in term {self._commit_term[best]}; its log: snapshot at "
-                f"{log.base_index}, last index {log.last_index}, term there {log.term_at(best)})",
+                f"leader {node} of term {term} lacks index {best} term {self._entry_term[best]} "
+                f"committed in term {self._commit_term[best]} (its log: compacted to "
+                f"{base_index}, term there {term_at(best)})",
             )
         for ack in self.acks:
-            if ack.commit_term < term and not self._holds(log, ack.index):
+            if ack.commit_term < term and not self._holds(term_at, base_index, ack.index):
                 raise InvariantViolation(
                     "leader-completeness",
                     f"leader {node} of term {term} lacks acknowledged entry index {ack.index} "
-                    f"term {ack.term} payload {ack.payload!r} (committed in term "
-                    f"{ack.commit_term}; its log: last index {log.last_index}, term there "
-                    f"{log.term_at(ack.index)})",
+                    f"term {ack.term} payload {ack.payload!r} committed in term "
+                    f"{ack.commit_term} (its log: term there {term_at(ack.index)})",
                 )
 
-    def _holds(self, log: LogShadow, index: int) -> bool:
-        """Whether ``log`` holds the committed entry at ``index`` (and so the prefix)."""
-        if index <= log.base_index:
-            # Compacted: the snapshot point is committed, so it must be the committed one.
-            return self._committed.get(log.base_index) == log.base_hash
-        return log.hash_at(index) == self._committed[index]
+    def _holds(self, term_at: Callable[[int], int | None], base_index: int, index: int) -> bool:
+        """Whether a log holds the committed entry at ``index``."""
+        if index < base_index:
+            # Compacted: the compaction point is committed, so it must be the committed one.
+            index = base_index
+        return term_at(index) == self._entry_term[index]
 
     # ---- log writes --------------------------------------------------------------------
 
@@ -264,12 +272,13 @@ class Checker:
         self._check_committed(node, log, max(old + 1, log.base_index), commit, term)
         log.commit = commit
 
-    def _record_commit(self, index: int, h: int, term: int) -> int:
+    def _record_commit(self, index: int, h: int, entry_term: int, term: int) -> int:
         """Records the first commit of ``index``; returns the chain hash committed there."""
         first = self._committed.get(index)
         if first is not None:
             return first
         self._committed[index] = h
+        self._entry_term[index] = entry_term
         self._commit_term[index] = term
         best = self._commit_max_by_term.get(term, 0)
         if index > best:
@@ -280,7 +289,9 @@ class Checker:
         for i in range(lo, hi + 1):
             h = log.hash_at(i)
             assert h is not None
-            first = self._record_commit(i, h, term)
+            entry_term = log.term_at(i)
+            assert entry_term is not None
+            first = self._record_commit(i, h, entry_term, term)
             if first != h:
                 raise InvariantViolation(
                     "state-machine-safety",
@@ -304,7 +315,7 @@ class Checker:
                 "state-machine-safety",
                 f"node {node} installs a snapshot at {index} below its commit index {log.commit}",
             )
-        first = self._record_commit(index, h, node_term)
+        first = self._record_commit(index, h, term, node_term)
         if first != h:
             raise InvariantViolation(
                 "state-machine-safety",

@@ -107,6 +107,9 @@ class SimOptions:
     read_every_units: int
     #: Mean ticks between process pauses (0: none); a pause lasts up to 3 election timeouts.
     pause_every_ticks: int
+    #: Whether the driver keeps stepping messages, ticks and proposals into the core while
+    #: a Ready's fsync is in flight (ready() waits for advance() either way).
+    step_while_syncing: bool
 
     @classmethod
     def draw(cls, rng: random.Random) -> SimOptions:
@@ -149,6 +152,7 @@ class SimOptions:
             mid_sync_crash_rate=rng.choice((0.0, 0.002, 0.01)),
             read_every_units=rng.choice((0, 10, 40)),
             pause_every_ticks=rng.choice((0, 20, 50, 100)),
+            step_while_syncing=rng.random() < 0.5,
         )
 
     def describe(self) -> str:

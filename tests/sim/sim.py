@@ -50,9 +50,10 @@ from .options import (
     SimOptions,
 )
 
-#: Messages a node buffers while it is blocked in an fsync; more are dropped (a full socket
-#: buffer), which Raft tolerates like any loss.
-INBOX_MAX = 256
+#: Inputs (messages, ticks, proposals) a node buffers while it cannot take them (paused, or
+#: blocked in an fsync when the driver does not step during syncs); more are dropped, as a
+#: full socket buffer or ticker channel would, which Raft tolerates like any loss.
+INBOX_MAX = 512
 
 # Event kinds, in the order they are handled when due at the same time.
 _TICK = 0
@@ -72,6 +73,26 @@ _RESUME = 12
 _SNAPSHOT_DATA = struct.Struct(">QQ")
 
 Trace = Callable[[str], None]
+
+
+class _Tick:
+    """A tick waiting in a node's inbox."""
+
+    __slots__ = ()
+
+
+_TICK_ITEM = _Tick()
+
+
+@dataclass(frozen=True, slots=True)
+class _Proposal:
+    """A client's proposal waiting in a node's inbox (the request sits in its socket)."""
+
+    client: int
+    payload: bytes
+
+
+_Input = Message | _Tick | _Proposal
 
 
 def encode_state(applied: int, digest: int) -> bytes:
@@ -101,22 +122,20 @@ class SimNode:
     log: LogShadow = field(default_factory=LogShadow)
     applied: int = 0
     digest: int = GENESIS_HASH
-    #: The Ready whose fsync is in progress; the node is blocked until it completes.
+    #: The Ready whose fsync is in progress: no ready() until it completes and is advanced.
     syncing: Ready | None = None
-    inbox: deque[Message] = field(default_factory=deque)
+    #: Inputs that arrived while the node could not take them, handled in order (and then
+    #: in one Ready: the batching a real driver gets from a busy loop) once it can.
+    inbox: deque[_Input] = field(default_factory=deque)
     role: Role = Role.FOLLOWER
     term: int = 0
-    #: Stopped (as by SIGSTOP, a long GC pause or a stalled VM): ticks are lost and messages
-    #: wait in the inbox, to be handled all at once, stale, when it resumes.
+    #: Stopped (as by SIGSTOP, a long GC pause or a stalled VM): ticks and messages wait in
+    #: the inbox, to be handled all at once, stale, when it resumes.
     paused: bool = False
 
     @property
     def up(self) -> bool:
         return self.core is not None
-
-    @property
-    def blocked(self) -> bool:
-        return self.syncing is not None or self.paused
 
 
 @dataclass(slots=True)
@@ -124,7 +143,8 @@ class Client:
     id: int
     guess: int
     seq: int = 0
-    #: payload -> (node, incarnation, time proposed, index the core gave it)
+    #: payload -> (node, incarnation, time proposed, index the core gave it or 0 while the
+    #: proposal waits in the node's inbox)
     pending: dict[bytes, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
@@ -394,10 +414,10 @@ class Simulation:
         rng = self._fault_rng
         self._at(self.now + self._mean_gap(self.opts.pause_every_ticks), _PAUSE)
         leader = self._leader()
-        candidates = [n for n in self.nodes.values() if n.up and not n.blocked]
+        candidates = [n for n in self.nodes.values() if n.up and not n.paused]
         if not candidates:
             return
-        if leader is not None and not leader.blocked and rng.random() < 0.5:
+        if leader is not None and not leader.paused and rng.random() < 0.5:
             node = leader
         else:
             node = rng.choice(candidates)
@@ -422,9 +442,51 @@ class Simulation:
 
     # ---- the driver: Ready handling exactly as the contract in types.Ready says --------
 
+    def _takes_input(self, node: SimNode) -> bool:
+        """Whether the node's loop can step an input now. While an fsync is in flight a
+        driver may keep stepping (etcd's node loop does; the core must then cope with entries
+        replaced before the Ready that carried them is advanced) or wait; seeds do both."""
+        if node.paused:
+            return False
+        return node.syncing is None or self.opts.step_while_syncing
+
+    def _input(self, node: SimNode, item: _Input) -> None:
+        """An input reaches a running node: handled now, or queued until it can be."""
+        if not self._takes_input(node):
+            if len(node.inbox) < INBOX_MAX:
+                node.inbox.append(item)
+            elif isinstance(item, _Proposal):
+                self.clients[item.client].pending.pop(item.payload, None)
+            return
+        self._handle(node, item)
+        self._drive(node)
+
+    def _handle(self, node: SimNode, item: _Input) -> None:
+        core = node.core
+        assert core is not None
+        if isinstance(item, Message):
+            if self._trace is not None and item.kind not in (
+                MessageKind.HEARTBEAT,
+                MessageKind.HEARTBEAT_RESP,
+            ):
+                self._log(_describe(item))
+            core.step(item)
+        elif isinstance(item, _Tick):
+            self.stats.ticks += 1
+            core.tick()
+        else:
+            self._propose(node, item)
+        self._observe(node)
+
+    def _unblock(self, node: SimNode) -> None:
+        """The node can run again: it steps every input that waited, then takes one Ready."""
+        while node.inbox and node.up and self._takes_input(node):
+            self._handle(node, node.inbox.popleft())
+        self._drive(node)
+
     def _drive(self, node: SimNode) -> None:
         core = node.core
-        while core is not None and not node.blocked and core.has_ready():
+        while core is not None and node.syncing is None and not node.paused and core.has_ready():
             rd = core.ready()
             self._persist(node, rd)
             if rd.must_sync:
@@ -482,12 +544,6 @@ class Simulation:
         self._complete(node, rd)
         self._unblock(node)
 
-    def _unblock(self, node: SimNode) -> None:
-        """The node runs again: it takes new work, then the messages that waited."""
-        self._drive(node)
-        while node.inbox and not node.blocked and node.up:
-            self._step(node, node.inbox.popleft())
-
     def _complete(self, node: SimNode, rd: Ready) -> None:
         """After the writes are durable: send, apply, advance."""
         core = node.core
@@ -536,46 +592,28 @@ class Simulation:
             self._log(
                 f"n{node.id} becomes LEADER of term {term} (last index {node.log.last_index})"
             )
-            self.checker.on_new_leader(node.id, term, node.log)
+            self.checker.on_new_leader(
+                node.id,
+                term,
+                lambda i: core_adapter.log_term(core, i),
+                core_adapter.log_first_index(core) - 1,
+            )
         elif role != node.role:
             self._log(f"n{node.id} becomes {role.name} term {term}")
         node.role, node.term = role, term
-
-    def _step(self, node: SimNode, msg: Message) -> None:
-        core = node.core
-        assert core is not None
-        if self._trace is not None and msg.kind not in (
-            MessageKind.HEARTBEAT,
-            MessageKind.HEARTBEAT_RESP,
-        ):
-            self._log(_describe(msg))
-        core.step(msg)
-        self._observe(node)
-        self._drive(node)
 
     def _on_tick(self, nid: int, incarnation: object) -> None:
         node = self.nodes[nid]
         if not node.up or incarnation != node.incarnation:
             return  # a crash ends the tick chain; the restart starts a new one
         self._at(self.now + node.tick_period_units, _TICK, nid, incarnation)
-        if node.blocked:
-            return  # blocked (fsync or pause): this tick is lost, as a full ticker channel drops it
-        core = node.core
-        assert core is not None
-        self.stats.ticks += 1
-        core.tick()
-        self._observe(node)
-        self._drive(node)
+        self._input(node, _TICK_ITEM)
 
     def _on_deliver(self, msg: Message) -> None:
         node = self.nodes.get(msg.to)
         if node is None or not node.up or not self.net.can_deliver(msg):
             return
-        if node.blocked:
-            if len(node.inbox) < INBOX_MAX:
-                node.inbox.append(msg)
-            return
-        self._step(node, msg)
+        self._input(node, msg)
 
     # ---- clients -----------------------------------------------------------------------
 
@@ -583,34 +621,46 @@ class Simulation:
         client = self.clients[cid]
         rng = self._client_rng
         self._at(self.now + rng.randint(1, 2 * self.opts.propose_every_units), _PROPOSE, cid)
+        if self.in_liveness and (cid != 0 or self._liveness_ack is not None):
+            # The load stops when faults heal (only client 0 keeps one probe proposal going
+            # until one is acknowledged), so the bound is not a throughput test.
+            return
         timeout = CLIENT_TIMEOUT_TICKS * TICK_UNITS
         for payload, (_, _, when, _) in list(client.pending.items()):
             if self.now - when > timeout:
                 del client.pending[payload]  # gives up; the entry may still commit later
-        if len(client.pending) >= CLIENT_PENDING_MAX:
+        if len(client.pending) >= (1 if self.in_liveness else CLIENT_PENDING_MAX):
             return
         node = self.nodes[client.guess]
         if not node.up:
             client.guess = rng.choice(self.voter_ids)  # connection refused: try another
             return
-        if node.blocked:
-            return  # the node is blocked; try again later
-        core = node.core
-        assert core is not None
         client.seq += 1
         pad = b"." * rng.randint(0, self.opts.payload_bytes_max)
         payload = b"c%d-%d" % (cid, client.seq) + pad
+        client.pending[payload] = (node.id, node.incarnation, self.now, 0)
+        self._owner[payload] = cid
+        self._input(node, _Proposal(cid, payload))
+
+    def _propose(self, node: SimNode, p: _Proposal) -> None:
+        client = self.clients[p.client]
+        pending = client.pending.get(p.payload)
+        if pending is None:
+            return  # the client gave up while the proposal waited
+        core = node.core
+        assert core is not None
         try:
-            index = core.propose(payload)
+            index = core.propose(p.payload)
         except ProposalDropped as e:
+            del client.pending[p.payload]
             leader = e.leader_id
-            client.guess = leader if leader in self.nodes else rng.choice(self.voter_ids)
+            if leader in self.nodes:
+                client.guess = leader
+            else:
+                client.guess = self._client_rng.choice(self.voter_ids)
             return
         self.stats.proposals += 1
-        client.pending[payload] = (node.id, node.incarnation, self.now, index)
-        self._owner[payload] = cid
-        self._observe(node)
-        self._drive(node)
+        client.pending[p.payload] = (*pending[:3], index)
 
     def _maybe_ack(self, node: SimNode, index: int, term: int, data: bytes) -> None:
         cid = self._owner.get(data)
@@ -634,6 +684,11 @@ class Simulation:
         self.stats.acks += 1
         if self.in_liveness and self._liveness_ack is None and pending[2] >= self.liveness_start:
             self._liveness_ack = ack
+            # Every node must then apply it: the bound grows with how far behind the slowest
+            # node is, at one entry per round trip (the worst flow-control window).
+            self.liveness_deadline = max(
+                self.liveness_deadline, self.now + self._liveness_bound(ack.index)
+            )
 
     def _on_read(self) -> None:
         """A client asks a random node for a linearizable read; the index it gets back must
@@ -642,7 +697,7 @@ class Simulation:
         self._at(self.now + rng.randint(1, 2 * self.opts.read_every_units), _READ)
         node = self.nodes[rng.choice(list(self.nodes))]
         core = node.core
-        if core is None or node.blocked:
+        if core is None or not self._takes_input(node):
             return
         self._read_seq += 1
         ctx = b"read-%d" % self._read_seq
@@ -693,7 +748,7 @@ class Simulation:
         rng = self._fault_rng
         self._at(self.now + self._mean_gap(self.opts.transfer_every_ticks), _TRANSFER)
         leader = self._leader()
-        if leader is None or leader.blocked:
+        if leader is None or not self._takes_input(leader):
             return
         target = rng.choice([v for v in self.voter_ids if v != leader.id])
         core = leader.core
@@ -709,8 +764,7 @@ class Simulation:
     def _on_liveness_start(self) -> None:
         self.in_liveness = True
         self.liveness_start = self.now
-        bound = LIVENESS_ELECTIONS_MAX * self.opts.election_ticks * TICK_UNITS
-        self.liveness_deadline = self.now + bound
+        self.liveness_deadline = self.now + self._liveness_bound(0)  # for the restarts below
         self.net.heal()
         self.net.set_faults(False)
         self._log("LIVENESS phase: faults healed, all nodes up")
@@ -721,6 +775,17 @@ class Simulation:
             elif node.paused:
                 node.paused = False
                 self._unblock(node)
+        last = max(n.log.last_index for n in self.nodes.values())
+        self.liveness_deadline = self.now + self._liveness_bound(last)
+
+    def _liveness_bound(self, index: int) -> int:
+        """Units allowed to get every node to ``index``: a few elections, plus the backlog
+        at one entry per round trip (the narrowest flow-control window moves one entry per
+        round trip, and the bound must not turn slow configurations into failures)."""
+        opts = self.opts
+        backlog = max(0, index - min(n.applied for n in self.nodes.values()))
+        per_entry = 2 * (opts.latency_units_max + opts.sync_units_max) + TICK_UNITS
+        return LIVENESS_ELECTIONS_MAX * opts.election_ticks * TICK_UNITS + backlog * per_entry
 
     def _liveness_done(self) -> bool:
         ack = self._liveness_ack
@@ -739,8 +804,8 @@ class Simulation:
             what = "no fresh proposal committed"
         else:
             what = f"proposal at {ack.index} committed but not applied everywhere"
-        bound = LIVENESS_ELECTIONS_MAX * self.opts.election_ticks
-        return f"{what} within {bound} ticks of healing ({states})"
+        waited = (self.now - self.liveness_start) // TICK_UNITS
+        return f"{what} within {waited} ticks of healing ({states})"
 
 
 def _describe(msg: Message) -> str:
