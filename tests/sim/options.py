@@ -110,6 +110,9 @@ class SimOptions:
     #: Whether the driver keeps stepping messages, ticks and proposals into the core while
     #: a Ready's fsync is in flight (ready() waits for advance() either way).
     step_while_syncing: bool
+    #: How long a node's loop runs before it takes a Ready after new input (0: at once);
+    #: inputs arriving meanwhile are stepped and share the Ready (batching).
+    ready_delay_units: int
 
     @classmethod
     def draw(cls, rng: random.Random) -> SimOptions:
@@ -153,6 +156,7 @@ class SimOptions:
             read_every_units=rng.choice((0, 10, 40)),
             pause_every_ticks=rng.choice((0, 20, 50, 100)),
             step_while_syncing=rng.random() < 0.5,
+            ready_delay_units=rng.choice((0, 0, 1, 3)),
         )
 
     def describe(self) -> str:

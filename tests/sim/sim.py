@@ -69,6 +69,7 @@ _LIVENESS = 9
 _READ = 10
 _PAUSE = 11
 _RESUME = 12
+_READY = 13
 
 _SNAPSHOT_DATA = struct.Struct(">QQ")
 
@@ -132,6 +133,8 @@ class SimNode:
     #: Stopped (as by SIGSTOP, a long GC pause or a stalled VM): ticks and messages wait in
     #: the inbox, to be handled all at once, stale, when it resumes.
     paused: bool = False
+    #: A ready() is scheduled for the end of the loop iteration (``ready_delay_units``).
+    ready_scheduled: bool = False
 
     @property
     def up(self) -> bool:
@@ -319,6 +322,8 @@ class Simulation:
                 self._on_pause()
             elif kind == _RESUME:
                 self._on_resume(a, obj)
+            elif kind == _READY:
+                self._on_ready(a, obj)
             if self.in_liveness and self._liveness_done():
                 self.stats.liveness_ticks = (self.now - self.liveness_start) // TICK_UNITS
                 self._log(f"liveness reached after {self.stats.liveness_ticks} ticks")
@@ -397,6 +402,7 @@ class Simulation:
         node.core = None
         node.syncing = None
         node.paused = False
+        node.ready_scheduled = False
         node.inbox.clear()
         node.incarnation += 1
         self.stats.crashes += 1
@@ -459,7 +465,7 @@ class Simulation:
                 self.clients[item.client].pending.pop(item.payload, None)
             return
         self._handle(node, item)
-        self._drive(node)
+        self._kick(node)
 
     def _handle(self, node: SimNode, item: _Input) -> None:
         core = node.core
@@ -482,6 +488,24 @@ class Simulation:
         """The node can run again: it steps every input that waited, then takes one Ready."""
         while node.inbox and node.up and self._takes_input(node):
             self._handle(node, node.inbox.popleft())
+        self._drive(node)
+
+    def _kick(self, node: SimNode) -> None:
+        """New work for the node's loop: taken at once, or after ``ready_delay_units`` (the
+        rest of a loop iteration) so that inputs arriving meanwhile share one Ready."""
+        delay = self.opts.ready_delay_units
+        if delay == 0:
+            self._drive(node)
+        elif not node.ready_scheduled:
+            node.ready_scheduled = True
+            when = self.now + node.rng.randint(0, delay)
+            self._at(when, _READY, node.id, node.incarnation)
+
+    def _on_ready(self, nid: int, incarnation: object) -> None:
+        node = self.nodes[nid]
+        if not node.up or node.incarnation != incarnation:
+            return
+        node.ready_scheduled = False
         self._drive(node)
 
     def _drive(self, node: SimNode) -> None:
@@ -707,7 +731,7 @@ class Simulation:
             return
         self._reads[ctx] = self.checker.acked_max_index
         self._observe(node)
-        self._drive(node)
+        self._kick(node)
 
     # ---- network faults ----------------------------------------------------------------
 
@@ -757,7 +781,7 @@ class Simulation:
         self._log(f"n{leader.id} TRANSFER leadership to n{target}")
         core.transfer_leadership(target)
         self._observe(leader)
-        self._drive(leader)
+        self._kick(leader)
 
     # ---- liveness ----------------------------------------------------------------------
 
