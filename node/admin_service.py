@@ -9,9 +9,7 @@ from __future__ import annotations
 from tidelog.node import rpc
 from tidelog.node.identity import NodeIdentity
 from tidelog.node.metrics import NodeMetrics
-from tidelog.node.partition import SINGLE_NODE_TERM
 from tidelog.node.topics import NewTopic, Topic, TopicRegistry
-
 from tidelog.v1 import admin_pb2 as pb
 from tidelog.v1 import admin_pb2_grpc as pb_grpc
 
@@ -25,13 +23,13 @@ def describe(topic: Topic, node_id: int) -> pb.TopicDescription:
         partitions=[
             pb.PartitionDescription(
                 partition=p.index,
-                leader=node_id,
-                replicas=[node_id],
-                in_sync=[node_id],
+                leader=p.leader_id or -1,
+                replicas=list(p.replicas),
+                in_sync=p.in_sync(),
                 log_start_offset=p.log_start_offset,
                 high_watermark=p.high_watermark,
                 size_bytes=p.log.size_bytes,
-                leader_term=SINGLE_NODE_TERM,
+                leader_term=p.term,
             )
             for p in topic.partitions
         ],

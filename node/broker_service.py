@@ -13,14 +13,12 @@ import struct
 import time
 from collections.abc import AsyncIterator
 
+from tidelog.config import validate_topic_name
+from tidelog.errors import BatchTooLarge, InvalidRequest, StorageError
 from tidelog.node import limits, rpc
 from tidelog.node.identity import NodeIdentity
 from tidelog.node.metrics import NodeMetrics
-from tidelog.node.partition import SINGLE_NODE_TERM
 from tidelog.node.topics import TopicRegistry
-
-from tidelog.config import validate_topic_name
-from tidelog.errors import BatchTooLarge, InvalidRequest, StorageError
 from tidelog.records import HEADER_SIZE, LENGTH_PREFIX_SIZE, read_header, validate_batches
 from tidelog.v1 import broker_pb2 as pb
 from tidelog.v1 import broker_pb2_grpc as pb_grpc
@@ -83,16 +81,18 @@ class BrokerService(pb_grpc.BrokerServicer):
                 f"produce request carries {len(buf)} bytes of batches, more than the limit of "
                 f"{limits.produce_request_bytes_max}: send fewer batches per request"
             )
-        validate_batches(buf, max_bytes=topic.config.max_message_bytes)
-        base, last = part.append_as_leader(buf)
+        headers = validate_batches(buf, max_bytes=topic.config.max_message_bytes)
+        base, last, index, term = part.propose(buf, headers)
         append_time_ms = time.time_ns() // 1_000_000
         tm = topic.metrics
         tm.records_in.inc(last - base + 1)
         tm.bytes_in.inc(len(buf))
+        timeout_s = (timeout_ms or limits.produce_timeout_default_ms) / 1000
         if acks in _WAIT_FOR_COMMIT:
-            await part.wait_committed(
-                last + 1, (timeout_ms or limits.produce_timeout_default_ms) / 1000
-            )
+            await part.wait_committed(index, term, timeout_s)
+        else:
+            # acks=1 (and acks=0, whose client does not wait anyway): stored on the leader.
+            await part.wait_persisted(index, term, timeout_s)
         return pb.ProduceResponse(
             base_offset=base,
             last_offset=last,
@@ -163,7 +163,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         self, request: pb.ListOffsetsRequest, context: rpc.Context
     ) -> pb.ListOffsetsResponse:
         _, part = self.registry.partition(request.topic, request.partition)
-        part.check_open()
+        part.check_serving()
         spec = request.spec
         timestamp_ms = -1
         if spec == pb.OFFSET_SPEC_LATEST:
@@ -210,10 +210,10 @@ class BrokerService(pb_grpc.BrokerServicer):
                     partitions=[
                         pb.PartitionMetadata(
                             partition=p.index,
-                            leader=node_id,
-                            replicas=[node_id],
-                            in_sync=[node_id],
-                            leader_term=SINGLE_NODE_TERM,
+                            leader=p.leader_id or -1,
+                            replicas=list(p.replicas),
+                            in_sync=p.in_sync(),
+                            leader_term=p.term,
                         )
                         for p in t.partitions
                     ],

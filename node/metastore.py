@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from rocksdict import Options, Rdict, WriteOptions
+from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 
 class MetaStore:
@@ -22,6 +23,7 @@ class MetaStore:
         self.path = path
         self._db: Rdict | None = Rdict(str(path), self._options)
         self._columns: dict[str, Rdict] = {}
+        self._handles: dict[str, Any] = {}
         self._sync = WriteOptions()
         self._sync.sync = True
         self._nosync = WriteOptions()
@@ -50,6 +52,33 @@ class MetaStore:
     def delete(self, column: str, key: bytes, *, sync: bool = True) -> None:
         self._column(column).delete(key, self._sync if sync else self._nosync)
 
+    def write_batch(
+        self,
+        column: str,
+        puts: list[tuple[bytes, bytes]],
+        deletes: list[bytes] | None = None,
+        *,
+        sync: bool = True,
+    ) -> None:
+        """Several puts and deletes in one column, atomically, with (at most) one WAL sync.
+        Safe to call from a worker thread while the event loop reads."""
+        handle = self._handle(column)
+        batch = WriteBatch(raw_mode=True)
+        for key, value in puts:
+            batch.put(key, value, handle)
+        for key in deletes or ():
+            batch.delete(key, handle)
+        assert self._db is not None
+        self._db.write(batch, self._sync if sync else self._nosync)
+
+    def _handle(self, column: str) -> Any:
+        handle = self._handles.get(column)
+        if handle is None:
+            self._column(column)
+            assert self._db is not None
+            handle = self._handles[column] = self._db.get_column_family_handle(column)
+        return handle
+
     def items(self, column: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
         """Key order; only the keys that start with ``prefix``."""
         for key, value in self._column(column).items(from_key=prefix):
@@ -61,6 +90,7 @@ class MetaStore:
     def close(self) -> None:
         # Column family handles keep the database (and its LOCK file) alive: drop them first.
         self._columns.clear()
+        self._handles.clear()
         if self._db is not None:
             self._db.close()
             self._db = None

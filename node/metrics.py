@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -40,6 +40,17 @@ class PartitionStats:
     log_end_offset: int
     high_watermark: int
     segment_count: int
+    #: Raft view of this replica (defaults: no group).
+    raft_term: int = 0
+    #: raft.types.Role value: 0 follower, 1 pre-candidate, 2 candidate, 3 leader.
+    raft_role: int = 0
+    leader_id: int = 0
+    #: On the leader: (follower id, entries the follower lacks).
+    follower_lags: tuple[tuple[int, int], ...] = ()
+    #: On the leader: replicas not caught up (fewer in sync than replicas).
+    under_replicated: bool = False
+    elections_started: int = 0
+    elections_won: int = 0
 
 
 class _PartitionCollector(Collector):
@@ -63,6 +74,34 @@ class _PartitionCollector(Collector):
         segments = GaugeMetricFamily(
             "tidelog_log_segments", "Segment files of a partition.", labels=labels
         )
+        term = GaugeMetricFamily(
+            "tidelog_raft_term", "Current Raft term of a partition replica.", labels=labels
+        )
+        role = GaugeMetricFamily(
+            "tidelog_raft_role",
+            "Raft role of a partition replica: 0 follower, 1 pre-candidate, 2 candidate, 3 leader.",
+            labels=labels,
+        )
+        leader = GaugeMetricFamily(
+            "tidelog_raft_leader",
+            "Node id of the leader this replica knows of (0: none).",
+            labels=labels,
+        )
+        lag = GaugeMetricFamily(
+            "tidelog_raft_follower_lag_entries",
+            "On a leader: Raft entries a follower lacks (leader's last index - match).",
+            labels=[*labels, "follower"],
+        )
+        started = CounterMetricFamily(
+            "tidelog_raft_elections_started",
+            "Elections (or pre-votes) this replica started.",
+            labels=labels,
+        )
+        won = CounterMetricFamily(
+            "tidelog_raft_elections_won", "Elections this replica won.", labels=labels
+        )
+        leaderless = 0
+        under = 0
         for s in self._source():
             key = [s.topic, str(s.partition)]
             size.add_metric(key, s.size_bytes)
@@ -70,7 +109,26 @@ class _PartitionCollector(Collector):
             end.add_metric(key, s.log_end_offset)
             hw.add_metric(key, s.high_watermark)
             segments.add_metric(key, s.segment_count)
-        yield from (size, start, end, hw, segments)
+            term.add_metric(key, s.raft_term)
+            role.add_metric(key, s.raft_role)
+            leader.add_metric(key, s.leader_id)
+            for follower, entries in s.follower_lags:
+                lag.add_metric([*key, str(follower)], entries)
+            started.add_metric(key, s.elections_started)
+            won.add_metric(key, s.elections_won)
+            leaderless += s.leader_id == 0
+            under += s.under_replicated
+        yield from (size, start, end, hw, segments, term, role, leader, lag, started, won)
+        yield GaugeMetricFamily(
+            "tidelog_leaderless_partitions",
+            "Partition replicas on this node that know of no leader.",
+            value=leaderless,
+        )
+        yield GaugeMetricFamily(
+            "tidelog_under_replicated_partitions",
+            "Partitions led by this node with a replica not caught up.",
+            value=under,
+        )
 
     def describe(self) -> Iterator[Metric]:
         # No samples at registration time: the collector is called only at scrape.
@@ -152,6 +210,15 @@ class NodeMetrics:
         self.group_commit_partitions = Histogram(
             "tidelog_group_commit_partitions", "Partitions fsynced by one group commit round.",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r,
+        )  # fmt: skip
+        self.raft_ready_rounds = Histogram(
+            "tidelog_raft_ready_round_seconds",
+            "Time of one Raft ready round: store, fsync, send, apply for every busy group.",
+            buckets=_LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.raft_ready_groups = Histogram(
+            "tidelog_raft_ready_round_groups", "Raft groups handled by one ready round.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096), registry=r,
         )  # fmt: skip
         self._apis: dict[str, ApiMetrics] = {}
         self._topics: dict[str, TopicMetrics] = {}

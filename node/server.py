@@ -23,18 +23,19 @@ from typing import Any
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from tidelog.node import limits
-from tidelog.node.admin_service import AdminService
-from tidelog.node.broker_service import BrokerService
-from tidelog.node.flusher import GroupCommitter
-from tidelog.node.identity import NodeIdentity
-from tidelog.node.metastore import MetaStore
-from tidelog.node.metrics import MetricsServer, NodeMetrics
-from tidelog.node.partition import LogLike
-from tidelog.node.topics import LogOpener, TopicRegistry
 
 from tidelog.config import TopicConfig
 from tidelog.errors import NodeUnavailable
+from tidelog.node import limits
+from tidelog.node.admin_service import AdminService
+from tidelog.node.broker_service import BrokerService
+from tidelog.node.identity import NodeIdentity
+from tidelog.node.metastore import MetaStore
+from tidelog.node.metrics import MetricsServer, NodeMetrics
+from tidelog.node.multiraft import MultiRaft, RaftTiming
+from tidelog.node.partition import LogLike
+from tidelog.node.raft_storage import HardStateStore
+from tidelog.node.topics import LogOpener, TopicRegistry
 from tidelog.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class Node:
         advertised: str | None = None,
         *,
         open_log: LogOpener = open_partition_log,
+        timing: RaftTiming | None = None,
     ) -> None:
         self.node_id = node_id
         self._open_log = open_log
@@ -111,10 +113,11 @@ class Node:
         self.metrics_port = metrics_port
         self.advertised = advertised
         self.metrics = NodeMetrics()
+        self.timing = timing or RaftTiming()
         self.port = 0
         self.identity: NodeIdentity | None = None
         self._store: MetaStore | None = None
-        self._committer: GroupCommitter | None = None
+        self._raft: MultiRaft | None = None
         self._registry: TopicRegistry | None = None
         self._server: aio.Server | None = None
         self._health: Any = None
@@ -160,9 +163,9 @@ class Node:
             raise StartupError(f"cannot open the metadata store in {self.data_dir}: {exc}") from exc
         cluster_id = self._load_identity(store)
 
-        self._committer = GroupCommitter(self.metrics)
+        self._raft = MultiRaft(self.node_id, HardStateStore(store), self.metrics, self.timing)
         self._registry = TopicRegistry(
-            store, self.data_dir, self.metrics, self._committer, self._open_log
+            store, self.data_dir, self.metrics, self._raft, self._open_log
         )
         await self._registry.load()
         self.metrics.watch_partitions(self._registry.partition_stats)
@@ -197,7 +200,7 @@ class Node:
         reflection.enable_server_reflection(
             [BROKER_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-        self._committer.start()
+        self._raft.start()
         await server.start()
         for service in ("", BROKER_SERVICE, ADMIN_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -241,8 +244,8 @@ class Node:
                 p.end_streams(stopping)
         if self._server is not None:
             await self._server.stop(grace_s)
-        if self._committer is not None:
-            await self._committer.stop()
+        if self._raft is not None:
+            await self._raft.stop()
         if self._registry is not None:
             await self._registry.close()
         if self._store is not None:

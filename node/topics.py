@@ -24,12 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tidelog.node import limits
-from tidelog.node.flusher import GroupCommitter
-from tidelog.node.metastore import MetaStore
-from tidelog.node.metrics import NodeMetrics, PartitionStats, TopicMetrics
-from tidelog.node.partition import LogLike, Partition
-
 from tidelog.config import (
     TOPIC_CONFIG_KEYS,
     TopicConfig,
@@ -49,6 +43,13 @@ from tidelog.errors import (
     UnknownPartition,
     UnknownTopic,
 )
+from tidelog.node import limits
+from tidelog.node.metastore import MetaStore
+from tidelog.node.metrics import NodeMetrics, PartitionStats, TopicMetrics
+from tidelog.node.multiraft import MultiRaft
+from tidelog.node.partition import LogLike, Partition
+from tidelog.node.raft.limits import Config
+from tidelog.node.raft.types import ConfState
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,11 @@ class Topic:
         return effective_configs(self.meta.overrides)
 
 
+def _group_base(topic_id: str) -> int:
+    """Stable Raft group ids for a topic's partitions, from its random id."""
+    return (int(topic_id[:10], 16) + 1) << 20
+
+
 def _key(name: str) -> bytes:
     return _KEY_PREFIX + name.encode()
 
@@ -141,14 +147,16 @@ class TopicRegistry:
         store: MetaStore,
         data_dir: Path,
         metrics: NodeMetrics,
-        committer: GroupCommitter,
+        raft: MultiRaft,
         open_log: LogOpener,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         self._store = store
         self._dir = data_dir / _TOPICS_DIR
         self._metrics = metrics
-        self._committer = committer
+        self._raft = raft
+        # Partitions keep their offsets dense: a leader of a committed log appends nothing.
+        self._raft_config = raft.timing.config(Config(always_append_empty=False))
         self._open_log = open_log
         self._clock_ms = clock_ms
         self._topics: dict[str, Topic] = {}
@@ -191,6 +199,7 @@ class TopicRegistry:
             for p in topic.partitions:
                 lg = p.log
                 try:
+                    lags = p.follower_lags()
                     out.append(
                         PartitionStats(
                             p.topic,
@@ -200,6 +209,13 @@ class TopicRegistry:
                             lg.log_end_offset,
                             p.high_watermark,
                             lg.segment_count,
+                            raft_term=p.term,
+                            raft_role=int(p.role),
+                            leader_id=p.leader_id,
+                            follower_lags=tuple(lags),
+                            under_replicated=bool(lags) and len(p.in_sync()) < len(p.replicas),
+                            elections_started=p.elections_started,
+                            elections_won=p.elections_won,
                         )
                     )
                 except Exception:
@@ -238,10 +254,23 @@ class TopicRegistry:
             return logs
 
         logs = await asyncio.to_thread(open_all)
-        partitions = [
-            Partition(meta.name, i, lg, config, self._committer.mark_dirty)
-            for i, lg in enumerate(logs)
-        ]
+        node_id = self._raft.node_id
+        group_base = _group_base(meta.topic_id)
+        partitions = []
+        for i, lg in enumerate(logs):
+            p = Partition(meta.name, i, lg, config, group_id=group_base + i, replicas=[node_id])
+            group = self._raft.add_group(
+                p.group_id,
+                lg,
+                ConfState(voters=frozenset({node_id})),
+                p,
+                durable=config.flush != "os",
+                config=self._raft_config,
+            )
+            p.attach(group, self._raft)
+            # The only voter: it wins at once, so the partition takes writes right away.
+            self._raft.campaign(group)
+            partitions.append(p)
         self._partition_count += len(partitions)
         return Topic(meta, partitions, self._metrics.topic(meta.name))
 
@@ -250,7 +279,7 @@ class TopicRegistry:
         for topic in list(self._topics.values()):
             for p in topic.partitions:
                 p.close_for_shutdown()
-                await self._committer.forget(p)
+                await self._raft.remove_group(p.group_id, forget=False)
         logs = [p.log for t in self._topics.values() for p in t.partitions]
         self._topics.clear()
 
@@ -354,7 +383,7 @@ class TopicRegistry:
         self._partition_count -= len(topic.partitions)
         for p in topic.partitions:
             p.close_for_delete()
-            await self._committer.forget(p)
+            await self._raft.remove_group(p.group_id, forget=True)
         logs = [p.log for p in topic.partitions]
         topic_dir = self._dir / name
 

@@ -1,103 +1,177 @@
-"""Partition replica: append vs commit, produce waiters, fetch wake-ups, closing."""
+"""Partition replica over a running Raft group: proposals, commit and persist waiters, the
+high watermark, leadership checks, overwritten entries, closing."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
-from tidelog.node.partition import Partition
 
-from tests.unit.node_fakes import FakeLog
+from tests.unit.node_fakes import InstrumentedLog
 from tidelog.config import TopicConfig
 from tidelog.errors import (
+    LeaderNotAvailable,
     NodeUnavailable,
+    NotLeader,
     OffsetOutOfRange,
     RequestTimedOut,
     StorageError,
     UnknownTopic,
 )
+from tidelog.node.metastore import MetaStore
+from tidelog.node.metrics import NodeMetrics
+from tidelog.node.multiraft import MultiRaft, RaftTiming
+from tidelog.node.partition import Partition
+from tidelog.node.raft.limits import Config
+from tidelog.node.raft.types import ConfState, Entry, Role
+from tidelog.node.raft_storage import HardStateStore
 from tidelog.records import encode_batch, validate_batches
 
 DURABLE = TopicConfig.from_overrides({})
 OS = TopicConfig.from_overrides({"flush": "os"})
+TIMING = RaftTiming(tick_ms=10, heartbeat_interval_ms=20, election_timeout_ms=200)
+CONFIG = TIMING.config(Config(always_append_empty=False))
 
 
-def make(config: TopicConfig = DURABLE) -> tuple[Partition, FakeLog, list[Partition]]:
-    lg = FakeLog()
-    dirty: list[Partition] = []
-    return Partition("t", 0, lg, config, dirty.append), lg, dirty
+@dataclass
+class Env:
+    dir: Path
+    store: MetaStore
+    raft: MultiRaft
+
+    def make(
+        self,
+        config: TopicConfig = DURABLE,
+        voters: frozenset[int] = frozenset({1}),
+        group_id: int = 7,
+        campaign: bool = True,
+    ) -> tuple[Partition, InstrumentedLog]:
+        lg = InstrumentedLog(self.dir / f"p{group_id}", config)
+        addresses = {2: "10.0.0.2:9092"}
+        p = Partition(
+            "t", 0, lg, config, group_id=group_id, replicas=sorted(voters),
+            address_of=addresses.get,
+        )  # fmt: skip
+        group = self.raft.add_group(
+            group_id, lg, ConfState(voters=voters), p, durable=config.flush != "os", config=CONFIG
+        )
+        p.attach(group, self.raft)
+        if campaign:
+            self.raft.campaign(group)
+        return p, lg
 
 
-def append(p: Partition, n: int, ts: int = 1000) -> tuple[int, int]:
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    store = MetaStore(tmp_path / "meta")
+    raft = MultiRaft(1, HardStateStore(store), NodeMetrics(), TIMING)
+    raft.start()
+    yield Env(tmp_path, store, raft)
+    await raft.stop()
+    store.close()
+
+
+def batch(n: int, ts: int = 1000) -> tuple[bytes, list]:  # type: ignore[type-arg]
     buf = encode_batch([b"v%d" % i for i in range(n)], timestamps_ms=ts)
-    return p.append_as_leader(buf)
+    return buf, validate_batches(buf)
+
+
+async def produce(p: Partition, n: int, ts: int = 1000) -> tuple[int, int]:
+    buf, headers = batch(n, ts)
+    base, last, index, term = p.propose(buf, headers)
+    await p.wait_committed(index, term, 5)
+    return base, last
+
+
+async def until_serving(p: Partition) -> None:
+    async with asyncio.timeout(5):
+        while not p.serving:
+            await asyncio.sleep(0.005)
 
 
 @pytest.mark.timeout(10)
-async def test_durable_append_is_invisible_until_committed() -> None:
-    p, lg, dirty = make()
-    assert append(p, 3) == (0, 2)
-    assert append(p, 2) == (3, 4)
-    assert lg.log_end_offset == 5
+async def test_proposals_get_dense_offsets_and_commit(env: Env) -> None:
+    p, lg = env.make()
+    await until_serving(p)
     assert p.high_watermark == 0
-    assert dirty == [p, p]
-    assert p.dirty
-    p.commit(5)
-    assert p.high_watermark == 5
-    p.commit(2)  # never backwards
-    assert p.high_watermark == 5
+    assert await produce(p, 3) == (0, 2)
+    assert await produce(p, 2) == (3, 4)
+    assert p.high_watermark == 5 and lg.log_end_offset == 5
+    assert lg.flushed_offset == 5 and lg.flush_calls >= 1
+    # Two batches in one request: two Raft entries, offsets continue per record.
+    buf = encode_batch([b"x"] * 2) + encode_batch([b"y"])
+    base, last, index, term = p.propose(buf, validate_batches(buf))
+    assert (base, last) == (5, 7) and index == lg.last_index + 2
+    await p.wait_committed(index, term, 5)
+    assert lg.last_index == index and p.high_watermark == 8
 
 
 @pytest.mark.timeout(10)
-async def test_os_flush_commits_at_append() -> None:
-    p, _, dirty = make(OS)
-    append(p, 10)
+async def test_offsets_continue_across_proposals_not_yet_stored(env: Env) -> None:
+    p, _lg = env.make()
+    await until_serving(p)
+    bufs = [batch(2) for _ in range(5)]
+    results = [p.propose(buf, headers) for buf, headers in bufs]  # one loop iteration
+    assert [r[:2] for r in results] == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+    await asyncio.gather(*(p.wait_committed(r[2], r[3], 5) for r in results))
     assert p.high_watermark == 10
-    assert dirty == []
 
 
 @pytest.mark.timeout(10)
-async def test_waiters_wake_in_offset_order_only_when_covered() -> None:
-    p, _, _ = make()
-    append(p, 2)
-    append(p, 2)
-    first = asyncio.create_task(p.wait_committed(2, 5))
-    second = asyncio.create_task(p.wait_committed(4, 5))
-    await asyncio.sleep(0)
-    p.commit(3)
-    await asyncio.sleep(0)
-    assert first.done() and not second.done()
-    p.commit(4)
-    await asyncio.wait_for(second, 1)
-    # Already committed: returns at once.
-    await asyncio.wait_for(p.wait_committed(4, 5), 1)
+async def test_flush_os_skips_fsync(env: Env) -> None:
+    p, lg = env.make(OS)
+    await until_serving(p)
+    await produce(p, 10)
+    assert p.high_watermark == 10
+    assert lg.flush_calls == 0
 
 
 @pytest.mark.timeout(10)
-async def test_wait_times_out_and_leaves_no_waiter_behind() -> None:
-    p, _, _ = make()
-    append(p, 1)
+async def test_acks_leader_waits_for_the_local_store_only(env: Env) -> None:
+    p, _ = env.make()
+    await until_serving(p)
+    buf, headers = batch(1)
+    _, _, index, term = p.propose(buf, headers)
+    await p.wait_persisted(index, term, 5)
+
+
+@pytest.mark.timeout(10)
+async def test_wait_times_out_and_leaves_no_waiter_behind(env: Env) -> None:
+    p, lg = env.make()
+    await until_serving(p)
+    lg.flush_delay_s = 0.3
+    buf, headers = batch(1)
+    _, _, index, term = p.propose(buf, headers)
     with pytest.raises(RequestTimedOut, match="not committed within 20 ms"):
-        await p.wait_committed(1, 0.02)
-    assert len(p._waiters) == 0
+        await p.wait_committed(index, term, 0.02)
+    assert len(p._commit_waiters) == 0
+    assert p.read(0, 1 << 20) == b""  # appended, not committed yet: invisible
+    lg.flush_delay_s = 0
+    await p.wait_committed(index, term, 5) if p.high_watermark == 0 else None
+    assert p.high_watermark == 1
 
 
 @pytest.mark.timeout(10)
-async def test_changed_event_fires_on_commit_and_is_replaced() -> None:
-    p, _, _ = make()
+async def test_changed_event_fires_on_commit_and_is_replaced(env: Env) -> None:
+    p, _ = env.make()
+    await until_serving(p)
     ev = p.changed()
-    append(p, 1)
-    assert not ev.is_set()
-    p.commit(1)
+    await produce(p, 1)
     assert ev.is_set()
     assert not p.changed().is_set()
 
 
 @pytest.mark.timeout(10)
-async def test_delete_fails_waiters_and_rejects_appends() -> None:
-    p, _, _ = make()
-    append(p, 1)
-    waiter = asyncio.create_task(p.wait_committed(1, 5))
+async def test_delete_fails_waiters_and_rejects_proposals(env: Env) -> None:
+    p, lg = env.make()
+    await until_serving(p)
+    lg.flush_delay_s = 0.2
+    buf, headers = batch(1)
+    _, _, index, term = p.propose(buf, headers)
+    waiter = asyncio.create_task(p.wait_committed(index, term, 5))
     await asyncio.sleep(0)
     ev = p.changed()
     p.close_for_delete()
@@ -105,7 +179,7 @@ async def test_delete_fails_waiters_and_rejects_appends() -> None:
     with pytest.raises(UnknownTopic, match="deleted"):
         await waiter
     with pytest.raises(UnknownTopic):
-        append(p, 1)
+        p.propose(buf, headers)
     with pytest.raises(UnknownTopic):
         p.check_streaming()
     p.close_for_shutdown()  # the first error wins
@@ -114,70 +188,115 @@ async def test_delete_fails_waiters_and_rejects_appends() -> None:
 
 
 @pytest.mark.timeout(10)
-async def test_end_streams_keeps_appends_and_commits_going() -> None:
-    p, _, _ = make()
+async def test_end_streams_keeps_proposals_and_commits_going(env: Env) -> None:
+    p, _ = env.make()
+    await until_serving(p)
     p.end_streams(NodeUnavailable("stopping"))
     with pytest.raises(NodeUnavailable):
         p.check_streaming()
     p.check_open()
-    append(p, 2)
-    waiter = asyncio.create_task(p.wait_committed(2, 5))
-    await asyncio.sleep(0)
-    p.commit(2)
-    await asyncio.wait_for(waiter, 1)
+    assert await produce(p, 2) == (0, 1)
 
 
 @pytest.mark.timeout(10)
-async def test_storage_failure_takes_the_partition_offline() -> None:
-    p, _, _ = make()
-    p.fail_storage(OSError(5, "Input/output error"))
+async def test_storage_failure_takes_the_partition_offline(env: Env) -> None:
+    p, lg = env.make()
+    await until_serving(p)
+    lg.flush_error = OSError(5, "Input/output error")
+    buf, headers = batch(1)
+    _, _, index, term = p.propose(buf, headers)
     with pytest.raises(StorageError, match="Input/output error"):
-        append(p, 1)
+        await p.wait_committed(index, term, 5)
+    with pytest.raises(StorageError):
+        p.propose(buf, headers)
+    assert p.high_watermark == 0  # never acknowledged, never visible
 
 
 @pytest.mark.timeout(10)
-async def test_fetch_offset_range_names_the_valid_range() -> None:
-    p, lg, _ = make(OS)
-    append(p, 5)
-    lg.log_start_offset = 2
-    p.check_fetch_offset(2)
+async def test_fetch_offset_range_names_the_valid_range(env: Env) -> None:
+    p, _ = env.make(OS)
+    await until_serving(p)
+    await produce(p, 5)
+    p.check_fetch_offset(0)
     p.check_fetch_offset(5)
-    for bad in (1, 6, -1):
-        with pytest.raises(OffsetOutOfRange, match=r"valid offsets are 2\.\.5") as info:
+    for bad in (6, -1):
+        with pytest.raises(OffsetOutOfRange, match=r"valid offsets are 0\.\.5") as info:
             p.check_fetch_offset(bad)
-        assert info.value.metadata == {"log_start_offset": "2", "high_watermark": "5"}
+        assert info.value.metadata == {"log_start_offset": "0", "high_watermark": "5"}
 
 
 @pytest.mark.timeout(10)
-async def test_read_serves_only_committed_batches() -> None:
-    p, _, _ = make()
-    append(p, 2)
-    append(p, 3)
-    p.commit(2)
-    data = p.read(0, 1 << 20)
-    assert validate_batches(data)[-1][1].last_offset == 1
-    assert p.read(2, 1 << 20) == b""
-
-
-@pytest.mark.timeout(10)
-async def test_offset_for_timestamp_hides_uncommitted() -> None:
-    p, _, _ = make()
-    append(p, 2, ts=1000)
-    append(p, 2, ts=2000)
-    p.commit(2)
+async def test_offset_for_timestamp_hides_uncommitted(env: Env) -> None:
+    p, lg = env.make()
+    await until_serving(p)
+    await produce(p, 2, ts=1000)
+    lg.flush_delay_s = 0.3
+    buf, headers = batch(2, ts=2000)
+    _, _, index, term = p.propose(buf, headers)
+    await asyncio.sleep(0.05)
     assert p.offset_for_timestamp(500) == (0, 1000)
     assert p.offset_for_timestamp(1500) == (2, -1)  # found at 2, but 2 is not committed
-    assert p.offset_for_timestamp(9999) == (2, -1)
+    lg.flush_delay_s = 0
+    await p.wait_committed(index, term, 5)
+    assert p.offset_for_timestamp(1500) == (2, 2000)
 
 
 @pytest.mark.timeout(10)
-async def test_switching_to_flush_os_commits_what_waited_for_fsync() -> None:
-    p, lg, dirty = make()
-    append(p, 4)
-    assert p.high_watermark == 0
+async def test_switching_flush_mode_switches_fsync(env: Env) -> None:
+    p, lg = env.make()
+    await until_serving(p)
+    await produce(p, 1)
+    calls = lg.flush_calls
     p.update_config(OS)
-    assert p.high_watermark == 4
     assert lg.config is OS
-    dirty.clear()
+    await produce(p, 1)
+    assert lg.flush_calls == calls
     p.update_config(DURABLE)
-    assert dirty == [p]  # still unflushed: the committer must fsync it
+    await produce(p, 1)
+    assert lg.flush_calls > calls
+
+
+@pytest.mark.timeout(10)
+async def test_followers_and_leaderless_replicas_redirect(env: Env) -> None:
+    p, _ = env.make(voters=frozenset({1, 2, 3}), campaign=False)
+    buf, headers = batch(1)
+    with pytest.raises(LeaderNotAvailable, match="no leader"):
+        p.propose(buf, headers)
+    with pytest.raises(LeaderNotAvailable):
+        p.check_serving()
+    assert p.role == Role.FOLLOWER and p.in_sync() == [] and p.follower_lags() == []
+    assert p.group is not None
+    p.group.raw.leader_id = 2  # as if node 2's heartbeat had arrived
+    with pytest.raises(NotLeader, match=r"node 2 is at 10\.0\.0\.2:9092") as info:
+        p.propose(buf, headers)
+    assert info.value.metadata == {"leader_id": "2", "leader_address": "10.0.0.2:9092"}
+
+
+@pytest.mark.timeout(10)
+async def test_truncated_and_replaced_entries_fail_their_producers(env: Env) -> None:
+    p, _lg = env.make()
+    await until_serving(p)
+    assert p.group is not None
+    group = p.group
+    # Waiters (in index order) as a leader that is then deposed would leave them.
+    kept = asyncio.create_task(p.wait_committed(8, 1, 5))
+    replaced = asyncio.create_task(p.wait_committed(9, 1, 5))
+    lost = asyncio.create_task(p.wait_committed(10, 1, 5))
+    await asyncio.sleep(0)
+    p.on_truncated(group, 10)
+    with pytest.raises(NotLeader, match="overwritten"):
+        await lost
+    p.on_committed(group, (Entry(1, 8, b""), Entry(2, 9, b"")))
+    await asyncio.wait_for(kept, 1)
+    with pytest.raises(NotLeader, match="replaced"):
+        await replaced
+
+
+@pytest.mark.timeout(10)
+async def test_follower_lags_and_in_sync_on_a_leader(env: Env) -> None:
+    p, _ = env.make(voters=frozenset({1, 2}), campaign=False)
+    assert p.group is not None
+    # No peer answers: node 1 can win only with node 2's vote, so force the role for a view.
+    p.group.raw.campaign()
+    assert p.role != Role.LEADER
+    assert p.follower_lags() == []

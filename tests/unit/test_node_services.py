@@ -14,10 +14,10 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc import aio
-from tidelog.node.server import Node, StartupError
 
-from tests.unit.node_fakes import FakeLog
+from tests.unit.node_fakes import InstrumentedLog
 from tidelog.errors import from_rpc_error
+from tidelog.node.server import Node, StartupError
 from tidelog.records import decode_batches, encode_batch
 from tidelog.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
 
@@ -60,7 +60,7 @@ async def read(call: object) -> broker_pb2.FetchResponse:
 
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
-    n = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=FakeLog)
+    n = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=InstrumentedLog)
     await n.start()
     yield n
     await n.stop(1)
@@ -160,7 +160,7 @@ async def test_unexpected_exception_is_internal_and_node_keeps_serving(
     await client.create("i")
     _, part = node.registry.partition("i", 0)
 
-    def boom(offset: int, max_bytes: int, *, upto: int) -> bytes:
+    def boom(offset: int, max_bytes: int, *, upto: int | None = None) -> bytes:
         raise ZeroDivisionError("boom")
 
     part.log.read = boom  # type: ignore[method-assign]
@@ -179,14 +179,14 @@ async def test_acks_all_waits_for_group_commit(node: Node, client: Client) -> No
     assert sorted(r.base_offset for r in rs) == list(range(0, 500, 10))
     _, part = node.registry.partition("g", 0)
     lg = part.log
-    assert isinstance(lg, FakeLog)
+    assert isinstance(lg, InstrumentedLog)
     assert lg.flushed_offset == 500 and part.high_watermark == 500
     assert lg.flush_calls <= 50
 
 
 @pytest.mark.timeout(20)
 async def test_shutdown_ends_streams_with_unavailable(tmp_path: Path) -> None:
-    node = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=FakeLog)
+    node = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=InstrumentedLog)
     await node.start()
     c = Client(node)
     await c.create("z")
@@ -202,13 +202,13 @@ async def test_shutdown_ends_streams_with_unavailable(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(20)
 async def test_retention_and_roll_run_in_the_background(tmp_path: Path) -> None:
-    node = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=FakeLog)
+    node = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=InstrumentedLog)
     node.retention_interval_s = 0.01
     await node.start()
     c = Client(node)
     await c.create("r", 2)
     logs = [p.log for p in node.registry.partitions()]
-    assert all(isinstance(lg, FakeLog) for lg in logs)
+    assert all(isinstance(lg, InstrumentedLog) for lg in logs)
     deadline = asyncio.get_running_loop().time() + 5
     while not all(lg.retention_runs and lg.rolls for lg in logs):  # type: ignore[attr-defined]
         assert asyncio.get_running_loop().time() < deadline
@@ -219,15 +219,15 @@ async def test_retention_and_roll_run_in_the_background(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(20)
 async def test_data_dir_of_another_node_is_refused(tmp_path: Path) -> None:
-    first = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=FakeLog)
+    first = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=InstrumentedLog)
     await first.start()
     cluster_id = first.identity.cluster_id if first.identity else ""
     await first.stop(1)
-    other = Node(2, "127.0.0.1:0", tmp_path, free_port(), open_log=FakeLog)
+    other = Node(2, "127.0.0.1:0", tmp_path, free_port(), open_log=InstrumentedLog)
     with pytest.raises(StartupError, match="belongs to node 1"):
         await other.start()
     await other.stop(0)
-    again = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=FakeLog)
+    again = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=InstrumentedLog)
     await again.start()
     assert again.identity is not None and again.identity.cluster_id == cluster_id
     await again.stop(1)

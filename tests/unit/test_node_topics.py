@@ -6,13 +6,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from tidelog.node.flusher import GroupCommitter
-from tidelog.node.metastore import MetaStore
-from tidelog.node.metrics import NodeMetrics
-from tidelog.node.partition import LogLike
-from tidelog.node.topics import NewTopic, TopicMeta, TopicRegistry
 
-from tests.unit.node_fakes import FakeLog
+from tests.unit.node_fakes import InstrumentedLog
 from tidelog.config import TopicConfig
 from tidelog.errors import (
     InvalidConfig,
@@ -25,34 +20,41 @@ from tidelog.errors import (
     UnknownPartition,
     UnknownTopic,
 )
+from tidelog.node.metastore import MetaStore
+from tidelog.node.metrics import NodeMetrics
+from tidelog.node.multiraft import MultiRaft
+from tidelog.node.partition import LogLike
+from tidelog.node.raft_storage import HardStateStore
+from tidelog.node.topics import NewTopic, TopicMeta, TopicRegistry
 
 
 class Env:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        self.logs: dict[Path, FakeLog] = {}
+        self.logs: dict[Path, InstrumentedLog] = {}
         self.store: MetaStore | None = None
         self.registry: TopicRegistry | None = None
-        self.committer: GroupCommitter | None = None
+        self.raft: MultiRaft | None = None
 
     def open_log(self, directory: Path, config: TopicConfig) -> LogLike:
-        lg = FakeLog(directory, config)
+        lg = InstrumentedLog(directory, config)
         self.logs[directory] = lg
         return lg
 
     async def start(self) -> TopicRegistry:
         self.store = MetaStore(self.data_dir / "meta")
         metrics = NodeMetrics()
-        self.committer = GroupCommitter(metrics)
+        self.raft = MultiRaft(1, HardStateStore(self.store), metrics)
         self.registry = TopicRegistry(
-            self.store, self.data_dir, metrics, self.committer, self.open_log, lambda: 1234
+            self.store, self.data_dir, metrics, self.raft, self.open_log, lambda: 1234
         )
         await self.registry.load()
+        self.raft.start()
         return self.registry
 
     async def stop(self) -> None:
-        assert self.registry and self.committer and self.store
-        await self.committer.stop()
+        assert self.registry and self.raft and self.store
+        await self.raft.stop()
         await self.registry.close()
         self.store.close()
 
@@ -223,12 +225,12 @@ async def test_partition_stats_cover_every_partition(env: Env) -> None:
 @pytest.mark.timeout(10)
 async def test_failed_create_leaves_nothing_behind(env: Env) -> None:
     r = reg(env)
-    opened: list[FakeLog] = []
+    opened: list[InstrumentedLog] = []
 
     def flaky(directory: Path, config: TopicConfig) -> LogLike:
         if directory.name == "2":
             raise OSError(28, "No space left on device")
-        lg = FakeLog(directory, config)
+        lg = InstrumentedLog(directory, config)
         opened.append(lg)
         return lg
 

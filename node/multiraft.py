@@ -1,0 +1,518 @@
+"""MultiRaft: one asyncio loop drives every Raft group of the node.
+
+A node hosts thousands of groups (one per partition replica, plus the controller's group 0).
+Driving each with its own tasks, timers and fsyncs would cost more than the data; instead:
+
+* One **tick task** ticks every group every ``tick_ms`` (50 ms). Heartbeat interval and
+  election timeout are converted to ticks; the election timeout is randomized over
+  ``[T, 1.5T)`` (``Config.election_timeout_span_ticks``), which keeps failover near
+  1.25 T on average. After a pause (SIGSTOP, a stalled machine) the task does not replay the
+  missed ticks: a burst of ticks would make every follower campaign at once.
+* One **ready loop** runs rounds. A round takes the Ready of every group that has one and
+  processes them together, in the order of the Ready contract (``raft/types.py``):
+
+  1. install snapshots; append the entries of every group to its log (truncating a
+     conflicting suffix first); collect the changed hard states;
+  2. make it durable at once: fsync every dirty log in worker threads, concurrently, AND
+     write every changed hard state in ONE RocksDB write batch (synced when a term or vote
+     changed). This is the group commit across partitions: one round's fsyncs cover every
+     request that arrived while the previous round ran;
+  3. send the messages (the transport batches them per peer);
+  4. apply the committed entries (through each group's handler), then ``advance``.
+
+  Proposals, messages and ticks that arrive while a round waits for its fsyncs are picked up
+  by the next round, so the busier the node, the more each fsync covers.
+
+Topics with ``flush=os`` skip step 2's fsync of their log (their hard state is still
+written): an entry is then acknowledged, by a follower or to a producer, once it is in the
+page cache. That survives the death of the process but not of the machine; a machine crash
+can lose acknowledged records of such topics (as Kafka's default, which never fsyncs).
+
+A group whose log fails to write or fsync is taken offline (its handler hears of it): it is
+never advanced again, so nothing it failed to store is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Final, Protocol
+
+from tidelog.node import limits
+from tidelog.node.metrics import NodeMetrics
+from tidelog.node.raft.core import RawNode
+from tidelog.node.raft.limits import Config
+from tidelog.node.raft.types import (
+    ConfState,
+    Entry,
+    HardState,
+    Message,
+    Ready,
+    Role,
+    Snapshot,
+    SoftState,
+)
+from tidelog.node.raft_storage import HardStateStore, LogStorage, RaftLogFile
+
+log = logging.getLogger(__name__)
+
+#: Messages kept for groups this node does not host yet (a topic whose creation the node
+#: has not applied while the preferred leader already campaigns), and how long.
+early_messages_max: Final = 10_000
+early_message_ttl_ms: Final = 5_000
+#: Ticks a tick task may fall behind before it skips ahead instead of catching up.
+tick_lag_max: Final = 2
+
+
+@dataclass(frozen=True, slots=True)
+class RaftTiming:
+    """Raft timing in wall-clock units; ``config`` turns it into ticks."""
+
+    tick_ms: int = 50
+    heartbeat_interval_ms: int = 100
+    election_timeout_ms: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.tick_ms < 1:
+            raise ValueError(f"tick_ms must be >= 1, got {self.tick_ms}")
+        if self.heartbeat_interval_ms < self.tick_ms:
+            raise ValueError(
+                f"the heartbeat interval ({self.heartbeat_interval_ms} ms) must be at least "
+                f"one tick ({self.tick_ms} ms)"
+            )
+        if self.election_timeout_ms < 2 * self.heartbeat_interval_ms:
+            raise ValueError(
+                f"the election timeout ({self.election_timeout_ms} ms) must be at least twice "
+                f"the heartbeat interval ({self.heartbeat_interval_ms} ms), or followers "
+                "campaign against a healthy leader"
+            )
+
+    def config(self, base: Config | None = None) -> Config:
+        election = max(2, round(self.election_timeout_ms / self.tick_ms))
+        heartbeat = max(1, round(self.heartbeat_interval_ms / self.tick_ms))
+        heartbeat = min(heartbeat, election - 1)
+        return replace(
+            base or Config(),
+            election_timeout_ticks=election,
+            election_timeout_span_ticks=max(1, election // 2),
+            heartbeat_interval_ticks=heartbeat,
+        )
+
+
+class Sender(Protocol):
+    """Where messages for other nodes go (``node/transport.RaftTransport``)."""
+
+    def send(self, to_node: int, group: int, msg: Message) -> None: ...
+
+
+class GroupHandler(Protocol):
+    """What a group's owner (a partition replica, the controller) hears from the driver.
+    Every call happens on the event loop, inside a round, in the order listed."""
+
+    def on_soft_state(self, group: RaftGroup, soft: SoftState) -> None:
+        """The leader or the role changed (before this round's entries are stored)."""
+
+    def on_snapshot(self, group: RaftGroup, snapshot: Snapshot) -> None:
+        """The log was replaced by a snapshot (it now starts after ``snapshot.meta``)."""
+
+    def on_truncated(self, group: RaftGroup, from_index: int) -> None:
+        """Entries from ``from_index`` on were removed (a new leader overwrote them)."""
+
+    def on_persisted(self, group: RaftGroup, last_index: int) -> None:
+        """Entries up to ``last_index`` are stored (and fsynced unless flush=os)."""
+
+    def on_committed(self, group: RaftGroup, entries: tuple[Entry, ...]) -> None:
+        """``entries`` are committed, in order, contiguous with the previous call."""
+
+    def on_storage_failure(self, group: RaftGroup, exc: BaseException) -> None:
+        """The group's log failed; the group is offline from now on."""
+
+
+class RaftGroup:
+    """One group on this node: its core, its storage, its owner."""
+
+    __slots__ = ("durable", "failed", "group_id", "handler", "raw", "removed", "storage")
+
+    def __init__(
+        self,
+        group_id: int,
+        raw: RawNode,
+        storage: LogStorage,
+        handler: GroupHandler,
+        durable: bool,
+    ) -> None:
+        self.group_id = group_id
+        self.raw = raw
+        self.storage = storage
+        self.handler = handler
+        #: fsync the log in each round (flush=durable); False for flush=os.
+        self.durable = durable
+        self.removed = False
+        self.failed = False
+
+    @property
+    def log(self) -> RaftLogFile:
+        return self.storage.log
+
+    @property
+    def is_leader(self) -> bool:
+        return self.raw.role == Role.LEADER
+
+    def __repr__(self) -> str:
+        return f"RaftGroup({self.group_id}, {self.raw!r})"
+
+
+def _fsync_chunk(groups: list[RaftGroup]) -> list[tuple[RaftGroup, float, BaseException | None]]:
+    """Runs in a worker thread: fsync each group's log once, timing each."""
+    out: list[tuple[RaftGroup, float, BaseException | None]] = []
+    for g in groups:
+        t0 = time.perf_counter()
+        try:
+            g.storage.log.flush()
+        except Exception as error:
+            out.append((g, time.perf_counter() - t0, error))
+        else:
+            out.append((g, time.perf_counter() - t0, None))
+    return out
+
+
+class MultiRaft:
+    """The node's Raft driver; see the module docstring."""
+
+    def __init__(
+        self,
+        node_id: int,
+        hard_states: HardStateStore,
+        metrics: NodeMetrics,
+        timing: RaftTiming | None = None,
+        *,
+        sender: Sender | None = None,
+        threads: int = limits.flush_threads,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.timing = timing or RaftTiming()
+        self._hard_states = hard_states
+        self._metrics = metrics
+        self._sender = sender
+        self._rng = rng or random.Random()
+        self._threads = threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="tidelog-fsync")
+        self.groups: dict[int, RaftGroup] = {}
+        # Insertion-ordered set of groups that may have a Ready.
+        self._dirty: dict[RaftGroup, None] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tick_task: asyncio.Task[None] | None = None
+        self._ready_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._early: dict[int, list[tuple[float, int, Message]]] = {}
+        self._early_count = 0
+        self.rounds = 0
+
+    # ---- groups ----------------------------------------------------------------------------
+
+    def set_sender(self, sender: Sender) -> None:
+        self._sender = sender
+
+    def add_group(
+        self,
+        group_id: int,
+        partition_log: RaftLogFile,
+        conf: ConfState,
+        handler: GroupHandler,
+        *,
+        durable: bool,
+        config: Config,
+        applied: int | None = None,
+    ) -> RaftGroup:
+        """Start driving a group over ``partition_log`` (opened, recovered). ``applied``: the
+        last index the owner has applied (default: the stored commit index, for owners whose
+        state is derived from the log itself, like a partition's high watermark)."""
+        if group_id in self.groups:
+            raise ValueError(f"raft group {group_id} is already running on this node")
+        hs = self._hard_states.load(group_id)
+        storage = LogStorage(partition_log, hs, conf)
+        if applied is None:
+            applied = storage.hard_state().commit
+        raw = RawNode(self.node_id, storage, self._rng, config, applied=applied)
+        group = RaftGroup(group_id, raw, storage, handler, durable)
+        self.groups[group_id] = group
+        early = self._early.pop(group_id, None)
+        if early:
+            self._early_count -= len(early)
+            cutoff = time.monotonic() - early_message_ttl_ms / 1000
+            for at, _frm, msg in early:
+                if at >= cutoff:
+                    self._step(group, msg)
+        self.touch(group)
+        return group
+
+    def campaign(self, group: RaftGroup) -> None:
+        group.raw.campaign()
+        self.touch(group)
+
+    def touch(self, group: RaftGroup) -> None:
+        """The group may have work (a proposal, a step): include it in the next round."""
+        self._dirty[group] = None
+        self._wake.set()
+
+    async def remove_group(self, group_id: int, *, forget: bool) -> RaftGroup | None:
+        """Stop driving a group; returns once no round uses it (its log may then be closed).
+        ``forget`` also deletes its hard state (the replica is gone for good)."""
+        group = self.groups.pop(group_id, None)
+        if group is None:
+            return None
+        group.removed = True
+        self._dirty.pop(group, None)
+        while not self._idle.is_set():
+            await self._idle.wait()
+        if forget:
+            self._hard_states.delete(group_id)
+        return group
+
+    def set_durable(self, group: RaftGroup, durable: bool) -> None:
+        group.durable = durable
+
+    # ---- messages from peers ------------------------------------------------------------------
+
+    def deliver(self, from_node: int, items: list[tuple[int, Message]]) -> None:
+        """The transport's callback: step each message into its group."""
+        groups = self.groups
+        for group_id, msg in items:
+            group = groups.get(group_id)
+            if group is None:
+                self._keep_early(group_id, from_node, msg)
+                continue
+            self._step(group, msg)
+
+    def _step(self, group: RaftGroup, msg: Message) -> None:
+        if group.failed or msg.to != self.node_id:
+            return
+        try:
+            group.raw.step(msg)
+        except Exception:
+            log.exception(
+                "raft group %d rejected a %s from %d", group.group_id, msg.kind.name, msg.frm
+            )
+            return
+        self._dirty[group] = None
+        self._wake.set()
+
+    def _keep_early(self, group_id: int, from_node: int, msg: Message) -> None:
+        if self._early_count >= early_messages_max:
+            # Drop the oldest group's messages: Raft resends what matters.
+            oldest = next(iter(self._early))
+            self._early_count -= len(self._early.pop(oldest))
+        self._early.setdefault(group_id, []).append((time.monotonic(), from_node, msg))
+        self._early_count += 1
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tick_task = loop.create_task(self._tick_loop(), name="raft-tick")
+        self._ready_task = loop.create_task(self._ready_loop(), name="raft-ready")
+
+    async def stop(self) -> None:
+        """Stop ticking, finish the running round and one more for what is pending, stop."""
+        self._stopping = True
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tick_task
+            self._tick_task = None
+        self._wake.set()
+        if self._ready_task is not None:
+            await self._ready_task
+            self._ready_task = None
+        self._pool.shutdown(wait=True)
+
+    async def _tick_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.timing.tick_ms / 1000
+        next_at = loop.time() + interval
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            now = loop.time()
+            next_at += interval
+            if now - next_at > tick_lag_max * interval:
+                next_at = now + interval  # paused or starved: skip, never burst
+            self._tick_all()
+
+    def _tick_all(self) -> None:
+        dirty = self._dirty
+        for group in self.groups.values():
+            if group.failed:
+                continue
+            raw = group.raw
+            raw.tick()
+            if raw.has_ready():
+                dirty[group] = None
+        if dirty:
+            self._wake.set()
+        self._expire_early()
+
+    def _expire_early(self) -> None:
+        if not self._early:
+            return
+        cutoff = time.monotonic() - early_message_ttl_ms / 1000
+        for group_id in [g for g, msgs in self._early.items() if msgs[-1][0] < cutoff]:
+            self._early_count -= len(self._early.pop(group_id))
+
+    # ---- rounds ------------------------------------------------------------------------------
+
+    async def _ready_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._stopping and not self._dirty:
+                return
+            dirty, self._dirty = self._dirty, {}
+            readies: list[tuple[RaftGroup, Ready]] = []
+            for group in dirty:
+                if group.removed or group.failed:
+                    continue
+                if group.raw.has_ready():
+                    readies.append((group, group.raw.ready()))
+            if not readies:
+                if self._stopping:
+                    return
+                continue
+            self._idle.clear()
+            try:
+                await self._round(readies)
+            except Exception:  # never let the driver die: every produce would hang
+                log.exception("raft ready round failed")
+            finally:
+                self._idle.set()
+            if self._stopping and not self._dirty:
+                return
+
+    async def _round(self, readies: list[tuple[RaftGroup, Ready]]) -> None:
+        t0 = time.perf_counter()
+        m = self._metrics
+        hard_states: dict[int, HardState] = {}
+        sync_states = False
+        to_fsync: list[RaftGroup] = []
+        stored: list[tuple[RaftGroup, Ready]] = []
+        for group, rd in readies:
+            handler = group.handler
+            if rd.soft_state is not None:
+                handler.on_soft_state(group, rd.soft_state)
+            try:
+                if rd.snapshot is not None:
+                    group.storage.install_snapshot(rd.snapshot)
+                    handler.on_snapshot(group, rd.snapshot)
+                if rd.entries:
+                    truncated = group.storage.append(rd.entries)
+                    if truncated is not None:
+                        handler.on_truncated(group, truncated)
+                    if group.durable:
+                        to_fsync.append(group)
+            except Exception as exc:
+                self._fail(group, exc)
+                continue
+            if rd.hard_state is not None:
+                hard_states[group.group_id] = rd.hard_state
+                group.storage.set_hard_state(rd.hard_state)
+                sync_states = sync_states or rd.must_sync
+            stored.append((group, rd))
+
+        loop = asyncio.get_running_loop()
+        waits: list[asyncio.Future[object]] = []
+        if hard_states:
+            states = hard_states
+            sync = sync_states
+            waits.append(
+                loop.run_in_executor(self._pool, lambda: self._hard_states.save(states, sync=sync))
+            )
+        if to_fsync:
+            n = min(self._threads, len(to_fsync))
+            for i in range(n):
+                waits.append(loop.run_in_executor(self._pool, _fsync_chunk, to_fsync[i::n]))
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        if hard_states:
+            state_result = results[0]
+            results = results[1:]
+            if isinstance(state_result, BaseException):
+                # Votes and terms are not durable: nothing of this round may leave the node.
+                log.error("cannot store raft hard states: %s", state_result)
+                for group, _rd in stored:
+                    self._fail(group, state_result)
+                return
+        failed: set[RaftGroup] = set()
+        if to_fsync:
+            m.group_commits.inc()
+            m.group_commit_partitions.observe(len(to_fsync))
+            m.fsyncs.inc(len(to_fsync))
+            for chunk in results:
+                assert isinstance(chunk, list), chunk
+                for group, seconds, error in chunk:
+                    m.fsync_latency.observe(seconds)
+                    if error is not None:
+                        self._fail(group, error)
+                        failed.add(group)
+
+        sender = self._sender
+        for group, rd in stored:
+            if group in failed or not rd.messages:
+                continue
+            if sender is None:
+                continue
+            gid = group.group_id
+            for msg in rd.messages:
+                sender.send(msg.to, gid, msg)
+
+        for group, rd in stored:
+            if group in failed:
+                continue
+            handler = group.handler
+            try:
+                if rd.entries:
+                    handler.on_persisted(group, rd.entries[-1].index)
+                if rd.committed:
+                    handler.on_committed(group, rd.committed)
+            except Exception:
+                log.exception("raft group %d: applying a ready failed", group.group_id)
+            if not group.removed:
+                group.raw.advance(rd)
+                self._dirty[group] = None
+        if self._dirty:
+            self._wake.set()
+        self.rounds += 1
+        m.raft_ready_rounds.observe(time.perf_counter() - t0)
+        m.raft_ready_groups.observe(len(readies))
+
+    def _fail(self, group: RaftGroup, exc: BaseException) -> None:
+        if group.failed:
+            return
+        group.failed = True
+        log.error("raft group %d taken offline: storage failure: %s", group.group_id, exc)
+        try:
+            group.handler.on_storage_failure(group, exc)
+        except Exception:
+            log.exception("raft group %d: storage failure handler failed", group.group_id)
+
+    # ---- inspection --------------------------------------------------------------------------
+
+    def leaders(self) -> Iterable[RaftGroup]:
+        return (g for g in self.groups.values() if g.raw.role == Role.LEADER)
+
+
+__all__ = [
+    "GroupHandler",
+    "MultiRaft",
+    "RaftGroup",
+    "RaftTiming",
+    "Sender",
+    "early_message_ttl_ms",
+    "early_messages_max",
+]

@@ -1,0 +1,355 @@
+"""The Raft storage of one group: its PartitionLog is the Raft log, RocksDB holds the rest.
+
+Every Raft entry is one stored record batch (``Entry.data`` is the batch, stamped with its
+base offset, Raft term and Raft index); there is no second copy of the data. Two kinds of
+entry need a word:
+
+* The EMPTY entry a new leader may append (``raft.types.EntryKind.EMPTY``) carries no data in
+  the core. It is stored as a one-record *control* batch (``NOOP``: invisible to consumers,
+  one offset) built deterministically (timestamp 0, no producer), so every replica writes the
+  same bytes whether it got the entry from the leader's memory (no data) or from its log.
+* A snapshot of a partition is metadata only: the offset, Raft index and term the leader's
+  log starts after. A follower that needs entries the leader no longer holds (retention
+  deleted them) installs it with ``PartitionLog.reset``: records below the leader's log
+  start are gone, as in Kafka.
+
+Raft indexes and consumer offsets are translated only through the log (``term_at_index``,
+``end_offset_at_index``); this module never keeps its own mapping.
+
+The hard state lives in the node's RocksDB; :class:`HardStateStore` writes the hard states of
+every group changed in a Ready round as ONE write batch (synced when any of them must be), the
+metadata half of the group commit in ``node/multiraft.py``.
+
+A small per-group cache keeps the entries appended recently, so that applying committed
+entries and replicating to a follower that is only a little behind read memory, not the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import deque
+from typing import Final, Protocol
+
+from tidelog.errors import StorageError
+from tidelog.node.metastore import MetaStore
+from tidelog.node.raft.errors import (
+    CompactedError,
+    SnapshotTemporarilyUnavailable,
+    UnavailableError,
+)
+from tidelog.node.raft.types import (
+    EMPTY_HARD_STATE,
+    ConfState,
+    Entry,
+    EntryKind,
+    HardState,
+    Snapshot,
+    SnapshotMeta,
+)
+from tidelog.records import HEADER_SIZE, encode_batch, stamp, unpack_header
+
+log = logging.getLogger(__name__)
+
+KIB: Final = 1024
+MIB: Final = 1024 * KIB
+
+#: The canonical no-op batch; ``noop_batch`` stamps a copy.
+NOOP: Final = encode_batch([None], timestamps_ms=0, control=True)
+NOOP_SIZE: Final = len(NOOP)
+#: Bytes of recent entries one group keeps in memory (beyond them, reads go to the log).
+entry_cache_bytes_max: Final = 4 * MIB
+
+RAFT_COLUMN: Final = "raft"
+_HS_PREFIX: Final = b"hs/"
+_GROUP_KEY = struct.Struct(">Q")
+_HARD_STATE = struct.Struct(">QQQ")
+_SNAPSHOT_DATA = struct.Struct(">BQ")
+_SNAPSHOT_FORMAT: Final = 1
+_BASE_OFFSET = struct.Struct("<q")
+_LAST_OFFSET_DELTA_AT: Final = 35
+_INT32 = struct.Struct("<i")
+
+assert NOOP_SIZE > HEADER_SIZE
+
+
+def noop_batch(base_offset: int, term: int, index: int) -> bytes:
+    """The stored form of an EMPTY entry at ``index`` of ``term``, starting at ``base_offset``."""
+    buf = bytearray(NOOP)
+    stamp(buf, 0, base_offset, term, index)
+    return bytes(buf)
+
+
+def entry_kind(data: bytes) -> EntryKind:
+    """What a stored batch is to Raft: EMPTY for the no-op control batch, NORMAL otherwise."""
+    h = unpack_header(data)
+    if h.is_control and h.size == NOOP_SIZE:
+        return EntryKind.EMPTY
+    return EntryKind.NORMAL
+
+
+def end_offset_of(data: bytes) -> int:
+    """The offset after the (stamped) batch ``data``: its base offset plus its record count."""
+    (base,) = _BASE_OFFSET.unpack_from(data, 0)
+    (delta,) = _INT32.unpack_from(data, _LAST_OFFSET_DELTA_AT)
+    return int(base) + int(delta) + 1
+
+
+def encode_snapshot_data(log_start_offset: int) -> bytes:
+    return _SNAPSHOT_DATA.pack(_SNAPSHOT_FORMAT, log_start_offset)
+
+
+def decode_snapshot_data(data: bytes) -> int:
+    """The offset a snapshot's log starts at; StorageError if the bytes are not ours."""
+    if len(data) != _SNAPSHOT_DATA.size:
+        raise StorageError(
+            f"partition snapshot is {len(data)} bytes, expected {_SNAPSHOT_DATA.size}"
+        )
+    fmt, offset = _SNAPSHOT_DATA.unpack(data)
+    if fmt != _SNAPSHOT_FORMAT or offset < 0:
+        raise StorageError(f"partition snapshot has format {fmt} and offset {offset}")
+    return int(offset)
+
+
+class RaftLogFile(Protocol):
+    """The part of ``node.log.PartitionLog`` the Raft storage uses."""
+
+    @property
+    def log_start_offset(self) -> int: ...
+    @property
+    def log_end_offset(self) -> int: ...
+    @property
+    def first_index(self) -> int: ...
+    @property
+    def last_index(self) -> int: ...
+    @property
+    def last_term(self) -> int: ...
+
+    def term_at_index(self, raft_index: int) -> int | None: ...
+    def end_offset_at_index(self, raft_index: int) -> int | None: ...
+    def entries_by_index(self, lo: int, hi: int, max_bytes: int) -> list[bytes]: ...
+    def append_stamped(self, batches: bytes | bytearray | memoryview) -> None: ...
+    def truncate_suffix(self, offset: int) -> None: ...
+    def reset(self, next_offset: int, last_index: int, last_term: int) -> None: ...
+    def flush(self) -> int: ...
+
+
+class LogStorage:
+    """``raft.storage.StorageReader`` over a partition log, plus the driver's writes."""
+
+    __slots__ = ("_cache", "_cache_bytes", "_cache_max_bytes", "_conf", "_hs", "log")
+
+    def __init__(
+        self,
+        partition_log: RaftLogFile,
+        hard_state: HardState,
+        conf: ConfState,
+        *,
+        cache_bytes_max: int = entry_cache_bytes_max,
+    ) -> None:
+        self.log = partition_log
+        last = partition_log.last_index
+        if hard_state.commit > last:
+            # Only possible when the log lost fsynced data, or lost writes it never fsynced
+            # (flush=os after a machine crash): what it no longer holds cannot be committed here.
+            log.warning(
+                "raft log ends at index %d but the stored commit index is %d: entries written "
+                "without fsync were lost; the leader sends them again",
+                last,
+                hard_state.commit,
+            )
+            hard_state = HardState(hard_state.term, hard_state.vote, last)
+        self._hs = hard_state
+        self._conf = conf
+        self._cache: deque[Entry] = deque()
+        self._cache_bytes = 0
+        self._cache_max_bytes = cache_bytes_max
+
+    # ---- StorageReader -------------------------------------------------------------------
+
+    def hard_state(self) -> HardState:
+        return self._hs
+
+    def conf_state(self) -> ConfState:
+        return self._conf
+
+    def first_index(self) -> int:
+        return self.log.first_index
+
+    def last_index(self) -> int:
+        return self.log.last_index
+
+    def term(self, index: int) -> int:
+        t = self.log.term_at_index(index)
+        if t is not None:
+            return t
+        first = self.log.first_index
+        if index < first:
+            raise CompactedError(index, first)
+        raise UnavailableError(index, self.log.last_index)
+
+    def entries(self, lo: int, hi: int, max_bytes: int) -> list[Entry]:
+        first = self.log.first_index
+        if lo < first:
+            raise CompactedError(lo, first)
+        last = self.log.last_index
+        if hi > last + 1:
+            raise UnavailableError(hi - 1, last)
+        if lo >= hi:
+            return []
+        cache = self._cache
+        if cache and cache[0].index <= lo <= cache[-1].index:
+            start = lo - cache[0].index
+            out: list[Entry] = []
+            size = 0
+            for i in range(start, min(len(cache), start + hi - lo)):
+                e = cache[i]
+                size += e.size_bytes
+                if out and size > max_bytes:
+                    break
+                out.append(e)
+            return out
+        out = []
+        for data in self.log.entries_by_index(lo, hi, max_bytes):
+            h = unpack_header(data)
+            kind = EntryKind.EMPTY if h.is_control and h.size == NOOP_SIZE else EntryKind.NORMAL
+            out.append(Entry(h.raft_term, h.raft_index, data, kind))
+        return out
+
+    def snapshot(self) -> Snapshot:
+        index = self.log.first_index - 1
+        term = self.log.term_at_index(index)
+        if term is None:
+            raise SnapshotTemporarilyUnavailable(
+                f"the term of raft index {index}, where the log starts, is not known"
+            )
+        data = encode_snapshot_data(self.log.log_start_offset)
+        return Snapshot(SnapshotMeta(index, term, self._conf), data)
+
+    # ---- writes by the driver ------------------------------------------------------------
+
+    def set_hard_state(self, hard_state: HardState) -> None:
+        self._hs = hard_state
+
+    def set_conf_state(self, conf: ConfState) -> None:
+        self._conf = conf
+
+    def append(self, entries: tuple[Entry, ...] | list[Entry]) -> int | None:
+        """Store ``entries`` (contiguous) with one write, replacing a conflicting suffix.
+        Returns the first index removed from the log when a suffix was truncated, else None."""
+        if not entries:
+            return None
+        lg = self.log
+        first = entries[0].index
+        truncated: int | None = None
+        if first <= lg.last_index:
+            end = lg.end_offset_at_index(first - 1)
+            if end is None:
+                raise StorageError(
+                    f"cannot truncate the raft log at index {first}: the log holds "
+                    f"[{lg.first_index}, {lg.last_index}]"
+                )
+            lg.truncate_suffix(end)
+            truncated = first
+            self._drop_cache_from(first)
+        if first != lg.last_index + 1:
+            raise StorageError(
+                f"raft entries from index {first} do not continue the log ending at {lg.last_index}"
+            )
+        offset = lg.log_end_offset
+        parts: list[bytes] = []
+        stored: list[Entry] = []
+        for e in entries:
+            data = e.data
+            if data:
+                offset = end_offset_of(data)
+                stored.append(e)
+            else:
+                data = noop_batch(offset, e.term, e.index)
+                offset += 1
+                stored.append(Entry(e.term, e.index, data, EntryKind.EMPTY))
+            parts.append(data)
+        lg.append_stamped(parts[0] if len(parts) == 1 else b"".join(parts))
+        self._cache_extend(stored)
+        return truncated
+
+    def install_snapshot(self, snapshot: Snapshot) -> None:
+        """Empty the log and make it continue after the snapshot's point."""
+        meta = snapshot.meta
+        next_offset = decode_snapshot_data(snapshot.data)
+        self.log.reset(next_offset, meta.index, meta.term)
+        self._conf = meta.conf
+        self._cache.clear()
+        self._cache_bytes = 0
+
+    def trim_cache(self, keep_from_index: int) -> None:
+        """Forget cached entries below ``keep_from_index`` (applied, and replicated where
+        the caller cares): they are read from the log if ever needed again."""
+        cache = self._cache
+        while cache and cache[0].index < keep_from_index:
+            self._cache_bytes -= cache.popleft().size_bytes
+
+    def _cache_extend(self, entries: list[Entry]) -> None:
+        cache = self._cache
+        if cache and cache[-1].index + 1 != entries[0].index:
+            cache.clear()
+            self._cache_bytes = 0
+        cache.extend(entries)
+        self._cache_bytes += sum(e.size_bytes for e in entries)
+        while len(cache) > 1 and self._cache_bytes > self._cache_max_bytes:
+            self._cache_bytes -= cache.popleft().size_bytes
+
+    def _drop_cache_from(self, index: int) -> None:
+        cache = self._cache
+        while cache and cache[-1].index >= index:
+            self._cache_bytes -= cache.pop().size_bytes
+
+
+class HardStateStore:
+    """Hard states of every group of the node in one RocksDB column family, keyed by group."""
+
+    def __init__(self, store: MetaStore) -> None:
+        self._store = store
+
+    @staticmethod
+    def _key(group_id: int) -> bytes:
+        return _HS_PREFIX + _GROUP_KEY.pack(group_id)
+
+    def load(self, group_id: int) -> HardState:
+        raw = self._store.get(RAFT_COLUMN, self._key(group_id))
+        if raw is None:
+            return EMPTY_HARD_STATE
+        if len(raw) != _HARD_STATE.size:
+            raise StorageError(f"raft hard state of group {group_id} is {len(raw)} bytes")
+        term, vote, commit = _HARD_STATE.unpack(raw)
+        return HardState(term, vote, commit)
+
+    def save(self, states: dict[int, HardState], *, sync: bool) -> None:
+        """One write batch for all of them (the caller may run it in a worker thread)."""
+        self._store.write_batch(
+            RAFT_COLUMN,
+            [
+                (self._key(g), _HARD_STATE.pack(hs.term, hs.vote, hs.commit))
+                for g, hs in states.items()
+            ],
+            sync=sync,
+        )
+
+    def delete(self, group_id: int) -> None:
+        self._store.delete(RAFT_COLUMN, self._key(group_id))
+
+
+__all__ = [
+    "NOOP",
+    "NOOP_SIZE",
+    "RAFT_COLUMN",
+    "HardStateStore",
+    "LogStorage",
+    "RaftLogFile",
+    "decode_snapshot_data",
+    "encode_snapshot_data",
+    "end_offset_of",
+    "entry_cache_bytes_max",
+    "entry_kind",
+    "noop_batch",
+]

@@ -1,0 +1,217 @@
+"""Three MultiRaft drivers in one event loop over an in-memory network: replication of real
+partition logs, failover with an overwritten suffix, messages for groups not created yet,
+snapshot catch-up after retention, and the leader's view of its followers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.unit.node_fakes import InstrumentedLog
+from tidelog.config import TopicConfig
+from tidelog.errors import NotLeader, RequestTimedOut
+from tidelog.node.metastore import MetaStore
+from tidelog.node.metrics import NodeMetrics
+from tidelog.node.multiraft import MultiRaft, RaftTiming
+from tidelog.node.partition import Partition
+from tidelog.node.raft.limits import Config
+from tidelog.node.raft.types import ConfState, Message, Role
+from tidelog.node.raft_storage import HardStateStore
+from tidelog.records import decode_batches, encode_batch, validate_batches
+
+TIMING = RaftTiming(tick_ms=10, heartbeat_interval_ms=20, election_timeout_ms=200)
+CONFIG = TIMING.config(Config(always_append_empty=False))
+GROUP = 42
+VOTERS = frozenset({1, 2, 3})
+
+
+@dataclass
+class Net:
+    """Delivers every message on the next loop iteration, except to or from nodes down."""
+
+    nodes: dict[int, MultiRaft] = field(default_factory=dict)
+    down: set[int] = field(default_factory=set)
+
+    def sender(self, frm: int) -> _Sender:
+        return _Sender(self, frm)
+
+    def deliver(self, frm: int, to: int, group: int, msg: Message) -> None:
+        if frm in self.down or to in self.down or to not in self.nodes:
+            return
+        self.nodes[to].deliver(frm, [(group, msg)])
+
+
+@dataclass
+class _Sender:
+    net: Net
+    frm: int
+
+    def send(self, to_node: int, group: int, msg: Message) -> None:
+        asyncio.get_running_loop().call_soon(self.net.deliver, self.frm, to_node, group, msg)
+
+
+@dataclass
+class Cluster:
+    dir: Path
+    net: Net
+    stores: dict[int, MetaStore]
+    parts: dict[int, Partition] = field(default_factory=dict)
+
+    def add(self, node: int, config: TopicConfig | None = None) -> Partition:
+        config = config or TopicConfig.from_overrides({})
+        lg = InstrumentedLog(self.dir / f"n{node}" / "log", config)
+        p = Partition("t", 0, lg, config, group_id=GROUP, replicas=sorted(VOTERS))
+        raft = self.net.nodes[node]
+        group = raft.add_group(GROUP, lg, ConfState(voters=VOTERS), p, durable=True, config=CONFIG)
+        p.attach(group, raft)
+        self.parts[node] = p
+        return p
+
+    async def leader(self, among: frozenset[int] | set[int] | None = None) -> Partition:
+        among = among or set(self.parts)
+        async with asyncio.timeout(10):
+            while True:
+                leaders = [n for n in among if self.parts[n].serving]
+                if len(leaders) == 1:
+                    return self.parts[leaders[0]]
+                await asyncio.sleep(0.01)
+
+    async def produce(self, p: Partition, value: bytes) -> tuple[int, int]:
+        buf = encode_batch([value])
+        base, _last, index, term = p.propose(buf, validate_batches(buf))
+        await p.wait_committed(index, term, 5)
+        return base, index
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    net = Net()
+    stores = {}
+    for n in (1, 2, 3):
+        stores[n] = MetaStore(tmp_path / f"n{n}" / "meta")
+        raft = MultiRaft(n, HardStateStore(stores[n]), NodeMetrics(), TIMING, sender=net.sender(n))
+        net.nodes[n] = raft
+        raft.start()
+    yield Cluster(tmp_path, net, stores)
+    for raft in net.nodes.values():
+        await raft.stop()
+    for s in stores.values():
+        s.close()
+
+
+def values_of(p: Partition) -> list[bytes | None]:
+    return [r.value for r in decode_batches(p.log.read(0, 1 << 30, upto=p.high_watermark))]
+
+
+def raw_log(p: Partition) -> bytes:
+    """Every stored batch, in index order, as bytes (segment boundaries may differ)."""
+    lg = p.log
+    return b"".join(lg.entries_by_index(lg.first_index, lg.last_index + 1, 1 << 30))
+
+
+@pytest.mark.timeout(30)
+async def test_replicates_commits_and_logs_are_identical(cluster: Cluster) -> None:
+    for n in (1, 2, 3):
+        cluster.add(n)
+    cluster.net.nodes[1].campaign(cluster.parts[1].group)  # type: ignore[arg-type]
+    leader = await cluster.leader()
+    for i in range(20):
+        base, _ = await cluster.produce(leader, b"v%d" % i)
+        assert base == i  # the first leader of an empty log appends no EMPTY entry
+    async with asyncio.timeout(5):
+        while any(p.high_watermark < 20 for p in cluster.parts.values()):
+            await asyncio.sleep(0.01)
+    logs = {raw_log(p) for p in cluster.parts.values()}
+    assert len(logs) == 1
+    assert values_of(cluster.parts[2]) == [b"v%d" % i for i in range(20)]
+    assert sorted(leader.in_sync()) == [1, 2, 3]
+    assert {f for f, _ in leader.follower_lags()} == VOTERS - {leader.group.raw.id}  # type: ignore[union-attr]
+
+
+@pytest.mark.timeout(30)
+async def test_failover_overwrites_the_deposed_leaders_suffix(cluster: Cluster) -> None:
+    for n in (1, 2, 3):
+        cluster.add(n)
+    cluster.net.nodes[1].campaign(cluster.parts[1].group)  # type: ignore[arg-type]
+    old = await cluster.leader()
+    await cluster.produce(old, b"kept")
+    old_id = old.group.raw.id  # type: ignore[union-attr]
+    cluster.net.down.add(old_id)
+    # The cut-off leader still takes a proposal; it can never commit.
+    buf = encode_batch([b"lost"])
+    _, _, index, term = old.propose(buf, validate_batches(buf))
+    lost = asyncio.create_task(old.wait_committed(index, term, 10))
+    new = await cluster.leader(VOTERS - {old_id})
+    await cluster.produce(new, b"after")
+    # Check-quorum: the old leader stepped down on its own, without hearing anything.
+    async with asyncio.timeout(5):
+        while old.role == Role.LEADER:
+            await asyncio.sleep(0.01)
+    cluster.net.down.clear()
+    with pytest.raises(NotLeader):
+        await lost
+    async with asyncio.timeout(5):
+        while values_of(old) != [b"kept", b"after"] or old.high_watermark != new.high_watermark:
+            await asyncio.sleep(0.01)
+    assert raw_log(old) == raw_log(new)
+    # The new leader had uncommitted-to-it entries? It appended an EMPTY entry only if its
+    # log held entries beyond its commit; either way the offsets of records stay increasing.
+    await cluster.produce(new, b"more")
+    assert values_of(new) == [b"kept", b"after", b"more"]
+
+
+@pytest.mark.timeout(30)
+async def test_messages_for_a_group_created_later_are_kept(cluster: Cluster) -> None:
+    cluster.add(1)
+    cluster.add(2)
+    cluster.net.nodes[1].campaign(cluster.parts[1].group)  # type: ignore[arg-type]
+    leader = await cluster.leader()
+    await cluster.produce(leader, b"early")
+    await asyncio.sleep(0.1)
+    late = cluster.add(3)  # replays the heartbeats and appends it already got
+    async with asyncio.timeout(5):
+        while values_of(late) != [b"early"]:
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.timeout(30)
+async def test_a_follower_behind_the_leaders_log_start_gets_a_snapshot(cluster: Cluster) -> None:
+    small = TopicConfig.from_overrides({"segment.bytes": "4096", "retention.bytes": "8192"})
+    for n in (1, 2, 3):
+        cluster.add(n, small)
+    cluster.net.nodes[1].campaign(cluster.parts[1].group)  # type: ignore[arg-type]
+    leader = await cluster.leader()
+    lid = leader.group.raw.id  # type: ignore[union-attr]
+    behind = next(n for n in (1, 2, 3) if n != lid)
+    cluster.net.down.add(behind)
+    for i in range(100):
+        await cluster.produce(leader, b"%03d" % i + b"x" * 300)
+    assert leader.log.enforce_retention(below=leader.high_watermark) > 0
+    start = leader.log.log_start_offset
+    assert start > 0
+    cluster.net.down.clear()
+    p = cluster.parts[behind]
+    async with asyncio.timeout(10):
+        while p.log.log_end_offset != leader.log.log_end_offset:
+            await asyncio.sleep(0.01)
+    assert p.log.log_start_offset == start
+    assert raw_log(p) == raw_log(leader)
+
+
+@pytest.mark.timeout(30)
+async def test_no_quorum_means_no_acknowledgement(cluster: Cluster) -> None:
+    for n in (1, 2, 3):
+        cluster.add(n)
+    cluster.net.nodes[1].campaign(cluster.parts[1].group)  # type: ignore[arg-type]
+    leader = await cluster.leader()
+    lid = leader.group.raw.id  # type: ignore[union-attr]
+    cluster.net.down.update(VOTERS - {lid})
+    buf = encode_batch([b"alone"])
+    _, _, index, term = leader.propose(buf, validate_batches(buf))
+    with pytest.raises((RequestTimedOut, NotLeader)):
+        await leader.wait_committed(index, term, 0.5)
+    assert leader.high_watermark == 0
