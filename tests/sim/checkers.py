@@ -18,6 +18,8 @@ Invariants (the name a violation reports):
   client, is in the log of every leader of a later term than the one it was committed in.
 - ``linear-order``: a node applies 1, 2, 3, ... with no gap and no repeat (restarting from its
   snapshot after a crash); each proposal is applied at one index only.
+- ``durability``: an append acknowledgement or a vote leaves a node only once what it
+  promises is on its durable disk (the Ready contract, seen from the outside).
 - ``read-linearizability``: a read index is never below an index acknowledged to a client
   before the read was requested.
 """
@@ -30,7 +32,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tidelog.node.raft.types import Entry, EntryKind, Role
+from tidelog.node.raft.storage import StorageReader
+from tidelog.node.raft.types import Entry, EntryKind, Message, MessageKind, Role
 
 #: The chain hash of the empty log (index 0).
 GENESIS_HASH = 0
@@ -417,6 +420,35 @@ class Checker:
 
     def committed_chain(self, index: int) -> int | None:
         return self._committed.get(index)
+
+    # ---- durability ------------------------------------------------------------------
+
+    def on_send(self, node: int, msg: Message, durable: StorageReader) -> None:
+        """A message that promises something about the sender's disk may leave only once
+        that is durable: an append acknowledgement (the leader counts it toward commit) and
+        a vote (the voter must not vote again in that term after a crash)."""
+        if msg.reject:
+            return
+        if msg.kind == MessageKind.APPEND_RESP:
+            last = durable.last_index()
+            # Once the node durably moved to a later term, a leader of that term may have
+            # replaced the acknowledged entries (even before they reached the disk, when
+            # both messages were stepped before one Ready): that is Raft's own truncation of
+            # an uncommitted suffix, and the acknowledgement was true when it was made.
+            if msg.index > last and durable.hard_state().term <= msg.term:
+                raise InvariantViolation(
+                    "durability",
+                    f"node {node} acknowledged index {msg.index} to {msg.to} in term "
+                    f"{msg.term} but only {last} is durable",
+                )
+        elif msg.kind == MessageKind.VOTE_RESP:
+            hs = durable.hard_state()
+            if hs.term < msg.term or (hs.term == msg.term and hs.vote != msg.to):
+                raise InvariantViolation(
+                    "durability",
+                    f"node {node} granted its term-{msg.term} vote to {msg.to} but its durable "
+                    f"hard state is term {hs.term} vote {hs.vote}",
+                )
 
     # ---- clients -----------------------------------------------------------------------
 

@@ -133,8 +133,8 @@ class SimDisk:
             lost -= keep
             if keep < len(self._unsynced):
                 op = self._unsynced[keep]
-                if isinstance(op, _Append) and len(op.entries) > 1:
-                    cut = rng.randint(1, len(op.entries) - 1)
+                if isinstance(op, _Append):
+                    cut = rng.randint(0, len(op.entries) - 1)
                     _apply(self.durable, _Append(op.entries[:cut]))
                     entries_torn = len(op.entries) - cut
         self._unsynced.clear()

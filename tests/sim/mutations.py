@@ -129,7 +129,7 @@ def _driver_sends_before_sync() -> contextlib.AbstractContextManager[Any]:
     def persist(self: Simulation, node: Any, rd: Ready) -> None:
         original(self, node, rd)
         if rd.must_sync and rd.messages:
-            self._send(rd.messages)
+            self._send(node, rd.messages)
             # The Ready still completes later, without sending again.
             object.__setattr__(rd, "messages", ())
 

@@ -113,6 +113,11 @@ class SimOptions:
     #: How long a node's loop runs before it takes a Ready after new input (0: at once);
     #: inputs arriving meanwhile are stepped and share the Ready (batching).
     ready_delay_units: int
+    #: Width of the randomized election timeout (0: the core's default, [T, 2T)).
+    election_span_ticks: int
+    #: Whether a new leader always appends an EMPTY entry (else only when its log holds
+    #: entries beyond its commit index).
+    always_append_empty: bool
 
     @classmethod
     def draw(cls, rng: random.Random) -> SimOptions:
@@ -121,10 +126,11 @@ class SimOptions:
         voters = rng.choice((3, 3, 5))
         latency_min = rng.randint(LATENCY_UNITS_MIN, 3)
         msg_bytes = rng.choice((1, 64, 512, 1 << 20))
+        election = rng.randint(ELECTION_TICKS_MIN, ELECTION_TICKS_MAX)
         return cls(
             voters=voters,
             learners=rng.choice((0, 0, 0, 1)),
-            election_ticks=rng.randint(ELECTION_TICKS_MIN, ELECTION_TICKS_MAX),
+            election_ticks=election,
             heartbeat_ticks=rng.randint(1, HEARTBEAT_TICKS_MAX),
             pre_vote=rng.random() < 0.75,
             check_quorum=rng.random() < 0.75,
@@ -157,6 +163,10 @@ class SimOptions:
             pause_every_ticks=rng.choice((0, 20, 50, 100)),
             step_while_syncing=rng.random() < 0.5,
             ready_delay_units=rng.choice((0, 0, 1, 3)),
+            # A span of a tick or two leaves no randomization to break split votes (seeds
+            # 1586 and 2846 livelocked so): keep at least a third of the timeout.
+            election_span_ticks=rng.choice((0, 0, election // 2, election // 3)),
+            always_append_empty=rng.random() < 0.6,
         )
 
     def describe(self) -> str:

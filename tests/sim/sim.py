@@ -572,7 +572,7 @@ class Simulation:
         """After the writes are durable: send, apply, advance."""
         core = node.core
         assert core is not None
-        self._send(rd.messages)
+        self._send(node, rd.messages)
         for e in rd.committed:
             node.digest = self.checker.on_apply(node.id, node.applied, node.digest, e)
             node.applied = e.index
@@ -594,8 +594,10 @@ class Simulation:
             self.checker.on_compact(node.log, node.applied)
             self._log(f"n{node.id} compacts log up to {node.applied}")
 
-    def _send(self, messages: tuple[Message, ...]) -> None:
+    def _send(self, node: SimNode, messages: tuple[Message, ...]) -> None:
+        durable = node.disk.durable
         for msg in messages:
+            self.checker.on_send(node.id, msg, durable)
             self.stats.messages_sent += 1
             for when, m in self.net.send(self.now, msg):
                 self._at(when, _DELIVER, 0, m)
