@@ -27,6 +27,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 CLUSTER_DIR_ENV = "TIDELOG_CLUSTER_DIR"
 EXIT_FAILED = 1
+OUTPUT_WIDTH_NOT_TERMINAL = 200
 
 
 def register(cli: click.Group) -> None:
@@ -73,6 +74,8 @@ def _print(renderables: list[Any]) -> None:
     from rich.console import Console
 
     console = Console()
+    if not console.is_terminal:  # piped or captured: never cut a table at 80 columns
+        console = Console(width=OUTPUT_WIDTH_NOT_TERMINAL)
     for r in renderables:
         console.print(r)
 
@@ -120,7 +123,6 @@ def cluster_up(nodes: int, directory: Path, base_port: int, timeout_s: float) ->
     """Start NODES nodes in the background and wait until the cluster is ready.
 
     A stopped cluster in --dir (after `cluster down`) is resumed with its data."""
-    _note(f"starting {nodes} node(s) in {directory.absolute()} ...")
     result = localcluster.up(directory, nodes, base_port, timeout_s=timeout_s, note=_note)
     _print(localcluster.render_nodes(result))
 

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import grpc
 
@@ -644,6 +644,8 @@ def up(
                 note(f"resuming the stopped {nodes}-node cluster in {directory}")
         else:
             cluster = _new_cluster(directory, nodes, base_port)
+            if note is not None:
+                note(f"starting {nodes} node(s) in {directory}")
         try:
             for spec in cluster.nodes:
                 cluster = cluster.with_pid(spec.node_id, _launch(spec))
@@ -886,8 +888,13 @@ def cluster_status(directory: Path) -> ClusterStatus:
     return build_status(cluster, states, best[0], best[1])
 
 
-def _yes_no(value: bool | None) -> str:
-    return "?" if value is None else ("yes" if value else "no")
+def _registration(n: NodeStatus) -> str:
+    """What the controller thinks of the node: alive, dead, no (unknown to it), ? (no answer)."""
+    if n.registered is None:
+        return "?"
+    if not n.registered:
+        return "no"
+    return "alive" if n.alive else "dead"
 
 
 def _problem_json(p: PartitionProblem) -> dict[str, Any]:
@@ -934,8 +941,12 @@ def render_status(status: ClusterStatus) -> list[Any]:
     from rich.text import Text
 
     table = Table(title=f"local cluster {status.directory}", title_justify="left")
-    for col in ("node", "pid", "process", "registered", "alive", "gRPC", "metrics"):
-        table.add_column(col, justify="right" if col in ("node", "pid") else "left")
+    table.add_column("node", justify="right")
+    table.add_column("pid", justify="right")
+    table.add_column("process")
+    table.add_column("registered")
+    table.add_column("gRPC", no_wrap=True)
+    table.add_column("metrics", no_wrap=True)
     table.add_column("leaders", justify="right")
     table.add_column("replicas", justify="right")
     styles = {ProcState.RUNNING: "green", ProcState.STOPPED: "yellow", ProcState.DEAD: "red"}
@@ -946,8 +957,7 @@ def render_status(status: ClusterStatus) -> list[Any]:
             node,
             "-" if n.pid is None else str(n.pid),
             process,
-            _yes_no(n.registered),
-            _yes_no(n.alive),
+            _registration(n),
             n.address,
             n.metrics_address,
             str(n.leaders),
@@ -1001,10 +1011,16 @@ def render_nodes(result: UpResult, cwd: Path | None = None) -> list[Any]:
     verb = "resumed" if result.resumed else "started"
     table = Table(title=f"local cluster {verb} in {cluster.directory}", title_justify="left")
     for col in ("node", "pid", "gRPC", "metrics", "log"):
-        table.add_column(col, justify="right" if col in ("node", "pid") else "left")
+        justify: Literal["left", "right"] = "right" if col in ("node", "pid") else "left"
+        table.add_column(col, justify=justify, no_wrap=True)
     for n in cluster.nodes:
         node = f"{n.node_id}*" if n.node_id == result.controller_id else str(n.node_id)
-        table.add_row(node, str(n.pid), n.address, n.metrics_address, str(n.log_path))
+        log = (
+            n.log_path.relative_to(cluster.directory)
+            if n.log_path.is_relative_to(cluster.directory)
+            else n.log_path
+        )
+        table.add_row(node, str(n.pid), n.address, n.metrics_address, str(log))
     bootstrap = ",".join(n.address for n in cluster.nodes)
     home = (cwd or Path.cwd()).absolute()
     if cluster.directory == home / CLUSTER_DIR_DEFAULT:
