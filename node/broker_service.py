@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from tidelog.config import validate_topic_name
 from tidelog.errors import BatchTooLarge, InvalidRequest, StorageError
 from tidelog.node import limits, rpc
+from tidelog.node.controller_node import Controller
 from tidelog.node.identity import NodeIdentity
 from tidelog.node.metrics import NodeMetrics
 from tidelog.node.topics import TopicRegistry
@@ -55,9 +56,14 @@ def _ms(raw: int, default_ms: int, max_ms: int, what: str) -> float:
 
 class BrokerService(pb_grpc.BrokerServicer):
     def __init__(
-        self, registry: TopicRegistry, identity: NodeIdentity, metrics: NodeMetrics
+        self,
+        registry: TopicRegistry,
+        controller: Controller,
+        identity: NodeIdentity,
+        metrics: NodeMetrics,
     ) -> None:
         self.registry = registry
+        self.controller = controller
         self.identity = identity
         self.metrics = metrics
 
@@ -188,36 +194,53 @@ class BrokerService(pb_grpc.BrokerServicer):
         names = list(dict.fromkeys(request.topics))
         for name in names:
             validate_topic_name(name)
-        topics = [self.registry.topic(n) for n in names] if names else self.registry.topics()
-        me = self.identity
-        node_id = me.node_id
+        topics = self.registry.topics(names or None)
+        controller = self.controller
         return pb.MetadataResponse(
-            nodes=[
-                pb.NodeInfo(
-                    node_id=node_id,
-                    address=me.address,
-                    metrics_address=me.metrics_address,
-                    rack=me.rack,
-                    alive=True,
-                )
-            ],
-            controller_id=node_id,
-            cluster_id=me.cluster_id,
+            nodes=node_infos(controller, self.identity),
+            controller_id=controller.leader_id or -1,
+            cluster_id=self.identity.cluster_id,
             topics=[
                 pb.TopicMetadata(
                     name=t.name,
                     internal=t.name.startswith("__"),
                     partitions=[
                         pb.PartitionMetadata(
-                            partition=p.index,
-                            leader=p.leader_id or -1,
-                            replicas=list(p.replicas),
-                            in_sync=p.in_sync(),
-                            leader_term=p.term,
+                            partition=a.partition,
+                            leader=v.leader,
+                            replicas=list(a.replicas),
+                            in_sync=v.in_sync,
+                            leader_term=v.term,
                         )
-                        for p in t.partitions
+                        for a in t.record.partitions
+                        for v in (self.registry.view(a),)
                     ],
                 )
                 for t in topics
             ],
         )
+
+
+def node_infos(controller: Controller, me: NodeIdentity) -> list[pb.NodeInfo]:
+    """The registered nodes (this one alone until it is registered)."""
+    nodes = controller.state.nodes
+    if not nodes:
+        return [
+            pb.NodeInfo(
+                node_id=me.node_id,
+                address=me.address,
+                metrics_address=me.metrics_address,
+                rack=me.rack,
+                alive=True,
+            )
+        ]
+    return [
+        pb.NodeInfo(
+            node_id=n.node_id,
+            address=n.address,
+            metrics_address=n.metrics_address,
+            rack=n.rack or "",
+            alive=n.alive,
+        )
+        for _, n in sorted(nodes.items())
+    ]

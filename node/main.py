@@ -18,10 +18,13 @@ import os
 import resource
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import prometheus_client
+
 from tidelog.node import limits
+from tidelog.node.multiraft import RaftTiming
 
 log = logging.getLogger("tidelog.node")
 
@@ -36,6 +39,57 @@ _NO_REEXEC = "TIDELOG_NO_REEXEC"
 _REEXECED = "TIDELOG_MALLOC_TUNED"
 
 
+#: Defaults of the cluster flags (node/__main__.py and ``tidelog node start``).
+ELECTION_TIMEOUT_MS_DEFAULT = 1_000
+HEARTBEAT_INTERVAL_MS_DEFAULT = 100
+NODE_DEAD_MS_DEFAULT = 3_000
+#: Raft ticks every this many milliseconds; the timeouts above are converted to ticks.
+TICK_MS = 50
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """The node's cluster flags, checked."""
+
+    controller_voters: str | None = None
+    election_timeout_ms: int = ELECTION_TIMEOUT_MS_DEFAULT
+    heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS_DEFAULT
+    node_dead_ms: int = NODE_DEAD_MS_DEFAULT
+    cluster_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.controller_voters is not None:
+            from tidelog.node.controller_node import parse_voters
+
+            parse_voters(self.controller_voters)
+        self.timing()  # raises ValueError for inconsistent timeouts
+        if self.node_dead_ms < 2 * self.heartbeat_interval_ms or self.node_dead_ms < 500:
+            raise ValueError(
+                f"--node-dead-ms {self.node_dead_ms} is too short: at least 500 ms and twice "
+                "the heartbeat interval"
+            )
+
+    def timing(self) -> RaftTiming:
+        tick = min(TICK_MS, self.heartbeat_interval_ms)
+        return RaftTiming(
+            tick_ms=tick,
+            heartbeat_interval_ms=self.heartbeat_interval_ms,
+            election_timeout_ms=self.election_timeout_ms,
+        )
+
+    def argv(self) -> list[str]:
+        out = [
+            "--election-timeout-ms", str(self.election_timeout_ms),
+            "--heartbeat-interval-ms", str(self.heartbeat_interval_ms),
+            "--node-dead-ms", str(self.node_dead_ms),
+        ]  # fmt: skip
+        if self.controller_voters:
+            out += ["--controller-voters", self.controller_voters]
+        if self.cluster_id:
+            out += ["--cluster-id", self.cluster_id]
+        return out
+
+
 def node_argv(
     node_id: int,
     listen: str,
@@ -43,6 +97,7 @@ def node_argv(
     metrics_port: int,
     advertised: str | None,
     log_level: str,
+    settings: ClusterSettings | None = None,
 ) -> list[str]:
     argv = [
         sys.executable, "-m", "tidelog.node",
@@ -51,6 +106,8 @@ def node_argv(
     ]  # fmt: skip
     if advertised:
         argv += ["--advertised", advertised]
+    if settings is not None:
+        argv += settings.argv()
     return argv
 
 
@@ -98,13 +155,25 @@ async def serve(
     data_dir: Path,
     metrics_port: int,
     advertised: str | None = None,
+    settings: ClusterSettings | None = None,
 ) -> None:
     """Start a node and run it until SIGTERM or SIGINT, then drain and stop.
 
     A second signal during the drain cuts it short."""
     from tidelog.node.server import Node
 
-    node = Node(node_id, listen, data_dir, metrics_port, advertised)
+    settings = settings or ClusterSettings()
+    node = Node(
+        node_id,
+        listen,
+        data_dir,
+        metrics_port,
+        advertised,
+        controller_voters=settings.controller_voters,
+        timing=settings.timing(),
+        node_dead_ms=settings.node_dead_ms,
+        cluster_id=settings.cluster_id,
+    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0
@@ -143,6 +212,7 @@ def run_node(
     metrics_port: int,
     advertised: str | None = None,
     log_level: str = "info",
+    settings: ClusterSettings | None = None,
 ) -> None:
     """Run one node in the foreground until SIGTERM/SIGINT (blocking).
 
@@ -150,7 +220,9 @@ def run_node(
     module docstring."""
     data_dir = Path(data_dir)
     _reexec_with_malloc_tuning(
-        node_argv(node_id, listen, data_dir.resolve(), metrics_port, advertised, log_level)
+        node_argv(
+            node_id, listen, data_dir.resolve(), metrics_port, advertised, log_level, settings
+        )
     )
     logging.basicConfig(
         level=log_level.upper(),
@@ -164,7 +236,7 @@ def run_node(
     from tidelog.node.server import StartupError
 
     try:
-        asyncio.run(serve(node_id, listen, data_dir, metrics_port, advertised))
+        asyncio.run(serve(node_id, listen, data_dir, metrics_port, advertised, settings))
     except StartupError as exc:
         log.error("node %d cannot start: %s", node_id, exc)
         raise SystemExit(1) from None

@@ -135,6 +135,22 @@ class _PartitionCollector(Collector):
         return iter(())
 
 
+class _ControllerCollector(Collector):
+    def __init__(self, leader_of: Callable[[], int]) -> None:
+        self._leader_of = leader_of
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "tidelog_controller_leader",
+            "Node id of the active controller (leader of Raft group 0) this node knows of; "
+            "0 when none.",
+            value=self._leader_of(),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 class ApiMetrics:
     """Pre-bound children of one API: the OK counter and the latency histogram."""
 
@@ -220,6 +236,8 @@ class NodeMetrics:
             "tidelog_raft_ready_round_groups", "Raft groups handled by one ready round.",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096), registry=r,
         )  # fmt: skip
+        #: Client requests being handled (node/rpc.py): a stopping node drains them first.
+        self.in_flight = 0
         self._apis: dict[str, ApiMetrics] = {}
         self._topics: dict[str, TopicMetrics] = {}
 
@@ -254,6 +272,10 @@ class NodeMetrics:
         """Report per-partition gauges from ``source`` at every scrape. ``source`` runs on the
         HTTP server's thread, so it must only read plain attributes."""
         self.registry.register(_PartitionCollector(source))
+
+    def watch_controller(self, leader_of: Callable[[], int]) -> None:
+        """Report the active controller this node knows of at every scrape."""
+        self.registry.register(_ControllerCollector(leader_of))
 
     def serve(self, host: str, port: int) -> MetricsServer:
         server, thread = start_http_server(port, addr=host, registry=self.registry)

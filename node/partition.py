@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -48,21 +47,13 @@ from tidelog.errors import (
 from tidelog.node.raft.errors import NotLeader as RaftNotLeader
 from tidelog.node.raft.errors import ProposalDropped
 from tidelog.node.raft.types import NONE, Entry, Role, Snapshot, SoftState
-from tidelog.node.raft_storage import end_offset_of
+from tidelog.node.raft_storage import next_offset, stamped_copy
 from tidelog.records import BatchHeader
 
 if TYPE_CHECKING:
     from tidelog.node.multiraft import MultiRaft, RaftGroup
 
 log = logging.getLogger(__name__)
-
-_BASE_OFFSET = struct.Struct("<q")
-_RAFT_STAMP = struct.Struct("<qq")
-# Where the stamped fields sit in a batch header (records.stamp): base offset at 0..8,
-# raft term and index at 12..28; the bytes between and after are the producer's.
-_BATCH_LENGTH_AT = 8
-_RAFT_AT = 12
-_AFTER_STAMP = 28
 
 
 class LogLike(Protocol):
@@ -307,23 +298,13 @@ class Partition:
         if raw.role != Role.LEADER:
             raise self.not_leader()
         term = raw.term
-        offset = first = self._next_offset()
+        offset = first = next_offset(raw, self.log)
         index = raw.log.last_index() + 1
         view = memoryview(batches)
         proposed = False
-        pack_offset = _BASE_OFFSET.pack
-        pack_raft = _RAFT_STAMP.pack
         try:
             for pos, h in headers:
-                data = b"".join(
-                    (
-                        pack_offset(offset),
-                        view[pos + _BATCH_LENGTH_AT : pos + _RAFT_AT],
-                        pack_raft(term, index),
-                        view[pos + _AFTER_STAMP : pos + h.size],
-                    )
-                )
-                got = raw.propose(data)
+                got = raw.propose(stamped_copy(view, pos, h.size, offset, term, index))
                 proposed = True
                 assert got == index, f"proposed at index {got}, stamped {index}"
                 offset += h.record_count
@@ -338,22 +319,6 @@ class Partition:
             if proposed:
                 raft.touch(group)
         return first, offset - 1, index - 1, term
-
-    def _next_offset(self) -> int:
-        """The offset after the last entry of the Raft log, stored or not."""
-        assert self.group is not None
-        rl = self.group.raw.log
-        empties = 0
-        for e in reversed(rl.unstable.entries):
-            if e.data:
-                return end_offset_of(e.data) + empties
-            empties += 1  # an EMPTY entry becomes a one-offset no-op batch
-        end = self.log.end_offset_at_index(rl.unstable.offset - 1)
-        if end is None:
-            raise StorageError(
-                f"{self.topic}/{self.index}: raft index {rl.unstable.offset - 1} is not in the log"
-            )
-        return end + empties
 
     async def wait_committed(self, index: int, term: int, timeout_s: float) -> None:
         """Return once the entry proposed at ``index`` in ``term`` is committed; NOT_LEADER if

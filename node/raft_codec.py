@@ -26,7 +26,6 @@ from tidelog.node.raft.types import (
     Snapshot,
     SnapshotMeta,
 )
-
 from tidelog.v1 import raft_pb2
 
 #: Bytes a message costs on the wire beyond its payloads (group, kind, ids, term, indexes,

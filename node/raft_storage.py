@@ -33,6 +33,7 @@ from typing import Final, Protocol
 
 from tidelog.errors import StorageError
 from tidelog.node.metastore import MetaStore
+from tidelog.node.raft.core import RawNode
 from tidelog.node.raft.errors import (
     CompactedError,
     SnapshotTemporarilyUnavailable,
@@ -69,6 +70,12 @@ _SNAPSHOT_FORMAT: Final = 1
 _BASE_OFFSET = struct.Struct("<q")
 _LAST_OFFSET_DELTA_AT: Final = 35
 _INT32 = struct.Struct("<i")
+_RAFT_STAMP = struct.Struct("<qq")
+# records.stamp writes base_offset at 0..8 and raft term and index at 12..28; the bytes in
+# between (batch_length) and after are the producer's.
+_STAMP_GAP_FROM: Final = 8
+_STAMP_GAP_TO: Final = 12
+_STAMP_END: Final = 28
 
 assert NOOP_SIZE > HEADER_SIZE
 
@@ -93,6 +100,35 @@ def end_offset_of(data: bytes) -> int:
     (base,) = _BASE_OFFSET.unpack_from(data, 0)
     (delta,) = _INT32.unpack_from(data, _LAST_OFFSET_DELTA_AT)
     return int(base) + int(delta) + 1
+
+
+def stamped_copy(buf: memoryview, pos: int, size: int, offset: int, term: int, index: int) -> bytes:
+    """A copy of the batch at ``pos`` (``size`` bytes) with its base offset, Raft term and
+    Raft index stamped, made with one copy (the fields lie outside the producer's CRC)."""
+    return b"".join(
+        (
+            _BASE_OFFSET.pack(offset),
+            buf[pos + _STAMP_GAP_FROM : pos + _STAMP_GAP_TO],
+            _RAFT_STAMP.pack(term, index),
+            buf[pos + _STAMP_END : pos + size],
+        )
+    )
+
+
+def next_offset(raw: RawNode, partition_log: RaftLogFile) -> int:
+    """The offset after the last entry of ``raw``'s Raft log, stored or not: where a leader's
+    next proposal starts. Unstored entries carry their stamped batch, except EMPTY entries
+    from the core, which become one-offset no-op batches."""
+    rl = raw.log
+    empties = 0
+    for e in reversed(rl.unstable.entries):
+        if e.data:
+            return end_offset_of(e.data) + empties
+        empties += 1
+    end = partition_log.end_offset_at_index(rl.unstable.offset - 1)
+    if end is None:
+        raise StorageError(f"raft index {rl.unstable.offset - 1} is not in the log")
+    return end + empties
 
 
 def encode_snapshot_data(log_start_offset: int) -> bytes:
@@ -351,5 +387,7 @@ __all__ = [
     "end_offset_of",
     "entry_cache_bytes_max",
     "entry_kind",
+    "next_offset",
     "noop_batch",
+    "stamped_copy",
 ]

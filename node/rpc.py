@@ -18,9 +18,9 @@ from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 from grpc import aio
-from tidelog.node.metrics import ApiMetrics, NodeMetrics
 
 from tidelog.errors import TidelogError, trailing_metadata
+from tidelog.node.metrics import ApiMetrics, NodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ def unary(
         async def handler(self: S, request: Req, context: Context) -> Resp:
             api = self.metrics.api(name)
             t0 = time.perf_counter()
+            self.metrics.in_flight += 1
             try:
                 response = await fn(self, request, context)
             except asyncio.CancelledError:
@@ -69,6 +70,8 @@ def unary(
             except Exception as exc:
                 api.latency.observe(time.perf_counter() - t0)
                 await _abort(api, context, exc)
+            finally:
+                self.metrics.in_flight -= 1
             api.latency.observe(time.perf_counter() - t0)
             api.ok.inc()
             return response
@@ -94,6 +97,7 @@ def stream(
             api = self.metrics.api(name)
             t0 = time.perf_counter()
             first = True
+            self.metrics.in_flight += 1
             try:
                 async for response in fn(self, request, context):
                     if first:
@@ -107,6 +111,8 @@ def stream(
                 raise
             except Exception as exc:
                 await _abort(api, context, exc)
+            finally:
+                self.metrics.in_flight -= 1
             api.ok.inc()
 
         return handler

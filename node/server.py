@@ -1,11 +1,16 @@
-"""One node: storage, the gRPC server and its services, background tasks, metrics.
+"""One node: storage, Raft, the gRPC server and its services, background tasks, metrics.
 
-:class:`Node` owns the lifecycle. Startup opens the metadata store and every partition log
-(recovering them) before the gRPC port accepts anything, so the first request sees a
-consistent node. Shutdown drains in the order that loses nothing: health goes
-NOT_SERVING, fetch streams end (UNAVAILABLE, so consumers reconnect), the server refuses new
-calls and lets in-flight ones finish within a deadline while the group committer still runs
-(an acks=all produce waits for its fsync), then the last fsync round, then the logs and the
+:class:`Node` owns the lifecycle. Startup opens the metadata store, binds the ports, starts
+the Raft driver with the controller's group 0 (which replays the metadata log and so
+re-creates the local partition replicas), and reports SERVING on the health service only once
+the replayed metadata is applied and the replicas are open (and, for a lone node, once it is
+registered), so the first request sees a consistent node. A node of a larger cluster reports
+SERVING without waiting for the other nodes, so nodes can be started in any order.
+
+Shutdown drains in the order that loses nothing: health goes NOT_SERVING, fetch streams end
+(UNAVAILABLE, so consumers reconnect), the server refuses new calls and lets in-flight ones
+finish within a deadline while Raft still runs (an acks=all produce waits for its commit),
+then the controller's tasks, the transport and the Raft driver stop, then the logs and the
 store close.
 """
 
@@ -17,6 +22,7 @@ import logging
 import socket
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +31,28 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tidelog.config import TopicConfig
+from tidelog.controller.commands import RegisterNode
 from tidelog.errors import NodeUnavailable
 from tidelog.node import limits
 from tidelog.node.admin_service import AdminService
 from tidelog.node.broker_service import BrokerService
+from tidelog.node.controller_node import (
+    CONTROLLER_DIR,
+    ClusterService,
+    Controller,
+    node_dead_ms_default,
+    parse_voters,
+)
 from tidelog.node.identity import NodeIdentity
+from tidelog.node.log import PartitionLog
 from tidelog.node.metastore import MetaStore
 from tidelog.node.metrics import MetricsServer, NodeMetrics
 from tidelog.node.multiraft import MultiRaft, RaftTiming
 from tidelog.node.partition import LogLike
 from tidelog.node.raft_storage import HardStateStore
 from tidelog.node.topics import LogOpener, TopicRegistry
-from tidelog.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
+from tidelog.node.transport import RaftTransport
+from tidelog.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc, cluster_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +62,12 @@ _AioHealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined
 NODE_COLUMN = "node"
 _NODE_ID_KEY = b"node_id"
 _CLUSTER_ID_KEY = b"cluster_id"
+
+#: How long startup waits for the replayed metadata, the local replicas and (lone node) the
+#: registration before it reports SERVING anyway.
+startup_ready_timeout_ms = 30_000
+drain_poll_ms = 10
+_CLUSTER_ID_NAMESPACE = uuid.UUID("7f0c1c4e-2a41-4c1b-9d5e-6f1d2b7a9c30")
 
 BROKER_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
@@ -88,6 +110,13 @@ def _reachable_host(host: str) -> str:
     return host
 
 
+def derived_cluster_id(voters: Iterable[int]) -> str:
+    """The cluster id every node derives alike from the controller voters' ids, when none
+    is stored or given: nodes started with the same ``--controller-voters`` agree on it."""
+    ids = ",".join(str(i) for i in sorted(voters))
+    return uuid.uuid5(_CLUSTER_ID_NAMESPACE, f"tidelog-voters:{ids}").hex
+
+
 def open_partition_log(directory: Path, config: TopicConfig) -> LogLike:
     from tidelog.node.log import PartitionLog
 
@@ -104,7 +133,10 @@ class Node:
         advertised: str | None = None,
         *,
         open_log: LogOpener = open_partition_log,
+        controller_voters: str | None = None,
         timing: RaftTiming | None = None,
+        node_dead_ms: int = node_dead_ms_default,
+        cluster_id: str | None = None,
     ) -> None:
         self.node_id = node_id
         self._open_log = open_log
@@ -112,12 +144,18 @@ class Node:
         self.data_dir = data_dir
         self.metrics_port = metrics_port
         self.advertised = advertised
+        self.controller_voters = controller_voters
+        self.node_dead_ms = node_dead_ms
+        self.cluster_id_flag = cluster_id
         self.metrics = NodeMetrics()
         self.timing = timing or RaftTiming()
         self.port = 0
         self.identity: NodeIdentity | None = None
         self._store: MetaStore | None = None
         self._raft: MultiRaft | None = None
+        self._transport: RaftTransport | None = None
+        self._controller: Controller | None = None
+        self._controller_log: PartitionLog | None = None
         self._registry: TopicRegistry | None = None
         self._server: aio.Server | None = None
         self._health: Any = None
@@ -130,7 +168,12 @@ class Node:
         assert self._registry is not None, "node not started"
         return self._registry
 
-    def _load_identity(self, store: MetaStore) -> str:
+    @property
+    def controller(self) -> Controller:
+        assert self._controller is not None, "node not started"
+        return self._controller
+
+    def _load_identity(self, store: MetaStore, voters: Iterable[int]) -> str:
         """Check the data directory belongs to this node id; return the cluster id."""
         raw = store.get(NODE_COLUMN, _NODE_ID_KEY)
         if raw is None:
@@ -140,19 +183,33 @@ class Node:
                 f"data directory {self.data_dir} belongs to node {int(raw)}, not node "
                 f"{self.node_id}: start with --id {int(raw)} or use another --data-dir"
             )
-        cluster_id = store.get(NODE_COLUMN, _CLUSTER_ID_KEY)
-        if cluster_id is None:
-            cluster_id = uuid.uuid4().hex.encode()
-            store.put(NODE_COLUMN, _CLUSTER_ID_KEY, cluster_id)
-        return cluster_id.decode()
+        stored = store.get(NODE_COLUMN, _CLUSTER_ID_KEY)
+        if stored is not None:
+            if self.cluster_id_flag and self.cluster_id_flag != stored.decode():
+                raise StartupError(
+                    f"data directory {self.data_dir} belongs to cluster {stored.decode()}, not "
+                    f"{self.cluster_id_flag}: use another --data-dir or drop --cluster-id"
+                )
+            return stored.decode()
+        cluster_id = self.cluster_id_flag or derived_cluster_id(voters)
+        store.put(NODE_COLUMN, _CLUSTER_ID_KEY, cluster_id.encode())
+        return cluster_id
 
     async def start(self) -> None:
         t0 = time.monotonic()
+        if self.node_id < 1:
+            raise StartupError(f"node id must be at least 1, got {self.node_id}")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             host, port = split_host_port(self.listen)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
+        voters: dict[int, str] | None = None
+        if self.controller_voters:
+            try:
+                voters = parse_voters(self.controller_voters)
+            except ValueError as exc:
+                raise StartupError(f"--controller-voters: {exc}") from None
         try:
             self._store = store = MetaStore(self.data_dir / "meta")
         except Exception as exc:
@@ -161,14 +218,6 @@ class Node:
                     f"data directory {self.data_dir} is in use by another node process"
                 ) from exc
             raise StartupError(f"cannot open the metadata store in {self.data_dir}: {exc}") from exc
-        cluster_id = self._load_identity(store)
-
-        self._raft = MultiRaft(self.node_id, HardStateStore(store), self.metrics, self.timing)
-        self._registry = TopicRegistry(
-            store, self.data_dir, self.metrics, self._raft, self._open_log
-        )
-        await self._registry.load()
-        self.metrics.watch_partitions(self._registry.partition_stats)
 
         server = aio.server(options=GRPC_OPTIONS)
         self._server = server
@@ -187,33 +236,97 @@ class Node:
 
         advertised = self.advertised or join_host_port(_reachable_host(host), self.port)
         metrics_address = join_host_port(_reachable_host(host), self._metrics_server.port)
+        if voters is None:
+            voters = {self.node_id: advertised}
+        elif self.node_id in voters and voters[self.node_id] != advertised:
+            log.warning(
+                "--controller-voters gives node %d the address %s, but it advertises %s",
+                self.node_id, voters[self.node_id], advertised,
+            )  # fmt: skip
+        cluster_id = self._load_identity(store, voters)
         self.identity = NodeIdentity(self.node_id, advertised, metrics_address, cluster_id)
 
+        self._raft = raft = MultiRaft(
+            self.node_id, HardStateStore(store), self.metrics, self.timing
+        )
+        self._transport = transport = RaftTransport(
+            self.node_id, cluster_id, deliver=raft.deliver, registry=self.metrics.registry
+        )
+        raft.set_sender(transport)
+        self._controller = controller = Controller(
+            self.node_id,
+            voters,
+            raft,
+            cluster_id,
+            node_dead_ms=self.node_dead_ms,
+            set_peer=transport.set_peer,
+            leading=lambda: self.registry.leading(),
+        )
+        self._registry = registry = TopicRegistry(
+            self.node_id, self.data_dir, self.metrics, raft, controller, self._open_log
+        )
+        controller.on_change = registry.schedule
+        self.metrics.watch_partitions(registry.partition_stats)
+        self.metrics.watch_controller(lambda: controller.leader_id)
+        try:
+            self._controller_log = await asyncio.to_thread(
+                PartitionLog, self.data_dir / CONTROLLER_DIR, TopicConfig.from_overrides({})
+            )
+        except Exception as exc:
+            raise StartupError(f"cannot open the controller log in {self.data_dir}: {exc}") from exc
+        controller.open(self._controller_log)
+
         broker_pb2_grpc.add_BrokerServicer_to_server(
-            BrokerService(self._registry, self.identity, self.metrics), server
+            BrokerService(registry, controller, self.identity, self.metrics), server
         )
         admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminService(self._registry, self.identity, self.metrics), server
+            AdminService(registry, controller, self.identity, self.metrics), server
         )
+        cluster_pb2_grpc.add_ClusterServicer_to_server(
+            ClusterService(controller, registry.digest, self.metrics), server
+        )
+        transport.add_servicer(server)
         self._health = _AioHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [BROKER_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-        self._raft.start()
+        raft.start()
+        registry.start()
         await server.start()
+        controller.start(RegisterNode(self.node_id, advertised, metrics_address, rack=None))
+        await self._until_ready()
         for service in ("", BROKER_SERVICE, ADMIN_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._retention_task = asyncio.create_task(self._retention_loop(), name="retention")
         log.info(
-            "node %d serving on %s (advertised %s), metrics on http://%s/metrics, "
-            "cluster %s, %d topics, started in %.2fs",
+            "node %d serving on %s (advertised %s), metrics on http://%s/metrics, cluster %s, "
+            "controller voters %s, %d topics, started in %.2fs",
             self.node_id, join_host_port(host, self.port), advertised, metrics_address,
-            cluster_id, len(self._registry.topics()), time.monotonic() - t0,
+            cluster_id, ",".join(f"{i}@{a}" for i, a in sorted(voters.items())),
+            len(registry.topics()), time.monotonic() - t0,
         )  # fmt: skip
 
+    async def _until_ready(self) -> None:
+        """Wait for what this node can finish alone: the replayed metadata applied, its
+        replicas open, and (when it is the whole controller quorum) its registration."""
+        controller = self.controller
+        try:
+            async with asyncio.timeout(startup_ready_timeout_ms / 1000):
+                await controller.replayed.wait()
+                await self.registry.wait_reconciled(controller.applied_index, 1e9)
+                if controller.lone_voter:
+                    await controller.registered.wait()
+                    await self.registry.wait_reconciled(controller.applied_index, 1e9)
+        except TimeoutError:
+            log.warning(
+                "node %d: metadata not ready after %d ms; serving anyway",
+                self.node_id, startup_ready_timeout_ms,
+            )  # fmt: skip
+
     async def _retention_loop(self) -> None:
-        """Roll segments by age and delete what retention.ms / retention.bytes allow."""
+        """Roll segments by age and delete what retention.ms / retention.bytes allow, never
+        above the high watermark (what Raft has not committed may still be needed)."""
         while True:
             await asyncio.sleep(self.retention_interval_s)
             now_ms = time.time_ns() // 1_000_000
@@ -222,7 +335,7 @@ class Node:
                     continue
                 try:
                     p.log.maybe_roll(now_ms)
-                    p.log.enforce_retention(now_ms)
+                    p.log.enforce_retention(now_ms, below=p.high_watermark)
                 except Exception as exc:
                     p.fail_storage(exc)
 
@@ -243,11 +356,31 @@ class Node:
             for p in self._registry.partitions():
                 p.end_streams(stopping)
         if self._server is not None:
-            await self._server.stop(grace_s)
+            # New calls are refused at once; client requests get until the deadline while
+            # Raft keeps running (an acks=all produce needs its commit). The peers' Raft
+            # streams never end by themselves: close them once the client requests are done.
+            server_stop = asyncio.ensure_future(self._server.stop(grace_s))
+            deadline = time.monotonic() + grace_s
+            while (
+                self.metrics.in_flight and time.monotonic() < deadline and not server_stop.done()
+            ):
+                await asyncio.sleep(drain_poll_ms / 1000)
+            if self._transport is not None:
+                self._transport.close_inbound()
+            if self._controller is not None:
+                await self._controller.stop()
+            await server_stop
+        if self._controller is not None:
+            await self._controller.stop()
+        if self._transport is not None:
+            await self._transport.close()
         if self._raft is not None:
             await self._raft.stop()
         if self._registry is not None:
             await self._registry.close()
+        if self._controller_log is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self._controller_log.close)
         if self._store is not None:
             self._store.close()
         if self._metrics_server is not None:

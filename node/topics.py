@@ -1,435 +1,509 @@
-"""The topic registry of one node: which topics exist, their configs, and their partitions.
+"""The topics as this node sees them, and the partition replicas it hosts.
 
-Topic metadata lives in the node's RocksDB (column family ``topics``, key ``topic/<name>``,
-value JSON) and survives restarts; partition logs live at
-``<data-dir>/topics/<topic>/<partition>/``. The order of writes makes a crash at any point
-harmless: a topic's metadata is synced before its directories are created (a restart
-creates missing ones), and removed before its files are (a restart deletes directories no
-topic owns).
+The controller's replicated state (``Controller.state``, a ``ClusterState``) is the source of
+truth for topics, configs and placement. This registry follows it: after every change it
+*reconciles* (one task, one pass at a time): it opens a replica for every partition placed on
+this node that it does not host yet, closes and deletes the replicas of deleted topics (or
+moved away), and hands new configs to the open ones. Request paths look topics up here.
 
-Later the controller's replicated metadata log replaces this store as the source of truth;
-the partition objects and the request paths that use them stay.
+Replicas live at ``<data-dir>/topics/<topic>-<topic id>/<partition>/``: the topic id (the
+index of the command that created the topic) keeps a topic deleted and created again under the
+same name from ever meeting the old one's files. A directory that no topic known to this node
+owns, and that is not newer than what the node has applied, is left over from a deletion a
+crash interrupted, and is removed.
+
+A new partition group is started by its preferred leader with an immediate campaign (and by a
+lone replica always), so a new topic takes writes within a round trip rather than an election
+timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import re
 import shutil
-import time
-import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
-from tidelog.config import (
-    TOPIC_CONFIG_KEYS,
-    TopicConfig,
-    effective_configs,
-    validate_partitions,
-    validate_topic_configs,
-    validate_topic_name,
-)
+import crc32c
+
+from tidelog.config import TopicConfig, effective_configs
+from tidelog.controller.state import NO_LEADER, PartitionAssignment, TopicRecord
 from tidelog.errors import (
-    InvalidConfig,
-    InvalidPartitions,
-    InvalidReplicationFactor,
-    InvalidRequest,
-    StorageError,
-    TidelogError,
-    TopicExists,
+    LeaderNotAvailable,
+    NotLeader,
+    RequestTimedOut,
     UnknownPartition,
     UnknownTopic,
 )
-from tidelog.node import limits
-from tidelog.node.metastore import MetaStore
+from tidelog.node.controller_node import Controller
 from tidelog.node.metrics import NodeMetrics, PartitionStats, TopicMetrics
 from tidelog.node.multiraft import MultiRaft
 from tidelog.node.partition import LogLike, Partition
 from tidelog.node.raft.limits import Config
-from tidelog.node.raft.types import ConfState
+from tidelog.node.raft.types import NONE, ConfState, Role
+from tidelog.records import iter_headers
+from tidelog.v1 import cluster_pb2
 
 log = logging.getLogger(__name__)
 
-TOPICS_COLUMN = "topics"
-_KEY_PREFIX = b"topic/"
-_TOPICS_DIR = "topics"
-# Until the controller exists there is one node, so one replica is all there can be.
-DEFAULT_REPLICATION_FACTOR = 1
+TOPICS_DIR = "topics"
+_TOPIC_DIR_RE = re.compile(r"^(?P<name>.+)-(?P<topic_id>\d+)$")
+#: How long a reconcile pass waits for the lone replicas it opened to lead.
+lone_leader_wait_ms = 5_000
 
-#: Opens (creating if needed) the log of one partition; injected so tests can use fakes.
+#: Opens (creating if needed) the log of one partition; injected so tests can instrument it.
 LogOpener = Callable[[Path, TopicConfig], LogLike]
 
 
-@dataclass(frozen=True, slots=True)
-class NewTopic:
-    """One topic of a CreateTopics request, independent of protobuf."""
-
-    name: str
-    partitions: int
-    replication_factor: int = 0
-    configs: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class TopicMeta:
-    """What is persisted per topic."""
-
-    name: str
-    partitions: int
-    replication_factor: int
-    overrides: dict[str, str]
-    topic_id: str
-    created_ms: int
-
-    def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "name": self.name,
-                "partitions": self.partitions,
-                "replication_factor": self.replication_factor,
-                "overrides": self.overrides,
-                "topic_id": self.topic_id,
-                "created_ms": self.created_ms,
-            },
-            sort_keys=True,
-        ).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> TopicMeta:
-        d: dict[str, Any] = json.loads(raw)
-        return cls(
-            name=str(d["name"]),
-            partitions=int(d["partitions"]),
-            replication_factor=int(d["replication_factor"]),
-            overrides={str(k): str(v) for k, v in d["overrides"].items()},
-            topic_id=str(d["topic_id"]),
-            created_ms=int(d["created_ms"]),
-        )
+def topic_dir_name(name: str, topic_id: int) -> str:
+    return f"{name}-{topic_id}"
 
 
 class Topic:
-    __slots__ = ("config", "meta", "metrics", "partitions")
+    """A topic as the request paths need it: its record, parsed config, metrics and the
+    replicas of it this node hosts (by partition index)."""
 
-    def __init__(self, meta: TopicMeta, partitions: list[Partition], metrics: TopicMetrics) -> None:
-        self.meta = meta
-        self.config = TopicConfig.from_overrides(meta.overrides)
-        self.partitions = partitions
+    __slots__ = ("config", "local", "metrics", "record")
+
+    def __init__(self, record: TopicRecord, metrics: TopicMetrics) -> None:
+        self.record = record
+        self.config = record.config()
         self.metrics = metrics
+        self.local: dict[int, Partition] = {}
 
     @property
     def name(self) -> str:
-        return self.meta.name
+        return self.record.name
+
+    @property
+    def partition_count(self) -> int:
+        return len(self.record.partitions)
+
+    @property
+    def replication_factor(self) -> int:
+        return self.record.replication_factor
+
+    @property
+    def overrides(self) -> dict[str, str]:
+        return dict(self.record.configs)
 
     def effective_configs(self) -> dict[str, str]:
-        return effective_configs(self.meta.overrides)
+        return effective_configs(self.record.configs)
 
 
-def _group_base(topic_id: str) -> int:
-    """Stable Raft group ids for a topic's partitions, from its random id."""
-    return (int(topic_id[:10], 16) + 1) << 20
+class PartitionView:
+    """What Metadata and DescribeTopics report about one partition from this node."""
 
+    __slots__ = ("assignment", "in_sync", "leader", "local", "term")
 
-def _key(name: str) -> bytes:
-    return _KEY_PREFIX + name.encode()
-
-
-def _in_topic(name: str, err: TidelogError) -> TidelogError:
-    """The same error, its message prefixed with the topic it is about."""
-    return type(err)(f"topic {name!r}: {err.message}", **err.metadata)
+    def __init__(
+        self,
+        assignment: PartitionAssignment,
+        leader: int,
+        term: int,
+        in_sync: list[int],
+        local: Partition | None,
+    ) -> None:
+        self.assignment = assignment
+        #: -1 when no leader is known.
+        self.leader = leader
+        self.term = term
+        self.in_sync = in_sync
+        self.local = local
 
 
 class TopicRegistry:
     def __init__(
         self,
-        store: MetaStore,
+        node_id: int,
         data_dir: Path,
         metrics: NodeMetrics,
         raft: MultiRaft,
+        controller: Controller,
         open_log: LogOpener,
-        clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
-        self._store = store
-        self._dir = data_dir / _TOPICS_DIR
+        self.node_id = node_id
+        self._dir = data_dir / TOPICS_DIR
         self._metrics = metrics
         self._raft = raft
-        # Partitions keep their offsets dense: a leader of a committed log appends nothing.
-        self._raft_config = raft.timing.config(Config(always_append_empty=False))
+        self._controller = controller
         self._open_log = open_log
-        self._clock_ms = clock_ms
+        # Partitions keep their offsets dense: a leader of a committed log appends nothing.
+        self._raft_config: Config = raft.timing.config(Config(always_append_empty=False))
         self._topics: dict[str, Topic] = {}
-        # Create, delete and alter run one at a time: each validates against the state it
-        # then changes, across awaits.
-        self._admin_lock = asyncio.Lock()
-        self._partition_count = 0
+        self._local: dict[int, Partition] = {}
+        self._wake = asyncio.Event()
+        self._reconciled = 0
+        self._reconciled_changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._orphans_checked = False
+        self._closed = False
 
     # -- lookups (hot path) --------------------------------------------------------------
 
     def topic(self, name: str) -> Topic:
         topic = self._topics.get(name)
         if topic is None:
+            if name in self._controller.state.topics:
+                raise LeaderNotAvailable(f"topic {name!r} is being created on this node; retry")
             raise UnknownTopic(f"unknown topic {name!r}: create it first (tidelog topic create)")
         return topic
 
     def partition(self, name: str, index: int) -> tuple[Topic, Partition]:
-        topic = self._topics.get(name)
-        if topic is None:
-            raise UnknownTopic(f"unknown topic {name!r}: create it first (tidelog topic create)")
-        partitions = topic.partitions
-        if not 0 <= index < len(partitions):
+        """The local replica of a partition, for the leader's request paths. NOT_LEADER (with
+        the leader's address when known) when this node holds no replica of it."""
+        topic = self.topic(name)
+        count = topic.partition_count
+        if not 0 <= index < count:
             raise UnknownPartition(
-                f"topic {name!r} has no partition {index}; its partitions are "
-                f"0..{len(partitions) - 1}"
+                f"topic {name!r} has no partition {index}; its partitions are 0..{count - 1}"
             )
-        return topic, partitions[index]
+        part = topic.local.get(index)
+        if part is not None:
+            return topic, part
+        a = topic.record.partitions[index]
+        view = self.view(a)
+        if view.leader > 0 and view.leader != self.node_id:
+            address = self._controller.address_of(view.leader) or ""
+            raise NotLeader(
+                f"{name}/{index}: node {self.node_id} holds no replica; node {view.leader} "
+                f"leads it" + (f" at {address}" if address else ""),
+                leader_id=str(view.leader),
+                leader_address=address,
+            )
+        raise LeaderNotAvailable(f"{name}/{index}: no leader is known right now; retry")
 
-    def topics(self) -> list[Topic]:
-        return sorted(self._topics.values(), key=lambda t: t.name)
+    def topics(self, names: Iterable[str] | None = None) -> list[Topic]:
+        """Every topic (sorted), or the named ones (UnknownTopic for a missing one)."""
+        if names is None:
+            return [self._topics[n] for n in sorted(self._topics)]
+        return [self.topic(n) for n in names]
 
     def partitions(self) -> list[Partition]:
-        return [p for t in list(self._topics.values()) for p in t.partitions]
+        """The replicas hosted here."""
+        return list(self._local.values())
+
+    def leading(self) -> list[tuple[int, int]]:
+        """(group id, term) of every partition this node leads (heartbeat reports)."""
+        return [
+            (gid, p.term)
+            for gid, p in self._local.items()
+            if p.role == Role.LEADER and not p.closed
+        ]
+
+    def view(self, a: PartitionAssignment) -> PartitionView:
+        """Leader, term and in-sync replicas as this node knows them: from its replica when it
+        has one, else from the controller's leader hints (dead nodes excluded)."""
+        nodes = self._controller.state.nodes
+        alive = [r for r in a.replicas if (n := nodes.get(r)) is not None and n.alive]
+        part = self._local.get(a.group_id)
+        if part is not None and not part.closed:
+            leader = part.leader_id
+            if part.is_leader:
+                return PartitionView(a, leader, part.term, part.in_sync(), part)
+            if leader != NONE:
+                return PartitionView(a, leader, part.term, alive, part)
+            return PartitionView(a, -1, part.term, [], part)
+        if a.leader != NO_LEADER and a.leader in alive:
+            return PartitionView(a, a.leader, a.leader_term, alive, None)
+        return PartitionView(a, -1, a.leader_term, [], None)
 
     def partition_stats(self) -> list[PartitionStats]:
         """Runs on the metrics HTTP thread: reads plain attributes only, and skips a
         partition that is being deleted under it rather than failing the whole scrape."""
         out = []
-        for topic in list(self._topics.values()):
-            for p in topic.partitions:
-                lg = p.log
-                try:
-                    lags = p.follower_lags()
-                    out.append(
-                        PartitionStats(
-                            p.topic,
-                            p.index,
-                            lg.size_bytes,
-                            lg.log_start_offset,
-                            lg.log_end_offset,
-                            p.high_watermark,
-                            lg.segment_count,
-                            raft_term=p.term,
-                            raft_role=int(p.role),
-                            leader_id=p.leader_id,
-                            follower_lags=tuple(lags),
-                            under_replicated=bool(lags) and len(p.in_sync()) < len(p.replicas),
-                            elections_started=p.elections_started,
-                            elections_won=p.elections_won,
-                        )
+        for p in list(self._local.values()):
+            lg = p.log
+            try:
+                lags = p.follower_lags()
+                out.append(
+                    PartitionStats(
+                        p.topic,
+                        p.index,
+                        lg.size_bytes,
+                        lg.log_start_offset,
+                        lg.log_end_offset,
+                        p.high_watermark,
+                        lg.segment_count,
+                        raft_term=p.term,
+                        raft_role=int(p.role),
+                        leader_id=p.leader_id,
+                        follower_lags=tuple(lags),
+                        under_replicated=p.is_leader and len(p.in_sync()) < len(p.replicas),
+                        elections_started=p.elections_started,
+                        elections_won=p.elections_won,
                     )
-                except Exception:
-                    continue
+                )
+            except Exception:
+                continue
         return out
 
-    # -- startup and shutdown ------------------------------------------------------------
+    # -- reconciling with the controller's state -----------------------------------------
 
-    async def load(self) -> None:
-        """Open every known topic's partitions (recovering their logs) and delete directories
-        of topics that no longer exist (a delete interrupted by a crash)."""
-        metas = [TopicMeta.from_json(v) for _, v in self._store.items(TOPICS_COLUMN, _KEY_PREFIX)]
+    def start(self) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)
-        known = {m.name for m in metas}
-        for child in sorted(self._dir.iterdir()):
-            if child.name not in known:
-                log.warning("removing %s: no topic of that name exists (deleted)", child)
-                await asyncio.to_thread(shutil.rmtree, child, True)
-        for meta in metas:
-            self._topics[meta.name] = await self._open_topic(meta)
-            log.info("loaded topic %s (%d partitions)", meta.name, meta.partitions)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="reconcile")
+        self.schedule()
 
-    async def _open_topic(self, meta: TopicMeta) -> Topic:
-        config = TopicConfig.from_overrides(meta.overrides)
-        topic_dir = self._dir / meta.name
+    def schedule(self) -> None:
+        """The controller's state changed: reconcile soon."""
+        self._wake.set()
 
-        def open_all() -> list[LogLike]:
-            logs: list[LogLike] = []
+    @property
+    def reconciled_index(self) -> int:
+        return self._reconciled
+
+    async def wait_reconciled(self, index: int, timeout_s: float) -> None:
+        """Return once the replicas hosted here match the state up to ``index``."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self._reconciled < index:
+                    await self._reconciled_changed.wait()
+        except TimeoutError:
+            raise RequestTimedOut(
+                f"node {self.node_id} did not set up its replicas for metadata index {index} "
+                f"within {timeout_s * 1000:.0f} ms; they will follow"
+            ) from None
+
+    async def _run(self) -> None:
+        while not self._closed:
+            await self._wake.wait()
+            self._wake.clear()
             try:
-                for i in range(meta.partitions):
-                    logs.append(self._open_log(topic_dir / str(i), config))
-            except BaseException:
-                for lg in logs:
-                    lg.close()
-                raise
-            return logs
+                await self._reconcile()
+            except Exception:
+                log.exception("reconciling the local replicas failed; retrying")
+                await asyncio.sleep(1)
+                self._wake.set()
+
+    async def _reconcile(self) -> None:
+        controller = self._controller
+        state = controller.state
+        target = controller.applied_index
+        desired: dict[int, tuple[TopicRecord, PartitionAssignment]] = {}
+        for name, p in state.replicas_on(self.node_id):
+            record = state.topics[name]
+            a = record.partitions[p]
+            desired[a.group_id] = (record, a)
+
+        for gid, part in list(self._local.items()):
+            if gid not in desired:
+                await self._drop(part, deleted=state.locate_group(gid) is None)
+
+        topics: dict[str, Topic] = {}
+        for name, record in state.topics.items():
+            old = self._topics.get(name)
+            if old is not None and old.record.topic_id == record.topic_id:
+                if old.record is not record:
+                    old.record = record
+                    config = record.config()
+                    if config != old.config:
+                        old.config = config
+                        for part in old.local.values():
+                            part.update_config(config)
+                topics[name] = old
+            else:
+                topics[name] = Topic(record, self._metrics.topic(name))
+        for name in self._topics.keys() - topics.keys():
+            self._metrics.forget_topic(name)
+        self._topics = topics
+
+        new = [(r, a) for gid, (r, a) in desired.items() if gid not in self._local]
+        if new:
+            await self._open(new)
+        if not self._orphans_checked and controller.replayed.is_set():
+            self._orphans_checked = True
+            await asyncio.to_thread(self._remove_orphans, desired, state.applied_index)
+
+        self._reconciled = max(self._reconciled, target)
+        event, self._reconciled_changed = self._reconciled_changed, asyncio.Event()
+        event.set()
+
+    async def _open(self, new: list[tuple[TopicRecord, PartitionAssignment]]) -> None:
+        def open_all() -> list[LogLike | BaseException]:
+            out: list[LogLike | BaseException] = []
+            for record, a in new:
+                directory = self._dir / topic_dir_name(record.name, record.topic_id)
+                try:
+                    out.append(self._open_log(directory / str(a.partition), record.config()))
+                except Exception as exc:
+                    out.append(exc)
+            return out
 
         logs = await asyncio.to_thread(open_all)
-        node_id = self._raft.node_id
-        group_base = _group_base(meta.topic_id)
-        partitions = []
-        for i, lg in enumerate(logs):
-            p = Partition(meta.name, i, lg, config, group_id=group_base + i, replicas=[node_id])
-            group = self._raft.add_group(
-                p.group_id,
+        lone: list[Partition] = []
+        for (record, a), lg in zip(new, logs, strict=True):
+            if isinstance(lg, BaseException):
+                log.error("%s/%d: cannot open the log: %s", record.name, a.partition, lg)
+                continue
+            topic = self._topics.get(record.name)
+            if topic is None or topic.record.topic_id != record.topic_id:
+                lg.close()  # deleted meanwhile (the next pass removes the files)
+                continue
+            config = topic.config
+            part = Partition(
+                record.name,
+                a.partition,
                 lg,
-                ConfState(voters=frozenset({node_id})),
-                p,
+                config,
+                group_id=a.group_id,
+                replicas=a.replicas,
+                address_of=self._controller.address_of,
+            )
+            group = self._raft.add_group(
+                a.group_id,
+                lg,
+                ConfState(voters=frozenset(a.replicas)),
+                part,
                 durable=config.flush != "os",
                 config=self._raft_config,
             )
-            p.attach(group, self._raft)
-            # The only voter: it wins at once, so the partition takes writes right away.
-            self._raft.campaign(group)
-            partitions.append(p)
-        self._partition_count += len(partitions)
-        return Topic(meta, partitions, self._metrics.topic(meta.name))
+            part.attach(group, self._raft)
+            self._local[a.group_id] = part
+            topic.local[a.partition] = part
+            fresh = group.raw.term == 0 and lg.last_index == 0
+            if a.replicas == (self.node_id,):
+                self._raft.campaign(group)  # nobody else can win
+                lone.append(part)
+            elif fresh and a.preferred_leader == self.node_id:
+                self._raft.campaign(group)
+        if lone:
+            # Lone replicas lead after one round: wait for it, so the topic this node just
+            # reported created serves reads at once.
+            try:
+                async with asyncio.timeout(lone_leader_wait_ms / 1000):
+                    while not all(p.serving or p.closed for p in lone):
+                        await lone[0].changed().wait()
+            except TimeoutError:
+                log.warning("lone partition replicas did not become leaders in time")
+
+    async def _drop(self, part: Partition, *, deleted: bool) -> None:
+        del self._local[part.group_id]
+        topic = self._topics.get(part.topic)
+        if topic is not None and topic.local.get(part.index) is part:
+            del topic.local[part.index]
+        if deleted:
+            part.close_for_delete()
+        else:
+            part.close_for_move()
+        await self._raft.remove_group(part.group_id, forget=True)
+        lg = part.log
+
+        def remove() -> None:
+            try:
+                lg.delete()
+            except Exception:
+                log.exception("deleting the log of %s/%d failed", part.topic, part.index)
+            parent = getattr(lg, "directory", None)
+            if isinstance(parent, Path):
+                try:
+                    parent.parent.rmdir()  # the topic directory, once its last replica went
+                except OSError:
+                    pass
+
+        await asyncio.to_thread(remove)
+        log.info(
+            "%s/%d: replica removed (%s)",
+            part.topic, part.index, "topic deleted" if deleted else "moved away",
+        )  # fmt: skip
+
+    def _remove_orphans(
+        self, desired: dict[int, tuple[TopicRecord, PartitionAssignment]], applied: int
+    ) -> None:
+        keep = {(topic_dir_name(r.name, r.topic_id), str(a.partition)) for r, a in desired.values()}
+        if not self._dir.is_dir():
+            return
+        for topic_dir in sorted(self._dir.iterdir()):
+            m = _TOPIC_DIR_RE.match(topic_dir.name)
+            if m is None or not topic_dir.is_dir():
+                log.warning("ignoring %s: not a topic directory of this version", topic_dir)
+                continue
+            if int(m.group("topic_id")) > applied:
+                continue  # created by metadata this node has not applied yet: keep
+            for part_dir in sorted(topic_dir.iterdir()):
+                if (topic_dir.name, part_dir.name) not in keep:
+                    log.warning("removing %s: no replica of this node owns it", part_dir)
+                    shutil.rmtree(part_dir, ignore_errors=True)
+            try:
+                topic_dir.rmdir()
+            except OSError:
+                pass
+
+    # -- debugging -----------------------------------------------------------------------
+
+    async def digest(self, request: cluster_pb2.LogDigestRequest) -> cluster_pb2.LogDigestResponse:
+        """CRC-32C of each local replica's stored batches below its high watermark (or a
+        given lower offset), to compare replicas byte for byte."""
+        names = set(request.topics)
+        parts = [
+            p for p in self._local.values() if not p.closed and (not names or p.topic in names)
+        ]
+        out = []
+        for p in sorted(parts, key=lambda q: (q.topic, q.index)):
+            end = p.high_watermark
+            if request.end_offset:
+                end = min(end, request.end_offset)
+            crc, covered = await asyncio.to_thread(_digest_log, p.log, end)
+            out.append(
+                cluster_pb2.PartitionDigest(
+                    topic=p.topic,
+                    partition=p.index,
+                    log_start_offset=p.log.log_start_offset,
+                    high_watermark=p.high_watermark,
+                    digest_end_offset=covered,
+                    crc32c=crc,
+                    commit_index=p.group.raw.commit_index if p.group else 0,
+                    term=p.term,
+                    role=int(p.role),
+                    leader=p.leader_id,
+                )
+            )
+        return cluster_pb2.LogDigestResponse(node_id=self.node_id, partitions=out)
+
+    # -- shutdown ------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Close every log (after the committer's last round: see Node.stop)."""
-        for topic in list(self._topics.values()):
-            for p in topic.partitions:
-                p.close_for_shutdown()
-                await self._raft.remove_group(p.group_id, forget=False)
-        logs = [p.log for t in self._topics.values() for p in t.partitions]
+        """Close every replica's log (after the Raft driver's last round: see Node.stop)."""
+        self._closed = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        parts = list(self._local.values())
+        for p in parts:
+            p.close_for_shutdown()
+            await self._raft.remove_group(p.group_id, forget=False)
+        self._local.clear()
         self._topics.clear()
 
         def close_all() -> None:
-            for lg in logs:
+            for p in parts:
                 try:
-                    lg.close()
+                    p.log.close()
                 except Exception:
                     log.exception("closing a partition log failed")
 
         await asyncio.to_thread(close_all)
 
-    # -- admin ---------------------------------------------------------------------------
 
-    def check_create(self, specs: Sequence[NewTopic]) -> list[TopicMeta]:
-        """Validate a whole CreateTopics request; nothing is created unless all of it is
-        valid. Returns the metadata that would be stored."""
-        if not specs:
-            raise InvalidRequest("CreateTopics names no topic")
-        if len(specs) > limits.topics_per_request_max:
-            raise InvalidRequest(
-                f"CreateTopics names {len(specs)} topics, at most "
-                f"{limits.topics_per_request_max} per request"
-            )
-        seen: set[str] = set()
-        metas = []
-        new_partitions = 0
-        now = self._clock_ms()
-        for spec in specs:
-            validate_topic_name(spec.name)
-            if spec.name in seen:
-                raise InvalidRequest(
-                    f"topic {spec.name!r} appears twice in one CreateTopics request"
-                )
-            seen.add(spec.name)
-            if spec.name in self._topics:
-                raise TopicExists(f"topic {spec.name!r} already exists")
-            try:
-                validate_partitions(spec.partitions)
-                rf = spec.replication_factor or DEFAULT_REPLICATION_FACTOR
-                if rf < 1:
-                    raise InvalidReplicationFactor(
-                        f"replication factor must be at least 1, got {spec.replication_factor}"
-                    )
-                if rf > 1:
-                    raise InvalidReplicationFactor(
-                        f"replication factor {rf} is larger than the cluster: only 1 node in "
-                        "the cluster"
-                    )
-                overrides = validate_topic_configs(spec.configs)
-            except TidelogError as err:
-                raise _in_topic(spec.name, err) from None
-            new_partitions += spec.partitions
-            metas.append(
-                TopicMeta(spec.name, spec.partitions, rf, dict(overrides), uuid.uuid4().hex, now)
-            )
-        total = self._partition_count + new_partitions
-        if total > limits.partitions_per_node_max:
-            raise InvalidPartitions(
-                f"creating {new_partitions} partitions would bring this node to {total}, more "
-                f"than its limit of {limits.partitions_per_node_max}"
-            )
-        return metas
+def _digest_log(lg: LogLike, end: int) -> tuple[int, int]:
+    """CRC-32C over the stored batches from the log start up to the last one ending at or
+    below ``end``; returns it and the offset the digest stops at."""
+    crc = 0
+    offset = lg.log_start_offset
+    while offset < end:
+        data = lg.read(offset, 1 << 20, upto=end)
+        if not data:
+            break
+        crc = crc32c.crc32c(data, crc)
+        for _pos, h in iter_headers(data):
+            offset = h.last_offset + 1
+    return crc, offset
 
-    async def create(self, specs: Sequence[NewTopic], *, validate_only: bool = False) -> list[str]:
-        async with self._admin_lock:
-            metas = self.check_create(specs)
-            if validate_only:
-                return [m.name for m in metas]
-            for meta in metas:
-                self._store.put(TOPICS_COLUMN, _key(meta.name), meta.to_json())
-                try:
-                    self._topics[meta.name] = await self._open_topic(meta)
-                except Exception as exc:
-                    # Leave no topic behind that exists on disk but not in memory.
-                    self._store.delete(TOPICS_COLUMN, _key(meta.name))
-                    await asyncio.to_thread(shutil.rmtree, self._dir / meta.name, True)
-                    log.exception("creating topic %s failed", meta.name)
-                    raise StorageError(f"cannot create topic {meta.name!r}: {exc}") from exc
-                log.info(
-                    "created topic %s: %d partitions, overrides %s",
-                    meta.name, meta.partitions, meta.overrides or "none",
-                )  # fmt: skip
-            return [m.name for m in metas]
 
-    async def delete(self, names: Sequence[str]) -> list[str]:
-        if not names:
-            raise InvalidRequest("DeleteTopics names no topic")
-        async with self._admin_lock:
-            unique = list(dict.fromkeys(names))
-            for name in unique:
-                self.topic(name)  # every name must exist before anything is deleted
-            for name in unique:
-                await self._delete_one(self._topics[name])
-            return unique
-
-    async def _delete_one(self, topic: Topic) -> None:
-        name = topic.name
-        self._store.delete(TOPICS_COLUMN, _key(name))
-        del self._topics[name]
-        self._partition_count -= len(topic.partitions)
-        for p in topic.partitions:
-            p.close_for_delete()
-            await self._raft.remove_group(p.group_id, forget=True)
-        logs = [p.log for p in topic.partitions]
-        topic_dir = self._dir / name
-
-        def remove() -> None:
-            for lg in logs:
-                try:
-                    lg.delete()
-                except Exception:
-                    log.exception("deleting a partition log of %s failed", name)
-            shutil.rmtree(topic_dir, ignore_errors=True)
-
-        await asyncio.to_thread(remove)
-        self._metrics.forget_topic(name)
-        log.info("deleted topic %s", name)
-
-    async def alter(self, name: str, set_: Mapping[str, str], delete: Iterable[str]) -> Topic:
-        delete = list(delete)
-        async with self._admin_lock:
-            topic = self.topic(name)
-            both = sorted(set(set_) & set(delete))
-            if both:
-                raise InvalidRequest(
-                    f"topic {name!r}: {', '.join(both)} both set and deleted in one request"
-                )
-            try:
-                validate_topic_configs(set_)
-                for key in delete:
-                    if key not in TOPIC_CONFIG_KEYS:
-                        raise InvalidConfig(
-                            f"unknown topic config {key!r}; known keys: "
-                            f"{', '.join(sorted(TOPIC_CONFIG_KEYS))}"
-                        )
-            except TidelogError as err:
-                raise _in_topic(name, err) from None
-            overrides = {k: v for k, v in topic.meta.overrides.items() if k not in delete}
-            overrides.update(set_)
-            config = TopicConfig.from_overrides(overrides)
-            meta = TopicMeta(
-                topic.meta.name, topic.meta.partitions, topic.meta.replication_factor,
-                overrides, topic.meta.topic_id, topic.meta.created_ms,
-            )  # fmt: skip
-            self._store.put(TOPICS_COLUMN, _key(name), meta.to_json())
-            topic.meta = meta
-            topic.config = config
-            for p in topic.partitions:
-                if not p.closed:
-                    p.update_config(config)
-            log.info("altered topic %s: overrides now %s", name, overrides or "none")
-            return topic
+__all__ = ["LogOpener", "PartitionView", "Topic", "TopicRegistry", "topic_dir_name"]

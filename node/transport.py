@@ -40,6 +40,8 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc import aio
 from prometheus_client import CollectorRegistry, Counter
+
+from tidelog.errors import InvalidRequest, TidelogError, trailing_metadata
 from tidelog.node import limits
 from tidelog.node.raft.types import Message
 from tidelog.node.raft_codec import (
@@ -49,8 +51,6 @@ from tidelog.node.raft_codec import (
     encode_batch,
     wire_size_estimate,
 )
-
-from tidelog.errors import InvalidRequest, TidelogError, trailing_metadata
 from tidelog.v1 import raft_pb2
 
 log = logging.getLogger(__name__)
@@ -294,6 +294,8 @@ class RaftTransport:
         self._dirty: list[_Peer] = []
         self._flush_handle: asyncio.Handle | None = None
         self._retired: set[asyncio.Task[None]] = set()
+        # Handlers of the peers' streams to us, so a stopping node can end them.
+        self._inbound: set[asyncio.Task[object]] = set()
         self._hb_caches: dict[int, HeartbeatCache] = {}
         self._refusals_logged: set[tuple[int, int, str]] = set()
         self._closed = False
@@ -506,6 +508,23 @@ class RaftTransport:
         )
 
     async def _serve(self, requests: AsyncIterator[bytes], context: _Context) -> bytes:
+        task = asyncio.current_task()
+        if task is not None:
+            self._inbound.add(task)
+        try:
+            return await self._serve_stream(requests, context)
+        finally:
+            if task is not None:
+                self._inbound.discard(task)
+
+    def close_inbound(self) -> None:
+        """End the peers' streams to this node (they reconnect elsewhere or later): a
+        stopping node calls it once its own requests are done, so the gRPC server's drain
+        does not wait for streams that never end by themselves."""
+        for task in list(self._inbound):
+            task.cancel()
+
+    async def _serve_stream(self, requests: AsyncIterator[bytes], context: _Context) -> bytes:
         peer_id = 0
         counters: PeerCounters | None = None
         cache: HeartbeatCache | None = None

@@ -121,7 +121,7 @@ def node() -> None:
 
 
 @node.command("start")
-@click.option("--id", "node_id", type=click.IntRange(min=0), required=True, help="Node id.")
+@click.option("--id", "node_id", type=click.IntRange(min=1), required=True, help="Node id.")
 @click.option("--listen", required=True, help="gRPC host:port to listen on.")
 @click.option(
     "--data-dir",
@@ -139,6 +139,27 @@ def node() -> None:
     default="info",
     show_default=True,
 )
+@click.option(
+    "--controller-voters",
+    default=None,
+    metavar="ID@HOST:PORT,...",
+    help="The controller's Raft voters, the same on every node (default: this node alone).",
+)
+@click.option(
+    "--election-timeout-ms", type=click.IntRange(min=1), default=1000, show_default=True,
+    help="Raft election timeout (followers wait a random time in [T, 1.5T)).",
+)  # fmt: skip
+@click.option(
+    "--heartbeat-interval-ms", type=click.IntRange(min=1), default=100, show_default=True,
+    help="Raft leader heartbeat interval.",
+)  # fmt: skip
+@click.option(
+    "--node-dead-ms", type=click.IntRange(min=1), default=3000, show_default=True,
+    help="The controller marks a node dead after this much silence.",
+)  # fmt: skip
+@click.option(
+    "--cluster-id", default=None, help="Cluster id (default: derived from the voters' ids)."
+)
 def node_start(
     node_id: int,
     listen: str,
@@ -146,11 +167,26 @@ def node_start(
     metrics_port: int,
     advertised: str | None,
     log_level: str,
+    controller_voters: str | None,
+    election_timeout_ms: int,
+    heartbeat_interval_ms: int,
+    node_dead_ms: int,
+    cluster_id: str | None,
 ) -> None:
     """Run one node in the foreground until SIGTERM or Ctrl-C."""
-    from tidelog.node.main import run_node  # the node's dependencies load only here
+    from tidelog.node.main import ClusterSettings, run_node  # node dependencies load only here
 
-    run_node(node_id, listen, data_dir, metrics_port, advertised, log_level)
+    try:
+        settings = ClusterSettings(
+            controller_voters=controller_voters,
+            election_timeout_ms=election_timeout_ms,
+            heartbeat_interval_ms=heartbeat_interval_ms,
+            node_dead_ms=node_dead_ms,
+            cluster_id=cluster_id,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    run_node(node_id, listen, data_dir, metrics_port, advertised, log_level, settings)
 
 
 # ---------------------------------------------------------------------------------------------
