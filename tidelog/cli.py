@@ -22,6 +22,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from tidelog.cli_cluster import register as register_cluster_commands
 from tidelog.client import Admin, BatchesFuture, Consumer, Producer, TopicPartition
 from tidelog.client.metadata import parse_bootstrap
 from tidelog.client.structs import ConsumerRecord
@@ -68,15 +69,19 @@ def _bootstrap_option(fn: Callable[..., Any]) -> Callable[..., Any]:
         "--bootstrap",
         "-b",
         envvar=BOOTSTRAP_ENV,
-        default=BOOTSTRAP_DEFAULT,
-        show_default=True,
+        default=None,
         show_envvar=True,
         callback=_check_bootstrap,
-        help="host:port of one or more nodes, comma-separated.",
+        help="host:port of one or more nodes, comma-separated. Default: the local cluster "
+        f"started in this directory (tidelog cluster up), else {BOOTSTRAP_DEFAULT}.",
     )(fn)
 
 
-def _check_bootstrap(ctx: click.Context, param: click.Parameter, value: str) -> str:
+def _check_bootstrap(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
+    if value is None:
+        from tidelog.localcluster import discover_bootstrap
+
+        value = discover_bootstrap(Path.cwd()) or BOOTSTRAP_DEFAULT
     try:
         parse_bootstrap(value)
     except ValueError as exc:
@@ -733,6 +738,9 @@ def bench_consume(
         )
     )
     click.echo(json.dumps(result.to_json()) if as_json else result.summary())
+
+
+register_cluster_commands(cli)
 
 
 # ---------------------------------------------------------------------------------------------
