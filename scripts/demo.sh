@@ -1,46 +1,37 @@
 #!/usr/bin/env bash
-# Set up the environment (once), start a local tidelog node in the background, create a topic,
-# produce records and consume them back, and print where the metrics are.
+# Set up the environment (once), start a local 3-node tidelog cluster in the background, create
+# a replicated topic, produce records and consume them back, and print where the metrics are.
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 
 TL=.venv/bin/tidelog
-DATA=.tidelog/demo/node-1
-PORT="${TIDELOG_DEMO_PORT:-9092}"
-METRICS_PORT="${TIDELOG_DEMO_METRICS_PORT:-9644}"
-export TIDELOG_BOOTSTRAP="127.0.0.1:$PORT"
-mkdir -p "$DATA"
+# Commands run here find the cluster through .tidelog/cluster/cluster.json.
+unset TIDELOG_BOOTSTRAP
 
-if [ -f "$DATA/pid" ] && kill -0 "$(cat "$DATA/pid")" 2>/dev/null; then
-  echo "node 1 is already running (pid $(cat "$DATA/pid"))"
+if "$TL" cluster status >/dev/null 2>&1 && "$TL" topic list >/dev/null 2>&1; then
+  echo "the local cluster is already running"
 else
-  nohup "$TL" node start --id 1 --listen "127.0.0.1:$PORT" --data-dir "$DATA" \
-    --metrics-port "$METRICS_PORT" >"$DATA/node.log" 2>&1 &
-  echo $! >"$DATA/pid"
-  echo "started node 1 (pid $!), log in $DATA/node.log"
+  "$TL" cluster up --nodes 3
 fi
 
-for _ in $(seq 1 100); do
-  if "$TL" topic list >/dev/null 2>&1; then break; fi
-  sleep 0.1
-done
-"$TL" topic list >/dev/null || { echo "error: node did not start; see $DATA/node.log" >&2; exit 1; }
-
-"$TL" topic describe demo >/dev/null 2>&1 || "$TL" topic create demo --partitions 3
+"$TL" topic describe demo >/dev/null 2>&1 ||
+  "$TL" topic create demo --partitions 3 --replication-factor 3
 "$TL" topic describe demo
 
-echo "== producing 5 keyed records (key:value lines on stdin)"
+echo "== producing 5 keyed records (key:value lines on stdin), acks=all"
 printf 'gbp:0.71\nusd:1.00\neur:0.92\ninr:83.1\naud:1.52\n' | "$TL" produce demo --key-separator :
 echo "== consuming them back"
-"$TL" consume demo --from-beginning --format kv --max 5 --timeout-ms 5000
+"$TL" consume demo --from-beginning --format kv --max 5 --timeout-ms 10000
 
-echo "== a short benchmark: 200,000 records of 100 bytes, acks=1"
-"$TL" bench produce --topic demo-bench --records 200000 --record-bytes 100 --acks 1 --partitions 1
+echo "== a short benchmark: 300,000 records of 100 bytes, replication factor 3, acks=all"
+"$TL" bench produce --topic demo-bench --records 300000 --record-bytes 100 --acks all \
+  --partitions 3 --replication-factor 3
 
+echo
+"$TL" cluster status
 cat <<TXT
 
-node 1 is running in the background:
-  gRPC     127.0.0.1:$PORT   (export TIDELOG_BOOTSTRAP=127.0.0.1:$PORT for the CLI)
-  metrics  http://127.0.0.1:$METRICS_PORT/metrics
-  data     $DATA
-stop it with:  kill \$(cat $DATA/pid)
+The cluster keeps running in the background (data and logs in .tidelog/cluster/).
+Metrics: http://<metrics address>/metrics for each node in the table above.
+Try:   .venv/bin/tidelog cluster kill 1 && .venv/bin/tidelog cluster status
+Stop:  .venv/bin/tidelog cluster down
 TXT
