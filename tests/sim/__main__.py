@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="trace every event")
     parser.add_argument("--steady", action="store_true", help="measure messages per entry")
     args = parser.parse_args(argv)
-    console = Console(stderr=True)
+    console = Console()
 
     if args.steady:
         for line in measure_steady_state():
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             nonlocal failed
             if not result.ok:
                 failed += 1
-                print(result.line())  # rich redirects stdout above the bar
+                progress.console.print(result.line(), markup=False, highlight=False, soft_wrap=True)
                 if args.record:
                     record_regression(result)
             progress.update(task, advance=1, failed=failed)

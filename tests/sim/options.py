@@ -118,6 +118,9 @@ class SimOptions:
     #: Whether a new leader always appends an EMPTY entry (else only when its log holds
     #: entries beyond its commit index).
     always_append_empty: bool
+    #: Whether the transport reports undeliverable messages and snapshot outcomes to the
+    #: sender's core (``report_unreachable``, ``report_snapshot``).
+    transport_reports: bool
 
     @classmethod
     def draw(cls, rng: random.Random) -> SimOptions:
@@ -167,6 +170,7 @@ class SimOptions:
             # 1586 and 2846 livelocked so): keep at least a third of the timeout.
             election_span_ticks=rng.choice((0, 0, election // 2, election // 3)),
             always_append_empty=rng.random() < 0.6,
+            transport_reports=rng.random() < 0.5,
         )
 
     def describe(self) -> str:

@@ -637,9 +637,28 @@ class Simulation:
 
     def _on_deliver(self, msg: Message) -> None:
         node = self.nodes.get(msg.to)
-        if node is None or not node.up or not self.net.can_deliver(msg):
+        delivered = node is not None and node.up and self.net.can_deliver(msg)
+        if self.opts.transport_reports:
+            self._report_transport(msg, delivered)
+        if delivered:
+            assert node is not None
+            self._input(node, msg)
+
+    def _report_transport(self, msg: Message, delivered: bool) -> None:
+        """What a real transport tells the sender: a peer it could not reach, and whether a
+        snapshot went through (lost ones are otherwise retried on the core's own timer)."""
+        sender = self.nodes[msg.frm]
+        core = sender.core
+        if core is None or not self._takes_input(sender):
             return
-        self._input(node, msg)
+        if msg.kind == MessageKind.SNAPSHOT:
+            core.report_snapshot(msg.to, delivered)
+        elif not delivered:
+            core.report_unreachable(msg.to)
+        else:
+            return
+        self._observe(sender)
+        self._kick(sender)
 
     # ---- clients -----------------------------------------------------------------------
 
