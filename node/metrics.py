@@ -143,7 +143,7 @@ class _ControllerCollector(Collector):
         yield GaugeMetricFamily(
             "tidelog_controller_leader",
             "Node id of the active controller (leader of Raft group 0) this node knows of; "
-            "0 when none.",
+            "-1 when none.",
             value=self._leader_of(),
         )
 

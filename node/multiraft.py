@@ -215,6 +215,8 @@ class MultiRaft:
         self._stopping = False
         self._early: dict[int, list[tuple[float, int, Message]]] = {}
         self._early_count = 0
+        # Groups whose Ready the running round took and has not advanced yet.
+        self._unadvanced: set[RaftGroup] = set()
         self.rounds = 0
 
     # ---- groups ----------------------------------------------------------------------------
@@ -389,8 +391,13 @@ class MultiRaft:
             self._idle.clear()
             try:
                 await self._round(readies)
-            except Exception:  # never let the driver die: every produce would hang
+            except Exception as exc:  # never let the driver die: every produce would hang
                 log.exception("raft ready round failed")
+                # A group whose Ready was not advanced can never make progress again, and
+                # what it holds may not be durable: take it offline rather than hang it.
+                for group in self._unadvanced:
+                    self._fail(group, exc)
+                self._unadvanced.clear()
             finally:
                 self._idle.set()
             if self._stopping and not self._dirty:
@@ -398,6 +405,7 @@ class MultiRaft:
 
     async def _round(self, readies: list[tuple[RaftGroup, Ready]]) -> None:
         t0 = time.perf_counter()
+        self._unadvanced = {group for group, _rd in readies}
         m = self._metrics
         hard_states: dict[int, HardState] = {}
         sync_states = False
@@ -468,8 +476,11 @@ class MultiRaft:
             if sender is None:
                 continue
             gid = group.group_id
-            for msg in rd.messages:
-                sender.send(msg.to, gid, msg)
+            try:
+                for msg in rd.messages:
+                    sender.send(msg.to, gid, msg)
+            except Exception:  # lost messages are retried by Raft; the group goes on
+                log.exception("raft group %d: sending messages failed", gid)
 
         for group, rd in stored:
             if group in failed:
@@ -485,6 +496,7 @@ class MultiRaft:
             if not group.removed:
                 group.raw.advance(rd)
                 self._dirty[group] = None
+            self._unadvanced.discard(group)
         if self._dirty:
             self._wake.set()
         self.rounds += 1

@@ -212,7 +212,9 @@ class Partition:
         )
 
     def in_sync(self) -> list[int]:
-        """Replicas whose log holds everything committed (leader view; [] elsewhere)."""
+        """Replicas whose log holds everything committed (leader view; [] elsewhere). The
+        caller drops replicas it knows dead: a follower that died while the partition was
+        idle still matches the commit index."""
         group = self.group
         if group is None or group.raw.role != Role.LEADER:
             return []
@@ -221,7 +223,7 @@ class Partition:
         out = []
         for node in self.replicas:
             pr = raw.progress(node)
-            if node == raw.id or (pr is not None and pr.match >= commit and pr.recent_active):
+            if node == raw.id or (pr is not None and pr.match >= commit):
                 out.append(node)
         return out
 

@@ -267,7 +267,7 @@ class Node:
         )
         controller.on_change = registry.schedule
         self.metrics.watch_partitions(registry.partition_stats)
-        self.metrics.watch_controller(lambda: controller.leader_id)
+        self.metrics.watch_controller(lambda: controller.leader_id or -1)
         try:
             self._controller_log = await asyncio.to_thread(
                 PartitionLog, self.data_dir / CONTROLLER_DIR, TopicConfig.from_overrides({})
@@ -361,9 +361,7 @@ class Node:
             # streams never end by themselves: close them once the client requests are done.
             server_stop = asyncio.ensure_future(self._server.stop(grace_s))
             deadline = time.monotonic() + grace_s
-            while (
-                self.metrics.in_flight and time.monotonic() < deadline and not server_stop.done()
-            ):
+            while self.metrics.in_flight and time.monotonic() < deadline and not server_stop.done():
                 await asyncio.sleep(drain_poll_ms / 1000)
             if self._transport is not None:
                 self._transport.close_inbound()

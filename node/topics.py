@@ -202,7 +202,8 @@ class TopicRegistry:
         if part is not None and not part.closed:
             leader = part.leader_id
             if part.is_leader:
-                return PartitionView(a, leader, part.term, part.in_sync(), part)
+                in_sync = [r for r in part.in_sync() if r in alive or r == self.node_id]
+                return PartitionView(a, leader, part.term, in_sync, part)
             if leader != NONE:
                 return PartitionView(a, leader, part.term, alive, part)
             return PartitionView(a, -1, part.term, [], part)
@@ -218,6 +219,12 @@ class TopicRegistry:
             lg = p.log
             try:
                 lags = p.follower_lags()
+                nodes = self._controller.state.nodes
+                in_sync = [
+                    r
+                    for r in p.in_sync()
+                    if r == self.node_id or ((n := nodes.get(r)) is not None and n.alive)
+                ]
                 out.append(
                     PartitionStats(
                         p.topic,
@@ -231,7 +238,7 @@ class TopicRegistry:
                         raft_role=int(p.role),
                         leader_id=p.leader_id,
                         follower_lags=tuple(lags),
-                        under_replicated=p.is_leader and len(p.in_sync()) < len(p.replicas),
+                        under_replicated=p.is_leader and len(in_sync) < len(p.replicas),
                         elections_started=p.elections_started,
                         elections_won=p.elections_won,
                     )
