@@ -495,6 +495,8 @@ class MultiRaft:
                 log.exception("raft group %d: applying a ready failed", group.group_id)
             if not group.removed:
                 group.raw.advance(rd)
+                if rd.committed:
+                    self._trim_cache(group)
                 self._dirty[group] = None
             self._unadvanced.discard(group)
         if self._dirty:
@@ -502,6 +504,18 @@ class MultiRaft:
         self.rounds += 1
         m.raft_ready_rounds.observe(time.perf_counter() - t0)
         m.raft_ready_groups.observe(len(readies))
+
+    @staticmethod
+    def _trim_cache(group: RaftGroup) -> None:
+        """Keep cached entries only while someone may read them soon: not yet applied here,
+        or (on a leader) not yet acknowledged by a follower."""
+        raw = group.raw
+        keep = raw.applied_index + 1
+        if raw.role == Role.LEADER:
+            for node, pr in raw.tracker.progress.items():
+                if node != raw.id:
+                    keep = min(keep, pr.match + 1)
+        group.storage.trim_cache(keep)
 
     def _fail(self, group: RaftGroup, exc: BaseException) -> None:
         if group.failed:

@@ -143,3 +143,17 @@ def test_hard_states_in_one_batch_survive_reopen(tmp_path: Path) -> None:
     hs.delete(5)
     assert hs.load(5) == HardState()
     store.close()
+
+
+def test_cache_is_bounded_and_trimmed(tmp_path: Path) -> None:
+    lg = PartitionLog(tmp_path, TopicConfig.from_overrides({}))
+    s = LogStorage(lg, HardState(), CONF, cache_bytes_max=3000)
+    for i in range(1, 21):
+        s.append([Entry(1, i, stamped([b"x" * 500], i - 1, 1, i))])
+    assert s._cache_bytes <= 3000 and len(s._cache) >= 1
+    assert s._cache[-1].index == 20
+    s.trim_cache(19)
+    assert [e.index for e in s._cache] == [19, 20]
+    # Reads below the cache come from the log, the same entries either way.
+    assert [e.index for e in s.entries(1, 21, NO_LIMIT_BYTES)] == list(range(1, 21))
+    assert s.entries(19, 21, NO_LIMIT_BYTES)[0] is s._cache[0]
