@@ -31,10 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from grpc import aio
+
 from tidelog.node.raft.types import Entry, Message, MessageKind
 from tidelog.node.raft_codec import decode_batch, encode_batch
 from tidelog.node.transport import GRPC_SERVER_OPTIONS, RaftTransport
-
 from tidelog.v1 import raft_pb2
 
 SENDER, RECEIVER = 1, 2

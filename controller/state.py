@@ -27,6 +27,16 @@ from types import MappingProxyType
 from typing import Any
 
 import crc32c
+
+from tidelog.config import (
+    PARTITIONS_MAX,
+    TOPIC_CONFIG_KEYS,
+    TopicConfig,
+    effective_configs,
+    validate_partitions,
+    validate_topic_configs,
+    validate_topic_name,
+)
 from tidelog.controller.commands import (
     LEADER_HINTS_MAX,
     AlterTopicConfig,
@@ -40,16 +50,6 @@ from tidelog.controller.commands import (
     decode_command,
 )
 from tidelog.controller.placement import NodeInfo, assign_replicas
-
-from tidelog.config import (
-    PARTITIONS_MAX,
-    TOPIC_CONFIG_KEYS,
-    TopicConfig,
-    effective_configs,
-    validate_partitions,
-    validate_topic_configs,
-    validate_topic_name,
-)
 from tidelog.errors import (
     InvalidConfig,
     InvalidReplicationFactor,

@@ -72,8 +72,11 @@ def main() -> int:
                 or not filecmp.cmp(fresh[name], current[name], shallow=False)
             )
             if stale:
-                print(f"generated protobuf code is stale: {', '.join(stale)}; "
-                      "run: python scripts/gen_proto.py", file=sys.stderr)
+                print(
+                    f"generated protobuf code is stale: {', '.join(stale)}; "
+                    "run: python scripts/gen_proto.py",
+                    file=sys.stderr,
+                )
                 return 1
             print(f"generated protobuf code is up to date ({len(fresh)} files)")
             return 0

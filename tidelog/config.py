@@ -77,35 +77,51 @@ TOPIC_CONFIG_KEYS: dict[str, ConfigKey] = {
     k.name: k
     for k in (
         ConfigKey(
-            "segment.bytes", str(128 * 1024 * 1024), _int_in(4096, 2**31 - 1),
+            "segment.bytes",
+            str(128 * 1024 * 1024),
+            _int_in(4096, 2**31 - 1),
             "Roll to a new segment file when the active one reaches this size.",
         ),
         ConfigKey(
-            "segment.ms", str(7 * 24 * 3600 * 1000), _int_in(1, _I64),
+            "segment.ms",
+            str(7 * 24 * 3600 * 1000),
+            _int_in(1, _I64),
             "Roll to a new segment when the active one is older than this.",
         ),
         ConfigKey(
-            "retention.ms", str(7 * 24 * 3600 * 1000), _int_in(-1, _I64),
+            "retention.ms",
+            str(7 * 24 * 3600 * 1000),
+            _int_in(-1, _I64),
             "Delete closed segments whose newest record is older than this; -1 keeps forever.",
         ),
         ConfigKey(
-            "retention.bytes", "-1", _int_in(-1, _I64),
+            "retention.bytes",
+            "-1",
+            _int_in(-1, _I64),
             "Delete the oldest closed segments while the partition is larger; -1: no limit.",
         ),
         ConfigKey(
-            "max.message.bytes", str(8 * 1024 * 1024), _int_in(128, 64 * 1024 * 1024),
+            "max.message.bytes",
+            str(8 * 1024 * 1024),
+            _int_in(128, 64 * 1024 * 1024),
             "Largest record batch (after compression) the partition accepts.",
         ),
         ConfigKey(
-            "flush", "durable", _one_of("durable", "os"),
+            "flush",
+            "durable",
+            _one_of("durable", "os"),
             "durable: fsync (grouped) before acknowledging; os: leave it to the page cache.",
         ),
         ConfigKey(
-            "cleanup.policy", "delete", _one_of("delete"),
+            "cleanup.policy",
+            "delete",
+            _one_of("delete"),
             "delete: retention removes whole old segments. (compact is not available yet.)",
         ),
         ConfigKey(
-            "index.interval.bytes", "4096", _int_in(0, 2**31 - 1),
+            "index.interval.bytes",
+            "4096",
+            _int_in(0, 2**31 - 1),
             "Bytes of batches between two entries of the sparse offset and time indexes.",
         ),
     )

@@ -15,6 +15,7 @@ from typing import Protocol
 import grpc
 import pytest
 from grpc import aio
+
 from tidelog.node.raft.types import Entry, Message, MessageKind
 from tidelog.node.transport import (
     GRPC_SERVER_OPTIONS,

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tidelog.node.log import PartitionLog
-
 from tidelog.config import TopicConfig
+from tidelog.node.log import PartitionLog
 from tidelog.records import decode_batches, encode_batch, iter_headers, validate_batch
 
 #: The smallest segment.bytes the topic config accepts.

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tidelog.controller.commands import (
     COMMAND_BYTES_MAX,
     AlterTopicConfig,
@@ -23,7 +24,6 @@ from tidelog.controller.commands import (
     decode_command,
     encode_command,
 )
-
 from tidelog.errors import InvalidRequest
 
 EXAMPLES: list[Command] = [

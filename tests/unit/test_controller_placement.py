@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tidelog.controller.placement import NodeInfo, assign_replicas
 
+from tidelog.controller.placement import NodeInfo, assign_replicas
 from tidelog.errors import InvalidPartitions, InvalidReplicationFactor
 
 

@@ -12,6 +12,8 @@ import crc32c
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from tidelog.config import TOPIC_CONFIG_KEYS
 from tidelog.controller.commands import (
     AlterTopicConfig,
     Command,
@@ -36,8 +38,6 @@ from tidelog.controller.state import (
     group_id_for,
     split_group_id,
 )
-
-from tidelog.config import TOPIC_CONFIG_KEYS
 from tidelog.errors import (
     InvalidConfig,
     InvalidPartitions,

@@ -7,7 +7,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from tidelog.node.log import PartitionLog
 
 from tests.unit.log_support import (
     SEGMENT_BYTES_MIN,
@@ -20,6 +19,7 @@ from tests.unit.log_support import (
     read_all,
 )
 from tidelog.errors import StorageError
+from tidelog.node.log import PartitionLog
 
 
 def _count_syncs(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tidelog.node.log import ContinuityError, PartitionLog
 
 from tests.unit.log_support import (
     SEGMENT_BYTES_MIN,
@@ -17,6 +16,7 @@ from tests.unit.log_support import (
     read_all,
 )
 from tidelog.errors import CorruptBatch
+from tidelog.node.log import ContinuityError, PartitionLog
 from tidelog.records import iter_headers, stamp, validate_batch
 
 

@@ -8,8 +8,6 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from tidelog.node.log import PartitionLog
-from tidelog.node.log.partition_log import START_FILE
 
 from tests.unit.log_support import (
     SEGMENT_BYTES_MIN,
@@ -22,6 +20,8 @@ from tests.unit.log_support import (
     read_all,
 )
 from tidelog.errors import OffsetOutOfRange
+from tidelog.node.log import PartitionLog
+from tidelog.node.log.partition_log import START_FILE
 
 DAY_MS = 24 * 3600 * 1000
 

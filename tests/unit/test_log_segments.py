@@ -7,8 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-from tidelog.node.log import PartitionLog
-from tidelog.node.log.index import OFFSET_ENTRY_BYTES, TIME_ENTRY_BYTES, OffsetIndex
 
 from tests.unit.log_support import (
     SEGMENT_BYTES_MIN,
@@ -20,6 +18,8 @@ from tests.unit.log_support import (
     read_all,
 )
 from tidelog.errors import OffsetOutOfRange, StorageError
+from tidelog.node.log import PartitionLog
+from tidelog.node.log.index import OFFSET_ENTRY_BYTES, TIME_ENTRY_BYTES, OffsetIndex
 from tidelog.records import encode_batch, iter_headers
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+
+from tests.unit.raft_interaction.harness import Cluster, MaxRand
 from tidelog.node.raft.errors import NotLeader
 from tidelog.node.raft.limits import Config
 from tidelog.node.raft.types import NONE, Message, MessageKind, Role
-
-from tests.unit.raft_interaction.harness import Cluster, MaxRand
 
 K = MessageKind
 

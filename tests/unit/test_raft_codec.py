@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from tidelog.node.raft.types import (
     ConfState,
     Entry,
@@ -29,7 +30,6 @@ from tidelog.node.raft_codec import (
     heartbeat_cache_groups_max,
     wire_size_estimate,
 )
-
 from tidelog.v1 import raft_pb2
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -5,12 +5,12 @@ from __future__ import annotations
 import random
 
 import pytest
+
+from tests.unit.raft_interaction.harness import Cluster
 from tidelog.node.raft.core import RawNode
 from tidelog.node.raft.limits import Config
 from tidelog.node.raft.storage import MemoryStorage
 from tidelog.node.raft.types import NONE, ConfState, Entry, HardState, Message, MessageKind, Role
-
-from tests.unit.raft_interaction.harness import Cluster
 
 K = MessageKind
 

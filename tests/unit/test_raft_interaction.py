@@ -32,10 +32,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tidelog.node.raft.errors import RaftError
-from tidelog.node.raft.limits import Config
 
 from tests.unit.raft_interaction.harness import Cluster, fmt_entry, fmt_msg
+from tidelog.node.raft.errors import RaftError
+from tidelog.node.raft.limits import Config
 
 SCRIPTS_DIR = Path(__file__).parent / "raft_interaction"
 SEPARATOR = "----"

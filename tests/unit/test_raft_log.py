@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tidelog.node.raft.errors import CompactedError
 from tidelog.node.raft.log import RaftLog
 from tidelog.node.raft.storage import MemoryStorage

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tidelog.node.raft.progress import Inflights, Progress, ProgressState, ProgressTracker
 from tidelog.node.raft.types import ConfState
 

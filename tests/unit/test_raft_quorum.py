@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tidelog.node.raft.quorum import (
     INDEX_INFINITY,
     VoteResult,

@@ -11,11 +11,11 @@ from __future__ import annotations
 import random
 
 import pytest
+
+from tests.unit.raft_interaction.harness import Cluster
 from tidelog.node.raft.errors import ProposalDropped
 from tidelog.node.raft.limits import Config
 from tidelog.node.raft.types import Role
-
-from tests.unit.raft_interaction.harness import Cluster
 
 STEPS = 400
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import tracemalloc
 
 import pytest
-from tidelog.node.raft.limits import Config
-from tidelog.node.raft.types import HardState, Message, MessageKind, Role, SoftState
 
 from tests.unit.raft_interaction.harness import Cluster
+from tidelog.node.raft.limits import Config
+from tidelog.node.raft.types import HardState, Message, MessageKind, Role, SoftState
 
 K = MessageKind
 

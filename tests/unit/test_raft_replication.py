@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+
+from tests.unit.raft_interaction.harness import Cluster
 from tidelog.node.raft.errors import NotLeader, ProposalDropped
 from tidelog.node.raft.limits import Config
 from tidelog.node.raft.progress import ProgressState
 from tidelog.node.raft.types import ENTRY_OVERHEAD_BYTES, Message, MessageKind, Role
-
-from tests.unit.raft_interaction.harness import Cluster
 
 K = MessageKind
 PAYLOAD = b"p" * 84  # 100 bytes per entry with the overhead

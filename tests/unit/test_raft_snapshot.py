@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+from tests.unit.raft_interaction.harness import Cluster
 from tidelog.node.raft.core import RawNode
 from tidelog.node.raft.progress import ProgressState
 from tidelog.node.raft.storage import MemoryStorage
@@ -16,8 +17,6 @@ from tidelog.node.raft.types import (
     Snapshot,
     SnapshotMeta,
 )
-
-from tests.unit.raft_interaction.harness import Cluster
 
 K = MessageKind
 

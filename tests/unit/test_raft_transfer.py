@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from tidelog.node.raft.errors import NotLeader, ProposalDropped
-from tidelog.node.raft.types import MessageKind, Role
 
 from tests.unit.raft_interaction.harness import Cluster
+from tidelog.node.raft.errors import NotLeader, ProposalDropped
+from tidelog.node.raft.types import MessageKind, Role
 
 K = MessageKind
 
