@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.client_node import Node, free_port
+from tests.integration.nodeproc import Node, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

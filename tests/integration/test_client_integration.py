@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.integration.nodeproc import Node
 from tidelog.client import (
     Admin,
     Consumer,
@@ -19,8 +21,6 @@ from tidelog.client import (
     TopicPartition,
 )
 from tidelog.client.partitioner import partition_for_key
-
-from tests.integration.client_node import Node
 from tidelog.errors import InvalidTopic, OffsetOutOfRange, TopicExists, UnknownTopic
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

@@ -12,20 +12,16 @@ ports, temporary directories, all killed at the end) under an acks=all producer.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc import aio
 
+from tests.integration.nodeproc import Node, free_port
 from tidelog.client import Consumer, Producer, TopicPartition
 from tidelog.errors import TidelogError, from_rpc_error
 from tidelog.records import encode_batch
@@ -48,51 +44,9 @@ STARTUP_TIMEOUT_S = 30.0
 WINDOW = 20
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class Proc:
-    node_id: int
-    port: int
-    metrics_port: int
-    data_dir: Path
-    log_path: Path
-    voters: str
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        argv = [
-            sys.executable, "-m", "tidelog.node", "--id", str(self.node_id),
-            "--listen", self.address, "--data-dir", str(self.data_dir),
-            "--metrics-port", str(self.metrics_port), "--controller-voters", self.voters,
-        ]  # fmt: skip
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-
-    def signal(self, sig: signal.Signals) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, sig)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-
 @dataclass
 class Cluster:
-    procs: dict[int, Proc]
+    procs: dict[int, Node]
     channels: dict[int, aio.Channel] = field(default_factory=dict)
 
     @property
@@ -150,17 +104,17 @@ async def until(what: str, check: object, timeout_s: float = 20) -> None:
 
 
 @pytest.fixture(scope="module")
-def procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, Proc]]:
+def procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, Node]]:
     base = tmp_path_factory.mktemp("cluster")
     ports = {i: (free_port(), free_port()) for i in NODES}
     voters = ",".join(f"{i}@127.0.0.1:{ports[i][0]}" for i in NODES)
     procs = {
-        i: Proc(i, ports[i][0], ports[i][1], base / f"n{i}", base / f"n{i}.log", voters)
+        i: Node(base / f"n{i}", base / f"n{i}.log", i, ports[i][0], ports[i][1], voters)
         for i in NODES
     }
     try:
         for p in procs.values():
-            p.start()
+            p.spawn()
         yield procs
     finally:
         for p in procs.values():
@@ -168,7 +122,7 @@ def procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, Proc]]
 
 
 @pytest.fixture
-async def cluster(procs: dict[int, Proc]) -> AsyncIterator[Cluster]:
+async def cluster(procs: dict[int, Node]) -> AsyncIterator[Cluster]:
     c = Cluster(procs)
 
     async def ready() -> bool:
@@ -346,7 +300,7 @@ async def test_kill_leader_under_load_loses_nothing_and_catches_up(cluster: Clus
     await asyncio.sleep(1.5)
     victim_partition = 0
     victim = (await c.leaders())[victim_partition]
-    c.procs[victim].signal(signal.SIGKILL)
+    c.procs[victim].send_signal(signal.SIGKILL)
     c.procs[victim].proc.wait()  # type: ignore[union-attr]
     killed_at = time.monotonic()
     survivors = tuple(n for n in NODES if n != victim)
@@ -368,7 +322,7 @@ async def test_kill_leader_under_load_loses_nothing_and_catches_up(cluster: Clus
         f"the kill {failover_s - killed_at:.2f} s"
     )
     await asyncio.sleep(1.0)
-    c.procs[victim].start()
+    c.procs[victim].spawn()
     await asyncio.sleep(1.5)
     await load.stop()
     assert sum(len(v) for v in load.acked.values()) > 100
@@ -388,7 +342,7 @@ async def test_paused_leader_steps_down_and_never_acks_as_a_stale_leader(
     victim = (await c.leaders())[victim_partition]
     old_term = (await c.digests(victim))[victim_partition].term
     others = tuple(n for n in NODES if n != victim)
-    c.procs[victim].signal(signal.SIGSTOP)
+    c.procs[victim].send_signal(signal.SIGSTOP)
     stopped_at = time.monotonic()
 
     # Writes addressed to the paused leader queue up in its socket.
@@ -430,7 +384,7 @@ async def test_paused_leader_steps_down_and_never_acks_as_a_stale_leader(
         timeout=10,
     )
     during_pause_offset = resp.base_offset
-    c.procs[victim].signal(signal.SIGCONT)
+    c.procs[victim].send_signal(signal.SIGCONT)
 
     outcomes = await asyncio.gather(*stale, return_exceptions=True)
     for outcome in outcomes:

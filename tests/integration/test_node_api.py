@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -27,85 +25,23 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from tests.integration.nodeproc import Node
 from tidelog.errors import TidelogError, from_rpc_error
 from tidelog.records import CRC_COVERED_FROM, decode_batches, encode_batch
 from tidelog.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
-STARTUP_TIMEOUT_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class NodeProcess:
-    data_dir: Path
-    port: int
-    metrics_port: int
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        log = self.log_path.open("ab")
-        argv = [sys.executable, "-m", "tidelog.node", "--id", "1", "--listen", self.address]
-        argv += ["--data-dir", str(self.data_dir), "--metrics-port", str(self.metrics_port)]
-        self.proc = subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"node exited early:\n{self.log_path.read_text()}")
-                try:
-                    resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"node not serving after {STARTUP_TIMEOUT_S}s")
-                time.sleep(0.05)
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        code = self.proc.returncode
-        self.proc = None
-        return code
-
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     base = tmp_path_factory.mktemp("node")
-    n = NodeProcess(base / "data", free_port(), free_port(), base / "node.log")
+    n = Node(base / "data", base / "node.log")
     n.start()
     try:
         yield n
     finally:
-        if n.proc is not None:
-            n.proc.kill()
-            n.proc.wait()
+        n.kill()
 
 
 @dataclass
@@ -116,7 +52,7 @@ class Api:
 
 
 @pytest.fixture
-async def api(node: NodeProcess) -> AsyncIterator[Api]:
+async def api(node: Node) -> AsyncIterator[Api]:
     channel = aio.insecure_channel(
         node.address, options=[("grpc.max_send_message_length", 128 * 1024 * 1024)]
     )
@@ -184,7 +120,7 @@ async def test_health_and_reflection(api: Api) -> None:
 
 
 @pytest.mark.timeout(30)
-async def test_metadata(api: Api, node: NodeProcess) -> None:
+async def test_metadata(api: Api, node: Node) -> None:
     await create(api, "meta", 3)
     resp = await api.broker.Metadata(broker_pb2.MetadataRequest(topics=["meta"]))
     assert resp.controller_id == 1 and resp.cluster_id
@@ -497,7 +433,7 @@ async def test_describe_alter_delete(api: Api) -> None:
 
 
 @pytest.mark.timeout(30)
-async def test_metrics_endpoint(api: Api, node: NodeProcess) -> None:
+async def test_metrics_endpoint(api: Api, node: Node) -> None:
     await create(api, "mx")
     await produce(api, "mx", encode_batch([b"m"] * 7))
     await fetch_once(api, "mx", 0)
@@ -523,7 +459,7 @@ async def test_metrics_endpoint(api: Api, node: NodeProcess) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_startup_errors_exit_1_with_a_readable_line(node: NodeProcess, tmp_path: Path) -> None:
+def test_startup_errors_exit_1_with_a_readable_line(node: Node, tmp_path: Path) -> None:
     cases = [
         (["--id", "2", "--listen", node.address, "--data-dir", str(tmp_path / "a")], "cannot listen on"),
         (["--id", "1", "--listen", "127.0.0.1:0", "--data-dir", str(node.data_dir)], "in use by another node process"),
@@ -544,7 +480,7 @@ def test_startup_errors_exit_1_with_a_readable_line(node: NodeProcess, tmp_path:
 
 
 @pytest.mark.timeout(90)
-async def test_topics_and_records_survive_restart(node: NodeProcess) -> None:
+async def test_topics_and_records_survive_restart(node: Node) -> None:
     channel = aio.insecure_channel(node.address)
     api = Api(channel, broker_pb2_grpc.BrokerStub(channel), admin_pb2_grpc.AdminStub(channel))  # type: ignore[arg-type]
     await create(api, "durable", 2, configs={"retention.bytes": "100000"})

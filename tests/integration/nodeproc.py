@@ -1,5 +1,6 @@
-"""A real node process for the client and CLI integration tests: free ports, a temporary data
-directory, readiness by gRPC health check, and a kill at the end."""
+"""Real node processes for the integration tests: free ports on 127.0.0.1, a temporary data
+directory, readiness by gRPC health check, and a kill at the end. Shared by every test that
+starts ``python -m tidelog.node`` (or ``python -m tidelog node start``)."""
 
 from __future__ import annotations
 
@@ -29,8 +30,11 @@ def free_port() -> int:
 class Node:
     data_dir: Path
     log_path: Path
+    node_id: int = 1
     port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
+    #: ``--controller-voters``; None: the node is a one-node cluster on its own.
+    voters: str | None = None
     #: Start through the CLI (``python -m tidelog node start``) instead of ``-m tidelog.node``.
     via_cli: bool = False
     proc: subprocess.Popen[bytes] | None = None
@@ -40,16 +44,22 @@ class Node:
         return f"127.0.0.1:{self.port}"
 
     def argv(self) -> list[str]:
-        args = ["--id", "1", "--listen", self.address, "--data-dir", str(self.data_dir)]
-        args += ["--metrics-port", str(self.metrics_port)]
+        args = ["--id", str(self.node_id), "--listen", self.address]
+        args += ["--data-dir", str(self.data_dir), "--metrics-port", str(self.metrics_port)]
+        if self.voters is not None:
+            args += ["--controller-voters", self.voters]
         if self.via_cli:
             return [sys.executable, "-m", "tidelog", "node", "start", *args]
         return [sys.executable, "-m", "tidelog.node", *args]
 
-    def start(self) -> None:
+    def spawn(self) -> None:
+        """Start the process without waiting (cluster members wait for each other)."""
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+
+    def wait_serving(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
         with grpc.insecure_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
@@ -63,12 +73,21 @@ class Node:
                     pass
                 if time.monotonic() > deadline:
                     self.kill()
-                    raise RuntimeError(f"node not serving after {STARTUP_TIMEOUT_S} s")
+                    raise RuntimeError(f"node not serving after {timeout_s} s")
                 time.sleep(0.05)
 
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+    def start(self) -> None:
+        self.spawn()
+        self.wait_serving()
+
+    def send_signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int | None:
+        """Send ``sig`` and wait for the exit (SIGKILL after a grace period); the exit code."""
         if self.proc is None:
-            return
+            return None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -76,7 +95,12 @@ class Node:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        code = self.proc.returncode
         self.proc = None
+        return code
 
     def kill(self) -> None:
+        """SIGKILL, resuming it first in case it was paused with SIGSTOP."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
         self.stop(signal.SIGKILL)
