@@ -6,8 +6,16 @@ Shape (after aiokafka and the Java client): :meth:`Producer.send` appends a reco
 whose ``linger_ms`` ran out, with up to ``max_in_flight_per_partition`` Produce requests per
 partition. A batch that fails with a retriable error (the leader moved, the node is down, a
 timeout) goes back to the front of its partition's queue once the requests sent before it
-have answered, so a partition's batches are resent in their original order; metadata is
-refreshed and the retry waits ``retry_backoff_ms``. Other errors fail the batch's records.
+have answered, so a partition's batches are resent in their original order. Other errors
+fail the batch's records.
+
+Retries after a leader error (NOT_LEADER, LEADER_NOT_AVAILABLE, unreachable node, timeout)
+follow the leader rather than the clock: a NOT_LEADER that names the new leader sends the
+retry there at once; otherwise the retry waits a short doubling backoff (from
+``retry_backoff_ms``, capped at LEADER_RETRY_BACKOFF_MAX_MS) during which the partition's
+metadata is re-read every few tens of milliseconds, and goes to the new leader the moment
+one shows up. So writes resume within about LEADER_POLL_INTERVAL_MS of the cluster electing
+a new leader, while a dead leader is retried at most a few times a second.
 
 Records that cannot be appended yet (the topic's metadata is not known, or the buffer holds
 ``buffer_bytes_max``) wait in a FIFO per topic and are admitted in order as soon as possible;
@@ -23,23 +31,28 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Generator, Sequence
+from collections.abc import Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, cast
 
 import grpc
 import grpc.aio
+
 from tidelog.client.accumulator import (
     Accumulator,
     PendingBatch,
     cumulative_sizes,
     record_size,
 )
-from tidelog.client.metadata import ClusterMetadata, TopicInfo, parse_bootstrap
+from tidelog.client.metadata import (
+    LEADER_POLL_INTERVAL_MS,
+    ClusterMetadata,
+    TopicInfo,
+    parse_bootstrap,
+)
 from tidelog.client.partitioner import StickyPartitioner, partition_for_key
 from tidelog.client.structs import BatchMetadata, Header, RecordMetadata, TopicPartition
-
 from tidelog.errors import (
     LeaderNotAvailable,
     NodeUnavailable,
@@ -72,7 +85,17 @@ MAX_IN_FLIGHT_PER_PARTITION_DEFAULT = 8
 BUFFER_BYTES_MAX_DEFAULT = 64 * _MIB
 RETRIES_DEFAULT = 2**31 - 1
 RETRY_BACKOFF_MS_DEFAULT = 100
+#: Cap of the doubling backoff after errors that leave the leader in place (not enough
+#: replicas): the cluster needs time, and asking more often does not give it any.
 RETRY_BACKOFF_MAX_MS = 1_000
+#: Cap after leader errors: the wait also watches the metadata for a new leader, so this
+#: only bounds how often a leader that stays put (or dead) is asked again.
+LEADER_RETRY_BACKOFF_MAX_MS = 250
+#: Leader changes in a row a partition follows without any backoff; beyond it (two nodes
+#: naming each other, a stale hint) the backoff applies until a request succeeds again.
+LEADER_HOPS_IMMEDIATE_MAX = 3
+#: How often a partition without a leader checks its batches against delivery_timeout_ms.
+LEADERLESS_EXPIRY_CHECK_MS = 500
 REQUEST_TIMEOUT_MS_DEFAULT = 30_000
 #: How long a record may wait, retries included, before it fails (Kafka's delivery.timeout.ms).
 DELIVERY_TIMEOUT_MS_DEFAULT = 120_000
@@ -90,6 +113,10 @@ _ACKS: dict[object, broker_pb2.Acks.ValueType] = {
 }
 
 Acks = Literal["all", 0, 1, -1]
+
+#: Errors that mean the partition's leader moved, is being elected, or is unreachable: the
+#: retry follows the metadata to the new leader (module docstring).
+_LEADER_ERRORS = (NotLeader, LeaderNotAvailable, NodeUnavailable, RequestTimedOut, UnknownTopic)
 
 
 class BufferFull(TidelogError):
@@ -235,6 +262,17 @@ class _PartitionState:
     recovering: bool = False
     retry_at_s: float = 0.0
     backoff_ms: float = 0.0
+    #: When a wake-up for retry_at_s is already scheduled (one timer per backoff).
+    wake_at_s: float = 0.0
+    #: Whether a failure since the last requeue was a leader error, and at which address.
+    leader_error: bool = False
+    failed_at: str | None = None
+    #: Leader changes followed at once since the last success (LEADER_HOPS_IMMEDIATE_MAX).
+    hops: int = 0
+    #: When the leader trouble began (time.monotonic(); 0 while requests succeed).
+    trouble_since_s: float = 0.0
+    #: Waits for a new leader during the backoff, to retry there at once.
+    watch: asyncio.Task[None] | None = None
 
 
 class _Sender:
@@ -316,8 +354,8 @@ class Producer:
         self._parked_bytes = 0
         self._admitters: dict[str, asyncio.Task[None]] = {}
         self._room = asyncio.Event()
-        self._no_leader: set[TopicPartition] = set()
-        self._leader_task: asyncio.Task[None] | None = None
+        #: Partitions without a known leader, each with the task waiting for one.
+        self._leaderless: dict[TopicPartition, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._flushing = 0
@@ -354,8 +392,6 @@ class Producer:
             tasks: list[asyncio.Task[Any]] = [s.task for s in self._senders.values()]
             tasks += self._admitters.values()
             tasks += self._background
-            if self._leader_task is not None:
-                tasks.append(self._leader_task)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -730,28 +766,36 @@ class Producer:
             return
         address = self.metadata.leader_address(tp.topic, tp.partition)
         if address is None:
-            self._no_leader.add(tp)
-            if self._leader_task is None or self._leader_task.done():
-                self._leader_task = self._loop_().create_task(self._find_leaders())
+            if tp not in self._leaderless:
+                self._leaderless[tp] = self._spawn(self._await_leader(tp), f"leader of {tp}")
             return
         sender = self._senders.get(address)
         if sender is None:
             sender = self._senders[address] = _Sender(self, address)
         sender.wake(tp)
 
-    async def _find_leaders(self) -> None:
-        """Refresh metadata until every partition waiting for a leader has one; batches that
-        outlive delivery_timeout_ms meanwhile fail."""
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A background task that stop() cancels."""
+        task = self._loop_().create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _await_leader(self, tp: TopicPartition) -> None:
+        """Wait for a leader of a partition that has none (metadata is polled meanwhile);
+        batches that outlive delivery_timeout_ms meanwhile fail."""
         meta = self.metadata
-        delay_s = self._retry_backoff_ms / 1000
-        while self._no_leader:
-            try:
-                await meta.refresh(force=False)
-            except TidelogError as err:
-                log.debug("metadata refresh failed: %s", err)
-            waiting, self._no_leader = self._no_leader, set()
-            for tp in waiting:
-                if meta.topics.get(tp.topic) is None and meta.version:
+        since_s = time.monotonic()
+        try:
+            while True:
+                try:
+                    address = await meta.wait_for_leader(
+                        tp.topic,
+                        tp.partition,
+                        timeout_s=LEADERLESS_EXPIRY_CHECK_MS / 1000,
+                        since_s=since_s,
+                    )
+                except UnknownTopic:
                     self._fail_partition(
                         tp,
                         UnknownTopic(
@@ -759,15 +803,18 @@ class Producer:
                             topic=tp.topic,
                         ),
                     )
-                elif meta.leader_address(tp.topic, tp.partition) is None:
-                    self._expire(tp)
-                    if self._acc.head(tp) is not None or self._state(tp).failed:
-                        self._no_leader.add(tp)
-                else:
-                    self._wake(tp)
-            if self._no_leader:
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, RETRY_BACKOFF_MAX_MS / 1000)
+                    return
+                except TidelogError as err:  # the producer is closing
+                    log.debug("waiting for a leader of %s stopped: %s", tp, err)
+                    return
+                if address is not None:
+                    break
+                self._expire(tp)
+                if self._acc.head(tp) is None and not self._state(tp).failed:
+                    return
+        finally:
+            self._leaderless.pop(tp, None)
+        self._wake(tp)
 
     def _drain(self, tp: TopicPartition, sender: _Sender, now_s: float) -> None:
         st = self._state(tp)
@@ -776,7 +823,9 @@ class Producer:
             self._wake(tp)  # the leader moved: hand the partition to its sender
             return
         if now_s < st.retry_at_s:
-            self._loop_().call_at(st.retry_at_s, self._wake, tp)
+            if st.wake_at_s != st.retry_at_s:
+                st.wake_at_s = st.retry_at_s
+                self._loop_().call_at(st.retry_at_s, self._wake, tp)
             return
         limit = 1 if st.recovering else self._max_in_flight
         force = self._flushing > 0 or self._closed
@@ -788,9 +837,7 @@ class Producer:
                 self._fail_batch(batch, self._timed_out(batch))
                 continue
             st.in_flight += 1
-            task = self._loop_().create_task(self._produce(sender.address, tp, st, batch))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._spawn(self._produce(sender.address, tp, st, batch), f"produce {tp}")
 
     async def _produce(
         self, address: str, tp: TopicPartition, st: _PartitionState, batch: PendingBatch
@@ -835,14 +882,22 @@ class Producer:
             if st.recovering and not st.failed:
                 st.recovering = False
             st.backoff_ms = 0
+            st.hops = 0
+            st.trouble_since_s = 0.0
+            self.metadata.note_reachable(address)
             base = -1 if self._acks == broker_pb2.ACKS_NONE else resp.base_offset
             self._complete_batch(batch, base)
         else:
-            self._on_error(tp, st, batch, err)
+            self._on_error(address, tp, st, batch, err)
         self._after_response(tp, st)
 
     def _on_error(
-        self, tp: TopicPartition, st: _PartitionState, batch: PendingBatch, err: TidelogError
+        self,
+        address: str,
+        tp: TopicPartition,
+        st: _PartitionState,
+        batch: PendingBatch,
+        err: TidelogError,
     ) -> None:
         now_s = self._loop_().time()
         expired = now_s - batch.created_s > self._delivery_timeout_s
@@ -855,14 +910,21 @@ class Producer:
         log.debug("retrying batch for %s after %s", tp, err)
         st.failed.append(batch)
         st.recovering = True
-        if isinstance(err, (NotLeader, NodeUnavailable, LeaderNotAvailable, UnknownTopic)):
-            task = self._loop_().create_task(self._refresh_quietly())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        if not isinstance(err, _LEADER_ERRORS):
+            return
+        meta = self.metadata
+        st.leader_error = True
+        st.failed_at = address
+        if not st.trouble_since_s:
+            st.trouble_since_s = time.monotonic()
+        if isinstance(err, NodeUnavailable):
+            meta.note_unreachable(address)
+        if not meta.apply_leader_hint(tp.topic, tp.partition, err):
+            self._spawn(self._refresh_quietly(tp.topic), f"refresh {tp.topic}")
 
-    async def _refresh_quietly(self) -> None:
+    async def _refresh_quietly(self, topic: str) -> None:
         try:
-            await self.metadata.refresh(force=False)
+            await self.metadata.refresh(force=False, topics=[topic])
         except TidelogError as err:
             log.debug("metadata refresh failed: %s", err)
 
@@ -872,10 +934,65 @@ class Producer:
             # batches ahead of everything newer, in order, and wait out the backoff.
             self._acc.push_front(tp, st.failed)
             st.failed.clear()
-            st.backoff_ms = min(
-                max(st.backoff_ms * 2, self._retry_backoff_ms), RETRY_BACKOFF_MAX_MS
+            self._schedule_retry(tp, st)
+        self._wake(tp)
+
+    def _schedule_retry(self, tp: TopicPartition, st: _PartitionState) -> None:
+        """Set when the requeued batches go again: at once at a new leader, else after the
+        backoff, or earlier if a new leader shows up meanwhile."""
+        now_s = self._loop_().time()
+        leader_error, st.leader_error = st.leader_error, False
+        failed_at, st.failed_at = st.failed_at, None
+        if st.watch is not None:
+            st.watch.cancel()
+            st.watch = None
+        if leader_error and st.hops < LEADER_HOPS_IMMEDIATE_MAX:
+            address = self.metadata.leader_address(tp.topic, tp.partition)
+            if address is not None and address != failed_at:
+                # The leader moved already (a NOT_LEADER hint, or a refresh): go there now.
+                st.hops += 1
+                st.backoff_ms = 0
+                st.retry_at_s = now_s
+                return
+        cap_ms = LEADER_RETRY_BACKOFF_MAX_MS if leader_error else RETRY_BACKOFF_MAX_MS
+        # Never 0: a retry_backoff_ms of 0 still doubles from 1 ms instead of spinning.
+        st.backoff_ms = min(
+            max(st.backoff_ms * 2, self._retry_backoff_ms, 1), max(cap_ms, self._retry_backoff_ms)
+        )
+        st.retry_at_s = now_s + st.backoff_ms / 1000
+        if leader_error and st.backoff_ms > LEADER_POLL_INTERVAL_MS / 2:
+            st.watch = self._spawn(
+                self._watch_leader(tp, st, failed_at, st.retry_at_s), f"watch leader of {tp}"
             )
-            st.retry_at_s = self._loop_().time() + st.backoff_ms / 1000
+
+    async def _watch_leader(
+        self, tp: TopicPartition, st: _PartitionState, failed_at: str | None, retry_at_s: float
+    ) -> None:
+        """Keep the partition's metadata fresh during the backoff (the retry then goes to
+        the leader of the moment), and cut the backoff short when a leader other than
+        ``failed_at`` shows up, unless the partition followed too many changes in a row."""
+        timeout_s = retry_at_s - self._loop_().time()
+        try:
+            address = await self.metadata.wait_for_leader(
+                tp.topic,
+                tp.partition,
+                not_at=failed_at,
+                timeout_s=timeout_s,
+                since_s=st.trouble_since_s or None,
+            )
+        except TidelogError:
+            return  # the topic is gone or the producer closing: the retry reports it
+        finally:
+            if st.watch is asyncio.current_task():
+                st.watch = None
+        if address is None or st.retry_at_s != retry_at_s:
+            return  # the backoff ran out, or a newer failure rescheduled the retry
+        if st.hops >= LEADER_HOPS_IMMEDIATE_MAX:
+            return
+        log.debug("%s: new leader at %s, retrying now", tp, address)
+        st.hops += 1
+        st.backoff_ms = 0
+        st.retry_at_s = 0.0
         self._wake(tp)
 
     def _complete_batch(self, batch: PendingBatch, base_offset: int) -> None:
