@@ -4,19 +4,33 @@ It keeps each partition as a plain list of records, answers Metadata, Produce, F
 ListOffsets like a one-node cluster, and lets a test decide per Produce request or per
 Fetch stream whether to fail and with which TidelogError. The real node is exercised by
 the integration tests; this one exists to make leader changes and timeouts deterministic.
+
+:class:`FakeReplicatedCluster` runs several such brokers as the nodes of one cluster that
+share every partition's log, with a leader per partition that a test moves, announces in
+Metadata late or never, or takes down: the failovers a client must follow.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+import grpc
 from grpc import aio
 
-from tidelog.errors import OffsetOutOfRange, TidelogError, UnknownTopic, trailing_metadata
+from tidelog.errors import (
+    LeaderNotAvailable,
+    NodeUnavailable,
+    NotLeader,
+    OffsetOutOfRange,
+    TidelogError,
+    UnknownTopic,
+    trailing_metadata,
+)
 from tidelog.records import Record, decode_batches, encode_batch, iter_headers, validate_batches
 from tidelog.v1 import broker_pb2, broker_pb2_grpc
 
@@ -113,7 +127,7 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
         offset = request.offset
         sent = 0
         while True:
-            fault = self.fetch_fault(stream, sent) if self.fetch_fault else None
+            fault = self._stream_fault(request, stream, sent)
             if fault is not None:
                 await self._abort(context, fault)
             if offset < len(log):
@@ -140,6 +154,11 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
                 )
             else:
                 await asyncio.sleep(0.01)
+
+    def _stream_fault(
+        self, request: broker_pb2.FetchRequest, stream: int, sent: int
+    ) -> TidelogError | None:
+        return self.fetch_fault(stream, sent) if self.fetch_fault else None
 
     async def ListOffsets(
         self, request: broker_pb2.ListOffsetsRequest, context: Context
@@ -184,4 +203,193 @@ class FakeCluster:
         await self._server.stop(grace=None)
 
 
-__all__ = ["FakeBroker", "FakeCluster", "free_port"]
+#: What a NOT_LEADER answer of a FakeReplicatedCluster names: the leader's id and address
+#: (as the node does), only its address, or nothing.
+Hints = Literal["id_and_address", "address", "none"]
+
+
+@dataclass
+class FakeNode(FakeBroker):
+    """One node of a :class:`FakeReplicatedCluster`: serves a partition only while it leads
+    it, and answers like a dead node (UNAVAILABLE without a tidelog error, as a refused
+    connection does) while ``down``."""
+
+    node_id: int = 1
+    cluster: FakeReplicatedCluster | None = None
+    down: bool = False
+    #: Metadata answers after this many seconds (a node that accepts but does not answer).
+    metadata_delay_s: float = 0.0
+
+    def _cluster(self) -> FakeReplicatedCluster:
+        assert self.cluster is not None
+        return self.cluster
+
+    async def _abort(self, context: Context, err: TidelogError) -> None:
+        if isinstance(err, NodeUnavailable):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, err.message)
+        await super()._abort(context, err)
+
+    async def Metadata(
+        self, request: broker_pb2.MetadataRequest, context: Context
+    ) -> broker_pb2.MetadataResponse:
+        c = self._cluster()
+        c.metadata_requests[self.node_id] += 1
+        if self.down:
+            await self._abort(context, NodeUnavailable("fake node is down"))
+        if self.metadata_delay_s:
+            await asyncio.sleep(self.metadata_delay_s)
+        names = list(request.topics) or sorted(c.topics)
+        for name in names:
+            if name not in c.topics:
+                await self._abort(context, UnknownTopic(f"unknown topic {name!r}"))
+        replicas = sorted(c.nodes)
+        return broker_pb2.MetadataResponse(
+            nodes=[
+                broker_pb2.NodeInfo(node_id=i, address=n.address, alive=True)
+                for i, n in sorted(c.nodes.items())
+            ],
+            controller_id=1,
+            cluster_id="fake",
+            topics=[
+                broker_pb2.TopicMetadata(
+                    name=name,
+                    partitions=[
+                        broker_pb2.PartitionMetadata(
+                            partition=p,
+                            leader=c.announced_leader(name, p),
+                            replicas=replicas,
+                            in_sync=replicas,
+                            leader_term=1,
+                        )
+                        for p in range(c.topics[name])
+                    ],
+                )
+                for name in names
+            ],
+        )
+
+    async def Produce(
+        self, request: broker_pb2.ProduceRequest, context: Context
+    ) -> broker_pb2.ProduceResponse:
+        c = self._cluster()
+        c.produce_requests[self.node_id] += 1
+        err = c.check(self, request.topic, request.partition)
+        if err is not None:
+            await self._abort(context, err)
+        return await super().Produce(request, context)
+
+    async def Fetch(
+        self, request: broker_pb2.FetchRequest, context: Context
+    ) -> AsyncIterator[broker_pb2.FetchResponse]:
+        self._cluster().fetch_streams[self.node_id] += 1
+        async for resp in super().Fetch(request, context):
+            yield resp
+
+    def _stream_fault(
+        self, request: broker_pb2.FetchRequest, stream: int, sent: int
+    ) -> TidelogError | None:
+        return self._cluster().check(self, request.topic, request.partition)
+
+    async def ListOffsets(
+        self, request: broker_pb2.ListOffsetsRequest, context: Context
+    ) -> broker_pb2.ListOffsetsResponse:
+        err = self._cluster().check(self, request.topic, request.partition)
+        if err is not None:
+            await self._abort(context, err)
+        return await super().ListOffsets(request, context)
+
+
+class FakeReplicatedCluster:
+    """``async with FakeReplicatedCluster({"t": 1}, nodes=3) as fc: ...fc.bootstrap...``
+
+    Node 1 leads every partition until :meth:`move_leader` says otherwise; the leader that
+    Metadata announces may lag behind the real one (``announce=False``) or be -1 (none).
+    """
+
+    def __init__(self, topics: dict[str, int], nodes: int = 3, *, hints: Hints = "id_and_address"):
+        self.topics = dict(topics)
+        self.logs: dict[tuple[str, int], list[Record]] = {}
+        self.hints: Hints = hints
+        self.leaders: dict[tuple[str, int], int] = {}
+        self.announced: dict[tuple[str, int], int] = {}
+        self.produce_requests: Counter[int] = Counter()
+        self.metadata_requests: Counter[int] = Counter()
+        self.fetch_streams: Counter[int] = Counter()
+        ports: list[int] = []
+        while len(ports) < nodes:
+            port = free_port()
+            if port not in ports:
+                ports.append(port)
+        self.nodes: dict[int, FakeNode] = {
+            i: FakeNode(f"127.0.0.1:{port}", self.topics, self.logs, node_id=i, cluster=self)
+            for i, port in enumerate(ports, start=1)
+        }
+        self._servers: dict[int, aio.Server] = {}
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(n.address for _, n in sorted(self.nodes.items()))
+
+    def address(self, node_id: int) -> str:
+        return self.nodes[node_id].address
+
+    def log(self, topic: str, partition: int) -> list[Record]:
+        return self.logs.setdefault((topic, partition), [])
+
+    def leader(self, topic: str, partition: int) -> int:
+        return self.leaders.get((topic, partition), 1)
+
+    def announced_leader(self, topic: str, partition: int) -> int:
+        return self.announced.get((topic, partition), self.leader(topic, partition))
+
+    def move_leader(
+        self, topic: str, partition: int, node_id: int, *, announce: bool = True
+    ) -> None:
+        """Make ``node_id`` (-1: nobody) the leader; Metadata tells only if ``announce``."""
+        key = (topic, partition)
+        if not announce and key not in self.announced:
+            self.announced[key] = self.leader(topic, partition)
+        self.leaders[key] = node_id
+        if announce:
+            self.announced[key] = node_id
+
+    def check(self, node: FakeNode, topic: str, partition: int) -> TidelogError | None:
+        """The error ``node`` answers a request for the partition with, if any."""
+        if node.down:
+            return NodeUnavailable("fake node is down")
+        if topic not in self.topics:
+            return UnknownTopic(f"unknown topic {topic!r}")
+        leader = self.leader(topic, partition)
+        if leader == node.node_id:
+            return None
+        if leader < 1:
+            return LeaderNotAvailable(f"{topic}/{partition}: no leader right now")
+        message = f"{topic}/{partition}: node {node.node_id} is not the leader"
+        if self.hints == "none":
+            return NotLeader(message)
+        address = self.address(leader)
+        if self.hints == "address":
+            return NotLeader(message, leader_address=address)
+        return NotLeader(message, leader_id=str(leader), leader_address=address)
+
+    async def __aenter__(self) -> FakeReplicatedCluster:
+        for node_id, node in self.nodes.items():
+            server = aio.server()
+            broker_pb2_grpc.add_BrokerServicer_to_server(node, server)
+            server.add_insecure_port(node.address)
+            await server.start()
+            self._servers[node_id] = server
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.gather(*(s.stop(grace=None) for s in self._servers.values()))
+
+
+__all__ = [
+    "FakeBroker",
+    "FakeCluster",
+    "FakeNode",
+    "FakeReplicatedCluster",
+    "Hints",
+    "free_port",
+]
