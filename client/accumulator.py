@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from itertools import accumulate, repeat
 
 from tidelog.client.structs import Header, TopicPartition
-
 from tidelog.errors import TidelogError
 from tidelog.records import BATCH_OVERHEAD_BYTES, Codec, encode_batch
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from tidelog.client.metadata import ClusterMetadata, NodeInfo, TopicInfo
-
 from tidelog.v1 import admin_pb2
 
 __all__ = ["Admin", "ClusterView", "PartitionDescription", "TopicDescription"]

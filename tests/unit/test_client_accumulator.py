@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+
 from tidelog.client.accumulator import (
     RECORD_OVERHEAD_BYTES,
     Accumulator,
@@ -13,7 +14,6 @@ from tidelog.client.accumulator import (
     record_size,
 )
 from tidelog.client.structs import TopicPartition
-
 from tidelog.errors import NotLeader
 from tidelog.records import BATCH_OVERHEAD_BYTES, Codec, decode_records, encode_batch
 

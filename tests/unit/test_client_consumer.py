@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from tidelog.client import Consumer, NoOffset, Producer, TopicPartition
 
 from tests.unit.client_fakes import FakeBroker, FakeCluster
+from tidelog.client import Consumer, NoOffset, Producer, TopicPartition
 from tidelog.errors import NotLeader, OffsetOutOfRange, TidelogError, UnknownPartition
 
 pytestmark = pytest.mark.timeout(60)

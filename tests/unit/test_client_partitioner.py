@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from tidelog.client.partitioner import (
     StickyPartitioner,
     murmur2,

@@ -7,10 +7,10 @@ import asyncio
 import itertools
 
 import pytest
-from tidelog.client import BufferFull, Producer
-from tidelog.client.partitioner import partition_for_key
 
 from tests.unit.client_fakes import FakeBroker, FakeCluster
+from tidelog.client import BufferFull, Producer
+from tidelog.client.partitioner import partition_for_key
 from tidelog.errors import (
     BatchTooLarge,
     NodeUnavailable,
