@@ -17,6 +17,16 @@ metadata is re-read every few tens of milliseconds, and goes to the new leader t
 one shows up. So writes resume within about LEADER_POLL_INTERVAL_MS of the cluster electing
 a new leader, while a dead leader is retried at most a few times a second.
 
+A partition's requests in flight all go to one node. When the leader moves while some are
+still unanswered at the old one, newer batches wait for those answers instead of going to
+the new leader at once: the old node refuses them later (NOT_LEADER), and a newer batch
+acknowledged by the new leader meanwhile would sit ahead of their retries in the log. A
+node that holds requests without answering (paused, or black-holed) would then pin the
+partition until the request timeout, so a request unanswered for LEADER_CHECK_AFTER_MS
+starts watching the metadata, and once another node leads the partition the requests at
+the silent one are abandoned and resent there, in order. The old node cannot commit what
+it held: the new leader's election needed a majority that no longer follows it.
+
 Records that cannot be appended yet (the topic's metadata is not known, or the buffer holds
 ``buffer_bytes_max``) wait in a FIFO per topic and are admitted in order as soon as possible;
 that FIFO is bounded too (:class:`BufferFull` beyond it), so an event loop that never yields
@@ -94,6 +104,10 @@ LEADER_RETRY_BACKOFF_MAX_MS = 250
 #: Leader changes in a row a partition follows without any backoff; beyond it (two nodes
 #: naming each other, a stale hint) the backoff applies until a request succeeds again.
 LEADER_HOPS_IMMEDIATE_MAX = 3
+#: How long a Produce request may go unanswered before the producer checks the metadata for
+#: a new leader (module docstring); below the node's election timeout (1 s by default),
+#: which no failover beats anyway.
+LEADER_CHECK_AFTER_MS = 1_000
 #: How often a partition without a leader checks its batches against delivery_timeout_ms.
 LEADERLESS_EXPIRY_CHECK_MS = 500
 REQUEST_TIMEOUT_MS_DEFAULT = 30_000
@@ -273,6 +287,14 @@ class _PartitionState:
     trouble_since_s: float = 0.0
     #: Waits for a new leader during the backoff, to retry there at once.
     watch: asyncio.Task[None] | None = None
+    #: The node every request in flight went to (the module docstring says why only one).
+    in_flight_at: str | None = None
+    #: The Produce calls in flight, to abandon them at a node that stopped answering.
+    calls: set[grpc.aio.UnaryUnaryCall[Any, Any]] = field(default_factory=set)
+    #: Calls cancelled because another node leads now, with that node's address.
+    abandoned: dict[grpc.aio.UnaryUnaryCall[Any, Any], str] = field(default_factory=dict)
+    #: Watches the metadata while a request goes unanswered (LEADER_CHECK_AFTER_MS).
+    stall_watch: asyncio.Task[None] | None = None
 
 
 class _Sender:
@@ -822,6 +844,10 @@ class Producer:
         if address != sender.address:
             self._wake(tp)  # the leader moved: hand the partition to its sender
             return
+        if st.in_flight and st.in_flight_at != address:
+            # Requests are still out at the old leader: newer batches wait for its answers
+            # (module docstring); the last answer wakes the partition again.
+            return
         if now_s < st.retry_at_s:
             if st.wake_at_s != st.retry_at_s:
                 st.wake_at_s = st.retry_at_s
@@ -837,6 +863,7 @@ class Producer:
                 self._fail_batch(batch, self._timed_out(batch))
                 continue
             st.in_flight += 1
+            st.in_flight_at = sender.address
             self._spawn(self._produce(sender.address, tp, st, batch), f"produce {tp}")
 
     async def _produce(
@@ -862,20 +889,39 @@ class Producer:
             acks=self._acks,
             timeout_ms=self._request_timeout_ms,
         )
+        call: grpc.aio.UnaryUnaryCall[Any, Any] | None = None
+        stall_check: asyncio.TimerHandle | None = None
         try:
-            resp = await self.metadata.broker(address).Produce(
+            call = self.metadata.broker(address).Produce(  # type: ignore[assignment]
                 request, timeout=self._request_timeout_ms / 1000 + 1
             )
+            assert call is not None
+            st.calls.add(call)
+            stall_check = loop.call_later(
+                LEADER_CHECK_AFTER_MS / 1000, self._on_stalled, tp, st, address
+            )
+            resp = await call
         except grpc.aio.AioRpcError as exc:
             err = from_rpc_error(exc)
         except asyncio.CancelledError:
-            # Only stop() cancels requests; nobody may wait on this batch forever.
-            st.in_flight -= 1
-            if not batch.done:
-                self._fail_batch(batch, TidelogError("the producer was closed before delivering"))
-            raise
+            current = asyncio.current_task()
+            moved_to = None if call is None else st.abandoned.get(call)
+            if moved_to is None or (current is not None and current.cancelling()):
+                # stop() cancelled the request; nobody may wait on this batch forever.
+                st.in_flight -= 1
+                self._forget_call(st, call, stall_check)
+                if not batch.done:
+                    self._fail_batch(
+                        batch, TidelogError("the producer was closed before delivering")
+                    )
+                raise
+            err = NotLeader(
+                f"{tp}: no answer from {address} in {LEADER_CHECK_AFTER_MS} ms and "
+                f"{moved_to} leads the partition now; resending there"
+            )
         except Exception as exc:  # the channel closed under us, or similar: retry elsewhere
             err = NodeUnavailable(f"produce to {address} failed: {exc!r}")
+        self._forget_call(st, call, stall_check)
         st.in_flight -= 1
         if err is None:
             assert resp is not None
@@ -890,6 +936,54 @@ class Producer:
         else:
             self._on_error(address, tp, st, batch, err)
         self._after_response(tp, st)
+
+    def _forget_call(
+        self,
+        st: _PartitionState,
+        call: grpc.aio.UnaryUnaryCall[Any, Any] | None,
+        stall_check: asyncio.TimerHandle | None,
+    ) -> None:
+        if stall_check is not None:
+            stall_check.cancel()
+        if call is not None:
+            st.calls.discard(call)
+            st.abandoned.pop(call, None)
+        if not st.calls and st.stall_watch is not None:
+            st.stall_watch.cancel()
+            st.stall_watch = None
+
+    def _on_stalled(self, tp: TopicPartition, st: _PartitionState, address: str) -> None:
+        """A request to ``address`` has gone unanswered for LEADER_CHECK_AFTER_MS: watch the
+        metadata for another leader (one watch per partition)."""
+        if self._closed or st.stall_watch is not None or not st.calls:
+            return
+        if st.in_flight_at != address:
+            return
+        st.stall_watch = self._spawn(self._watch_stalled(tp, st, address), f"stalled {tp}")
+
+    async def _watch_stalled(self, tp: TopicPartition, st: _PartitionState, address: str) -> None:
+        """Abandon the requests held by ``address`` once another node leads the partition;
+        cancelled (by _forget_call) when they are all answered first."""
+        try:
+            leader = await self.metadata.wait_for_leader(tp.topic, tp.partition, not_at=address)
+        except TidelogError:
+            return  # the topic is gone or the producer closing: the requests report it
+        finally:
+            if st.stall_watch is asyncio.current_task():
+                st.stall_watch = None
+        if leader is None or st.in_flight_at != address or not st.calls:
+            return
+        log.info(
+            "%s: %s holds %d requests unanswered and %s leads now: resending there",
+            tp,
+            address,
+            len(st.calls),
+            leader,
+        )
+        self.metadata.note_unreachable(address)
+        for call in list(st.calls):
+            st.abandoned[call] = leader
+            call.cancel()
 
     def _on_error(
         self,

@@ -96,6 +96,11 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
         self.produce_requests += 1
         if self.produce_delay_s:
             await asyncio.sleep(self.produce_delay_s)
+        return await self._produce(number, request, context)
+
+    async def _produce(
+        self, number: int, request: broker_pb2.ProduceRequest, context: Context
+    ) -> broker_pb2.ProduceResponse:
         err = self.produce_fault(number, request) if self.produce_fault else None
         if err is None and request.topic not in self.topics:
             err = UnknownTopic(f"unknown topic {request.topic!r}")
@@ -219,6 +224,12 @@ class FakeNode(FakeBroker):
     down: bool = False
     #: Metadata answers after this many seconds (a node that accepts but does not answer).
     metadata_delay_s: float = 0.0
+    #: Cleared while the node is paused (SIGSTOP): requests wait, then get the answer of
+    #: the moment they are served (NOT_LEADER once another node leads), like a stale leader.
+    running: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.running.set()
 
     def _cluster(self) -> FakeReplicatedCluster:
         assert self.cluster is not None
@@ -273,10 +284,17 @@ class FakeNode(FakeBroker):
     ) -> broker_pb2.ProduceResponse:
         c = self._cluster()
         c.produce_requests[self.node_id] += 1
+        number = self.produce_requests
+        self.produce_requests += 1
+        # The leadership check comes after the delay: a request held by a slow or paused
+        # node is refused if the leader moved meanwhile, as a deposed node refuses it.
+        if self.produce_delay_s:
+            await asyncio.sleep(self.produce_delay_s)
+        await self.running.wait()
         err = c.check(self, request.topic, request.partition)
         if err is not None:
             await self._abort(context, err)
-        return await super().Produce(request, context)
+        return await self._produce(number, request, context)
 
     async def Fetch(
         self, request: broker_pb2.FetchRequest, context: Context

@@ -112,6 +112,55 @@ async def test_writes_keep_their_order_across_a_leader_move() -> None:
         assert fc.produce_requests[2] > 0
 
 
+async def test_newer_batches_wait_for_the_requests_pending_at_the_old_leader() -> None:
+    """Batches in flight at node 1 when the metadata moves the leader to node 2 are refused
+    there later (NOT_LEADER) and retried; a newer batch sent to node 2 meanwhile would be
+    acknowledged ahead of them, so the partition waits until node 1 has answered."""
+    async with FakeReplicatedCluster({"t": 1}) as fc:
+        async with Producer(
+            fc.bootstrap, linger_ms=0, batch_bytes_max=200, max_in_flight_per_partition=8
+        ) as p:
+            await p.send("t", b"first")
+            fc.nodes[1].produce_delay_s = 0.3
+            older = p.send_many("t", [b"a%05d" % i for i in range(40)])
+            await asyncio.sleep(0.05)  # several batches are waiting at node 1
+            fc.move_leader("t", 0, 2)
+            await p.metadata.refresh()
+            newer = p.send_many("t", [b"b%05d" % i for i in range(40)])
+            await asyncio.wait_for(newer, 5)
+            await asyncio.wait_for(older, 5)
+        values = [r.value or b"" for r in fc.log("t", 0)]
+        assert values == [b"first"] + [b"a%05d" % i for i in range(40)] + [
+            b"b%05d" % i for i in range(40)
+        ]
+
+
+async def test_writes_leave_a_paused_leader_once_another_node_leads() -> None:
+    """A SIGSTOP'd leader holds requests without answering or failing them (until the 30 s
+    request timeout); once the metadata names another leader the producer gives up on
+    them and resends there, in order."""
+    async with FakeReplicatedCluster({"t": 1}) as fc:
+        async with Producer(fc.bootstrap, linger_ms=0, batch_bytes_max=200) as p:
+            await p.send("t", b"first")
+            fc.nodes[1].running.clear()
+            older = p.send_many("t", [b"a%05d" % i for i in range(40)])
+            await asyncio.sleep(0.3)
+            fc.move_leader("t", 0, 2)
+            moved = time.monotonic()
+            newer = p.send_many("t", [b"b%05d" % i for i in range(10)])
+            await asyncio.wait_for(older, 5)
+            await asyncio.wait_for(newer, 5)
+            took_s = time.monotonic() - moved
+            fc.nodes[1].running.set()  # resumed: what it held is refused (not the leader)
+            await asyncio.sleep(0.1)
+        # Within the stall check (1 s) plus a metadata poll, not the request timeout.
+        assert took_s < 2.5, took_s
+        values = [r.value or b"" for r in fc.log("t", 0)]
+        assert values == [b"first"] + [b"a%05d" % i for i in range(40)] + [
+            b"b%05d" % i for i in range(10)
+        ]
+
+
 @pytest.mark.parametrize("hints", ["id_and_address", "address"])
 async def test_not_leader_naming_the_leader_is_followed_at_once(hints: Hints) -> None:
     async with FakeReplicatedCluster({"t": 1}, hints=hints) as fc:
