@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="cluster id (default: derived from the controller voters' ids)",
     )
+    parser.add_argument(
+        "--rack",
+        default=None,
+        help="failure domain of this node (replicas of a partition go to distinct racks)",
+    )
     args = parser.parse_args(argv)
     if args.node_id < 1:
         parser.error(f"--id must be >= 1, got {args.node_id}")
@@ -79,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
             heartbeat_interval_ms=args.heartbeat_interval_ms,
             node_dead_ms=args.node_dead_ms,
             cluster_id=args.cluster_id,
+            rack=args.rack,
         )
     except ValueError as exc:
         parser.error(str(exc))

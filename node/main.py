@@ -56,6 +56,8 @@ class ClusterSettings:
     heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS_DEFAULT
     node_dead_ms: int = NODE_DEAD_MS_DEFAULT
     cluster_id: str | None = None
+    #: Failure domain of this node; placement keeps a partition's replicas in distinct racks.
+    rack: str | None = None
 
     def __post_init__(self) -> None:
         if self.controller_voters is not None:
@@ -87,6 +89,8 @@ class ClusterSettings:
             out += ["--controller-voters", self.controller_voters]
         if self.cluster_id:
             out += ["--cluster-id", self.cluster_id]
+        if self.rack:
+            out += ["--rack", self.rack]
         return out
 
 
@@ -173,6 +177,7 @@ async def serve(
         timing=settings.timing(),
         node_dead_ms=settings.node_dead_ms,
         cluster_id=settings.cluster_id,
+        rack=settings.rack,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -137,8 +137,10 @@ class Node:
         timing: RaftTiming | None = None,
         node_dead_ms: int = node_dead_ms_default,
         cluster_id: str | None = None,
+        rack: str | None = None,
     ) -> None:
         self.node_id = node_id
+        self.rack = rack or None
         self._open_log = open_log
         self.listen = listen
         self.data_dir = data_dir
@@ -244,7 +246,9 @@ class Node:
                 self.node_id, voters[self.node_id], advertised,
             )  # fmt: skip
         cluster_id = self._load_identity(store, voters)
-        self.identity = NodeIdentity(self.node_id, advertised, metrics_address, cluster_id)
+        self.identity = NodeIdentity(
+            self.node_id, advertised, metrics_address, cluster_id, rack=self.rack or ""
+        )
 
         self._raft = raft = MultiRaft(
             self.node_id, HardStateStore(store), self.metrics, self.timing
@@ -294,7 +298,7 @@ class Node:
         raft.start()
         registry.start()
         await server.start()
-        controller.start(RegisterNode(self.node_id, advertised, metrics_address, rack=None))
+        controller.start(RegisterNode(self.node_id, advertised, metrics_address, rack=self.rack))
         await self._until_ready()
         for service in ("", BROKER_SERVICE, ADMIN_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -165,6 +165,10 @@ def node() -> None:
 @click.option(
     "--cluster-id", default=None, help="Cluster id (default: derived from the voters' ids)."
 )
+@click.option(
+    "--rack", default=None, help="Failure domain of this node (a partition's replicas go to "
+    "distinct racks)."
+)  # fmt: skip
 def node_start(
     node_id: int,
     listen: str,
@@ -177,6 +181,7 @@ def node_start(
     heartbeat_interval_ms: int,
     node_dead_ms: int,
     cluster_id: str | None,
+    rack: str | None,
 ) -> None:
     """Run one node in the foreground until SIGTERM or Ctrl-C."""
     from tidelog.node.main import ClusterSettings, run_node  # node dependencies load only here
@@ -188,6 +193,7 @@ def node_start(
             heartbeat_interval_ms=heartbeat_interval_ms,
             node_dead_ms=node_dead_ms,
             cluster_id=cluster_id,
+            rack=rack,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

@@ -37,6 +37,10 @@ def free_port() -> int:
         return port
 
 
+#: Two racks of two nodes each: placement must spread a partition's replicas over both.
+RACKS = {1: "a", 2: "a", 3: "b", 4: "b"}
+
+
 class Cluster:
     def __init__(self, base: Path) -> None:
         self.base = base
@@ -57,6 +61,7 @@ class Cluster:
             controller_voters=self.voters,
             timing=TIMING,
             node_dead_ms=NODE_DEAD_MS,
+            rack=RACKS[i],
         )
         await node.start()
         self.nodes[i] = node
@@ -238,3 +243,16 @@ async def test_metrics_describe_the_cluster(cluster: Cluster) -> None:
     ]
     assert sum(x is not None for x in lags) == 2  # the two followers of an RF=3 partition
     assert (reg.get_sample_value("tidelog_raft_ready_round_seconds_count") or 0) > 0
+
+
+@pytest.mark.timeout(60)
+async def test_replicas_of_a_partition_go_to_distinct_racks(cluster: Cluster) -> None:
+    c = cluster
+    await c.until("every node registered", lambda: registered(c))
+    md = await c.metadata(1)
+    assert {n.node_id: n.rack for n in md.nodes} == RACKS
+    spec = admin_pb2.TopicSpec(name="racked", partitions=8, replication_factor=2)
+    await c.admin(2).CreateTopics(admin_pb2.CreateTopicsRequest(topics=[spec]))
+    [t] = (await c.metadata(3, ["racked"])).topics
+    for p in t.partitions:
+        assert {RACKS[r] for r in p.replicas} == {"a", "b"}, (p.partition, list(p.replicas))
