@@ -7,6 +7,7 @@ retries and ordering are those of :class:`Producer`, :class:`Consumer` and :clas
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import concurrent.futures
 import threading
@@ -56,7 +57,7 @@ class _LoopThread:
         self.loop.close()
 
 
-class _Facade:
+class _Facade(abc.ABC):
     def __init__(self, name: str) -> None:
         self._lt = _LoopThread(name)
 
@@ -71,8 +72,9 @@ class _Facade:
     ) -> None:
         self.close()
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Stop the async client, then the loop thread."""
 
 
 class SyncProducer(_Facade):
