@@ -33,6 +33,8 @@ T = TypeVar("T")
 #: Sends a SyncProducer lets be outstanding (queued or unacknowledged) before send() blocks:
 #: the blocking-queue behaviour of Kafka's Java producer, counted in records.
 PENDING_SENDS_MAX = 100_000
+#: How long closing a facade waits for its loop's leftover tasks to finish.
+LOOP_CLOSE_TIMEOUT_S = 5.0
 
 
 class _LoopThread:
@@ -52,9 +54,23 @@ class _LoopThread:
     def close(self) -> None:
         if self.loop.is_closed():
             return
+        # Let tasks the client left behind (gRPC call bookkeeping) finish or cancel before the
+        # loop goes, so closing never warns "Task was destroyed but it is pending".
+        try:
+            self.run(_drain_tasks(), timeout_s=LOOP_CLOSE_TIMEOUT_S)
+        except (TimeoutError, concurrent.futures.TimeoutError):
+            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
+
+
+async def _drain_tasks() -> None:
+    me = asyncio.current_task()
+    others = [t for t in asyncio.all_tasks() if t is not me]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
 
 
 class _Facade(abc.ABC):
