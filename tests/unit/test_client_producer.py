@@ -20,6 +20,7 @@ from tidelog.errors import (
     UnknownPartition,
     UnknownTopic,
 )
+from tidelog.records import decode_batches
 from tidelog.v1 import broker_pb2
 
 pytestmark = pytest.mark.timeout(60)
@@ -79,11 +80,25 @@ async def test_send_many_with_keys_groups_by_partition() -> None:
 
 
 async def test_retriable_errors_are_retried_in_order() -> None:
-    """Requests 3..9 fail as if the leader moved: every batch sent during that window (up to
-    8 in flight) fails and goes back in front of newer ones, so the log is in send order."""
+    """The node stops leading at request 3: every batch that reaches it from then on fails
+    (up to 8 in flight) and goes back in front of newer ones, so the log is in send order.
+
+    It leads again only once the producer comes back with the first refused batch, i.e.
+    after hearing of the refusal, and after at least 7 refusals (requests 3..9). A node that
+    accepted a request sent before the producer could know of any refusal (say request 10,
+    already on the wire when 3 was refused) would put it ahead of the retries whatever the
+    client does: only broker-side sequence numbers could refuse it.
+    """
+    refused_first: list[bytes | None] = []
 
     def fault(n: int, req: broker_pb2.ProduceRequest) -> TidelogError | None:
-        if 3 <= n <= 9:
+        first = decode_batches(req.batches)[0].value
+        if refused_first and n > 9 and first == refused_first[0]:
+            refused_first.clear()  # the retry: the node leads again
+            return None
+        if 3 <= n <= 9 or refused_first:
+            if not refused_first:
+                refused_first.append(first)
             return NotLeader("not the leader", leader_id="1", leader_address="x")
         return None
 
