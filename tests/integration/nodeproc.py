@@ -4,16 +4,21 @@ starts ``python -m tidelog.node`` (or ``python -m tidelog node start``)."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tidelog.v1 import broker_pb2, broker_pb2_grpc, cluster_pb2, cluster_pb2_grpc
 
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
@@ -104,3 +109,109 @@ class Node:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)
         self.stop(signal.SIGKILL)
+
+
+# ---- a cluster of node processes -----------------------------------------------------------
+
+#: raft.types.Role.LEADER as LogDigest reports it.
+ROLE_LEADER = 3
+
+
+def spawn_cluster(base: Path, ids: tuple[int, ...]) -> dict[int, Node]:
+    """Start one node per id (all of them controller voters) without waiting: they can only
+    serve once a majority is up."""
+    ports = {i: (free_port(), free_port()) for i in ids}
+    voters = ",".join(f"{i}@127.0.0.1:{ports[i][0]}" for i in ids)
+    nodes = {
+        i: Node(base / f"n{i}", base / f"n{i}.log", i, ports[i][0], ports[i][1], voters)
+        for i in ids
+    }
+    try:
+        for n in nodes.values():
+            n.spawn()
+    except BaseException:
+        for n in nodes.values():
+            n.kill()
+        raise
+    return nodes
+
+
+async def until(what: str, check: Callable[[], Awaitable[bool]], timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
+
+
+@dataclass
+class Cluster:
+    """gRPC views of a running cluster's nodes, for tests that kill and pause them."""
+
+    nodes: dict[int, Node]
+    #: The topic whose replicas ``digests`` and ``leaders`` look at.
+    topic: str
+    channels: dict[int, aio.Channel] = field(default_factory=dict)
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(n.address for n in self.nodes.values())
+
+    def channel(self, node: int) -> aio.Channel:
+        ch = self.channels.get(node)
+        if ch is None:
+            ch = self.channels[node] = aio.insecure_channel(self.nodes[node].address)
+        return ch
+
+    def broker(self, node: int) -> broker_pb2_grpc.BrokerAsyncStub:
+        return broker_pb2_grpc.BrokerStub(self.channel(node))  # type: ignore[return-value]
+
+    async def metadata(self, node: int) -> broker_pb2.MetadataResponse | None:
+        try:
+            resp: broker_pb2.MetadataResponse = await self.broker(node).Metadata(
+                broker_pb2.MetadataRequest(), timeout=2
+            )
+        except grpc.RpcError:
+            return None
+        return resp
+
+    async def digests(self, node: int) -> dict[int, cluster_pb2.PartitionDigest]:
+        stub = cluster_pb2_grpc.ClusterStub(self.channel(node))
+        resp = await stub.LogDigest(cluster_pb2.LogDigestRequest(topics=[self.topic]), timeout=10)
+        return {p.partition: p for p in resp.partitions}
+
+    async def leaders(self, among: tuple[int, ...] | None = None) -> dict[int, int]:
+        """partition -> leader, asked of the replicas themselves (LogDigest roles)."""
+        out: dict[int, int] = {}
+        for node in among if among is not None else tuple(self.nodes):
+            try:
+                for p, d in (await self.digests(node)).items():
+                    if d.role == ROLE_LEADER:
+                        out[p] = node
+            except grpc.RpcError:
+                continue
+        return out
+
+    async def wait_all_alive(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        """Every node runs, and every node sees a controller and all nodes alive."""
+        ids = sorted(self.nodes)
+
+        async def ready() -> bool:
+            for node_id, n in self.nodes.items():
+                if n.proc is None or n.proc.poll() is not None:
+                    tail = n.log_path.read_text()[-3000:]
+                    raise AssertionError(f"node {node_id} exited:\n{tail}")
+                md = await self.metadata(node_id)
+                if md is None or md.controller_id < 0:
+                    return False
+                if sorted(x.node_id for x in md.nodes if x.alive) != ids:
+                    return False
+            return True
+
+        await until("every node is up and alive", ready, timeout_s)
+
+    async def close(self) -> None:
+        for ch in self.channels.values():
+            await ch.close(None)
+        self.channels.clear()

@@ -15,13 +15,12 @@ import asyncio
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 
 import grpc
 import pytest
 from grpc import aio
 
-from tests.integration.nodeproc import Node, free_port
+from tests.integration.nodeproc import Cluster, Node, spawn_cluster, until
 from tidelog.client import Consumer, Producer, TopicPartition
 from tidelog.errors import TidelogError, from_rpc_error
 from tidelog.records import encode_batch
@@ -29,9 +28,6 @@ from tidelog.v1 import (
     admin_pb2,
     admin_pb2_grpc,
     broker_pb2,
-    broker_pb2_grpc,
-    cluster_pb2,
-    cluster_pb2_grpc,
 )
 
 pytestmark = pytest.mark.integration
@@ -44,99 +40,20 @@ STARTUP_TIMEOUT_S = 30.0
 WINDOW = 20
 
 
-@dataclass
-class Cluster:
-    procs: dict[int, Node]
-    channels: dict[int, aio.Channel] = field(default_factory=dict)
-
-    @property
-    def bootstrap(self) -> str:
-        return ",".join(p.address for p in self.procs.values())
-
-    def channel(self, node: int) -> aio.Channel:
-        ch = self.channels.get(node)
-        if ch is None:
-            ch = self.channels[node] = aio.insecure_channel(self.procs[node].address)
-        return ch
-
-    def broker(self, node: int) -> broker_pb2_grpc.BrokerAsyncStub:
-        return broker_pb2_grpc.BrokerStub(self.channel(node))  # type: ignore[return-value]
-
-    async def metadata(self, node: int) -> broker_pb2.MetadataResponse | None:
-        try:
-            resp: broker_pb2.MetadataResponse = await self.broker(node).Metadata(
-                broker_pb2.MetadataRequest(), timeout=2
-            )
-            return resp
-        except grpc.RpcError:
-            return None
-
-    async def digests(self, node: int) -> dict[int, cluster_pb2.PartitionDigest]:
-        stub = cluster_pb2_grpc.ClusterStub(self.channel(node))
-        resp = await stub.LogDigest(cluster_pb2.LogDigestRequest(topics=[TOPIC]), timeout=10)
-        return {p.partition: p for p in resp.partitions}
-
-    async def leaders(self, among: tuple[int, ...] = NODES) -> dict[int, int]:
-        """partition -> leader, by asking the replicas themselves (LogDigest roles)."""
-        out: dict[int, int] = {}
-        for node in among:
-            try:
-                for p, d in (await self.digests(node)).items():
-                    if d.role == 3:
-                        out[p] = node
-            except grpc.RpcError:
-                continue
-        return out
-
-    async def close(self) -> None:
-        for ch in self.channels.values():
-            await ch.close(None)
-        self.channels.clear()
-
-
-async def until(what: str, check: object, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await check():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not within {timeout_s} s: {what}")
-
-
 @pytest.fixture(scope="module")
 def procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, Node]]:
-    base = tmp_path_factory.mktemp("cluster")
-    ports = {i: (free_port(), free_port()) for i in NODES}
-    voters = ",".join(f"{i}@127.0.0.1:{ports[i][0]}" for i in NODES)
-    procs = {
-        i: Node(base / f"n{i}", base / f"n{i}.log", i, ports[i][0], ports[i][1], voters)
-        for i in NODES
-    }
+    nodes = spawn_cluster(tmp_path_factory.mktemp("cluster"), NODES)
     try:
-        for p in procs.values():
-            p.spawn()
-        yield procs
+        yield nodes
     finally:
-        for p in procs.values():
-            p.kill()
+        for n in nodes.values():
+            n.kill()
 
 
 @pytest.fixture
 async def cluster(procs: dict[int, Node]) -> AsyncIterator[Cluster]:
-    c = Cluster(procs)
-
-    async def ready() -> bool:
-        for node, p in procs.items():
-            if p.proc is None or p.proc.poll() is not None:
-                raise AssertionError(f"node {node} exited:\n{p.log_path.read_text()[-3000:]}")
-            md = await c.metadata(node)
-            if md is None or md.controller_id < 0:
-                return False
-            if sorted(n.node_id for n in md.nodes if n.alive) != list(NODES):
-                return False
-        return True
-
-    await until("the cluster is ready", ready, STARTUP_TIMEOUT_S)
+    c = Cluster(procs, TOPIC)
+    await c.wait_all_alive(STARTUP_TIMEOUT_S)
     md = await c.metadata(1)
     assert md is not None
     if TOPIC not in {t.name for t in md.topics}:
@@ -300,8 +217,8 @@ async def test_kill_leader_under_load_loses_nothing_and_catches_up(cluster: Clus
     await asyncio.sleep(1.5)
     victim_partition = 0
     victim = (await c.leaders())[victim_partition]
-    c.procs[victim].send_signal(signal.SIGKILL)
-    c.procs[victim].proc.wait()  # type: ignore[union-attr]
+    c.nodes[victim].send_signal(signal.SIGKILL)
+    c.nodes[victim].proc.wait()  # type: ignore[union-attr]
     killed_at = time.monotonic()
     survivors = tuple(n for n in NODES if n != victim)
 
@@ -322,7 +239,7 @@ async def test_kill_leader_under_load_loses_nothing_and_catches_up(cluster: Clus
         f"the kill {failover_s - killed_at:.2f} s"
     )
     await asyncio.sleep(1.0)
-    c.procs[victim].spawn()
+    c.nodes[victim].spawn()
     await asyncio.sleep(1.5)
     await load.stop()
     assert sum(len(v) for v in load.acked.values()) > 100
@@ -342,7 +259,7 @@ async def test_paused_leader_steps_down_and_never_acks_as_a_stale_leader(
     victim = (await c.leaders())[victim_partition]
     old_term = (await c.digests(victim))[victim_partition].term
     others = tuple(n for n in NODES if n != victim)
-    c.procs[victim].send_signal(signal.SIGSTOP)
+    c.nodes[victim].send_signal(signal.SIGSTOP)
     stopped_at = time.monotonic()
 
     # Writes addressed to the paused leader queue up in its socket.
@@ -384,7 +301,7 @@ async def test_paused_leader_steps_down_and_never_acks_as_a_stale_leader(
         timeout=10,
     )
     during_pause_offset = resp.base_offset
-    c.procs[victim].send_signal(signal.SIGCONT)
+    c.nodes[victim].send_signal(signal.SIGCONT)
 
     outcomes = await asyncio.gather(*stale, return_exceptions=True)
     for outcome in outcomes:

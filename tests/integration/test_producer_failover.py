@@ -18,22 +18,15 @@ import asyncio
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 
-import grpc
 import pytest
-from grpc import aio
 
-from tests.integration.nodeproc import Node, free_port
+from tests.integration.nodeproc import Cluster, Node, spawn_cluster, until
 from tidelog.client import Consumer, Producer, TopicPartition
 from tidelog.errors import TidelogError
 from tidelog.v1 import (
     admin_pb2,
     admin_pb2_grpc,
-    broker_pb2,
-    broker_pb2_grpc,
-    cluster_pb2,
-    cluster_pb2_grpc,
 )
 
 pytestmark = pytest.mark.integration
@@ -51,78 +44,12 @@ LOAD_AFTER_S = 0.8
 PAUSE_S = 3.0
 #: Writes must resume this soon after a SIGSTOP, while the node is still paused.
 RESUME_WHILE_PAUSED_MAX_S = PAUSE_S
-ROLE_LEADER = 3
-
-
-@dataclass
-class Cluster:
-    nodes: dict[int, Node]
-    channels: dict[int, aio.Channel] = field(default_factory=dict)
-
-    @property
-    def bootstrap(self) -> str:
-        return ",".join(n.address for n in self.nodes.values())
-
-    def channel(self, node: int) -> aio.Channel:
-        ch = self.channels.get(node)
-        if ch is None:
-            ch = self.channels[node] = aio.insecure_channel(self.nodes[node].address)
-        return ch
-
-    async def metadata(self, node: int) -> broker_pb2.MetadataResponse | None:
-        stub = broker_pb2_grpc.BrokerStub(self.channel(node))
-        try:
-            resp: broker_pb2.MetadataResponse = await stub.Metadata(
-                broker_pb2.MetadataRequest(), timeout=2
-            )
-        except grpc.RpcError:
-            return None
-        return resp
-
-    async def digests(self, node: int) -> dict[int, cluster_pb2.PartitionDigest]:
-        stub = cluster_pb2_grpc.ClusterStub(self.channel(node))
-        resp = await stub.LogDigest(cluster_pb2.LogDigestRequest(topics=[TOPIC]), timeout=2)
-        return {p.partition: p for p in resp.partitions}
-
-    async def leaders(self, among: tuple[int, ...] = NODES) -> dict[int, int]:
-        """partition -> leader, asked of the replicas themselves."""
-        out: dict[int, int] = {}
-        for node in among:
-            try:
-                for p, d in (await self.digests(node)).items():
-                    if d.role == ROLE_LEADER:
-                        out[p] = node
-            except grpc.RpcError:
-                continue
-        return out
-
-    async def close(self) -> None:
-        for ch in self.channels.values():
-            await ch.close(None)
-        self.channels.clear()
-
-
-async def until(what: str, check: object, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await check():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not within {timeout_s} s: {what}")
 
 
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, Node]]:
-    base = tmp_path_factory.mktemp("pfail")
-    ports = {i: (free_port(), free_port()) for i in NODES}
-    voters = ",".join(f"{i}@127.0.0.1:{ports[i][0]}" for i in NODES)
-    procs = {
-        i: Node(base / f"n{i}", base / f"n{i}.log", i, ports[i][0], ports[i][1], voters)
-        for i in NODES
-    }
+    procs = spawn_cluster(tmp_path_factory.mktemp("pfail"), NODES)
     try:
-        for p in procs.values():
-            p.spawn()
         yield procs
     finally:
         for p in procs.values():
@@ -131,8 +58,8 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, Node]]
 
 @pytest.fixture
 async def cluster(nodes: dict[int, Node]) -> AsyncIterator[Cluster]:
-    c = Cluster(nodes)
-    await all_in_sync(c, STARTUP_TIMEOUT_S)
+    c = Cluster(nodes, TOPIC)
+    await c.wait_all_alive(STARTUP_TIMEOUT_S)
     md = await c.metadata(1)
     assert md is not None
     if TOPIC not in {t.name for t in md.topics}:
@@ -146,23 +73,6 @@ async def cluster(nodes: dict[int, Node]) -> AsyncIterator[Cluster]:
     await until("every partition has a leader", led)
     yield c
     await c.close()
-
-
-async def all_in_sync(c: Cluster, timeout_s: float) -> None:
-    """Every node is up and alive in the controller's view."""
-
-    async def ready() -> bool:
-        for node, p in c.nodes.items():
-            if p.proc is None or p.proc.poll() is not None:
-                raise AssertionError(f"node {node} exited:\n{p.log_path.read_text()[-3000:]}")
-            md = await c.metadata(node)
-            if md is None or md.controller_id < 0:
-                return False
-            if sorted(n.node_id for n in md.nodes if n.alive) != list(NODES):
-                return False
-        return True
-
-    await until("every node is up and alive", ready, timeout_s)
 
 
 class Load:
@@ -297,7 +207,7 @@ async def test_leader_kills_keep_acknowledged_records_in_order(cluster: Cluster)
         assert acked > 1000
         check_acknowledged(load, await read_all(c))
         # The restarted node is back in the cluster before the next kill.
-        await all_in_sync(c, STARTUP_TIMEOUT_S)
+        await c.wait_all_alive(STARTUP_TIMEOUT_S)
 
 
 @pytest.mark.timeout(60)

@@ -6,7 +6,6 @@ outbox bound under a dead peer, and batches for another node or cluster refused.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ import grpc
 import pytest
 from grpc import aio
 
+from tests.integration.nodeproc import free_port
 from tidelog.node.raft.types import Entry, Message, MessageKind
 from tidelog.node.transport import (
     GRPC_SERVER_OPTIONS,
@@ -26,13 +26,6 @@ from tidelog.node.transport import (
 )
 
 WAIT_S = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
