@@ -10,7 +10,7 @@ import random
 import pytest
 from rich.console import Console
 
-from tidelog.chaos import (
+from tidelog.ops.chaos import (
     Acked,
     ChaosReport,
     Consumed,

@@ -20,9 +20,9 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from tidelog import localcluster
-from tidelog.cli_cluster import register
-from tidelog.localcluster import (
+from tidelog.ops import localcluster
+from tidelog.ops.cli_cluster import register
+from tidelog.ops.localcluster import (
     ClusterError,
     ClusterFile,
     NodeSpec,

@@ -11,7 +11,7 @@ reordering the client causes, not the cluster. Every acknowledgment is recorded 
 
 Each round kills (SIGKILL) the leader of a random partition (a random node when no
 partition has a leader), restarts it after ``downtime_ms`` with its recorded command line
-(:func:`tidelog.localcluster.start_node`) and waits until it is back and the topic is fully
+(:func:`tidelog.ops.localcluster.start_node`) and waits until it is back and the topic is fully
 replicated again. The round's failover time runs from the kill to the moment every
 partition the victim led has acknowledged a record *sent after the kill*: the time writers
 to the victim's partitions could not make progress. Rounds whose victim led nothing have no
@@ -40,11 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from tidelog import localcluster
-from tidelog.bench import percentile
 from tidelog.client import Admin, Consumer, Producer, RecordFuture, TopicPartition
 from tidelog.client.metadata import TopicInfo
 from tidelog.errors import TidelogError
+from tidelog.ops import localcluster
+from tidelog.ops.bench import percentile
 
 __all__ = [
     "Acked",

@@ -22,11 +22,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from tidelog.cli_cluster import register as register_cluster_commands
 from tidelog.client import Admin, BatchesFuture, Consumer, Producer, TopicPartition
 from tidelog.client.metadata import parse_bootstrap
 from tidelog.client.structs import ConsumerRecord
 from tidelog.errors import TidelogError
+from tidelog.ops.cli_cluster import register as register_cluster_commands
 from tidelog.records import Codec
 
 __all__ = ["cli", "main"]
@@ -79,7 +79,7 @@ def _bootstrap_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _check_bootstrap(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
     if value is None:
-        from tidelog.localcluster import discover_bootstrap
+        from tidelog.ops.localcluster import discover_bootstrap
 
         value = discover_bootstrap(Path.cwd()) or BOOTSTRAP_DEFAULT
     try:
@@ -692,7 +692,7 @@ def bench_produce(
     max_in_flight: int,
 ) -> None:
     """Produce --records records of --record-bytes of random hex text, as fast as possible."""
-    from tidelog.bench import produce_bench
+    from tidelog.ops.bench import produce_bench
 
     result = _run(
         produce_bench(
@@ -727,7 +727,7 @@ def bench_consume(
     bootstrap: str,
 ) -> None:
     """Read --records records from the beginning of --topic (producing them if missing)."""
-    from tidelog.bench import consume_bench
+    from tidelog.ops.bench import consume_bench
 
     result = _run(
         consume_bench(
