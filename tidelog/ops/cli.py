@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import sys
 import threading
@@ -419,7 +420,9 @@ async def _produce_stdin(
                 f"topic {topic_name!r} has partitions 0..{partitions - 1}; "
                 f"there is no partition {partition}"
             )
-        window: deque[BatchesFuture] = deque()
+        #: send_many calls awaiting acknowledgement, with the input lines they hold.
+        window: deque[tuple[BatchesFuture, int, int]] = deque()
+        failures: list[tuple[int, int, TidelogError]] = []
         pending = b""
         line_no = 0
         count = 0
@@ -434,30 +437,62 @@ async def _produce_stdin(
                 pending = lines.pop()
             if not lines:
                 continue
+            first_line = line_no + 1
+            line_no += len(lines)
             values: list[bytes] = []
             keys: list[bytes | None] | None = None
             if sep is None:
                 values = [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
             else:
                 keys = []
-                for ln in lines:
-                    line_no += 1
+                for i, ln in enumerate(lines):
                     if ln.endswith(b"\r"):
                         ln = ln[:-1]
                     key, found, value = ln.partition(sep)
                     if not found:
                         _fail(
-                            f"line {line_no} has no key separator {sep.decode()!r}: "
+                            f"line {first_line + i} has no key separator {sep.decode()!r}: "
                             f"{ln[:60].decode(errors='replace')!r}"
                         )
                     keys.append(key)
                     values.append(value)
-            window.append(producer.send_many(topic_name, values, keys, partition=partition))
+            future = producer.send_many(topic_name, values, keys, partition=partition)
+            window.append((future, first_line, line_no))
             count += len(values)
-            while len(window) > PRODUCE_CALLS_IN_FLIGHT_MAX or (eof and window):
-                await window.popleft()
+            while len(window) > PRODUCE_CALLS_IN_FLIGHT_MAX:
+                await _settle(window.popleft(), failures)
+        while window:
+            await _settle(window.popleft(), failures)
         await producer.flush()
+    if failures:
+        _fail(_failures_line(failures))
     return count
+
+
+async def _settle(
+    sent: tuple[BatchesFuture, int, int], failures: list[tuple[int, int, TidelogError]]
+) -> None:
+    """Await one send_many call; a failure is kept (the lines still go on) and reported
+    once the input is done."""
+    future, first_line, last_line = sent
+    try:
+        await future
+    except TidelogError as exc:
+        failures.append((first_line, last_line, exc))
+
+
+def _lines(first: int, last: int) -> str:
+    return f"line {first}" if first == last else f"lines {first}-{last}"
+
+
+def _failures_line(failures: list[tuple[int, int, TidelogError]]) -> str:
+    """One line for every record that was not written: the first failure and how many more."""
+    first, last, exc = failures[0]
+    text = f"not every record of {_lines(first, last)} was written: {exc}"
+    if len(failures) > 1:
+        end = failures[-1][1]
+        text += f" (and {len(failures) - 1} more failed send(s), up to line {end})"
+    return text
 
 
 class _StdinChunks:
@@ -754,6 +789,10 @@ register_cluster_commands(cli)
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``tidelog`` console script: one line per expected error."""
+    # The client logs failed batches as warnings; the commands report every failure
+    # themselves as one ``error:`` line, so without this Python's last-resort handler
+    # would print the same failure twice.
+    logging.getLogger("tidelog.client").addHandler(logging.NullHandler())
     try:
         cli.main(
             args=list(argv) if argv is not None else None,
