@@ -54,6 +54,7 @@ def test_node_controller_and_client_import_nothing_from_ops() -> None:
         (controller_pkg, "tidelog.controller"),
         (client_pkg, "tidelog.client"),
     ):
+        assert pkg.__file__ is not None
         root = Path(pkg.__file__).parent
         for path in sorted(root.rglob("*.py")):
             rel = path.relative_to(root).with_suffix("")
