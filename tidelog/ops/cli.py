@@ -126,79 +126,42 @@ def node() -> None:
     """Run a broker node."""
 
 
+def _node_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The node's flags as click options, from the one table in node/settings.py."""
+    from tidelog.node.settings import NODE_FLAGS
+
+    for flag in reversed(NODE_FLAGS):
+        kind: Any = None  # a click.ParamType; None: text
+        if flag.choices:
+            kind = click.Choice(list(flag.choices))
+        elif flag.kind == "int":
+            kind = click.IntRange(min=flag.min, max=flag.max)
+        elif flag.kind == "path":
+            kind = click.Path(file_okay=False, path_type=Path)
+        fn = click.option(
+            flag.name,
+            flag.dest,
+            type=kind,
+            required=flag.required,
+            default=flag.default,
+            show_default=flag.default is not None,
+            metavar=flag.metavar,
+            help=flag.help,
+        )(fn)
+    return fn
+
+
 @node.command("start")
-@click.option("--id", "node_id", type=click.IntRange(min=1), required=True, help="Node id.")
-@click.option("--listen", required=True, help="gRPC host:port to listen on.")
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Where the node keeps its logs and metadata.",
-)
-@click.option(
-    "--metrics-port", type=click.IntRange(0, 65535), required=True, help="Prometheus port."
-)
-@click.option("--advertised", default=None, help="host:port clients dial (default: --listen).")
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-)
-@click.option(
-    "--controller-voters",
-    default=None,
-    metavar="ID@HOST:PORT,...",
-    help="The controller's Raft voters, the same on every node (default: this node alone).",
-)
-@click.option(
-    "--election-timeout-ms", type=click.IntRange(min=1), default=1000, show_default=True,
-    help="Raft election timeout (followers wait a random time in [T, 1.5T)).",
-)  # fmt: skip
-@click.option(
-    "--heartbeat-interval-ms", type=click.IntRange(min=1), default=100, show_default=True,
-    help="Raft leader heartbeat interval.",
-)  # fmt: skip
-@click.option(
-    "--node-dead-ms", type=click.IntRange(min=1), default=3000, show_default=True,
-    help="The controller marks a node dead after this much silence.",
-)  # fmt: skip
-@click.option(
-    "--cluster-id", default=None, help="Cluster id (default: derived from the voters' ids)."
-)
-@click.option(
-    "--rack", default=None, help="Failure domain of this node (a partition's replicas go to "
-    "distinct racks)."
-)  # fmt: skip
-def node_start(
-    node_id: int,
-    listen: str,
-    data_dir: Path,
-    metrics_port: int,
-    advertised: str | None,
-    log_level: str,
-    controller_voters: str | None,
-    election_timeout_ms: int,
-    heartbeat_interval_ms: int,
-    node_dead_ms: int,
-    cluster_id: str | None,
-    rack: str | None,
-) -> None:
+@_node_options
+def node_start(**values: Any) -> None:
     """Run one node in the foreground until SIGTERM or Ctrl-C."""
-    from tidelog.node.main import ClusterSettings, run_node  # node dependencies load only here
+    from tidelog.node.main import node_flags, run_flags  # node dependencies load only here
 
     try:
-        settings = ClusterSettings(
-            controller_voters=controller_voters,
-            election_timeout_ms=election_timeout_ms,
-            heartbeat_interval_ms=heartbeat_interval_ms,
-            node_dead_ms=node_dead_ms,
-            cluster_id=cluster_id,
-            rack=rack,
-        )
+        flags, settings = node_flags(values)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    run_node(node_id, listen, data_dir, metrics_port, advertised, log_level, settings)
+    run_flags(flags, settings)
 
 
 # ---------------------------------------------------------------------------------------------
