@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.nodeproc import Node, free_port
+from tests.support import free_port
+from tests.support.nodeproc import Node
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

@@ -13,10 +13,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
+from tidelog.node.settings import to_argv
 from tidelog.ops.cluster_file import ClusterError, NodeSpec
 from tidelog.ops.limits import (
     CMDLINE_READS_MAX,
@@ -35,6 +36,7 @@ __all__ = [
     "ProcState",
     "allocate_ports",
     "controller_voters",
+    "free_port",
     "launch",
     "log_tail",
     "node_argv",
@@ -43,6 +45,7 @@ __all__ = [
     "port_of",
     "process_state",
     "signal_node",
+    "spawn_node",
     "wait_state",
     "with_log_tail",
 ]
@@ -163,31 +166,42 @@ def wait_state(node: NodeSpec, done: Callable[[ProcState], bool], timeout_s: flo
         time.sleep(POLL_INTERVAL_S / 2)
 
 
-def launch(node: NodeSpec) -> int:
-    """Start the node detached: its own session (a Ctrl-C in the shell does not reach it),
-    no stdin, output appended to its log. Returns the pid."""
-    node.data_dir.mkdir(parents=True, exist_ok=True)
-    node.log_path.parent.mkdir(parents=True, exist_ok=True)
+def spawn_node(
+    argv: Sequence[str], log_path: Path, *, detached: bool, banner: str | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a node process with no stdin and its output appended to ``log_path`` (after
+    ``banner``, a line). ``detached``: in its own session, so a Ctrl-C in the shell does not
+    reach it (the local cluster's nodes outlive the command); the tests' nodes stay in the
+    test's session. Raises OSError when the program cannot start."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
+    with log_path.open("ab") as log:
+        if banner is not None:
+            log.write(f"{banner}\n".encode())
+            log.flush()
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=detached,
+            close_fds=True,
+            env=env,
+        )
+
+
+def launch(node: NodeSpec) -> int:
+    """Start a local cluster's node detached (:func:`spawn_node`). Returns the pid."""
+    node.data_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    with node.log_path.open("ab") as log:
-        log.write(f"--- tidelog cluster: starting node {node.node_id} at {stamp}\n".encode())
-        log.flush()
-        try:
-            proc = subprocess.Popen(
-                list(node.argv),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-                env=env,
-            )
-        except OSError as exc:
-            raise ClusterError(
-                f"cannot start node {node.node_id} ({node.argv[0]}): {exc.strerror or exc}"
-            ) from None
+    banner = f"--- tidelog cluster: starting node {node.node_id} at {stamp}"
+    try:
+        proc = spawn_node(node.argv, node.log_path, detached=True, banner=banner)
+    except OSError as exc:
+        raise ClusterError(
+            f"cannot start node {node.node_id} ({node.argv[0]}): {exc.strerror or exc}"
+        ) from None
     _CHILDREN[proc.pid] = proc
     return proc.pid
 
@@ -212,6 +226,14 @@ def with_log_tail(message: str, node: NodeSpec) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Ports and argv
+
+
+def free_port(host: str = HOST) -> int:
+    """A port nothing listens on right now (the kernel's pick), for tests and benchmarks."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def port_in_use(port: int, host: str = HOST) -> bool:
@@ -276,19 +298,26 @@ def node_argv(
     address: str,
     data_dir: Path,
     metrics_port: int,
-    voters: str,
+    voters: str | None,
     python: str = sys.executable,
+    *,
+    via_cli: bool = False,
 ) -> tuple[str, ...]:
-    """The command line of one node (``python -m tidelog.node``, the CLI's dependencies
-    unloaded); stored in cluster.json so that ``start`` restarts exactly the same node."""
-    return (
-        python, "-m", "tidelog.node",
-        "--id", str(node_id),
-        "--listen", address,
-        "--data-dir", str(data_dir),
-        "--metrics-port", str(metrics_port),
-        "--controller-voters", voters,
-    )  # fmt: skip
+    """The command line of one node: ``python -m tidelog.node`` (the CLI's dependencies
+    unloaded), or ``python -m tidelog node start`` with ``via_cli``; the flags come from the
+    node's table (node/settings.py). The local cluster stores it in cluster.json so that
+    ``start`` restarts exactly the same node; the integration tests start nodes with it."""
+    command = ("-m", "tidelog", "node", "start") if via_cli else ("-m", "tidelog.node")
+    flags = to_argv(
+        {
+            "node_id": node_id,
+            "listen": address,
+            "data_dir": data_dir,
+            "metrics_port": metrics_port,
+            "controller_voters": voters,
+        }
+    )
+    return (python, *command, *flags)
 
 
 def port_of(address: str) -> int:
