@@ -1,7 +1,8 @@
-"""The node processes of a local cluster: start one detached, read its state from /proc
-(running, stopped by SIGSTOP, dead) with an identity check against pid reuse, signal it,
-quote its log; free ports, and the node's command line (:func:`node_argv`), which the
-integration tests use too.
+"""Node processes: the node's command line (:func:`node_argv`, from the flag table in
+node/settings.py) and its start (:func:`spawn_node`), which the local cluster and the tests
+share; for the local cluster, the state of a node from /proc (running, stopped by SIGSTOP,
+dead) with an identity check against pid reuse, signals, its log's tail; and ports (free,
+in use, allocated from a base port).
 """
 
 from __future__ import annotations
