@@ -6,7 +6,7 @@ reads). ``limits.Config`` holds every knob and bound.
 """
 
 from .core import RawNode
-from .errors import NotLeader, ProposalDropped, RaftError
+from .errors import NotRaftLeader, ProposalDropped, RaftError
 from .limits import DEFAULT_CONFIG, Config, Rand
 from .storage import MemoryStorage, Storage, StorageReader
 from .types import (
@@ -36,7 +36,7 @@ __all__ = [
     "MemoryStorage",
     "Message",
     "MessageKind",
-    "NotLeader",
+    "NotRaftLeader",
     "ProposalDropped",
     "RaftError",
     "Rand",

@@ -27,7 +27,7 @@ from tidelog.node.multiraft import MultiRaft, RaftTiming
 from tidelog.node.partition import Partition
 from tidelog.node.raft.limits import Config
 from tidelog.node.raft.types import ConfState, Entry, Role
-from tidelog.node.raft_storage import HardStateStore
+from tidelog.node.replica_storage import HardStateStore
 from tidelog.records import encode_batch, validate_batches
 
 DURABLE = TopicConfig.from_overrides({})
