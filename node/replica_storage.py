@@ -194,6 +194,15 @@ class ReplicaStorage:
             raise CompactedError(index, first)
         raise UnavailableError(index, self.log.last_index)
 
+    def stored_term(self, index: int) -> int | None:
+        """The term of the stored entry at ``index`` (None if the log does not hold it),
+        from the cache of recent entries when it has it: the state machines' waiters ask
+        this for every entry a round stored."""
+        cache = self._cache
+        if cache and cache[0].index <= index <= cache[-1].index:
+            return cache[index - cache[0].index].term
+        return self.log.term_at_index(index)
+
     def entries(self, lo: int, hi: int, max_bytes: int) -> list[Entry]:
         first = self.log.first_index
         if lo < first:

@@ -396,14 +396,14 @@ class StateMachine(Generic[R]):
         # Term-checked: an entry of a later term may have replaced ours in the unstored
         # tail (no truncation of stored entries happened, so on_truncated did not fire).
         self._persist_waiters.resolve_upto(
-            last_index, group.log.term_at_index, lambda: self.entry_lost_error("replaced")
+            last_index, group.storage.stored_term, lambda: self.entry_lost_error("replaced")
         )
 
     def on_committed(self, group: RaftGroup, entries: tuple[Entry, ...]) -> None:
         results = self.apply(entries)
         first, last = entries[0].index, entries[-1].index
         self._applied_index = last
-        stored_term = group.log.term_at_index
+        stored_term = group.storage.stored_term
 
         def term_at(index: int) -> int | None:
             return entries[index - first].term if index >= first else stored_term(index)

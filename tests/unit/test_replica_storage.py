@@ -71,10 +71,13 @@ def test_append_read_back_and_terms(tmp_path: Path) -> None:
         (2, 3, EntryKind.NORMAL),
     ]
     assert got[1].data == noop_batch(2, 2, 2)
+    cached_terms = [s.stored_term(i) for i in (0, 1, 2, 3, 4)]
+    assert cached_terms == [0, 1, 2, 2, None]
     # Same answers from the log itself (cache emptied).
     s.trim_cache(10)
     again = s.entries(1, 4, NO_LIMIT_BYTES)
     assert again == got
+    assert [s.stored_term(i) for i in (0, 1, 2, 3, 4)] == cached_terms
     assert len(s.entries(1, 4, 1)) == 1  # at least one entry, whatever the byte limit
     with pytest.raises(UnavailableError):
         s.entries(1, 5, NO_LIMIT_BYTES)
@@ -87,6 +90,7 @@ def test_conflicting_suffix_is_truncated(tmp_path: Path) -> None:
     replacing = [Entry(2, 3, b"", EntryKind.EMPTY), Entry(2, 4, stamped([b"n", b"m"], 3, 2, 4))]
     assert s.append(replacing) == 3
     assert [s.term(i) for i in (1, 2, 3, 4)] == [1, 1, 2, 2]
+    assert [s.stored_term(i) for i in (1, 2, 3, 4)] == [1, 1, 2, 2]  # the cache followed
     assert s.log.log_end_offset == 5
     lg = s.log
     assert isinstance(lg, PartitionLog)

@@ -27,20 +27,20 @@ class FakeRaw:
         return self.last
 
 
-class FakeLog:
+class FakeStorage:
     """The stored log: index -> term."""
 
     def __init__(self) -> None:
         self.terms: dict[int, int] = {}
 
-    def term_at_index(self, index: int) -> int | None:
+    def stored_term(self, index: int) -> int | None:
         return self.terms.get(index)
 
 
 class FakeGroup:
     def __init__(self) -> None:
         self.raw = FakeRaw()
-        self.log = FakeLog()
+        self.storage = FakeStorage()
 
 
 class Counter(StateMachine[int]):
@@ -92,7 +92,7 @@ def commit(sm: Counter, group: RaftGroup, *entries: tuple[int, int]) -> None:
     """Commit (index, term) entries, as stored first."""
     fake = cast(FakeGroup, group)
     for index, term in entries:
-        fake.log.terms[index] = term
+        fake.storage.terms[index] = term
     sm.on_committed(group, tuple(Entry(t, i, b"x") for i, t in entries))
 
 
@@ -106,7 +106,7 @@ async def test_persisted_waiter_resolves_only_for_its_own_term() -> None:
     ours = asyncio.create_task(sm.wait_persisted(10, 5, 1))
     theirs = asyncio.create_task(sm.wait_persisted(10, 6, 1))
     await asyncio.sleep(0)
-    fake.log.terms[10] = 6
+    fake.storage.terms[10] = 6
     sm.on_persisted(group, 10)
     with pytest.raises(NotLeader, match="entry replaced"):
         await ours
@@ -120,7 +120,7 @@ async def test_persisted_waiter_of_a_stored_entry_resolves_and_later_ones_wait()
     first = asyncio.create_task(sm.wait_persisted(3, 2, 1))
     later = asyncio.create_task(sm.wait_persisted(4, 2, 1))
     await asyncio.sleep(0)
-    fake.log.terms[3] = 2
+    fake.storage.terms[3] = 2
     sm.on_persisted(group, 3)
     await first
     assert not later.done()
