@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -159,7 +160,7 @@ class TermCheckedWaiters(Generic[R]):
                 w.fut.set_exception(error)
 
 
-class StateMachine(Generic[R]):
+class StateMachine(ABC, Generic[R]):
     """Base of a state machine on one Raft group (a ``multiraft.GroupHandler``).
 
     ``R`` is what applying one entry yields for the proposer (the controller's
@@ -192,8 +193,9 @@ class StateMachine(Generic[R]):
         self._changed = asyncio.Event()
         self._stm_error: TidelogError | None = None
 
-    # ---- hooks (a subclass implements or overrides these) --------------------------------
+    # ---- hooks: the abstract ones a subclass implements, the others it may override ------
 
+    @abstractmethod
     def apply(self, entries: tuple[Entry, ...]) -> Sequence[R | None] | None:
         """Apply committed ``entries`` (in order, contiguous with the previous call) to the
         state. Return one result per entry for the proposers' waiters, or None when the
@@ -213,19 +215,23 @@ class StateMachine(Generic[R]):
         """The role or the known leader changed (``sync`` bookkeeping is done already).
         ``was_leader``: this node led before the change."""
 
+    @abstractmethod
     def on_storage_failure(self, group: RaftGroup, exc: BaseException) -> None:
         """The group's log failed; the group is offline from now on."""
         raise NotImplementedError
 
+    @abstractmethod
     def not_leader_error(self) -> TidelogError:
         """What a proposal or ``sync`` answers on a node that is not the (synced) leader."""
         raise NotImplementedError
 
+    @abstractmethod
     def dropped_error(self, exc: ProposalDropped) -> TidelogError:
         """What a proposal the core refused for now (a transfer, too much uncommitted)
         answers."""
         raise NotImplementedError
 
+    @abstractmethod
     def entry_lost_error(self, how: LostHow) -> TidelogError:
         """What the waiter of an entry that will never commit here gets."""
         raise NotImplementedError
