@@ -1,4 +1,5 @@
-"""The Raft storage of one group: its PartitionLog is the Raft log, RocksDB holds the rest.
+"""The Raft storage of one replica (``ReplicaStorage``, the core's ``StorageReader``): its
+PartitionLog is the Raft log, RocksDB holds the rest.
 
 Every Raft entry is one stored record batch (``Entry.data`` is the batch, stamped with its
 base offset, Raft term and Raft index); there is no second copy of the data. Two kinds of
