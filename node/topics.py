@@ -220,6 +220,7 @@ class TopicRegistry:
         out = []
         for p in list(self._local.values()):
             lg = p.log
+            idem = p.idempotence
             try:
                 lags = p.follower_lags()
                 nodes = self._controller.state.nodes
@@ -244,6 +245,13 @@ class TopicRegistry:
                         under_replicated=p.is_leader and len(in_sync) < len(p.replicas),
                         elections_started=p.elections_started,
                         elections_won=p.elections_won,
+                        producers=len(idem.state),
+                        msg_ids=len(idem.msg_ids),
+                        duplicates=idem.counters.duplicates,
+                        msg_id_duplicates=idem.counters.msg_id_duplicates,
+                        out_of_order=idem.counters.out_of_order,
+                        fenced=idem.counters.fenced,
+                        unknown_producer=idem.counters.unknown_producer,
                     )
                 )
             except Exception:

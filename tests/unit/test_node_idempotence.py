@@ -159,6 +159,14 @@ async def test_gap_fence_and_unknown_producer_are_refused(client: Client, node: 
     part = node.registry.partition("t", 0)[1]
     c = part.idempotence.counters
     assert (c.out_of_order, c.fenced, c.unknown_producer) == (1, 1, 1)
+    reg = node.metrics.registry
+    labels = {"topic": "t", "partition": "0"}
+    assert reg.get_sample_value("tidelog_idempotent_producers", labels) == 1
+    for outcome in ("out_of_order", "fenced", "unknown_producer"):
+        sample = reg.get_sample_value(
+            "tidelog_idempotence_requests_total", {**labels, "outcome": outcome}
+        )
+        assert sample == 1, outcome
 
 
 @pytest.mark.timeout(30)
