@@ -177,7 +177,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         producer cannot both pass the check for the same sequence."""
         # The state must be the committed log's: a new leader first commits (and so applies)
         # what earlier terms left, or a retry from before the failover could pass as new.
-        part.check_serving()
+        part.check_idempotence_ready()
         idem = part.idempotence
         plans = idem.admit(buf, headers, time.time_ns() // 1_000_000)
         proposing = [p for p in plans if p.proposes]

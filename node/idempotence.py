@@ -110,6 +110,7 @@ class PartitionIdempotence:
     __slots__ = (
         "_ids_by_index",
         "_pending_ids",
+        "applied_index",
         "config",
         "counters",
         "msg_ids",
@@ -127,6 +128,8 @@ class PartitionIdempotence:
         self._pending_ids: dict[bytes, tuple[int, int, int]] = {}
         self._ids_by_index: deque[_PendingIds] = deque()
         self.counters = Counters()
+        #: Raft index of the last committed entry applied (set by the partition).
+        self.applied_index = 0
 
     @property
     def window_on(self) -> bool:

@@ -178,6 +178,7 @@ class Partition:
         # The committed records after the restored snapshot (if any); later commits arrive
         # through on_committed.
         self.idempotence.recover(self.log, self._hw)
+        self.idempotence.applied_index = group.raw.commit_index
 
     # -- state ---------------------------------------------------------------------------
 
@@ -267,6 +268,14 @@ class Partition:
     def check_serving(self) -> None:
         self.check_open()
         if not self.serving:
+            raise self.not_leader()
+
+    def check_idempotence_ready(self) -> None:
+        """For idempotent batches: serving, and the producer state has applied every entry of
+        earlier terms (the core learns a commit before the driver hands the entries over)."""
+        self.check_serving()
+        ready = self._leader_ready_index
+        if ready is None or self.idempotence.applied_index < ready:
             raise self.not_leader()
 
     def changed(self) -> asyncio.Event:
@@ -392,6 +401,7 @@ class Partition:
 
     def on_snapshot(self, group: RaftGroup, snapshot: Snapshot) -> None:
         self.idempotence.snapshot_installed(self.log.log_start_offset)
+        self.idempotence.applied_index = max(self.idempotence.applied_index, snapshot.meta.index)
         self._advance_hw(self.log.log_start_offset)
 
     def on_truncated(self, group: RaftGroup, from_index: int) -> None:
@@ -419,6 +429,7 @@ class Partition:
         idem = self.idempotence
         for e in entries:
             idem.apply_committed(e.data)
+        idem.applied_index = last
         idem.committed(last)
         end = self.log.end_offset_at_index(last)
         if end is not None:

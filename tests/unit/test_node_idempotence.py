@@ -311,3 +311,18 @@ def test_a_msg_id_in_flight_is_a_duplicate_of_the_proposal() -> None:
     [p2] = idem2.admit(data, headers, now_ms=2 * 10**12)
     assert p2.duplicate_of is None
     assert [h.record_count for _, h in iter_headers(data)] == [1]
+
+
+def test_batches_of_one_request_follow_each_other() -> None:
+    idem = PartitionIdempotence("t/0", TopicConfig.from_overrides({}))
+    data = batch([b"a"], 7, 0, 0) + batch([b"b", b"c"], 7, 0, 1) + batch([b"d"], 7, 0, 3)
+    plans = idem.admit(data, validate_batches(data), now_ms=2 * 10**12)
+    assert [p.proposes for p in plans] == [True, True, True]
+    gap = batch([b"a"], 7, 0, 0) + batch([b"c"], 7, 0, 2)
+    with pytest.raises(OutOfOrderSequence):
+        idem.admit(gap, validate_batches(gap), now_ms=2 * 10**12)
+    twice = batch([b"a"], 7, 0, 0) + batch([b"a"], 7, 0, 0)
+    with pytest.raises(InvalidRequest):
+        idem.admit(twice, validate_batches(twice), now_ms=2 * 10**12)
+    # Nothing was recorded as in flight by a refused request.
+    assert idem.view.pending_count == 0
