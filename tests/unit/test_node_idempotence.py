@@ -326,3 +326,30 @@ def test_batches_of_one_request_follow_each_other() -> None:
         idem.admit(twice, validate_batches(twice), now_ms=2 * 10**12)
     # Nothing was recorded as in flight by a refused request.
     assert idem.view.pending_count == 0
+
+
+@pytest.mark.timeout(30)
+async def test_concurrent_requests_of_one_producer_are_stored_in_sequence_order(
+    client: Client,
+) -> None:
+    await client.create("t")
+    pid, epoch = await init(client)
+    n = 16
+    batches = [batch([b"%d" % i], pid, epoch, i) for i in range(n)]
+    # gRPC does not order concurrent calls: whatever arrives early is refused, never stored
+    # ahead of its predecessors.
+    answers = await asyncio.gather(
+        *(produce(client, "t", b) for b in batches), return_exceptions=True
+    )
+    for i, a in enumerate(answers):
+        if isinstance(a, BaseException):
+            assert isinstance(a, aio.AioRpcError)
+            assert isinstance(from_rpc_error(a), OutOfOrderSequence), a
+        else:
+            assert a.base_offset == i  # sequence i sits at offset i: nothing got ahead
+    # The producer resends what was refused, in order: everything ends up once, in order.
+    for i, a in enumerate(answers):
+        if isinstance(a, BaseException):
+            r = await produce(client, "t", batches[i])
+            assert r.base_offset == i
+    assert await fetch_all(client, "t") == [b"%d" % i for i in range(n)]
