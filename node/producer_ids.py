@@ -71,6 +71,10 @@ class ProducerIdAllocator:
 
     async def _take_block(self) -> None:
         controller = self._controller
+        if self._node_id not in controller.state.nodes:
+            raise LeaderNotAvailable(
+                f"node {self._node_id} is not registered with the controller yet; retry"
+            )
         index = await controller.submit(
             AllocateProducerIds(self._node_id, self._block_size), _ALLOCATE_TIMEOUT_S
         )

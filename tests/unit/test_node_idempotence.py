@@ -14,6 +14,8 @@ from grpc import aio
 from tests.unit.node_fakes import InstrumentedLog
 from tests.unit.test_node_services import Client, free_port
 from tidelog.config import TopicConfig
+from tidelog.controller.commands import AllocateProducerIds, RegisterNode
+from tidelog.controller.state import ClusterState
 from tidelog.errors import (
     InvalidRequest,
     OutOfOrderSequence,
@@ -23,6 +25,9 @@ from tidelog.errors import (
     from_rpc_error,
 )
 from tidelog.node.idempotence import PartitionIdempotence
+from tidelog.node.idempotence_store import _KEY, COLUMN
+from tidelog.node.metastore import MetaStore
+from tidelog.node.producer_ids import ProducerIdAllocator
 from tidelog.node.server import Node
 from tidelog.records import decode_batches, encode_batch, iter_headers, stamp, validate_batches
 from tidelog.v1 import broker_pb2
@@ -221,9 +226,6 @@ async def test_producer_state_is_rebuilt_from_the_log_without_a_snapshot(tmp_pat
     group = node.registry.partition("t", 0)[1].group_id
     await c.channel.close(None)
     await node.stop(1)
-    from tidelog.node.idempotence_store import _KEY, COLUMN
-    from tidelog.node.metastore import MetaStore
-
     store = MetaStore(tmp_path / "meta")
     store.delete(COLUMN, _KEY.pack(group))
     store.close()
@@ -353,3 +355,36 @@ async def test_concurrent_requests_of_one_producer_are_stored_in_sequence_order(
             r = await produce(client, "t", batches[i])
             assert r.base_offset == i
     assert await fetch_all(client, "t") == [b"%d" % i for i in range(n)]
+
+
+class _FakeController:
+    """Applies AllocateProducerIds to a real ClusterState, as the active controller does."""
+
+    def __init__(self) -> None:
+        self.state = ClusterState()
+        self.index = 1
+        self.state.apply(1, RegisterNode(4, "127.0.0.1:1"))
+        self.submitted = 0
+
+    async def submit(self, command: object, timeout_s: float = 1) -> int:
+        assert isinstance(command, AllocateProducerIds)
+        self.submitted += 1
+        self.index += 1
+        self.state.apply(self.index, command).raise_for_error()
+        return self.index
+
+    async def wait_applied(self, index: int, timeout_s: float) -> None:
+        assert self.state.applied_index >= index
+
+
+@pytest.mark.timeout(10)
+async def test_allocator_takes_a_new_block_when_one_is_used_up() -> None:
+    controller = _FakeController()
+    a = ProducerIdAllocator(controller, 4, block_size=3)  # type: ignore[arg-type]
+    ids = [await a.new_id() for _ in range(7)]
+    assert ids == list(range(7)) and controller.submitted == 3
+    # Another node's allocator (or this one after a restart) never gets these ids again.
+    b = ProducerIdAllocator(controller, 4, block_size=3)  # type: ignore[arg-type]
+    assert await b.new_id() == 9
+    assert await a.init(2, 0) == (2, 1)
+    assert (await a.init(2, 32767))[1] == 0
