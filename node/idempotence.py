@@ -28,6 +28,7 @@ original offset.
 from __future__ import annotations
 
 import struct
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -235,14 +236,16 @@ class PartitionIdempotence:
         found = []
         for r in decode_records(buf, pos, verify_crc=False):
             value = next((v for k, v in r.headers if k == MSG_ID_HEADER and v is not None), None)
-            stored = (
-                None
-                if value is None
-                else self.msg_ids.lookup(digest(value), now_ms, self.config.message_dedup_window_ms)
-            )
-            if stored is None:
+            if value is None:
                 return None
-            found.append(stored.offset)
+            key = digest(value)
+            stored = self.msg_ids.lookup(key, now_ms, self.config.message_dedup_window_ms)
+            if stored is not None:
+                found.append(stored.offset)
+            elif key in self._pending_ids:
+                found.append(self._pending_ids[key][0])
+            else:
+                return None
         return (found[0], found[-1]) if found else None
 
     def _admit_msg_ids(
@@ -341,6 +344,7 @@ class PartitionIdempotence:
             record_count=h.record_count,
             base_offset=h.base_offset,
             timestamp_ms=h.max_timestamp,
+            applied_at_ms=time.time_ns() // 1_000_000 if h.producer_id >= 0 else -1,
         )
         if self.window_on and h.has_headers and not h.is_control:
             for r in decode_records(data, verify_crc=False):

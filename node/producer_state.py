@@ -17,9 +17,11 @@ pipelined retry of a batch proposed a moment ago is recognized as a duplicate to
   (a gap, or an old batch no longer kept): OUT_OF_ORDER.
 
 Expiry (:meth:`ProducerState.expire`) takes the clock as an argument: the node calls it with
-its wall clock against each entry's last batch timestamp (the producer's, as in Kafka), so it
-is the one step in which replicas may briefly differ; it only ever forgets a producer idle for
-``producer.id.expiration.ms``, whose next batch then starts a new session.
+its wall clock against the later of the producer's last batch timestamp (the producer's clock,
+as in Kafka) and the time this replica applied that batch (so old record timestamps do not
+expire a producer that is writing). It is the one step in which replicas may briefly differ;
+it only ever forgets a producer idle for ``producer.id.expiration.ms``, whose next batch then
+starts a new session.
 """
 
 from __future__ import annotations
@@ -156,10 +158,14 @@ class ProducerState:
     """Every producer of one partition as of ``applied_offset`` (one past the last batch
     applied). Mutated only by ``apply``, ``skip_to``, ``expire`` and ``restore``."""
 
-    __slots__ = ("_applied_offset", "_producers")
+    __slots__ = ("_applied_offset", "_last_seen", "_producers")
 
     def __init__(self, applied_offset: int = 0) -> None:
         self._producers: dict[int, ProducerEntry] = {}
+        # When this replica last applied a batch of the producer (its own clock): expiry
+        # counts from the later of this and the batch's timestamp, so a producer writing
+        # records with old timestamps (a backfill, a mirror) does not expire while it writes.
+        self._last_seen: dict[int, int] = {}
         self._applied_offset = applied_offset
 
     @property
@@ -187,9 +193,11 @@ class ProducerState:
         record_count: int,
         base_offset: int,
         timestamp_ms: int,
+        applied_at_ms: int = -1,
     ) -> None:
         """A committed batch, in offset order. Batches below ``applied_offset`` (already in a
-        restored snapshot) are ignored, so replaying a tail twice is harmless."""
+        restored snapshot) are ignored, so replaying a tail twice is harmless.
+        ``applied_at_ms``: this replica's clock now (only expiry reads it)."""
         if base_offset < self._applied_offset:
             return
         last_offset = base_offset + record_count - 1
@@ -208,6 +216,8 @@ class ProducerState:
             self._producers[producer_id] = ProducerEntry(epoch, (meta,))
         else:
             entry.add(epoch, meta)
+        if applied_at_ms >= 0:
+            self._last_seen[producer_id] = applied_at_ms
 
     def skip_to(self, offset: int) -> None:
         """Move ``applied_offset`` over records that carry no producer state (or that a
@@ -217,13 +227,20 @@ class ProducerState:
     def expire(self, now_ms: int, expiration_ms: int) -> int:
         """Forget producers whose last batch is older than ``expiration_ms``; how many."""
         cutoff = now_ms - expiration_ms
-        gone = [pid for pid, e in self._producers.items() if e.last_timestamp_ms < cutoff]
+        seen = self._last_seen
+        gone = [
+            pid
+            for pid, e in self._producers.items()
+            if max(e.last_timestamp_ms, seen.get(pid, -1)) < cutoff
+        ]
         for pid in gone:
             del self._producers[pid]
+            seen.pop(pid, None)
         return len(gone)
 
     def clear(self, applied_offset: int) -> None:
         self._producers.clear()
+        self._last_seen.clear()
         self._applied_offset = applied_offset
 
     # -- snapshots -----------------------------------------------------------------------
@@ -240,6 +257,7 @@ class ProducerState:
                         [b.first_seq, b.last_seq, b.base_offset, b.last_offset, b.timestamp_ms]
                         for b in e.batches
                     ],
+                    self._last_seen.get(pid, -1),
                 ]
                 for pid, e in sorted(self._producers.items())
             ],
@@ -254,11 +272,13 @@ class ProducerState:
         try:
             body = json.loads(raw)
             state = cls(_int(body["applied_offset"]))
-            for pid, epoch, batches in body["producers"]:
+            for pid, epoch, batches, last_seen in body["producers"]:
                 metas = tuple(BatchMeta(*(_int(x) for x in b)) for b in batches)
                 if len(metas) > BATCHES_KEPT or _int(pid) < 0:
                     raise ValueError(f"producer {pid}: {len(metas)} batches")
                 state._producers[pid] = ProducerEntry(_int(epoch), metas)
+                if _int(last_seen) >= 0:
+                    state._last_seen[pid] = last_seen
         except (ValueError, TypeError, KeyError) as exc:
             raise CorruptProducerSnapshot(
                 f"producer state snapshot is inconsistent: {exc}"

@@ -115,6 +115,23 @@ def test_expiry_forgets_idle_producers() -> None:
     assert state.check(7, 0, 1, 1).verdict is Verdict.UNKNOWN_PRODUCER
 
 
+def test_a_producer_writing_old_timestamps_does_not_expire_while_it_writes() -> None:
+    state = ProducerState()
+    state.apply(
+        producer_id=7,
+        epoch=0,
+        base_sequence=0,
+        record_count=1,
+        base_offset=0,
+        timestamp_ms=1_000,  # a backfill of old records
+        applied_at_ms=59_000,
+    )
+    assert state.expire(now_ms=60_000, expiration_ms=30_000) == 0
+    restored = ProducerState.restore(state.snapshot())
+    assert restored.expire(now_ms=60_000, expiration_ms=30_000) == 0
+    assert restored.expire(now_ms=100_000, expiration_ms=30_000) == 1
+
+
 def test_snapshot_restore_round_trip_and_replay_after_it() -> None:
     a = ProducerState()
     b = ProducerState()
