@@ -388,3 +388,38 @@ async def test_allocator_takes_a_new_block_when_one_is_used_up() -> None:
     assert await b.new_id() == 9
     assert await a.init(2, 0) == (2, 1)
     assert (await a.init(2, 32767))[1] == 0
+
+
+@pytest.mark.timeout(30)
+async def test_idle_producers_expire_and_snapshots_are_written_periodically(
+    tmp_path: Path,
+) -> None:
+    node = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=InstrumentedLog)
+    node.idempotence_interval_s = 0.1
+    await node.start()
+    try:
+        c = Client(node)
+        await c.create("e", configs={"producer.id.expiration.ms": "1000"})
+        pid, epoch = await init(c)
+        now = encode_batch([b"a"], producer_id=pid, producer_epoch=epoch, base_sequence=0)
+        await produce(c, "e", now)
+        part = node.registry.partition("e", 0)[1]
+        store = node._store
+        assert store is not None
+
+        async def snapshot_written() -> bool:
+            return store.get(COLUMN, _KEY.pack(part.group_id)) is not None
+
+        for _ in range(50):
+            if await snapshot_written() and len(part.idempotence.state) == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert await snapshot_written()
+        assert len(part.idempotence.state) == 0 and part.idempotence.counters.expired == 1
+        # The expired producer's next batch must start a new session.
+        assert isinstance(
+            await produce_error(c, "e", batch([b"b"], pid, epoch, 1)), UnknownProducerId
+        )
+        await c.channel.close(None)
+    finally:
+        await node.stop(1)
