@@ -54,6 +54,18 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
     #: Fetch responses carry at most this many batches, to make many responses.
     fetch_batches_max: int = 1
     produce_delay_s: float = 0.0
+    next_producer_id: int = 0
+
+    async def InitProducerId(
+        self, request: broker_pb2.InitProducerIdRequest, context: Context
+    ) -> broker_pb2.InitProducerIdResponse:
+        if request.HasField("producer_id"):
+            return broker_pb2.InitProducerIdResponse(
+                producer_id=request.producer_id, producer_epoch=request.producer_epoch + 1
+            )
+        pid = self.next_producer_id
+        self.next_producer_id += 1
+        return broker_pb2.InitProducerIdResponse(producer_id=pid, producer_epoch=0)
 
     def log(self, topic: str, partition: int) -> list[Record]:
         return self.logs.setdefault((topic, partition), [])
