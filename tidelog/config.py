@@ -124,6 +124,24 @@ TOPIC_CONFIG_KEYS: dict[str, ConfigKey] = {
             _int_in(0, 2**31 - 1),
             "Bytes of batches between two entries of the sparse offset and time indexes.",
         ),
+        ConfigKey(
+            "producer.id.expiration.ms",
+            str(24 * 3600 * 1000),
+            _int_in(1000, _I64),
+            "Forget an idempotent producer's sequence state after this long without a batch.",
+        ),
+        ConfigKey(
+            "message.dedup.window.ms",
+            "0",
+            _int_in(0, 7 * 24 * 3600 * 1000),
+            "Store a record whose msg-id header was stored within this window only once; 0: off.",
+        ),
+        ConfigKey(
+            "message.dedup.max.ids",
+            "100000",
+            _int_in(1, 10_000_000),
+            "At most this many msg-ids per partition are remembered (oldest forgotten first).",
+        ),
     )
 }
 
@@ -152,6 +170,9 @@ class TopicConfig:
     flush: str
     cleanup_policy: str
     index_interval_bytes: int
+    producer_id_expiration_ms: int = 24 * 3600 * 1000
+    message_dedup_window_ms: int = 0
+    message_dedup_max_ids: int = 100_000
 
     @classmethod
     def from_overrides(cls, overrides: Mapping[str, str]) -> TopicConfig:
@@ -171,6 +192,9 @@ class TopicConfig:
             flush=merged["flush"],
             cleanup_policy=merged["cleanup.policy"],
             index_interval_bytes=geti("index.interval.bytes"),
+            producer_id_expiration_ms=geti("producer.id.expiration.ms"),
+            message_dedup_window_ms=geti("message.dedup.window.ms"),
+            message_dedup_max_ids=geti("message.dedup.max.ids"),
         )
 
 

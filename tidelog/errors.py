@@ -132,6 +132,34 @@ class NodeUnavailable(TidelogError):
     retriable = True
 
 
+class OutOfOrderSequence(TidelogError):
+    """An idempotent batch's sequence does not follow the last one the partition stored for
+    its producer (a gap), or a new epoch did not start at sequence 0. The metadata carries
+    ``producer_id``, ``expected_sequence`` and ``received_sequence``."""
+
+    reason = "OUT_OF_ORDER_SEQUENCE"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ProducerFenced(TidelogError):
+    """The batch carries an older epoch than the partition has seen for its producer id: a
+    newer session of the same producer took over. The metadata carries ``producer_id``,
+    ``producer_epoch`` (the one sent) and ``current_epoch``."""
+
+    reason = "PRODUCER_FENCED"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class UnknownProducerId(TidelogError):
+    """The partition holds no state for the batch's producer (never seen, or expired after
+    ``producer.id.expiration.ms``) and the batch does not start a session (sequence != 0).
+    The producer should start a new session (bump its epoch, sequences from 0). The metadata
+    carries ``producer_id``."""
+
+    reason = "UNKNOWN_PRODUCER_ID"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class StorageError(TidelogError):
     reason = "STORAGE_ERROR"
     code = grpc.StatusCode.INTERNAL
@@ -162,6 +190,9 @@ _BY_REASON: dict[str, type[TidelogError]] = {
         NotEnoughReplicas,
         RequestTimedOut,
         NodeUnavailable,
+        OutOfOrderSequence,
+        ProducerFenced,
+        UnknownProducerId,
         StorageError,
         Unsupported,
     )
