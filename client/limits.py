@@ -46,8 +46,9 @@ IDEMPOTENT_IN_FLIGHT_MAX: Final = 5
 #: gRPC does not order concurrent unary calls and the node appends them in the order its
 #: handlers run, so two requests out at once may be stored in either order.
 IN_FLIGHT_NON_IDEMPOTENT_DEFAULT: Final = 1
-#: Sequence numbers are int32 in the batch header and wrap to 0 after this (as in Kafka).
-SEQUENCE_MAX: Final = 2**31 - 1
+#: Sequence numbers are int32 in the batch header and wrap from 2**31 - 1 to 0 (as in Kafka
+#: and the node, node/producer_state.py).
+SEQUENCE_MOD: Final = 2**31
 #: Attempts of an InitProducerId call before the batches waiting for an id fail (each
 #: attempt asks the next node; the backoff between attempts is the retry backoff).
 INIT_PRODUCER_ID_ATTEMPTS_MAX: Final = 20

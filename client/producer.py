@@ -4,7 +4,8 @@ Shape (after aiokafka and the Java client): :meth:`Producer.send` appends a reco
 :class:`~tidelog.client.accumulator.Accumulator` and returns at once with a cheap
 :class:`RecordFuture`; one sender task per leader node drains the batches that are full or
 whose ``linger_ms`` ran out, with up to ``max_in_flight_per_partition`` Produce requests per
-partition. A batch that fails with a retriable error (the leader moved, the node is down, a
+partition (5 with idempotence, the default; 1 without: :class:`Producer` says what order
+each guarantees). A batch that fails with a retriable error (the leader moved, the node is down, a
 timeout) goes back to the front of its partition's queue once the requests sent before it
 have answered, so a partition's batches are resent in their original order. Other errors
 fail the batch's records.
@@ -38,7 +39,11 @@ from tidelog.client.accumulator import (
     cumulative_sizes,
     record_size,
 )
-from tidelog.client.limits import RETRY_BACKOFF_MS_DEFAULT
+from tidelog.client.limits import (
+    IDEMPOTENT_IN_FLIGHT_MAX,
+    IN_FLIGHT_NON_IDEMPOTENT_DEFAULT,
+    RETRY_BACKOFF_MS_DEFAULT,
+)
 from tidelog.client.metadata import (
     ClusterMetadata,
     TopicInfo,
@@ -69,7 +74,6 @@ LINGER_MS_DEFAULT = 5
 BATCH_BYTES_MAX_DEFAULT = 1 * _MIB
 #: A batch is one Produce request; the node refuses requests above 64 MiB.
 BATCH_BYTES_LIMIT = 64 * _MIB
-MAX_IN_FLIGHT_PER_PARTITION_DEFAULT = 8
 BUFFER_BYTES_MAX_DEFAULT = 64 * _MIB
 RETRIES_DEFAULT = 2**31 - 1
 REQUEST_TIMEOUT_MS_DEFAULT = 30_000
@@ -97,6 +101,46 @@ class BufferFull(TidelogError):
     ``flush()``) now and then."""
 
     reason = "BUFFER_FULL"
+
+
+def resolve_idempotence(
+    enable_idempotence: bool | None,
+    acks: object,
+    acks_value: broker_pb2.Acks.ValueType,
+    max_in_flight_per_partition: int | None,
+) -> bool:
+    """Whether the producer is idempotent: as asked, or (unset) unless a setting conflicts,
+    as Kafka's producer decides since 3.2."""
+    acks_all = acks_value == broker_pb2.ACKS_ALL
+    too_many = (
+        max_in_flight_per_partition is not None
+        and max_in_flight_per_partition > IDEMPOTENT_IN_FLIGHT_MAX
+    )
+    if enable_idempotence is None:
+        if not acks_all or too_many:
+            log.info(
+                "idempotence is off: acks=%r, max_in_flight_per_partition=%r (it needs "
+                "acks='all' and at most %d in flight)",
+                acks,
+                max_in_flight_per_partition,
+                IDEMPOTENT_IN_FLIGHT_MAX,
+            )
+            return False
+        return True
+    if enable_idempotence and not acks_all:
+        raise ValueError(
+            f"enable_idempotence=True needs acks='all' (got acks={acks!r}): a batch only the "
+            "leader stored can be lost in a failover and its sequence with it. Use "
+            "acks='all', or enable_idempotence=False"
+        )
+    if enable_idempotence and too_many:
+        raise ValueError(
+            f"enable_idempotence=True allows at most {IDEMPOTENT_IN_FLIGHT_MAX} requests in "
+            f"flight per partition (got max_in_flight_per_partition="
+            f"{max_in_flight_per_partition}): the node remembers the last "
+            f"{IDEMPOTENT_IN_FLIGHT_MAX} batches per producer to recognize a retry"
+        )
+    return enable_idempotence
 
 
 def parse_acks(acks: object) -> broker_pb2.Acks.ValueType:
@@ -228,7 +272,41 @@ class _Parked:
 
 
 class Producer:
-    """``async with Producer("127.0.0.1:9092") as p: md = await p.send("t", b"v")``."""
+    """``async with Producer("127.0.0.1:9092") as p: md = await p.send("t", b"v")``.
+
+    **Idempotence** (``enable_idempotence``, on by default as in Kafka since 3.0): the
+    producer gets a producer id from the cluster on its first send, and every batch carries
+    that id, an epoch and a per-partition sequence number, stamped once when the batch is
+    first sent and kept on every retry. The partition's leader stores a batch only if its
+    sequence follows the last one stored, and answers a batch it already stored with the
+    original offsets. Left unset, idempotence is on unless ``acks`` is not "all" or
+    ``max_in_flight_per_partition`` is above 5 (then it is off, as Kafka's producer does);
+    ``enable_idempotence=True`` with either of those is a ValueError.
+
+    **What order is guaranteed**, per partition (records of one key go to one partition):
+
+    * Idempotent (the default; up to 5 requests in flight per partition): the records are
+      stored in the order of ``send``, each exactly once, retries included (lost answers,
+      timeouts, leader changes): a batch that arrives before the one ahead of it is refused
+      and resent after it. A batch fails only with a reported error, and then the batches
+      after it are still stored in send order; an error other than
+      :class:`~tidelog.client.errors.OutcomeUnknown` means its records were not stored.
+    * Not idempotent (``enable_idempotence=False``): ONE request in flight per partition by
+      default, so records are stored in send order while nothing fails (gRPC does not order
+      concurrent calls, so two requests in flight may be stored either way round). A retry
+      after a lost answer or a timeout may store a batch twice; retries themselves keep the
+      order (a failed batch is resent before any later one). With
+      ``max_in_flight_per_partition`` > 1 even failure-free order is not guaranteed.
+
+    A send that fails with :class:`~tidelog.client.errors.OutcomeUnknown` may have been
+    stored (its request went unanswered); any other error means it was not. With
+    idempotence on, the producer settles unknown outcomes itself by resending with the same
+    sequence, so OutcomeUnknown only comes when it gives up (``delivery_timeout_ms``). When
+    a partition forgets the producer (idle past the node's ``producer.id.expiration.ms``,
+    or its batches deleted by retention) the producer starts a new session (a new id)
+    instead of failing. PRODUCER_FENCED (a newer session of the same id) ends the
+    producer: every pending and later send fails with :class:`ProducerFenced`.
+    """
 
     def __init__(
         self,
@@ -237,7 +315,8 @@ class Producer:
         acks: Acks | str = "all",
         linger_ms: float = LINGER_MS_DEFAULT,
         batch_bytes_max: int = BATCH_BYTES_MAX_DEFAULT,
-        max_in_flight_per_partition: int = MAX_IN_FLIGHT_PER_PARTITION_DEFAULT,
+        max_in_flight_per_partition: int | None = None,
+        enable_idempotence: bool | None = None,
         compression: str | Codec = "none",
         retries: int = RETRIES_DEFAULT,
         retry_backoff_ms: int = RETRY_BACKOFF_MS_DEFAULT,
@@ -253,6 +332,13 @@ class Producer:
         if not 0 < batch_bytes_max <= BATCH_BYTES_LIMIT:
             raise ValueError(
                 f"batch_bytes_max={batch_bytes_max} must be in (0, {BATCH_BYTES_LIMIT}]"
+            )
+        self._idempotent = resolve_idempotence(
+            enable_idempotence, acks, self._acks, max_in_flight_per_partition
+        )
+        if max_in_flight_per_partition is None:
+            max_in_flight_per_partition = (
+                IDEMPOTENT_IN_FLIGHT_MAX if self._idempotent else IN_FLIGHT_NON_IDEMPOTENT_DEFAULT
             )
         if max_in_flight_per_partition < 1:
             raise ValueError(f"max_in_flight_per_partition={max_in_flight_per_partition} < 1")
@@ -307,6 +393,7 @@ class Producer:
                 retry_backoff_ms=self._retry_backoff_ms,
                 request_timeout_ms=self._request_timeout_ms,
                 delivery_timeout_s=self._delivery_timeout_s,
+                idempotent=self._idempotent,
             ),
             on_released=self._on_released,
             force_drain=lambda: self._flushing > 0,
@@ -347,6 +434,15 @@ class Producer:
         await self.stop()
 
     @property
+    def idempotent(self) -> bool:
+        """Whether batches carry a producer id and sequences (the class docstring)."""
+        return self._idempotent
+
+    @property
+    def max_in_flight_per_partition(self) -> int:
+        return self._max_in_flight
+
+    @property
     def metadata(self) -> ClusterMetadata:
         if self._meta is None:
             raise TidelogError("the producer is not started: use `async with` or await start()")
@@ -377,6 +473,8 @@ class Producer:
         meta = self.metadata
         if self._closed:
             raise TidelogError("the producer is closed")
+        if self._sender is not None and self._sender.fatal is not None:
+            raise self._sender.fatal
         size = record_size(value, key, headers)
         info = meta.topics.get(topic)
         if info is not None and topic not in self._parked and self._acc.has_room(size):
@@ -414,6 +512,8 @@ class Producer:
         meta = self.metadata
         if self._closed:
             raise TidelogError("the producer is closed")
+        if self._sender is not None and self._sender.fatal is not None:
+            raise self._sender.fatal
         if keys is not None and len(keys) != len(values):
             raise ValueError(f"got {len(keys)} keys for {len(values)} values")
         handle = BatchesFuture(topic, len(values))

@@ -26,6 +26,29 @@ partition until the request timeout, so a request unanswered for LEADER_CHECK_AF
 starts watching the metadata, and once another node leads the partition the requests at
 the silent one are abandoned and resent there, in order. The old node cannot commit what
 it held: the new leader's election needed a majority that no longer follows it.
+
+Idempotence (``SenderConfig.idempotent``). The producer's session is a producer id and
+epoch from InitProducerId (asked of any node before the first batch goes). Each partition
+counts sequences in one session; a batch gets the next sequence once, in :meth:`_stamp`,
+when it is first drained, and keeps it on every retry, so the node answers a batch it
+stored already with its original offsets (a lost answer or a timeout is settled by sending
+again). With up to 5 requests in flight, one may reach the node before the one ahead of it
+(gRPC does not order concurrent calls): the node refuses it with OUT_OF_ORDER_SEQUENCE,
+and since a batch before it is not acknowledged yet, it is requeued like any retriable
+failure (after the requests sent before it answered, in sequence order) without a backoff.
+An OUT_OF_ORDER_SEQUENCE for a batch whose every predecessor is acknowledged means the node
+lost acknowledged data: the batch fails (as in Kafka's producer) and the partition's next
+batches go in a new session. A partition moves to a new session (a new producer id, its
+sequences from 0) only when nothing is in flight for it, so no request of the old session
+can land after one of the new: after UNKNOWN_PRODUCER_ID (the partition forgot the
+producer: nothing of it is stored there, the batches are resent from 0), or after one of
+its stamped batches failed for good (a gap the node would refuse forever). Other
+partitions keep their session. PRODUCER_FENCED ends the producer (:attr:`Sender.fatal`).
+
+A batch whose attempt went unanswered after the node may have appended it (a timeout, a
+broken connection, a request abandoned at a silent node) is ``maybe_written``; if it fails
+in the end it fails with :class:`~tidelog.client.errors.OutcomeUnknown`, every other
+failure means the batch surely was not stored.
 """
 
 from __future__ import annotations
@@ -41,16 +64,28 @@ import grpc
 import grpc.aio
 
 from tidelog.client.accumulator import Accumulator, PendingBatch
-from tidelog.client.limits import LEADER_CHECK_AFTER_MS, LEADERLESS_EXPIRY_CHECK_MS
-from tidelog.client.metadata import ClusterMetadata
+from tidelog.client.errors import OutcomeUnknown
+from tidelog.client.limits import (
+    INIT_PRODUCER_ID_ATTEMPTS_MAX,
+    INIT_PRODUCER_ID_TIMEOUT_MS,
+    LEADER_CHECK_AFTER_MS,
+    LEADERLESS_EXPIRY_CHECK_MS,
+    RETRY_BACKOFF_MAX_MS,
+    SEQUENCE_MOD,
+)
+from tidelog.client.metadata import ClusterMetadata, transport_failure
 from tidelog.client.retry import Retry, is_leader_error
 from tidelog.client.structs import TopicPartition
 from tidelog.errors import (
     NodeUnavailable,
     NotLeader,
+    OutOfOrderSequence,
+    ProducerFenced,
     RequestTimedOut,
     TidelogError,
+    UnknownProducerId,
     UnknownTopic,
+    Unsupported,
     from_rpc_error,
 )
 from tidelog.records import Codec
@@ -73,6 +108,18 @@ class SenderConfig:
     retry_backoff_ms: int
     request_timeout_ms: int
     delivery_timeout_s: float
+    #: Stamp batches with a producer id, epoch and sequence (module docstring).
+    idempotent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Session:
+    """A producer id and epoch from InitProducerId; ``generation`` orders the sessions of
+    this producer (a partition only ever moves to a newer one)."""
+
+    producer_id: int
+    producer_epoch: int
+    generation: int
 
 
 @dataclass(slots=True)
@@ -97,6 +144,17 @@ class _PartitionState:
     abandoned: dict[grpc.aio.UnaryUnaryCall[Any, Any], str] = field(default_factory=dict)
     #: Watches the metadata while a request goes unanswered (LEADER_CHECK_AFTER_MS).
     stall_watch: asyncio.Task[None] | None = None
+    #: A failure since the last requeue calls for a backoff (a batch refused only because
+    #: one before it is not stored yet just waits for that one).
+    backoff_due: bool = False
+    # Idempotence (module docstring): the session this partition's sequences count in, the
+    # sequence the next batch gets, and the one after the last acknowledged batch.
+    session: _Session | None = None
+    next_sequence: int = 0
+    acked_sequence_next: int = 0
+    #: The partition moves to a newer session before it sends again (a gap in its sequences,
+    #: or the node forgot the producer); done once nothing is in flight.
+    reset_session: bool = False
 
 
 class _NodeDrainer:
@@ -150,6 +208,15 @@ class Sender:
         self._leaderless: dict[TopicPartition, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.closed = False
+        #: An error that ends the producer (PRODUCER_FENCED): every send fails with it.
+        self.fatal: TidelogError | None = None
+        self._session: _Session | None = None
+        self._session_task: asyncio.Task[None] | None = None
+        #: Partitions waiting for a (newer) session.
+        self._session_waiters: set[TopicPartition] = set()
+        #: Sessions obtained, and batches the node answered as already stored (metrics).
+        self.sessions_started = 0
+        self.duplicates = 0
 
     async def close(self) -> None:
         """Stop sending: cancel every request and task (their batches fail as closed)."""
@@ -239,6 +306,12 @@ class Sender:
                 st.wake_at_s = st.retry_at_s
                 self._loop.call_at(st.retry_at_s, self.wake, tp)
             return
+        if self.fatal is not None:
+            self.fail_partition(tp, self.fatal)
+            return
+        idempotent = self.config.idempotent
+        if idempotent and not self._session_ready(tp, st):
+            return
         limit = 1 if st.recovering else self.config.max_in_flight
         force = self._force_drain() or self.closed
         while st.in_flight < limit:
@@ -247,7 +320,14 @@ class Sender:
                 break
             if now_s - batch.created_s > self.config.delivery_timeout_s:
                 self._fail_batch(batch, self._timed_out(batch))
+                if st.reset_session:
+                    # The next batches need a new session: stamp none in this one.
+                    if not st.in_flight:
+                        self.wake(tp)
+                    break
                 continue
+            if idempotent and batch.sequence < 0:
+                self._stamp(st, batch)
             st.in_flight += 1
             st.in_flight_at = sender.address
             self._spawn(self._produce(sender.address, tp, st, batch), f"produce {tp}")
@@ -289,6 +369,8 @@ class Sender:
             resp = await call
         except grpc.aio.AioRpcError as exc:
             err = from_rpc_error(exc)
+            if _outcome_unknown(exc, err):
+                batch.maybe_written = True
         except asyncio.CancelledError:
             current = asyncio.current_task()
             moved_to = None if call is None else st.abandoned.get(call)
@@ -296,6 +378,8 @@ class Sender:
                 # stop() cancelled the request; nobody may wait on this batch forever.
                 st.in_flight -= 1
                 self._forget_call(st, call, stall_check)
+                if call is not None:
+                    batch.maybe_written = True
                 if not batch.done:
                     self._fail_batch(
                         batch, TidelogError("the producer was closed before delivering")
@@ -305,8 +389,11 @@ class Sender:
                 f"{tp}: no answer from {address} in {LEADER_CHECK_AFTER_MS} ms and "
                 f"{moved_to} leads the partition now; resending there"
             )
+            # The silent node may have appended it (and a follower that leads now have it).
+            batch.maybe_written = True
         except Exception as exc:  # the channel closed under us, or similar: retry elsewhere
             err = NodeUnavailable(f"produce to {address} failed: {exc!r}")
+            batch.maybe_written = True
         self._forget_call(st, call, stall_check)
         st.in_flight -= 1
         if err is None:
@@ -316,6 +403,8 @@ class Sender:
             st.retry.succeeded()
             self.meta.note_reachable(address)
             base = -1 if self.config.acks == broker_pb2.ACKS_NONE else resp.base_offset
+            if batch.sequence >= 0:
+                self._acknowledged(st, batch, resp)
             self._complete_batch(batch, base)
         else:
             self._on_error(address, tp, st, batch, err)
@@ -379,6 +468,23 @@ class Sender:
     ) -> None:
         now_s = self._loop.time()
         expired = now_s - batch.created_s > self.config.delivery_timeout_s
+        if isinstance(err, ProducerFenced):
+            self._fenced(err)
+            self._fail_batch(batch, err)
+            return
+        if batch.sequence >= 0 and isinstance(err, OutOfOrderSequence | UnknownProducerId):
+            refusal = self._sequence_refusal(tp, st, batch, err)
+            if refusal is None:
+                if expired:
+                    self._fail_batch(batch, self._timed_out(batch, err))
+                    return
+                # Not stored, and the batch keeps its place: it goes again, in order, once
+                # the requests sent before it have answered (no backoff: nothing is wrong
+                # with the node).
+                st.failed.append(batch)
+                st.recovering = True
+                return
+            err = refusal
         if not err.retriable or batch.attempts > self.config.retries or expired:
             if expired and err.retriable:
                 err = self._timed_out(batch, err)
@@ -388,8 +494,55 @@ class Sender:
         log.debug("retrying batch for %s after %s", tp, err)
         st.failed.append(batch)
         st.recovering = True
+        st.backoff_due = True
         if not st.retry.failed(address, err) and is_leader_error(err):
             self._spawn(self._refresh_quietly(tp.topic), f"refresh {tp.topic}")
+
+    def _sequence_refusal(
+        self, tp: TopicPartition, st: _PartitionState, batch: PendingBatch, err: TidelogError
+    ) -> TidelogError | None:
+        """What a sequence refusal of an idempotent batch means: None when the batch is to
+        go again in order (it was refused because a batch before it is not stored yet, or
+        the partition forgot the producer and a new session resends it), else the error
+        the batch fails with."""
+        if isinstance(err, UnknownProducerId):
+            # The partition holds nothing of this producer (it was idle past the node's
+            # producer.id.expiration.ms, or retention deleted its batches), so none of the
+            # batches in flight is stored: a new session resends them from sequence 0.
+            log.info(
+                "%s: the node forgot producer %d; starting a new session", tp, batch.producer_id
+            )
+            st.reset_session = True
+            return None
+        if batch.sequence != st.acked_sequence_next:
+            return None  # a batch before it failed or is still in flight: it goes first
+        # Every batch before it is acknowledged and the node still expects another sequence:
+        # it lost acknowledged batches or this producer's state. Kafka's producer fails the
+        # batch rather than guess; the partition's later batches go in a new session.
+        st.reset_session = True
+        return OutOfOrderSequence(
+            f"{tp}: the node refused batch sequence {batch.sequence} of producer "
+            f"{batch.producer_id} although every earlier batch was acknowledged ({err}); "
+            "the node may have lost acknowledged records. These records were not stored; "
+            "the partition's next batches go in a new producer session",
+            **err.metadata,
+        )
+
+    def _fenced(self, err: TidelogError) -> None:
+        """PRODUCER_FENCED: a newer session of this producer id took over. Nothing more can
+        be sent (Kafka's producer must be closed too): every waiting batch fails with it."""
+        if self.fatal is not None:
+            return
+        log.error("producer fenced: %s", err)
+        self.fatal = ProducerFenced(
+            f"{err}; this producer can send nothing more: close it and create a new one",
+            **err.metadata,
+        )
+        for tp in list(self.acc.batches):
+            self.fail_partition(tp, self.fatal)
+        for tp, st in self._parts.items():
+            if st.failed:
+                self.fail_partition(tp, self.fatal)
 
     async def _refresh_quietly(self, topic: str) -> None:
         try:
@@ -403,7 +556,11 @@ class Sender:
             # batches ahead of everything newer, in order, and wait out the backoff.
             self.acc.push_front(tp, st.failed)
             st.failed.clear()
-            self._schedule_retry(tp, st)
+            if st.backoff_due:
+                st.backoff_due = False
+                self._schedule_retry(tp, st)
+            else:
+                st.retry_at_s = 0.0
         self.wake(tp)
 
     def _schedule_retry(self, tp: TopicPartition, st: _PartitionState) -> None:
@@ -443,6 +600,18 @@ class Sender:
         self._released(batch)
 
     def _fail_batch(self, batch: PendingBatch, err: TidelogError) -> None:
+        if batch.maybe_written and not isinstance(err, OutcomeUnknown | ProducerFenced):
+            err = OutcomeUnknown(
+                f"{err} (an attempt went unanswered after the node may have stored it: "
+                "the records may be stored, and sending them again may store them twice)"
+            )
+        if batch.sequence >= 0:
+            st = self._parts.get(TopicPartition(batch.topic, batch.partition))
+            if st is not None and st.session is not None:
+                if batch.producer_id == st.session.producer_id:
+                    # A gap in the partition's sequences: the batches after it would be
+                    # refused forever, so they go in a new session.
+                    st.reset_session = True
         batch.fail(err, self._loop.time())
         self._released(batch)
 
@@ -474,3 +643,128 @@ class Sender:
             self._fail_batch(batch, err)
         if batches:
             log.warning("%d batches for %s failed: %s", len(batches), tp, err)
+
+    # -- idempotence ------------------------------------------------------------------------
+
+    def _session_ready(self, tp: TopicPartition, st: _PartitionState) -> bool:
+        """Whether the partition may stamp and send now: it counts its sequences in a
+        session that is still good. A partition moves to a newer session only once nothing
+        is in flight for it (no request of the old session can land after the new one's),
+        and then its queued batches are stamped again, in order, from sequence 0."""
+        if st.session is not None and not st.reset_session:
+            return True
+        if st.in_flight:
+            return False  # the last answer wakes the partition again
+        current = self._session
+        if current is None or (
+            st.session is not None and current.generation <= st.session.generation
+        ):
+            self._want_session(tp)
+            return False
+        if st.session is not None:
+            log.info(
+                "%s: producer session %d/%d -> %d/%d",
+                tp,
+                st.session.producer_id,
+                st.session.producer_epoch,
+                current.producer_id,
+                current.producer_epoch,
+            )
+        st.session = current
+        st.next_sequence = 0
+        st.acked_sequence_next = 0
+        st.reset_session = False
+        for batch in self.acc.batches.get(tp, ()):
+            if batch.sequence >= 0:
+                batch.stamp(-1, -1, -1)
+        return True
+
+    def _stamp(self, st: _PartitionState, batch: PendingBatch) -> None:
+        """The one place a batch gets its sequence: when it is first drained. Retries
+        resend it with the same one, so the node recognizes a batch it already stored."""
+        session = st.session
+        assert session is not None
+        batch.stamp(session.producer_id, session.producer_epoch, st.next_sequence)
+        st.next_sequence = (st.next_sequence + batch.record_count) % SEQUENCE_MOD
+
+    def _acknowledged(
+        self, st: _PartitionState, batch: PendingBatch, resp: broker_pb2.ProduceResponse
+    ) -> None:
+        if any(r.duplicate for r in resp.results):
+            self.duplicates += 1
+        session = st.session
+        if session is None or batch.producer_id != session.producer_id:
+            return
+        end = (batch.sequence + batch.record_count) % SEQUENCE_MOD
+        # Answers may come in any order; only a later end moves the mark (modulo 2**31).
+        if (end - st.acked_sequence_next) % SEQUENCE_MOD < SEQUENCE_MOD // 2:
+            st.acked_sequence_next = end
+
+    def _want_session(self, tp: TopicPartition) -> None:
+        self._session_waiters.add(tp)
+        if self._session_task is None and not self.closed:
+            self._session_task = self._spawn(self._init_session(), "init producer id")
+
+    async def _init_session(self) -> None:
+        """Get a new producer id from any node (InitProducerId), then wake the partitions
+        waiting for it. Every call asks for a new id: a session ends only when a partition
+        forgot it or its sequences have a gap, and a fresh id cannot clash with either."""
+        backoff_ms = float(max(self.config.retry_backoff_ms, 1))
+        request = broker_pb2.InitProducerIdRequest()
+        timeout_s = INIT_PRODUCER_ID_TIMEOUT_MS / 1000
+
+        async def ask(address: str) -> broker_pb2.InitProducerIdResponse:
+            resp: broker_pb2.InitProducerIdResponse = await self.meta.broker(
+                address
+            ).InitProducerId(request, timeout=timeout_s)
+            return resp
+
+        try:
+            for attempt in range(INIT_PRODUCER_ID_ATTEMPTS_MAX):
+                try:
+                    resp = await self.meta.call_any("InitProducerId", ask)
+                    break
+                except TidelogError as err:
+                    last = attempt == INIT_PRODUCER_ID_ATTEMPTS_MAX - 1
+                    if isinstance(err, Unsupported) or not err.retriable or last:
+                        self._session_failed(err)
+                        return
+                    log.debug("InitProducerId failed (%s); retrying", err)
+                await asyncio.sleep(backoff_ms / 1000)
+                backoff_ms = min(backoff_ms * 2, RETRY_BACKOFF_MAX_MS)
+            else:  # pragma: no cover - the loop returns or breaks
+                return
+            generation = 1 if self._session is None else self._session.generation + 1
+            self._session = _Session(resp.producer_id, resp.producer_epoch, generation)
+            self.sessions_started += 1
+            log.debug("producer id %d epoch %d", resp.producer_id, resp.producer_epoch)
+        finally:
+            self._session_task = None
+        waiters, self._session_waiters = self._session_waiters, set()
+        for tp in waiters:
+            self.wake(tp)
+
+    def _session_failed(self, err: TidelogError) -> None:
+        if isinstance(err, Unsupported):
+            why = "the cluster does not support idempotent producers"
+        else:
+            why = "no node handed out a producer id"
+        failure = TidelogError(
+            f"{why} (InitProducerId: {err}); the records were not sent. Create the producer "
+            "with enable_idempotence=False to send without producer ids (retries may then "
+            "store a batch twice)"
+        )
+        waiters, self._session_waiters = self._session_waiters, set()
+        for tp in waiters:
+            self.fail_partition(tp, failure)
+
+
+def _outcome_unknown(exc: grpc.aio.AioRpcError, err: TidelogError) -> bool:
+    """Whether a failed Produce call may have been appended: it timed out (at the client, or
+    at the node while waiting for replicas), or the connection broke with no answer. A
+    refused connection, or any answer of the node, means it surely was not."""
+    if isinstance(err, RequestTimedOut):
+        return True
+    if isinstance(err, NodeUnavailable) and transport_failure(exc):
+        return "failed to connect" not in (exc.details() or "").lower()
+    return False
