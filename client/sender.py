@@ -470,7 +470,7 @@ class Sender:
         expired = now_s - batch.created_s > self.config.delivery_timeout_s
         if isinstance(err, ProducerFenced):
             self._fenced(err)
-            self._fail_batch(batch, err)
+            self._fail_batch(batch, self.fatal or err)
             return
         if batch.sequence >= 0 and isinstance(err, OutOfOrderSequence | UnknownProducerId):
             refusal = self._sequence_refusal(tp, st, batch, err)
@@ -505,17 +505,20 @@ class Sender:
         go again in order (it was refused because a batch before it is not stored yet, or
         the partition forgot the producer and a new session resends it), else the error
         the batch fails with."""
+        if batch.sequence != st.acked_sequence_next:
+            # A batch before it failed or is still in flight (it may reach the node later:
+            # gRPC does not order concurrent calls): this one goes again after it.
+            return None
         if isinstance(err, UnknownProducerId):
-            # The partition holds nothing of this producer (it was idle past the node's
-            # producer.id.expiration.ms, or retention deleted its batches), so none of the
-            # batches in flight is stored: a new session resends them from sequence 0.
+            # Every batch before it is acknowledged, and the partition holds nothing of this
+            # producer: it was idle past the node's producer.id.expiration.ms, or retention
+            # deleted its batches. Nothing in flight is stored there, so a new session
+            # resends the batches from sequence 0.
             log.info(
                 "%s: the node forgot producer %d; starting a new session", tp, batch.producer_id
             )
             st.reset_session = True
             return None
-        if batch.sequence != st.acked_sequence_next:
-            return None  # a batch before it failed or is still in flight: it goes first
         # Every batch before it is acknowledged and the node still expects another sequence:
         # it lost acknowledged batches or this producer's state. Kafka's producer fails the
         # batch rather than guess; the partition's later batches go in a new session.
