@@ -17,10 +17,19 @@ from tidelog.config import validate_topic_name
 from tidelog.errors import BatchTooLarge, InvalidRequest, StorageError
 from tidelog.node import limits, rpc
 from tidelog.node.controller_node import Controller
+from tidelog.node.idempotence import BatchPlan
 from tidelog.node.identity import NodeIdentity
 from tidelog.node.metrics import NodeMetrics
-from tidelog.node.topics import TopicRegistry
-from tidelog.records import HEADER_SIZE, LENGTH_PREFIX_SIZE, read_header, validate_batches
+from tidelog.node.partition import Partition
+from tidelog.node.producer_ids import ProducerIdAllocator
+from tidelog.node.topics import Topic, TopicRegistry
+from tidelog.records import (
+    HEADER_SIZE,
+    LENGTH_PREFIX_SIZE,
+    BatchHeader,
+    read_header,
+    validate_batches,
+)
 from tidelog.v1 import broker_pb2 as pb
 from tidelog.v1 import broker_pb2_grpc as pb_grpc
 
@@ -47,6 +56,29 @@ def last_batch_position(buf: bytes) -> int:
         pos += size
 
 
+def _proposal_bytes(
+    buf: bytes, plans: list[BatchPlan]
+) -> tuple[bytes, list[tuple[int, BatchHeader]]]:
+    """The bytes and (position, header) of the batches to propose: the request's own, or a
+    new buffer when some are replaced (control batches standing for msg-id duplicates)."""
+    if all(p.replacement is None for p in plans):
+        return buf, [(p.pos, p.header) for p in plans]
+    parts: list[bytes] = []
+    positions: list[tuple[int, BatchHeader]] = []
+    at = 0
+    view = memoryview(buf)
+    for p in plans:
+        chunk = (
+            p.replacement
+            if p.replacement is not None
+            else bytes(view[p.pos : p.pos + p.header.size])
+        )
+        positions.append((at, read_header(chunk, 0)))
+        parts.append(chunk)
+        at += len(chunk)
+    return b"".join(parts), positions
+
+
 def _ms(raw: int, default_ms: int, max_ms: int, what: str) -> float:
     """A request's millisecond field as seconds: 0 picks the default, negatives are refused."""
     if raw < 0:
@@ -61,11 +93,21 @@ class BrokerService(pb_grpc.BrokerServicer):
         controller: Controller,
         identity: NodeIdentity,
         metrics: NodeMetrics,
+        producer_ids: ProducerIdAllocator | None = None,
     ) -> None:
         self.registry = registry
         self.controller = controller
         self.identity = identity
         self.metrics = metrics
+        self.producer_ids = producer_ids or ProducerIdAllocator(controller, identity.node_id)
+
+    @rpc.unary("InitProducerId")
+    async def InitProducerId(
+        self, request: pb.InitProducerIdRequest, context: rpc.Context
+    ) -> pb.InitProducerIdResponse:
+        existing = request.producer_id if request.HasField("producer_id") else None
+        pid, epoch = await self.producer_ids.init(existing, request.producer_epoch)
+        return pb.InitProducerIdResponse(producer_id=pid, producer_epoch=epoch)
 
     @rpc.unary("Produce")
     async def Produce(self, request: pb.ProduceRequest, context: rpc.Context) -> pb.ProduceResponse:
@@ -88,22 +130,92 @@ class BrokerService(pb_grpc.BrokerServicer):
                 f"{limits.produce_request_bytes_max}: send fewer batches per request"
             )
         headers = validate_batches(buf, max_bytes=topic.config.max_message_bytes)
+        timeout_s = (timeout_ms or limits.produce_timeout_default_ms) / 1000
+        if part.idempotence.needs_ready_leader(headers):
+            return await self._produce_idempotent(topic, part, buf, headers, acks, timeout_s)
         base, last, index, term = part.propose(buf, headers)
         append_time_ms = time.time_ns() // 1_000_000
         tm = topic.metrics
         tm.records_in.inc(last - base + 1)
         tm.bytes_in.inc(len(buf))
-        timeout_s = (timeout_ms or limits.produce_timeout_default_ms) / 1000
-        if acks in _WAIT_FOR_COMMIT:
-            await part.wait_committed(index, term, timeout_s)
-        else:
-            # acks=1 (and acks=0, whose client does not wait anyway): stored on the leader.
-            await part.wait_persisted(index, term, timeout_s)
+        await self._wait(part, acks, index, term, timeout_s)
+        results = []
+        offset = base
+        for _, h in headers:
+            results.append(
+                pb.BatchResult(base_offset=offset, last_offset=offset + h.record_count - 1)
+            )
+            offset += h.record_count
         return pb.ProduceResponse(
             base_offset=base,
             last_offset=last,
             log_start_offset=part.log_start_offset,
             append_time_ms=append_time_ms,
+            results=results,
+        )
+
+    @staticmethod
+    async def _wait(part: Partition, acks: int, index: int, term: int, timeout_s: float) -> None:
+        if acks in _WAIT_FOR_COMMIT:
+            await part.wait_committed(index, term, timeout_s)
+        else:
+            # acks=1 (and acks=0, whose client does not wait anyway): stored on the leader.
+            await part.wait_persisted(index, term, timeout_s)
+
+    async def _produce_idempotent(
+        self,
+        topic: Topic,
+        part: Partition,
+        buf: bytes,
+        headers: list[tuple[int, BatchHeader]],
+        acks: int,
+        timeout_s: float,
+    ) -> pb.ProduceResponse:
+        """Batches with a producer id, or for a topic with a msg-id window: checked against the
+        partition's idempotence state, then the new ones proposed. No await between the check
+        and the propose: on the one event loop they are atomic, so two requests of one
+        producer cannot both pass the check for the same sequence."""
+        # The state must be the committed log's: a new leader first commits (and so applies)
+        # what earlier terms left, or a retry from before the failover could pass as new.
+        part.check_serving()
+        idem = part.idempotence
+        plans = idem.admit(buf, headers, time.time_ns() // 1_000_000)
+        proposing = [p for p in plans if p.proposes]
+        offsets: dict[int, tuple[int, int]] = {}
+        waits: list[tuple[int, int]] = [p.wait_for for p in plans if p.wait_for is not None]
+        if proposing:
+            data, positions = _proposal_bytes(buf, proposing)
+
+            def on_proposed(i: int, base: int, index: int, term: int) -> None:
+                plan = proposing[i]
+                idem.proposed(plan, base, index, term)
+                offsets[id(plan)] = (base, base + plan.header.record_count - 1)
+
+            _, _, index, term = part.propose(data, positions, on_proposed)
+            waits.append((index, term))
+        tm = topic.metrics
+        new = [p for p in proposing if p.replacement is None]
+        tm.records_in.inc(sum(p.header.record_count for p in new))
+        tm.bytes_in.inc(sum(p.header.size for p in new))
+        append_time_ms = time.time_ns() // 1_000_000
+        if waits:
+            # Proposals in flight are all of this leader's term: the last one covers the rest.
+            index, term = max(waits)
+            await self._wait(part, acks, index, term, timeout_s)
+        results = []
+        for p in plans:
+            if p.duplicate_of is not None:
+                base, last = p.duplicate_of
+                results.append(pb.BatchResult(base_offset=base, last_offset=last, duplicate=True))
+            else:
+                base, last = offsets[id(p)]
+                results.append(pb.BatchResult(base_offset=base, last_offset=last))
+        return pb.ProduceResponse(
+            base_offset=results[0].base_offset,
+            last_offset=results[-1].last_offset,
+            log_start_offset=part.log_start_offset,
+            append_time_ms=append_time_ms,
+            results=results,
         )
 
     @rpc.stream("Fetch")

@@ -60,6 +60,8 @@ _SNAP = struct.Struct("<II")
 class ReadableLog(Protocol):
     @property
     def log_start_offset(self) -> int: ...
+    @property
+    def log_end_offset(self) -> int: ...
     def read(self, offset: int, max_bytes: int, *, upto: int | None = None) -> bytes: ...
 
 
@@ -159,6 +161,10 @@ class PartitionIdempotence:
                     assert check.original is not None
                     self.counters.duplicates += 1
                     plan.duplicate_of = (check.original.base_offset, check.original.last_offset)
+                    if self.window_on and h.has_headers and not h.is_control:
+                        # The original may have been stored as a control batch standing for
+                        # msg-id duplicates: answer with the records' first offsets.
+                        plan.duplicate_of = self._stored_ids(buf, pos, now_ms) or plan.duplicate_of
                     if pending is not None:
                         plan.wait_for = (pending.raft_index, pending.term)
                     plans.append(plan)
@@ -220,6 +226,21 @@ class PartitionIdempotence:
             expected_sequence=str(check.expected_sequence),
             received_sequence=str(h.base_sequence),
         )
+
+    def _stored_ids(self, buf: bytes, pos: int, now_ms: int) -> tuple[int, int] | None:
+        """First and last offset of the batch's msg-ids when all are stored."""
+        found = []
+        for r in decode_records(buf, pos, verify_crc=False):
+            value = next((v for k, v in r.headers if k == MSG_ID_HEADER and v is not None), None)
+            stored = (
+                None
+                if value is None
+                else self.msg_ids.lookup(digest(value), now_ms, self.config.message_dedup_window_ms)
+            )
+            if stored is None:
+                return None
+            found.append(stored.offset)
+        return (found[0], found[-1]) if found else None
 
     def _admit_msg_ids(
         self, buf: bytes, plan: BatchPlan, now_ms: int, local_ids: dict[bytes, int]
@@ -389,6 +410,10 @@ class PartitionIdempotence:
         """Apply the committed batches in [applied offset, ``upto``) read from ``log``; how
         many batches were applied. A state ahead of ``upto`` is kept (it was applied from
         committed entries only)."""
+        if self.state.applied_offset > log.log_end_offset:
+            # A snapshot ahead of the log (records lost under flush=os): rebuild from the log.
+            self.state.clear(log.log_start_offset)
+            self.msg_ids.clear()
         offset = max(self.state.applied_offset, log.log_start_offset)
         self.state.skip_to(offset)
         n = 0

@@ -44,6 +44,7 @@ from tidelog.errors import (
     TidelogError,
     UnknownTopic,
 )
+from tidelog.node.idempotence import PartitionIdempotence
 from tidelog.node.raft.errors import NotLeader as RaftNotLeader
 from tidelog.node.raft.errors import ProposalDropped
 from tidelog.node.raft.types import NONE, Entry, Role, Snapshot, SoftState
@@ -121,6 +122,7 @@ class Partition:
         "elections_won",
         "group",
         "group_id",
+        "idempotence",
         "index",
         "log",
         "replicas",
@@ -161,6 +163,8 @@ class Partition:
         self._stream_error: TidelogError | None = None
         self.elections_started = 0
         self.elections_won = 0
+        # Producer state and msg-id window, derived from the committed log (idempotence.py).
+        self.idempotence = PartitionIdempotence(f"{topic}/{index}", config)
 
     def __repr__(self) -> str:
         return f"Partition({self.topic!r}, {self.index}, group={self.group_id}, hw={self._hw})"
@@ -171,6 +175,9 @@ class Partition:
         self._raft = raft
         end = self.log.end_offset_at_index(group.raw.commit_index)
         self._hw = max(self._hw, end if end is not None else self.log.log_start_offset)
+        # The committed records after the restored snapshot (if any); later commits arrive
+        # through on_committed.
+        self.idempotence.recover(self.log, self._hw)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -288,10 +295,15 @@ class Partition:
     # -- producing -----------------------------------------------------------------------
 
     def propose(
-        self, batches: bytes, headers: Sequence[tuple[int, BatchHeader]]
+        self,
+        batches: bytes,
+        headers: Sequence[tuple[int, BatchHeader]],
+        on_proposed: Callable[[int, int, int, int], None] | None = None,
     ) -> tuple[int, int, int, int]:
         """Propose validated batches (their positions and headers in ``batches``) as one Raft
-        entry each. Returns (base offset, last offset, last Raft index, term)."""
+        entry each. Returns (base offset, last offset, last Raft index, term).
+        ``on_proposed(i, base_offset, raft_index, term)`` is called for each batch proposed,
+        also when a later one fails."""
         self.check_open()
         group, raft = self.group, self._raft
         if group is None or raft is None:
@@ -301,7 +313,7 @@ class Partition:
             raise self.not_leader()
         term = raw.term
         offset = first = next_offset(raw, self.log)
-        index = raw.log.last_index() + 1
+        index = first_index = raw.log.last_index() + 1
         view = memoryview(batches)
         proposed = False
         try:
@@ -309,6 +321,8 @@ class Partition:
                 got = raw.propose(stamped_copy(view, pos, h.size, offset, term, index))
                 proposed = True
                 assert got == index, f"proposed at index {got}, stamped {index}"
+                if on_proposed is not None:
+                    on_proposed(index - first_index, offset, index, term)
                 offset += h.record_count
                 index += 1
         except RaftNotLeader:
@@ -358,6 +372,7 @@ class Partition:
         raw = group.raw
         if soft.role == Role.LEADER:
             if self._leader_ready_index is None:
+                self.idempotence.leadership_lost()  # proposals in flight are an old term's
                 self.elections_won += 1
                 # Every entry it holds is committed once its commit reaches its last index
                 # as of now (the EMPTY entry it appended, if any).
@@ -372,9 +387,11 @@ class Partition:
                     self.topic, self.index, raw.term, soft.leader_id or "unknown",
                 )  # fmt: skip
             self._leader_ready_index = None
+            self.idempotence.leadership_lost()
         self._fire()
 
     def on_snapshot(self, group: RaftGroup, snapshot: Snapshot) -> None:
+        self.idempotence.snapshot_installed(self.log.log_start_offset)
         self._advance_hw(self.log.log_start_offset)
 
     def on_truncated(self, group: RaftGroup, from_index: int) -> None:
@@ -383,6 +400,7 @@ class Partition:
             "it was not committed, retry",
             leader_id=str(group.raw.leader_id or ""),
         )
+        self.idempotence.truncated(from_index)
         for waiters in (self._commit_waiters, self._persist_waiters):
             while waiters and waiters[-1].index >= from_index:
                 w = waiters.pop()
@@ -398,6 +416,10 @@ class Partition:
 
     def on_committed(self, group: RaftGroup, entries: tuple[Entry, ...]) -> None:
         last = entries[-1].index
+        idem = self.idempotence
+        for e in entries:
+            idem.apply_committed(e.data)
+        idem.committed(last)
         end = self.log.end_offset_at_index(last)
         if end is not None:
             self._advance_hw(end)
@@ -472,6 +494,7 @@ class Partition:
             return
         self.log.update_config(config)
         self.config = config
+        self.idempotence.update_config(config)
         if self.group is not None and self._raft is not None:
             self._raft.set_durable(self.group, config.flush != "os")
 

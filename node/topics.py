@@ -38,6 +38,7 @@ from tidelog.errors import (
     UnknownTopic,
 )
 from tidelog.node.controller_node import Controller
+from tidelog.node.idempotence_store import IdempotenceSnapshots
 from tidelog.node.metrics import NodeMetrics, PartitionStats, TopicMetrics
 from tidelog.node.multiraft import MultiRaft
 from tidelog.node.partition import LogLike, Partition
@@ -123,6 +124,7 @@ class TopicRegistry:
         raft: MultiRaft,
         controller: Controller,
         open_log: LogOpener,
+        snapshots: IdempotenceSnapshots | None = None,
     ) -> None:
         self.node_id = node_id
         self._dir = data_dir / TOPICS_DIR
@@ -130,6 +132,7 @@ class TopicRegistry:
         self._raft = raft
         self._controller = controller
         self._open_log = open_log
+        self.snapshots = snapshots
         # Partitions keep their offsets dense: a leader of a committed log appends nothing.
         self._raft_config: Config = raft.timing.config(Config(always_append_empty=False))
         self._topics: dict[str, Topic] = {}
@@ -217,6 +220,7 @@ class TopicRegistry:
         out = []
         for p in list(self._local.values()):
             lg = p.log
+            idem = p.idempotence
             try:
                 lags = p.follower_lags()
                 nodes = self._controller.state.nodes
@@ -241,6 +245,13 @@ class TopicRegistry:
                         under_replicated=p.is_leader and len(in_sync) < len(p.replicas),
                         elections_started=p.elections_started,
                         elections_won=p.elections_won,
+                        producers=len(idem.state),
+                        msg_ids=len(idem.msg_ids),
+                        duplicates=idem.counters.duplicates,
+                        msg_id_duplicates=idem.counters.msg_id_duplicates,
+                        out_of_order=idem.counters.out_of_order,
+                        fenced=idem.counters.fenced,
+                        unknown_producer=idem.counters.unknown_producer,
                     )
                 )
             except Exception:
@@ -367,6 +378,8 @@ class TopicRegistry:
                 durable=config.flush != "os",
                 config=self._raft_config,
             )
+            if self.snapshots is not None:
+                self.snapshots.load_into(part)
             part.attach(group, self._raft)
             self._local[a.group_id] = part
             topic.local[a.partition] = part
@@ -388,6 +401,8 @@ class TopicRegistry:
 
     async def _drop(self, part: Partition, *, deleted: bool) -> None:
         del self._local[part.group_id]
+        if self.snapshots is not None:
+            self.snapshots.forget(part.group_id)
         topic = self._topics.get(part.topic)
         if topic is not None and topic.local.get(part.index) is part:
             del topic.local[part.index]

@@ -203,6 +203,11 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
     async def InitProducerId(
         self, request: broker_pb2.InitProducerIdRequest, context: Context
     ) -> broker_pb2.InitProducerIdResponse:
+        if request.HasField("producer_id"):  # the same id, its epoch bumped
+            self.producers.init_requests += 1
+            return broker_pb2.InitProducerIdResponse(
+                producer_id=request.producer_id, producer_epoch=request.producer_epoch + 1
+            )
         return broker_pb2.InitProducerIdResponse(producer_id=self.producers.new_id())
 
     async def _produce(
