@@ -310,7 +310,7 @@ class Sender:
             self.fail_partition(tp, self.fatal)
             return
         idempotent = self.config.idempotent
-        if idempotent and not self._session_ready(tp, st):
+        if idempotent and self.acc.head(tp) is not None and not self._session_ready(tp, st):
             return
         limit = 1 if st.recovering else self.config.max_in_flight
         force = self._force_drain() or self.closed

@@ -149,6 +149,8 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
     #: An error to answer with AFTER the batches were appended: a lost answer.
     answer_fault: ProduceFault | None = None
     producers: FakeProducers = field(default_factory=FakeProducers)
+    #: An error every InitProducerId call answers with (a node without idempotence).
+    init_fault: TidelogError | None = None
     #: Produce requests being served right now, and the most at once.
     serving: int = 0
     serving_max: int = 0
@@ -203,6 +205,8 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
     async def InitProducerId(
         self, request: broker_pb2.InitProducerIdRequest, context: Context
     ) -> broker_pb2.InitProducerIdResponse:
+        if self.init_fault is not None:
+            await self._abort(context, self.init_fault)
         if request.HasField("producer_id"):  # the same id, its epoch bumped
             self.producers.init_requests += 1
             return broker_pb2.InitProducerIdResponse(

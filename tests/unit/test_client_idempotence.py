@@ -19,6 +19,7 @@ from tidelog.errors import (
     ProducerFenced,
     RequestTimedOut,
     TidelogError,
+    Unsupported,
 )
 from tidelog.records import iter_headers
 from tidelog.v1 import broker_pb2
@@ -219,3 +220,14 @@ async def test_idempotent_producer_gives_up_on_an_unknown_outcome_after_the_deli
                 await p.send("t", b"v")
         # Every attempt carried the same stamp.
         assert len(stamps) > 1 and len(set(stamps)) == 1 and stamps[0][0] >= 0
+
+
+async def test_a_cluster_without_producer_ids_fails_the_send_with_what_to_do() -> None:
+    async with FakeCluster({"t": 1}) as fake:
+        fake.init_fault = Unsupported("InitProducerId is not implemented")
+        async with Producer(fake.address) as p:
+            with pytest.raises(TidelogError, match="enable_idempotence=False"):
+                await p.send("t", b"v")
+        assert fake.produce_requests == 0
+        async with Producer(fake.address, enable_idempotence=False) as p:
+            assert (await p.send("t", b"v")).offset == 0
