@@ -125,13 +125,6 @@ class FakeProducers:
         del entry.batches[:-FAKE_BATCHES_KEPT]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @dataclass
 class FakeBroker(broker_pb2_grpc.BrokerServicer):
     address: str

@@ -11,8 +11,9 @@ import grpc
 import pytest
 from grpc import aio
 
+from tests.support import free_port
 from tests.unit.node_fakes import InstrumentedLog
-from tests.unit.test_node_services import Client, free_port
+from tests.unit.test_node_services import Client
 from tidelog.config import TopicConfig
 from tidelog.controller.commands import AllocateProducerIds, RegisterNode
 from tidelog.controller.state import ClusterState
