@@ -19,7 +19,13 @@ from typing import Any, NoReturn, Protocol, TypeVar
 import grpc
 from grpc import aio
 
-from tidelog.errors import TidelogError, trailing_metadata
+from tidelog.errors import (
+    MESSAGE_CHARS_MAX,
+    STATUS_DETAILS_KEY,
+    TidelogError,
+    excerpt,
+    to_status_details,
+)
 from tidelog.node.metrics import ApiMetrics, NodeMetrics
 
 log = logging.getLogger(__name__)
@@ -38,12 +44,12 @@ class HasMetrics(Protocol):
 async def _abort(api: ApiMetrics, context: Context, exc: BaseException) -> NoReturn:
     if isinstance(exc, TidelogError):
         api.count(exc.code)
-        await context.abort(exc.code, exc.message, trailing_metadata=trailing_metadata(exc))
+        code, message, details = to_status_details(exc)
+        await context.abort(code, message, trailing_metadata=((STATUS_DETAILS_KEY, details),))
     log.error("%s failed with an unexpected error", api.api, exc_info=exc)
     api.count(grpc.StatusCode.INTERNAL)
-    await context.abort(
-        grpc.StatusCode.INTERNAL, f"internal error in {api.api}: {type(exc).__name__}: {exc}"
-    )
+    text = excerpt(f"{type(exc).__name__}: {exc}", MESSAGE_CHARS_MAX // 2)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {api.api}: {text}")
     raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
 
