@@ -9,18 +9,27 @@ from offsets (they are contiguous per record), not from the records.
 from __future__ import annotations
 
 import asyncio
+import functools
 import struct
 import time
 from collections.abc import AsyncIterator
 
-from tidelog.config import validate_topic_name
+from tidelog.config import TopicConfig, validate_topic_name
 from tidelog.errors import BatchTooLarge, InvalidRequest, StorageError
 from tidelog.node import limits, rpc
 from tidelog.node.controller_node import Controller
 from tidelog.node.identity import NodeIdentity
 from tidelog.node.metrics import NodeMetrics
+from tidelog.node.partition import Partition
 from tidelog.node.topics import TopicRegistry
-from tidelog.records import HEADER_SIZE, LENGTH_PREFIX_SIZE, read_header, validate_batches
+from tidelog.records import (
+    HEADER_SIZE,
+    LENGTH_PREFIX_SIZE,
+    ProduceLimits,
+    check_batches,
+    read_header,
+    scan_batches,
+)
 from tidelog.v1 import broker_pb2 as pb
 from tidelog.v1 import broker_pb2_grpc as pb_grpc
 
@@ -54,6 +63,17 @@ def _ms(raw: int, default_ms: int, max_ms: int, what: str) -> float:
     return min(raw or default_ms, max_ms) / 1000
 
 
+class _Queue:
+    """The produce requests of one partition waiting for their check in a worker thread; a
+    FIFO lock, so they are proposed in the order they arrived."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class BrokerService(pb_grpc.BrokerServicer):
     def __init__(
         self,
@@ -66,6 +86,9 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.controller = controller
         self.identity = identity
         self.metrics = metrics
+        # Partitions (by group id) with produce requests checked in a worker thread.
+        self._queued: dict[int, _Queue] = {}
+        self._check_slots = asyncio.Semaphore(limits.produce_check_threads)
 
     @rpc.unary("Produce")
     async def Produce(self, request: pb.ProduceRequest, context: rpc.Context) -> pb.ProduceResponse:
@@ -87,8 +110,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 f"produce request carries {len(buf)} bytes of batches, more than the limit of "
                 f"{limits.produce_request_bytes_max}: send fewer batches per request"
             )
-        headers = validate_batches(buf, max_bytes=topic.config.max_message_bytes)
-        base, last, index, term = part.propose(buf, headers)
+        base, last, index, term = await self._check_and_propose(part, topic.config, buf)
         append_time_ms = time.time_ns() // 1_000_000
         tm = topic.metrics
         tm.records_in.inc(last - base + 1)
@@ -105,6 +127,48 @@ class BrokerService(pb_grpc.BrokerServicer):
             log_start_offset=part.log_start_offset,
             append_time_ms=append_time_ms,
         )
+
+    async def _check_and_propose(
+        self, part: Partition, config: TopicConfig, buf: bytes
+    ) -> tuple[int, int, int, int]:
+        """Check the batches and propose them. The O(batches) part runs here and refuses a
+        decompression bomb at once; the O(records) part runs here too when the request is
+        small, else in a worker thread, so the event loop that drives Raft never spends more
+        than a GIL slice on it. A partition's requests are proposed in arrival order either
+        way: a small one waits behind a large one still being checked."""
+        mmb = config.max_message_bytes
+        lim = ProduceLimits(
+            batch_bytes_max=mmb,
+            batch_records_max=limits.batch_records_max,
+            expanded_bytes_max=limits.produce_expanded_bytes_max(mmb),
+        )
+        scan = scan_batches(buf, lim)
+        now_ms = time.time_ns() // 1_000_000
+        check = functools.partial(
+            check_batches,
+            buf,
+            scan,
+            lim,
+            timestamp_min_ms=now_ms - config.timestamp_before_max_ms,
+            timestamp_max_ms=now_ms + config.timestamp_after_max_ms,
+        )
+        gid = part.group_id
+        if scan.check_bytes <= limits.produce_inline_check_bytes_max and gid not in self._queued:
+            check()
+            return part.propose(buf, scan.headers)
+        lock = self._queued.get(gid)
+        if lock is None:
+            lock = self._queued[gid] = _Queue()
+        lock.users += 1
+        try:
+            async with lock.lock:
+                async with self._check_slots:
+                    await asyncio.to_thread(check)
+                return part.propose(buf, scan.headers)
+        finally:
+            lock.users -= 1
+            if not lock.users:
+                del self._queued[gid]
 
     @rpc.stream("Fetch")
     async def Fetch(

@@ -128,6 +128,18 @@ TOPIC_CONFIG_KEYS: dict[str, ConfigKey] = {
             "delete: retention removes whole old segments. (compact is not available yet.)",
         ),
         ConfigKey(
+            "message.timestamp.before.max.ms",
+            str(_I64),
+            _int_in(0, _I64),
+            "Refuse a batch with a record timestamp more than this before the node's clock.",
+        ),
+        ConfigKey(
+            "message.timestamp.after.max.ms",
+            str(3600 * 1000),
+            _int_in(0, _I64),
+            "Refuse a batch with a record timestamp more than this after the node's clock.",
+        ),
+        ConfigKey(
             "index.interval.bytes",
             "4096",
             _int_in(0, 2**31 - 1),
@@ -162,6 +174,8 @@ class TopicConfig:
     flush: str
     cleanup_policy: str
     index_interval_bytes: int
+    timestamp_before_max_ms: int = _I64
+    timestamp_after_max_ms: int = 3600 * 1000
 
     @classmethod
     def from_overrides(cls, overrides: Mapping[str, str]) -> TopicConfig:
@@ -181,6 +195,8 @@ class TopicConfig:
             flush=merged["flush"],
             cleanup_policy=merged["cleanup.policy"],
             index_interval_bytes=geti("index.interval.bytes"),
+            timestamp_before_max_ms=geti("message.timestamp.before.max.ms"),
+            timestamp_after_max_ms=geti("message.timestamp.after.max.ms"),
         )
 
 

@@ -9,21 +9,24 @@ three in-process nodes (as in test_node_cluster.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import grpc
 import pytest
+import zstandard
 from grpc import aio
 
 from tests.unit.node_fakes import InstrumentedLog
 from tests.unit.test_node_cluster import Cluster
 from tests.unit.test_node_services import Client, free_port
+from tests.unit.test_records import reforge
 from tidelog.config import TOPIC_CONFIG_KEYS, validate_topic_configs
 from tidelog.errors import InvalidConfig, from_rpc_error
 from tidelog.node.server import Node
-from tidelog.records import decode_batches
+from tidelog.records import Codec, decode_batches, encode_batch
 from tidelog.v1 import admin_pb2, broker_pb2
 
 
@@ -85,7 +88,7 @@ async def test_errors_quoting_huge_inputs_reach_the_client(client: Client) -> No
     await client.create("t")
     await client.produce("t", [b"a"])
     huge_name = "x" * 100_000
-    calls = [
+    calls: list[Awaitable[object]] = [
         client.admin.DeleteTopics(admin_pb2.DeleteTopicsRequest(names=[huge_name])),
         client.admin.AlterTopicConfig(
             admin_pb2.AlterTopicConfigRequest(topic="t", set={"segment.ms": "9" * 10_000})
@@ -166,3 +169,155 @@ async def test_unknown_topic_through_a_non_controller_answers_at_once(cluster: C
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
         assert from_rpc_error(info.value).reason == "UNKNOWN_TOPIC"
         assert elapsed < 2, f"answered after {elapsed:.1f} s"
+
+
+# -- 6: decompression bombs that are valid batches -------------------------------------------
+
+
+def empty_records_batch(n: int, codec: Codec = Codec.ZSTD) -> bytes:
+    """A valid batch of ``n`` empty records (null keys), compressed without ever holding the
+    whole records block: a few KiB for millions of records."""
+    base = encode_batch([b""], timestamps_ms=time.time_ns() // 1_000_000, codec=codec)
+    columns = (b"\x00" * (4 << 20), b"\xff" * (4 << 20), b"\x00" * (4 << 20))
+    total = 12 * n
+    if codec is Codec.ZSTD:
+        comp = zstandard.ZstdCompressor(write_content_size=True).compressobj(size=total)
+        parts = []
+        for col in columns:
+            left = 4 * n
+            while left:
+                step = min(left, len(col))
+                parts.append(comp.compress(col[:step]))
+                left -= step
+        parts.append(comp.flush())
+        block = b"".join(parts)
+    else:
+        block = b"".join([b"\x00" * (4 * n), b"\xff" * (4 * n), b"\x00" * (4 * n)])
+    return reforge(base, block=block, record_count=n, last_offset_delta=n - 1)
+
+
+class LoopWatch:
+    """The longest stretch the event loop went without running this ticker."""
+
+    def __init__(self) -> None:
+        self.longest_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.002)
+            now = time.perf_counter()
+            self.longest_s = max(self.longest_s, now - last)
+            last = now
+
+    async def __aenter__(self) -> LoopWatch:
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+        await asyncio.sleep(0.01)
+        self.longest_s = 0.0
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+async def produce_raw(client: Client, topic: str, batches: bytes) -> broker_pb2.ProduceResponse:
+    return await client.broker.Produce(
+        broker_pb2.ProduceRequest(topic=topic, batches=batches, acks=broker_pb2.ACKS_ALL),
+        timeout=30,
+    )
+
+
+@pytest.mark.timeout(60)
+async def test_a_decompression_bomb_is_refused_in_milliseconds(client: Client) -> None:
+    await client.create("t")
+    await client.produce("t", [b"a"])
+    bomb = empty_records_batch(22_369_621)  # the issue's: 256 MiB of columns in a few KiB
+    assert len(bomb) < 16 * 1024
+    for request in (bomb, bomb * 4):
+        async with LoopWatch() as watch:
+            t0 = time.perf_counter()
+            with pytest.raises(aio.AioRpcError) as info:
+                await produce_raw(client, "t", request)
+            elapsed = time.perf_counter() - t0
+        err = from_rpc_error(info.value)
+        assert err.reason == "BATCH_TOO_LARGE", err
+        assert "22369621 records" in err.message
+        assert watch.longest_s < 0.05, f"event loop blocked for {watch.longest_s * 1000:.0f} ms"
+        assert elapsed < 0.5
+    assert await fetch_all(client, "t") == [b"a"]
+
+
+@pytest.mark.timeout(60)
+async def test_a_request_expanding_past_its_allowance_is_refused(client: Client) -> None:
+    # Each batch is within the record limit, four together expand past 8 x max.message.bytes.
+    await client.create("t", configs={"max.message.bytes": str(1 << 20)})
+    await client.produce("t", [b"a"])
+    one = empty_records_batch(400_000)  # 4.8 MB expanded; 8 MiB allowed per request
+    assert len(one) < 4096
+    with pytest.raises(aio.AioRpcError) as info:
+        await produce_raw(client, "t", one * 2)
+    err = from_rpc_error(info.value)
+    assert err.reason == "BATCH_TOO_LARGE" and "expand" in err.message, err
+    assert await fetch_all(client, "t") == [b"a"]
+
+
+@pytest.mark.timeout(90)
+async def test_large_requests_are_checked_off_the_loop_and_in_order(client: Client) -> None:
+    await client.create("t")
+    big = empty_records_batch(1 << 20) * 4  # 48 MiB of columns to check, inside the limits
+    async with LoopWatch() as watch:
+        first = asyncio.ensure_future(produce_raw(client, "t", big))
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(client.produce("t", [b"after"]))
+        r1, r2 = await asyncio.gather(first, second)
+    assert (r1.base_offset, r1.last_offset) == (0, 4 * (1 << 20) - 1)
+    assert r2.base_offset == 4 * (1 << 20)  # the small request did not overtake the large one
+    assert watch.longest_s < 0.1, f"event loop blocked for {watch.longest_s * 1000:.0f} ms"
+
+
+# -- 8: control batches from clients ---------------------------------------------------------
+
+
+@pytest.mark.timeout(20)
+async def test_control_batches_from_clients_are_refused(client: Client) -> None:
+    await client.create("t")
+    await client.produce("t", [b"a"])
+    with pytest.raises(aio.AioRpcError) as info:
+        await produce_raw(client, "t", encode_batch([b"x"], control=True))
+    err = from_rpc_error(info.value)
+    assert err.reason == "INVALID_RECORD" and "control batch" in err.message, err
+    r = await client.produce("t", [b"b"])
+    assert r.base_offset == 1  # the control batch took no offset
+    assert await fetch_all(client, "t") == [b"a", b"b"]
+
+
+# -- 9: timestamps far from the node's clock -------------------------------------------------
+
+
+@pytest.mark.timeout(20)
+async def test_timestamps_far_from_the_clock_are_refused(client: Client) -> None:
+    day_ms = 86_400_000
+    await client.create("t", configs={"message.timestamp.before.max.ms": str(day_ms)})
+    await client.create("d")  # Kafka's defaults: 1 h ahead, any age
+    now = time.time_ns() // 1_000_000
+    await client.produce("t", [b"a"])
+    for topic, timestamps, what in (
+        ("t", [now, now + 2 * 3_600_000], "later"),
+        ("d", [now + 2 * 3_600_000], "later"),
+        ("t", [now, now - 2 * day_ms], "earlier"),
+        ("t", [now - 400 * day_ms], "earlier"),
+    ):
+        batch = encode_batch([b"x"] * len(timestamps), timestamps_ms=timestamps)
+        with pytest.raises(aio.AioRpcError) as info:
+            await produce_raw(client, topic, batch)
+        err = from_rpc_error(info.value)
+        assert err.reason == "INVALID_TIMESTAMP" and what in err.message, err
+    # Within the bounds: accepted (a record from 1970 is fine under the default).
+    await produce_raw(client, "t", encode_batch([b"b"], timestamps_ms=now - day_ms // 2))
+    await produce_raw(client, "d", encode_batch([b"old"], timestamps_ms=0))
+    assert await fetch_all(client, "t") == [b"a", b"b"]
+    assert await fetch_all(client, "d") == [b"old"]
