@@ -12,12 +12,13 @@ import asyncio
 import functools
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from tidelog.config import TopicConfig, validate_topic_name
 from tidelog.errors import BatchTooLarge, InvalidRequest, StorageError
 from tidelog.node import limits, rpc
 from tidelog.node.controller_node import Controller
+from tidelog.node.fetch_quota import FetchQuota, FetchQuotaLimits
 from tidelog.node.identity import NodeIdentity
 from tidelog.node.metrics import NodeMetrics
 from tidelog.node.partition import Partition
@@ -86,6 +87,15 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.controller = controller
         self.identity = identity
         self.metrics = metrics
+        self.fetch_quota = FetchQuota(
+            FetchQuotaLimits(
+                streams_per_peer_max=limits.fetch_streams_per_peer_max,
+                streams_per_node_max=limits.fetch_streams_per_node_max,
+                buffered_bytes_per_peer_max=limits.fetch_buffered_bytes_per_peer_max,
+                buffered_bytes_per_node_max=limits.fetch_buffered_bytes_per_node_max,
+                grant_bytes_min=limits.fetch_grant_bytes_min,
+            )
+        )
         # Partitions (by group id) with produce requests checked in a worker thread.
         self._queued: dict[int, _Queue] = {}
         self._check_slots = asyncio.Semaphore(limits.produce_check_threads)
@@ -171,9 +181,9 @@ class BrokerService(pb_grpc.BrokerServicer):
                 del self._queued[gid]
 
     @rpc.stream("Fetch")
-    async def Fetch(
+    async def Fetch(  # type: ignore[override]  # written by rpc.stream, see there
         self, request: pb.FetchRequest, context: rpc.Context
-    ) -> AsyncIterator[pb.FetchResponse]:
+    ) -> AsyncGenerator[pb.FetchResponse, None]:
         topic, part = self.registry.partition(request.topic, request.partition)
         if request.max_bytes < 0:
             raise InvalidRequest(
@@ -191,42 +201,57 @@ class BrokerService(pb_grpc.BrokerServicer):
         part.check_streaming()
         part.check_fetch_offset(offset)
         tm = topic.metrics
-        while True:
-            # Take the event before looking at the high watermark: a commit in between
-            # sets this very event, so the wait below cannot miss it.
-            changed = part.changed()
-            part.check_streaming()
-            hw = part.high_watermark
-            if offset < hw:
-                data = part.read(offset, max_bytes)
-                if data:
-                    first = read_header(data, 0)
-                    last = read_header(data, last_batch_position(data))
-                    next_offset = last.last_offset + 1
-                    tm.records_out.inc(next_offset - first.base_offset)
-                    tm.bytes_out.inc(len(data))
+        quota = self.fetch_quota
+        peer = context.peer() or "unknown"
+        quota.open(peer)
+        try:
+            while True:
+                # Take the event before looking at the high watermark: a commit in between
+                # sets this very event, so the wait below cannot miss it.
+                changed = part.changed()
+                part.check_streaming()
+                if offset < part.high_watermark:
+                    # The response's bytes are reserved before it is read and returned once
+                    # gRPC took it (the generator resumes after the write): see fetch_quota.
+                    held = await quota.reserve(peer, max_bytes)
+                    try:
+                        part.check_streaming()
+                        hw = part.high_watermark
+                        data = part.read(offset, held)
+                        quota.adjust(peer, held, len(data))
+                        held = len(data)
+                        if data:
+                            first = read_header(data, 0)
+                            last = read_header(data, last_batch_position(data))
+                            next_offset = last.last_offset + 1
+                            tm.records_out.inc(next_offset - first.base_offset)
+                            tm.bytes_out.inc(len(data))
+                            yield pb.FetchResponse(
+                                batches=data,
+                                high_watermark=hw,
+                                log_start_offset=part.log_start_offset,
+                                next_offset=next_offset,
+                            )
+                            offset = next_offset
+                            if once:
+                                return
+                            continue
+                    finally:
+                        quota.release(peer, held)
+                try:
+                    async with asyncio.timeout(wait_s):
+                        await changed.wait()
+                except TimeoutError:
+                    part.check_streaming()
                     yield pb.FetchResponse(
-                        batches=data,
-                        high_watermark=hw,
+                        high_watermark=part.high_watermark,
                         log_start_offset=part.log_start_offset,
-                        next_offset=next_offset,
+                        next_offset=offset,
                     )
-                    offset = next_offset
                     if once:
                         return
-                    continue
-            try:
-                async with asyncio.timeout(wait_s):
-                    await changed.wait()
-            except TimeoutError:
-                part.check_streaming()
-                yield pb.FetchResponse(
-                    high_watermark=part.high_watermark,
-                    log_start_offset=part.log_start_offset,
-                    next_offset=offset,
-                )
-                if once:
-                    return
+        finally:
+            quota.close(peer)
 
     @rpc.unary("ListOffsets")
     async def ListOffsets(

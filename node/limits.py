@@ -53,6 +53,19 @@ fetch_bytes_max: Final = 32 * MIB
 fetch_wait_default_ms: Final = 500
 fetch_wait_max_ms: Final = 60_000
 
+# Fetch streams. A stream reads its next response only once gRPC took the previous one, so
+# one whose client stops reading holds at most one response (node/fetch_quota.py). A
+# consumer keeps one stream per partition it reads from this node, over one connection.
+fetch_streams_per_peer_max: Final = 1024
+fetch_streams_per_node_max: Final = 8192
+# Bytes of responses being written, per connection and per node: at the default 1 MiB per
+# response, 64 responses of one connection and 512 of the node are in flight at once; more
+# wait until clients read. A response holds at least one batch, so the sum may exceed the
+# bound by one batch (max.message.bytes) per stream reading at that moment.
+fetch_buffered_bytes_per_peer_max: Final = 64 * MIB
+fetch_buffered_bytes_per_node_max: Final = 512 * MIB
+fetch_grant_bytes_min: Final = 64 * KIB
+
 # Admin requests: how many topics one request may name.
 topics_per_request_max: Final = 10_000
 # Every partition holds a few open files (segment, indexes); main raises RLIMIT_NOFILE.
@@ -77,6 +90,9 @@ assert fetch_bytes_max + 1 * MIB <= grpc_message_bytes_max
 assert 0 < fetch_wait_default_ms <= fetch_wait_max_ms
 assert 0 < produce_timeout_default_ms <= produce_timeout_max_ms
 assert flush_threads >= 1
+assert fetch_streams_per_peer_max <= fetch_streams_per_node_max
+assert 2 * fetch_bytes_max <= fetch_buffered_bytes_per_peer_max <= fetch_buffered_bytes_per_node_max
+assert fetch_grant_bytes_min <= fetch_bytes_default
 assert produce_expanded_bytes_max(8 * MIB) == produce_request_bytes_max
 assert 12 * batch_records_max <= produce_request_bytes_max
 assert 0 < produce_inline_check_bytes_max < produce_request_bytes_max

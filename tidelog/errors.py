@@ -147,6 +147,13 @@ class NodeUnavailable(TidelogError):
     retriable = True
 
 
+class ResourceExhausted(TidelogError):
+    """A bound of the node (open streams, buffered bytes) would be exceeded."""
+
+    reason = "RESOURCE_EXHAUSTED"
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class StorageError(TidelogError):
     reason = "STORAGE_ERROR"
     code = grpc.StatusCode.INTERNAL
@@ -179,6 +186,7 @@ _BY_REASON: dict[str, type[TidelogError]] = {
         NotEnoughReplicas,
         RequestTimedOut,
         NodeUnavailable,
+        ResourceExhausted,
         StorageError,
         Unsupported,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -25,9 +26,10 @@ from tests.unit.test_node_services import Client, free_port
 from tests.unit.test_records import reforge
 from tidelog.config import TOPIC_CONFIG_KEYS, validate_topic_configs
 from tidelog.errors import InvalidConfig, from_rpc_error
+from tidelog.node import limits
 from tidelog.node.server import Node
 from tidelog.records import Codec, decode_batches, encode_batch
-from tidelog.v1 import admin_pb2, broker_pb2
+from tidelog.v1 import admin_pb2, broker_pb2, broker_pb2_grpc
 
 
 @pytest.fixture
@@ -321,3 +323,103 @@ async def test_timestamps_far_from_the_clock_are_refused(client: Client) -> None
     await produce_raw(client, "d", encode_batch([b"old"], timestamps_ms=0))
     assert await fetch_all(client, "t") == [b"a", b"b"]
     assert await fetch_all(client, "d") == [b"old"]
+
+
+# -- 7: Fetch streams that are never read ----------------------------------------------------
+
+
+@pytest.fixture
+async def small_quota_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Node]:
+    # raising=False: a node without these limits serves every stream (the attack works).
+    monkeypatch.setattr(limits, "fetch_streams_per_peer_max", 3, raising=False)
+    monkeypatch.setattr(limits, "fetch_streams_per_node_max", 5, raising=False)
+    n = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=InstrumentedLog)
+    await n.start()
+    yield n
+    await n.stop(1)
+
+
+@pytest.mark.timeout(30)
+async def test_fetch_streams_are_bounded_per_connection_and_node(small_quota_node: Node) -> None:
+    a, b = Client(small_quota_node), Client(small_quota_node)
+    # Its own connection (channels to one address share one unless told otherwise).
+    await b.channel.close(None)
+    b.channel = aio.insecure_channel(
+        f"127.0.0.1:{small_quota_node.port}", options=[("grpc.use_local_subchannel_pool", 1)]
+    )
+    b.broker = broker_pb2_grpc.BrokerStub(b.channel)
+    try:
+        await a.create("t")
+        await a.produce("t", [b"x" * 1000] * 100)
+
+        async def open_stream(c: Client) -> object:
+            call = c.broker.Fetch(broker_pb2.FetchRequest(topic="t", offset=0, max_wait_ms=5000))
+            await call.read()
+            return call
+
+        calls = [await open_stream(a) for _ in range(3)]
+        with pytest.raises(aio.AioRpcError) as info:
+            await open_stream(a)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "this connection already has 3 Fetch streams" in (info.value.details() or "")
+        calls += [await open_stream(b) for _ in range(2)]  # another connection: its own count
+        with pytest.raises(aio.AioRpcError) as info:
+            await open_stream(b)
+        assert from_rpc_error(info.value).reason == "RESOURCE_EXHAUSTED"
+        assert "this node already serves 5 Fetch streams" in (info.value.details() or "")
+        for call in calls:
+            call.cancel()  # type: ignore[attr-defined]
+        await asyncio.sleep(0.2)
+        # Closed streams free their places; the data is unchanged.
+        assert await fetch_all(a, "t") == [b"x" * 1000] * 100
+    finally:
+        await a.channel.close(None)
+        await b.channel.close(None)
+
+
+@pytest.mark.timeout(30)
+async def test_a_cancelled_stream_logs_no_error(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    await client.create("t")
+    for _ in range(20):
+        await client.produce("t", [b"x" * 1000] * 1000)  # 20 MB: more than the window
+    call = client.broker.Fetch(broker_pb2.FetchRequest(topic="t", offset=0, max_bytes=1 << 20))
+    await call.read()
+    await asyncio.sleep(0.5)  # the node is now blocked writing to the full window
+    with caplog.at_level(logging.INFO):
+        call.cancel()
+        await asyncio.sleep(0.5)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+async def test_fetch_quota_makes_streams_over_budget_wait() -> None:
+    from tidelog.node.fetch_quota import FetchQuota, FetchQuotaLimits
+
+    q = FetchQuota(
+        FetchQuotaLimits(
+            streams_per_peer_max=10,
+            streams_per_node_max=10,
+            buffered_bytes_per_peer_max=1000,
+            buffered_bytes_per_node_max=1500,
+            grant_bytes_min=200,
+        )
+    )
+    assert await q.reserve("a", 600) == 600
+    assert await q.reserve("a", 600) == 400  # cut to what is left, above grant_bytes_min
+    waiting = asyncio.ensure_future(q.reserve("a", 600))
+    other = await q.reserve("b", 600)  # another peer: node room is 500
+    assert other == 500 and q.buffered_bytes == 1500
+    await asyncio.sleep(0.01)
+    assert not waiting.done()  # its client has to read (a write to complete) first
+    q.adjust("a", 400, 300)  # that response was smaller than its grant
+    await asyncio.sleep(0.01)
+    assert not waiting.done()  # 100 bytes free: less than grant_bytes_min
+    q.release("a", 600)
+    async with asyncio.timeout(1):
+        assert await waiting == 600
+    q.release("a", 300)
+    q.release("a", 600)
+    q.release("b", 500)
+    assert q.buffered_bytes == 0
