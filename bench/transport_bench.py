@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -35,18 +34,12 @@ from grpc import aio
 from tidelog.node.raft.types import Entry, Message, MessageKind
 from tidelog.node.raft_codec import decode_batch, encode_batch
 from tidelog.node.transport import GRPC_SERVER_OPTIONS, RaftTransport
+from tidelog.ops.processes import free_port
 from tidelog.v1 import raft_pb2
 
 SENDER, RECEIVER = 1, 2
 ACK_GROUP = 0
 CLUSTER = "bench"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def start_server(transport: RaftTransport, port: int) -> aio.Server:

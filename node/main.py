@@ -4,7 +4,7 @@ Memory allocator tuning happens here because it cannot happen later. glibc reads
 ``MALLOC_*_`` variables once, when the process starts. With its defaults it hands every
 large buffer (a produce request, a fetch response: 100 KB to MBs) back to the kernel when
 freed and page-faults it in again on the next request, which cost 15-18% of server time
-(+40% throughput on grpc.aio unary once disabled, DESIGN.md, Performance). So when the
+(+40% throughput on grpc.aio unary once disabled). So when the
 variables are missing, :func:`run_node` re-executes the same process (same pid, so
 supervisors and pid files keep working) as ``python -m tidelog.node ...`` with them set.
 ``TIDELOG_NO_REEXEC=1`` turns that off; values already in the environment are respected.
@@ -18,6 +18,7 @@ import os
 import resource
 import signal
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,14 @@ import prometheus_client
 
 from tidelog.node import limits
 from tidelog.node.multiraft import RaftTiming
+from tidelog.node.settings import (
+    ELECTION_TIMEOUT_MS_DEFAULT,
+    HEARTBEAT_INTERVAL_MS_DEFAULT,
+    NODE_DEAD_MS_DEFAULT,
+    NodeFlags,
+    parse_flags,
+    to_argv,
+)
 
 log = logging.getLogger("tidelog.node")
 
@@ -39,10 +48,6 @@ _NO_REEXEC = "TIDELOG_NO_REEXEC"
 _REEXECED = "TIDELOG_MALLOC_TUNED"
 
 
-#: Defaults of the cluster flags (node/__main__.py and ``tidelog node start``).
-ELECTION_TIMEOUT_MS_DEFAULT = 1_000
-HEARTBEAT_INTERVAL_MS_DEFAULT = 100
-NODE_DEAD_MS_DEFAULT = 3_000
 #: Raft ticks every this many milliseconds; the timeouts above are converted to ticks.
 TICK_MS = 50
 
@@ -80,18 +85,44 @@ class ClusterSettings:
         )
 
     def argv(self) -> list[str]:
-        out = [
-            "--election-timeout-ms", str(self.election_timeout_ms),
-            "--heartbeat-interval-ms", str(self.heartbeat_interval_ms),
-            "--node-dead-ms", str(self.node_dead_ms),
-        ]  # fmt: skip
-        if self.controller_voters:
-            out += ["--controller-voters", self.controller_voters]
-        if self.cluster_id:
-            out += ["--cluster-id", self.cluster_id]
-        if self.rack:
-            out += ["--rack", self.rack]
-        return out
+        return to_argv(
+            {
+                "controller_voters": self.controller_voters or None,
+                "election_timeout_ms": self.election_timeout_ms,
+                "heartbeat_interval_ms": self.heartbeat_interval_ms,
+                "node_dead_ms": self.node_dead_ms,
+                "cluster_id": self.cluster_id or None,
+                "rack": self.rack or None,
+            }
+        )
+
+
+def node_flags(values: Mapping[str, object]) -> tuple[NodeFlags, ClusterSettings]:
+    """The flags of either entry point (values by dest, node/settings.py), checked; raises
+    ValueError naming the flag that is wrong."""
+    flags = parse_flags(values)
+    settings = ClusterSettings(
+        controller_voters=flags.controller_voters,
+        election_timeout_ms=flags.election_timeout_ms,
+        heartbeat_interval_ms=flags.heartbeat_interval_ms,
+        node_dead_ms=flags.node_dead_ms,
+        cluster_id=flags.cluster_id,
+        rack=flags.rack,
+    )
+    return flags, settings
+
+
+def run_flags(flags: NodeFlags, settings: ClusterSettings) -> None:
+    """:func:`run_node` with checked flags (:func:`node_flags`)."""
+    run_node(
+        flags.node_id,
+        flags.listen,
+        flags.data_dir,
+        flags.metrics_port,
+        flags.advertised,
+        flags.log_level,
+        settings,
+    )
 
 
 def node_argv(
@@ -103,13 +134,17 @@ def node_argv(
     log_level: str,
     settings: ClusterSettings | None = None,
 ) -> list[str]:
-    argv = [
-        sys.executable, "-m", "tidelog.node",
-        "--id", str(node_id), "--listen", listen, "--data-dir", str(data_dir),
-        "--metrics-port", str(metrics_port), "--log-level", log_level,
-    ]  # fmt: skip
-    if advertised:
-        argv += ["--advertised", advertised]
+    argv = [sys.executable, "-m", "tidelog.node"]
+    argv += to_argv(
+        {
+            "node_id": node_id,
+            "listen": listen,
+            "data_dir": data_dir,
+            "metrics_port": metrics_port,
+            "advertised": advertised or None,
+            "log_level": log_level,
+        }
+    )
     if settings is not None:
         argv += settings.argv()
     return argv

@@ -1,6 +1,6 @@
 """``python -m tidelog ...`` is the ``tidelog`` command."""
 
-from tidelog.cli import main
+from tidelog.ops.cli import main
 
 if __name__ == "__main__":
     main()

@@ -13,8 +13,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from tidelog import localcluster
-from tidelog.cli_cluster import register
+from tidelog.ops import localcluster
+from tidelog.ops.cli_cluster import register
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.slow]
 

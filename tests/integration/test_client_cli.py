@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.nodeproc import Node, free_port
+from tests.support import free_port
+from tests.support.nodeproc import Node
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -225,6 +226,21 @@ def test_error_paths_print_one_line(node: Node) -> None:
     )
     assert "no key separator" in line
     assert "unknown" in one_error_line(tidelog(node, "topic", "delete", missing), 1).lower()
+
+
+def test_produce_exits_1_when_a_record_is_not_written(node: Node) -> None:
+    """A record the node refuses (over the topic's max.message.bytes) fails the command with
+    one line naming the input lines, whether or not the input ends with a newline."""
+    name = unique("cli-big")
+    ok(tidelog(node, "topic", "create", name, "-c", "max.message.bytes=2048"))
+    big = b"x" * 8192
+    for stdin in (b"a\n" + big + b"\n", b"a\n" + big):
+        line = one_error_line(tidelog(node, "produce", name, stdin=stdin), 1)
+        assert "max.message.bytes" in line, line
+        # One send for both lines, or one per line (the last line arrives at the end of input).
+        assert "lines 1-2" in line or ("line 1 " in line and "up to line 2" in line), line
+    ok(tidelog(node, "produce", name, stdin=b"small\n"))
+    assert ok(tidelog(node, "consume", name, "--from-beginning", "--max", "1")) == "small\n"
 
 
 def test_usage_errors_exit_2(node: Node) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.nodeproc import Node
+from tests.support.nodeproc import Node
 from tidelog.client import (
     Admin,
     Consumer,

@@ -20,7 +20,7 @@ import grpc
 import pytest
 from grpc import aio
 
-from tests.integration.nodeproc import Cluster, Node, spawn_cluster, until
+from tests.support.nodeproc import Cluster, Node, spawn_cluster, until
 from tidelog.client import Consumer, Producer, TopicPartition
 from tidelog.errors import TidelogError, from_rpc_error
 from tidelog.records import encode_batch

@@ -16,9 +16,9 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from tidelog import localcluster
-from tidelog.cli_cluster import register
 from tidelog.client import SyncAdmin, SyncConsumer, SyncProducer, TopicPartition
+from tidelog.ops import localcluster
+from tidelog.ops.cli_cluster import register
 
 pytestmark = [pytest.mark.integration]
 

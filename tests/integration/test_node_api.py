@@ -25,7 +25,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.integration.nodeproc import Node
+from tests.support.nodeproc import Node
 from tidelog.errors import TidelogError, from_rpc_error
 from tidelog.records import CRC_COVERED_FROM, decode_batches, encode_batch
 from tidelog.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc

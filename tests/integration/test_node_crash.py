@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.nodeproc import Node
+from tests.support.nodeproc import Node
 from tidelog.client import Admin, Consumer, Producer, TopicPartition
 from tidelog.errors import TidelogError
 

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from tests.integration.nodeproc import Cluster, Node, spawn_cluster, until
+from tests.support.nodeproc import Cluster, Node, spawn_cluster, until
 from tidelog.client import Consumer, Producer, TopicPartition
 from tidelog.errors import TidelogError
 from tidelog.v1 import (

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc import aio
 
-from tests.integration.nodeproc import free_port
+from tests.support import free_port
 from tidelog.node.raft.types import Entry, Message, MessageKind
 from tidelog.node.transport import (
     GRPC_SERVER_OPTIONS,

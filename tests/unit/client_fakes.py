@@ -13,7 +13,6 @@ Metadata late or never, or takes down: the failovers a client must follow.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any, Literal
 import grpc
 from grpc import aio
 
+from tests.support import free_port
 from tidelog.errors import (
     LeaderNotAvailable,
     NodeUnavailable,
@@ -40,13 +40,6 @@ Context = aio.ServicerContext[Any, Any]
 ProduceFault = Callable[[int, broker_pb2.ProduceRequest], TidelogError | None]
 #: (stream number, responses sent so far on it) -> an error to end the stream with, or None.
 FetchFault = Callable[[int, int], TidelogError | None]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

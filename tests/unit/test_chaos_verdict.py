@@ -10,17 +10,15 @@ import random
 import pytest
 from rich.console import Console
 
-from tidelog.chaos import (
+from tidelog.ops.chaos_load import Failover
+from tidelog.ops.chaos_report import ChaosReport, RoundResult, render_report
+from tidelog.ops.chaos_verdict import (
     Acked,
-    ChaosReport,
     Consumed,
-    RoundResult,
     Verdict,
-    _Failover,
     choose_victim,
     decode_value,
     encode_value,
-    render_report,
     verdict,
 )
 
@@ -170,7 +168,7 @@ def test_victim_choice_is_reproducible_from_the_seed() -> None:
 
 
 async def test_failover_ends_when_every_led_partition_acks_a_record_sent_after_the_kill() -> None:
-    f = _Failover()
+    f = Failover()
     f.arm([1, 4], kill_s=100.0)
     f.on_ack(1, sent_s=99.0, acked_s=100.5)  # sent before the kill: does not count
     f.on_ack(2, sent_s=100.1, acked_s=100.2)  # not the victim's partition
@@ -187,7 +185,7 @@ async def test_failover_ends_when_every_led_partition_acks_a_record_sent_after_t
 
 
 async def test_failover_with_nothing_led_is_done_at_once() -> None:
-    f = _Failover()
+    f = Failover()
     f.arm([], kill_s=1.0)
     assert f.done.is_set()
 

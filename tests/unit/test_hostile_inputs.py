@@ -20,9 +20,10 @@ import pytest
 import zstandard
 from grpc import aio
 
+from tests.support import free_port
 from tests.unit.node_fakes import InstrumentedLog
 from tests.unit.test_node_cluster import Cluster
-from tests.unit.test_node_services import Client, free_port
+from tests.unit.test_node_services import Client
 from tests.unit.test_records import reforge
 from tidelog.config import TOPIC_CONFIG_KEYS, validate_topic_configs
 from tidelog.errors import InvalidConfig, from_rpc_error

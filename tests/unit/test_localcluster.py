@@ -20,9 +20,10 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from tidelog import localcluster
-from tidelog.cli_cluster import register
-from tidelog.localcluster import (
+from tests.support import free_port
+from tidelog.ops import localcluster
+from tidelog.ops.cli_cluster import register
+from tidelog.ops.localcluster import (
     ClusterError,
     ClusterFile,
     NodeSpec,
@@ -249,13 +250,6 @@ def test_discover_bootstrap_lists_running_nodes(
     assert discover_bootstrap(tmp_path) is None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _stand_in_cluster(directory: Path, n: int) -> ClusterFile:
     """cluster.json of ``n`` stand-in nodes that are not started yet (pid 0)."""
     specs = []
@@ -265,8 +259,8 @@ def _stand_in_cluster(directory: Path, n: int) -> ClusterFile:
             NodeSpec(
                 i,
                 0,
-                f"127.0.0.1:{_free_port()}",
-                f"127.0.0.1:{_free_port()}",
+                f"127.0.0.1:{free_port()}",
+                f"127.0.0.1:{free_port()}",
                 data,
                 directory / f"node-{i}" / "node.log",
                 tuple(_sleeper(data)),
@@ -332,7 +326,7 @@ def test_up_names_the_log_of_a_node_that_exits(
 
     monkeypatch.setattr(localcluster, "node_argv", crashing)
     with pytest.raises(ClusterError) as info:
-        localcluster.up(tmp_path, 2, _free_port(), timeout_s=20)
+        localcluster.up(tmp_path, 2, free_port(), timeout_s=20)
     msg = str(info.value)
     assert "exited while the cluster started" in msg
     assert "node.log" in msg and "boom from node" in msg
@@ -347,7 +341,7 @@ def test_up_times_out_naming_the_silent_node_and_stops_what_it_started(
 
     monkeypatch.setattr(localcluster, "node_argv", silent)
     with pytest.raises(ClusterError, match=r"not ready after 1 s: node 1 does not answer"):
-        localcluster.up(tmp_path, 2, _free_port(), timeout_s=1)
+        localcluster.up(tmp_path, 2, free_port(), timeout_s=1)
     cluster = load_cluster(tmp_path)
     assert all(n.pid > 0 for n in cluster.nodes)
     assert all(process_state(n.pid) is ProcState.DEAD for n in cluster.nodes)

@@ -5,13 +5,13 @@ through the client, NOT_LEADER redirects, liveness, leader hints, restart catch-
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from grpc import aio
 
+from tests.support import free_port
 from tidelog.client import Consumer, Producer, TopicPartition
 from tidelog.errors import from_rpc_error
 from tidelog.node.multiraft import RaftTiming
@@ -28,13 +28,6 @@ from tidelog.v1 import (
 
 TIMING = RaftTiming(tick_ms=10, heartbeat_interval_ms=30, election_timeout_ms=300)
 NODE_DEAD_MS = 600
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 #: Two racks of two nodes each: placement must spread a partition's replicas over both.

@@ -7,7 +7,6 @@ node process and the real log; this one is fast and checks the streaming details
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,18 +14,12 @@ import grpc
 import pytest
 from grpc import aio
 
+from tests.support import free_port
 from tests.unit.node_fakes import InstrumentedLog
 from tidelog.errors import from_rpc_error
 from tidelog.node.server import Node, StartupError
 from tidelog.records import decode_batches, encode_batch
 from tidelog.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Client:

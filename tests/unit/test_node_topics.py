@@ -3,12 +3,12 @@ across restarts (the metadata log is replayed), replica directories, delete, alt
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from tests.support import free_port
 from tests.unit.node_fakes import InstrumentedLog
 from tidelog.config import TopicConfig
 from tidelog.errors import (
@@ -26,13 +26,6 @@ from tidelog.node.controller_node import TopicSpec
 from tidelog.node.partition import LogLike
 from tidelog.node.server import Node
 from tidelog.node.topics import TopicRegistry, topic_dir_name
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Env:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import sys
 import threading
@@ -22,11 +23,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from tidelog.cli_cluster import register as register_cluster_commands
 from tidelog.client import Admin, BatchesFuture, Consumer, Producer, TopicPartition
 from tidelog.client.metadata import parse_bootstrap
 from tidelog.client.structs import ConsumerRecord
 from tidelog.errors import TidelogError
+from tidelog.ops.cli_cluster import register as register_cluster_commands
 from tidelog.records import Codec
 
 __all__ = ["cli", "main"]
@@ -79,7 +80,7 @@ def _bootstrap_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _check_bootstrap(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
     if value is None:
-        from tidelog.localcluster import discover_bootstrap
+        from tidelog.ops.localcluster import discover_bootstrap
 
         value = discover_bootstrap(Path.cwd()) or BOOTSTRAP_DEFAULT
     try:
@@ -125,79 +126,42 @@ def node() -> None:
     """Run a broker node."""
 
 
+def _node_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The node's flags as click options, from the one table in node/settings.py."""
+    from tidelog.node.settings import NODE_FLAGS
+
+    for flag in reversed(NODE_FLAGS):
+        kind: Any = None  # a click.ParamType; None: text
+        if flag.choices:
+            kind = click.Choice(list(flag.choices))
+        elif flag.kind == "int":
+            kind = click.IntRange(min=flag.min, max=flag.max)
+        elif flag.kind == "path":
+            kind = click.Path(file_okay=False, path_type=Path)
+        fn = click.option(
+            flag.name,
+            flag.dest,
+            type=kind,
+            required=flag.required,
+            default=flag.default,
+            show_default=flag.default is not None,
+            metavar=flag.metavar,
+            help=flag.help,
+        )(fn)
+    return fn
+
+
 @node.command("start")
-@click.option("--id", "node_id", type=click.IntRange(min=1), required=True, help="Node id.")
-@click.option("--listen", required=True, help="gRPC host:port to listen on.")
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Where the node keeps its logs and metadata.",
-)
-@click.option(
-    "--metrics-port", type=click.IntRange(0, 65535), required=True, help="Prometheus port."
-)
-@click.option("--advertised", default=None, help="host:port clients dial (default: --listen).")
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-)
-@click.option(
-    "--controller-voters",
-    default=None,
-    metavar="ID@HOST:PORT,...",
-    help="The controller's Raft voters, the same on every node (default: this node alone).",
-)
-@click.option(
-    "--election-timeout-ms", type=click.IntRange(min=1), default=1000, show_default=True,
-    help="Raft election timeout (followers wait a random time in [T, 1.5T)).",
-)  # fmt: skip
-@click.option(
-    "--heartbeat-interval-ms", type=click.IntRange(min=1), default=100, show_default=True,
-    help="Raft leader heartbeat interval.",
-)  # fmt: skip
-@click.option(
-    "--node-dead-ms", type=click.IntRange(min=1), default=3000, show_default=True,
-    help="The controller marks a node dead after this much silence.",
-)  # fmt: skip
-@click.option(
-    "--cluster-id", default=None, help="Cluster id (default: derived from the voters' ids)."
-)
-@click.option(
-    "--rack", default=None, help="Failure domain of this node (a partition's replicas go to "
-    "distinct racks)."
-)  # fmt: skip
-def node_start(
-    node_id: int,
-    listen: str,
-    data_dir: Path,
-    metrics_port: int,
-    advertised: str | None,
-    log_level: str,
-    controller_voters: str | None,
-    election_timeout_ms: int,
-    heartbeat_interval_ms: int,
-    node_dead_ms: int,
-    cluster_id: str | None,
-    rack: str | None,
-) -> None:
+@_node_options
+def node_start(**values: Any) -> None:
     """Run one node in the foreground until SIGTERM or Ctrl-C."""
-    from tidelog.node.main import ClusterSettings, run_node  # node dependencies load only here
+    from tidelog.node.main import node_flags, run_flags  # node dependencies load only here
 
     try:
-        settings = ClusterSettings(
-            controller_voters=controller_voters,
-            election_timeout_ms=election_timeout_ms,
-            heartbeat_interval_ms=heartbeat_interval_ms,
-            node_dead_ms=node_dead_ms,
-            cluster_id=cluster_id,
-            rack=rack,
-        )
+        flags, settings = node_flags(values)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    run_node(node_id, listen, data_dir, metrics_port, advertised, log_level, settings)
+    run_flags(flags, settings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,7 +383,9 @@ async def _produce_stdin(
                 f"topic {topic_name!r} has partitions 0..{partitions - 1}; "
                 f"there is no partition {partition}"
             )
-        window: deque[BatchesFuture] = deque()
+        #: send_many calls awaiting acknowledgement, with the input lines they hold.
+        window: deque[tuple[BatchesFuture, int, int]] = deque()
+        failures: list[tuple[int, int, TidelogError]] = []
         pending = b""
         line_no = 0
         count = 0
@@ -434,30 +400,62 @@ async def _produce_stdin(
                 pending = lines.pop()
             if not lines:
                 continue
+            first_line = line_no + 1
+            line_no += len(lines)
             values: list[bytes] = []
             keys: list[bytes | None] | None = None
             if sep is None:
                 values = [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
             else:
                 keys = []
-                for ln in lines:
-                    line_no += 1
+                for i, ln in enumerate(lines):
                     if ln.endswith(b"\r"):
                         ln = ln[:-1]
                     key, found, value = ln.partition(sep)
                     if not found:
                         _fail(
-                            f"line {line_no} has no key separator {sep.decode()!r}: "
+                            f"line {first_line + i} has no key separator {sep.decode()!r}: "
                             f"{ln[:60].decode(errors='replace')!r}"
                         )
                     keys.append(key)
                     values.append(value)
-            window.append(producer.send_many(topic_name, values, keys, partition=partition))
+            future = producer.send_many(topic_name, values, keys, partition=partition)
+            window.append((future, first_line, line_no))
             count += len(values)
-            while len(window) > PRODUCE_CALLS_IN_FLIGHT_MAX or (eof and window):
-                await window.popleft()
+            while len(window) > PRODUCE_CALLS_IN_FLIGHT_MAX:
+                await _settle(window.popleft(), failures)
+        while window:
+            await _settle(window.popleft(), failures)
         await producer.flush()
+    if failures:
+        _fail(_failures_line(failures))
     return count
+
+
+async def _settle(
+    sent: tuple[BatchesFuture, int, int], failures: list[tuple[int, int, TidelogError]]
+) -> None:
+    """Await one send_many call; a failure is kept (the lines still go on) and reported
+    once the input is done."""
+    future, first_line, last_line = sent
+    try:
+        await future
+    except TidelogError as exc:
+        failures.append((first_line, last_line, exc))
+
+
+def _lines(first: int, last: int) -> str:
+    return f"line {first}" if first == last else f"lines {first}-{last}"
+
+
+def _failures_line(failures: list[tuple[int, int, TidelogError]]) -> str:
+    """One line for every record that was not written: the first failure and how many more."""
+    first, last, exc = failures[0]
+    text = f"not every record of {_lines(first, last)} was written: {exc}"
+    if len(failures) > 1:
+        end = failures[-1][1]
+        text += f" (and {len(failures) - 1} more failed send(s), up to line {end})"
+    return text
 
 
 class _StdinChunks:
@@ -692,7 +690,7 @@ def bench_produce(
     max_in_flight: int,
 ) -> None:
     """Produce --records records of --record-bytes of random hex text, as fast as possible."""
-    from tidelog.bench import produce_bench
+    from tidelog.ops.bench import produce_bench
 
     result = _run(
         produce_bench(
@@ -727,7 +725,7 @@ def bench_consume(
     bootstrap: str,
 ) -> None:
     """Read --records records from the beginning of --topic (producing them if missing)."""
-    from tidelog.bench import consume_bench
+    from tidelog.ops.bench import consume_bench
 
     result = _run(
         consume_bench(
@@ -754,6 +752,10 @@ register_cluster_commands(cli)
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``tidelog`` console script: one line per expected error."""
+    # The client logs failed batches as warnings; the commands report every failure
+    # themselves as one ``error:`` line, so without this Python's last-resort handler
+    # would print the same failure twice.
+    logging.getLogger("tidelog.client").addHandler(logging.NullHandler())
     try:
         cli.main(
             args=list(argv) if argv is not None else None,

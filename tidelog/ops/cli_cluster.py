@@ -1,9 +1,9 @@
 """``tidelog cluster up/status/kill/start/down`` and ``tidelog chaos``.
 
-The logic lives in :mod:`tidelog.localcluster` and :mod:`tidelog.chaos`; this module only
+The logic lives in :mod:`tidelog.ops.localcluster` and :mod:`tidelog.ops.chaos`; this module only
 parses options and prints. :func:`register` adds the commands to the ``tidelog`` group.
 Every expected failure becomes one ``error: ...`` line and exit status 1, whether the
-commands run under ``tidelog.cli.main`` or under plain click.
+commands run under ``tidelog.ops.cli.main`` or under plain click.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 import click
 
-from tidelog import chaos as chaos_mod
-from tidelog import localcluster
 from tidelog.errors import TidelogError
+from tidelog.ops import chaos as chaos_mod
+from tidelog.ops import localcluster
 
 __all__ = ["chaos", "cluster", "register"]
 
@@ -42,7 +42,7 @@ def _one_line(text: str) -> str:
 
 def _errors(fn: F) -> F:
     """TidelogError and OS errors become one readable line (click prints ``Error: ...``
-    standalone; tidelog.cli.main prints ``error: ...``), exit status 1."""
+    standalone; tidelog.ops.cli.main prints ``error: ...``), exit status 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

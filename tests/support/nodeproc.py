@@ -1,14 +1,14 @@
-"""Real node processes for the integration tests: free ports on 127.0.0.1, a temporary data
-directory, readiness by gRPC health check, and a kill at the end. Shared by every test that
-starts ``python -m tidelog.node`` (or ``python -m tidelog node start``)."""
+"""Real node processes for the tests: free ports on 127.0.0.1, a temporary data directory,
+readiness by gRPC health check, and a kill at the end. Shared by every test that starts
+``python -m tidelog.node`` (or ``python -m tidelog node start``). The command line and the
+spawning are the local cluster's (:func:`tidelog.ops.processes.node_argv`,
+:func:`~tidelog.ops.processes.spawn_node`)."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,17 +18,11 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tidelog.ops.processes import free_port, node_argv, spawn_node
 from tidelog.v1 import broker_pb2, broker_pb2_grpc, cluster_pb2, cluster_pb2_grpc
 
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -49,18 +43,20 @@ class Node:
         return f"127.0.0.1:{self.port}"
 
     def argv(self) -> list[str]:
-        args = ["--id", str(self.node_id), "--listen", self.address]
-        args += ["--data-dir", str(self.data_dir), "--metrics-port", str(self.metrics_port)]
-        if self.voters is not None:
-            args += ["--controller-voters", self.voters]
-        if self.via_cli:
-            return [sys.executable, "-m", "tidelog", "node", "start", *args]
-        return [sys.executable, "-m", "tidelog.node", *args]
+        return list(
+            node_argv(
+                self.node_id,
+                self.address,
+                self.data_dir,
+                self.metrics_port,
+                self.voters,
+                via_cli=self.via_cli,
+            )
+        )
 
     def spawn(self) -> None:
         """Start the process without waiting (cluster members wait for each other)."""
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT)
+        self.proc = spawn_node(self.argv(), self.log_path, detached=False)
 
     def wait_serving(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         assert self.proc is not None
