@@ -61,6 +61,7 @@ from tidelog.errors import (
     TopicExists,
     UnknownPartition,
     UnknownTopic,
+    excerpt,
 )
 
 #: The Raft group of the controller itself.
@@ -184,11 +185,11 @@ class CorruptSnapshot(StorageError):
 
 
 def _in_topic(name: str, err: TidelogError) -> TidelogError:
-    return type(err)(f"topic {name!r}: {err.message}", **err.metadata)
+    return type(err)(f"topic {excerpt(name)}: {err.message}", **err.metadata)
 
 
 def _unknown_topic(name: str) -> UnknownTopic:
-    return UnknownTopic(f"unknown topic {name!r}: create it first (tidelog topic create)")
+    return UnknownTopic(f"unknown topic {excerpt(name)}: create it first (tidelog topic create)")
 
 
 class ClusterState:
@@ -251,7 +252,7 @@ class ClusterState:
         record = self.topic(topic)
         if not 0 <= partition < len(record.partitions):
             raise UnknownPartition(
-                f"topic {topic!r} has no partition {partition}; its partitions are "
+                f"topic {excerpt(topic)} has no partition {partition}; its partitions are "
                 f"0..{len(record.partitions) - 1}"
             )
         return record.partitions[partition]

@@ -36,6 +36,7 @@ from tidelog.errors import (
     RequestTimedOut,
     UnknownPartition,
     UnknownTopic,
+    excerpt,
 )
 from tidelog.node.controller_node import Controller
 from tidelog.node.idempotence_store import IdempotenceSnapshots
@@ -150,8 +151,12 @@ class TopicRegistry:
         topic = self._topics.get(name)
         if topic is None:
             if name in self._controller.state.topics:
-                raise LeaderNotAvailable(f"topic {name!r} is being created on this node; retry")
-            raise UnknownTopic(f"unknown topic {name!r}: create it first (tidelog topic create)")
+                raise LeaderNotAvailable(
+                    f"topic {excerpt(name)} is being created on this node; retry"
+                )
+            raise UnknownTopic(
+                f"unknown topic {excerpt(name)}: create it first (tidelog topic create)"
+            )
         return topic
 
     def partition(self, name: str, index: int) -> tuple[Topic, Partition]:
@@ -161,7 +166,7 @@ class TopicRegistry:
         count = topic.partition_count
         if not 0 <= index < count:
             raise UnknownPartition(
-                f"topic {name!r} has no partition {index}; its partitions are 0..{count - 1}"
+                f"topic {excerpt(name)} has no partition {index}; its partitions are 0..{count - 1}"
             )
         part = topic.local.get(index)
         if part is not None:
