@@ -4,6 +4,7 @@ server and controller over in-memory-instrumented logs (as test_node_services.py
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -35,6 +36,10 @@ from tidelog.v1 import broker_pb2
 
 MSG_WINDOW = {"message.dedup.window.ms": "60000"}
 
+#: The records' timestamps and the admission clock of the pure tests: the node refuses
+#: timestamps far from its own clock (message.timestamp.after.max.ms).
+NOW_MS = time.time_ns() // 1_000_000
+
 
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
@@ -61,7 +66,7 @@ def batch(
         producer_id=pid,
         producer_epoch=epoch,
         base_sequence=seq,
-        timestamps_ms=10**12 * 2,  # "now" enough for the window (year 2033)
+        timestamps_ms=NOW_MS,  # now: inside the msg-id window and the timestamp bounds
     )
 
 
@@ -294,24 +299,24 @@ def test_a_msg_id_in_flight_is_a_duplicate_of_the_proposal() -> None:
     idem = PartitionIdempotence("t/0", TopicConfig.from_overrides(MSG_WINDOW))
     data = batch([b"a"], ids=["m1"])
     headers = validate_batches(data)
-    [plan] = idem.admit(data, headers, now_ms=2 * 10**12)
+    [plan] = idem.admit(data, headers, now_ms=NOW_MS)
     assert plan.proposes and plan.duplicate_of is None
     idem.proposed(plan, base_offset=5, raft_index=9, term=2)
-    [retry] = idem.admit(data, headers, now_ms=2 * 10**12)
+    [retry] = idem.admit(data, headers, now_ms=NOW_MS)
     assert retry.duplicate_of == (5, 5) and retry.wait_for == (9, 2)
     # Once committed (applied), it is answered from the window without waiting.
     stamped = bytearray(data)
     stamp(stamped, 0, 5, 2, 9)
     idem.apply_committed(bytes(stamped))
     idem.committed(9)
-    [later] = idem.admit(data, headers, now_ms=2 * 10**12)
+    [later] = idem.admit(data, headers, now_ms=NOW_MS)
     assert later.duplicate_of == (5, 5) and later.wait_for is None
     # A truncated proposal is forgotten: the retry is new again.
     idem2 = PartitionIdempotence("t/0", TopicConfig.from_overrides(MSG_WINDOW))
-    [p] = idem2.admit(data, headers, now_ms=2 * 10**12)
+    [p] = idem2.admit(data, headers, now_ms=NOW_MS)
     idem2.proposed(p, base_offset=5, raft_index=9, term=2)
     idem2.truncated(9)
-    [p2] = idem2.admit(data, headers, now_ms=2 * 10**12)
+    [p2] = idem2.admit(data, headers, now_ms=NOW_MS)
     assert p2.duplicate_of is None
     assert [h.record_count for _, h in iter_headers(data)] == [1]
 
@@ -319,14 +324,14 @@ def test_a_msg_id_in_flight_is_a_duplicate_of_the_proposal() -> None:
 def test_batches_of_one_request_follow_each_other() -> None:
     idem = PartitionIdempotence("t/0", TopicConfig.from_overrides({}))
     data = batch([b"a"], 7, 0, 0) + batch([b"b", b"c"], 7, 0, 1) + batch([b"d"], 7, 0, 3)
-    plans = idem.admit(data, validate_batches(data), now_ms=2 * 10**12)
+    plans = idem.admit(data, validate_batches(data), now_ms=NOW_MS)
     assert [p.proposes for p in plans] == [True, True, True]
     gap = batch([b"a"], 7, 0, 0) + batch([b"c"], 7, 0, 2)
     with pytest.raises(OutOfOrderSequence):
-        idem.admit(gap, validate_batches(gap), now_ms=2 * 10**12)
+        idem.admit(gap, validate_batches(gap), now_ms=NOW_MS)
     twice = batch([b"a"], 7, 0, 0) + batch([b"a"], 7, 0, 0)
     with pytest.raises(InvalidRequest):
-        idem.admit(twice, validate_batches(twice), now_ms=2 * 10**12)
+        idem.admit(twice, validate_batches(twice), now_ms=NOW_MS)
     # Nothing was recorded as in flight by a refused request.
     assert idem.view.pending_count == 0
 
