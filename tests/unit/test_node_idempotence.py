@@ -36,9 +36,12 @@ from tidelog.v1 import broker_pb2
 
 MSG_WINDOW = {"message.dedup.window.ms": "60000"}
 
-#: The records' timestamps and the admission clock of the pure tests: the node refuses
-#: timestamps far from its own clock (message.timestamp.after.max.ms).
-NOW_MS = time.time_ns() // 1_000_000
+
+def now_ms() -> int:
+    """The records' timestamps and the admission clock of the pure tests: the node refuses
+    timestamps far from its own clock (message.timestamp.after.max.ms), and the msg-id
+    window counts from them."""
+    return time.time_ns() // 1_000_000
 
 
 @pytest.fixture
@@ -66,7 +69,7 @@ def batch(
         producer_id=pid,
         producer_epoch=epoch,
         base_sequence=seq,
-        timestamps_ms=NOW_MS,  # now: inside the msg-id window and the timestamp bounds
+        timestamps_ms=now_ms(),  # now: inside the msg-id window and the timestamp bounds
     )
 
 
@@ -299,24 +302,24 @@ def test_a_msg_id_in_flight_is_a_duplicate_of_the_proposal() -> None:
     idem = PartitionIdempotence("t/0", TopicConfig.from_overrides(MSG_WINDOW))
     data = batch([b"a"], ids=["m1"])
     headers = validate_batches(data)
-    [plan] = idem.admit(data, headers, now_ms=NOW_MS)
+    [plan] = idem.admit(data, headers, now_ms=now_ms())
     assert plan.proposes and plan.duplicate_of is None
     idem.proposed(plan, base_offset=5, raft_index=9, term=2)
-    [retry] = idem.admit(data, headers, now_ms=NOW_MS)
+    [retry] = idem.admit(data, headers, now_ms=now_ms())
     assert retry.duplicate_of == (5, 5) and retry.wait_for == (9, 2)
     # Once committed (applied), it is answered from the window without waiting.
     stamped = bytearray(data)
     stamp(stamped, 0, 5, 2, 9)
     idem.apply_committed(bytes(stamped))
     idem.committed(9)
-    [later] = idem.admit(data, headers, now_ms=NOW_MS)
+    [later] = idem.admit(data, headers, now_ms=now_ms())
     assert later.duplicate_of == (5, 5) and later.wait_for is None
     # A truncated proposal is forgotten: the retry is new again.
     idem2 = PartitionIdempotence("t/0", TopicConfig.from_overrides(MSG_WINDOW))
-    [p] = idem2.admit(data, headers, now_ms=NOW_MS)
+    [p] = idem2.admit(data, headers, now_ms=now_ms())
     idem2.proposed(p, base_offset=5, raft_index=9, term=2)
     idem2.truncated(9)
-    [p2] = idem2.admit(data, headers, now_ms=NOW_MS)
+    [p2] = idem2.admit(data, headers, now_ms=now_ms())
     assert p2.duplicate_of is None
     assert [h.record_count for _, h in iter_headers(data)] == [1]
 
@@ -324,14 +327,14 @@ def test_a_msg_id_in_flight_is_a_duplicate_of_the_proposal() -> None:
 def test_batches_of_one_request_follow_each_other() -> None:
     idem = PartitionIdempotence("t/0", TopicConfig.from_overrides({}))
     data = batch([b"a"], 7, 0, 0) + batch([b"b", b"c"], 7, 0, 1) + batch([b"d"], 7, 0, 3)
-    plans = idem.admit(data, validate_batches(data), now_ms=NOW_MS)
+    plans = idem.admit(data, validate_batches(data), now_ms=now_ms())
     assert [p.proposes for p in plans] == [True, True, True]
     gap = batch([b"a"], 7, 0, 0) + batch([b"c"], 7, 0, 2)
     with pytest.raises(OutOfOrderSequence):
-        idem.admit(gap, validate_batches(gap), now_ms=NOW_MS)
+        idem.admit(gap, validate_batches(gap), now_ms=now_ms())
     twice = batch([b"a"], 7, 0, 0) + batch([b"a"], 7, 0, 0)
     with pytest.raises(InvalidRequest):
-        idem.admit(twice, validate_batches(twice), now_ms=NOW_MS)
+        idem.admit(twice, validate_batches(twice), now_ms=now_ms())
     # Nothing was recorded as in flight by a refused request.
     assert idem.view.pending_count == 0
 
