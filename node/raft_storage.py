@@ -271,14 +271,28 @@ class LogStorage:
         self._conf = conf
 
     def append(self, entries: tuple[Entry, ...] | list[Entry]) -> int | None:
-        """Store ``entries`` (contiguous) with one write, replacing a conflicting suffix.
+        """Store ``entries`` (contiguous) with one write, replacing a conflicting suffix from
+        the first entry whose term differs from the stored one (identical entries are kept).
         Returns the first index removed from the log when a suffix was truncated, else None."""
         if not entries:
             return None
         lg = self.log
+        # Entries the log already holds with the same term are the same entries (Log Matching):
+        # skip them, and truncate only from the first that differs. Rewriting them would
+        # remove fsynced, acknowledged entries from the disk for a while and fail their waiters.
+        last = lg.last_index
+        skip = 0
+        while skip < len(entries) and entries[skip].index <= last:
+            if lg.term_at_index(entries[skip].index) != entries[skip].term:
+                break
+            skip += 1
+        if skip:
+            entries = entries[skip:]
+            if not entries:
+                return None
         first = entries[0].index
         truncated: int | None = None
-        if first <= lg.last_index:
+        if first <= last:
             end = lg.end_offset_at_index(first - 1)
             if end is None:
                 raise StorageError(
