@@ -244,7 +244,9 @@ class MultiRaft:
         storage = LogStorage(partition_log, hs, conf)
         if applied is None:
             applied = storage.hard_state().commit
-        raw = RawNode(self.node_id, storage, self._rng, config, applied=applied)
+        raw = RawNode(
+            self.node_id, storage, self._rng, config, applied=applied, lost_to=storage.lost_to
+        )
         group = RaftGroup(group_id, raw, storage, handler, durable)
         self.groups[group_id] = group
         early = self._early.pop(group_id, None)
@@ -429,7 +431,11 @@ class MultiRaft:
                 self._fail(group, exc)
                 continue
             if rd.hard_state is not None:
-                hard_states[group.group_id] = rd.hard_state
+                hs = rd.hard_state
+                if group.raw.lost_to > hs.commit:
+                    # Recovering lost entries: the stored commit stays the evidence of them.
+                    hs = replace(hs, commit=group.raw.lost_to)
+                hard_states[group.group_id] = hs
                 group.storage.set_hard_state(rd.hard_state)
                 sync_states = sync_states or rd.must_sync
             stored.append((group, rd))

@@ -173,7 +173,7 @@ class RaftLogFile(Protocol):
 class LogStorage:
     """``raft.storage.StorageReader`` over a partition log, plus the driver's writes."""
 
-    __slots__ = ("_cache", "_cache_bytes", "_cache_max_bytes", "_conf", "_hs", "log")
+    __slots__ = ("_cache", "_cache_bytes", "_cache_max_bytes", "_conf", "_hs", "log", "lost_to")
 
     def __init__(
         self,
@@ -185,15 +185,21 @@ class LogStorage:
     ) -> None:
         self.log = partition_log
         last = partition_log.last_index
+        #: The stored commit index when the log no longer reaches it (0: no loss). The node
+        #: acknowledged those entries: the core withholds its votes until it holds them again
+        #: (``RawNode(lost_to=...)``), and the driver keeps storing it as the commit index
+        #: until then, so that a second crash meanwhile still knows.
+        self.lost_to = 0
         if hard_state.commit > last:
             # Only possible when the log lost fsynced data, or lost writes it never fsynced
             # (flush=os after a machine crash): what it no longer holds cannot be committed here.
             log.warning(
-                "raft log ends at index %d but the stored commit index is %d: entries written "
-                "without fsync were lost; the leader sends them again",
+                "raft log ends at index %d but the stored commit index is %d: acknowledged "
+                "entries were lost; this replica does not vote until the leader sent them again",
                 last,
                 hard_state.commit,
             )
+            self.lost_to = hard_state.commit
             hard_state = HardState(hard_state.term, hard_state.vote, last)
         self._hs = hard_state
         self._conf = conf

@@ -38,6 +38,16 @@ Protocol choices (Raft paper = Ongaro & Ousterhout 2014; thesis = Ongaro 2014):
   read issued in the same Ready cycle).
 - Snapshots: a follower that needs entries below the leader's first index gets the
   application's snapshot (``Storage.snapshot()``), which it installs through its Ready.
+- Lost entries (beyond the paper, which assumes stable storage): a node whose log no longer
+  holds entries it acknowledged (a machine crash under ``flush=os``, a recovery that cut
+  fsynced data) is *recovering* up to ``lost_to``: the driver passes the stored commit index
+  it can no longer reach, or a heartbeat reveals it (the leader never sends a commit beyond
+  what the follower acknowledged). A recovering node neither votes (its vote could elect a
+  leader lacking entries its acknowledgement helped commit) nor campaigns, until an APPEND of
+  a leader made its log reach ``lost_to`` again. It still acknowledges what it now holds: an
+  acknowledgement only ever claims a prefix the node holds, which is what commit counting
+  needs. The leader, told by a rejection whose hint lies below ``match`` that the follower
+  lost entries, forgets ``match`` and probes again from the hint.
 """
 
 from __future__ import annotations
@@ -114,6 +124,7 @@ class RawNode:
         "lead_transferee",
         "leader_id",
         "log",
+        "lost_to",
         "role",
         "term",
         "tracker",
@@ -127,16 +138,21 @@ class RawNode:
         rng: Rand,
         config: Config = DEFAULT_CONFIG,
         applied: int = 0,
+        lost_to: int = 0,
     ) -> None:
         """Builds the core from whatever ``storage`` holds: a fresh group (empty log) or a
         restart after a crash (term, vote, commit, membership and log come back from it).
         ``applied`` is the last index the state machine had applied durably; committed entries
-        after it are delivered again."""
+        after it are delivered again. ``lost_to``: an index this node acknowledged (its stored
+        commit index) that its log no longer reaches; it recovers up to it before voting."""
         assert node_id != NONE, "node id 0 is reserved"
         self.id = node_id
         self.cfg = config
         self._rng = rng
         self.log = RaftLog(storage, applied)
+        #: Recovering: acknowledged entries up to here were lost (0: none). No votes until
+        #: the log reaches it again through a leader's APPEND.
+        self.lost_to = lost_to if lost_to > self.log.last_index() else 0
         hs = storage.hard_state()
         conf = storage.conf_state()
         self.term = hs.term
@@ -198,6 +214,8 @@ class RawNode:
         return self.tracker.progress.get(node_id)
 
     def _promotable(self) -> bool:
+        if self.lost_to:
+            return False  # recovering lost entries: must not lead, nor vote
         return self.id in self.tracker.conf.voters or self.id in self.tracker.conf.voters_outgoing
 
     # ---- driver interface ---------------------------------------------------------------
@@ -554,7 +572,7 @@ class RawNode:
     def _handle_vote_request(self, m: Message) -> None:
         pre = m.kind == _K.PRE_VOTE
         resp = _K.PRE_VOTE_RESP if pre else _K.VOTE_RESP
-        can_vote = (
+        can_vote = not self.lost_to and (
             self.vote == m.frm
             or (self.vote == NONE and self.leader_id == NONE)
             or (pre and m.term > self.term)
@@ -628,7 +646,24 @@ class RawNode:
         elif k == _K.HEARTBEAT:
             self.election_elapsed = 0
             self.leader_id = m.frm
-            self.log.commit_to(m.commit)
+            last = self.log.last_index()
+            if m.commit > last:
+                # A leader sends no commit beyond what we acknowledged: we lost entries.
+                self.lost_to = max(self.lost_to, m.commit)
+                self._send(
+                    Message(
+                        _K.APPEND_RESP,
+                        self.id,
+                        m.frm,
+                        self.term,
+                        index=m.commit,
+                        reject=True,
+                        reject_hint=last,
+                        reject_hint_term=self.log.last_term(),
+                    )
+                )
+            else:
+                self.log.commit_to(m.commit)
             if m.context:
                 resp = Message(_K.HEARTBEAT_RESP, self.id, m.frm, self.term, context=m.context)
             else:
@@ -681,6 +716,8 @@ class RawNode:
             return
         last = log.maybe_append(m.index, m.log_term, m.commit, m.entries)
         if last is not None:
+            if self.lost_to and last >= self.lost_to:
+                self.lost_to = 0  # the log matches the leader's beyond what it lost
             self._send(Message(_K.APPEND_RESP, self.id, m.frm, self.term, index=last))
             return
         # Mismatch at m.index: point the leader at the last entry that could still match.
@@ -704,6 +741,8 @@ class RawNode:
         assert snap is not None, "SNAPSHOT message without a snapshot"
         if self._restore(snap):
             index = self.log.last_index()
+            if self.lost_to and index >= self.lost_to:
+                self.lost_to = 0
         else:
             index = self.log.committed
         self._send(Message(_K.APPEND_RESP, self.id, m.frm, self.term, index=index))
@@ -785,6 +824,13 @@ class RawNode:
             next_probe = m.reject_hint
             if m.reject_hint_term > 0:
                 next_probe, _ = self.log.find_conflict_by_term(m.reject_hint, m.reject_hint_term)
+            if m.reject_hint < pr.match:
+                # A follower whose log matches up to ``match`` never hints below it: it lost
+                # entries it acknowledged (or the answer is stale, and probing costs a round
+                # trip). Forget what it acknowledged and probe from its hint.
+                pr.reset_to_probe(next_probe + 1)
+                self._send_append(m.frm, pr, send_if_empty=True)
+                return
             if pr.maybe_decr_to(m.index, next_probe):
                 if pr.state == ProgressState.REPLICATE:
                     pr.become_probe()
