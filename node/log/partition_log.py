@@ -898,13 +898,12 @@ class PartitionLog:
         i = 0
         while i < len(segs) - 1:
             seg = segs[i]
-            if segs[i + 1].base_offset > recovery_point:
-                # Written after the last known fsync: check every batch's CRC.
-                reason = "written after the recovery point: checking every batch"
-            else:
+            # Written after the last known fsync: check every batch's CRC.
+            checked = segs[i + 1].base_offset > recovery_point
+            reason: str | None = "written after the recovery point: checking every batch"
+            if not checked:
                 reason = seg.load_closed(expect_index, min_term)
             if reason is not None:
-                checked = segs[i + 1].base_offset > recovery_point
                 (log.info if checked else log.warning)(
                     "%s: re-indexing %s: %s", self._dir, seg.path.name, reason
                 )
