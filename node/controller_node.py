@@ -71,10 +71,10 @@ from tidelog.errors import (
 )
 from tidelog.node import limits
 from tidelog.node.multiraft import MultiRaft, RaftGroup
-from tidelog.node.raft.errors import NotLeader as RaftNotLeader
 from tidelog.node.raft.errors import ProposalDropped
 from tidelog.node.raft.types import NONE, ConfState, Entry, EntryKind, Role, Snapshot, SoftState
-from tidelog.node.raft_storage import RaftLogFile, next_offset, stamped_copy
+from tidelog.node.replica_storage import RaftLogFile
+from tidelog.node.stm import BatchSpan, LostHow, StateMachine
 from tidelog.records import decode_values, encode_batch
 from tidelog.v1 import admin_pb2, cluster_pb2, cluster_pb2_grpc
 
@@ -146,8 +146,11 @@ class TopicSpec:
     configs: Mapping[str, str] | None = None
 
 
-class Controller:
-    """Group 0 on this node (``multiraft.GroupHandler``) and the active controller's duties."""
+class Controller(StateMachine[ApplyResult]):
+    """Group 0 on this node and the active controller's duties. A user of the
+    replicated-state-machine seam (``node/stm.py``): its :meth:`apply` hook applies commands
+    to ``ClusterState``, and a new active controller answers changes only once synced
+    (``StateMachine.sync``), so it validates them against the state the old one left."""
 
     def __init__(
         self,
@@ -166,21 +169,19 @@ class Controller:
                 f"node_dead_ms {node_dead_ms} must be at least twice the heartbeat interval "
                 f"({heartbeat_ms} ms)"
             )
+        super().__init__()
         self.node_id = node_id
         self.voters = dict(voters)
         self.cluster_id = cluster_id
         self.state = ClusterState()
         self.node_dead_ms = node_dead_ms
         self.heartbeat_ms = heartbeat_ms
-        self._raft = raft
+        self._driver = raft
         self._set_peer = set_peer
         self._leading = leading
-        self.group: RaftGroup | None = None
         #: Called (on the loop) after committed commands changed the state.
         self.on_change: Callable[[], None] = lambda: None
-        self._pending: dict[int, tuple[int, asyncio.Future[ApplyResult]]] = {}
-        self._applied = 0
-        self._applied_changed = asyncio.Event()
+        self._state_changed = False
         #: Set once the commands committed before this start are applied again.
         self.replayed = asyncio.Event()
         self._replay_target = 0
@@ -209,16 +210,16 @@ class Controller:
         start (the state is rebuilt from the log at every start)."""
         voters = frozenset(self.voters)
         learners = frozenset({self.node_id}) - voters
-        group = self._raft.add_group(
+        group = self._driver.add_group(
             CONTROLLER_GROUP_ID,
             controller_log,
             ConfState(voters=voters, learners=learners),
             self,
             durable=True,
-            config=self._raft.timing.config(),
+            config=self._driver.timing.config(),
             applied=0,
         )
-        self.group = group
+        self.attach(group, self._driver)
         self._replay_target = group.raw.commit_index
         if self._replay_target == 0:
             self.replayed.set()
@@ -226,7 +227,7 @@ class Controller:
             if node_id != self.node_id:
                 self._set_peer(node_id, address)
         if self.lone_voter:
-            self._raft.campaign(group)  # nobody else can win; do not wait for a timeout
+            self._driver.campaign(group)  # nobody else can win; do not wait for a timeout
         return group
 
     def start(self, register: RegisterNode) -> None:
@@ -248,11 +249,7 @@ class Controller:
         self._tasks = []
         channels, self._channels = list(self._channels.values()), {}
         await asyncio.gather(*(ch.close(None) for ch in channels), return_exceptions=True)
-        err = NodeUnavailable("the node is shutting down")
-        for _term, fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(err)
-        self._pending.clear()
+        self.fail_waiters(NodeUnavailable("the node is shutting down"))
 
     # ---- who leads -------------------------------------------------------------------------
 
@@ -260,14 +257,6 @@ class Controller:
     def leader_id(self) -> int:
         """The active controller this node knows of (``NONE`` if none)."""
         return self.group.raw.leader_id if self.group is not None else NONE
-
-    @property
-    def is_leader(self) -> bool:
-        return self.group is not None and self.group.raw.role == Role.LEADER
-
-    @property
-    def applied_index(self) -> int:
-        return self._applied
 
     def address_of(self, node_id: int) -> str | None:
         node = self.state.nodes.get(node_id)
@@ -286,61 +275,54 @@ class Controller:
             )
         return LeaderNotAvailable("the controller has no leader right now (an election runs)")
 
-    # ---- group 0 callbacks (multiraft.GroupHandler) ----------------------------------------
+    # ---- the seam's hooks (node/stm.py) ------------------------------------------------------
 
-    def on_soft_state(self, group: RaftGroup, soft: SoftState) -> None:
+    def not_leader_error(self) -> TidelogError:
+        return self._not_controller()
+
+    def dropped_error(self, exc: ProposalDropped) -> TidelogError:
+        return LeaderNotAvailable(f"the controller cannot take changes now: {exc.reason}")
+
+    def entry_lost_error(self, how: LostHow) -> TidelogError:
+        return self._not_controller()
+
+    def on_role_change(self, soft: SoftState, was_leader: bool) -> None:
         if soft.role == Role.LEADER and self._leader_since == 0.0:
             now = time.monotonic()
             self._leader_since = now
             # Nobody was watched before: everyone gets a full node_dead_ms from now.
             self._last_seen = {}
             self._reported = {}
-            log.info("node %d is the active controller (term %d)", self.node_id, group.raw.term)
+            log.info("node %d is the active controller (term %d)", self.node_id, self.term)
         elif soft.role != Role.LEADER:
             if self._leader_since:
                 log.info("node %d is no longer the active controller", self.node_id)
             self._leader_since = 0.0
         self._heartbeat_now.set()
 
-    def on_snapshot(self, group: RaftGroup, snapshot: Snapshot) -> None:
+    def restore_snapshot(self, snapshot: Snapshot) -> None:
         # The controller log is never compacted, so no leader ever sends one.
         log.error("controller log replaced by a snapshot at index %d", snapshot.meta.index)
 
-    def on_truncated(self, group: RaftGroup, from_index: int) -> None:
-        err = self._not_controller()
-        for index in [i for i in self._pending if i >= from_index]:
-            _term, fut = self._pending.pop(index)
-            if not fut.done():
-                fut.set_exception(err)
+    def apply(self, entries: tuple[Entry, ...]) -> list[ApplyResult | None]:
+        results = [self._apply(e) for e in entries]
+        if any(r is not None and r.changed for r in results):
+            self._state_changed = True
+        return results
 
-    def on_persisted(self, group: RaftGroup, last_index: int) -> None:
-        pass
-
-    def on_committed(self, group: RaftGroup, entries: tuple[Entry, ...]) -> None:
-        changed = False
-        for e in entries:
-            result = self._apply(e)
-            if result is not None and result.changed:
-                changed = True
-            pending = self._pending.pop(e.index, None)
-            if pending is not None:
-                term, fut = pending
-                if fut.done():
-                    continue
-                if term == e.term and result is not None:
-                    fut.set_result(result)
-                else:
-                    fut.set_exception(self._not_controller())
-        self._applied = entries[-1].index
-        event, self._applied_changed = self._applied_changed, asyncio.Event()
-        event.set()
-        if not self.replayed.is_set() and self._applied >= self._replay_target:
+    def on_applied(self, last_index: int) -> None:
+        if not self.replayed.is_set() and last_index >= self._replay_target:
             self.replayed.set()
-        if changed:
+        if self._state_changed:
+            self._state_changed = False
             self.on_change()
 
     def on_storage_failure(self, group: RaftGroup, exc: BaseException) -> None:
         log.critical("the controller log failed: %s; this node stops following metadata", exc)
+
+    @property
+    def term(self) -> int:
+        return self.group.raw.term if self.group is not None else 0
 
     def _apply(self, e: Entry) -> ApplyResult | None:
         if e.kind == EntryKind.EMPTY or not e.data:
@@ -373,47 +355,34 @@ class Controller:
             # Learners need no consensus (they never vote): every member adds it at the same
             # log position, so whoever leads replicates the metadata log to it.
             self.group.raw.add_learner(c.node_id)
-            self._raft.touch(self.group)
+            self._driver.touch(self.group)
 
     async def wait_applied(self, index: int, timeout_s: float) -> None:
         """Return once this node applied the controller log up to ``index``."""
         try:
             async with asyncio.timeout(timeout_s):
-                while self._applied < index:
-                    await self._applied_changed.wait()
+                while self.applied_index < index:
+                    await self.changed().wait()
         except TimeoutError:
             raise RequestTimedOut(
                 f"node {self.node_id} did not apply the controller log up to {index} within "
-                f"{timeout_s * 1000:.0f} ms (applied {self._applied}); the change is committed "
+                f"{timeout_s * 1000:.0f} ms (applied {self.applied_index}); the change is committed "
                 "and will show up"
             ) from None
 
     # ---- proposing (active controller) ----------------------------------------------------
 
     def _propose(self, command: Command) -> asyncio.Future[ApplyResult]:
-        group = self.group
-        if group is None or group.raw.role != Role.LEADER:
-            raise self._not_controller()
-        raw = group.raw
+        """Propose ``command`` as one stamped entry; the future is its apply result here."""
         batch = command_batch(command)
-        term = raw.term
-        index = raw.log.last_index() + 1
-        data = stamped_copy(
-            memoryview(batch), 0, len(batch), next_offset(raw, group.log), term, index
-        )
-        try:
-            got = raw.propose(data)
-        except RaftNotLeader:
-            raise self._not_controller() from None
-        except ProposalDropped as exc:
-            raise LeaderNotAvailable(
-                f"the controller cannot take changes now: {exc.reason}"
-            ) from None
-        assert got == index, f"controller proposal at {got}, stamped {index}"
-        self._raft.touch(group)
-        fut: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
-        self._pending[index] = (term, fut)
-        return fut
+        p = self.propose_batches([BatchSpan(batch, 0, len(batch), 1)])
+        return asyncio.ensure_future(self._result_of(self.commit_future(p.last_index, p.term)))
+
+    async def _result_of(self, applied: asyncio.Future[ApplyResult | None]) -> ApplyResult:
+        result = await applied
+        if result is None:  # committed but not a command this node applied
+            raise self._not_controller()
+        return result
 
     async def propose(
         self, command: Command, timeout_s: float = admin_timeout_ms / 1000
@@ -539,6 +508,8 @@ class Controller:
             raise self._not_controller()
         which = request.WhichOneof("body")
         async with asyncio.timeout(timeout_s):
+            # The sync step: validate against the state the previous controller left.
+            await self.sync(timeout_s)
             async with self._admin_lock:
                 if which == "create_topics":
                     c = request.create_topics
@@ -619,7 +590,7 @@ class Controller:
             )
         names = [c.name for c in commands]
         if validate_only:
-            return names, self._applied
+            return names, self.applied_index
         results = await self._propose_all(commands)
         for r in results:
             r.raise_for_error()
@@ -728,7 +699,7 @@ class Controller:
         interval_s = self.heartbeat_ms / 1000
         while True:
             await asyncio.sleep(interval_s)
-            if not self.is_leader or not self._leader_since:
+            if not self.synced or not self._leader_since:
                 continue
             try:
                 self._check_liveness()

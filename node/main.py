@@ -4,7 +4,7 @@ Memory allocator tuning happens here because it cannot happen later. glibc reads
 ``MALLOC_*_`` variables once, when the process starts. With its defaults it hands every
 large buffer (a produce request, a fetch response: 100 KB to MBs) back to the kernel when
 freed and page-faults it in again on the next request, which cost 15-18% of server time
-(+40% throughput on grpc.aio unary once disabled, DESIGN.md, Performance). So when the
+(+40% throughput on grpc.aio unary once disabled). So when the
 variables are missing, :func:`run_node` re-executes the same process (same pid, so
 supervisors and pid files keep working) as ``python -m tidelog.node ...`` with them set.
 ``TIDELOG_NO_REEXEC=1`` turns that off; values already in the environment are respected.

@@ -1,6 +1,6 @@
 """Prometheus metrics of one node (``tidelog_`` prefix), served on the node's metrics port.
 
-Costs decide the shape (DESIGN.md, Performance): ``.labels(...)`` costs more than the
+Costs decide the shape: ``.labels(...)`` costs more than the
 increment itself, so the hot paths hold pre-bound children (:class:`ApiMetrics` per API,
 :class:`TopicMetrics` per topic) and count once per batch with the header's record count,
 never once per record. Per-partition gauges (log size, offsets) are not updated on every

@@ -58,7 +58,7 @@ from tidelog.node.raft.types import (
     Snapshot,
     SoftState,
 )
-from tidelog.node.raft_storage import HardStateStore, LogStorage, RaftLogFile
+from tidelog.node.replica_storage import HardStateStore, RaftLogFile, ReplicaStorage
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class RaftGroup:
         self,
         group_id: int,
         raw: RawNode,
-        storage: LogStorage,
+        storage: ReplicaStorage,
         handler: GroupHandler,
         durable: bool,
     ) -> None:
@@ -241,7 +241,7 @@ class MultiRaft:
         if group_id in self.groups:
             raise ValueError(f"raft group {group_id} is already running on this node")
         hs = self._hard_states.load(group_id)
-        storage = LogStorage(partition_log, hs, conf)
+        storage = ReplicaStorage(partition_log, hs, conf)
         if applied is None:
             applied = storage.hard_state().commit
         raw = RawNode(

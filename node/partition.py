@@ -1,24 +1,24 @@
 """One replica of one partition on this node: its log, its Raft group, its high watermark and
 who waits on them.
 
-The partition is the Raft group's owner (``multiraft.GroupHandler``). On the leader, a produce
-request becomes one proposal per record batch: :meth:`Partition.propose` stamps each batch
-with its base offset, Raft term and Raft index (the offsets continue after every entry of
-the Raft log, including those proposed and not yet stored) and hands it to the core. The
-driver stores, replicates and commits it; this class only turns the driver's callbacks into
-answers:
+The partition is one user of the replicated-state-machine seam (``node/stm.py``), which owns
+the Raft group's callbacks. On the leader, a produce request becomes one proposal per record
+batch (:meth:`Partition.propose`, stamped by ``StateMachine.propose_batches``). The driver
+stores, replicates and commits it; the seam turns the callbacks into answers and this class
+adds what a partition means:
 
-* committed entries move the high watermark (``log.end_offset_at_index(commit)``), which
-  wakes acks=all producers and fetch streams; a producer's batch counts only if the entry
-  committed at its index is the one it proposed (same term): a new leader may have
-  overwritten it, and then the producer hears NOT_LEADER and retries;
-* stored entries (fsynced under flush=durable) wake acks=1 and acks=0 producers;
+* applying committed entries moves the high watermark (``log.end_offset_at_index``), which
+  wakes fetch streams; the seam's term-checked waiters wake acks=all producers, whose batch
+  counts only if the entry committed at its index is the one they proposed (same term): a
+  new leader may have overwritten it, and then the producer hears NOT_LEADER and retries;
+* stored entries (fsynced under flush=durable) wake acks=1 producers, again only if the
+  stored entry at their index has their term;
 * a truncated suffix fails the producers of the entries it removed.
 
-Only the leader serves reads, and only once it knows the group's commit index (it has
-committed the entries it holds from earlier terms): until then its high watermark may lag
-the old leader's, and a consumer at the old high watermark would be told its offset is out
-of range. Followers and nodes without a replica answer NOT_LEADER naming the leader.
+Only the leader serves reads, and only once it is *synced* (the seam's sync step: it has
+applied the entries it holds from earlier terms): until then its high watermark may lag the
+old leader's, and a consumer at the old high watermark would be told its offset is out of
+range. Followers and nodes without a replica answer NOT_LEADER naming the leader.
 
 Everything here runs on the event loop thread, except ``log.flush()``, which the driver runs
 in a worker thread.
@@ -26,9 +26,7 @@ in a worker thread.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -44,10 +42,9 @@ from tidelog.errors import (
     TidelogError,
     UnknownTopic,
 )
-from tidelog.node.raft.errors import NotLeader as RaftNotLeader
 from tidelog.node.raft.errors import ProposalDropped
 from tidelog.node.raft.types import NONE, Entry, Role, Snapshot, SoftState
-from tidelog.node.raft_storage import next_offset, stamped_copy
+from tidelog.node.stm import BatchSpan, LostHow, StateMachine
 from tidelog.records import BatchHeader
 
 if TYPE_CHECKING:
@@ -96,30 +93,15 @@ class LogLike(Protocol):
 AddressOf = Callable[[int], "str | None"]
 
 
-class _Waiter:
-    __slots__ = ("fut", "index", "term")
-
-    def __init__(self, index: int, term: int, fut: asyncio.Future[None]) -> None:
-        self.index = index
-        self.term = term
-        self.fut = fut
-
-
-class Partition:
+class Partition(StateMachine[None]):
     __slots__ = (
         "_address_of",
-        "_changed",
         "_closed_error",
-        "_commit_waiters",
         "_hw",
-        "_leader_ready_index",
-        "_persist_waiters",
-        "_raft",
         "_stream_error",
         "config",
         "elections_started",
         "elections_won",
-        "group",
         "group_id",
         "index",
         "log",
@@ -138,6 +120,7 @@ class Partition:
         replicas: Sequence[int],
         address_of: AddressOf = lambda _node: None,
     ) -> None:
+        super().__init__()
         self.topic = topic
         self.index = index
         self.log = partition_log
@@ -145,18 +128,10 @@ class Partition:
         self.group_id = group_id
         self.replicas = tuple(replicas)
         self._address_of = address_of
-        self.group: RaftGroup | None = None
-        self._raft: MultiRaft | None = None
         # What the stored commit index covers; the commits of the running group move it.
         self._hw = partition_log.log_start_offset
-        # Produce waiters in index order (proposals happen in index order).
-        self._commit_waiters: deque[_Waiter] = deque()
-        self._persist_waiters: deque[_Waiter] = deque()
-        # A leader serves reads once its commit index reaches this (None: not leader).
-        self._leader_ready_index: int | None = None
-        # Set (and replaced) whenever the high watermark moves, leadership changes or the
-        # partition closes.
-        self._changed = asyncio.Event()
+        # The seam's changed() event also fires when the high watermark moves and when the
+        # partition closes or ends its streams.
         self._closed_error: TidelogError | None = None
         self._stream_error: TidelogError | None = None
         self.elections_started = 0
@@ -167,8 +142,7 @@ class Partition:
 
     def attach(self, group: RaftGroup, raft: MultiRaft) -> None:
         """Bind to the running Raft group (right after ``MultiRaft.add_group``)."""
-        self.group = group
-        self._raft = raft
+        super().attach(group, raft)
         end = self.log.end_offset_at_index(group.raw.commit_index)
         self._hw = max(self._hw, end if end is not None else self.log.log_start_offset)
 
@@ -197,19 +171,10 @@ class Partition:
         return self.group.raw.leader_id if self.group is not None else NONE
 
     @property
-    def is_leader(self) -> bool:
-        return self.group is not None and self.group.raw.role == Role.LEADER
-
-    @property
     def serving(self) -> bool:
-        """Leader, and its high watermark is the group's: reads may be served."""
-        ready = self._leader_ready_index
-        return (
-            ready is not None
-            and self.group is not None
-            and self.group.raw.role == Role.LEADER
-            and self.group.raw.commit_index >= ready
-        )
+        """Leader and synced (``StateMachine.synced``): its high watermark is the group's,
+        so reads may be served."""
+        return self.synced
 
     def in_sync(self) -> list[int]:
         """Replicas whose log holds everything committed (leader view; [] elsewhere). The
@@ -233,7 +198,7 @@ class Partition:
         if group is None or group.raw.role != Role.LEADER:
             return []
         raw = group.raw
-        last = raw.log.last_index()
+        last = raw.last_index()
         out = []
         for node in self.replicas:
             if node == raw.id:
@@ -262,12 +227,6 @@ class Partition:
         if not self.serving:
             raise self.not_leader()
 
-    def changed(self) -> asyncio.Event:
-        """An event set at the next high-watermark move, leadership change or close. Take it
-        before checking the condition you wait for, then wait on it: no wake-up can fall in
-        between."""
-        return self._changed
-
     def not_leader(self) -> TidelogError:
         """NOT_LEADER naming the leader when one is known, else LEADER_NOT_AVAILABLE."""
         leader = self.leader_id
@@ -293,136 +252,59 @@ class Partition:
         """Propose validated batches (their positions and headers in ``batches``) as one Raft
         entry each. Returns (base offset, last offset, last Raft index, term)."""
         self.check_open()
-        group, raft = self.group, self._raft
-        if group is None or raft is None:
-            raise self.not_leader()
-        raw = group.raw
-        if raw.role != Role.LEADER:
-            raise self.not_leader()
-        term = raw.term
-        offset = first = next_offset(raw, self.log)
-        index = raw.log.last_index() + 1
         view = memoryview(batches)
-        proposed = False
-        try:
-            for pos, h in headers:
-                got = raw.propose(stamped_copy(view, pos, h.size, offset, term, index))
-                proposed = True
-                assert got == index, f"proposed at index {got}, stamped {index}"
-                offset += h.record_count
-                index += 1
-        except RaftNotLeader:
-            raise self.not_leader() from None
-        except ProposalDropped as exc:
-            raise NotEnoughReplicas(
-                f"{self.topic}/{self.index}: the leader refused the batch for now: {exc.reason}"
-            ) from None
-        finally:
-            if proposed:
-                raft.touch(group)
-        return first, offset - 1, index - 1, term
+        p = self.propose_batches(BatchSpan(view, pos, h.size, h.record_count) for pos, h in headers)
+        return p.first_offset, p.last_offset, p.last_index, p.term
 
-    async def wait_committed(self, index: int, term: int, timeout_s: float) -> None:
-        """Return once the entry proposed at ``index`` in ``term`` is committed; NOT_LEADER if
-        another entry took its place; RequestTimedOut after ``timeout_s``."""
-        await self._wait(self._commit_waiters, index, term, timeout_s, "committed")
+    # -- the seam's hooks ----------------------------------------------------------------
 
-    async def wait_persisted(self, index: int, term: int, timeout_s: float) -> None:
-        """Return once the entry is stored here (fsynced unless flush=os)."""
-        await self._wait(self._persist_waiters, index, term, timeout_s, "stored")
+    def not_leader_error(self) -> TidelogError:
+        return self.not_leader()
 
-    async def _wait(
-        self, waiters: deque[_Waiter], index: int, term: int, timeout_s: float, what: str
-    ) -> None:
-        self.check_open()
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        w = _Waiter(index, term, fut)
-        waiters.append(w)
-        try:
-            async with asyncio.timeout(timeout_s):
-                await fut
-        except TimeoutError:
-            # Drop our entry now: a stuck group must not let timed-out waiters pile up.
-            try:
-                waiters.remove(w)
-            except ValueError:
-                pass
-            raise RequestTimedOut(
-                f"{self.topic}/{self.index}: a batch at raft index {index} was appended but not "
-                f"{what} within {timeout_s * 1000:.0f} ms; it may still become visible"
-            ) from None
+    def dropped_error(self, exc: ProposalDropped) -> TidelogError:
+        return NotEnoughReplicas(
+            f"{self.topic}/{self.index}: the leader refused the batch for now: {exc.reason}"
+        )
 
-    # -- the driver's callbacks (multiraft.GroupHandler) ---------------------------------
+    def entry_lost_error(self, how: LostHow) -> TidelogError:
+        leader_id = str(self.group.raw.leader_id or "") if self.group is not None else ""
+        if how == "overwritten":
+            text = "the batch was overwritten by a new leader's log; it was not committed, retry"
+        else:
+            text = "the batch was replaced by a new leader's entry and not committed; retry"
+        return NotLeader(f"{self.topic}/{self.index}: {text}", leader_id=leader_id)
 
-    def on_soft_state(self, group: RaftGroup, soft: SoftState) -> None:
-        raw = group.raw
+    def timeout_error(self, index: int, what: str, timeout_s: float) -> TidelogError:
+        return RequestTimedOut(
+            f"{self.topic}/{self.index}: a batch at raft index {index} was appended but not "
+            f"{what} within {timeout_s * 1000:.0f} ms; it may still become visible"
+        )
+
+    # -- the seam's hooks: the state ------------------------------------------------------
+
+    def on_role_change(self, soft: SoftState, was_leader: bool) -> None:
+        term = self.term
         if soft.role == Role.LEADER:
-            if self._leader_ready_index is None:
+            if not was_leader:
                 self.elections_won += 1
-                # Every entry it holds is committed once its commit reaches its last index
-                # as of now (the EMPTY entry it appended, if any).
-                self._leader_ready_index = raw.log.last_index()
-                log.info("%s/%d: this node leads, term %d", self.topic, self.index, raw.term)
+                log.info("%s/%d: this node leads, term %d", self.topic, self.index, term)
         else:
             if soft.role in (Role.PRE_CANDIDATE, Role.CANDIDATE):
                 self.elections_started += 1
-            if self._leader_ready_index is not None:
+            if was_leader:
                 log.info(
                     "%s/%d: no longer the leader (term %d, leader %s)",
-                    self.topic, self.index, raw.term, soft.leader_id or "unknown",
+                    self.topic, self.index, term, soft.leader_id or "unknown",
                 )  # fmt: skip
-            self._leader_ready_index = None
-        self._fire()
 
-    def on_snapshot(self, group: RaftGroup, snapshot: Snapshot) -> None:
+    def restore_snapshot(self, snapshot: Snapshot) -> None:
         self._advance_hw(self.log.log_start_offset)
 
-    def on_truncated(self, group: RaftGroup, from_index: int) -> None:
-        err = NotLeader(
-            f"{self.topic}/{self.index}: the batch was overwritten by a new leader's log; "
-            "it was not committed, retry",
-            leader_id=str(group.raw.leader_id or ""),
-        )
-        for waiters in (self._commit_waiters, self._persist_waiters):
-            while waiters and waiters[-1].index >= from_index:
-                w = waiters.pop()
-                if not w.fut.done():
-                    w.fut.set_exception(err)
-
-    def on_persisted(self, group: RaftGroup, last_index: int) -> None:
-        waiters = self._persist_waiters
-        while waiters and waiters[0].index <= last_index:
-            w = waiters.popleft()
-            if not w.fut.done():
-                w.fut.set_result(None)
-
-    def on_committed(self, group: RaftGroup, entries: tuple[Entry, ...]) -> None:
-        last = entries[-1].index
-        end = self.log.end_offset_at_index(last)
+    def apply(self, entries: tuple[Entry, ...]) -> None:
+        """A partition's state is its high watermark: committed entries move it."""
+        end = self.log.end_offset_at_index(entries[-1].index)
         if end is not None:
             self._advance_hw(end)
-        waiters = self._commit_waiters
-        first = entries[0].index
-        while waiters and waiters[0].index <= last:
-            w = waiters.popleft()
-            if w.fut.done():
-                continue
-            if w.index >= first:
-                term = entries[w.index - first].term
-            else:
-                term = self.log.term_at_index(w.index) or 0
-            if term == w.term:
-                w.fut.set_result(None)
-            else:
-                w.fut.set_exception(
-                    NotLeader(
-                        f"{self.topic}/{self.index}: the batch was replaced by a new leader's "
-                        "entry and not committed; retry",
-                        leader_id=str(group.raw.leader_id or ""),
-                    )
-                )
-        if self._leader_ready_index is not None:
-            self._fire()  # a leader may have become ready to serve
 
     def on_storage_failure(self, group: RaftGroup, exc: BaseException) -> None:
         self.fail_storage(exc)
@@ -431,12 +313,7 @@ class Partition:
         if offset <= self._hw:
             return
         self._hw = offset
-        self._fire()
-
-    def _fire(self) -> None:
-        event = self._changed
-        self._changed = asyncio.Event()
-        event.set()
+        self.notify()
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -481,19 +358,14 @@ class Partition:
         if self._closed_error is not None:
             return
         self._closed_error = error
-        for waiters in (self._commit_waiters, self._persist_waiters):
-            while waiters:
-                w = waiters.popleft()
-                if not w.fut.done():
-                    w.fut.set_exception(error)
-        self._fire()
+        self.fail_waiters(error)
 
     def end_streams(self, error: TidelogError) -> None:
         """End fetch streams (they get ``error``) but keep accepting and committing appends:
         the first step of a drain, so produce requests still in flight can finish."""
         if self._stream_error is None:
             self._stream_error = error
-            self._fire()
+            self.notify()
 
     def close_for_shutdown(self) -> None:
         self.fail(NodeUnavailable(f"{self.topic}/{self.index}: the node is shutting down"))

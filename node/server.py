@@ -49,7 +49,7 @@ from tidelog.node.metastore import MetaStore
 from tidelog.node.metrics import MetricsServer, NodeMetrics
 from tidelog.node.multiraft import MultiRaft, RaftTiming
 from tidelog.node.partition import LogLike
-from tidelog.node.raft_storage import HardStateStore
+from tidelog.node.replica_storage import HardStateStore
 from tidelog.node.topics import LogOpener, TopicRegistry
 from tidelog.node.transport import RaftTransport
 from tidelog.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc, cluster_pb2_grpc

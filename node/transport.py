@@ -1,7 +1,7 @@
 """The node-to-node Raft transport: one long-lived gRPC stream to each peer carries the
 messages of every Raft group the two nodes share.
 
-Why this shape (DESIGN.md, Performance; proto/tidelog/v1/raft.proto, Framing):
+Why this shape (see also proto/tidelog/v1/raft.proto, Framing):
 
 * An RPC costs 130-400 us of CPU while data costs 1-3 us per KB, so per-message RPCs would
   cap a node at a few thousand Raft messages per second. :meth:`RaftTransport.send` only
@@ -59,7 +59,7 @@ KIB: Final = 1024
 MIB: Final = 1024 * KIB
 
 #: Messages and estimated bytes (``raft_codec.wire_size_estimate``) waiting for one peer;
-#: beyond either the oldest are dropped. 100,000 is ten 100 ms ticks of heartbeats of 10,000
+#: beyond either the oldest are dropped. 100,000 is ten 100 ms heartbeat intervals of 10,000
 #: groups; the bytes hold a few dozen full 1 MiB APPENDs.
 outbox_messages_max: Final = 100_000
 outbox_bytes_max: Final = 64 * MIB

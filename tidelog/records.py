@@ -41,6 +41,7 @@ __all__ = [
     "BatchHeader",
     "Codec",
     "Record",
+    "batch_end_offset",
     "decode_batches",
     "decode_records",
     "decode_values",
@@ -48,6 +49,7 @@ __all__ = [
     "iter_headers",
     "read_header",
     "stamp",
+    "stamped_copy",
     "unpack_header",
     "validate_batch",
     "validate_batches",
@@ -56,6 +58,20 @@ __all__ = [
 MAGIC = 2
 HEADER_SIZE = 73
 BATCH_OVERHEAD_BYTES = HEADER_SIZE
+
+# Byte positions of the header fields the node reads or writes without decoding the whole
+# header (the layout is ``_HEADER`` below and docs/wire-format.md). Names end in ``_AT``.
+#: ``base_offset`` (int64), stamped by the node.
+BASE_OFFSET_AT = 0
+#: ``batch_length`` (int32), the producer's.
+BATCH_LENGTH_AT = 8
+#: ``raft_term`` then ``raft_index`` (int64 each), stamped by the node.
+RAFT_TERM_AT = 12
+RAFT_INDEX_AT = 20
+#: ``magic`` (int8): the first byte after the node-stamped fields.
+MAGIC_AT = 28
+#: ``last_offset_delta`` (int32), inside the CRC-covered part.
+LAST_OFFSET_DELTA_AT = 35
 
 #: Bytes before (and including) ``batch_length``; ``size = batch_length + LENGTH_PREFIX_SIZE``.
 LENGTH_PREFIX_SIZE = 12
@@ -86,9 +102,12 @@ _COVERED = struct.Struct("<hiqqqhii")
 _CRC = struct.Struct("<I")
 _STAMP_OFFSET = struct.Struct("<q")
 _STAMP_RAFT = struct.Struct("<qq")
-_RAFT_TERM_OFFSET = 12
+_INT32 = struct.Struct("<i")
 
 assert _HEADER.size == HEADER_SIZE
+assert BATCH_LENGTH_AT == _STAMP_OFFSET.size == LENGTH_PREFIX_SIZE - 4
+assert RAFT_INDEX_AT == RAFT_TERM_AT + 8 and MAGIC_AT == RAFT_TERM_AT + _STAMP_RAFT.size
+assert LAST_OFFSET_DELTA_AT == CRC_COVERED_FROM + 2  # after the int16 attributes
 assert _PREFIX.size == CRC_COVERED_FROM
 assert _PREFIX.size + _COVERED.size == HEADER_SIZE
 assert array("i").itemsize == 4 and array("H").itemsize == 2
@@ -621,8 +640,33 @@ def stamp(
     buf: bytearray | memoryview, pos: int, base_offset: int, raft_term: int, raft_index: int
 ) -> None:
     """Write the node-owned fields in place; they lie outside the CRC, so it stays valid."""
-    _STAMP_OFFSET.pack_into(buf, pos, base_offset)
-    _STAMP_RAFT.pack_into(buf, pos + _RAFT_TERM_OFFSET, raft_term, raft_index)
+    _STAMP_OFFSET.pack_into(buf, pos + BASE_OFFSET_AT, base_offset)
+    _STAMP_RAFT.pack_into(buf, pos + RAFT_TERM_AT, raft_term, raft_index)
+
+
+def stamped_copy(
+    buf: Buffer, pos: int, size: int, base_offset: int, raft_term: int, raft_index: int
+) -> bytes:
+    """A copy of the ``size``-byte batch at ``pos`` with the node-owned fields stamped (as
+    :func:`stamp` does in place), made with one join: ``batch_length`` between them and
+    everything from ``magic`` on are the producer's bytes, kept as they are."""
+    view = memoryview(buf)
+    return b"".join(
+        (
+            _STAMP_OFFSET.pack(base_offset),
+            view[pos + BATCH_LENGTH_AT : pos + RAFT_TERM_AT],
+            _STAMP_RAFT.pack(raft_term, raft_index),
+            view[pos + MAGIC_AT : pos + size],
+        )
+    )
+
+
+def batch_end_offset(buf: Buffer, pos: int = 0) -> int:
+    """The offset after the (stamped) batch at ``pos``: its base offset plus its record
+    count (``last_offset_delta + 1``), read from two header fields."""
+    (base,) = _STAMP_OFFSET.unpack_from(buf, pos + BASE_OFFSET_AT)
+    (delta,) = _INT32.unpack_from(buf, pos + LAST_OFFSET_DELTA_AT)
+    return int(base) + int(delta) + 1
 
 
 # ---------------------------------------------------------------------------------------------

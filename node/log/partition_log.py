@@ -1,4 +1,4 @@
-"""The partition log: the storage of one partition replica, and (later) its Raft log.
+"""The partition log: the storage of one partition replica, which is also its Raft log.
 
 Every stored batch is one Raft entry. The node stamps three fields outside the producer's
 CRC: ``base_offset`` (consumer offsets, contiguous per record), ``raft_term`` and

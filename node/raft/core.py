@@ -53,20 +53,20 @@ Protocol choices (Raft paper = Ongaro & Ousterhout 2014; thesis = Ongaro 2014):
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import quorum
 from .errors import (
     CompactedError,
-    NotLeader,
+    NotRaftLeader,
     ProposalDropped,
     SnapshotTemporarilyUnavailable,
     UnavailableError,
 )
 from .limits import DEFAULT_CONFIG, Config, Rand
-from .log import RaftLog
 from .progress import Progress, ProgressState, ProgressTracker
+from .raft_log import RaftLog
 from .storage import StorageReader
 from .types import (
     NONE,
@@ -207,6 +207,29 @@ class RawNode:
     def soft_state(self) -> SoftState:
         return SoftState(self.leader_id, self.role)
 
+    def first_index(self) -> int:
+        """The first index the log still holds (the compaction point + 1)."""
+        return self.log.first_index()
+
+    def last_index(self) -> int:
+        """The last index of the whole log, stored or not: a leader's next proposal takes
+        ``last_index() + 1``."""
+        return self.log.last_index()
+
+    def term_at(self, index: int) -> int | None:
+        """The term of the entry at ``index`` (stored or not); None when the log does not
+        hold it (compacted, or beyond the end)."""
+        return self.log.term_or_none(index)
+
+    def unstored_entries(self) -> tuple[int, Sequence[Entry]]:
+        """``(first index, entries)`` of the tail not yet stored (the unstable log; possibly
+        handed out in a ``Ready`` whose ``advance`` has not come yet). The first index is
+        where the tail starts even when it is empty, so ``first index - 1`` is the last
+        stored entry. The sequence is the core's own (no copy): read it at once, never keep
+        or change it."""
+        unstable = self.log.unstable
+        return unstable.offset, unstable.entries
+
     def progress(self, node_id: int) -> Progress | None:
         """The leader's view of ``node_id`` (None on a non-leader or for a non-member)."""
         if self.role != Role.LEADER:
@@ -268,11 +291,11 @@ class RawNode:
 
     def propose(self, data: bytes, kind: EntryKind = EntryKind.NORMAL) -> int:
         """Appends ``data`` to the leader's log; returns its index (its term is ``self.term``).
-        The entry is committed once it appears in ``Ready.committed``. Raises ``NotLeader``
+        The entry is committed once it appears in ``Ready.committed``. Raises ``NotRaftLeader``
         on a non-leader, ``ProposalDropped`` during a leadership transfer or when too many
         bytes are uncommitted."""
         if self.role != Role.LEADER:
-            raise NotLeader("this node is not the leader", self.leader_id)
+            raise NotRaftLeader("this node is not the leader", self.leader_id)
         if self.lead_transferee != NONE:
             raise ProposalDropped(
                 f"leadership transfer to {self.lead_transferee} in progress", self.id
@@ -304,7 +327,7 @@ class RawNode:
         elif self.leader_id != NONE:
             self._send(Message(_K.TRANSFER_LEADER, self.id, self.leader_id, self.term, index=to))
         else:
-            raise NotLeader("no leader known to transfer leadership from", NONE)
+            raise NotRaftLeader("no leader known to transfer leadership from", NONE)
 
     def read_index(self, context: bytes) -> None:
         """Requests a linearizable read. A ``ReadState(index, context)`` appears in a later
@@ -318,7 +341,7 @@ class RawNode:
         elif self.leader_id != NONE:
             self._send(Message(_K.READ_INDEX, self.id, self.leader_id, self.term, context=context))
         else:
-            raise NotLeader("no leader known to serve a read index", NONE)
+            raise NotRaftLeader("no leader known to serve a read index", NONE)
 
     def add_learner(self, node_id: int) -> None:
         """Makes ``node_id`` a learner of this group at once, without a log entry.

@@ -1,7 +1,8 @@
 """Errors of the Raft core and its storage.
 
-These stay inside the node: the replica layer turns ``NotLeader`` into the client-facing
-``tidelog.errors`` status with the leader's address.
+These stay inside the node: the replica layer turns ``NotRaftLeader`` into the client-facing
+``tidelog.errors.NotLeader`` status with the leader's address (two names, so that a reader
+always knows which layer an error belongs to).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ class ProposalDropped(RaftError):
         self.leader_id = leader_id
 
 
-class NotLeader(ProposalDropped):
-    """This node is not the leader (or has stepped down after losing its quorum)."""
+class NotRaftLeader(ProposalDropped):
+    """This node is not the Raft leader of the group (or has stepped down after losing its
+    quorum). Not to be confused with the client-facing ``tidelog.errors.NotLeader``."""
 
 
 class CompactedError(RaftError):

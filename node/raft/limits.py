@@ -1,7 +1,9 @@
 """Every knob and bound of the Raft core in one place, with their relations asserted.
 
-Time is counted in ticks; the driver decides what a tick is (tidelog ticks every 100 ms,
-so the defaults give a heartbeat every 100 ms and elections after 1-2 s of silence).
+Time is counted in ticks; the driver decides what a tick is. The core's defaults below are
+in ticks only; tidelog's node does not use them as they are: ``node/multiraft.RaftTiming``
+turns its wall-clock settings (a 50 ms tick, a heartbeat every 100 ms, an election timeout
+of 1 s randomized over ``[1 s, 1.5 s)``) into these fields.
 """
 
 from __future__ import annotations

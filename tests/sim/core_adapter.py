@@ -48,13 +48,13 @@ def log_term(core: Core, index: int) -> int | None:
     """The term of the entry at ``index`` in the core's whole log (persisted or not), None
     if it has no such entry (or compacted it)."""
     assert isinstance(core, RawNode)
-    return core.log.term_or_none(index)
+    return core.term_at(index)
 
 
 def log_first_index(core: Core) -> int:
     """The first index the core's log still holds (its compaction point + 1)."""
     assert isinstance(core, RawNode)
-    return core.log.first_index()
+    return core.first_index()
 
 
 def config_for(opts: SimOptions) -> Config:

@@ -32,10 +32,10 @@ from typing import Any
 from unittest import mock
 
 from tidelog.node.raft import core as core_mod
-from tidelog.node.raft import log as log_mod
 from tidelog.node.raft import quorum as quorum_mod
+from tidelog.node.raft import raft_log as log_mod
 from tidelog.node.raft.core import RawNode
-from tidelog.node.raft.log import RaftLog
+from tidelog.node.raft.raft_log import RaftLog
 from tidelog.node.raft.types import NONE, Entry, Message, MessageKind, Ready, Role
 
 from .checkers import Checker

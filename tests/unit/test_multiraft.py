@@ -20,7 +20,7 @@ from tidelog.node.multiraft import MultiRaft, RaftTiming
 from tidelog.node.partition import Partition
 from tidelog.node.raft.limits import Config
 from tidelog.node.raft.types import ConfState, Message, Role
-from tidelog.node.raft_storage import HardStateStore
+from tidelog.node.replica_storage import HardStateStore
 from tidelog.records import decode_batches, encode_batch, validate_batches
 
 TIMING = RaftTiming(tick_ms=10, heartbeat_interval_ms=20, election_timeout_ms=200)

@@ -27,7 +27,7 @@ from tidelog.node.multiraft import MultiRaft, RaftTiming
 from tidelog.node.partition import Partition
 from tidelog.node.raft.limits import Config
 from tidelog.node.raft.types import ConfState, Entry, Role
-from tidelog.node.raft_storage import HardStateStore
+from tidelog.node.replica_storage import HardStateStore
 from tidelog.records import encode_batch, validate_batches
 
 DURABLE = TopicConfig.from_overrides({})
@@ -136,6 +136,27 @@ async def test_acks_leader_waits_for_the_local_store_only(env: Env) -> None:
     buf, headers = batch(1)
     _, _, index, term = p.propose(buf, headers)
     await p.wait_persisted(index, term, 5)
+
+
+@pytest.mark.timeout(10)
+async def test_acks_leader_waiter_of_a_replaced_entry_fails(env: Env) -> None:
+    """Issue 8 defect 1, over the real log: the stored entry at the waiter's index has
+    another term (a later leader's entry replaced the proposal before it was stored), so
+    "stored" would be a lie; only the waiter of the stored (index, term) succeeds."""
+    p, _ = env.make()
+    await until_serving(p)
+    assert p.group is not None
+    group = p.group
+    buf, headers = batch(1)
+    _, _, index, term = p.propose(buf, headers)
+    await p.wait_committed(index, term, 5)
+    replaced = asyncio.create_task(p.wait_persisted(index, term - 1 if term > 1 else term + 1, 5))
+    stored = asyncio.create_task(p.wait_persisted(index, term, 5))
+    await asyncio.sleep(0)
+    p.on_persisted(group, index)
+    with pytest.raises(NotLeader, match="replaced"):
+        await replaced
+    await asyncio.wait_for(stored, 1)
 
 
 @pytest.mark.timeout(10)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.raft_interaction.harness import Cluster, MaxRand
-from tidelog.node.raft.errors import NotLeader
+from tidelog.node.raft.errors import NotRaftLeader
 from tidelog.node.raft.limits import Config
 from tidelog.node.raft.types import NONE, Message, MessageKind, Role
 
@@ -24,7 +24,7 @@ def test_leader_steps_down_within_two_election_timeouts_without_quorum() -> None
         ticks += 1
         assert ticks <= 2 * t
     assert c[1].role == Role.FOLLOWER and c[1].leader_id == NONE and c[1].term == 1
-    with pytest.raises(NotLeader):
+    with pytest.raises(NotRaftLeader):
         c[1].propose(b"lost write")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tidelog.node.raft.errors import CompactedError
-from tidelog.node.raft.log import RaftLog
+from tidelog.node.raft.raft_log import RaftLog
 from tidelog.node.raft.storage import MemoryStorage
 from tidelog.node.raft.types import ENTRY_OVERHEAD_BYTES, Entry, HardState, Snapshot, SnapshotMeta
 

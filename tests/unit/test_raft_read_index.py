@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.raft_interaction.harness import Cluster, MaxRand
-from tidelog.node.raft.errors import NotLeader, ProposalDropped
+from tidelog.node.raft.errors import NotRaftLeader, ProposalDropped
 from tidelog.node.raft.limits import Config
 from tidelog.node.raft.types import MessageKind, ReadState
 
@@ -64,7 +64,7 @@ def test_follower_read_is_forwarded_and_answered_with_the_leader_index() -> None
     c[3].read_index(b"f")
     c.stabilize()
     assert c.nodes[3].read_states == [ReadState(2, b"f")]
-    with pytest.raises(NotLeader):
+    with pytest.raises(NotRaftLeader):
         Cluster([1, 2, 3])[2].read_index(b"nobody")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.raft_interaction.harness import Cluster
-from tidelog.node.raft.errors import NotLeader, ProposalDropped
+from tidelog.node.raft.errors import NotRaftLeader, ProposalDropped
 from tidelog.node.raft.limits import Config
 from tidelog.node.raft.progress import ProgressState
 from tidelog.node.raft.types import ENTRY_OVERHEAD_BYTES, Message, MessageKind, Role
@@ -161,7 +161,7 @@ def test_proposals_refused_off_leader_and_when_too_much_is_uncommitted() -> None
     cfg = Config(max_msg_bytes=ENTRY_BYTES, max_uncommitted_bytes=3 * ENTRY_BYTES)
     c = Cluster([1, 2, 3], config=cfg)
     c.elect(1)
-    with pytest.raises(NotLeader) as exc:
+    with pytest.raises(NotRaftLeader) as exc:
         c[2].propose(b"x")
     assert exc.value.leader_id == 1
     c.partition([1], [2, 3])

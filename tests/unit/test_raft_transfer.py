@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.raft_interaction.harness import Cluster
-from tidelog.node.raft.errors import NotLeader, ProposalDropped
+from tidelog.node.raft.errors import NotRaftLeader, ProposalDropped
 from tidelog.node.raft.types import MessageKind, Role
 
 K = MessageKind
@@ -76,7 +76,7 @@ def test_new_transfer_replaces_the_pending_one() -> None:
 
 def test_transfer_forwarded_by_follower_and_refused_without_leader() -> None:
     c = Cluster([1, 2, 3])
-    with pytest.raises(NotLeader):
+    with pytest.raises(NotRaftLeader):
         c[2].transfer_leadership(3)
     c.elect(1)
     c[2].transfer_leadership(3)

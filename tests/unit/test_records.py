@@ -19,12 +19,18 @@ from hypothesis import strategies as st
 from tidelog import records
 from tidelog.errors import BatchTooLarge, CorruptBatch
 from tidelog.records import (
+    BASE_OFFSET_AT,
+    BATCH_LENGTH_AT,
     BATCH_OVERHEAD_BYTES,
     HEADER_SIZE,
     MAGIC,
+    MAGIC_AT,
+    RAFT_INDEX_AT,
+    RAFT_TERM_AT,
     BatchHeader,
     Codec,
     Record,
+    batch_end_offset,
     decode_batches,
     decode_records,
     decode_values,
@@ -32,6 +38,7 @@ from tidelog.records import (
     iter_headers,
     read_header,
     stamp,
+    stamped_copy,
     validate_batch,
     validate_batches,
 )
@@ -256,6 +263,24 @@ def test_stamp_keeps_crc_valid(spec: dict[str, object], base: int, term: int, in
     h = validate_batch(buf)
     assert (h.base_offset, h.raft_term, h.raft_index, h.crc) == (base, term, index, crc_before)
     assert [r.offset for r in decode_records(buf)] == list(range(base, base + h.record_count))
+
+
+def test_stamped_copy_equals_stamp_in_place_and_end_offset_reads_the_header() -> None:
+    a, b = encode_batch([b"x"] * 3), encode_batch([b"y"] * 2, codec=Codec.LZ4)
+    buf = a + b
+    copy = stamped_copy(buf, len(a), len(b), 40, 7, 9)
+    in_place = bytearray(b)
+    stamp(in_place, 0, 40, 7, 9)
+    assert copy == bytes(in_place)
+    h = validate_batch(copy)
+    assert (h.base_offset, h.raft_term, h.raft_index, h.record_count) == (40, 7, 9, 2)
+    # The named positions are the header's fields (the struct layout decides them).
+    assert copy[RAFT_TERM_AT : RAFT_TERM_AT + 8] == (7).to_bytes(8, "little")
+    assert copy[RAFT_INDEX_AT : RAFT_INDEX_AT + 8] == (9).to_bytes(8, "little")
+    assert copy[MAGIC_AT] == MAGIC and copy[BASE_OFFSET_AT] == 40
+    assert int.from_bytes(copy[BATCH_LENGTH_AT:RAFT_TERM_AT], "little") == len(b) - 12
+    assert batch_end_offset(copy) == 42 == h.base_offset + h.last_offset_delta + 1
+    assert batch_end_offset(a + copy, len(a)) == 42
 
 
 def test_stamp_in_place_through_memoryview_mid_buffer() -> None:

@@ -1,4 +1,5 @@
-"""The Raft storage of one group: its PartitionLog is the Raft log, RocksDB holds the rest.
+"""The Raft storage of one replica (``ReplicaStorage``, the core's ``StorageReader``): its
+PartitionLog is the Raft log, RocksDB holds the rest.
 
 Every Raft entry is one stored record batch (``Entry.data`` is the batch, stamped with its
 base offset, Raft term and Raft index); there is no second copy of the data. Two kinds of
@@ -48,7 +49,7 @@ from tidelog.node.raft.types import (
     Snapshot,
     SnapshotMeta,
 )
-from tidelog.records import HEADER_SIZE, encode_batch, stamp, unpack_header
+from tidelog.records import HEADER_SIZE, batch_end_offset, encode_batch, stamp, unpack_header
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +68,6 @@ _GROUP_KEY = struct.Struct(">Q")
 _HARD_STATE = struct.Struct(">QQQ")
 _SNAPSHOT_DATA = struct.Struct(">BQ")
 _SNAPSHOT_FORMAT: Final = 1
-_BASE_OFFSET = struct.Struct("<q")
-_LAST_OFFSET_DELTA_AT: Final = 35
-_INT32 = struct.Struct("<i")
-_RAFT_STAMP = struct.Struct("<qq")
-# records.stamp writes base_offset at 0..8 and raft term and index at 12..28; the bytes in
-# between (batch_length) and after are the producer's.
-_STAMP_GAP_FROM: Final = 8
-_STAMP_GAP_TO: Final = 12
-_STAMP_END: Final = 28
-
 assert NOOP_SIZE > HEADER_SIZE
 
 
@@ -95,39 +86,19 @@ def entry_kind(data: bytes) -> EntryKind:
     return EntryKind.NORMAL
 
 
-def end_offset_of(data: bytes) -> int:
-    """The offset after the (stamped) batch ``data``: its base offset plus its record count."""
-    (base,) = _BASE_OFFSET.unpack_from(data, 0)
-    (delta,) = _INT32.unpack_from(data, _LAST_OFFSET_DELTA_AT)
-    return int(base) + int(delta) + 1
-
-
-def stamped_copy(buf: memoryview, pos: int, size: int, offset: int, term: int, index: int) -> bytes:
-    """A copy of the batch at ``pos`` (``size`` bytes) with its base offset, Raft term and
-    Raft index stamped, made with one copy (the fields lie outside the producer's CRC)."""
-    return b"".join(
-        (
-            _BASE_OFFSET.pack(offset),
-            buf[pos + _STAMP_GAP_FROM : pos + _STAMP_GAP_TO],
-            _RAFT_STAMP.pack(term, index),
-            buf[pos + _STAMP_END : pos + size],
-        )
-    )
-
-
 def next_offset(raw: RawNode, partition_log: RaftLogFile) -> int:
     """The offset after the last entry of ``raw``'s Raft log, stored or not: where a leader's
     next proposal starts. Unstored entries carry their stamped batch, except EMPTY entries
     from the core, which become one-offset no-op batches."""
-    rl = raw.log
+    first_unstored, unstored = raw.unstored_entries()
     empties = 0
-    for e in reversed(rl.unstable.entries):
+    for e in reversed(unstored):
         if e.data:
-            return end_offset_of(e.data) + empties
+            return batch_end_offset(e.data) + empties
         empties += 1
-    end = partition_log.end_offset_at_index(rl.unstable.offset - 1)
+    end = partition_log.end_offset_at_index(first_unstored - 1)
     if end is None:
-        raise StorageError(f"raft index {rl.unstable.offset - 1} is not in the log")
+        raise StorageError(f"raft index {first_unstored - 1} is not in the log")
     return end + empties
 
 
@@ -170,7 +141,7 @@ class RaftLogFile(Protocol):
     def flush(self) -> int: ...
 
 
-class LogStorage:
+class ReplicaStorage:
     """``raft.storage.StorageReader`` over a partition log, plus the driver's writes."""
 
     __slots__ = ("_cache", "_cache_bytes", "_cache_max_bytes", "_conf", "_hs", "log", "lost_to")
@@ -229,6 +200,15 @@ class LogStorage:
         if index < first:
             raise CompactedError(index, first)
         raise UnavailableError(index, self.log.last_index)
+
+    def stored_term(self, index: int) -> int | None:
+        """The term of the stored entry at ``index`` (None if the log does not hold it),
+        from the cache of recent entries when it has it: the state machines' waiters ask
+        this for every entry a round stored."""
+        cache = self._cache
+        if cache and cache[0].index <= index <= cache[-1].index:
+            return cache[index - cache[0].index].term
+        return self.log.term_at_index(index)
 
     def entries(self, lo: int, hi: int, max_bytes: int) -> list[Entry]:
         first = self.log.first_index
@@ -318,7 +298,7 @@ class LogStorage:
         for e in entries:
             data = e.data
             if data:
-                offset = end_offset_of(data)
+                offset = batch_end_offset(data)
                 stored.append(e)
             else:
                 data = noop_batch(offset, e.term, e.index)
@@ -400,14 +380,12 @@ __all__ = [
     "NOOP_SIZE",
     "RAFT_COLUMN",
     "HardStateStore",
-    "LogStorage",
     "RaftLogFile",
+    "ReplicaStorage",
     "decode_snapshot_data",
     "encode_snapshot_data",
-    "end_offset_of",
     "entry_cache_bytes_max",
     "entry_kind",
     "next_offset",
     "noop_batch",
-    "stamped_copy",
 ]

@@ -15,16 +15,15 @@ from tidelog.node.metastore import MetaStore
 from tidelog.node.raft.errors import CompactedError, UnavailableError
 from tidelog.node.raft.storage import NO_LIMIT_BYTES
 from tidelog.node.raft.types import ConfState, Entry, EntryKind, HardState
-from tidelog.node.raft_storage import (
+from tidelog.node.replica_storage import (
     NOOP_SIZE,
     HardStateStore,
-    LogStorage,
+    ReplicaStorage,
     decode_snapshot_data,
-    end_offset_of,
     entry_kind,
     noop_batch,
 )
-from tidelog.records import decode_batches, encode_batch, read_header, stamp
+from tidelog.records import batch_end_offset, decode_batches, encode_batch, read_header, stamp
 
 CONF = ConfState(voters=frozenset({1, 2, 3}))
 
@@ -35,10 +34,10 @@ def stamped(values: list[bytes], offset: int, term: int, index: int) -> bytes:
     return bytes(buf)
 
 
-def open_storage(path: Path, segment_bytes: int | None = None) -> LogStorage:
+def open_storage(path: Path, segment_bytes: int | None = None) -> ReplicaStorage:
     overrides = {} if segment_bytes is None else {"segment.bytes": str(segment_bytes)}
     lg = PartitionLog(path, TopicConfig.from_overrides(overrides))
-    return LogStorage(lg, HardState(), CONF)
+    return ReplicaStorage(lg, HardState(), CONF)
 
 
 def test_noop_batch_is_deterministic_invisible_and_one_offset() -> None:
@@ -49,7 +48,7 @@ def test_noop_batch_is_deterministic_invisible_and_one_offset() -> None:
     assert h.is_control and entry_kind(a) == EntryKind.EMPTY
     assert decode_batches(a + stamped([b"x"], 8, 3, 5)) == decode_batches(stamped([b"x"], 8, 3, 5))
     assert entry_kind(stamped([b"x"], 0, 1, 1)) == EntryKind.NORMAL
-    assert end_offset_of(stamped([b"x", b"y", b"z"], 10, 1, 1)) == 13
+    assert batch_end_offset(stamped([b"x", b"y", b"z"], 10, 1, 1)) == 13
 
 
 def test_append_read_back_and_terms(tmp_path: Path) -> None:
@@ -72,10 +71,13 @@ def test_append_read_back_and_terms(tmp_path: Path) -> None:
         (2, 3, EntryKind.NORMAL),
     ]
     assert got[1].data == noop_batch(2, 2, 2)
+    cached_terms = [s.stored_term(i) for i in (0, 1, 2, 3, 4)]
+    assert cached_terms == [0, 1, 2, 2, None]
     # Same answers from the log itself (cache emptied).
     s.trim_cache(10)
     again = s.entries(1, 4, NO_LIMIT_BYTES)
     assert again == got
+    assert [s.stored_term(i) for i in (0, 1, 2, 3, 4)] == cached_terms
     assert len(s.entries(1, 4, 1)) == 1  # at least one entry, whatever the byte limit
     with pytest.raises(UnavailableError):
         s.entries(1, 5, NO_LIMIT_BYTES)
@@ -88,6 +90,7 @@ def test_conflicting_suffix_is_truncated(tmp_path: Path) -> None:
     replacing = [Entry(2, 3, b"", EntryKind.EMPTY), Entry(2, 4, stamped([b"n", b"m"], 3, 2, 4))]
     assert s.append(replacing) == 3
     assert [s.term(i) for i in (1, 2, 3, 4)] == [1, 1, 2, 2]
+    assert [s.stored_term(i) for i in (1, 2, 3, 4)] == [1, 1, 2, 2]  # the cache followed
     assert s.log.log_end_offset == 5
     lg = s.log
     assert isinstance(lg, PartitionLog)
@@ -162,7 +165,7 @@ def test_snapshot_is_the_log_start_and_installs_as_a_reset(tmp_path: Path) -> No
 
 def test_commit_beyond_a_lost_tail_is_clamped(tmp_path: Path) -> None:
     lg = PartitionLog(tmp_path, TopicConfig.from_overrides({}))
-    s = LogStorage(lg, HardState(term=3, vote=1, commit=9), CONF)
+    s = ReplicaStorage(lg, HardState(term=3, vote=1, commit=9), CONF)
     assert s.hard_state() == HardState(term=3, vote=1, commit=0)
 
 
@@ -182,7 +185,7 @@ def test_hard_states_in_one_batch_survive_reopen(tmp_path: Path) -> None:
 
 def test_cache_is_bounded_and_trimmed(tmp_path: Path) -> None:
     lg = PartitionLog(tmp_path, TopicConfig.from_overrides({}))
-    s = LogStorage(lg, HardState(), CONF, cache_bytes_max=3000)
+    s = ReplicaStorage(lg, HardState(), CONF, cache_bytes_max=3000)
     for i in range(1, 21):
         s.append([Entry(1, i, stamped([b"x" * 500], i - 1, 1, i))])
     assert s._cache_bytes <= 3000 and len(s._cache) >= 1
