@@ -29,7 +29,7 @@ from tidelog.node.raft.types import (
     Snapshot,
     SoftState,
 )
-from tidelog.node.raft_storage import HardStateStore, LogStorage
+from tidelog.node.replica_storage import HardStateStore, ReplicaStorage
 from tidelog.records import encode_batch, iter_headers, stamp
 
 K = MessageKind
@@ -158,7 +158,7 @@ def test_storage_that_lost_acknowledged_entries_restarts_recovering(tmp_path: Pa
     conf = ConfState(voters=frozenset({1, 2, 3}))
     cfg = TopicConfig.from_overrides({})
     lg = PartitionLog(tmp_path / "log", cfg)
-    s = LogStorage(lg, HardState(), conf)
+    s = ReplicaStorage(lg, HardState(), conf)
     s.append([Entry(2, i, stamped([b"%d" % i], i - 1, 2, i)) for i in range(1, 6)])
     lg.flush()
     keep = lg.end_offset_at_index(2)
@@ -174,7 +174,7 @@ def test_storage_that_lost_acknowledged_entries_restarts_recovering(tmp_path: Pa
     lg = PartitionLog(tmp_path / "log", cfg)
     assert (lg.last_index, lg.log_end_offset) == (2, keep)
 
-    storage = LogStorage(lg, hard_states.load(GROUP), conf)
+    storage = ReplicaStorage(lg, hard_states.load(GROUP), conf)
     assert storage.lost_to == 5 and storage.hard_state().commit == 2
     driver = MultiRaft(2, hard_states, NodeMetrics())
     group = driver.add_group(GROUP, lg, conf, _NullHandler(), durable=True, config=Config())
