@@ -300,8 +300,9 @@ class StateMachine(ABC, Generic[R]):
 
     def propose_batches(self, batches: Iterable[BatchSpan]) -> Proposed:
         """Propose each batch as one entry, stamped with its base offset, the term and its
-        index. Raises :meth:`not_leader_error` off the leader and :meth:`dropped_error`
-        when the core refuses; batches proposed before a refusal stay proposed."""
+        index: all of them or none. Raises :meth:`not_leader_error` off the leader and
+        :meth:`dropped_error` when the core refuses (then nothing was proposed, so a client
+        retrying the whole request duplicates nothing)."""
         if self._stm_error is not None:
             raise self._stm_error
         group, raft = self.group, self._raft
@@ -313,21 +314,21 @@ class StateMachine(ABC, Generic[R]):
         term = raw.term
         offset = first_offset = next_offset(raw, group.log)
         index = first_index = raw.last_index() + 1
-        proposed = False
+        datas: list[bytes] = []
+        for b in batches:
+            datas.append(stamped_copy(b.buf, b.pos, b.size, offset, term, index))
+            offset += b.record_count
+            index += 1
+        if not datas:
+            raise ValueError("no batches to propose")
         try:
-            for b in batches:
-                got = raw.propose(stamped_copy(b.buf, b.pos, b.size, offset, term, index))
-                proposed = True
-                assert got == index, f"proposed at index {got}, stamped {index}"
-                offset += b.record_count
-                index += 1
+            got = raw.propose_all(datas)
         except NotRaftLeader:
             raise self.not_leader_error() from None
         except ProposalDropped as exc:
             raise self.dropped_error(exc) from None
-        finally:
-            if proposed:
-                raft.touch(group)
+        assert got == index - 1, f"proposed up to index {got}, stamped up to {index - 1}"
+        raft.touch(group)
         return Proposed(first_offset, offset - 1, first_index, index - 1, term)
 
     # ---- waiting -------------------------------------------------------------------------

@@ -317,6 +317,38 @@ class RawNode:
         self._bcast_pending = True
         return entry.index
 
+    def propose_all(self, datas: Sequence[bytes]) -> int:
+        """Appends each of ``datas`` as one NORMAL entry, all of them or none (one client
+        request must not be half refused: the client retries it whole); returns the index of
+        the last (the first is that minus ``len(datas) - 1``; the term is ``self.term``).
+        Raises like :meth:`propose`, before appending anything."""
+        if not datas:
+            raise ValueError("propose_all needs at least one entry")
+        if self.role != Role.LEADER:
+            raise NotRaftLeader("this node is not the leader", self.leader_id)
+        if self.lead_transferee != NONE:
+            raise ProposalDropped(
+                f"leadership transfer to {self.lead_transferee} in progress", self.id
+            )
+        first = self.log.last_index() + 1
+        entries = [Entry(self.term, first + i, d) for i, d in enumerate(datas)]
+        size = sum(e.size_bytes for e in entries)
+        if (
+            self._uncommitted_bytes
+            and self._uncommitted_bytes + size > self.cfg.max_uncommitted_bytes
+        ):
+            raise ProposalDropped(
+                f"{self._uncommitted_bytes} bytes uncommitted, {size} more proposed "
+                f"(max_uncommitted_bytes {self.cfg.max_uncommitted_bytes}): followers are "
+                "behind, retry later",
+                self.id,
+            )
+        self._uncommitted_bytes += size
+        self._dirty = True
+        self._append_entries(entries)
+        self._bcast_pending = True
+        return entries[-1].index
+
     def transfer_leadership(self, to: int) -> None:
         """Asks the leader to hand leadership to voter ``to`` (forwarded if we are a follower)."""
         if to not in self.tracker.conf.voters:
