@@ -22,6 +22,8 @@ grpc_message_bytes_max: Final = produce_request_bytes_max + 8 * MIB
 
 produce_timeout_default_ms: Final = 30_000
 produce_timeout_max_ms: Final = 15 * 60_000
+#: How long a linearizable ListOffsets waits for a majority to confirm the leader.
+read_barrier_timeout_ms: Final = 5_000
 
 fetch_bytes_default: Final = 1 * MIB
 # A Fetch response holds at least one whole batch, so it may exceed max_bytes by one batch.

@@ -137,7 +137,16 @@ class GroupHandler(Protocol):
 class RaftGroup:
     """One group on this node: its core, its storage, its owner."""
 
-    __slots__ = ("durable", "failed", "group_id", "handler", "raw", "removed", "storage")
+    __slots__ = (
+        "durable",
+        "failed",
+        "group_id",
+        "handler",
+        "raw",
+        "reads",
+        "removed",
+        "storage",
+    )
 
     def __init__(
         self,
@@ -155,6 +164,15 @@ class RaftGroup:
         self.durable = durable
         self.removed = False
         self.failed = False
+        #: ReadIndex requests pending in the core, by context: the confirmed read index,
+        #: or -1 when the read was dropped (leadership lost, group gone).
+        self.reads: dict[bytes, asyncio.Future[int]] = {}
+
+    def drop_reads(self) -> None:
+        reads, self.reads = self.reads, {}
+        for fut in reads.values():
+            if not fut.done():
+                fut.set_result(-1)
 
     @property
     def log(self) -> RaftLogFile:
@@ -218,6 +236,7 @@ class MultiRaft:
         # Groups whose Ready the running round took and has not advanced yet.
         self._unadvanced: set[RaftGroup] = set()
         self.rounds = 0
+        self._read_seq = 0
 
     # ---- groups ----------------------------------------------------------------------------
 
@@ -259,6 +278,18 @@ class MultiRaft:
         self.touch(group)
         return group
 
+    def read_index(self, group: RaftGroup) -> asyncio.Future[int]:
+        """A linearizable read point (Raft ReadIndex): resolves to the leader's commit index
+        once a quorum confirmed it still leads, or to -1 if the read was dropped (leadership
+        lost first). Raises the core's NotRaftLeader / ProposalDropped at once."""
+        self._read_seq += 1
+        ctx = b"%d:%d" % (self.node_id, self._read_seq)  # unique also at another leader
+        group.raw.read_index(ctx)
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        group.reads[ctx] = fut
+        self.touch(group)
+        return fut
+
     def campaign(self, group: RaftGroup) -> None:
         group.raw.campaign()
         self.touch(group)
@@ -275,6 +306,7 @@ class MultiRaft:
         if group is None:
             return None
         group.removed = True
+        group.drop_reads()
         self._dirty.pop(group, None)
         while not self._idle.is_set():
             await self._idle.wait()
@@ -417,6 +449,8 @@ class MultiRaft:
             handler = group.handler
             if rd.soft_state is not None:
                 handler.on_soft_state(group, rd.soft_state)
+                if rd.soft_state.role != Role.LEADER and group.reads:
+                    group.drop_reads()  # the core dropped them with its leadership
             try:
                 if rd.snapshot is not None:
                     group.storage.install_snapshot(rd.snapshot)
@@ -499,6 +533,11 @@ class MultiRaft:
                     handler.on_committed(group, rd.committed)
             except Exception:
                 log.exception("raft group %d: applying a ready failed", group.group_id)
+            if rd.read_states and group.reads:
+                for rs in rd.read_states:
+                    fut = group.reads.pop(rs.context, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(rs.index)
             if not group.removed:
                 group.raw.advance(rd)
                 if rd.committed:
@@ -527,6 +566,7 @@ class MultiRaft:
         if group.failed:
             return
         group.failed = True
+        group.drop_reads()
         log.error("raft group %d taken offline: storage failure: %s", group.group_id, exc)
         try:
             group.handler.on_storage_failure(group, exc)

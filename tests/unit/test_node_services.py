@@ -269,3 +269,19 @@ async def test_changed_controller_voters_are_refused(tmp_path: Path) -> None:
     await fresh.start()
     assert fresh.identity is not None and fresh.identity.directory_id != directory_id
     await fresh.stop(1)
+
+
+@pytest.mark.timeout(20)
+async def test_linearizable_list_offsets_answers_after_a_read_index(client: Client) -> None:
+    await client.create("lin")
+    await client.produce("lin", [b"a", b"b", b"c"], acks=broker_pb2.ACKS_LEADER)
+    for linearizable in (False, True):
+        r = await client.broker.ListOffsets(
+            broker_pb2.ListOffsetsRequest(
+                topic="lin", spec=broker_pb2.OFFSET_SPEC_LATEST, linearizable=linearizable
+            )
+        )
+        # acks=1 answers before the commit; a linearizable read waits for what is committed
+        # before it (here: everything, on a one-node group) to be applied.
+        assert r.high_watermark == 3 or not linearizable
+        assert r.offset == r.high_watermark
