@@ -46,7 +46,7 @@ from typing import Final, Protocol
 
 from tidelog.node import limits
 from tidelog.node.metrics import NodeMetrics
-from tidelog.node.raft.core import RawNode
+from tidelog.node.raft.core import NEW_REPLICA, RawNode
 from tidelog.node.raft.limits import Config
 from tidelog.node.raft.types import (
     ConfState,
@@ -237,6 +237,10 @@ class MultiRaft:
         self._unadvanced: set[RaftGroup] = set()
         self.rounds = 0
         self._read_seq = 0
+        #: Groups whose replica on this node is new although the group may have existed
+        #: before (a wiped data directory): started empty, they join as NEW_REPLICA (no vote
+        #: for a candidate with entries until caught up; see raft/core.py).
+        self.new_replica_groups: set[int] = set()
 
     # ---- groups ----------------------------------------------------------------------------
 
@@ -263,9 +267,22 @@ class MultiRaft:
         storage = ReplicaStorage(partition_log, hs, conf)
         if applied is None:
             applied = storage.hard_state().commit
-        raw = RawNode(
-            self.node_id, storage, self._rng, config, applied=applied, lost_to=storage.lost_to
-        )
+        lost_to = storage.lost_to
+        if (
+            group_id in self.new_replica_groups
+            and lost_to == 0
+            and hs.term == 0
+            and storage.last_index() == 0
+        ):
+            lost_to = NEW_REPLICA
+            # Stored at once: a restart before it caught up must still know.
+            self._hard_states.save({group_id: replace(hs, commit=NEW_REPLICA)}, sync=True)
+            log.warning(
+                "raft group %d: new replica on a new data directory: it votes only for "
+                "candidates with an empty log until it has caught up with a leader",
+                group_id,
+            )
+        raw = RawNode(self.node_id, storage, self._rng, config, applied=applied, lost_to=lost_to)
         group = RaftGroup(group_id, raw, storage, handler, durable)
         self.groups[group_id] = group
         early = self._early.pop(group_id, None)

@@ -34,7 +34,7 @@ from typing import Final, Protocol
 
 from tidelog.errors import StorageError
 from tidelog.node.metastore import MetaStore
-from tidelog.node.raft.core import RawNode
+from tidelog.node.raft.core import NEW_REPLICA, RawNode
 from tidelog.node.raft.errors import (
     CompactedError,
     SnapshotTemporarilyUnavailable,
@@ -161,7 +161,11 @@ class ReplicaStorage:
         #: (``RawNode(lost_to=...)``), and the driver keeps storing it as the commit index
         #: until then, so that a second crash meanwhile still knows.
         self.lost_to = 0
-        if hard_state.commit > last:
+        if hard_state.commit >= NEW_REPLICA:
+            # A new replica that had not caught up yet (the driver stores the marker).
+            self.lost_to = NEW_REPLICA
+            hard_state = HardState(hard_state.term, hard_state.vote, last)
+        elif hard_state.commit > last:
             # Only possible when the log lost fsynced data, or lost writes it never fsynced
             # (flush=os after a machine crash): what it no longer holds cannot be committed here.
             log.warning(

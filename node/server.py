@@ -32,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tidelog.config import TopicConfig
 from tidelog.controller.commands import RegisterNode
+from tidelog.controller.state import CONTROLLER_GROUP_ID
 from tidelog.errors import NodeUnavailable
 from tidelog.node import limits
 from tidelog.node.admin_service import AdminService
@@ -180,9 +181,10 @@ class Node:
         assert self._controller is not None, "node not started"
         return self._controller
 
-    def _load_identity(self, store: MetaStore, voters: Iterable[int]) -> tuple[str, str]:
+    def _load_identity(self, store: MetaStore, voters: Iterable[int]) -> tuple[str, str, bool]:
         """Check the data directory belongs to this node id and was started with the same
-        controller voters; return the cluster id and the directory id."""
+        controller voters; return the cluster id, the directory id and whether the directory
+        is new (its id made now)."""
         cluster_id = self._load_cluster_id(store, voters)
         voter_ids = ",".join(str(i) for i in sorted(voters))
         stored_voters = store.get(NODE_COLUMN, _VOTERS_KEY)
@@ -194,13 +196,14 @@ class Node:
                 "voters (addresses may change)"
             )
         directory_id = store.get(NODE_COLUMN, _DIRECTORY_ID_KEY)
+        new = directory_id is None
         if directory_id is None:
             directory_id = uuid.uuid4().hex.encode()
             store.put(NODE_COLUMN, _DIRECTORY_ID_KEY, directory_id)
             log.info("data directory %s: new directory id %s", self.data_dir, directory_id.decode())
         if stored_voters is None:
             store.put(NODE_COLUMN, _VOTERS_KEY, voter_ids.encode())
-        return cluster_id, directory_id.decode()
+        return cluster_id, directory_id.decode(), new
 
     def _load_cluster_id(self, store: MetaStore, voters: Iterable[int]) -> str:
         raw = store.get(NODE_COLUMN, _NODE_ID_KEY)
@@ -271,7 +274,7 @@ class Node:
                 "--controller-voters gives node %d the address %s, but it advertises %s",
                 self.node_id, voters[self.node_id], advertised,
             )  # fmt: skip
-        cluster_id, directory_id = self._load_identity(store, voters)
+        cluster_id, directory_id, new_directory = self._load_identity(store, voters)
         self.identity = NodeIdentity(
             self.node_id,
             advertised,
@@ -284,6 +287,12 @@ class Node:
         self._raft = raft = MultiRaft(
             self.node_id, HardStateStore(store), self.metrics, self.timing
         )
+        if new_directory and set(voters) != {self.node_id}:
+            # A new directory may be a wiped one of a node the controller group knew: it may
+            # have voted in the current term and acknowledged entries it no longer holds. It
+            # joins group 0 as a new replica: no vote for a candidate holding entries until
+            # it caught up with a leader (a new cluster still bootstraps: every log is empty).
+            raft.new_replica_groups.add(CONTROLLER_GROUP_ID)
         self._transport = transport = RaftTransport(
             self.node_id, cluster_id, deliver=raft.deliver, registry=self.metrics.registry
         )

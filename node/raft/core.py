@@ -48,6 +48,14 @@ Protocol choices (Raft paper = Ongaro & Ousterhout 2014; thesis = Ongaro 2014):
   acknowledgement only ever claims a prefix the node holds, which is what commit counting
   needs. The leader, told by a rejection whose hint lies below ``match`` that the follower
   lost entries, forgets ``match`` and probes again from the hint.
+- New replicas of a group that existed before (a wiped data directory: the node may have
+  voted in the current term and acknowledged entries, and remembers neither): the driver
+  passes ``lost_to=NEW_REPLICA``. Such a node grants (pre-)votes only to candidates whose
+  log is empty, and stands for election only while its own log is empty: that bootstraps a
+  brand-new group (every log empty) and never elects anyone in a group that has entries,
+  since no node holding one votes for an empty log. The first APPEND of a leader turns it into
+  an ordinary recovering node up to that APPEND's commit index (the group's commit when it
+  joined), and it votes again once its log reaches it.
 """
 
 from __future__ import annotations
@@ -86,6 +94,8 @@ from .types import (
 #: The context of a VOTE caused by TIMEOUT_NOW: it overrides the voters' leader lease, since
 #: the current leader asked for the election.
 TRANSFER_CONTEXT = b"transfer"
+#: ``lost_to`` of a new replica that does not know what the group committed yet (see above).
+NEW_REPLICA = 1 << 62
 
 _K = MessageKind
 
@@ -237,7 +247,7 @@ class RawNode:
         return self.tracker.progress.get(node_id)
 
     def _promotable(self) -> bool:
-        if self.lost_to:
+        if self.lost_to and not (self.lost_to == NEW_REPLICA and self.log.last_index() == 0):
             return False  # recovering lost entries: must not lead, nor vote
         return self.id in self.tracker.conf.voters or self.id in self.tracker.conf.voters_outgoing
 
@@ -561,6 +571,7 @@ class RawNode:
         self._step = self._step_leader
         self._tick = self._tick_heartbeat
         self.leader_id = self.id
+        self.lost_to = 0  # a new replica elected by new replicas: its log is the group's
         self.role = Role.LEADER
         own = self.tracker.progress.get(self.id)
         if own is not None:
@@ -627,7 +638,10 @@ class RawNode:
     def _handle_vote_request(self, m: Message) -> None:
         pre = m.kind == _K.PRE_VOTE
         resp = _K.PRE_VOTE_RESP if pre else _K.VOTE_RESP
-        can_vote = not self.lost_to and (
+        can_vote = (
+            not self.lost_to
+            or (self.lost_to == NEW_REPLICA and m.index == 0 and self.log.last_index() == 0)
+        ) and (
             self.vote == m.frm
             or (self.vote == NONE and self.leader_id == NONE)
             or (pre and m.term > self.term)
@@ -697,6 +711,9 @@ class RawNode:
         if k == _K.APPEND:
             self.election_elapsed = 0
             self.leader_id = m.frm
+            if self.lost_to == NEW_REPLICA:
+                # What the group committed when we joined: catch up to it before voting.
+                self.lost_to = m.commit if m.commit > self.log.last_index() else 0
             self._handle_append(m)
         elif k == _K.HEARTBEAT:
             self.election_elapsed = 0

@@ -15,7 +15,7 @@ from tidelog.node.log import PartitionLog
 from tidelog.node.metastore import MetaStore
 from tidelog.node.metrics import NodeMetrics
 from tidelog.node.multiraft import MultiRaft, RaftGroup
-from tidelog.node.raft.core import RawNode
+from tidelog.node.raft.core import NEW_REPLICA, RawNode
 from tidelog.node.raft.limits import Config
 from tidelog.node.raft.progress import ProgressState
 from tidelog.node.raft.storage import MemoryStorage
@@ -203,3 +203,66 @@ def stamped(values: list[bytes], offset: int, term: int, index: int) -> bytes:
     buf = bytearray(encode_batch(values, timestamps_ms=5))
     stamp(buf, 0, offset, term, index)
     return bytes(buf)
+
+
+def wipe(c: Cluster, nid: int) -> None:
+    """``nid`` comes back with an empty data directory, as a new replica (what the node does
+    when its directory is new and the group may have existed before)."""
+    node = c.nodes[nid]
+    node.storage = MemoryStorage(c.conf)
+    node.applied = []
+    c.outbox = [m for m in c.outbox if m.frm != nid and m.to != nid]
+    node.raft = RawNode(nid, node.storage, c.rngs[nid], c.config, lost_to=NEW_REPLICA)
+
+
+def test_a_wiped_replica_does_not_vote_for_a_candidate_with_entries_until_caught_up() -> None:
+    """Issue 8 defect 3: a wiped node (empty term, vote and log) voted for anyone, so a
+    candidate lacking committed entries could win with its vote."""
+    c = Cluster([1, 2, 3], rngs={2: seeded(2), 3: seeded(3)})
+    c.elect(1)
+    c.isolate(2)
+    for i in range(3):
+        c[1].propose(b"%d" % i)
+    c.stabilize()
+    assert c[1].commit_index == 4 and c[2].log.last_index() == 1  # committed by 1 and 3
+    wipe(c, 3)
+    c.down.add(1)
+    c.heal()
+    for _ in range(5):
+        c[2].campaign()
+        c.stabilize()
+        assert c[2].role != Role.LEADER  # 3 refuses: 2's log is not empty
+    # 3 may stand (its log is empty) but nobody holding entries votes for it.
+    c.tick(3, 3 * c.config.election_timeout_ticks)
+    c.stabilize()
+    assert c[3].role != Role.LEADER
+    # 1 returns and leads; its first APPEND tells 3 what was committed; 3 catches up.
+    c.down.discard(1)
+    c.outbox.clear()
+    c.elect(1)
+    c.tick(1, 2 * c.config.heartbeat_interval_ticks)
+    c.stabilize()
+    assert c[3].lost_to == 0
+    assert [e.data for e in c.log_of(3)] == [e.data for e in c.log_of(1)]
+    # ... and votes again: with 1 down, 2 and 3 elect a leader holding the entries.
+    c.down.add(1)
+    for _ in range(10 * c.config.election_timeout_ticks):
+        c.tick(2)
+        c.tick(3)
+        c.stabilize()
+        if Role.LEADER in (c[2].role, c[3].role):
+            break
+    leader = 2 if c[2].role == Role.LEADER else 3
+    assert c[leader].role == Role.LEADER
+    assert [e.data for e in c.log_of(leader)][:4] == [e.data for e in c.log_of(1)][:4]
+
+
+def test_new_replicas_of_a_new_group_still_elect_a_leader() -> None:
+    c = Cluster([1, 2, 3])
+    for nid in (1, 2, 3):
+        wipe(c, nid)
+    c.elect(1)
+    c[1].propose(b"x")
+    c.stabilize()
+    assert all(c[n].lost_to == 0 for n in (1, 2, 3))
+    assert c[3].commit_index == c[1].commit_index == c[1].log.last_index()
