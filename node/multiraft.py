@@ -237,10 +237,10 @@ class MultiRaft:
         self._unadvanced: set[RaftGroup] = set()
         self.rounds = 0
         self._read_seq = 0
-        #: Groups whose replica on this node is new although the group may have existed
-        #: before (a wiped data directory): started empty, they join as NEW_REPLICA (no vote
-        #: for a candidate with entries until caught up; see raft/core.py).
-        self.new_replica_groups: set[int] = set()
+        #: The data directory is new, and may be a wiped one: every group started empty on
+        #: it may have existed before, so it joins as NEW_REPLICA (no vote for a candidate
+        #: with entries until caught up; see raft/core.py).
+        self.new_directory = False
 
     # ---- groups ----------------------------------------------------------------------------
 
@@ -268,12 +268,7 @@ class MultiRaft:
         if applied is None:
             applied = storage.hard_state().commit
         lost_to = storage.lost_to
-        if (
-            group_id in self.new_replica_groups
-            and lost_to == 0
-            and hs.term == 0
-            and storage.last_index() == 0
-        ):
+        if self.new_directory and lost_to == 0 and hs.term == 0 and storage.last_index() == 0:
             lost_to = NEW_REPLICA
             # Stored at once: a restart before it caught up must still know.
             self._hard_states.save({group_id: replace(hs, commit=NEW_REPLICA)}, sync=True)

@@ -32,7 +32,6 @@ from grpc_reflection.v1alpha import reflection
 
 from tidelog.config import TopicConfig
 from tidelog.controller.commands import RegisterNode
-from tidelog.controller.state import CONTROLLER_GROUP_ID
 from tidelog.errors import NodeUnavailable
 from tidelog.node import limits
 from tidelog.node.admin_service import AdminService
@@ -288,11 +287,12 @@ class Node:
             self.node_id, HardStateStore(store), self.metrics, self.timing
         )
         if new_directory and set(voters) != {self.node_id}:
-            # A new directory may be a wiped one of a node the controller group knew: it may
-            # have voted in the current term and acknowledged entries it no longer holds. It
-            # joins group 0 as a new replica: no vote for a candidate holding entries until
-            # it caught up with a leader (a new cluster still bootstraps: every log is empty).
-            raft.new_replica_groups.add(CONTROLLER_GROUP_ID)
+            # A new directory may be a wiped one of a node the cluster knew: it may have voted
+            # in the current term and acknowledged entries it no longer holds. Every group it
+            # starts empty in this run (the controller's, the partitions') joins as a new
+            # replica: no vote for a candidate holding entries until it caught up with a
+            # leader (a new cluster or topic still elects: every log is empty).
+            raft.new_directory = True
         self._transport = transport = RaftTransport(
             self.node_id, cluster_id, deliver=raft.deliver, registry=self.metrics.registry
         )
