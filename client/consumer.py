@@ -390,11 +390,19 @@ class Consumer:
         )
         return {tp: r.offset for tp, r in zip(tps, got, strict=True)}
 
-    async def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
-        """The high watermark of each partition: one past its last committed record."""
+    async def end_offsets(
+        self, partitions: Iterable[TopicPartition], *, linearizable: bool = False
+    ) -> dict[TopicPartition, int]:
+        """The high watermark of each partition: one past its last committed record.
+        ``linearizable``: the leader first confirms with a majority that it still leads, so
+        the answer covers every record acknowledged before the call (one more round trip;
+        without it a deposed leader may answer from a stale view, docs/operations.md)."""
         tps = [TopicPartition(*tp) for tp in partitions]
         got = await asyncio.gather(
-            *(self._list_offset(tp, broker_pb2.OFFSET_SPEC_LATEST, 0) for tp in tps)
+            *(
+                self._list_offset(tp, broker_pb2.OFFSET_SPEC_LATEST, 0, linearizable=linearizable)
+                for tp in tps
+            )
         )
         return {tp: r.offset for tp, r in zip(tps, got, strict=True)}
 
@@ -527,11 +535,20 @@ class Consumer:
             log.debug("metadata refresh failed: %s", err)
 
     async def _list_offset(
-        self, tp: TopicPartition, spec: broker_pb2.OffsetSpec.ValueType, timestamp_ms: int
+        self,
+        tp: TopicPartition,
+        spec: broker_pb2.OffsetSpec.ValueType,
+        timestamp_ms: int,
+        *,
+        linearizable: bool = False,
     ) -> broker_pb2.ListOffsetsResponse:
         meta = self._meta_()
         request = broker_pb2.ListOffsetsRequest(
-            topic=tp.topic, partition=tp.partition, spec=spec, timestamp_ms=timestamp_ms
+            topic=tp.topic,
+            partition=tp.partition,
+            spec=spec,
+            timestamp_ms=timestamp_ms,
+            linearizable=linearizable,
         )
         retry = Retry(meta, tp, self._retry_backoff_ms)
         for attempt in range(LIST_OFFSETS_ATTEMPTS_MAX):

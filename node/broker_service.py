@@ -375,6 +375,10 @@ class BrokerService(pb_grpc.BrokerServicer):
     ) -> pb.ListOffsetsResponse:
         _, part = self.registry.partition(request.topic, request.partition)
         part.check_serving()
+        if request.linearizable:
+            # Confirm leadership with a majority first: a deposed leader (paused, cut off)
+            # fails here instead of answering from its stale view.
+            await part.read_barrier(limits.read_barrier_timeout_ms / 1000)
         spec = request.spec
         timestamp_ms = -1
         if spec == pb.OFFSET_SPEC_LATEST:

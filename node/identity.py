@@ -14,3 +14,6 @@ class NodeIdentity:
     metrics_address: str
     cluster_id: str
     rack: str = ""
+    #: This node's data directory (a UUID made when it was first used; a wiped directory
+    #: has a new one).
+    directory_id: str = ""

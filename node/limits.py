@@ -46,6 +46,8 @@ def produce_expanded_bytes_max(max_message_bytes: int) -> int:
 
 produce_timeout_default_ms: Final = 30_000
 produce_timeout_max_ms: Final = 15 * 60_000
+#: How long a linearizable ListOffsets waits for a majority to confirm the leader.
+read_barrier_timeout_ms: Final = 5_000
 
 fetch_bytes_default: Final = 1 * MIB
 # A Fetch response holds at least one whole batch, so it may exceed max_bytes by one batch.

@@ -46,7 +46,7 @@ from typing import Final, Protocol
 
 from tidelog.node import limits
 from tidelog.node.metrics import NodeMetrics
-from tidelog.node.raft.core import RawNode
+from tidelog.node.raft.core import NEW_REPLICA, RawNode
 from tidelog.node.raft.limits import Config
 from tidelog.node.raft.types import (
     ConfState,
@@ -137,7 +137,16 @@ class GroupHandler(Protocol):
 class RaftGroup:
     """One group on this node: its core, its storage, its owner."""
 
-    __slots__ = ("durable", "failed", "group_id", "handler", "raw", "removed", "storage")
+    __slots__ = (
+        "durable",
+        "failed",
+        "group_id",
+        "handler",
+        "raw",
+        "reads",
+        "removed",
+        "storage",
+    )
 
     def __init__(
         self,
@@ -155,6 +164,15 @@ class RaftGroup:
         self.durable = durable
         self.removed = False
         self.failed = False
+        #: ReadIndex requests pending in the core, by context: the confirmed read index,
+        #: or -1 when the read was dropped (leadership lost, group gone).
+        self.reads: dict[bytes, asyncio.Future[int]] = {}
+
+    def drop_reads(self) -> None:
+        reads, self.reads = self.reads, {}
+        for fut in reads.values():
+            if not fut.done():
+                fut.set_result(-1)
 
     @property
     def log(self) -> RaftLogFile:
@@ -218,6 +236,11 @@ class MultiRaft:
         # Groups whose Ready the running round took and has not advanced yet.
         self._unadvanced: set[RaftGroup] = set()
         self.rounds = 0
+        self._read_seq = 0
+        #: The data directory is new, and may be a wiped one: every group started empty on
+        #: it may have existed before, so it joins as NEW_REPLICA (no vote for a candidate
+        #: with entries until caught up; see raft/core.py).
+        self.new_directory = False
 
     # ---- groups ----------------------------------------------------------------------------
 
@@ -244,7 +267,17 @@ class MultiRaft:
         storage = ReplicaStorage(partition_log, hs, conf)
         if applied is None:
             applied = storage.hard_state().commit
-        raw = RawNode(self.node_id, storage, self._rng, config, applied=applied)
+        lost_to = storage.lost_to
+        if self.new_directory and lost_to == 0 and hs.term == 0 and storage.last_index() == 0:
+            lost_to = NEW_REPLICA
+            # Stored at once: a restart before it caught up must still know.
+            self._hard_states.save({group_id: replace(hs, commit=NEW_REPLICA)}, sync=True)
+            log.warning(
+                "raft group %d: new replica on a new data directory: it votes only for "
+                "candidates with an empty log until it has caught up with a leader",
+                group_id,
+            )
+        raw = RawNode(self.node_id, storage, self._rng, config, applied=applied, lost_to=lost_to)
         group = RaftGroup(group_id, raw, storage, handler, durable)
         self.groups[group_id] = group
         early = self._early.pop(group_id, None)
@@ -256,6 +289,18 @@ class MultiRaft:
                     self._step(group, msg)
         self.touch(group)
         return group
+
+    def read_index(self, group: RaftGroup) -> asyncio.Future[int]:
+        """A linearizable read point (Raft ReadIndex): resolves to the leader's commit index
+        once a quorum confirmed it still leads, or to -1 if the read was dropped (leadership
+        lost first). Raises the core's NotRaftLeader / ProposalDropped at once."""
+        self._read_seq += 1
+        ctx = b"%d:%d" % (self.node_id, self._read_seq)  # unique also at another leader
+        group.raw.read_index(ctx)
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        group.reads[ctx] = fut
+        self.touch(group)
+        return fut
 
     def campaign(self, group: RaftGroup) -> None:
         group.raw.campaign()
@@ -273,6 +318,7 @@ class MultiRaft:
         if group is None:
             return None
         group.removed = True
+        group.drop_reads()
         self._dirty.pop(group, None)
         while not self._idle.is_set():
             await self._idle.wait()
@@ -415,6 +461,8 @@ class MultiRaft:
             handler = group.handler
             if rd.soft_state is not None:
                 handler.on_soft_state(group, rd.soft_state)
+                if rd.soft_state.role != Role.LEADER and group.reads:
+                    group.drop_reads()  # the core dropped them with its leadership
             try:
                 if rd.snapshot is not None:
                     group.storage.install_snapshot(rd.snapshot)
@@ -429,7 +477,11 @@ class MultiRaft:
                 self._fail(group, exc)
                 continue
             if rd.hard_state is not None:
-                hard_states[group.group_id] = rd.hard_state
+                hs = rd.hard_state
+                if group.raw.lost_to > hs.commit:
+                    # Recovering lost entries: the stored commit stays the evidence of them.
+                    hs = replace(hs, commit=group.raw.lost_to)
+                hard_states[group.group_id] = hs
                 group.storage.set_hard_state(rd.hard_state)
                 sync_states = sync_states or rd.must_sync
             stored.append((group, rd))
@@ -493,6 +545,11 @@ class MultiRaft:
                     handler.on_committed(group, rd.committed)
             except Exception:
                 log.exception("raft group %d: applying a ready failed", group.group_id)
+            if rd.read_states and group.reads:
+                for rs in rd.read_states:
+                    fut = group.reads.pop(rs.context, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(rs.index)
             if not group.removed:
                 group.raw.advance(rd)
                 if rd.committed:
@@ -521,6 +578,7 @@ class MultiRaft:
         if group.failed:
             return
         group.failed = True
+        group.drop_reads()
         log.error("raft group %d taken offline: storage failure: %s", group.group_id, exc)
         try:
             group.handler.on_storage_failure(group, exc)

@@ -26,6 +26,7 @@ in a worker thread.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -43,6 +44,7 @@ from tidelog.errors import (
     UnknownTopic,
 )
 from tidelog.node.idempotence import PartitionIdempotence
+from tidelog.node.raft.errors import NotRaftLeader as RaftNotLeader
 from tidelog.node.raft.errors import ProposalDropped
 from tidelog.node.raft.types import NONE, Entry, Role, Snapshot, SoftState
 from tidelog.node.stm import BatchSpan, LostHow, StateMachine
@@ -267,8 +269,8 @@ class Partition(StateMachine[None]):
     ) -> tuple[int, int, int, int]:
         """Propose validated batches (their positions and headers in ``batches``) as one Raft
         entry each. Returns (base offset, last offset, last Raft index, term).
-        ``on_proposed(i, base_offset, raft_index, term)`` is called for each batch proposed,
-        also when a later one fails."""
+        All or none are proposed; ``on_proposed(i, base_offset, raft_index, term)`` is
+        called for each batch once they are."""
         self.check_open()
         view = memoryview(batches)
         p = self.propose_batches(
@@ -276,6 +278,44 @@ class Partition(StateMachine[None]):
             on_proposed=on_proposed,
         )
         return p.first_offset, p.last_offset, p.last_index, p.term
+
+    async def read_barrier(self, timeout_s: float) -> None:
+        """Linearizable reads: return once this replica is confirmed (Raft ReadIndex: a
+        heartbeat round a majority acknowledged) to still lead, and has applied everything
+        committed before the call, so the high watermark covers every acknowledged record.
+        NOT_LEADER if leadership is lost first; RequestTimedOut after ``timeout_s``."""
+        self.check_serving()
+        group, raft = self.group, self._raft
+        if group is None or raft is None:
+            raise self.not_leader()
+        try:
+            fut = raft.read_index(group)
+        except RaftNotLeader:
+            raise self.not_leader() from None
+        except ProposalDropped as exc:
+            raise self.dropped_error(exc) from None
+        try:
+            async with asyncio.timeout(timeout_s):
+                index = await fut
+                if index < 0:
+                    raise self.not_leader()
+                while self.applied_index < index:
+                    changed = self.changed()
+                    if self.applied_index >= index:
+                        break
+                    self.check_serving()
+                    await changed.wait()
+        except TimeoutError:
+            raise RequestTimedOut(
+                f"{self.topic}/{self.index}: leadership was not confirmed by a majority within "
+                f"{timeout_s * 1000:.0f} ms; retry"
+            ) from None
+        finally:
+            if not fut.done():
+                fut.cancel()
+            for ctx, f in list(group.reads.items()):
+                if f is fut:
+                    del group.reads[ctx]
 
     # -- the seam's hooks ----------------------------------------------------------------
 

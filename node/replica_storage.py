@@ -34,7 +34,7 @@ from typing import Final, Protocol
 
 from tidelog.errors import StorageError
 from tidelog.node.metastore import MetaStore
-from tidelog.node.raft.core import RawNode
+from tidelog.node.raft.core import NEW_REPLICA, RawNode
 from tidelog.node.raft.errors import (
     CompactedError,
     SnapshotTemporarilyUnavailable,
@@ -144,7 +144,7 @@ class RaftLogFile(Protocol):
 class ReplicaStorage:
     """``raft.storage.StorageReader`` over a partition log, plus the driver's writes."""
 
-    __slots__ = ("_cache", "_cache_bytes", "_cache_max_bytes", "_conf", "_hs", "log")
+    __slots__ = ("_cache", "_cache_bytes", "_cache_max_bytes", "_conf", "_hs", "log", "lost_to")
 
     def __init__(
         self,
@@ -156,15 +156,25 @@ class ReplicaStorage:
     ) -> None:
         self.log = partition_log
         last = partition_log.last_index
-        if hard_state.commit > last:
+        #: The stored commit index when the log no longer reaches it (0: no loss). The node
+        #: acknowledged those entries: the core withholds its votes until it holds them again
+        #: (``RawNode(lost_to=...)``), and the driver keeps storing it as the commit index
+        #: until then, so that a second crash meanwhile still knows.
+        self.lost_to = 0
+        if hard_state.commit >= NEW_REPLICA:
+            # A new replica that had not caught up yet (the driver stores the marker).
+            self.lost_to = NEW_REPLICA
+            hard_state = HardState(hard_state.term, hard_state.vote, last)
+        elif hard_state.commit > last:
             # Only possible when the log lost fsynced data, or lost writes it never fsynced
             # (flush=os after a machine crash): what it no longer holds cannot be committed here.
             log.warning(
-                "raft log ends at index %d but the stored commit index is %d: entries written "
-                "without fsync were lost; the leader sends them again",
+                "raft log ends at index %d but the stored commit index is %d: acknowledged "
+                "entries were lost; this replica does not vote until the leader sent them again",
                 last,
                 hard_state.commit,
             )
+            self.lost_to = hard_state.commit
             hard_state = HardState(hard_state.term, hard_state.vote, last)
         self._hs = hard_state
         self._conf = conf
@@ -251,14 +261,28 @@ class ReplicaStorage:
         self._conf = conf
 
     def append(self, entries: tuple[Entry, ...] | list[Entry]) -> int | None:
-        """Store ``entries`` (contiguous) with one write, replacing a conflicting suffix.
+        """Store ``entries`` (contiguous) with one write, replacing a conflicting suffix from
+        the first entry whose term differs from the stored one (identical entries are kept).
         Returns the first index removed from the log when a suffix was truncated, else None."""
         if not entries:
             return None
         lg = self.log
+        # Entries the log already holds with the same term are the same entries (Log Matching):
+        # skip them, and truncate only from the first that differs. Rewriting them would
+        # remove fsynced, acknowledged entries from the disk for a while and fail their waiters.
+        last = lg.last_index
+        skip = 0
+        while skip < len(entries) and entries[skip].index <= last:
+            if lg.term_at_index(entries[skip].index) != entries[skip].term:
+                break
+            skip += 1
+        if skip:
+            entries = entries[skip:]
+            if not entries:
+                return None
         first = entries[0].index
         truncated: int | None = None
-        if first <= lg.last_index:
+        if first <= last:
             end = lg.end_offset_at_index(first - 1)
             if end is None:
                 raise StorageError(

@@ -63,6 +63,11 @@ _AioHealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined
 NODE_COLUMN = "node"
 _NODE_ID_KEY = b"node_id"
 _CLUSTER_ID_KEY = b"cluster_id"
+#: The identity of this data directory (a UUID made when the directory is first used), as
+#: Redpanda's node UUID and KRaft's directory id: a wiped directory gets a new one.
+_DIRECTORY_ID_KEY = b"directory_id"
+#: The controller voters' ids the directory was first started with ("1,2,3").
+_VOTERS_KEY = b"controller_voters"
 
 #: How long startup waits for the replayed metadata, the local replicas and (lone node) the
 #: registration before it reports SERVING anyway.
@@ -180,8 +185,31 @@ class Node:
         assert self._controller is not None, "node not started"
         return self._controller
 
-    def _load_identity(self, store: MetaStore, voters: Iterable[int]) -> str:
-        """Check the data directory belongs to this node id; return the cluster id."""
+    def _load_identity(self, store: MetaStore, voters: Iterable[int]) -> tuple[str, str, bool]:
+        """Check the data directory belongs to this node id and was started with the same
+        controller voters; return the cluster id, the directory id and whether the directory
+        is new (its id made now)."""
+        cluster_id = self._load_cluster_id(store, voters)
+        voter_ids = ",".join(str(i) for i in sorted(voters))
+        stored_voters = store.get(NODE_COLUMN, _VOTERS_KEY)
+        if stored_voters is not None and stored_voters.decode() != voter_ids:
+            raise StartupError(
+                f"--controller-voters names nodes {voter_ids} but data directory "
+                f"{self.data_dir} belongs to a controller of nodes {stored_voters.decode()}: "
+                "changing the controller's voters is not supported yet; start with the same "
+                "voters (addresses may change)"
+            )
+        directory_id = store.get(NODE_COLUMN, _DIRECTORY_ID_KEY)
+        new = directory_id is None
+        if directory_id is None:
+            directory_id = uuid.uuid4().hex.encode()
+            store.put(NODE_COLUMN, _DIRECTORY_ID_KEY, directory_id)
+            log.info("data directory %s: new directory id %s", self.data_dir, directory_id.decode())
+        if stored_voters is None:
+            store.put(NODE_COLUMN, _VOTERS_KEY, voter_ids.encode())
+        return cluster_id, directory_id.decode(), new
+
+    def _load_cluster_id(self, store: MetaStore, voters: Iterable[int]) -> str:
         raw = store.get(NODE_COLUMN, _NODE_ID_KEY)
         if raw is None:
             store.put(NODE_COLUMN, _NODE_ID_KEY, str(self.node_id).encode())
@@ -250,14 +278,26 @@ class Node:
                 "--controller-voters gives node %d the address %s, but it advertises %s",
                 self.node_id, voters[self.node_id], advertised,
             )  # fmt: skip
-        cluster_id = self._load_identity(store, voters)
+        cluster_id, directory_id, new_directory = self._load_identity(store, voters)
         self.identity = NodeIdentity(
-            self.node_id, advertised, metrics_address, cluster_id, rack=self.rack or ""
+            self.node_id,
+            advertised,
+            metrics_address,
+            cluster_id,
+            rack=self.rack or "",
+            directory_id=directory_id,
         )
 
         self._raft = raft = MultiRaft(
             self.node_id, HardStateStore(store), self.metrics, self.timing
         )
+        if new_directory and set(voters) != {self.node_id}:
+            # A new directory may be a wiped one of a node the cluster knew: it may have voted
+            # in the current term and acknowledged entries it no longer holds. Every group it
+            # starts empty in this run (the controller's, the partitions') joins as a new
+            # replica: no vote for a candidate holding entries until it caught up with a
+            # leader (a new cluster or topic still elects: every log is empty).
+            raft.new_directory = True
         self._transport = transport = RaftTransport(
             self.node_id, cluster_id, deliver=raft.deliver, registry=self.metrics.registry
         )

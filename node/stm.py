@@ -310,9 +310,10 @@ class StateMachine(ABC, Generic[R]):
         on_proposed: Callable[[int, int, int, int], None] | None = None,
     ) -> Proposed:
         """Propose each batch as one entry, stamped with its base offset, the term and its
-        index. Raises :meth:`not_leader_error` off the leader and :meth:`dropped_error`
-        when the core refuses; batches proposed before a refusal stay proposed, and
-        ``on_proposed(i, base_offset, raft_index, term)`` has heard of each of them."""
+        index: all of them or none. Raises :meth:`not_leader_error` off the leader and
+        :meth:`dropped_error` when the core refuses (then nothing was proposed, so a client
+        retrying the whole request duplicates nothing). Once they are proposed,
+        ``on_proposed(i, base_offset, raft_index, term)`` hears of each."""
         if self._stm_error is not None:
             raise self._stm_error
         group, raft = self.group, self._raft
@@ -324,23 +325,26 @@ class StateMachine(ABC, Generic[R]):
         term = raw.term
         offset = first_offset = next_offset(raw, group.log)
         index = first_index = raw.last_index() + 1
-        proposed = False
+        datas: list[bytes] = []
+        placed: list[tuple[int, int]] = []
+        for b in batches:
+            datas.append(stamped_copy(b.buf, b.pos, b.size, offset, term, index))
+            placed.append((offset, index))
+            offset += b.record_count
+            index += 1
+        if not datas:
+            raise ValueError("no batches to propose")
         try:
-            for b in batches:
-                got = raw.propose(stamped_copy(b.buf, b.pos, b.size, offset, term, index))
-                proposed = True
-                assert got == index, f"proposed at index {got}, stamped {index}"
-                if on_proposed is not None:
-                    on_proposed(index - first_index, offset, index, term)
-                offset += b.record_count
-                index += 1
+            got = raw.propose_all(datas)
         except NotRaftLeader:
             raise self.not_leader_error() from None
         except ProposalDropped as exc:
             raise self.dropped_error(exc) from None
-        finally:
-            if proposed:
-                raft.touch(group)
+        assert got == index - 1, f"proposed up to index {got}, stamped up to {index - 1}"
+        raft.touch(group)
+        if on_proposed is not None:
+            for i, (at_offset, at_index) in enumerate(placed):
+                on_proposed(i, at_offset, at_index, term)
         return Proposed(first_offset, offset - 1, first_index, index - 1, term)
 
     # ---- waiting -------------------------------------------------------------------------

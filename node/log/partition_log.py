@@ -12,6 +12,16 @@ On disk a partition is a directory of segments, ``<base_offset:020d>.log`` with 
 truncation, reset): it remembers the Raft index and term just before the first remaining
 batch, which Raft needs and which no remaining batch can tell.
 
+``recovery_point`` (as Kafka's recovery-point checkpoint) holds an offset below which every
+byte is known to be fsynced: written when the log is opened (after recovery fsynced it all)
+and closed, and by the first flush after a segment rolled, lowered before a truncation or
+reset cuts below it. Recovery checks the CRC of every batch of the last segment and of
+each closed segment that ends beyond the recovery point (written since that fsync: under
+``flush=os`` a power loss may have torn a batch whose header survived); closed segments below
+it are opened from their indexes without reading their data. A log closed cleanly reads no
+closed segment's data on the next start; after a crash, only segments rolled since the last
+roll of a ``flush=durable`` log, or since the last start of a ``flush=os`` log.
+
 Threads: every method runs on one thread (the node's event loop), except ``flush``, which a
 worker thread may run concurrently. ``flush`` snapshots the end of the log under a lock,
 fsyncs duplicated descriptors outside it (``os.fsync`` releases the GIL) and only then
@@ -53,6 +63,7 @@ from .segment import (
 log = logging.getLogger(__name__)
 
 START_FILE = "log_start.json"
+RECOVERY_POINT_FILE = "recovery_point"
 #: entries_by_index reads entries at least this large (on average) with one pread each.
 ENTRY_OWN_READ_BYTES_MIN = 16 * 1024
 _START_FILE_VERSION = 1
@@ -119,6 +130,11 @@ class PartitionLog:
         self._flushed = 0
         # Lowest offset a truncation cut the log to since the running flush took its snapshot.
         self._trunc_low = 0
+        # What RECOVERY_POINT_FILE holds (read by _recover). Written by flush (a worker
+        # thread) and by truncations and resets (the owning thread), which hold this lock
+        # throughout: a flush never records a point above a cut.
+        self._recovery_point = 0
+        self._rp_lock = threading.Lock()
         self._dir.mkdir(parents=True, exist_ok=True)
         try:
             self._recover()
@@ -128,6 +144,7 @@ class PartitionLog:
             raise
         self._size_bytes = sum(s.size for s in self._segments)
         self._flushed = self._trunc_low = self.log_end_offset
+        self._write_recovery_point(self._flushed)  # recovery fsynced everything
 
     # ---- state -------------------------------------------------------------------------
 
@@ -496,6 +513,16 @@ class PartitionLog:
                 f"[{h.base_offset}, {h.last_offset}]; truncate at {h.base_offset} or "
                 f"{h.last_offset + 1}"
             )
+        with self._rp_lock:
+            # What is written after the cut is not fsynced: recovery must check it. (A flush
+            # recording a point meanwhile waits, then sees the cut in _trunc_low.)
+            if offset < self._recovery_point:
+                self._write_recovery_point(offset)
+            self._truncate_at(i, seg, pos, h, offset)
+
+    def _truncate_at(
+        self, i: int, seg: Segment, pos: int, h: records.BatchHeader, offset: int
+    ) -> None:
         with self._lock:
             doomed = self._segments[i + 1 :]
             del self._segments[i + 1 :]
@@ -587,6 +614,12 @@ class PartitionLog:
         """Empty the log and make it continue at ``next_offset`` / Raft index
         ``last_index + 1`` after term ``last_term`` (installing a Raft snapshot)."""
         self._check_open()
+        with self._rp_lock:
+            if next_offset < self._recovery_point:
+                self._write_recovery_point(next_offset)
+            self._reset(next_offset, last_index, last_term)
+
+    def _reset(self, next_offset: int, last_index: int, last_term: int) -> None:
         self._write_start(_Start(next_offset, last_index + 1, last_term, reset=True))
         with self._lock:
             doomed = self._segments
@@ -636,6 +669,9 @@ class PartitionLog:
                 for fd in fds:
                     os.fdatasync(fd)
                 if dir_dirty:
+                    # A segment rolled (or went): record the new recovery point, made durable
+                    # by the directory fsync this flush needs anyway.
+                    self._advance_recovery_point(end)
                     self._fsync_dir()
             except OSError as exc:
                 with self._lock:
@@ -682,6 +718,7 @@ class PartitionLog:
                     seg.dirty = False
             self._fsync_dir()
             self._flushed = segments[-1].next_offset
+            self._write_recovery_point(self._flushed)
         except OSError as exc:
             raise StorageError(f"cannot fsync the log in {self._dir} on close: {exc}") from exc
         finally:
@@ -701,20 +738,51 @@ class PartitionLog:
 
     def _write_start(self, start: _Start) -> None:
         """Replace log_start.json atomically and durably (write, fsync, rename, fsync dir)."""
-        path = self._dir / START_FILE
-        tmp = path.with_name(START_FILE + ".tmp")
         doc = {"version": _START_FILE_VERSION, **start._asdict()}
-        data = json.dumps(doc, sort_keys=True).encode() + b"\n"
+        self._replace_file(START_FILE, json.dumps(doc, sort_keys=True).encode() + b"\n")
+
+    def _write_recovery_point(self, offset: int, *, sync_dir: bool = True) -> None:
+        if offset == self._recovery_point:
+            return
+        self._replace_file(RECOVERY_POINT_FILE, b"%d\n" % offset, sync_dir=sync_dir)
+        self._recovery_point = offset
+
+    def _advance_recovery_point(self, fsynced_end: int) -> None:
+        """flush: everything below ``fsynced_end`` is fsynced, unless a truncation cut the
+        log since the flush took its snapshot (the caller fsyncs the directory)."""
+        with self._rp_lock:
+            with self._lock:
+                point = min(fsynced_end, self._trunc_low)
+            if point > self._recovery_point:
+                self._write_recovery_point(point, sync_dir=False)
+
+    def _read_recovery_point(self) -> int:
+        """0 when missing or unreadable: every closed segment is then checked."""
+        try:
+            value = int((self._dir / RECOVERY_POINT_FILE).read_bytes())
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            log.warning("%s: ignoring unreadable %s: %s", self._dir, RECOVERY_POINT_FILE, exc)
+            return 0
+        return max(0, value)
+
+    def _replace_file(self, name: str, data: bytes, *, sync_dir: bool = True) -> None:
+        """Replace file ``name`` atomically and durably (write, fsync, rename, fsync dir;
+        without ``sync_dir`` the caller fsyncs the directory)."""
+        path = self._dir / name
+        tmp = path.with_name(name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            os.fdatasync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        self._fsync_dir()
+        if sync_dir:
+            self._fsync_dir()
 
     def _read_start(self) -> _Start | None:
         path = self._dir / START_FILE
@@ -742,9 +810,10 @@ class PartitionLog:
         """Open the segments found in the directory and make them one valid log.
 
         1. log_start.json finishes an interrupted deletion or reset of the log's front.
-        2. Closed segments are opened from their index files plus their tail; a segment whose
-           index does not match is re-indexed from its headers; one whose headers break the
-           chain (torn, corrupt, gap) ends the log there.
+        2. Closed segments below the recovery point are opened from their index files plus
+           their tail; a segment whose index does not match is re-indexed from its headers.
+           Closed segments ending beyond it are walked with CRC checks. One whose batches
+           break the chain (torn, corrupt, gap) ends the log there.
         3. The last segment is walked with CRC checks and cut at the first torn, corrupt or
            non-continuing batch; an empty last segment (other than the first) is removed and
            the one before it gets the same check.
@@ -753,6 +822,8 @@ class PartitionLog:
         interval = self._config.index_interval_bytes
         start = self._read_start()
         (self._dir / (START_FILE + ".tmp")).unlink(missing_ok=True)
+        (self._dir / (RECOVERY_POINT_FILE + ".tmp")).unlink(missing_ok=True)
+        self._recovery_point = recovery_point = self._read_recovery_point()
         files: dict[int, set[str]] = {}
         for entry in os.scandir(self._dir):
             m = _SEGMENT_FILE_RE.match(entry.name)
@@ -827,11 +898,17 @@ class PartitionLog:
         i = 0
         while i < len(segs) - 1:
             seg = segs[i]
-            reason = seg.load_closed(expect_index, min_term)
+            # Written after the last known fsync: check every batch's CRC.
+            checked = segs[i + 1].base_offset > recovery_point
+            reason: str | None = "written after the recovery point: checking every batch"
+            if not checked:
+                reason = seg.load_closed(expect_index, min_term)
             if reason is not None:
-                log.warning("%s: re-indexing %s: %s", self._dir, seg.path.name, reason)
+                (log.info if checked else log.warning)(
+                    "%s: re-indexing %s: %s", self._dir, seg.path.name, reason
+                )
                 bad = seg.recover(
-                    verify_crc=False,
+                    verify_crc=checked,
                     expect_index=expect_index,
                     min_term=min_term,
                     prev_term=min_term,
@@ -926,4 +1003,4 @@ class PartitionLog:
         self._fsync_dir()
 
 
-__all__ = ["START_FILE", "ContinuityError", "PartitionLog", "wall_clock_ms"]
+__all__ = ["RECOVERY_POINT_FILE", "START_FILE", "ContinuityError", "PartitionLog", "wall_clock_ms"]

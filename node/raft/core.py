@@ -38,6 +38,24 @@ Protocol choices (Raft paper = Ongaro & Ousterhout 2014; thesis = Ongaro 2014):
   read issued in the same Ready cycle).
 - Snapshots: a follower that needs entries below the leader's first index gets the
   application's snapshot (``Storage.snapshot()``), which it installs through its Ready.
+- Lost entries (beyond the paper, which assumes stable storage): a node whose log no longer
+  holds entries it acknowledged (a machine crash under ``flush=os``, a recovery that cut
+  fsynced data) is *recovering* up to ``lost_to``: the driver passes the stored commit index
+  it can no longer reach, or a heartbeat reveals it (the leader never sends a commit beyond
+  what the follower acknowledged). A recovering node neither votes (its vote could elect a
+  leader lacking entries its acknowledgement helped commit) nor campaigns, until an APPEND of
+  a leader made its log reach ``lost_to`` again. It still acknowledges what it now holds: an
+  acknowledgement only ever claims a prefix the node holds, which is what commit counting
+  needs. The leader, told by a rejection whose hint lies below ``match`` that the follower
+  lost entries, forgets ``match`` and probes again from the hint.
+- New replicas of a group that existed before (a wiped data directory: the node may have
+  voted in the current term and acknowledged entries, and remembers neither): the driver
+  passes ``lost_to=NEW_REPLICA``. Such a node grants (pre-)votes only to candidates whose
+  log is empty, and stands for election only while its own log is empty: that bootstraps a
+  brand-new group (every log empty) and never elects anyone in a group that has entries,
+  since no node holding one votes for an empty log. The first APPEND of a leader turns it into
+  an ordinary recovering node up to that APPEND's commit index (the group's commit when it
+  joined), and it votes again once its log reaches it.
 """
 
 from __future__ import annotations
@@ -76,6 +94,8 @@ from .types import (
 #: The context of a VOTE caused by TIMEOUT_NOW: it overrides the voters' leader lease, since
 #: the current leader asked for the election.
 TRANSFER_CONTEXT = b"transfer"
+#: ``lost_to`` of a new replica that does not know what the group committed yet (see above).
+NEW_REPLICA = 1 << 62
 
 _K = MessageKind
 
@@ -114,6 +134,7 @@ class RawNode:
         "lead_transferee",
         "leader_id",
         "log",
+        "lost_to",
         "role",
         "term",
         "tracker",
@@ -127,16 +148,21 @@ class RawNode:
         rng: Rand,
         config: Config = DEFAULT_CONFIG,
         applied: int = 0,
+        lost_to: int = 0,
     ) -> None:
         """Builds the core from whatever ``storage`` holds: a fresh group (empty log) or a
         restart after a crash (term, vote, commit, membership and log come back from it).
         ``applied`` is the last index the state machine had applied durably; committed entries
-        after it are delivered again."""
+        after it are delivered again. ``lost_to``: an index this node acknowledged (its stored
+        commit index) that its log no longer reaches; it recovers up to it before voting."""
         assert node_id != NONE, "node id 0 is reserved"
         self.id = node_id
         self.cfg = config
         self._rng = rng
         self.log = RaftLog(storage, applied)
+        #: Recovering: acknowledged entries up to here were lost (0: none). No votes until
+        #: the log reaches it again through a leader's APPEND.
+        self.lost_to = lost_to if lost_to > self.log.last_index() else 0
         hs = storage.hard_state()
         conf = storage.conf_state()
         self.term = hs.term
@@ -221,6 +247,8 @@ class RawNode:
         return self.tracker.progress.get(node_id)
 
     def _promotable(self) -> bool:
+        if self.lost_to and not (self.lost_to == NEW_REPLICA and self.log.last_index() == 0):
+            return False  # recovering lost entries: must not lead, nor vote
         return self.id in self.tracker.conf.voters or self.id in self.tracker.conf.voters_outgoing
 
     # ---- driver interface ---------------------------------------------------------------
@@ -298,6 +326,38 @@ class RawNode:
         self._append_entries([entry])
         self._bcast_pending = True
         return entry.index
+
+    def propose_all(self, datas: Sequence[bytes]) -> int:
+        """Appends each of ``datas`` as one NORMAL entry, all of them or none (one client
+        request must not be half refused: the client retries it whole); returns the index of
+        the last (the first is that minus ``len(datas) - 1``; the term is ``self.term``).
+        Raises like :meth:`propose`, before appending anything."""
+        if not datas:
+            raise ValueError("propose_all needs at least one entry")
+        if self.role != Role.LEADER:
+            raise NotRaftLeader("this node is not the leader", self.leader_id)
+        if self.lead_transferee != NONE:
+            raise ProposalDropped(
+                f"leadership transfer to {self.lead_transferee} in progress", self.id
+            )
+        first = self.log.last_index() + 1
+        entries = [Entry(self.term, first + i, d) for i, d in enumerate(datas)]
+        size = sum(e.size_bytes for e in entries)
+        if (
+            self._uncommitted_bytes
+            and self._uncommitted_bytes + size > self.cfg.max_uncommitted_bytes
+        ):
+            raise ProposalDropped(
+                f"{self._uncommitted_bytes} bytes uncommitted, {size} more proposed "
+                f"(max_uncommitted_bytes {self.cfg.max_uncommitted_bytes}): followers are "
+                "behind, retry later",
+                self.id,
+            )
+        self._uncommitted_bytes += size
+        self._dirty = True
+        self._append_entries(entries)
+        self._bcast_pending = True
+        return entries[-1].index
 
     def transfer_leadership(self, to: int) -> None:
         """Asks the leader to hand leadership to voter ``to`` (forwarded if we are a follower)."""
@@ -511,6 +571,7 @@ class RawNode:
         self._step = self._step_leader
         self._tick = self._tick_heartbeat
         self.leader_id = self.id
+        self.lost_to = 0  # a new replica elected by new replicas: its log is the group's
         self.role = Role.LEADER
         own = self.tracker.progress.get(self.id)
         if own is not None:
@@ -578,6 +639,9 @@ class RawNode:
         pre = m.kind == _K.PRE_VOTE
         resp = _K.PRE_VOTE_RESP if pre else _K.VOTE_RESP
         can_vote = (
+            not self.lost_to
+            or (self.lost_to == NEW_REPLICA and m.index == 0 and self.log.last_index() == 0)
+        ) and (
             self.vote == m.frm
             or (self.vote == NONE and self.leader_id == NONE)
             or (pre and m.term > self.term)
@@ -647,11 +711,31 @@ class RawNode:
         if k == _K.APPEND:
             self.election_elapsed = 0
             self.leader_id = m.frm
+            if self.lost_to == NEW_REPLICA:
+                # What the group committed when we joined: catch up to it before voting.
+                self.lost_to = m.commit if m.commit > self.log.last_index() else 0
             self._handle_append(m)
         elif k == _K.HEARTBEAT:
             self.election_elapsed = 0
             self.leader_id = m.frm
-            self.log.commit_to(m.commit)
+            last = self.log.last_index()
+            if m.commit > last:
+                # A leader sends no commit beyond what we acknowledged: we lost entries.
+                self.lost_to = max(self.lost_to, m.commit)
+                self._send(
+                    Message(
+                        _K.APPEND_RESP,
+                        self.id,
+                        m.frm,
+                        self.term,
+                        index=m.commit,
+                        reject=True,
+                        reject_hint=last,
+                        reject_hint_term=self.log.last_term(),
+                    )
+                )
+            else:
+                self.log.commit_to(m.commit)
             if m.context:
                 resp = Message(_K.HEARTBEAT_RESP, self.id, m.frm, self.term, context=m.context)
             else:
@@ -704,6 +788,8 @@ class RawNode:
             return
         last = log.maybe_append(m.index, m.log_term, m.commit, m.entries)
         if last is not None:
+            if self.lost_to and last >= self.lost_to:
+                self.lost_to = 0  # the log matches the leader's beyond what it lost
             self._send(Message(_K.APPEND_RESP, self.id, m.frm, self.term, index=last))
             return
         # Mismatch at m.index: point the leader at the last entry that could still match.
@@ -727,6 +813,8 @@ class RawNode:
         assert snap is not None, "SNAPSHOT message without a snapshot"
         if self._restore(snap):
             index = self.log.last_index()
+            if self.lost_to and index >= self.lost_to:
+                self.lost_to = 0
         else:
             index = self.log.committed
         self._send(Message(_K.APPEND_RESP, self.id, m.frm, self.term, index=index))
@@ -808,6 +896,13 @@ class RawNode:
             next_probe = m.reject_hint
             if m.reject_hint_term > 0:
                 next_probe, _ = self.log.find_conflict_by_term(m.reject_hint, m.reject_hint_term)
+            if m.reject_hint < pr.match:
+                # A follower whose log matches up to ``match`` never hints below it: it lost
+                # entries it acknowledged (or the answer is stale, and probing costs a round
+                # trip). Forget what it acknowledged and probe from its hint.
+                pr.reset_to_probe(next_probe + 1)
+                self._send_append(m.frm, pr, send_if_empty=True)
+                return
             if pr.maybe_decr_to(m.index, next_probe):
                 if pr.state == ProgressState.REPLICATE:
                     pr.become_probe()

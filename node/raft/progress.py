@@ -145,6 +145,14 @@ class Progress:
             self._reset_state(ProgressState.PROBE)
             self.next = self.match + 1
 
+    def reset_to_probe(self, next_index: int) -> None:
+        """The follower lost entries it acknowledged: nothing is known to match any more
+        (``match`` only ever counted toward commits already made), probe from ``next_index``."""
+        self._reset_state(ProgressState.PROBE)
+        self.match = 0
+        self.match_at_heartbeat = 0
+        self.next = max(1, next_index)
+
     def become_replicate(self) -> None:
         self._reset_state(ProgressState.REPLICATE)
         self.next = self.match + 1

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,9 @@ from tests.unit.log_support import (
     open_log,
     read_all,
 )
+from tidelog.node.log import PartitionLog
+from tidelog.node.log.partition_log import RECOVERY_POINT_FILE
+from tidelog.node.log.segment import Segment
 from tidelog.records import iter_headers
 
 _TERM_BYTES = range(12, 20)  # raft_term: outside the CRC; a larger term cannot be told apart
@@ -183,6 +187,7 @@ def test_empty_trailing_segments_are_removed(tmp_path: Path) -> None:
         f"{0:020d}.index",
         f"{0:020d}.log",
         f"{0:020d}.timeindex",
+        RECOVERY_POINT_FILE,
     ]
     log.close()
 
@@ -205,4 +210,82 @@ def test_first_segment_may_be_empty(tmp_path: Path) -> None:
     log = open_log(tmp_path)
     assert (log.log_end_offset, log.last_index, log.segment_count) == (0, 0, 1)
     assert offsets_of(log.read(0, 100)) == []
+    log.close()
+
+
+def _crash(log: PartitionLog) -> None:
+    """The process dies: the files are closed as they are, nothing more is written."""
+    for seg in log._segments:
+        seg.close()
+
+
+def test_torn_batch_in_a_closed_segment_written_since_the_last_fsync_is_cut(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """flush=os and a power loss: a batch of a closed segment lost part of its body while its
+    header survived. Recovery checks the CRCs of the segments written since the recovery
+    point and ends the log at that batch, instead of serving it to every follower."""
+    log = open_log(tmp_path, segment_bytes=SEGMENT_BYTES_MIN, index_interval_bytes=600)
+    for i in range(40):
+        log.append(batch(2, ts=1000 + i, tag=i), 1 + i // 2)  # never flushed
+    segments = _segments(tmp_path)
+    assert len(segments) >= 4
+    _crash(log)
+    victim = segments[1]
+    before = len(_batch_positions(segments[0]))
+    pos, size = _batch_positions(victim)[2]
+    data = bytearray(victim.read_bytes())
+    data[pos + size - 10 : pos + size] = bytes(10)  # the body's end never reached the disk
+    victim.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        log = open_log(tmp_path, segment_bytes=SEGMENT_BYTES_MIN, index_interval_bytes=600)
+    assert log.last_index == before + 2 and log.log_end_offset == 2 * (before + 2)
+    assert _segments(tmp_path) == segments[:2]
+    assert any("truncating" in r.message and "CRC" in r.message.upper() for r in caplog.records)
+    log.close()
+    _check_continues(tmp_path, before + 2)
+
+
+def test_closed_segments_below_the_recovery_point_are_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Start-up reads the data of no closed segment after a clean close, and after a crash
+    only of the segments rolled since the last fsync recorded at a roll."""
+    _build(tmp_path, 40, 3)  # closed cleanly
+    checked: list[str] = []
+    original = Segment.recover
+
+    def spy(self: Segment, **kwargs: Any) -> Any:
+        if kwargs["verify_crc"]:
+            checked.append(self.path.name)
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(Segment, "recover", spy)
+    names = [p.name for p in _segments(tmp_path)]
+    log = open_log(tmp_path, segment_bytes=SEGMENT_BYTES_MIN, index_interval_bytes=600)
+    assert checked == [names[-1]]  # the active segment only
+    # flush=durable: each roll records the flushed offset, here the end of the sealed segment.
+    for i in range(30):
+        log.append(batch(2, ts=5000 + i, tag=100 + i), 30)
+        log.flush()
+    names = [p.name for p in _segments(tmp_path)]
+    _crash(log)
+    checked.clear()
+    log = open_log(tmp_path, segment_bytes=SEGMENT_BYTES_MIN, index_interval_bytes=600)
+    assert checked == [names[-1]]
+    # flush=os: nothing is fsynced after the start, so every segment written since is checked.
+    end_at_start = log.log_end_offset
+    for i in range(30):
+        log.append(batch(2, ts=9000 + i, tag=200 + i), 31)
+    paths = _segments(tmp_path)
+    since_start = [
+        p.name
+        for p, nxt in zip(paths, [*paths[1:], None], strict=True)
+        if nxt is None or int(nxt.stem) > end_at_start
+    ]
+    assert len(since_start) >= 3
+    _crash(log)
+    checked.clear()
+    log = open_log(tmp_path, segment_bytes=SEGMENT_BYTES_MIN, index_interval_bytes=600)
+    assert checked == since_start
     log.close()

@@ -13,7 +13,7 @@ import pytest
 
 from tests.unit.node_fakes import InstrumentedLog
 from tidelog.config import TopicConfig
-from tidelog.errors import NotLeader, RequestTimedOut
+from tidelog.errors import LeaderNotAvailable, NotLeader, RequestTimedOut
 from tidelog.node.metastore import MetaStore
 from tidelog.node.metrics import NodeMetrics
 from tidelog.node.multiraft import MultiRaft, RaftTiming
@@ -215,3 +215,29 @@ async def test_no_quorum_means_no_acknowledgement(cluster: Cluster) -> None:
     with pytest.raises((RequestTimedOut, NotLeader)):
         await leader.wait_committed(index, term, 0.5)
     assert leader.high_watermark == 0
+
+
+@pytest.mark.timeout(30)
+async def test_read_barrier_confirms_leadership_and_refuses_a_cut_off_leader(
+    cluster: Cluster,
+) -> None:
+    """Issue 8 defect 7c: a leader cut off from the others still believes it leads (and
+    answers ListOffsets LATEST from its view) until check-quorum deposes it. A linearizable
+    read (ReadIndex) is answered only once a majority confirmed the leadership."""
+    for n in (1, 2, 3):
+        cluster.add(n)
+    cluster.net.nodes[1].campaign(cluster.parts[1].group)  # type: ignore[arg-type]
+    old = await cluster.leader()
+    await cluster.produce(old, b"a")
+    await old.read_barrier(5)
+    assert old.high_watermark == 1
+    old_id = old.group.raw.id  # type: ignore[union-attr]
+    cluster.net.down.add(old_id)
+    assert old.serving  # it does not know yet
+    with pytest.raises((NotLeader, LeaderNotAvailable, RequestTimedOut)):
+        await old.read_barrier(5)
+    assert not old.group.reads  # type: ignore[union-attr]
+    new = await cluster.leader(VOTERS - {old_id})
+    await cluster.produce(new, b"b")
+    await new.read_barrier(5)
+    assert new.high_watermark > 1 and old.high_watermark == 1

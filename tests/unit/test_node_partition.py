@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ from tidelog.config import TopicConfig
 from tidelog.errors import (
     LeaderNotAvailable,
     NodeUnavailable,
+    NotEnoughReplicas,
     NotLeader,
     OffsetOutOfRange,
     RequestTimedOut,
@@ -26,7 +27,7 @@ from tidelog.node.metrics import NodeMetrics
 from tidelog.node.multiraft import MultiRaft, RaftTiming
 from tidelog.node.partition import Partition
 from tidelog.node.raft.limits import Config
-from tidelog.node.raft.types import ConfState, Entry, Role
+from tidelog.node.raft.types import ENTRY_OVERHEAD_BYTES, ConfState, Entry, Role
 from tidelog.node.replica_storage import HardStateStore
 from tidelog.records import encode_batch, validate_batches
 
@@ -321,3 +322,28 @@ async def test_follower_lags_and_in_sync_on_a_leader(env: Env) -> None:
     p.group.raw.campaign()
     assert p.role != Role.LEADER
     assert p.follower_lags() == []
+
+
+@pytest.mark.timeout(10)
+async def test_a_refused_multi_batch_request_proposes_none_of_its_batches(env: Env) -> None:
+    """Issue 8 defect 7a: the core refusing batch k of a request (max_uncommitted_bytes) left
+    batches 0..k-1 proposed, to be committed, while the producer was told the request failed
+    and retried it whole. Now the request is proposed whole or not at all."""
+    p, lg = env.make()
+    await until_serving(p)
+    raw = p.group.raw  # type: ignore[union-attr]
+    one, headers = batch(50)
+    # Something uncommitted, and room for exactly two more batches of this size.
+    room = 3 * (len(one) + ENTRY_OVERHEAD_BYTES)
+    raw.cfg = replace(raw.cfg, max_uncommitted_bytes=room, max_msg_bytes=room)
+    p.propose(one, headers)
+    last = raw.last_index()
+    three = one * 3
+    with pytest.raises(NotEnoughReplicas):
+        p.propose(three, validate_batches(three))
+    assert raw.last_index() == last  # none of the three was proposed
+    await asyncio.sleep(0.05)
+    base, last_offset, index, term = p.propose(one * 2, validate_batches(one * 2))
+    await p.wait_committed(index, term, 5)
+    assert (base, last_offset) == (50, 149) and p.high_watermark == 150
+    assert lg.last_index == index

@@ -224,3 +224,57 @@ async def test_data_dir_of_another_node_is_refused(tmp_path: Path) -> None:
     await again.start()
     assert again.identity is not None and again.identity.cluster_id == cluster_id
     await again.stop(1)
+
+
+@pytest.mark.timeout(20)
+async def test_changed_controller_voters_are_refused(tmp_path: Path) -> None:
+    """Issue 8 defect 3: a data directory started with one voter list and restarted with
+    another was accepted silently, an unsafe membership change. It is refused until
+    membership changes exist; the addresses may change. The directory has an id of its own."""
+    port = free_port()
+    data = tmp_path / "data"
+    first = Node(
+        1, f"127.0.0.1:{port}", data, free_port(), open_log=InstrumentedLog,
+        controller_voters=f"1@127.0.0.1:{port}",
+    )  # fmt: skip
+    await first.start()
+    assert first.identity is not None
+    directory_id = first.identity.directory_id
+    assert len(directory_id) == 32
+    await first.stop(1)
+    changed = Node(
+        1, f"127.0.0.1:{port}", data, free_port(), open_log=InstrumentedLog,
+        controller_voters=f"1@127.0.0.1:{port},2@127.0.0.1:{free_port()}",
+    )  # fmt: skip
+    with pytest.raises(StartupError, match=r"names nodes 1,2 but .* nodes 1: changing"):
+        await changed.start()
+    await changed.stop(0)
+    port2 = free_port()
+    moved = Node(
+        1, f"127.0.0.1:{port2}", data, free_port(), open_log=InstrumentedLog,
+        controller_voters=f"1@127.0.0.1:{port2}",
+    )  # fmt: skip
+    await moved.start()
+    assert moved.identity is not None and moved.identity.directory_id == directory_id
+    await moved.stop(1)
+    other = tmp_path / "other"
+    fresh = Node(1, "127.0.0.1:0", other, free_port(), open_log=InstrumentedLog)
+    await fresh.start()
+    assert fresh.identity is not None and fresh.identity.directory_id != directory_id
+    await fresh.stop(1)
+
+
+@pytest.mark.timeout(20)
+async def test_linearizable_list_offsets_answers_after_a_read_index(client: Client) -> None:
+    await client.create("lin")
+    await client.produce("lin", [b"a", b"b", b"c"], acks=broker_pb2.ACKS_LEADER)
+    for linearizable in (False, True):
+        r = await client.broker.ListOffsets(
+            broker_pb2.ListOffsetsRequest(
+                topic="lin", spec=broker_pb2.OFFSET_SPEC_LATEST, linearizable=linearizable
+            )
+        )
+        # acks=1 answers before the commit; a linearizable read waits for what is committed
+        # before it (here: everything, on a one-node group) to be applied.
+        assert r.high_watermark == 3 or not linearizable
+        assert r.offset == r.high_watermark

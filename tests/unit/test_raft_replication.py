@@ -231,3 +231,21 @@ def test_messages_per_committed_entry() -> None:
     # busy followers get no periodic heartbeats.
     assert pipelined <= 4.1
     assert batched <= 0.41
+
+
+def test_propose_all_appends_every_entry_or_none() -> None:
+    """One produce request is one all-or-nothing proposal: refused whole when the uncommitted
+    budget cannot take all of it, so nothing of it is half stored."""
+    cfg = Config(max_uncommitted_bytes=4 * ENTRY_BYTES, max_msg_bytes=ENTRY_BYTES)
+    c = Cluster([1, 2, 3], config=cfg)
+    c.elect(1)
+    c.isolate(1)  # nothing commits: the budget fills
+    first = c[1].log.last_index() + 1
+    assert c[1].propose_all([PAYLOAD, PAYLOAD]) == first + 1
+    last = c[1].log.last_index()
+    with pytest.raises(ProposalDropped):
+        c[1].propose_all([PAYLOAD, PAYLOAD, PAYLOAD])  # 2 would fit, 3 do not
+    assert c[1].log.last_index() == last
+    assert c[1].propose_all([PAYLOAD, PAYLOAD]) == last + 2
+    with pytest.raises(NotRaftLeader):
+        c[2].propose_all([PAYLOAD])

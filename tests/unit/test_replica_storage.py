@@ -99,6 +99,41 @@ def test_conflicting_suffix_is_truncated(tmp_path: Path) -> None:
         s.append([Entry(2, 9, stamped([b"gap"], 5, 2, 9))])
 
 
+def test_identical_entries_are_kept_and_only_the_first_conflict_truncates(
+    tmp_path: Path,
+) -> None:
+    """A Ready may repeat entries the log already holds (the core's unstable log was
+    replaced from an earlier index by an APPEND whose first entries match): those stay on
+    disk untouched, and a conflict truncates from the first entry whose term differs."""
+    s = open_storage(tmp_path)
+    lg = s.log
+    assert isinstance(lg, PartitionLog)
+    s.append([Entry(1, i, stamped([b"%d" % i], i - 1, 1, i)) for i in range(1, 6)])
+    lg.flush()
+    before = lg.read(0, 1 << 20)
+    # Entries 3..5 again (same terms), then a new entry 6: nothing is truncated.
+    again = [Entry(1, i, stamped([b"%d" % i], i - 1, 1, i)) for i in range(3, 7)]
+    assert s.append(again) is None
+    assert s.last_index() == 6 and lg.read(0, 1 << 20)[: len(before)] == before
+    # Only repeats: no write at all.
+    assert s.append(again[:2]) is None and s.last_index() == 6
+    # 3 matches, 4 differs: the log is cut at 4, not at 3.
+    replacing = [
+        Entry(1, 3, stamped([b"3"], 2, 1, 3)),
+        Entry(2, 4, stamped([b"x"], 3, 2, 4)),
+        Entry(2, 5, stamped([b"y"], 4, 2, 5)),
+    ]
+    assert s.append(replacing) == 4
+    assert [s.term(i) for i in range(1, 6)] == [1, 1, 1, 2, 2] and s.last_index() == 5
+    assert [r.value for r in decode_batches(lg.read(0, 1 << 20))] == [
+        b"1",
+        b"2",
+        b"3",
+        b"x",
+        b"y",
+    ]
+
+
 def test_snapshot_is_the_log_start_and_installs_as_a_reset(tmp_path: Path) -> None:
     leader = open_storage(tmp_path / "leader", segment_bytes=4096)
     offset = 0

@@ -315,10 +315,18 @@ class ListOffsetsRequest(_message.Message):
     PARTITION_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
+    LINEARIZABLE_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
     partition: _builtins.int
     spec: Global___OffsetSpec.ValueType
     timestamp_ms: _builtins.int
+    linearizable: _builtins.bool
+    """Linearizable: before answering, the leader confirms through a Raft ReadIndex round (a
+    heartbeat a majority acknowledges) that it still leads, and answers from a high
+    watermark covering every record acknowledged before the request. Costs one round trip
+    to the followers. Without it, a leader cut off or paused may answer from a stale view for
+    up to about two election timeouts (see docs/operations.md).
+    """
     def __init__(
         self,
         *,
@@ -326,10 +334,11 @@ class ListOffsetsRequest(_message.Message):
         partition: _builtins.int = ...,
         spec: Global___OffsetSpec.ValueType = ...,
         timestamp_ms: _builtins.int = ...,
+        linearizable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["partition", b"partition", "spec", b"spec", "timestamp_ms", b"timestamp_ms", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["linearizable", b"linearizable", "partition", b"partition", "spec", b"spec", "timestamp_ms", b"timestamp_ms", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

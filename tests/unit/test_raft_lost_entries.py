@@ -1,0 +1,268 @@
+"""A replica that lost entries it acknowledged (a machine crash under flush=os, a recovery that
+cut fsynced data): it must neither vote nor campaign until a leader has brought its log back
+beyond what it lost, and the leader must probe it again below ``match``.
+
+The driver-side half (the stored commit index beyond the recovered log becomes ``lost_to``)
+is tested over a real partition log and RocksDB at the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.unit.raft_interaction.harness import Cluster, seeded
+from tidelog.config import TopicConfig
+from tidelog.node.log import PartitionLog
+from tidelog.node.metastore import MetaStore
+from tidelog.node.metrics import NodeMetrics
+from tidelog.node.multiraft import MultiRaft, RaftGroup
+from tidelog.node.raft.core import NEW_REPLICA, RawNode
+from tidelog.node.raft.limits import Config
+from tidelog.node.raft.progress import ProgressState
+from tidelog.node.raft.storage import MemoryStorage
+from tidelog.node.raft.types import (
+    ConfState,
+    Entry,
+    HardState,
+    Message,
+    MessageKind,
+    Role,
+    Snapshot,
+    SoftState,
+)
+from tidelog.node.replica_storage import HardStateStore, ReplicaStorage
+from tidelog.records import encode_batch, iter_headers, stamp
+
+K = MessageKind
+GROUP = 7
+
+
+def lose_tail(c: Cluster, nid: int, keep: int, *, lost_to: int | None = None) -> None:
+    """Restart ``nid`` with only its first ``keep`` entries, its stored term and vote, and a
+    commit clamped to ``keep`` (what the node's storage does). ``lost_to``: tell the core
+    what the stored commit was (the driver does), else it learns of the loss from a leader."""
+    node = c.nodes[nid]
+    old = node.storage
+    hs = old.hard_state()
+    storage = MemoryStorage(c.conf)
+    storage.append(c.log_of(nid)[:keep])
+    storage.set_hard_state(HardState(hs.term, hs.vote, min(hs.commit, keep)))
+    node.storage = storage
+    node.applied = [e for e in node.applied if e.index <= keep]
+    c.outbox = [m for m in c.outbox if m.frm != nid and m.to != nid]
+    if lost_to is None:
+        node.raft = RawNode(nid, storage, c.rngs[nid], c.config, applied=keep)
+    else:
+        node.raft = RawNode(nid, storage, c.rngs[nid], c.config, applied=keep, lost_to=lost_to)
+
+
+def test_leader_reprobes_a_follower_that_lost_acknowledged_entries() -> None:
+    c = Cluster([1, 2, 3])
+    c.elect(1)
+    for i in range(5):
+        c[1].propose(b"%d" % i)
+    c.stabilize()
+    assert c[1].commit_index == 6
+    pr = c[1].progress(3)
+    assert pr is not None and pr.match == 6
+    # 3 comes back with entries 4..6 gone and no idea of it (its commit index was lost too).
+    lose_tail(c, 3, keep=3)
+    assert c[3].lost_to == 0
+    # The leader's heartbeat carries commit 6 (what 3 acknowledged): 3 finds out, and the
+    # leader, told that 3's log ends below match, probes it again and resends 4..6. (The
+    # first periodic round skips 3, which was sent APPENDs since the last one.)
+    c.tick(1, 2 * c.config.heartbeat_interval_ticks)
+    c.stabilize()
+    assert [e.data for e in c.log_of(3)] == [e.data for e in c.log_of(1)]
+    assert c[3].commit_index == 6 and c[3].lost_to == 0
+    pr = c[1].progress(3)
+    assert pr is not None and pr.match == 6 and pr.state == ProgressState.REPLICATE
+    # New proposals replicate to it again.
+    c[1].propose(b"after")
+    c.stabilize()
+    assert c[3].log.last_index() == 7 and c[3].commit_index == 7
+
+
+def test_append_rejected_below_match_resets_the_progress() -> None:
+    c = Cluster([1, 2, 3])
+    c.elect(1)
+    for i in range(3):
+        c[1].propose(b"%d" % i)
+    c.stabilize()
+    lose_tail(c, 3, keep=2)
+    # A proposal reaches 3 first (no heartbeat yet): the APPEND after index 4 is rejected
+    # with a hint (2) below match (4).
+    c[1].propose(b"next")
+    c.stabilize()
+    assert [e.data for e in c.log_of(3)] == [e.data for e in c.log_of(1)]
+    assert c[3].log.last_index() == 5 and c[3].commit_index == 5
+
+
+def test_a_replica_that_lost_entries_does_not_vote_until_caught_up() -> None:
+    # 2 and 3 draw different election timeouts (the last step needs one of them to win).
+    c = Cluster([1, 2, 3], rngs={2: seeded(2), 3: seeded(3)})
+    c.elect(1)
+    c.isolate(2)
+    for i in range(4):
+        c[1].propose(b"%d" % i)
+    c.stabilize()
+    assert c[1].commit_index == 5 and c[2].log.last_index() == 1  # committed by 1 and 3
+    # 3 loses entries 2..5, which it acknowledged; its storage knew it had committed 5.
+    lose_tail(c, 3, keep=1, lost_to=5)
+    assert c[3].lost_to == 5
+    # 1 goes down. 2 (lacking 2..5) campaigns: 3's log looks as good as 2's, but 3 must not
+    # vote, or 2 would win and the committed entries 2..5 would be gone.
+    c.down.add(1)
+    c.heal()
+    for _ in range(5):
+        c[2].campaign()
+        c.stabilize()
+        assert c[2].role != Role.LEADER
+    # 3 does not campaign either: its election timeout passes without a campaign.
+    c.tick(3, 3 * c.config.election_timeout_ticks)
+    assert c[3].role == Role.FOLLOWER
+    assert not [m for m in c.outbox if m.frm == 3 and m.kind in (K.VOTE, K.PRE_VOTE)]
+    # 1 returns and wins (2 votes for it: 1's log is more up to date); 3 catches up...
+    c.down.discard(1)
+    c.outbox.clear()
+    c.elect(1)
+    c.tick(1, 2 * c.config.heartbeat_interval_ticks)
+    c.stabilize()
+    assert [e.data for e in c.log_of(3)][:5] == [e.data for e in c.log_of(1)][:5]
+    assert c[3].lost_to == 0
+    # ... and votes again: with 1 down, 2 and 3 elect a leader (each needs the other's vote),
+    # and it holds the committed entries.
+    c.down.add(1)
+    for _ in range(10 * c.config.election_timeout_ticks):
+        c.tick(2)
+        c.tick(3)
+        c.stabilize()
+        if Role.LEADER in (c[2].role, c[3].role):
+            break
+    leader = 2 if c[2].role == Role.LEADER else 3
+    assert c[leader].role == Role.LEADER
+    assert [e.data for e in c.log_of(leader)][:5] == [e.data for e in c.log_of(1)][:5]
+
+
+def test_lost_to_within_the_log_is_no_loss() -> None:
+    c = Cluster([1, 2, 3])
+    c.elect(1)
+    node = c.nodes[3]
+    raw = RawNode(3, node.storage, c.rngs[3], c.config, lost_to=node.storage.last_index())
+    assert raw.lost_to == 0
+
+
+def test_storage_that_lost_acknowledged_entries_restarts_recovering(tmp_path: Path) -> None:
+    """Over the real partition log and RocksDB: a log that lost its tail while the stored
+    commit index is beyond it (a machine crash under flush=os) starts a group that does not
+    vote, and whose stored commit index stays the evidence of the loss."""
+    conf = ConfState(voters=frozenset({1, 2, 3}))
+    cfg = TopicConfig.from_overrides({})
+    lg = PartitionLog(tmp_path / "log", cfg)
+    s = ReplicaStorage(lg, HardState(), conf)
+    s.append([Entry(2, i, stamped([b"%d" % i], i - 1, 2, i)) for i in range(1, 6)])
+    lg.flush()
+    keep = lg.end_offset_at_index(2)
+    assert keep is not None
+    lg.close()
+    store = MetaStore(tmp_path / "meta")
+    hard_states = HardStateStore(store)
+    hard_states.save({GROUP: HardState(term=2, vote=1, commit=5)}, sync=True)
+    # The machine crash: the last three batches never reached the disk.
+    (segment,) = sorted((tmp_path / "log").glob("*.log"))
+    with segment.open("r+b") as f:
+        f.truncate(sum(h.size for _pos, h in list(iter_headers(segment.read_bytes()))[:2]))
+    lg = PartitionLog(tmp_path / "log", cfg)
+    assert (lg.last_index, lg.log_end_offset) == (2, keep)
+
+    storage = ReplicaStorage(lg, hard_states.load(GROUP), conf)
+    assert storage.lost_to == 5 and storage.hard_state().commit == 2
+    driver = MultiRaft(2, hard_states, NodeMetrics())
+    group = driver.add_group(GROUP, lg, conf, _NullHandler(), durable=True, config=Config())
+    raw = group.raw
+    assert raw.lost_to == 5 and raw.commit_index == 2
+    # Node 3's log ends at index 2 too: granting it a vote could elect a leader lacking 3..5.
+    raw.step(Message(K.VOTE, 3, 2, 3, log_term=2, index=2))
+    raw.step(Message(K.PRE_VOTE, 3, 2, 4, log_term=2, index=2))
+    answers = [m for m in raw.ready().messages if m.kind in (K.VOTE_RESP, K.PRE_VOTE_RESP)]
+    assert len(answers) == 2 and all(m.reject for m in answers)
+    assert raw.vote == 0
+    store.close()
+    lg.close()
+
+
+class _NullHandler:
+    def on_soft_state(self, group: RaftGroup, soft: SoftState) -> None: ...
+    def on_snapshot(self, group: RaftGroup, snapshot: Snapshot) -> None: ...
+    def on_truncated(self, group: RaftGroup, from_index: int) -> None: ...
+    def on_persisted(self, group: RaftGroup, last_index: int) -> None: ...
+    def on_committed(self, group: RaftGroup, entries: tuple[Entry, ...]) -> None: ...
+    def on_storage_failure(self, group: RaftGroup, exc: BaseException) -> None: ...
+
+
+def stamped(values: list[bytes], offset: int, term: int, index: int) -> bytes:
+    buf = bytearray(encode_batch(values, timestamps_ms=5))
+    stamp(buf, 0, offset, term, index)
+    return bytes(buf)
+
+
+def wipe(c: Cluster, nid: int) -> None:
+    """``nid`` comes back with an empty data directory, as a new replica (what the node does
+    when its directory is new and the group may have existed before)."""
+    node = c.nodes[nid]
+    node.storage = MemoryStorage(c.conf)
+    node.applied = []
+    c.outbox = [m for m in c.outbox if m.frm != nid and m.to != nid]
+    node.raft = RawNode(nid, node.storage, c.rngs[nid], c.config, lost_to=NEW_REPLICA)
+
+
+def test_a_wiped_replica_does_not_vote_for_a_candidate_with_entries_until_caught_up() -> None:
+    """Issue 8 defect 3: a wiped node (empty term, vote and log) voted for anyone, so a
+    candidate lacking committed entries could win with its vote."""
+    c = Cluster([1, 2, 3], rngs={2: seeded(2), 3: seeded(3)})
+    c.elect(1)
+    c.isolate(2)
+    for i in range(3):
+        c[1].propose(b"%d" % i)
+    c.stabilize()
+    assert c[1].commit_index == 4 and c[2].log.last_index() == 1  # committed by 1 and 3
+    wipe(c, 3)
+    c.down.add(1)
+    c.heal()
+    for _ in range(5):
+        c[2].campaign()
+        c.stabilize()
+        assert c[2].role != Role.LEADER  # 3 refuses: 2's log is not empty
+    # 3 may stand (its log is empty) but nobody holding entries votes for it.
+    c.tick(3, 3 * c.config.election_timeout_ticks)
+    c.stabilize()
+    assert c[3].role != Role.LEADER
+    # 1 returns and leads; its first APPEND tells 3 what was committed; 3 catches up.
+    c.down.discard(1)
+    c.outbox.clear()
+    c.elect(1)
+    c.tick(1, 2 * c.config.heartbeat_interval_ticks)
+    c.stabilize()
+    assert c[3].lost_to == 0
+    assert [e.data for e in c.log_of(3)] == [e.data for e in c.log_of(1)]
+    # ... and votes again: with 1 down, 2 and 3 elect a leader holding the entries.
+    c.down.add(1)
+    for _ in range(10 * c.config.election_timeout_ticks):
+        c.tick(2)
+        c.tick(3)
+        c.stabilize()
+        if Role.LEADER in (c[2].role, c[3].role):
+            break
+    leader = 2 if c[2].role == Role.LEADER else 3
+    assert c[leader].role == Role.LEADER
+    assert [e.data for e in c.log_of(leader)][:4] == [e.data for e in c.log_of(1)][:4]
+
+
+def test_new_replicas_of_a_new_group_still_elect_a_leader() -> None:
+    c = Cluster([1, 2, 3])
+    for nid in (1, 2, 3):
+        wipe(c, nid)
+    c.elect(1)
+    c[1].propose(b"x")
+    c.stabilize()
+    assert all(c[n].lost_to == 0 for n in (1, 2, 3))
+    assert c[3].commit_index == c[1].commit_index == c[1].log.last_index()
