@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.nodeproc import Cluster, Node, spawn_cluster, until
+from tests.support.nodeproc import Cluster, Node, spawn_cluster, until
 from tidelog.records import decode_batches, encode_batch
 from tidelog.v1 import admin_pb2, admin_pb2_grpc, broker_pb2
 
