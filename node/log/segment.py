@@ -19,9 +19,8 @@ from pathlib import Path
 
 from tidelog import records
 from tidelog.errors import CorruptBatch, StorageError
-from tidelog.records import HEADER_SIZE, MAGIC, BatchHeader
-
 from tidelog.node.io import REAL_FS, FileSystem
+from tidelog.records import HEADER_SIZE, MAGIC, BatchHeader
 
 from .index import U32_MAX, OffsetIndex, TimeIndex
 

@@ -60,10 +60,12 @@ class SimLoop(asyncio.BaseEventLoop):
 
 
 class SimExecutor(concurrent.futures.Executor):
-    """Runs each call on ``loop`` after ``delay()`` seconds of virtual time. ``cancel_all``
-    (a crash) drops the calls not run yet: their fsyncs never happened."""
+    """Runs each call on ``loop`` after ``delay(fn, args)`` seconds of virtual time.
+    ``cancel_all`` (a crash) drops the calls not run yet: their fsyncs never happened."""
 
-    def __init__(self, loop: SimLoop, delay: Callable[[], float]) -> None:
+    def __init__(
+        self, loop: SimLoop, delay: Callable[[Callable[..., Any], tuple[Any, ...]], float]
+    ) -> None:
         self._loop = loop
         self._delay = delay
         self._pending: dict[int, tuple[asyncio.TimerHandle, concurrent.futures.Future[Any]]] = {}
@@ -87,7 +89,7 @@ class SimExecutor(concurrent.futures.Executor):
             else:
                 fut.set_result(result)
 
-        handle = self._loop.call_later(self._delay(), run)
+        handle = self._loop.call_later(self._delay(fn, args), run)
         self._pending[key] = (handle, fut)
         return fut
 
