@@ -1,7 +1,7 @@
 """Seams for the node's sources of nondeterminism: the file system under the partition logs.
 
-Production code uses :data:`REAL_FS`, whose methods are the ``os`` functions themselves
-(no wrapper frame on the hot path: ``fs.pwrite`` IS ``os.pwrite``). The node simulation
+Production code uses :data:`REAL_FS`, whose methods call the ``os`` functions (one call
+per file operation, none per record). The node simulation
 (``tests/sim/node``) passes its own :class:`FileSystem` that keeps files in memory, loses
 what was not fsynced on a crash and can fail an fsync. The other seams are constructor
 parameters where they are used: ``MultiRaft(executor=..., clock=...)`` for the fsync
@@ -46,55 +46,86 @@ class FileSystem(Protocol):
     def fsync_dir(self, path: StrPath) -> None: ...
 
 
-def _file_size(fd: int) -> int:
-    return os.fstat(fd).st_size
+class OsFileSystem:
+    """The real file system. Each method calls the ``os`` function of the same name, looked
+    up at call time (one Python call per operation: nothing per record), so a test that
+    patches ``os.fdatasync`` still sees every sync."""
 
+    @staticmethod
+    def open(path: StrPath, flags: int, mode: int = 0o777) -> int:
+        return os.open(path, flags, mode)
 
-def _mtime_ns(fd: int) -> int:
-    return os.fstat(fd).st_mtime_ns
-
-
-def _unlink(path: StrPath) -> None:
-    Path(path).unlink(missing_ok=True)
-
-
-def _read_bytes(path: StrPath) -> bytes:
-    return Path(path).read_bytes()
-
-
-def _makedirs(path: StrPath) -> None:
-    os.makedirs(path, exist_ok=True)
-
-
-def _fsync_dir(path: StrPath) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
+    @staticmethod
+    def close(fd: int) -> None:
         os.close(fd)
 
+    @staticmethod
+    def dup(fd: int) -> int:
+        return os.dup(fd)
 
-class OsFileSystem:
-    """The real file system: each method is the ``os`` function (or a one-line helper)."""
+    @staticmethod
+    def write(fd: int, data: bytes | bytearray | memoryview) -> int:
+        return os.write(fd, data)
 
-    open = staticmethod(os.open)
-    close = staticmethod(os.close)
-    dup = staticmethod(os.dup)
-    write = staticmethod(os.write)
-    pwrite = staticmethod(os.pwrite)
-    pread = staticmethod(os.pread)
-    ftruncate = staticmethod(os.ftruncate)
-    fsync = staticmethod(os.fsync)
-    fdatasync = staticmethod(os.fdatasync)
-    file_size = staticmethod(_file_size)
-    mtime_ns = staticmethod(_mtime_ns)
-    replace = staticmethod(os.replace)
-    unlink = staticmethod(_unlink)
-    read_bytes = staticmethod(_read_bytes)
-    listdir = staticmethod(os.listdir)
-    makedirs = staticmethod(_makedirs)
-    rmtree = staticmethod(shutil.rmtree)
-    fsync_dir = staticmethod(_fsync_dir)
+    @staticmethod
+    def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
+
+    @staticmethod
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        return os.pread(fd, n, offset)
+
+    @staticmethod
+    def ftruncate(fd: int, length: int) -> None:
+        os.ftruncate(fd, length)
+
+    @staticmethod
+    def fsync(fd: int) -> None:
+        os.fsync(fd)
+
+    @staticmethod
+    def fdatasync(fd: int) -> None:
+        os.fdatasync(fd)
+
+    @staticmethod
+    def file_size(fd: int) -> int:
+        return os.fstat(fd).st_size
+
+    @staticmethod
+    def mtime_ns(fd: int) -> int:
+        return os.fstat(fd).st_mtime_ns
+
+    @staticmethod
+    def replace(src: StrPath, dst: StrPath) -> None:
+        os.replace(src, dst)
+
+    @staticmethod
+    def unlink(path: StrPath) -> None:
+        Path(path).unlink(missing_ok=True)
+
+    @staticmethod
+    def read_bytes(path: StrPath) -> bytes:
+        return Path(path).read_bytes()
+
+    @staticmethod
+    def listdir(path: StrPath) -> list[str]:
+        return os.listdir(path)
+
+    @staticmethod
+    def makedirs(path: StrPath) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    @staticmethod
+    def rmtree(path: StrPath) -> None:
+        shutil.rmtree(path)
+
+    @staticmethod
+    def fsync_dir(path: StrPath) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 REAL_FS: FileSystem = OsFileSystem()
