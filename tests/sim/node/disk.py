@@ -9,7 +9,10 @@ file whose directory was not synced may vanish in a machine crash.
   stays).
 * ``crash(power=True)``: the machine dies: each directory goes back to its durable
   entries, each file to its synced image plus, when the page cache only appended to it, a
-  random prefix of the unsynced tail (the last write torn anywhere).
+  random prefix of the unsynced tail (the last write torn anywhere). A file truncated since
+  its last fsync comes back either as synced, or cut where the truncation cut it plus a
+  random prefix of what was written after (the truncation reached the disk, the rewrite
+  only in part).
 * ``wipe()``: the whole data directory is lost (a replaced disk).
 * ``fail_next_fsyncs``: the next fsyncs raise EIO (the data stays unsynced).
 
@@ -30,12 +33,19 @@ from tidelog.node.io import StrPath
 
 
 class _Inode:
-    __slots__ = ("data", "number", "synced")
+    __slots__ = ("data", "number", "synced", "trunc_low")
 
     def __init__(self, number: int) -> None:
         self.number = number
         self.data = bytearray()
         self.synced = b""
+        #: The shortest length a truncation cut the file to since its last fsync.
+        self.trunc_low: int | None = None
+
+    def cut(self, length: int) -> None:
+        if length < len(self.data):
+            del self.data[length:]
+        self.trunc_low = length if self.trunc_low is None else min(self.trunc_low, length)
 
 
 def _split(path: StrPath) -> tuple[str, str]:
@@ -90,10 +100,16 @@ class SimDisk:
                     if keep < len(data) - len(synced):
                         torn += 1
                     ino.data = bytearray(data[: len(synced) + keep])
-                else:  # a truncation (and maybe appends after it) never synced
+                elif ino.trunc_low is not None and self.rng.random() < 0.5:
+                    # The truncation reached the disk, the writes after it only in part.
+                    low = ino.trunc_low
+                    torn += 1
+                    ino.data = bytearray(data[: low + self.rng.randint(0, len(data) - low)])
+                else:  # the unsynced truncation (and the writes after it) never reached it
                     torn += 1
                     ino.data = bytearray(synced)
                 ino.synced = bytes(ino.data)
+                ino.trunc_low = None
         self._dirs = new_dirs
         self._durable_dirs = {d: dict(e) for d, e in new_dirs.items()}
         return f"power loss: {lost_files} unsynced files lost, {torn} files cut back"
@@ -151,7 +167,7 @@ class SimDisk:
             self._next_inode += 1
             entries[name] = ino
         elif flags & os.O_TRUNC:
-            ino.data = bytearray()
+            ino.cut(0)
         return self._new_fd(ino)
 
     def close(self, fd: int) -> None:
@@ -180,7 +196,7 @@ class SimDisk:
     def ftruncate(self, fd: int, length: int) -> None:
         ino = self._fd(fd)
         if length < len(ino.data):
-            del ino.data[length:]
+            ino.cut(length)
         else:
             ino.data += bytes(length - len(ino.data))
 
@@ -188,6 +204,7 @@ class SimDisk:
         ino = self._fd(fd)
         self._fsync_point()
         ino.synced = bytes(ino.data)
+        ino.trunc_low = None
 
     fdatasync = fsync
 

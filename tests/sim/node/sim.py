@@ -50,13 +50,17 @@ from tidelog.node.multiraft import MultiRaft, RaftGroup, RaftTiming, _fsync_chun
 from tidelog.node.partition import Partition
 from tidelog.node.raft.limits import Config
 from tidelog.node.raft.types import ConfState, Message
+from tidelog.node.raft_codec import decode_batch as decode_batch_pb
+from tidelog.node.raft_codec import encode_batch as encode_batch_pb
 from tidelog.node.raft_storage import HardStateStore
 from tidelog.records import decode_batches, encode_batch, unpack_header, validate_batches
+from tidelog.v1 import raft_pb2
 
 from .disk import SimDisk, SimMetaStore
 from .loop import SimExecutor, SimLoop
 
 TOPIC = "t"
+CLUSTER_ID = "sim"
 
 
 # ---- options -------------------------------------------------------------------------------
@@ -180,7 +184,10 @@ class RunResult:
 
 
 class Network:
-    """Delays, drops, reorders (independent delays) and partitions between nodes."""
+    """Delays, drops, reorders (independent delays) and partitions between nodes. Each
+    message travels as the transport sends it: a ``RaftBatch`` encoded by
+    ``node.raft_codec`` and decoded on arrival (without the per-stream heartbeat cache,
+    as messages here are not one ordered stream)."""
 
     def __init__(self, sim: Simulation) -> None:
         self.sim = sim
@@ -195,14 +202,15 @@ class Network:
         delay = rng.uniform(0.0005, 0.003)
         if rng.random() < 0.02:
             delay += rng.uniform(0.01, 0.2)  # a slow path: overtaken by later messages
-        sim.loop.call_later(delay, self._arrive, frm, to, group, msg)
+        data = encode_batch_pb(frm, to, CLUSTER_ID, [(group, msg)]).SerializeToString()
+        sim.loop.call_later(delay, self._arrive, frm, to, data)
 
-    def _arrive(self, frm: int, to: int, group: int, msg: Message) -> None:
+    def _arrive(self, frm: int, to: int, data: bytes) -> None:
         if (frm, to) in self.cut:
             return
         node = self.sim.nodes[to]
         if node.raft is not None and node.up:
-            node.raft.deliver(frm, [(group, msg)])
+            node.raft.deliver(frm, decode_batch_pb(raft_pb2.RaftBatch.FromString(data)))
 
 
 class _Sender:
