@@ -31,7 +31,7 @@ import logging
 import random
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from tidelog.node.metrics import NodeMetrics
 from tidelog.node.multiraft import MultiRaft, RaftGroup, RaftTiming, _fsync_chunk
 from tidelog.node.partition import Partition
 from tidelog.node.raft.limits import Config
-from tidelog.node.raft.types import ConfState, Message
+from tidelog.node.raft.types import ConfState, Message, Role, SoftState
 from tidelog.node.raft_codec import decode_batch as decode_batch_pb
 from tidelog.node.raft_codec import encode_batch as encode_batch_pb
 from tidelog.node.raft_storage import HardStateStore
@@ -91,7 +91,8 @@ class Options:
         ``flush-os`` (the topic does not fsync its log: power losses lose acknowledged
         records, as documented, but the cluster must still heal); ``stall-one`` (no other
         fault: the fsyncs of ONE group stall on a node leading several, and the others
-        must keep their leader)."""
+        must keep their leader); ``backpressure`` (leaders drop proposals beyond 2 KiB
+        uncommitted, and most produce requests carry several batches)."""
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}: use one of {PROFILES}")
         calm = rng.random() < 0.15 or profile == "stall-one"
@@ -109,7 +110,7 @@ class Options:
             stall_every_s=NEVER if calm else rng.uniform(0.8, 4.0),
             fsync_fail_every_s=NEVER if calm or rng.random() < 0.7 else rng.uniform(1.0, 4.0),
             wipe=rng.choice((0.1, 0.3)) if profile == "wipe" else 0.0,
-            multi_batch=rng.choice((0.0, 0.3)),
+            multi_batch=0.7 if profile == "backpressure" else rng.choice((0.0, 0.3)),
             flush_os=profile == "flush-os",
             group_stall_every_s=rng.uniform(0.5, 1.0) if profile == "stall-one" else NEVER,
         )
@@ -122,7 +123,9 @@ class Options:
 NEVER = 99.0
 TIMING = RaftTiming(tick_ms=10, heartbeat_interval_ms=30, election_timeout_ms=300)
 RAFT_CONFIG = TIMING.config(Config(always_append_empty=False))
-PROFILES = ("default", "wipe", "flush-os", "stall-one")
+PROFILES = ("default", "wipe", "flush-os", "stall-one", "backpressure")
+#: The backpressure profile: a leader drops proposals beyond 2 KiB uncommitted.
+RAFT_CONFIG_SMALL = replace(RAFT_CONFIG, max_msg_bytes=1024, max_uncommitted_bytes=2048)
 TOPIC_CONFIG = TopicConfig.from_overrides({"segment.bytes": "4096", "index.interval.bytes": "256"})
 TOPIC_CONFIG_OS = TopicConfig.from_overrides(
     {"segment.bytes": "4096", "index.interval.bytes": "256", "flush": "os"}
@@ -232,6 +235,28 @@ class WatchedPartition(Partition):
     __slots__ = ("sim_node",)
     sim_node: SimNode
 
+    def on_soft_state(self, group: RaftGroup, soft: SoftState) -> None:
+        was = self._leader_ready_index is not None
+        super().on_soft_state(group, soft)
+        if was != (soft.role == Role.LEADER):
+            raw = group.raw
+            self.sim_node.sim.trace(
+                f"node {self.sim_node.node_id} group {self.group_id}: {soft.role.name} in term "
+                f"{raw.term} (log ends at {raw.log.last_index()}, commit {raw.commit_index})"
+            )
+
+    def on_truncated(self, group: RaftGroup, from_index: int) -> None:
+        waiting = sum(
+            1 for q in (self._commit_waiters, self._persist_waiters) for w in q
+            if w.index >= from_index
+        )  # fmt: skip
+        self.sim_node.sim.trace(
+            f"node {self.sim_node.node_id} group {self.group_id}: log truncated from raft "
+            f"index {from_index} (term {group.raw.term}); {waiting} producer(s) told 'not "
+            "committed'"
+        )
+        super().on_truncated(group, from_index)
+
     def on_persisted(self, group: RaftGroup, last_index: int) -> None:
         due = [w for w in self._persist_waiters if w.index <= last_index and not w.fut.done()]
         super().on_persisted(group, last_index)
@@ -323,7 +348,7 @@ class SimNode:
                 ConfState(voters=frozenset(replicas)),
                 part,
                 durable=not sim.options.flush_os,
-                config=RAFT_CONFIG,
+                config=sim.raft_config,
             )
             part.attach(group, raft)
             self.parts[gid] = part
@@ -380,6 +405,8 @@ class Attempt:
     index: int = -1
     term: int = -1
     detail: str = ""
+    #: Batches in its produce request (they share one answer).
+    batches: int = 1
 
 
 # ---- the simulation -----------------------------------------------------------------------
@@ -394,6 +421,7 @@ class Simulation:
         self.profile = profile
         self.options = Options.draw(seed, random.Random(seed * 7919 + 1), profile)
         self.topic_config = TOPIC_CONFIG_OS if self.options.flush_os else TOPIC_CONFIG
+        self.raft_config = RAFT_CONFIG_SMALL if profile == "backpressure" else RAFT_CONFIG
         self.loop = SimLoop()
         self.stats = Stats()
         self.net = Network(self)
@@ -450,6 +478,8 @@ class Simulation:
                 continue
             acks = rng.choice((0, 1, -1, -1))
             n = 2 if rng.random() < self.options.multi_batch else 1
+            if n > 1 and self.profile == "backpressure":
+                n = rng.randint(2, 4)
             values = []
             for _ in range(n):
                 seq += 1
@@ -462,7 +492,10 @@ class Simulation:
         node = part.sim_node
         buf = b"".join(encode_batch([v], timestamps_ms=self.clock_ms()) for v in values)
         headers = validate_batches(buf)
-        attempts = [Attempt(pid, v, gid, acks, node.node_id, self.loop.time()) for v in values]
+        now = self.loop.time()
+        attempts = [
+            Attempt(pid, v, gid, acks, node.node_id, now, batches=len(values)) for v in values
+        ]
         self.attempts += attempts
         self.stats.produced += len(values)
         try:
@@ -811,12 +844,26 @@ class Simulation:
                         "acknowledged record moved",
                         f"{a.value!r} acknowledged at offset {a.offset}, stored at {at}",
                     )
-            elif a.outcome in ("refused", "failed") and at is not None:
+            elif a.outcome == "refused" and at is not None:
                 raise Violation(
-                    "record told 'not committed' was committed",
+                    "a refused batch was committed",
+                    f"{a.value!r} (acks={a.acks}, group {a.group}, via node {a.node} at "
+                    f"{a.sent_at:.3f}s, one of a multi-batch request): refused with "
+                    f"{a.detail!r}; it is at offset {at} (issue 8 defect 7)",
+                )
+            elif a.outcome == "failed" and at is not None:
+                raise Violation(
+                    "a batch of a request told 'not committed' was committed"
+                    if a.batches > 1
+                    else "record told 'not committed' was committed",
                     f"{a.value!r} (acks={a.acks}, group {a.group}, raft index {a.index} term "
-                    f"{a.term}, via node {a.node}): told {a.outcome}: {a.detail!r}; it is at "
-                    f"offset {at} (issue 8 defect 6 when an identical entry was rewritten)",
+                    f"{a.term}, via node {a.node} at {a.sent_at:.3f}s, batch of a request of "
+                    f"{a.batches}): told {a.detail!r}; it is at offset {at}"
+                    + (
+                        " (issue 8 defect 7: a multi-batch request gets one answer)"
+                        if a.batches > 1
+                        else ""
+                    ),
                 )
         for (gid, off), v in self.observed.items():
             got = final[gid].get(off)

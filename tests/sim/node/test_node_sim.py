@@ -15,7 +15,7 @@ import pytest
 from .runner import load_regressions, open_invariants
 from .sim import RunResult, run_seed
 
-#: (profile, first seed, seeds): 220 seeds, about 2 minutes on one core.
+#: (profile, first seed, seeds): 250 seeds, about 2 minutes on one core.
 SWEEPS = [
     ("default", 0, 50),
     ("default", 50, 50),
@@ -23,6 +23,7 @@ SWEEPS = [
     ("wipe", 0, 30),
     ("flush-os", 0, 30),
     ("stall-one", 0, 20),
+    ("backpressure", 0, 30),
 ]
 
 
