@@ -58,11 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         seeds = [(s, args.profile) for s in range(args.start, args.start + args.seeds)]
     failures: Counter[str] = Counter()
+    failed = 0
     t0 = time.perf_counter()
     for i, (seed, profile) in enumerate(seeds, 1):
         result = run_seed(seed, profile=profile)
         if not result.ok:
-            failures[result.invariant] += 1
+            failed += 1
+            failures.update(list(result.violations))
+            for other in list(result.violations)[1:]:
+                print(f"    also: {other}: {result.violations[other]}")
             print("\n".join("    " + line for line in result.trace[-args.tail :]))
             print(result.line(), flush=True)
         if i % 50 == 0:
@@ -71,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     print(
         f"{len(seeds)} seeds in {wall:.1f} s ({len(seeds) / wall:.2f} seeds/s), "
-        f"{sum(failures.values())} failed"
+        f"{failed} failed; seeds per broken invariant:"
     )
     for invariant, n in failures.most_common():
         print(f"  {n:5d}  {invariant}")
-    return 1 if failures else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -92,13 +92,15 @@ class Options:
         records, as documented, but the cluster must still heal); ``stall-one`` (no other
         fault: the fsyncs of ONE group stall on a node leading several, and the others
         must keep their leader); ``backpressure`` (leaders drop proposals beyond 2 KiB
-        uncommitted, and most produce requests carry several batches)."""
+        uncommitted, and most produce requests carry several batches); ``five`` (groups of
+        five replicas, frequent fsync stalls: a new leader reaches a follower whose fsync
+        of the old leader's entries is still running)."""
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}: use one of {PROFILES}")
         calm = rng.random() < 0.15 or profile == "stall-one"
         return cls(
             seed=seed,
-            nodes=rng.choice((3, 3, 3, 5)),
+            nodes=5 if profile == "five" else rng.choice((3, 3, 3, 5)),
             groups=rng.choice((2, 3)) if profile == "stall-one" else rng.choice((1, 1, 2)),
             duration_s=rng.uniform(1.5, 3.0),
             producers=rng.randint(1, 3),
@@ -107,7 +109,11 @@ class Options:
             crash_every_s=NEVER if calm else rng.uniform(0.7, 3.0),
             power_loss=rng.choice((0.0, 0.5, 1.0)),
             partition_every_s=NEVER if calm else rng.uniform(0.7, 3.0),
-            stall_every_s=NEVER if calm else rng.uniform(0.8, 4.0),
+            stall_every_s=NEVER
+            if calm
+            else rng.uniform(0.2, 0.6)
+            if profile == "five"
+            else rng.uniform(0.8, 4.0),
             fsync_fail_every_s=NEVER if calm or rng.random() < 0.7 else rng.uniform(1.0, 4.0),
             wipe=rng.choice((0.1, 0.3)) if profile == "wipe" else 0.0,
             multi_batch=0.7 if profile == "backpressure" else rng.choice((0.0, 0.3)),
@@ -123,7 +129,7 @@ class Options:
 NEVER = 99.0
 TIMING = RaftTiming(tick_ms=10, heartbeat_interval_ms=30, election_timeout_ms=300)
 RAFT_CONFIG = TIMING.config(Config(always_append_empty=False))
-PROFILES = ("default", "wipe", "flush-os", "stall-one", "backpressure")
+PROFILES = ("default", "wipe", "flush-os", "stall-one", "backpressure", "five")
 #: The backpressure profile: a leader drops proposals beyond 2 KiB uncommitted.
 RAFT_CONFIG_SMALL = replace(RAFT_CONFIG, max_msg_bytes=1024, max_uncommitted_bytes=2048)
 TOPIC_CONFIG = TopicConfig.from_overrides({"segment.bytes": "4096", "index.interval.bytes": "256"})
@@ -170,6 +176,8 @@ class RunResult:
     invariant: str = ""
     detail: str = ""
     trace: list[str] = field(default_factory=list)
+    #: Every invariant the run broke (the first is ``invariant``), with its first detail.
+    violations: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -228,6 +236,27 @@ class _Sender:
 # ---- the partition with its promises watched --------------------------------------------
 
 
+class WatchedLog(PartitionLog):
+    """The real PartitionLog; a truncation remembers the terms of what it removed, so the
+    partition can tell a conflict from identical entries cut and rewritten."""
+
+    removed: dict[int, int]
+
+    def truncate_suffix(self, offset: int) -> None:
+        self.removed = {}
+        if offset < self.log_end_offset:
+            index = self.last_index
+            while index >= self.first_index:
+                end_before = self.end_offset_at_index(index - 1)
+                term = self.term_at_index(index)
+                if term is not None:
+                    self.removed[index] = term
+                if end_before is None or end_before <= offset:
+                    break
+                index -= 1
+        super().truncate_suffix(offset)
+
+
 class WatchedPartition(Partition):
     """The real Partition; the simulation only looks at the log at the moment each acks=1
     waiter is answered: the entry stored at its index must be the one it proposed."""
@@ -246,6 +275,20 @@ class WatchedPartition(Partition):
             )
 
     def on_truncated(self, group: RaftGroup, from_index: int) -> None:
+        lg = self.log
+        if isinstance(lg, WatchedLog):
+            old = lg.removed.get(from_index)
+            new = lg.term_at_index(from_index)
+            if old is not None and old == new:
+                same = 0
+                while lg.removed.get(from_index + same) == lg.term_at_index(from_index + same):
+                    same += 1
+                self.sim_node.sim.violate(
+                    "identical entries truncated and rewritten",
+                    f"node {self.sim_node.node_id} group {self.group_id}: the log was cut "
+                    f"from raft index {from_index} though the {same} entries from there are "
+                    f"the same entries (term {old}) rewritten (issue 8 defect 6)",
+                )
         waiting = sum(
             1 for q in (self._commit_waiters, self._persist_waiters) for w in q
             if w.index >= from_index
@@ -329,7 +372,7 @@ class SimNode:
             if self.node_id not in replicas:
                 continue
             try:
-                lg = PartitionLog(
+                lg = WatchedLog(
                     self.directory(gid),
                     sim.topic_config,
                     clock_ms=sim.clock_ms,
@@ -429,6 +472,7 @@ class Simulation:
         self._trace_out = trace
         self.lines: list[str] = []
         self.violation: Violation | None = None
+        self.violations: dict[str, str] = {}
         n = self.options.nodes
         self.nodes = {i: SimNode(self, i) for i in range(1, n + 1)}
         self.replicas: dict[int, tuple[int, ...]] = {}
@@ -436,7 +480,7 @@ class Simulation:
         for g in range(1, self.options.groups + 1):
             if profile != "stall-one":  # there, one node is every group's preferred leader
                 self.rng.shuffle(ids)
-            self.replicas[g] = tuple(ids[:3])
+            self.replicas[g] = tuple(ids if profile == "five" else ids[:3])
         self.attempts: list[Attempt] = []
         self.observed: dict[tuple[int, int], bytes] = {}
         self.running = True
@@ -453,9 +497,13 @@ class Simulation:
             self._trace_out(text)
 
     def violate(self, invariant: str, detail: str) -> None:
+        """Record a broken invariant. The run goes on (the final checks are skipped): the
+        first violation is the seed's result, later ones of other invariants are kept too."""
+        if invariant not in self.violations:
+            self.violations[invariant] = detail
+            self.trace(f"VIOLATION {invariant}: {detail}")
         if self.violation is None:
             self.violation = Violation(invariant, detail)
-            self.trace(f"VIOLATION {invariant}: {detail}")
 
     def leader(self, gid: int) -> WatchedPartition | None:
         best: WatchedPartition | None = None
@@ -901,6 +949,7 @@ class Simulation:
         result = RunResult(self.seed, self.profile, self.options, self.stats, trace=self.lines)
         if found is not None:
             result.invariant, result.detail = found.invariant, found.detail
+            result.violations = dict(self.violations)
         return result
 
 

@@ -15,7 +15,7 @@ import pytest
 from .runner import load_regressions, open_invariants
 from .sim import RunResult, run_seed
 
-#: (profile, first seed, seeds): 250 seeds, about 2 minutes on one core.
+#: (profile, first seed, seeds): 270 seeds, 1.5 to 3.5 minutes on one shared core.
 SWEEPS = [
     ("default", 0, 50),
     ("default", 50, 50),
@@ -24,6 +24,7 @@ SWEEPS = [
     ("flush-os", 0, 30),
     ("stall-one", 0, 20),
     ("backpressure", 0, 30),
+    ("five", 0, 20),
 ]
 
 
@@ -41,7 +42,7 @@ def test_sweep(profile: str, first: int, count: int) -> None:
     for seed in range(first, first + count):
         result = run_seed(seed, profile=profile)
         assert result.stats.virtual_s > 1.0, "the seed ran no simulated time"
-        if not result.ok and result.invariant not in known:
+        if not result.ok and not set(result.violations) <= known:
             unexpected.append(result)
     if unexpected:
         pytest.fail(f"{len(unexpected)} failing seed(s):\n{_report(unexpected)}", pytrace=False)
