@@ -39,8 +39,8 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Final, Protocol
 
@@ -213,7 +213,12 @@ class MultiRaft:
         sender: Sender | None = None,
         threads: int = limits.flush_threads,
         rng: random.Random | None = None,
+        executor: Executor | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``executor`` runs the round's fsyncs and hard-state write (default: a pool of
+        ``threads`` threads); ``clock`` is the monotonic clock of the early-message cache.
+        Both are seams for the node simulation (tests/sim/node)."""
         self.node_id = node_id
         self.timing = timing or RaftTiming()
         self._hard_states = hard_states
@@ -221,7 +226,10 @@ class MultiRaft:
         self._sender = sender
         self._rng = rng or random.Random()
         self._threads = threads
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="tidelog-fsync")
+        self._pool: Executor = executor or ThreadPoolExecutor(
+            threads, thread_name_prefix="tidelog-fsync"
+        )
+        self._clock = clock
         self.groups: dict[int, RaftGroup] = {}
         # Insertion-ordered set of groups that may have a Ready.
         self._dirty: dict[RaftGroup, None] = {}
@@ -283,7 +291,7 @@ class MultiRaft:
         early = self._early.pop(group_id, None)
         if early:
             self._early_count -= len(early)
-            cutoff = time.monotonic() - early_message_ttl_ms / 1000
+            cutoff = self._clock() - early_message_ttl_ms / 1000
             for at, _frm, msg in early:
                 if at >= cutoff:
                     self._step(group, msg)
@@ -359,7 +367,7 @@ class MultiRaft:
             # Drop the oldest group's messages: Raft resends what matters.
             oldest = next(iter(self._early))
             self._early_count -= len(self._early.pop(oldest))
-        self._early.setdefault(group_id, []).append((time.monotonic(), from_node, msg))
+        self._early.setdefault(group_id, []).append((self._clock(), from_node, msg))
         self._early_count += 1
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -411,7 +419,7 @@ class MultiRaft:
     def _expire_early(self) -> None:
         if not self._early:
             return
-        cutoff = time.monotonic() - early_message_ttl_ms / 1000
+        cutoff = self._clock() - early_message_ttl_ms / 1000
         for group_id in [g for g, msgs in self._early.items() if msgs[-1][0] < cutoff]:
             self._early_count -= len(self._early.pop(group_id))
 

@@ -40,7 +40,7 @@ import asyncio
 import bisect
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
@@ -106,6 +106,9 @@ class TermCheckedWaiters(Generic[R]):
 
     def __len__(self) -> int:
         return len(self._q)
+
+    def __iter__(self) -> Iterator[_Waiter[R]]:
+        return iter(self._q)
 
     def add(self, index: int, term: int) -> _Waiter[R]:
         fut: asyncio.Future[R | None] = asyncio.get_running_loop().create_future()

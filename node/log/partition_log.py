@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import threading
 import time
 from bisect import bisect_right
@@ -47,6 +46,7 @@ from typing import NamedTuple
 from tidelog import records
 from tidelog.config import TopicConfig
 from tidelog.errors import OffsetOutOfRange, StorageError
+from tidelog.node.io import REAL_FS, FileSystem
 from tidelog.records import HEADER_SIZE
 
 from .segment import (
@@ -112,7 +112,9 @@ class PartitionLog:
         config: TopicConfig,
         *,
         clock_ms: Callable[[], int] = wall_clock_ms,
+        fs: FileSystem = REAL_FS,
     ) -> None:
+        self._fs = fs
         self._dir = Path(directory)
         self._config = config
         self._clock_ms = clock_ms
@@ -135,7 +137,7 @@ class PartitionLog:
         # throughout: a flush never records a point above a cut.
         self._recovery_point = 0
         self._rp_lock = threading.Lock()
-        self._dir.mkdir(parents=True, exist_ok=True)
+        fs.makedirs(self._dir)
         try:
             self._recover()
         except BaseException:
@@ -321,6 +323,7 @@ class PartitionLog:
             first_index=old.last_index + 1,
             prev_term=old.last_term,
             index_interval_bytes=self._config.index_interval_bytes,
+            fs=self._fs,
         )
         self._segments.append(new)
         self._dir_dirty = True
@@ -593,7 +596,7 @@ class PartitionLog:
     def _newest_ms(self, seg: Segment) -> int:
         if seg.max_timestamp != NO_TIMESTAMP:
             return seg.max_timestamp
-        return os.fstat(seg.fd).st_mtime_ns // 1_000_000
+        return self._fs.mtime_ns(seg.fd) // 1_000_000
 
     def _drop_front(self, n: int) -> None:
         """Delete the first ``n`` segments. log_start.json is made durable first: a crash
@@ -632,6 +635,7 @@ class PartitionLog:
             first_index=last_index + 1,
             prev_term=last_term,
             index_interval_bytes=self._config.index_interval_bytes,
+            fs=self._fs,
         )
         self._fsync_dir()
         self._write_start(_Start(next_offset, last_index + 1, last_term, reset=False))
@@ -660,14 +664,14 @@ class PartitionLog:
                     # Everything written was fsynced by earlier flushes (none is running).
                     self._flushed = end
                     return end
-                fds = [os.dup(s.fd) for s in dirty]
+                fds = [self._fs.dup(s.fd) for s in dirty]
                 for s in dirty:
                     s.dirty = False
                 self._dir_dirty = False
                 self._trunc_low = end
             try:
                 for fd in fds:
-                    os.fdatasync(fd)
+                    self._fs.fdatasync(fd)
                 if dir_dirty:
                     # A segment rolled (or went): record the new recovery point, made durable
                     # by the directory fsync this flush needs anyway.
@@ -681,17 +685,13 @@ class PartitionLog:
                 raise StorageError(f"cannot fsync the log in {self._dir}: {exc}") from exc
             finally:
                 for fd in fds:
-                    os.close(fd)
+                    self._fs.close(fd)
             with self._lock:
                 self._flushed = max(self._flushed, min(end, self._trunc_low))
                 return self._flushed
 
     def _fsync_dir(self) -> None:
-        fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self._fs.fsync_dir(self._dir)
 
     # ---- configuration and lifecycle ---------------------------------------------------
 
@@ -714,7 +714,7 @@ class PartitionLog:
                     self._write_indexes(seg)
             for seg in segments:
                 if seg.dirty:
-                    os.fdatasync(seg.fd)
+                    self._fs.fdatasync(seg.fd)
                     seg.dirty = False
             self._fsync_dir()
             self._flushed = segments[-1].next_offset
@@ -728,7 +728,7 @@ class PartitionLog:
     def delete(self) -> None:
         """Close the log and remove its directory."""
         self.close()
-        shutil.rmtree(self._dir)
+        self._fs.rmtree(self._dir)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -759,7 +759,7 @@ class PartitionLog:
     def _read_recovery_point(self) -> int:
         """0 when missing or unreadable: every closed segment is then checked."""
         try:
-            value = int((self._dir / RECOVERY_POINT_FILE).read_bytes())
+            value = int(self._fs.read_bytes(self._dir / RECOVERY_POINT_FILE))
         except FileNotFoundError:
             return 0
         except (OSError, ValueError) as exc:
@@ -772,22 +772,23 @@ class PartitionLog:
         without ``sync_dir`` the caller fsyncs the directory)."""
         path = self._dir / name
         tmp = path.with_name(name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fs = self._fs
+        fd = fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view) :]
-            os.fdatasync(fd)
+                view = view[fs.write(fd, view) :]
+            fs.fdatasync(fd)
         finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            fs.close(fd)
+        fs.replace(tmp, path)
         if sync_dir:
             self._fsync_dir()
 
     def _read_start(self) -> _Start | None:
         path = self._dir / START_FILE
         try:
-            doc = json.loads(path.read_bytes())
+            doc = json.loads(self._fs.read_bytes(path))
             start = _Start(
                 int(doc["log_start_offset"]),
                 int(doc["first_index"]),
@@ -821,19 +822,19 @@ class PartitionLog:
         """
         interval = self._config.index_interval_bytes
         start = self._read_start()
-        (self._dir / (START_FILE + ".tmp")).unlink(missing_ok=True)
-        (self._dir / (RECOVERY_POINT_FILE + ".tmp")).unlink(missing_ok=True)
+        self._fs.unlink(self._dir / (START_FILE + ".tmp"))
+        self._fs.unlink(self._dir / (RECOVERY_POINT_FILE + ".tmp"))
         self._recovery_point = recovery_point = self._read_recovery_point()
         files: dict[int, set[str]] = {}
-        for entry in os.scandir(self._dir):
-            m = _SEGMENT_FILE_RE.match(entry.name)
+        for name in sorted(self._fs.listdir(self._dir)):
+            m = _SEGMENT_FILE_RE.match(name)
             if m:
                 files.setdefault(int(m.group(1)), set()).add(m.group(2))
         bases = sorted(b for b, kinds in files.items() if LOG_SUFFIX in kinds)
         for b, kinds in files.items():
             if LOG_SUFFIX not in kinds:
                 for kind in kinds:
-                    (self._dir / f"{b:020d}{kind}").unlink(missing_ok=True)
+                    self._fs.unlink(self._dir / f"{b:020d}{kind}")
 
         if start is not None and start.reset:
             log.warning(
@@ -857,7 +858,7 @@ class PartitionLog:
                     bases[:3],
                 )
                 start = None
-                (self._dir / START_FILE).unlink(missing_ok=True)
+                self._fs.unlink(self._dir / START_FILE)
 
         if not bases:
             base = start.log_start_offset if start else 0
@@ -870,6 +871,7 @@ class PartitionLog:
                     first_index=first_index,
                     prev_term=prev_term,
                     index_interval_bytes=interval,
+                    fs=self._fs,
                 )
             ]
             self._prev_term = prev_term
@@ -891,7 +893,7 @@ class PartitionLog:
         segs: list[Segment] = []
         self._segments = segs
         for b in bases:
-            segs.append(Segment.open_existing(self._dir, b, interval))
+            segs.append(Segment.open_existing(self._dir, b, interval, self._fs))
 
         # Closed segments, oldest first.
         expect_index, min_term = first_expect, first_floor
@@ -992,13 +994,13 @@ class PartitionLog:
 
     def _unlink_files(self, base: int) -> None:
         for suffix in (LOG_SUFFIX, INDEX_SUFFIX, TIMEINDEX_SUFFIX):
-            (self._dir / f"{base:020d}{suffix}").unlink(missing_ok=True)
+            self._fs.unlink(self._dir / f"{base:020d}{suffix}")
 
     def _fsync_all(self) -> None:
         """After recovery: whatever the page cache held from before a crash becomes durable,
         so flushed_offset may start at the log end."""
         for seg in self._segments:
-            os.fdatasync(seg.fd)
+            self._fs.fdatasync(seg.fd)
             seg.dirty = False
         self._fsync_dir()
 

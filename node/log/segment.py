@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tidelog import records
 from tidelog.errors import CorruptBatch, StorageError
+from tidelog.node.io import REAL_FS, FileSystem
 from tidelog.records import HEADER_SIZE, MAGIC, BatchHeader
 
 from .index import U32_MAX, OffsetIndex, TimeIndex
@@ -102,6 +103,7 @@ class Segment:
         "dirty",
         "fd",
         "first_index",
+        "fs",
         "index_dirty",
         "index_interval_bytes",
         "last_base_offset",
@@ -124,7 +126,9 @@ class Segment:
         first_index: int,
         prev_term: int,
         index_interval_bytes: int,
+        fs: FileSystem = REAL_FS,
     ) -> None:
+        self.fs = fs
         self.directory = directory
         self.base_offset = base_offset
         self.fd = fd
@@ -182,11 +186,12 @@ class Segment:
         first_index: int,
         prev_term: int,
         index_interval_bytes: int,
+        fs: FileSystem = REAL_FS,
     ) -> Segment:
         """A new empty segment. A file already there under that name lies past the end of
         the log (left by an interrupted deletion), so it is overwritten."""
         path = directory / (segment_stem(base_offset) + LOG_SUFFIX)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = fs.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         seg = cls(
             directory,
             base_offset,
@@ -194,17 +199,24 @@ class Segment:
             first_index=first_index,
             prev_term=prev_term,
             index_interval_bytes=index_interval_bytes,
+            fs=fs,
         )
         for stale in (seg.index_path, seg.timeindex_path):
-            stale.unlink(missing_ok=True)
+            fs.unlink(stale)
         return seg
 
     @classmethod
-    def open_existing(cls, directory: Path, base_offset: int, index_interval_bytes: int) -> Segment:
+    def open_existing(
+        cls,
+        directory: Path,
+        base_offset: int,
+        index_interval_bytes: int,
+        fs: FileSystem = REAL_FS,
+    ) -> Segment:
         """The segment file as found; its state stays empty until ``load_closed`` or
         ``recover`` reads it."""
         path = directory / (segment_stem(base_offset) + LOG_SUFFIX)
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = fs.open(path, os.O_RDWR | os.O_CLOEXEC)
         return cls(
             directory,
             base_offset,
@@ -212,10 +224,11 @@ class Segment:
             first_index=1,
             prev_term=0,
             index_interval_bytes=index_interval_bytes,
+            fs=fs,
         )
 
     def file_size(self) -> int:
-        return os.fstat(self.fd).st_size
+        return self.fs.file_size(self.fd)
 
     def write_indexes(self) -> None:
         """Write both index files whole. They are caches checked on open, so they are not
@@ -224,18 +237,19 @@ class Segment:
             (self.index_path, self.offset_index.to_bytes()),
             (self.timeindex_path, self.time_index.to_bytes()),
         ):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            fs = self.fs
+            fd = fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view) :]
+                    view = view[fs.write(fd, view) :]
             finally:
-                os.close(fd)
+                fs.close(fd)
         self.index_dirty = False
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            self.fs.close(self.fd)
             self.fd = -1
 
     def unlink(self) -> None:
@@ -243,7 +257,7 @@ class Segment:
         stray on open, data without an index is merely re-indexed."""
         self.close()
         for path in (self.path, self.index_path, self.timeindex_path):
-            path.unlink(missing_ok=True)
+            self.fs.unlink(path)
 
     # ---- appending -----------------------------------------------------------------------
 
@@ -255,14 +269,14 @@ class Segment:
         at = self.size
         try:
             while view:
-                n = os.pwrite(self.fd, view, at)
+                n = self.fs.pwrite(self.fd, view, at)
                 if n == 0:
                     raise OSError(errno.EIO, "pwrite wrote 0 bytes")
                 at += n
                 view = view[n:]
         except OSError as exc:
             with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, self.size)
+                self.fs.ftruncate(self.fd, self.size)
             raise StorageError(
                 f"cannot append {len(data)} bytes to {self.path}: {exc.strerror or exc}"
             ) from exc
@@ -308,7 +322,7 @@ class Segment:
     # ---- reading -------------------------------------------------------------------------
 
     def pread(self, n: int, pos: int) -> bytes:
-        data = os.pread(self.fd, n, pos)
+        data = self.fs.pread(self.fd, n, pos)
         if len(data) != n:
             raise StorageError(
                 f"short read of {self.path}: {len(data)} of {n} bytes at {pos} "
@@ -317,7 +331,7 @@ class Segment:
         return data
 
     def header_at(self, pos: int) -> BatchHeader:
-        return peek_header(os.pread(self.fd, HEADER_SIZE, pos), 0, pos)
+        return peek_header(self.fs.pread(self.fd, HEADER_SIZE, pos), 0, pos)
 
     def walk(
         self, start: int, end: int, *, bodies: bool = False, window: int | None = None
@@ -339,7 +353,7 @@ class Segment:
             if off < 0 or off + HEADER_SIZE > len(buf):
                 # Reading a window to use only one header of a large batch is wasted copying.
                 n = HEADER_SIZE if (not bodies and last_size * 4 > window) else window
-                buf = os.pread(self.fd, min(max(n, HEADER_SIZE), end - pos), pos)
+                buf = self.fs.pread(self.fd, min(max(n, HEADER_SIZE), end - pos), pos)
                 buf_at, off = pos, 0
             h = peek_header(buf, off, pos)
             if pos + h.size > end:
@@ -347,7 +361,7 @@ class Segment:
                     pos, f"torn batch: header says {h.size} bytes, {end - pos} are present"
                 )
             if bodies and off + h.size > len(buf):
-                buf = os.pread(self.fd, min(max(window, h.size), end - pos), pos)
+                buf = self.fs.pread(self.fd, min(max(window, h.size), end - pos), pos)
                 buf_at, off = pos, 0
             yield pos, h, buf, off
             last_size = h.size
@@ -458,8 +472,8 @@ class Segment:
         if file_size == 0:
             return "empty closed segment"
         try:
-            offsets = OffsetIndex.from_bytes(self.index_path.read_bytes(), file_size)
-            times = TimeIndex.from_bytes(self.timeindex_path.read_bytes())
+            offsets = OffsetIndex.from_bytes(self.fs.read_bytes(self.index_path), file_size)
+            times = TimeIndex.from_bytes(self.fs.read_bytes(self.timeindex_path))
         except FileNotFoundError as exc:
             return f"missing {Path(exc.filename).name}"
         if offsets is None or times is None:
@@ -513,7 +527,7 @@ class Segment:
 
     def cut_file(self, pos: int) -> None:
         """Cut the file at ``pos`` (state must already describe only what lies before)."""
-        os.ftruncate(self.fd, pos)
+        self.fs.ftruncate(self.fd, pos)
         self.dirty = True
         self.index_dirty = True
 

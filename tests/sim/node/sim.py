@@ -1,0 +1,1000 @@
+"""The node-level simulation: the node's own code, several nodes in one process, one seed.
+
+What runs is production code: ``node.multiraft.MultiRaft`` drives the groups, its Raft
+storage is ``node.replica_storage.ReplicaStorage`` over ``node.log.PartitionLog`` files, and each
+group's owner is a ``node.partition.Partition`` (propose, the acks=1 and acks=all waiters,
+the high watermark, ``read``). What the simulation owns are the seams:
+
+* time: :class:`~.loop.SimLoop`, an event loop on a virtual clock (``MultiRaft(clock=...)``
+  and ``PartitionLog(clock_ms=...)`` read it too);
+* the disk: :class:`~.disk.SimDisk` behind ``PartitionLog(fs=...)`` and
+  :class:`~.disk.SimMetaStore` behind ``HardStateStore``;
+* the fsync pool: :class:`~.loop.SimExecutor` (``MultiRaft(executor=...)``), whose delay
+  is the fsync latency (and its stalls);
+* the network: each node's ``Sender`` hands messages to :class:`Network`, which delivers
+  them into the other node's ``MultiRaft.deliver`` after a delay, or drops them;
+* randomness: one ``random.Random(seed)`` feeds everything, the Raft cores included.
+
+A nemesis crashes nodes (process crash, or power loss that drops unsynced writes and
+tears the last one), partitions and heals the network, stalls and fails fsyncs, and (when
+the options say so) wipes a node's disk. Producers send with acks=0, 1 and all to whoever
+leads; consumers read committed records from the serving leader. Then everything heals,
+the cluster must converge, and the checkers compare what clients were told with every
+replica's final log (see :func:`check`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tidelog.config import TopicConfig
+from tidelog.errors import (
+    NodeUnavailable,
+    NotEnoughReplicas,
+    NotLeader,
+    RequestTimedOut,
+    StorageError,
+    TidelogError,
+)
+from tidelog.node.log import PartitionLog
+from tidelog.node.metrics import NodeMetrics
+from tidelog.node.multiraft import MultiRaft, RaftGroup, RaftTiming, _fsync_chunk
+from tidelog.node.partition import Partition
+from tidelog.node.raft.limits import Config
+from tidelog.node.raft.types import ConfState, Message, Role, SoftState
+from tidelog.node.raft_codec import decode_batch as decode_batch_pb
+from tidelog.node.raft_codec import encode_batch as encode_batch_pb
+from tidelog.node.replica_storage import HardStateStore
+from tidelog.records import decode_batches, encode_batch, unpack_header, validate_batches
+from tidelog.v1 import raft_pb2
+
+from .disk import SimDisk, SimMetaStore
+from .loop import SimExecutor, SimLoop
+
+TOPIC = "t"
+CLUSTER_ID = "sim"
+
+
+# ---- options -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    seed: int
+    nodes: int
+    groups: int
+    duration_s: float
+    producers: int
+    consumers: int
+    drop: float
+    crash_every_s: float
+    power_loss: float
+    partition_every_s: float
+    stall_every_s: float
+    fsync_fail_every_s: float
+    wipe: float
+    multi_batch: float
+    flush_os: bool
+    group_stall_every_s: float
+
+    @classmethod
+    def draw(cls, seed: int, rng: random.Random, profile: str = "default") -> Options:
+        """``profile``: ``default``; ``wipe`` (a crash may also lose the whole disk);
+        ``flush-os`` (the topic does not fsync its log: power losses lose acknowledged
+        records, as documented, but the cluster must still heal); ``stall-one`` (no other
+        fault: the fsyncs of ONE group stall on a node leading several, and the others
+        must keep their leader); ``backpressure`` (leaders drop proposals beyond 2 KiB
+        uncommitted, and most produce requests carry several batches); ``five`` (groups of
+        five replicas, frequent fsync stalls: a new leader reaches a follower whose fsync
+        of the old leader's entries is still running)."""
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}: use one of {PROFILES}")
+        calm = rng.random() < 0.15 or profile == "stall-one"
+        return cls(
+            seed=seed,
+            nodes=5 if profile == "five" else rng.choice((3, 3, 3, 5)),
+            groups=rng.choice((2, 3)) if profile == "stall-one" else rng.choice((1, 1, 2)),
+            duration_s=rng.uniform(1.5, 3.0),
+            producers=rng.randint(1, 3),
+            consumers=rng.randint(0, 2),
+            drop=0.0 if calm else rng.choice((0.0, 0.01, 0.05)),
+            crash_every_s=NEVER if calm else rng.uniform(0.7, 3.0),
+            power_loss=rng.choice((0.0, 0.5, 1.0)),
+            partition_every_s=NEVER if calm else rng.uniform(0.7, 3.0),
+            stall_every_s=NEVER
+            if calm
+            else rng.uniform(0.2, 0.6)
+            if profile == "five"
+            else rng.uniform(0.8, 4.0),
+            fsync_fail_every_s=NEVER if calm or rng.random() < 0.7 else rng.uniform(1.0, 4.0),
+            wipe=rng.choice((0.1, 0.3)) if profile == "wipe" else 0.0,
+            multi_batch=0.7 if profile == "backpressure" else rng.choice((0.0, 0.3)),
+            flush_os=profile == "flush-os",
+            group_stall_every_s=rng.uniform(0.5, 1.0) if profile == "stall-one" else NEVER,
+        )
+
+    def describe(self) -> str:
+        return " ".join(f"{k}={getattr(self, k)}" for k in self.__slots__)
+
+
+#: The period of a fault that does not happen.
+NEVER = 99.0
+TIMING = RaftTiming(tick_ms=10, heartbeat_interval_ms=30, election_timeout_ms=300)
+RAFT_CONFIG = TIMING.config(Config(always_append_empty=False))
+PROFILES = ("default", "wipe", "flush-os", "stall-one", "backpressure", "five")
+#: The backpressure profile: a leader drops proposals beyond 2 KiB uncommitted.
+RAFT_CONFIG_SMALL = replace(RAFT_CONFIG, max_msg_bytes=1024, max_uncommitted_bytes=2048)
+TOPIC_CONFIG = TopicConfig.from_overrides({"segment.bytes": "4096", "index.interval.bytes": "256"})
+TOPIC_CONFIG_OS = TopicConfig.from_overrides(
+    {"segment.bytes": "4096", "index.interval.bytes": "256", "flush": "os"}
+)
+
+
+# ---- results -------------------------------------------------------------------------------
+
+
+class Violation(Exception):
+    def __init__(self, invariant: str, detail: str) -> None:
+        super().__init__(f"{invariant}: {detail}")
+        self.invariant = invariant
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class Stats:
+    produced: int = 0
+    acked_all: int = 0
+    acked_one: int = 0
+    refused: int = 0
+    unknown: int = 0
+    consumed: int = 0
+    crashes: int = 0
+    power_losses: int = 0
+    partitions: int = 0
+    stalls: int = 0
+    fsync_failures: int = 0
+    wipes: int = 0
+    messages: int = 0
+    elections: int = 0
+    virtual_s: float = 0.0
+
+
+@dataclass(slots=True)
+class RunResult:
+    seed: int
+    profile: str
+    options: Options
+    stats: Stats
+    invariant: str = ""
+    detail: str = ""
+    trace: list[str] = field(default_factory=list)
+    #: Every invariant the run broke (the first is ``invariant``), with its first detail.
+    violations: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.invariant
+
+    def line(self) -> str:
+        profile = f" --profile {self.profile}" if self.profile != "default" else ""
+        return (
+            f"reproduce: .venv/bin/python -m tests.sim.node --seed {self.seed}{profile} -v  "
+            f"# {self.invariant}: {self.detail}"
+        )
+
+
+# ---- network -------------------------------------------------------------------------------
+
+
+class Network:
+    """Delays, drops, reorders (independent delays) and partitions between nodes. Each
+    message travels as the transport sends it: a ``RaftBatch`` encoded by
+    ``node.raft_codec`` and decoded on arrival (without the per-stream heartbeat cache,
+    as messages here are not one ordered stream)."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self.cut: set[tuple[int, int]] = set()
+
+    def send(self, frm: int, to: int, group: int, msg: Message) -> None:
+        sim = self.sim
+        sim.stats.messages += 1
+        rng = sim.rng
+        if (frm, to) in self.cut or rng.random() < sim.drop:
+            return
+        delay = rng.uniform(0.0005, 0.003)
+        if rng.random() < 0.02:
+            delay += rng.uniform(0.01, 0.2)  # a slow path: overtaken by later messages
+        data = encode_batch_pb(frm, to, CLUSTER_ID, [(group, msg)]).SerializeToString()
+        sim.loop.call_later(delay, self._arrive, frm, to, data)
+
+    def _arrive(self, frm: int, to: int, data: bytes) -> None:
+        if (frm, to) in self.cut:
+            return
+        node = self.sim.nodes[to]
+        if node.raft is not None and node.up:
+            node.raft.deliver(frm, decode_batch_pb(raft_pb2.RaftBatch.FromString(data)))
+
+
+class _Sender:
+    def __init__(self, net: Network, node_id: int) -> None:
+        self._net = net
+        self._node_id = node_id
+
+    def send(self, to_node: int, group: int, msg: Message) -> None:
+        self._net.send(self._node_id, to_node, group, msg)
+
+
+# ---- the partition with its promises watched --------------------------------------------
+
+
+class WatchedLog(PartitionLog):
+    """The real PartitionLog; a truncation remembers the terms of what it removed, so the
+    partition can tell a conflict from identical entries cut and rewritten."""
+
+    removed: dict[int, int]
+
+    def truncate_suffix(self, offset: int) -> None:
+        self.removed = {}
+        if offset < self.log_end_offset:
+            index = self.last_index
+            while index >= self.first_index:
+                end_before = self.end_offset_at_index(index - 1)
+                term = self.term_at_index(index)
+                if term is not None:
+                    self.removed[index] = term
+                if end_before is None or end_before <= offset:
+                    break
+                index -= 1
+        super().truncate_suffix(offset)
+
+
+class WatchedPartition(Partition):
+    """The real Partition; the simulation only looks at the log at the moment each acks=1
+    waiter is answered: the entry stored at its index must be the one it proposed."""
+
+    __slots__ = ("sim_node",)
+    sim_node: SimNode
+
+    def on_soft_state(self, group: RaftGroup, soft: SoftState) -> None:
+        was = self._sync_index is not None
+        super().on_soft_state(group, soft)
+        if was != (soft.role == Role.LEADER):
+            raw = group.raw
+            self.sim_node.sim.trace(
+                f"node {self.sim_node.node_id} group {self.group_id}: {soft.role.name} in term "
+                f"{raw.term} (log ends at {raw.last_index()}, commit {raw.commit_index})"
+            )
+
+    def on_truncated(self, group: RaftGroup, from_index: int) -> None:
+        lg = self.log
+        if isinstance(lg, WatchedLog):
+            old = lg.removed.get(from_index)
+            new = lg.term_at_index(from_index)
+            if old is not None and old == new:
+                same = 0
+                while lg.removed.get(from_index + same) == lg.term_at_index(from_index + same):
+                    same += 1
+                self.sim_node.sim.violate(
+                    "identical entries truncated and rewritten",
+                    f"node {self.sim_node.node_id} group {self.group_id}: the log was cut "
+                    f"from raft index {from_index} though the {same} entries from there are "
+                    f"the same entries (term {old}) rewritten (issue 8 defect 6)",
+                )
+        waiting = sum(
+            1 for q in (self._commit_waiters, self._persist_waiters) for w in q
+            if w.index >= from_index
+        )  # fmt: skip
+        self.sim_node.sim.trace(
+            f"node {self.sim_node.node_id} group {self.group_id}: log truncated from raft "
+            f"index {from_index} (term {group.raw.term}); {waiting} producer(s) told 'not "
+            "committed'"
+        )
+        super().on_truncated(group, from_index)
+
+    def on_persisted(self, group: RaftGroup, last_index: int) -> None:
+        due = [w for w in self._persist_waiters if w.index <= last_index and not w.fut.done()]
+        super().on_persisted(group, last_index)
+        node: SimNode = self.sim_node
+        for w in due:
+            if not w.fut.done() or w.fut.cancelled() or w.fut.exception() is not None:
+                continue
+            stored = self.log.term_at_index(w.index)
+            if stored != w.term:
+                node.sim.violate(
+                    "acks=1 answered for a record not stored",
+                    f"node {node.node_id} group {self.group_id}: the waiter for raft index "
+                    f"{w.index} of term {w.term} was told 'stored', but the log holds term "
+                    f"{stored} there (issue 8 defect 1)",
+                )
+
+
+# ---- one node ------------------------------------------------------------------------------
+
+
+class SimNode:
+    def __init__(self, sim: Simulation, node_id: int) -> None:
+        self.sim = sim
+        self.node_id = node_id
+        self.disk = SimDisk(random.Random(sim.rng.random()), f"node{node_id}")
+        self.meta = SimMetaStore(random.Random(sim.rng.random()))
+        self.metrics = NodeMetrics()
+        self.up = False
+        self.incarnation = 0
+        self.raft: MultiRaft | None = None
+        self.executor: SimExecutor | None = None
+        self.parts: dict[int, WatchedPartition] = {}
+        self.stall_until = 0.0
+        self.group_stall: dict[int, float] = {}
+
+    def directory(self, group: int) -> Path:
+        return Path(f"/node{self.node_id}/data/{TOPIC}/{group}")
+
+    def fsync_delay(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> float:
+        """How long a call in the fsync pool takes: a few ms, plus what is left of a stall
+        of the whole disk, or of the disk of one group among those it fsyncs."""
+        sim = self.sim
+        base = sim.rng.uniform(0.0002, 0.004)
+        now = sim.loop.time()
+        until = self.stall_until
+        if fn is _fsync_chunk and self.group_stall:
+            for group in args[0]:
+                until = max(until, self.group_stall.get(group.group_id, 0.0))
+        if now < until:
+            base += until - now
+        return base
+
+    def start(self) -> None:
+        sim = self.sim
+        self.incarnation += 1
+        self.executor = SimExecutor(sim.loop, self.fsync_delay)
+        raft = MultiRaft(
+            self.node_id,
+            HardStateStore(self.meta),  # type: ignore[arg-type]
+            self.metrics,
+            TIMING,
+            sender=_Sender(sim.net, self.node_id),
+            rng=random.Random(sim.rng.random()),
+            executor=self.executor,
+            clock=sim.loop.time,
+        )
+        self.raft = raft
+        self.parts = {}
+        for gid, replicas in sim.replicas.items():
+            if self.node_id not in replicas:
+                continue
+            try:
+                lg = WatchedLog(
+                    self.directory(gid),
+                    sim.topic_config,
+                    clock_ms=sim.clock_ms,
+                    fs=self.disk,
+                )
+            except Exception as exc:
+                sim.violate("log recovery failed", f"node {self.node_id} group {gid}: {exc!r}")
+                raise
+            part = WatchedPartition(
+                TOPIC, gid, lg, sim.topic_config, group_id=gid, replicas=replicas
+            )
+            part.sim_node = self
+            group = raft.add_group(
+                gid,
+                lg,
+                ConfState(voters=frozenset(replicas)),
+                part,
+                durable=not sim.options.flush_os,
+                config=sim.raft_config,
+            )
+            part.attach(group, raft)
+            self.parts[gid] = part
+            if group.raw.term == 0 and lg.last_index == 0 and replicas[0] == self.node_id:
+                raft.campaign(group)
+        self.up = True
+        raft.start()
+        sim.trace(f"node {self.node_id} started (incarnation {self.incarnation})")
+
+    def crash(self, *, power: bool, wipe: bool = False) -> None:
+        sim = self.sim
+        self.up = False
+        raft = self.raft
+        if raft is not None:
+            for task in (raft._tick_task, raft._ready_task):
+                if task is not None:
+                    task.cancel()
+        if self.executor is not None:
+            self.executor.cancel_all()
+        for part in self.parts.values():
+            part.fail(NodeUnavailable("the simulated node crashed"))
+        what = self.disk.crash(power=power)
+        self.meta.crash(power=power)
+        if wipe:
+            self.disk.wipe()
+            self.meta.wipe()
+            what = "disk wiped"
+        self.raft = None
+        self.parts = {}
+        sim.stats.crashes += 1
+        sim.stats.power_losses += power
+        sim.trace(f"node {self.node_id} CRASHED: {what}")
+
+    def leader_part(self, gid: int) -> WatchedPartition | None:
+        part = self.parts.get(gid)
+        if self.up and part is not None and part.is_leader and not part.closed:
+            return part
+        return None
+
+
+# ---- the client side record --------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Attempt:
+    producer: int
+    value: bytes
+    group: int
+    acks: int
+    node: int
+    sent_at: float
+    outcome: str = "pending"  # ok, refused, failed, unknown, sent
+    offset: int = -1
+    index: int = -1
+    term: int = -1
+    detail: str = ""
+    #: Batches in its produce request (they share one answer).
+    batches: int = 1
+
+
+# ---- the simulation -----------------------------------------------------------------------
+
+
+class Simulation:
+    def __init__(
+        self, seed: int, *, profile: str = "default", trace: Callable[[str], None] | None = None
+    ) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.profile = profile
+        self.options = Options.draw(seed, random.Random(seed * 7919 + 1), profile)
+        self.topic_config = TOPIC_CONFIG_OS if self.options.flush_os else TOPIC_CONFIG
+        self.raft_config = RAFT_CONFIG_SMALL if profile == "backpressure" else RAFT_CONFIG
+        self.loop = SimLoop()
+        self.stats = Stats()
+        self.net = Network(self)
+        self.drop = self.options.drop
+        self._trace_out = trace
+        self.lines: list[str] = []
+        self.violation: Violation | None = None
+        self.violations: dict[str, str] = {}
+        n = self.options.nodes
+        self.nodes = {i: SimNode(self, i) for i in range(1, n + 1)}
+        self.replicas: dict[int, tuple[int, ...]] = {}
+        ids = list(range(1, n + 1))
+        for g in range(1, self.options.groups + 1):
+            if profile != "stall-one":  # there, one node is every group's preferred leader
+                self.rng.shuffle(ids)
+            self.replicas[g] = tuple(ids if profile == "five" else ids[:3])
+        self.attempts: list[Attempt] = []
+        self.observed: dict[tuple[int, int], bytes] = {}
+        self.running = True
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def clock_ms(self) -> int:
+        return 1_700_000_000_000 + int(self.loop.time() * 1000)
+
+    def trace(self, line: str) -> None:
+        text = f"{self.loop.time():9.4f}s {line}"
+        self.lines.append(text)
+        if self._trace_out is not None:
+            self._trace_out(text)
+
+    def violate(self, invariant: str, detail: str) -> None:
+        """Record a broken invariant. The run goes on (the final checks are skipped): the
+        first violation is the seed's result, later ones of other invariants are kept too."""
+        if invariant not in self.violations:
+            self.violations[invariant] = detail
+            self.trace(f"VIOLATION {invariant}: {detail}")
+        if self.violation is None:
+            self.violation = Violation(invariant, detail)
+
+    def leader(self, gid: int) -> WatchedPartition | None:
+        best: WatchedPartition | None = None
+        for node in self.nodes.values():
+            part = node.leader_part(gid)
+            if part is not None and (best is None or part.term > best.term):
+                best = part
+        return best
+
+    # ---- workload --------------------------------------------------------------------------
+
+    async def producer(self, pid: int) -> None:
+        rng = random.Random(self.rng.random())
+        seq = 0
+        while self.running:
+            await asyncio.sleep(rng.uniform(0.01, 0.06))
+            gid = rng.choice(list(self.replicas))
+            part = self.leader(gid)
+            if part is None:
+                continue
+            acks = rng.choice((0, 1, -1, -1))
+            n = 2 if rng.random() < self.options.multi_batch else 1
+            if n > 1 and self.profile == "backpressure":
+                n = rng.randint(2, 4)
+            values = []
+            for _ in range(n):
+                seq += 1
+                values.append(f"p{pid}-{seq}".encode())
+            asyncio.get_running_loop().create_task(self.produce(pid, part, gid, acks, values))
+
+    async def produce(
+        self, pid: int, part: WatchedPartition, gid: int, acks: int, values: list[bytes]
+    ) -> None:
+        node = part.sim_node
+        buf = b"".join(encode_batch([v], timestamps_ms=self.clock_ms()) for v in values)
+        headers = validate_batches(buf)
+        now = self.loop.time()
+        attempts = [
+            Attempt(pid, v, gid, acks, node.node_id, now, batches=len(values)) for v in values
+        ]
+        self.attempts += attempts
+        self.stats.produced += len(values)
+        try:
+            base, _last, last_index, term = part.propose(buf, headers)
+        except (NotLeader, NotEnoughReplicas, TidelogError) as exc:
+            for a in attempts:
+                a.outcome, a.detail = "refused", f"{type(exc).__name__}: {exc}"
+            self.stats.refused += len(values)
+            return
+        first_index = last_index - len(values) + 1
+        for i, a in enumerate(attempts):
+            a.offset, a.index, a.term = base + i, first_index + i, term
+        if acks == 0:
+            for a in attempts:
+                a.outcome = "sent"
+            return
+        try:
+            if acks == -1:
+                await part.wait_committed(last_index, term, 2.0)
+            else:
+                await part.wait_persisted(last_index, term, 2.0)
+        except NotLeader as exc:
+            # The partition says: overwritten or replaced, not committed.
+            for a in attempts:
+                a.outcome, a.detail = "failed", str(exc)
+            return
+        except (RequestTimedOut, NodeUnavailable, StorageError, TidelogError) as exc:
+            for a in attempts:
+                a.outcome, a.detail = "unknown", f"{type(exc).__name__}"
+            self.stats.unknown += len(values)
+            return
+        for a in attempts:
+            a.outcome = "ok"
+        if acks == -1:
+            self.stats.acked_all += len(values)
+        else:
+            self.stats.acked_one += len(values)
+
+    async def consumer(self, cid: int, gid: int) -> None:
+        rng = random.Random(self.rng.random())
+        offset = 0
+        while self.running:
+            await asyncio.sleep(rng.uniform(0.005, 0.05))
+            part = self.leader(gid)
+            if part is None or not part.serving:
+                continue
+            if offset >= part.high_watermark:
+                continue
+            try:
+                buf = part.read(offset, 16384)
+            except TidelogError as exc:
+                self.violate(
+                    "consumer read failed",
+                    f"group {gid} node {part.sim_node.node_id}: offset {offset}: {exc}",
+                )
+                return
+            for rec in decode_batches(buf, min_offset=offset):
+                assert rec.value is not None
+                key = (gid, rec.offset)
+                seen = self.observed.get(key)
+                if seen is not None and seen != rec.value:
+                    self.violate(
+                        "consumer saw two records at one offset",
+                        f"group {gid} offset {rec.offset}: {seen!r} then {rec.value!r} "
+                        f"(from node {part.sim_node.node_id})",
+                    )
+                self.observed[key] = rec.value
+                self.stats.consumed += 1
+                offset = rec.offset + 1
+            # Control batches advance the offset too.
+            for pos_h in _headers(buf):
+                offset = max(offset, pos_h + 1)
+
+    # ---- nemesis ---------------------------------------------------------------------------
+
+    async def nemesis(self) -> None:
+        o = self.options
+        rng = random.Random(self.rng.random())
+        loop = self.loop
+        kinds: list[tuple[float, str]] = [
+            (o.crash_every_s, "crash"),
+            (o.partition_every_s, "partition"),
+            (o.stall_every_s, "stall"),
+            (o.fsync_fail_every_s, "fsync-fail"),
+            (o.group_stall_every_s, "group-stall"),
+        ]
+        kinds = [(every, k) for every, k in kinds if every < NEVER]
+        next_at = {k: loop.time() + rng.expovariate(1 / every) for every, k in kinds}
+        every_of = {k: every for every, k in kinds}
+        while self.running and next_at:
+            kind = min(next_at, key=lambda k: next_at[k])
+            await asyncio.sleep(max(0.0, next_at[kind] - loop.time()))
+            if not self.running:
+                return
+            next_at[kind] = loop.time() + rng.expovariate(1 / every_of[kind])
+            ids = list(self.nodes)
+            # Leaders are the interesting victims: half the time the fault hits one.
+            leaders = [
+                p.sim_node.node_id for p in (self.leader(g) for g in self.replicas) if p is not None
+            ]
+            target = rng.choice(leaders) if leaders and rng.random() < 0.5 else rng.choice(ids)
+            if kind == "crash":
+                up = [i for i in ids if self.nodes[i].up]
+                if len(up) <= len(ids) // 2:
+                    continue
+                victim = self.nodes[target if target in up else rng.choice(up)]
+                power = rng.random() < o.power_loss
+                wipe = rng.random() < o.wipe
+                victim.crash(power=power, wipe=wipe)
+                self.stats.wipes += wipe
+                loop.call_later(rng.uniform(0.05, 1.0), self._restart, victim)
+            elif kind == "partition":
+                if self.net.cut:
+                    continue
+                rng.shuffle(ids)
+                k = rng.randint(1, len(ids) // 2)
+                side = {target} if rng.random() < 0.5 else set(ids[:k])
+                one_way = rng.random() < 0.2
+                for a in ids:
+                    for b in ids:
+                        if (a in side) != (b in side) and (not one_way or a in side):
+                            self.net.cut.add((a, b))
+                self.stats.partitions += 1
+                self.trace(f"network partition: {sorted(side)} cut off{' (one way)' * one_way}")
+                loop.call_later(rng.uniform(0.1, 1.5), self._heal)
+            elif kind == "stall":
+                node = self.nodes[target]
+                node.stall_until = loop.time() + rng.uniform(0.1, 1.5)
+                self.stats.stalls += 1
+                self.trace(f"node {node.node_id}: fsyncs stall until {node.stall_until:.3f}")
+            elif kind == "group-stall":
+                self._stall_one_group(rng)
+            elif kind == "fsync-fail":
+                node = self.nodes[target]
+                if node.up:
+                    node.disk.fail_next_fsyncs = 1
+                    self.stats.fsync_failures += 1
+                    self.trace(f"node {node.node_id}: the next fsync fails")
+
+    def _stall_one_group(self, rng: random.Random) -> None:
+        """Stall the fsyncs of one group on a node that leads others too; when the stall
+        ends, those others must still be led by it in the same term."""
+        now = self.loop.time()
+        for node in self.nodes.values():
+            if any(until > now for until in node.group_stall.values()):
+                return
+        by_node: dict[int, list[int]] = {}
+        for gid in self.replicas:
+            part = self.leader(gid)
+            if part is not None:
+                by_node.setdefault(part.sim_node.node_id, []).append(gid)
+        choices = sorted(nid for nid, gids in by_node.items() if len(gids) >= 2)
+        if not choices:
+            return
+        node = self.nodes[rng.choice(choices)]
+        stalled = rng.choice(by_node[node.node_id])
+        others = [(g, node.parts[g].term) for g in by_node[node.node_id] if g != stalled]
+        length = rng.uniform(1.0, 1.5)
+        node.group_stall[stalled] = now + length
+        self.stats.stalls += 1
+        self.trace(
+            f"node {node.node_id}: fsyncs of group {stalled} stall for {length:.3f}s "
+            f"(it also leads {[g for g, _t in others]})"
+        )
+
+        def check() -> None:
+            for g, term in others:
+                part = node.parts.get(g)
+                if node.up and (part is None or not part.is_leader or part.term != term):
+                    self.violate(
+                        "a slow fsync of one group cost another group its leader",
+                        f"node {node.node_id} led group {g} in term {term}; after a "
+                        f"{length:.2f}s stall of group {stalled}'s fsyncs it "
+                        f"{'leads in term ' + str(part.term) if part and part.is_leader else 'no longer leads'}"
+                        " (issue 8 defect 5)",
+                    )
+
+        self.loop.call_later(length, check)
+
+    def _restart(self, node: SimNode) -> None:
+        if node.up:
+            return
+        try:
+            node.start()
+        except Exception as exc:
+            self.violate("restart failed", f"node {node.node_id}: {exc!r}")
+
+    def _heal(self) -> None:
+        if self.net.cut:
+            self.net.cut.clear()
+            self.trace("network healed")
+
+    # ---- the run ---------------------------------------------------------------------------
+
+    async def main(self) -> None:
+        o = self.options
+        self.trace(f"seed {self.seed}: {o.describe()} replicas={self.replicas}")
+        for node in self.nodes.values():
+            node.start()
+        loop = self.loop
+        tasks = [loop.create_task(self.producer(p)) for p in range(o.producers)]
+        tasks += [
+            loop.create_task(self.consumer(c, gid))
+            for c in range(o.consumers)
+            for gid in self.replicas
+        ]
+        tasks.append(loop.create_task(self.nemesis()))
+        await asyncio.sleep(o.duration_s)
+        self.running = False
+        self.trace("workload over: healing everything")
+        self.net.cut.clear()
+        self.drop = 0.0
+        for node in self.nodes.values():
+            node.stall_until = 0.0
+            node.disk.fail_next_fsyncs = 0
+        await asyncio.sleep(0.05)
+        for node in self.nodes.values():
+            if not node.up:
+                self._restart(node)
+            elif any(g.failed for g in node.raft.groups.values()):  # type: ignore[union-attr]
+                # An operator restarts a node whose disk failed an fsync.
+                self.trace(f"node {node.node_id}: restarted after a storage failure")
+                node.crash(power=False)
+                self._restart(node)
+        await self.converge()
+        for t in tasks:
+            t.cancel()
+
+    async def converge(self) -> None:
+        deadline = self.loop.time() + 15.0
+        while self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            if self.violation is not None:
+                return
+            if all(self._converged(gid) for gid in self.replicas):
+                return
+        for gid, replicas in self.replicas.items():
+            lead = self.leader(gid)
+            if lead is None or lead.group is None:
+                continue
+            last = lead.group.raw.last_index()
+            for nid in replicas:
+                part = self.nodes[nid].parts.get(gid)
+                if part is not None and part.group is not None:
+                    if part.group.raw.commit_index > last:
+                        self.violate(
+                            "a leader lacks committed entries",
+                            f"group {gid}: node {lead.sim_node.node_id} leads in term "
+                            f"{lead.term} with a log ending at {last}, node {nid} knows "
+                            f"{part.group.raw.commit_index} committed",
+                        )
+                        return
+        states = []
+        for gid, replicas in self.replicas.items():
+            for nid in replicas:
+                node = self.nodes[nid]
+                part = node.parts.get(gid)
+                if part is None or part.group is None:
+                    states.append(f"g{gid}/n{nid}: down")
+                    continue
+                raw = part.group.raw
+                states.append(
+                    f"g{gid}/n{nid}: {raw.role.name} term {raw.term} last "
+                    f"{raw.last_index()} commit {raw.commit_index} "
+                    f"failed={part.group.failed}"
+                )
+        self.violate("no convergence after healing (15 s)", "; ".join(states))
+
+    def _converged(self, gid: int) -> bool:
+        leader = self.leader(gid)
+        if leader is None or not leader.serving or leader.group is None:
+            return False
+        raw = leader.group.raw
+        last = raw.last_index()
+        if raw.commit_index != last:
+            return False
+        for nid in self.replicas[gid]:
+            part = self.nodes[nid].parts.get(gid)
+            if part is None or part.group is None or part.group.failed:
+                return False
+            # Committed everywhere, and stored: a follower may hold an uncommitted suffix of
+            # an old term (a leader appends no empty entry), which is no business of ours.
+            if part.group.raw.commit_index != last or part.log.last_index < last:
+                return False
+        return True
+
+    # ---- checkers --------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """After convergence: every replica's committed log identical; every acks=all
+        record at its offset; no refused or failed record committed; every record a consumer
+        saw still at its offset."""
+        final: dict[int, dict[int, bytes]] = {}
+        for gid, replicas in self.replicas.items():
+            ref: list[tuple[int, int, int]] | None = None
+            ref_node = 0
+            for nid in replicas:
+                part = self.nodes[nid].parts[gid]
+                assert part.group is not None
+                commit = part.group.raw.commit_index
+                lg = part.log
+                entries = lg.entries_by_index(lg.first_index, commit + 1, 1 << 40)
+                digest = [
+                    (unpack_header(d).raft_index, unpack_header(d).raft_term, zlib.crc32(d))
+                    for d in entries
+                ]
+                if ref is None:
+                    ref, ref_node = digest, nid
+                    values: dict[int, bytes] = {}
+                    for d in entries:
+                        for rec in decode_batches(d):
+                            assert rec.value is not None
+                            values[rec.offset] = rec.value
+                    final[gid] = values
+                elif digest != ref:
+                    diff = next(
+                        (i for i, (a, b) in enumerate(zip(digest, ref, strict=False)) if a != b),
+                        min(len(digest), len(ref)),
+                    )
+                    raise Violation(
+                        "committed logs differ",
+                        f"group {gid}: node {nid} and node {ref_node} differ at entry #{diff}: "
+                        f"{digest[diff : diff + 1]} vs {ref[diff : diff + 1]}",
+                    )
+        if self.options.flush_os and self.stats.power_losses:
+            # Documented: a machine crash may lose what flush=os acknowledged. What is left
+            # to check is that the replicas healed into one log (above) and liveness.
+            return
+        where: dict[tuple[int, bytes], int] = {}
+        for gid, values in final.items():
+            for off, v in values.items():
+                if (gid, v) in where:
+                    continue
+                where[(gid, v)] = off
+        for a in self.attempts:
+            at = where.get((a.group, a.value))
+            if a.outcome == "ok" and a.acks == -1:
+                if at is None:
+                    raise Violation(
+                        "acknowledged record lost",
+                        f"{a.value!r} (acks=all, group {a.group}, offset {a.offset}, raft "
+                        f"index {a.index} term {a.term}, via node {a.node} at {a.sent_at:.3f}s)",
+                    )
+                if at != a.offset:
+                    raise Violation(
+                        "acknowledged record moved",
+                        f"{a.value!r} acknowledged at offset {a.offset}, stored at {at}",
+                    )
+            elif a.outcome == "refused" and at is not None:
+                raise Violation(
+                    "a refused batch was committed",
+                    f"{a.value!r} (acks={a.acks}, group {a.group}, via node {a.node} at "
+                    f"{a.sent_at:.3f}s, one of a multi-batch request): refused with "
+                    f"{a.detail!r}; it is at offset {at} (issue 8 defect 7)",
+                )
+            elif a.outcome == "failed" and at is not None:
+                raise Violation(
+                    "a batch of a request told 'not committed' was committed"
+                    if a.batches > 1
+                    else "record told 'not committed' was committed",
+                    f"{a.value!r} (acks={a.acks}, group {a.group}, raft index {a.index} term "
+                    f"{a.term}, via node {a.node} at {a.sent_at:.3f}s, batch of a request of "
+                    f"{a.batches}): told {a.detail!r}; it is at offset {at}"
+                    + (
+                        " (issue 8 defect 7: a multi-batch request gets one answer)"
+                        if a.batches > 1
+                        else ""
+                    ),
+                )
+        for (gid, off), v in self.observed.items():
+            got = final[gid].get(off)
+            if got != v:
+                raise Violation(
+                    "a record a consumer saw is gone",
+                    f"group {gid} offset {off}: consumer saw {v!r}, final log has {got!r}",
+                )
+
+    def run(self) -> RunResult:
+        loop = self.loop
+        handler = _ErrorCapture(self)
+        root = logging.getLogger("tidelog")
+        root.addHandler(handler)
+        old_level = root.level
+        root.setLevel(logging.WARNING)
+        try:
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(self.main())
+            if self.violation is None:
+                self.check()
+        except Violation as v:
+            self.violate(v.invariant, v.detail)
+        except Exception as exc:
+            import traceback
+
+            self.violate("simulation crashed", "".join(traceback.format_exception(exc))[-1500:])
+        finally:
+            root.removeHandler(handler)
+            root.setLevel(old_level)
+            self.stats.virtual_s = loop.time()
+            _close(loop)
+            asyncio.set_event_loop(None)
+        found = self.violation
+        result = RunResult(self.seed, self.profile, self.options, self.stats, trace=self.lines)
+        if found is not None:
+            result.invariant, result.detail = found.invariant, found.detail
+            result.violations = dict(self.violations)
+        return result
+
+
+def _headers(buf: bytes) -> list[int]:
+    """Last offsets of the batches in ``buf``."""
+    from tidelog.records import iter_headers
+
+    return [h.last_offset for _pos, h in iter_headers(buf)]
+
+
+class _ErrorCapture(logging.Handler):
+    """Node log lines at WARNING and above go to the trace; an exception the node's code
+    logged (a round that failed, a message a core rejected) is a violation unless the
+    simulation injected the fault that caused it."""
+
+    def __init__(self, sim: Simulation) -> None:
+        super().__init__(logging.WARNING)
+        self.sim = sim
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        self.sim.trace(f"[{record.name.removeprefix('tidelog.')}] {msg}")
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            if isinstance(exc, OSError | StorageError):
+                return
+            self.sim.violate(
+                "the node's code raised",
+                f"{msg}: {type(exc).__name__}: {exc}",
+            )
+
+
+def _close(loop: SimLoop) -> None:
+    with contextlib.suppress(Exception):
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
+        loop.run_until_complete(asyncio.sleep(0))
+    with contextlib.suppress(Exception):
+        loop.close()
+
+
+def run_seed(
+    seed: int, *, profile: str = "default", trace: Callable[[str], None] | None = None
+) -> RunResult:
+    return Simulation(seed, profile=profile, trace=trace).run()
+
+
+__all__ = ["Options", "RunResult", "Simulation", "Stats", "run_seed"]
