@@ -75,7 +75,7 @@ from tidelog.node.multiraft import MultiRaft, RaftGroup
 from tidelog.node.raft.errors import ProposalDropped
 from tidelog.node.raft.types import NONE, ConfState, Entry, EntryKind, Role, Snapshot, SoftState
 from tidelog.node.replica_storage import RaftLogFile
-from tidelog.node.stm import BatchSpan, LostHow, StateMachine
+from tidelog.node.stm import BatchSpan, LostHow, StateMachine, UnappliableEntry
 from tidelog.records import decode_values, encode_batch
 from tidelog.v1 import admin_pb2, cluster_pb2, cluster_pb2_grpc
 
@@ -187,6 +187,10 @@ class Controller(StateMachine[ApplyResult]):
         self.replayed = asyncio.Event()
         self._replay_target = 0
         self.registered = asyncio.Event()
+        #: Set when group 0 stopped (a storage failure, or a committed command this node
+        #: cannot apply); ``halted`` then holds why. The node no longer follows metadata.
+        self.stopped = asyncio.Event()
+        self.halted: BaseException | None = None
         self._admin_lock = asyncio.Lock()
         self._channels: dict[str, aio.Channel] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -319,7 +323,9 @@ class Controller(StateMachine[ApplyResult]):
             self.on_change()
 
     def on_storage_failure(self, group: RaftGroup, exc: BaseException) -> None:
-        log.critical("the controller log failed: %s; this node stops following metadata", exc)
+        log.critical("the controller group stopped: %s; this node stops following metadata", exc)
+        self.halted = exc
+        self.stopped.set()
 
     @property
     def term(self) -> int:
@@ -328,18 +334,23 @@ class Controller(StateMachine[ApplyResult]):
     def _apply(self, e: Entry) -> ApplyResult | None:
         if e.kind == EntryKind.EMPTY or not e.data:
             return None
+        # Never skip: a command this node cannot read (corrupt, or written by a newer
+        # version in a rolling upgrade) stops group 0 here, loudly, instead of leaving this
+        # node's state different from every other node's.
         try:
             [value] = decode_values(e.data)
         except (TidelogError, ValueError) as exc:
-            log.error("controller entry %d is not a command batch: %s", e.index, exc)
-            return None
+            raise UnappliableEntry(
+                f"controller entry {e.index} (term {e.term}) is not a command batch: {exc}"
+            ) from exc
         if value is None:
             return None
         try:
             command = decode_command(value)
         except CommandDecodeError as exc:
-            log.error("controller entry %d cannot be decoded (skipped): %s", e.index, exc)
-            return ApplyResult(e.index, error=exc)
+            raise UnappliableEntry(
+                f"controller entry {e.index} (term {e.term}) cannot be read by this node: {exc}"
+            ) from exc
         if e.index <= self.state.applied_index:
             return None
         result = self.state.apply(e.index, command)

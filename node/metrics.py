@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -272,6 +272,17 @@ class NodeMetrics:
             "tidelog_raft_ready_round_groups", "Raft groups handled by one ready round.",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096), registry=r,
         )  # fmt: skip
+        self.apply_failures = Counter(
+            "tidelog_raft_apply_failures",
+            "Raft groups stopped because a committed entry could not be applied (never skipped).",
+            registry=r,
+        )
+        self.groups_offline = Gauge(
+            "tidelog_raft_groups_offline",
+            "Raft groups of this node taken offline (storage failure or an entry it cannot "
+            "apply); they never advance again until the node restarts.",
+            registry=r,
+        )
         #: Client requests being handled (node/rpc.py): a stopping node drains them first.
         self.in_flight = 0
         self._apis: dict[str, ApiMetrics] = {}

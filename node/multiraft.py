@@ -551,8 +551,17 @@ class MultiRaft:
                     handler.on_persisted(group, rd.entries[-1].index)
                 if rd.committed:
                     handler.on_committed(group, rd.committed)
-            except Exception:
-                log.exception("raft group %d: applying a ready failed", group.group_id)
+            except Exception as exc:
+                # A replicated state machine never skips an entry: advancing now would mark
+                # the rest of this Ready applied on this node only. Stop the group instead.
+                log.critical(
+                    "raft group %d stopped: applying its committed entries failed",
+                    group.group_id, exc_info=True,
+                )  # fmt: skip
+                m.apply_failures.inc()
+                self._unadvanced.discard(group)
+                self._fail(group, exc, what="applying committed entries failed")
+                continue
             if rd.read_states and group.reads:
                 for rs in rd.read_states:
                     fut = group.reads.pop(rs.context, None)
@@ -582,12 +591,13 @@ class MultiRaft:
                     keep = min(keep, pr.match + 1)
         group.storage.trim_cache(keep)
 
-    def _fail(self, group: RaftGroup, exc: BaseException) -> None:
+    def _fail(self, group: RaftGroup, exc: BaseException, *, what: str = "storage failure") -> None:
         if group.failed:
             return
         group.failed = True
         group.drop_reads()
-        log.error("raft group %d taken offline: storage failure: %s", group.group_id, exc)
+        self._metrics.groups_offline.inc()
+        log.error("raft group %d taken offline: %s: %s", group.group_id, what, exc)
         try:
             group.handler.on_storage_failure(group, exc)
         except Exception:

@@ -370,6 +370,20 @@ class Node:
         """Wait for what this node can finish alone: the replayed metadata applied, its
         replicas open, and (when it is the whole controller quorum) its registration."""
         controller = self.controller
+        stopped = asyncio.ensure_future(controller.stopped.wait())
+        replayed = asyncio.ensure_future(controller.replayed.wait())
+        await asyncio.wait(
+            (stopped, replayed),
+            timeout=startup_ready_timeout_ms / 1000,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        stopped.cancel()
+        replayed.cancel()
+        if controller.halted is not None:
+            raise StartupError(
+                f"node {self.node_id} cannot follow the cluster's metadata: "
+                f"{controller.halted}; upgrade this node to the cluster's version"
+            )
         try:
             async with asyncio.timeout(startup_ready_timeout_ms / 1000):
                 await controller.replayed.wait()

@@ -44,7 +44,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
-from tidelog.errors import RequestTimedOut, TidelogError
+from tidelog.errors import RequestTimedOut, StorageError, TidelogError
 from tidelog.node.raft.errors import NotRaftLeader, ProposalDropped
 from tidelog.node.raft.types import Entry, Role, Snapshot, SoftState
 from tidelog.node.replica_storage import next_offset
@@ -61,6 +61,12 @@ T = TypeVar("T")
 #: How a waiter's entry was lost: ``overwritten`` (a new leader truncated the suffix holding
 #: it) or ``replaced`` (an entry of another term was committed or stored at its index).
 LostHow = Literal["overwritten", "replaced"]
+
+
+class UnappliableEntry(StorageError):
+    """A committed entry that this replica cannot apply (corrupt, or from a newer version).
+    Raised by :meth:`StateMachine.apply`; the group stops there (the driver never advances
+    it again) rather than skip the entry and diverge from the other replicas."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,7 +433,18 @@ class StateMachine(ABC, Generic[R]):
         )
 
     def on_committed(self, group: RaftGroup, entries: tuple[Entry, ...]) -> None:
-        results = self.apply(entries)
+        try:
+            results = self.apply(entries)
+        except Exception as exc:
+            # The driver takes the group offline and never advances it: nothing after the
+            # entry that failed is applied here, and nobody waits for it.
+            self.fail_waiters(
+                StorageError(
+                    f"raft group {group.group_id} stopped: a committed entry could not be "
+                    f"applied on this node: {exc}"
+                )
+            )
+            raise
         first, last = entries[0].index, entries[-1].index
         self._applied_index = last
         stored_term = group.storage.stored_term
@@ -453,4 +470,5 @@ __all__ = [
     "Proposed",
     "StateMachine",
     "TermCheckedWaiters",
+    "UnappliableEntry",
 ]

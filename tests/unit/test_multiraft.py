@@ -19,7 +19,7 @@ from tidelog.node.metrics import NodeMetrics
 from tidelog.node.multiraft import MultiRaft, RaftTiming
 from tidelog.node.partition import Partition
 from tidelog.node.raft.limits import Config
-from tidelog.node.raft.types import ConfState, Message, Role
+from tidelog.node.raft.types import ConfState, Entry, Message, Role
 from tidelog.node.replica_storage import HardStateStore
 from tidelog.records import decode_batches, encode_batch, validate_batches
 
@@ -241,3 +241,45 @@ async def test_read_barrier_confirms_leadership_and_refuses_a_cut_off_leader(
     await cluster.produce(new, b"b")
     await new.read_barrier(5)
     assert new.high_watermark > 1 and old.high_watermark == 1
+
+
+async def test_an_entry_a_replica_cannot_apply_stops_its_group_not_skipped(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 8, defect 4: the driver used to log the failure and advance anyway, so the rest
+    of that Ready counted as applied on this node only. Now the group stops there, loudly."""
+    from tidelog.node.stm import UnappliableEntry
+
+    for n in (1, 2, 3):
+        cluster.add(n)
+    cluster.net.nodes[1].campaign(cluster.parts[1].group)  # type: ignore[arg-type]
+    leader = await cluster.leader()
+    await cluster.produce(leader, b"a")
+    victim_node, victim = next((n, p) for n, p in cluster.parts.items() if p is not leader)
+    stuck_at = victim.applied_index
+    real_apply = Partition.apply
+    failing = True
+
+    def apply(self: Partition, entries: tuple[Entry, ...]) -> None:
+        if self is victim and failing:
+            raise UnappliableEntry("entry from a newer version")
+        real_apply(self, entries)
+
+    monkeypatch.setattr(Partition, "apply", apply)
+    for value in (b"b", b"c", b"d"):
+        await cluster.produce(leader, value)
+    group = victim.group
+    assert group is not None
+    async with asyncio.timeout(5):
+        while not group.failed:
+            await asyncio.sleep(0.01)
+    failing = False
+    await asyncio.sleep(0.2)
+    assert victim.applied_index == stuck_at
+    assert group.raw.applied_index == stuck_at  # never advanced past what it could not apply
+    metrics = cluster.net.nodes[victim_node]._metrics
+    assert metrics.apply_failures._value.get() == 1
+    assert metrics.groups_offline._value.get() == 1
+    # The other two replicas go on committing.
+    await cluster.produce(leader, b"e")
+    assert values_of(leader)[-1] == b"e"
