@@ -61,6 +61,7 @@ from tidelog.errors import (
     InvalidReplicationFactor,
     InvalidRequest,
     LeaderNotAvailable,
+    NodeIdentityConflict,
     NodeUnavailable,
     NotLeader,
     RequestTimedOut,
@@ -79,6 +80,11 @@ from tidelog.records import decode_values, encode_batch
 from tidelog.v1 import admin_pb2, cluster_pb2, cluster_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+#: Commands a node may forward as encoded bytes (``ForwardRequest.command``). Topic changes
+#: come through their own request bodies (validated and placed here); liveness and leader
+#: hints are proposed by the active controller alone, never on a caller's word.
+FORWARDABLE_COMMANDS: Final = (RegisterNode,)
 
 CONTROLLER_DIR: Final = "controller"
 #: How often nodes heartbeat the active controller (and it checks liveness and hints).
@@ -556,7 +562,12 @@ class Controller:
                     index = await self._alter(a.topic, dict(a.set), list(a.delete))
                     return cluster_pb2.ForwardResponse(applied_index=index)
                 if which == "command":
-                    result = await self.propose(decode_command(request.command))
+                    command = decode_command(request.command)
+                    if not isinstance(command, FORWARDABLE_COMMANDS):
+                        raise InvalidRequest(
+                            f"a {command.TYPE} command cannot be forwarded to the controller"
+                        )
+                    result = await self.propose(command)
                     result.raise_for_error()
                     return cluster_pb2.ForwardResponse(applied_index=result.index)
         raise InvalidRequest("a forwarded request carries no change")
@@ -667,9 +678,17 @@ class Controller:
         """Register (or re-register after a restart) through the active controller, retrying
         until it is applied: a node that never registers gets no replicas."""
         delay_s = retry_backoff_ms / 1000
+        refused = ""
         while True:
             try:
                 await self.submit(command, timeout_s=10)
+            except NodeIdentityConflict as err:
+                if err.message != refused:  # loud once per reason, not every retry
+                    log.error("node %d: registration refused: %s", self.node_id, err)
+                    refused = err.message
+                await asyncio.sleep(delay_s)
+                delay_s = min(1.0, delay_s * 2)
+                continue
             except TidelogError as err:
                 log.info("node %d not registered yet (%s); retrying", self.node_id, err)
                 await asyncio.sleep(delay_s)
@@ -693,7 +712,10 @@ class Controller:
                 pass
             self._heartbeat_now.clear()
             leader = self.leader_id
-            if leader == NONE:
+            if leader == NONE or not self.registered.is_set():
+                # Heartbeats speak for the registered incarnation: a node whose registration
+                # is refused (another data directory holds its id) must not keep that one
+                # alive, or it could never be replaced.
                 continue
             leading = list(self._leading())
             if leader == self.node_id:
@@ -849,6 +871,7 @@ async def _abort(context: aio.ServicerContext[object, object], err: TidelogError
 __all__ = [
     "CONTROLLER_DIR",
     "DEFAULT_REPLICATION_FACTOR",
+    "FORWARDABLE_COMMANDS",
     "ClusterService",
     "Controller",
     "TopicSpec",

@@ -43,7 +43,7 @@ from tidelog.node.controller_node import (
     node_dead_ms_default,
     parse_voters,
 )
-from tidelog.node.identity import NodeIdentity
+from tidelog.node.identity import NodeIdentity, load_directory_id
 from tidelog.node.log import PartitionLog
 from tidelog.node.metastore import MetaStore
 from tidelog.node.metrics import MetricsServer, NodeMetrics
@@ -246,6 +246,7 @@ class Node:
                 self.node_id, voters[self.node_id], advertised,
             )  # fmt: skip
         cluster_id = self._load_identity(store, voters)
+        directory_id = load_directory_id(store, NODE_COLUMN)
         self.identity = NodeIdentity(
             self.node_id, advertised, metrics_address, cluster_id, rack=self.rack or ""
         )
@@ -298,7 +299,12 @@ class Node:
         raft.start()
         registry.start()
         await server.start()
-        controller.start(RegisterNode(self.node_id, advertised, metrics_address, rack=self.rack))
+        controller.start(
+            RegisterNode(
+                self.node_id, advertised, metrics_address, rack=self.rack,
+                directory_id=directory_id,
+            )
+        )  # fmt: skip
         await self._until_ready()
         for service in ("", BROKER_SERVICE, ADMIN_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
