@@ -166,6 +166,7 @@ class Controller:
         heartbeat_ms: int = heartbeat_interval_ms,
         set_peer: Callable[[int, str], None] = lambda _node, _address: None,
         leading: Callable[[], Iterable[tuple[int, int]]] = lambda: (),
+        directory_id: str = "",
     ) -> None:
         if node_dead_ms < 2 * heartbeat_ms:
             raise ValueError(
@@ -175,6 +176,8 @@ class Controller:
         self.node_id = node_id
         self.voters = dict(voters)
         self.cluster_id = cluster_id
+        #: This node's data directory id (node/identity.py), which it registers with.
+        self.directory_id = directory_id
         self.state = ClusterState()
         self.node_dead_ms = node_dead_ms
         self.heartbeat_ms = heartbeat_ms
@@ -372,7 +375,10 @@ class Controller:
 
     def _on_registered(self, c: RegisterNode) -> None:
         if c.node_id == self.node_id:
-            self.registered.set()
+            # Only a registration of this data directory: a wiped node that replays the
+            # registration of the directory it replaced is not registered by it.
+            if c.directory_id == self.directory_id:
+                self.registered.set()
             return
         self._set_peer(c.node_id, c.address)
         if c.node_id not in self.voters and self.group is not None:

@@ -266,6 +266,7 @@ class Node:
             node_dead_ms=self.node_dead_ms,
             set_peer=transport.set_peer,
             leading=lambda: self.registry.leading(),
+            directory_id=directory_id,
         )
         self._registry = registry = TopicRegistry(
             self.node_id, self.data_dir, self.metrics, raft, controller, self._open_log

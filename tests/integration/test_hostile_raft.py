@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import struct
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -424,3 +425,40 @@ async def test_forged_registration_and_liveness_are_refused(cluster: Cluster) ->
             assert info.value.code() == code, info.value.details()
     await asyncio.sleep(SETTLE_S)
     assert await settled_state(c) == before
+
+
+@pytest.mark.timeout(180)
+async def test_a_wiped_data_directory_at_the_same_address_registers_again(
+    cluster: Cluster,
+) -> None:
+    """Not an attack: the identity check must not lock out a node whose disk was replaced.
+    Its registration is refused while the old incarnation counts as alive, and accepted once
+    the controller marks it dead (the new process neither heartbeats before it registered nor
+    takes the replayed registration of the old directory for its own).
+    Last in the module: it leaves node 3 with a new data directory."""
+    c = cluster
+    victim = 3
+    node = c.nodes[victim]
+    node.kill()
+    shutil.rmtree(node.data_dir)
+    first_run = len(node.log_path.read_text())
+    node.spawn()
+
+    def new_log() -> str:
+        return node.log_path.read_text()[first_run:]
+
+    async def registered_again() -> bool:
+        if node.proc is None or node.proc.poll() is not None:
+            raise AssertionError(f"node {victim} exited:\n{new_log()[-3000:]}")
+        if f"node {victim} registered with the controller" not in new_log():
+            return False
+        md = await c.metadata(1)
+        return md is not None and any(n.node_id == victim and n.alive for n in md.nodes)
+
+    await until("the node with a new data directory is registered and alive", registered_again, 60)
+    # Whether it was refused first depends on how fast it restarted (node.dead.ms is 3 s);
+    # either way it ends registered, under its new data directory.
+    md = await c.metadata(1)
+    assert md is not None
+    [n] = [x for x in md.nodes if x.node_id == victim]
+    assert n.address == node.address
