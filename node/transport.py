@@ -86,6 +86,8 @@ keepalive_time_ms: Final = 10_000
 keepalive_timeout_ms: Final = 5_000
 #: Bound on the "peer refused us" warnings remembered (to log each distinct refusal once).
 refusals_logged_max: Final = 1_024
+#: At most one warning about batches from non-peers per this interval.
+unknown_peer_log_interval_ms: Final = 10_000
 #: Why an inbound batch was refused: the values of the ``reason`` label (a fixed set).
 REFUSAL_REASONS: Final = ("unknown_peer", "invalid", "mismatch")
 
@@ -325,6 +327,8 @@ class RaftTransport:
         self._inbound: set[asyncio.Task[object]] = set()
         self._hb_caches: dict[int, HeartbeatCache] = {}
         self._refusals_logged: set[tuple[int, int, str]] = set()
+        self._unknown_logged_at = float("-inf")
+        self._unknown_since_log = 0
         self._closed = False
 
     # ---- peers -----------------------------------------------------------------------------
@@ -609,16 +613,18 @@ class RaftTransport:
         return _STREAM_CLOSED
 
     def _note_unknown(self, from_node: int) -> None:
-        key = (from_node, self.node_id, "unknown")
-        if key in self._refusals_logged:
+        # At most one warning per interval, whatever the number of senders a caller invents.
+        self._unknown_since_log += 1
+        now = time.monotonic()
+        if now - self._unknown_logged_at < unknown_peer_log_interval_ms / 1000:
             return
-        if len(self._refusals_logged) >= refusals_logged_max:
-            self._refusals_logged.clear()
-        self._refusals_logged.add(key)
         log.warning(
             "raft batches from node %d dropped: it is not a peer of node %d (not a controller "
-            "voter, not registered)", from_node, self.node_id,
+            "voter, not registered); %d such batches since the last warning",
+            from_node, self.node_id, self._unknown_since_log,
         )  # fmt: skip
+        self._unknown_logged_at = now
+        self._unknown_since_log = 0
 
     def _mismatch(self, batch: raft_pb2.RaftBatch) -> PeerMismatch:
         err = PeerMismatch(

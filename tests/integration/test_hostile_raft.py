@@ -397,6 +397,29 @@ async def test_invented_sender_ids_do_not_grow_metrics(cluster: Cluster) -> None
     assert refused(node, "tidelog_raft_batches_refused", "unknown_peer") >= 5000
 
 
+@pytest.mark.timeout(180)
+async def test_topics_that_do_not_exist_create_no_metric_series(cluster: Cluster) -> None:
+    c = cluster
+    node = c.nodes[1]
+    broker = c.broker(1)
+    for i in range(300):
+        name = f"no-such-topic-{i}"
+        with pytest.raises(aio.AioRpcError):
+            await broker.Produce(
+                broker_pb2.ProduceRequest(topic=name, partition=0, batches=encode_batch([b"x"]),
+                                          acks=broker_pb2.ACKS_ALL),
+                timeout=10,
+            )  # fmt: skip
+        with pytest.raises(aio.AioRpcError):
+            stream = broker.Fetch(
+                broker_pb2.FetchRequest(topic=name, partition=0, offset=0, once=True), timeout=10
+            )
+            async for _ in stream:
+                pass
+    topics = set(re.findall(r'topic="([^"]*)"', metrics_text(node)))
+    assert topics <= {TOPIC, PAIR_TOPIC}, sorted(topics)[:5]
+
+
 @pytest.mark.timeout(120)
 async def test_forged_registration_and_liveness_are_refused(cluster: Cluster) -> None:
     c = cluster
