@@ -726,7 +726,10 @@ class Controller:
             leading = list(self._leading())
             if leader == self.node_id:
                 if self.is_leader:
-                    self.on_heartbeat(self.node_id, leading)
+                    try:
+                        self.on_heartbeat(self.node_id, leading)
+                    except TidelogError as err:  # not applied its own registration yet
+                        log.debug("own heartbeat: %s", err)
                 continue
             address = self.address_of(leader)
             if address is None:
@@ -746,8 +749,14 @@ class Controller:
         """The active controller heard from ``node_id``, which leads ``leading`` groups."""
         if not self.is_leader:
             raise self._not_controller()
+        state = self.state
+        if node_id not in state.nodes:
+            # Only registered nodes are watched: invented ids must not grow what is kept.
+            raise InvalidRequest(f"heartbeat from node {node_id}, which is not registered")
         self._last_seen[node_id] = time.monotonic()
         for group, term in leading:
+            if state.locate_group(group) is None:
+                continue  # not a partition (any more): nothing to hint
             known = self._reported.get(group)
             if known is None or known[1] <= term:
                 self._reported[group] = (node_id, term)

@@ -446,6 +446,14 @@ async def test_forged_registration_and_liveness_are_refused(cluster: Cluster) ->
             with pytest.raises(aio.AioRpcError) as info:
                 await stub.Forward(request, timeout=10)
             assert info.value.code() == code, info.value.details()
+        # Heartbeats from invented node ids (the controller kept a record of each).
+        for ghost in (99, -7, 2**31 - 1):
+            beat = cluster_pb2.NodeHeartbeat(
+                node_id=ghost, cluster_id=cid, leading=[cluster_pb2.LeaderReport(group=7, term=9)]
+            )
+            with pytest.raises(aio.AioRpcError) as info:
+                await stub.Heartbeat(beat, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     await asyncio.sleep(SETTLE_S)
     assert await settled_state(c) == before
 
