@@ -73,6 +73,8 @@ NODE_ID_MAX = 2**31 - 1
 ADDRESS_LENGTH_MAX = 255
 RACK_LENGTH_MAX = 255
 DIRECTORY_ID_LENGTH_MAX = 64
+#: Raft terms travel as int64 (Metadata's leader_term): a larger one is malformed.
+TERM_MAX = 2**63 - 1
 #: "No leader known" in leader hints.
 NO_LEADER = 0
 
@@ -594,7 +596,11 @@ class ClusterState:
                 f"{len(c.hints)} leader hints in one command; at most {LEADER_HINTS_MAX}"
             )
         for h in c.hints:
-            if h.group_id < 0 or h.term < 0 or not 0 <= h.leader <= NODE_ID_MAX:
+            if (
+                not 0 <= h.group_id <= GROUP_ID_MAX
+                or not 0 <= h.term <= TERM_MAX
+                or not 0 <= h.leader <= NODE_ID_MAX
+            ):
                 raise InvalidRequest(f"malformed leader hint {h}")
 
     def _do_hints(self, index: int, c: UpdatePartitionLeaders) -> ApplyResult:

@@ -74,6 +74,7 @@ from tidelog.node import limits
 from tidelog.node.multiraft import MultiRaft, RaftGroup
 from tidelog.node.raft.errors import NotLeader as RaftNotLeader
 from tidelog.node.raft.errors import ProposalDropped
+from tidelog.node.raft.guard import MAX_TERM_GAP
 from tidelog.node.raft.types import NONE, ConfState, Entry, EntryKind, Role, Snapshot, SoftState
 from tidelog.node.raft_storage import RaftLogFile, next_offset, stamped_copy
 from tidelog.records import decode_values, encode_batch
@@ -755,8 +756,12 @@ class Controller:
             raise InvalidRequest(f"heartbeat from node {node_id}, which is not registered")
         self._last_seen[node_id] = time.monotonic()
         for group, term in leading:
-            if state.locate_group(group) is None:
+            located = state.locate_group(group)
+            if located is None:
                 continue  # not a partition (any more): nothing to hint
+            current = state.topics[located[0]].partitions[located[1]]
+            if node_id not in current.replicas or term > current.leader_term + MAX_TERM_GAP:
+                continue  # cannot lead it, or a term no election reached: not a hint
             known = self._reported.get(group)
             if known is None or known[1] <= term:
                 self._reported[group] = (node_id, term)

@@ -446,6 +446,15 @@ async def test_forged_registration_and_liveness_are_refused(cluster: Cluster) ->
             with pytest.raises(aio.AioRpcError) as info:
                 await stub.Forward(request, timeout=10)
             assert info.value.code() == code, info.value.details()
+        # A registered node's leadership report with a term no int64 holds (it would have
+        # become the hint every Metadata answer carries).
+        group = (await c.digests(1))[0].group
+        beat = cluster_pb2.NodeHeartbeat(
+            node_id=victim,
+            cluster_id=cid,
+            leading=[cluster_pb2.LeaderReport(group=group, term=t) for t in (2**63, 2**64 - 1)],
+        )
+        await stub.Heartbeat(beat, timeout=10)
         # Heartbeats from invented node ids (the controller kept a record of each).
         for ghost in (99, -7, 2**31 - 1):
             beat = cluster_pb2.NodeHeartbeat(
@@ -456,6 +465,10 @@ async def test_forged_registration_and_liveness_are_refused(cluster: Cluster) ->
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     await asyncio.sleep(SETTLE_S)
     assert await settled_state(c) == before
+    for n in NODES:
+        md = await c.metadata(n)
+        assert md is not None, f"Metadata of node {n} fails"
+        assert all(p.leader_term < 2**20 for t in md.topics for p in t.partitions)
 
 
 @pytest.mark.timeout(180)

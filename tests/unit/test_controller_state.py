@@ -420,7 +420,19 @@ def test_leader_hints() -> None:
     assert leaders() == [(1, 7), (0, 2)]
 
 
-@pytest.mark.parametrize("hint", [(-1, 1, 1), (10_000, 1, -1), (10_000, -1, 1), (10_000, 2**31, 1)])
+@pytest.mark.parametrize(
+    "hint",
+    [
+        (-1, 1, 1),
+        (10_000, 1, -1),
+        (10_000, -1, 1),
+        (10_000, 2**31, 1),
+        # Beyond int64: Metadata's leader_term could not carry it (issue 9).
+        (10_000, 1, 2**63),
+        (10_000, 1, 2**64 - 1),
+        (2**63, 1, 1),
+    ],
+)
 def test_malformed_hints_are_rejected(hint: tuple[int, int, int]) -> None:
     d = cluster(1)
     d.ok(_create("t", 1, 1, [(1,)]))
