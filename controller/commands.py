@@ -44,13 +44,19 @@ def _frozen_map(items: Mapping[str, str]) -> Mapping[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class RegisterNode:
-    """A node announces itself (first start or restart, maybe at a new address); it is alive."""
+    """A node announces itself (first start or restart, maybe at a new address); it is alive.
+
+    ``directory_id`` is the random identity of the node's data directory
+    (``node/identity.py``): a re-registration that changes the address must present the
+    recorded one (``ClusterState`` refuses it otherwise). Absent ("") in commands written
+    before it existed."""
 
     TYPE: ClassVar[str] = "register_node"
     node_id: int
     address: str
     metrics_address: str = ""
     rack: str | None = None
+    directory_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +173,8 @@ def encode_command(command: Command) -> bytes:
                 "metrics_address": command.metrics_address,
                 "rack": command.rack,
             }
+            if command.directory_id:
+                body["directory_id"] = command.directory_id
         case MarkNodeDead() | MarkNodeAlive():
             body = {"node_id": command.node_id}
         case CreateTopic():
@@ -222,6 +230,7 @@ def decode_command(data: bytes) -> Command:
             address=fields.string("address"),
             metrics_address=fields.string("metrics_address"),
             rack=fields.optional_str("rack"),
+            directory_id=fields.string_or("directory_id", ""),
         )
     elif kind == MarkNodeDead.TYPE:
         command = MarkNodeDead(node_id=fields.integer("node_id"))
@@ -303,6 +312,12 @@ class _Fields:
         if not isinstance(value, str):
             raise self._bad(key, "a string")
         return value
+
+    def string_or(self, key: str, default: str) -> str:
+        """A string field that older encodings lack (``default`` then)."""
+        if key not in self._raw:
+            return default
+        return self.string(key)
 
     def optional_str(self, key: str) -> str | None:
         value = self._get(key)

@@ -56,6 +56,7 @@ from tidelog.errors import (
     InvalidConfig,
     InvalidReplicationFactor,
     InvalidRequest,
+    NodeIdentityConflict,
     StorageError,
     TidelogError,
     TopicExists,
@@ -74,6 +75,9 @@ GROUP_ID_MAX = 2**63 - 1
 NODE_ID_MAX = 2**31 - 1
 ADDRESS_LENGTH_MAX = 255
 RACK_LENGTH_MAX = 255
+DIRECTORY_ID_LENGTH_MAX = 64
+#: Raft terms travel as int64 (Metadata's leader_term): a larger one is malformed.
+TERM_MAX = 2**63 - 1
 #: "No leader known" in leader hints.
 NO_LEADER = 0
 
@@ -111,6 +115,10 @@ class NodeRecord:
     rack: str | None
     alive: bool
     registered_at_index: int
+    #: The identity of the node's data directory (RegisterNode.directory_id); "" for a node
+    #: registered before identities existed. Never reported by any API: presenting it is
+    #: how a node proves it is the one registered.
+    directory_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,6 +444,32 @@ class ClusterState:
                 f"node {c.node_id}: rack must be 1 to {RACK_LENGTH_MAX} characters "
                 f"(or absent), got {c.rack!r}"
             )
+        if len(c.directory_id) > DIRECTORY_ID_LENGTH_MAX:
+            raise InvalidRequest(
+                f"node {c.node_id}: directory id is longer than {DIRECTORY_ID_LENGTH_MAX} "
+                "characters"
+            )
+        old = self._nodes.get(c.node_id)
+        if old is None or not old.directory_id or c.directory_id == old.directory_id:
+            # A new node, the same data directory (maybe moved to a new address), or a node
+            # registered before directory ids existed.
+            return
+        # Another data directory claims a registered node id: only a wiped or replaced disk
+        # at the very same address, once the old incarnation is known to be gone, is the
+        # same node. Anything else is a second node (or a forger) taking over the id, and
+        # the other nodes would replicate to it.
+        if c.address != old.address:
+            raise NodeIdentityConflict(
+                f"node {c.node_id} is registered at {old.address} with another data directory; "
+                f"a registration from {c.address} must come from that data directory (start "
+                f"the node from it) or use a new node id"
+            )
+        if old.alive:
+            raise NodeIdentityConflict(
+                f"node {c.node_id} at {c.address} is alive with another data directory; a new "
+                "data directory is accepted once the old one is marked dead (node.dead.ms "
+                "without heartbeats)"
+            )
 
     def _check_known_node(self, node_id: int) -> None:
         if node_id not in self._nodes:
@@ -452,6 +486,7 @@ class ClusterState:
             rack=c.rack,
             alive=True,
             registered_at_index=old.registered_at_index if old is not None else index,
+            directory_id=c.directory_id or (old.directory_id if old is not None else ""),
         )
         if new == old:
             return ApplyResult(index)
@@ -610,7 +645,11 @@ class ClusterState:
                 f"{len(c.hints)} leader hints in one command; at most {LEADER_HINTS_MAX}"
             )
         for h in c.hints:
-            if h.group_id < 0 or h.term < 0 or not 0 <= h.leader <= NODE_ID_MAX:
+            if (
+                not 0 <= h.group_id <= GROUP_ID_MAX
+                or not 0 <= h.term <= TERM_MAX
+                or not 0 <= h.leader <= NODE_ID_MAX
+            ):
                 raise InvalidRequest(f"malformed leader hint {h}")
 
     def _do_hints(self, index: int, c: UpdatePartitionLeaders) -> ApplyResult:
@@ -657,7 +696,15 @@ class ClusterState:
             "applied_index": self._applied_index,
             "version": self._version,
             "nodes": [
-                [n.node_id, n.address, n.metrics_address, n.rack, n.alive, n.registered_at_index]
+                [
+                    n.node_id,
+                    n.address,
+                    n.metrics_address,
+                    n.rack,
+                    n.alive,
+                    n.registered_at_index,
+                    n.directory_id,
+                ]
                 for _, n in sorted(self._nodes.items())
             ],
             "topics": [
@@ -765,7 +812,13 @@ def _build(body: Any) -> ClusterState:
     state._version = _int(body["version"])
     if not 0 <= state._version <= state._applied_index:
         raise ValueError(f"version {state._version} after applied index {state._applied_index}")
-    for node_id, address, metrics_address, rack, alive, registered_at in _list(body["nodes"]):
+    for row in _list(body["nodes"]):
+        row = _list(row)
+        # Snapshots written before directory ids existed have six fields.
+        if len(row) not in (6, 7):
+            raise ValueError(f"node row has {len(row)} fields")
+        node_id, address, metrics_address, rack, alive, registered_at = row[:6]
+        directory_id = _str(row[6]) if len(row) == 7 else ""
         node = NodeRecord(
             node_id=_int(node_id),
             address=_str(address),
@@ -773,6 +826,7 @@ def _build(body: Any) -> ClusterState:
             rack=None if rack is None else _str(rack),
             alive=_bool(alive),
             registered_at_index=_int(registered_at),
+            directory_id=directory_id,
         )
         if node.node_id in state._nodes or not 1 <= node.node_id <= NODE_ID_MAX:
             raise ValueError(f"node id {node.node_id} repeated or out of range")

@@ -61,6 +61,7 @@ from tidelog.errors import (
     InvalidReplicationFactor,
     InvalidRequest,
     LeaderNotAvailable,
+    NodeIdentityConflict,
     NodeUnavailable,
     NotLeader,
     RequestTimedOut,
@@ -73,6 +74,7 @@ from tidelog.errors import (
 from tidelog.node import limits
 from tidelog.node.multiraft import MultiRaft, RaftGroup
 from tidelog.node.raft.errors import ProposalDropped
+from tidelog.node.raft.guard import MAX_TERM_GAP
 from tidelog.node.raft.types import NONE, ConfState, Entry, EntryKind, Role, Snapshot, SoftState
 from tidelog.node.replica_storage import RaftLogFile
 from tidelog.node.stm import BatchSpan, LostHow, StateMachine, UnappliableEntry
@@ -80,6 +82,11 @@ from tidelog.records import decode_values, encode_batch
 from tidelog.v1 import admin_pb2, cluster_pb2, cluster_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+#: Commands a node may forward as encoded bytes (``ForwardRequest.command``). Topic changes
+#: come through their own request bodies (validated and placed here); liveness and leader
+#: hints are proposed by the active controller alone, never on a caller's word.
+FORWARDABLE_COMMANDS: Final = (RegisterNode,)
 
 CONTROLLER_DIR: Final = "controller"
 #: How often nodes heartbeat the active controller (and it checks liveness and hints).
@@ -164,6 +171,7 @@ class Controller(StateMachine[ApplyResult]):
         heartbeat_ms: int = heartbeat_interval_ms,
         set_peer: Callable[[int, str], None] = lambda _node, _address: None,
         leading: Callable[[], Iterable[tuple[int, int]]] = lambda: (),
+        directory_id: str = "",
     ) -> None:
         if node_dead_ms < 2 * heartbeat_ms:
             raise ValueError(
@@ -174,6 +182,8 @@ class Controller(StateMachine[ApplyResult]):
         self.node_id = node_id
         self.voters = dict(voters)
         self.cluster_id = cluster_id
+        #: This node's data directory id (node/identity.py), which it registers with.
+        self.directory_id = directory_id
         self.state = ClusterState()
         self.node_dead_ms = node_dead_ms
         self.heartbeat_ms = heartbeat_ms
@@ -360,7 +370,10 @@ class Controller(StateMachine[ApplyResult]):
 
     def _on_registered(self, c: RegisterNode) -> None:
         if c.node_id == self.node_id:
-            self.registered.set()
+            # Only a registration of this data directory: a wiped node that replays the
+            # registration of the directory it replaced is not registered by it.
+            if c.directory_id == self.directory_id:
+                self.registered.set()
             return
         self._set_peer(c.node_id, c.address)
         if c.node_id not in self.voters and self.group is not None:
@@ -541,7 +554,12 @@ class Controller(StateMachine[ApplyResult]):
                     index = await self._alter(a.topic, dict(a.set), list(a.delete))
                     return cluster_pb2.ForwardResponse(applied_index=index)
                 if which == "command":
-                    result = await self.propose(decode_command(request.command))
+                    command = decode_command(request.command)
+                    if not isinstance(command, FORWARDABLE_COMMANDS):
+                        raise InvalidRequest(
+                            f"a {command.TYPE} command cannot be forwarded to the controller"
+                        )
+                    result = await self.propose(command)
                     result.raise_for_error()
                     return cluster_pb2.ForwardResponse(applied_index=result.index)
         raise InvalidRequest("a forwarded request carries no change")
@@ -654,9 +672,17 @@ class Controller(StateMachine[ApplyResult]):
         """Register (or re-register after a restart) through the active controller, retrying
         until it is applied: a node that never registers gets no replicas."""
         delay_s = retry_backoff_ms / 1000
+        refused = ""
         while True:
             try:
                 await self.submit(command, timeout_s=10)
+            except NodeIdentityConflict as err:
+                if err.message != refused:  # loud once per reason, not every retry
+                    log.error("node %d: registration refused: %s", self.node_id, err)
+                    refused = err.message
+                await asyncio.sleep(delay_s)
+                delay_s = min(1.0, delay_s * 2)
+                continue
             except TidelogError as err:
                 log.info("node %d not registered yet (%s); retrying", self.node_id, err)
                 await asyncio.sleep(delay_s)
@@ -680,12 +706,18 @@ class Controller(StateMachine[ApplyResult]):
                 pass
             self._heartbeat_now.clear()
             leader = self.leader_id
-            if leader == NONE:
+            if leader == NONE or not self.registered.is_set():
+                # Heartbeats speak for the registered incarnation: a node whose registration
+                # is refused (another data directory holds its id) must not keep that one
+                # alive, or it could never be replaced.
                 continue
             leading = list(self._leading())
             if leader == self.node_id:
                 if self.is_leader:
-                    self.on_heartbeat(self.node_id, leading)
+                    try:
+                        self.on_heartbeat(self.node_id, leading)
+                    except TidelogError as err:  # not applied its own registration yet
+                        log.debug("own heartbeat: %s", err)
                 continue
             address = self.address_of(leader)
             if address is None:
@@ -705,8 +737,18 @@ class Controller(StateMachine[ApplyResult]):
         """The active controller heard from ``node_id``, which leads ``leading`` groups."""
         if not self.is_leader:
             raise self._not_controller()
+        state = self.state
+        if node_id not in state.nodes:
+            # Only registered nodes are watched: invented ids must not grow what is kept.
+            raise InvalidRequest(f"heartbeat from node {node_id}, which is not registered")
         self._last_seen[node_id] = time.monotonic()
         for group, term in leading:
+            located = state.locate_group(group)
+            if located is None:
+                continue  # not a partition (any more): nothing to hint
+            current = state.topics[located[0]].partitions[located[1]]
+            if node_id not in current.replicas or term > current.leader_term + MAX_TERM_GAP:
+                continue  # cannot lead it, or a term no election reached: not a hint
             known = self._reported.get(group)
             if known is None or known[1] <= term:
                 self._reported[group] = (node_id, term)
@@ -836,6 +878,7 @@ async def _abort(context: aio.ServicerContext[object, object], err: TidelogError
 __all__ = [
     "CONTROLLER_DIR",
     "DEFAULT_REPLICATION_FACTOR",
+    "FORWARDABLE_COMMANDS",
     "ClusterService",
     "Controller",
     "TopicSpec",

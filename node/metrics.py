@@ -18,6 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from tidelog.node.raft.guard import Refusal
+
 # Seconds. Produce under acks=all includes the group commit's fsync (hundreds of us to ms).
 _LATENCY_BUCKETS_S = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -283,6 +285,14 @@ class NodeMetrics:
             "apply); they never advance again until the node restarts.",
             registry=r,
         )
+        refused = Counter(
+            "tidelog_raft_messages_refused",
+            "Raft messages a group refused before stepping them (node/raft/guard.py): sender "
+            "not a member, term too far ahead, append or snapshot not from the leader.",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        #: Pre-bound per reason (a fixed set: the values of ``raft.guard.Refusal``).
+        self.raft_refused = {reason: refused.labels(reason.value) for reason in Refusal}
         #: Client requests being handled (node/rpc.py): a stopping node drains them first.
         self.in_flight = 0
         self._apis: dict[str, ApiMetrics] = {}

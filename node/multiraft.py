@@ -30,6 +30,12 @@ can lose acknowledged records of such topics (as Kafka's default, which never fs
 
 A group whose log fails to write or fsync is taken offline (its handler hears of it): it is
 never advanced again, so nothing it failed to store is acknowledged.
+
+Every message from a peer passes ``raft/guard.py`` before its group's core sees it: a sender
+outside the group's configuration, a term far beyond the group's own, an APPEND or SNAPSHOT
+not from the group's leader are dropped and counted (``tidelog_raft_messages_refused``). A
+hard state that cannot be stored (a value out of the store's range, which the codec's bounds
+already exclude) takes only its own group offline, never the others of the round.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from typing import Final, Protocol
 from tidelog.node import limits
 from tidelog.node.metrics import NodeMetrics
 from tidelog.node.raft.core import NEW_REPLICA, RawNode
+from tidelog.node.raft.guard import MAX_TERM_GAP, refusal
 from tidelog.node.raft.limits import Config
 from tidelog.node.raft.types import (
     ConfState,
@@ -66,6 +73,14 @@ log = logging.getLogger(__name__)
 #: has not applied while the preferred leader already campaigns), and how long.
 early_messages_max: Final = 10_000
 early_message_ttl_ms: Final = 5_000
+#: Payload bytes (entries, snapshots) those early messages may hold together; beyond it the
+#: oldest group's are dropped, as beyond the count (whatever group ids a peer invents).
+early_bytes_max: Final = 16 * 1024 * 1024
+#: Per early message, on top of its payload (the message object itself).
+_EARLY_OVERHEAD_BYTES: Final = 200
+#: What a stored hard state can hold (``replica_storage.HardStateStore``; int64 elsewhere).
+_TERM_MAX: Final = 2**63 - 1
+_VOTE_MAX: Final = 2**31 - 1
 #: Ticks a tick task may fall behind before it skips ahead instead of catching up.
 tick_lag_max: Final = 2
 
@@ -215,11 +230,13 @@ class MultiRaft:
         rng: random.Random | None = None,
         executor: Executor | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_term_gap: int = MAX_TERM_GAP,
     ) -> None:
         """``executor`` runs the round's fsyncs and hard-state write (default: a pool of
         ``threads`` threads); ``clock`` is the monotonic clock of the early-message cache.
         Both are seams for the node simulation (tests/sim/node)."""
         self.node_id = node_id
+        self.max_term_gap = max_term_gap
         self.timing = timing or RaftTiming()
         self._hard_states = hard_states
         self._metrics = metrics
@@ -241,6 +258,7 @@ class MultiRaft:
         self._stopping = False
         self._early: dict[int, list[tuple[float, int, Message]]] = {}
         self._early_count = 0
+        self._early_bytes = 0
         # Groups whose Ready the running round took and has not advanced yet.
         self._unadvanced: set[RaftGroup] = set()
         self.rounds = 0
@@ -290,7 +308,7 @@ class MultiRaft:
         self.groups[group_id] = group
         early = self._early.pop(group_id, None)
         if early:
-            self._early_count -= len(early)
+            self._forget_early(early)
             cutoff = self._clock() - early_message_ttl_ms / 1000
             for at, _frm, msg in early:
                 if at >= cutoff:
@@ -352,6 +370,14 @@ class MultiRaft:
     def _step(self, group: RaftGroup, msg: Message) -> None:
         if group.failed or msg.to != self.node_id:
             return
+        refused = refusal(group.raw, msg, self.max_term_gap)
+        if refused is not None:
+            self._metrics.raft_refused[refused].inc()
+            log.debug(
+                "raft group %d refused a %s of term %d from node %d: %s",
+                group.group_id, msg.kind.name, msg.term, msg.frm, refused.value,
+            )  # fmt: skip
+            return
         try:
             group.raw.step(msg)
         except Exception:
@@ -362,13 +388,32 @@ class MultiRaft:
         self._dirty[group] = None
         self._wake.set()
 
+    @staticmethod
+    def _early_size(msg: Message) -> int:
+        size = _EARLY_OVERHEAD_BYTES + len(msg.context)
+        if msg.entries:
+            size += msg.size_bytes
+        if msg.snapshot is not None:
+            size += len(msg.snapshot.data)
+        return size
+
+    def _forget_early(self, messages: list[tuple[float, int, Message]]) -> None:
+        self._early_count -= len(messages)
+        self._early_bytes -= sum(self._early_size(m) for _at, _frm, m in messages)
+
     def _keep_early(self, group_id: int, from_node: int, msg: Message) -> None:
-        if self._early_count >= early_messages_max:
+        size = self._early_size(msg)
+        if size > early_bytes_max:
+            return
+        while self._early and (
+            self._early_count >= early_messages_max or self._early_bytes + size > early_bytes_max
+        ):
             # Drop the oldest group's messages: Raft resends what matters.
             oldest = next(iter(self._early))
-            self._early_count -= len(self._early.pop(oldest))
+            self._forget_early(self._early.pop(oldest))
         self._early.setdefault(group_id, []).append((self._clock(), from_node, msg))
         self._early_count += 1
+        self._early_bytes += size
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -421,7 +466,7 @@ class MultiRaft:
             return
         cutoff = self._clock() - early_message_ttl_ms / 1000
         for group_id in [g for g, msgs in self._early.items() if msgs[-1][0] < cutoff]:
-            self._early_count -= len(self._early.pop(group_id))
+            self._forget_early(self._early.pop(group_id))
 
     # ---- rounds ------------------------------------------------------------------------------
 
@@ -486,6 +531,13 @@ class MultiRaft:
                 continue
             if rd.hard_state is not None:
                 hs = rd.hard_state
+                if not (0 <= hs.term <= _TERM_MAX and 0 <= hs.vote <= _VOTE_MAX) or not (
+                    0 <= hs.commit <= _TERM_MAX
+                ):
+                    # Stored in one batch with every other group's: one bad value must not
+                    # fail the write of the whole round.
+                    self._fail(group, ValueError(f"hard state out of range: {hs}"))
+                    continue
                 if group.raw.lost_to > hs.commit:
                     # Recovering lost entries: the stored commit stays the evidence of them.
                     hs = replace(hs, commit=group.raw.lost_to)
@@ -615,6 +667,7 @@ __all__ = [
     "RaftGroup",
     "RaftTiming",
     "Sender",
+    "early_bytes_max",
     "early_message_ttl_ms",
     "early_messages_max",
 ]

@@ -34,6 +34,12 @@ MESSAGE_OVERHEAD_BYTES: Final = 48
 #: Heartbeat columns are kept per peer up to this many groups; beyond it the cache is
 #: cleared (a node with more groups than this only loses the reuse, not correctness).
 heartbeat_cache_groups_max: Final = 200_000
+#: Bounds every decoded value is checked against (a foreign or hostile sender must not plant
+#: a value the node cannot store or report). Node ids are int32 on the wire and start at 1.
+#: Group ids, terms and indexes are uint64 on the wire but int64 everywhere else (Metadata's
+#: leader_term, the stamps of stored batches, RocksDB keys): at most 2^63 - 1.
+NODE_ID_MAX: Final = 2**31 - 1
+UINT63_MAX: Final = 2**63 - 1
 
 _HEARTBEAT: Final = MessageKind.HEARTBEAT
 _HEARTBEAT_RESP: Final = MessageKind.HEARTBEAT_RESP
@@ -175,27 +181,64 @@ def encode_batch(
     return batch
 
 
+def _check_nodes(what: str, ids: Iterable[int]) -> None:
+    for node in ids:
+        if not 1 <= node <= NODE_ID_MAX:
+            raise CodecError(f"{what}: node id {node} is out of range [1, {NODE_ID_MAX}]")
+
+
+def _check_u63(group: int, what: str, value: int) -> None:
+    if value > UINT63_MAX:
+        raise CodecError(f"group {group}: {what} {value} exceeds {UINT63_MAX}")
+
+
 def _decode_conf(c: raft_pb2.RaftConfState) -> ConfState:
+    _check_nodes("snapshot membership", c.voters)
+    _check_nodes("snapshot membership", c.learners)
+    _check_nodes("snapshot membership", c.voters_outgoing)
     try:
         return ConfState(frozenset(c.voters), frozenset(c.learners), frozenset(c.voters_outgoing))
     except AssertionError as exc:
         raise CodecError(f"invalid membership in a snapshot: {exc}") from None
 
 
-def _decode_message(gm: raft_pb2.GroupMessage) -> Message:
+def _decode_message(gm: raft_pb2.GroupMessage, frm: int, to: int) -> Message:
+    group = gm.group
+    if group > UINT63_MAX:
+        raise CodecError(f"group id {group} exceeds {UINT63_MAX}")
     kind = _MESSAGE_KIND_BY_WIRE.get(gm.kind)
     if kind is None:
-        raise CodecError(f"group {gm.group}: unknown message kind {int(gm.kind)}")
+        raise CodecError(f"group {group}: unknown message kind {int(gm.kind)}")
+    if gm.from_node != frm or gm.to_node != to:
+        raise CodecError(
+            f"group {group}: a {kind.name} from node {gm.from_node} to node {gm.to_node} in a "
+            f"batch from node {frm} to node {to}"
+        )
+    if (
+        gm.term > UINT63_MAX
+        or gm.log_term > UINT63_MAX
+        or gm.index > UINT63_MAX
+        or gm.commit > UINT63_MAX
+        or gm.reject_hint > UINT63_MAX
+        or gm.reject_hint_term > UINT63_MAX
+    ):
+        for what in ("term", "log_term", "index", "commit", "reject_hint", "reject_hint_term"):
+            _check_u63(group, what, getattr(gm, what))
     entries: tuple[Entry, ...] = ()
     if gm.entries:
         kinds = _ENTRY_KIND_BY_WIRE
         try:
             entries = tuple(Entry(e.term, e.index, e.data, kinds[e.kind]) for e in gm.entries)
         except KeyError as exc:
-            raise CodecError(f"group {gm.group}: unknown entry kind {exc.args[0]}") from None
+            raise CodecError(f"group {group}: unknown entry kind {exc.args[0]}") from None
+        for e in entries:
+            _check_u63(group, "entry term", e.term)
+            _check_u63(group, "entry index", e.index)
     snapshot: Snapshot | None = None
     if gm.HasField("snapshot"):
         s = gm.snapshot
+        _check_u63(group, "snapshot index", s.meta.index)
+        _check_u63(group, "snapshot term", s.meta.term)
         meta = SnapshotMeta(s.meta.index, s.meta.term, _decode_conf(s.meta.conf))
         snapshot = Snapshot(meta, s.data)
     return Message(
@@ -241,6 +284,10 @@ def _decode_columns(
     n = len(groups)
     if len(cols.terms) != n:
         raise CodecError(f"heartbeat columns: {n} groups but {len(cols.terms)} terms")
+    if n:
+        for name, column in (("group id", groups), ("term", cols.terms), ("commit", cols.commits)):
+            if column and max(column) > UINT63_MAX:
+                raise CodecError(f"heartbeat columns: a {name} exceeds {UINT63_MAX}")
     if kind is _HEARTBEAT_RESP and cols.commits:
         raise CodecError("heartbeat responses carry no commit")
     commits: Iterable[int] = cols.commits if cols.commits else (0,) * n
@@ -273,10 +320,15 @@ def decode_batch(
 ) -> list[tuple[int, Message]]:
     """Every ``(group, message)`` of ``batch``: the full messages in their order, then the
     heartbeats (expanded back into messages from ``from_node`` to ``to_node``), then the
-    heartbeat responses. Raises :class:`CodecError` on a malformed batch."""
-    out = [(gm.group, _decode_message(gm)) for gm in batch.messages]
+    heartbeat responses. Raises :class:`CodecError` on a malformed batch: a node id out of
+    ``[1, NODE_ID_MAX]``, a message naming another sender or addressee than the batch, a
+    group id, term or index above ``UINT63_MAX``, an unknown kind. One bad message refuses
+    the whole batch (nothing of it is delivered)."""
+    frm, to = batch.from_node, batch.to_node
+    _check_nodes("batch sender", (frm,))
+    _check_nodes("batch addressee", (to,))
+    out = [(gm.group, _decode_message(gm, frm, to)) for gm in batch.messages]
     if batch.HasField("heartbeats"):
-        frm, to = batch.from_node, batch.to_node
         hb = batch.heartbeats
         if hb.HasField("requests"):
             requests = cache.requests if cache is not None else None
@@ -289,6 +341,8 @@ def decode_batch(
 
 __all__ = [
     "MESSAGE_OVERHEAD_BYTES",
+    "NODE_ID_MAX",
+    "UINT63_MAX",
     "CodecError",
     "HeartbeatCache",
     "decode_batch",

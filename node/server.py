@@ -44,7 +44,7 @@ from tidelog.node.controller_node import (
     parse_voters,
 )
 from tidelog.node.idempotence_store import SNAPSHOT_INTERVAL_S, IdempotenceSnapshots
-from tidelog.node.identity import NodeIdentity
+from tidelog.node.identity import DIRECTORY_ID_KEY, NodeIdentity
 from tidelog.node.log import PartitionLog
 from tidelog.node.metastore import MetaStore
 from tidelog.node.metrics import MetricsServer, NodeMetrics
@@ -65,7 +65,6 @@ _NODE_ID_KEY = b"node_id"
 _CLUSTER_ID_KEY = b"cluster_id"
 #: The identity of this data directory (a UUID made when the directory is first used), as
 #: Redpanda's node UUID and KRaft's directory id: a wiped directory gets a new one.
-_DIRECTORY_ID_KEY = b"directory_id"
 #: The controller voters' ids the directory was first started with ("1,2,3").
 _VOTERS_KEY = b"controller_voters"
 
@@ -199,11 +198,11 @@ class Node:
                 "changing the controller's voters is not supported yet; start with the same "
                 "voters (addresses may change)"
             )
-        directory_id = store.get(NODE_COLUMN, _DIRECTORY_ID_KEY)
+        directory_id = store.get(NODE_COLUMN, DIRECTORY_ID_KEY)
         new = directory_id is None
         if directory_id is None:
             directory_id = uuid.uuid4().hex.encode()
-            store.put(NODE_COLUMN, _DIRECTORY_ID_KEY, directory_id)
+            store.put(NODE_COLUMN, DIRECTORY_ID_KEY, directory_id)
             log.info("data directory %s: new directory id %s", self.data_dir, directory_id.decode())
         if stored_voters is None:
             store.put(NODE_COLUMN, _VOTERS_KEY, voter_ids.encode())
@@ -310,6 +309,7 @@ class Node:
             node_dead_ms=self.node_dead_ms,
             set_peer=transport.set_peer,
             leading=lambda: self.registry.leading(),
+            directory_id=directory_id,
         )
         self._idem_snapshots = snapshots = IdempotenceSnapshots(store)
         self._registry = registry = TopicRegistry(
@@ -350,7 +350,12 @@ class Node:
         raft.start()
         registry.start()
         await server.start()
-        controller.start(RegisterNode(self.node_id, advertised, metrics_address, rack=self.rack))
+        controller.start(
+            RegisterNode(
+                self.node_id, advertised, metrics_address, rack=self.rack,
+                directory_id=directory_id,
+            )
+        )  # fmt: skip
         await self._until_ready()
         for service in ("", BROKER_SERVICE, ADMIN_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)

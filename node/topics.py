@@ -485,6 +485,7 @@ class TopicRegistry:
                     term=p.term,
                     role=int(p.role),
                     leader=p.leader_id,
+                    group=p.group.group_id if p.group else 0,
                 )
             )
         return cluster_pb2.LogDigestResponse(node_id=self.node_id, partitions=out)

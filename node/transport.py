@@ -18,8 +18,14 @@ Why this shape (see also proto/tidelog/v1/raft.proto, Framing):
   beyond them, so that when the peer returns it first hears the freshest state (the latest
   heartbeats and votes) rather than a backlog Raft has already given up on.
 * Receiving is the Raft service on the node's own gRPC server (:meth:`add_servicer`): each
-  batch is checked (addressed to this node of this cluster), decoded and handed to
-  ``deliver`` on the event loop.
+  batch is checked (addressed to this node of this cluster, from a node that is one of our
+  peers), decoded and handed to ``deliver`` on the event loop. A batch with an invalid value
+  (``raft_codec.CodecError``: a node id below 1, a term beyond 2^63 - 1, ...) ends the stream
+  with INVALID_ARGUMENT; a batch from a node that is not a peer (not a controller voter, not
+  registered) is dropped and counted, the stream stays open (the sender may just be ahead of
+  our metadata, and Raft resends).
+* Metric series are labeled by peer only for peers (``set_peer``): nothing a caller claims
+  creates a series, so invented sender ids cannot grow ``/metrics``.
 
 Batches travel as bytes the transport serializes and parses itself, so the byte counters are
 exact without a second walk over the message.
@@ -80,6 +86,10 @@ keepalive_time_ms: Final = 10_000
 keepalive_timeout_ms: Final = 5_000
 #: Bound on the "peer refused us" warnings remembered (to log each distinct refusal once).
 refusals_logged_max: Final = 1_024
+#: At most one warning about batches from non-peers per this interval.
+unknown_peer_log_interval_ms: Final = 10_000
+#: Why an inbound batch was refused: the values of the ``reason`` label (a fixed set).
+REFUSAL_REASONS: Final = ("unknown_peer", "invalid", "mismatch")
 
 assert 0 < reconnect_backoff_min_ms <= reconnect_backoff_max_ms <= stream_stable_ms
 assert 0 < batch_bytes_max <= outbox_bytes_max
@@ -187,15 +197,34 @@ class TransportMetrics:
         )
         self.dropped = counter(
             "messages_dropped",
-            "Raft messages to a peer never written: outbox full, stream failed, unknown peer.",
+            "Raft messages to a peer never written: outbox full, stream failed, peer removed.",
         )
+        self.unroutable = Counter(
+            "tidelog_raft_messages_unroutable",
+            "Raft messages for a node that was never a peer, dropped (no per-node series).",
+            registry=registry,
+        )
+        refused = Counter(
+            "tidelog_raft_batches_refused",
+            "RaftBatch messages refused: from a node that is not a peer (dropped), invalid "
+            "(stream ended), addressed to another node or cluster (stream ended).",
+            ["reason"],
+            registry=registry,
+        )
+        self.refused = {reason: refused.labels(reason) for reason in REFUSAL_REASONS}
         self._peers: dict[int, PeerCounters] = {}
 
     def peer(self, node_id: int) -> PeerCounters:
+        """The counters of a peer, created on first use: call it for peers only (set_peer),
+        never with an id a caller merely claims (the series would stay for good)."""
         c = self._peers.get(node_id)
         if c is None:
             c = self._peers[node_id] = PeerCounters(self, str(node_id))
         return c
+
+    def known(self, node_id: int) -> PeerCounters | None:
+        """The counters of a node that is or was a peer; None for any other id."""
+        return self._peers.get(node_id)
 
 
 class _Peer:
@@ -298,6 +327,8 @@ class RaftTransport:
         self._inbound: set[asyncio.Task[object]] = set()
         self._hb_caches: dict[int, HeartbeatCache] = {}
         self._refusals_logged: set[tuple[int, int, str]] = set()
+        self._unknown_logged_at = float("-inf")
+        self._unknown_since_log = 0
         self._closed = False
 
     # ---- peers -----------------------------------------------------------------------------
@@ -329,6 +360,7 @@ class RaftTransport:
         peer = self._peers.pop(node_id, None)
         if peer is None:
             return
+        self._hb_caches.pop(node_id, None)
         peer.removed = True
         self._retire(peer)
         dropped = peer.drop_all()
@@ -364,7 +396,11 @@ class RaftTransport:
         what the peer's outbox cannot hold."""
         peer = self._peers.get(to_node)
         if peer is None:
-            self.metrics.peer(to_node).dropped.inc()
+            counters = self.metrics.known(to_node)
+            if counters is not None:
+                counters.dropped.inc()
+            else:
+                self.metrics.unroutable.inc()
             log.debug("raft message for unknown peer %d (group %d) dropped", to_node, group)
             return
         size = wire_size_estimate(msg)
@@ -528,15 +564,32 @@ class RaftTransport:
         peer_id = 0
         counters: PeerCounters | None = None
         cache: HeartbeatCache | None = None
+        refused = self.metrics.refused
         async for raw in requests:
             try:
                 batch = raft_pb2.RaftBatch.FromString(raw)
             except DecodeError as exc:
+                refused["invalid"].inc()
                 await self._refuse(context, InvalidRequest(f"undecodable RaftBatch: {exc}"))
             if batch.to_node != self.node_id or batch.cluster_id != self.cluster_id:
+                refused["mismatch"].inc()
                 await self._refuse(context, self._mismatch(batch))
-            if batch.from_node != peer_id or counters is None or cache is None:
-                peer_id = batch.from_node
+            frm = batch.from_node
+            if frm != peer_id or counters is None or cache is None or frm not in self._peers:
+                if frm < 1:
+                    refused["invalid"].inc()
+                    await self._refuse(
+                        context, InvalidRequest(f"invalid RaftBatch: sender node id {frm} < 1")
+                    )
+                if frm not in self._peers:
+                    # Before any counter or cache exists for it: nothing a caller claims
+                    # creates state here. The node may be ahead of our metadata: no abort.
+                    refused["unknown_peer"].inc()
+                    self._note_unknown(frm)
+                    counters = cache = None
+                    peer_id = 0
+                    continue
+                peer_id = frm
                 counters = self.metrics.peer(peer_id)
                 cache = self._hb_caches.get(peer_id)
                 if cache is None:
@@ -544,6 +597,7 @@ class RaftTransport:
             try:
                 items = decode_batch(batch, cache)
             except CodecError as exc:
+                refused["invalid"].inc()
                 await self._refuse(
                     context, InvalidRequest(f"invalid RaftBatch from node {peer_id}: {exc}")
                 )
@@ -557,6 +611,20 @@ class RaftTransport:
             except Exception:
                 log.exception("delivering a raft batch from node %d failed", peer_id)
         return _STREAM_CLOSED
+
+    def _note_unknown(self, from_node: int) -> None:
+        # At most one warning per interval, whatever the number of senders a caller invents.
+        self._unknown_since_log += 1
+        now = time.monotonic()
+        if now - self._unknown_logged_at < unknown_peer_log_interval_ms / 1000:
+            return
+        log.warning(
+            "raft batches from node %d dropped: it is not a peer of node %d (not a controller "
+            "voter, not registered); %d such batches since the last warning",
+            from_node, self.node_id, self._unknown_since_log,
+        )  # fmt: skip
+        self._unknown_logged_at = now
+        self._unknown_since_log = 0
 
     def _mismatch(self, batch: raft_pb2.RaftBatch) -> PeerMismatch:
         err = PeerMismatch(
@@ -602,6 +670,7 @@ class RaftTransport:
 
 __all__ = [
     "GRPC_SERVER_OPTIONS",
+    "REFUSAL_REASONS",
     "SERVICE_NAME",
     "STREAM_METHOD",
     "Deliver",

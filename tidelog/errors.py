@@ -192,6 +192,14 @@ class Unsupported(TidelogError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class NodeIdentityConflict(TidelogError):
+    """A node id is registered from another data directory (a second node with the same id,
+    or a forger): the registration is refused."""
+
+    reason = "NODE_IDENTITY_CONFLICT"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 _BY_REASON: dict[str, type[TidelogError]] = {
     cls.reason: cls
     for cls in (
@@ -220,6 +228,7 @@ _BY_REASON: dict[str, type[TidelogError]] = {
         ResourceExhausted,
         StorageError,
         Unsupported,
+        NodeIdentityConflict,
     )
 }
 

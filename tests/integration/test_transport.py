@@ -24,6 +24,7 @@ from tidelog.node.transport import (
     outbox_bytes_max,
     outbox_messages_max,
 )
+from tidelog.v1 import raft_pb2
 
 WAIT_S = 10.0
 
@@ -188,6 +189,7 @@ async def test_heartbeats_of_a_thousand_groups_cost_one_small_batch(
     a = await cluster(1)
     b = await cluster(2)
     a.transport.set_peer(2, b.address)
+    b.transport.set_peer(1, a.address)  # a receiver takes batches from its peers only
     await wait_until(lambda: a.transport.peer_status(2).connected, "the stream to node 2")
     heartbeats = [
         (g, Message(MessageKind.HEARTBEAT, 1, 2, 7, commit=1000 + g)) for g in range(1000)
@@ -206,6 +208,7 @@ async def test_peer_that_comes_back_gets_new_messages(cluster: MakePeer) -> None
     a = await cluster(1)
     b = await cluster(2)
     a.transport.set_peer(2, b.address)
+    b.transport.set_peer(1, a.address)
     a.transport.send(2, 1, append(1, 2, 1))
     await wait_until(lambda: len(b.received()) == 1, "the first message")
 
@@ -260,6 +263,7 @@ async def test_outbox_stays_bounded_under_a_dead_peer(cluster: MakePeer) -> None
 
     # When the peer appears, the newest messages (the oldest were dropped) reach it.
     b = await cluster(2, port=dead_port)
+    b.transport.set_peer(1, a.address)
     await wait_until(lambda: len(b.received()) == status.queued_messages, "the kept backlog")
     indexes = [m.index for _, m in b.received()]
     assert indexes == list(range(sent - len(indexes) + 1, sent + 1))
@@ -286,6 +290,7 @@ async def test_wrong_cluster_or_node_is_refused(cluster: MakePeer) -> None:
 async def test_peer_moves_to_a_new_address(cluster: MakePeer) -> None:
     a = await cluster(1)
     b = await cluster(2)
+    b.transport.set_peer(1, a.address)
     a.transport.set_peer(2, f"127.0.0.1:{free_port()}")  # stale address
     a.transport.send(2, 1, append(1, 2, 1))
     await wait_until(lambda: a.transport.peer_status(2).last_error is not None, "a failure")
@@ -315,5 +320,84 @@ async def test_garbage_is_refused_and_the_server_keeps_serving(
 
     a = await cluster(1)
     a.transport.set_peer(2, b.address)
+    b.transport.set_peer(1, a.address)
     a.transport.send(2, 1, append(1, 2, 1))
     await wait_until(lambda: len(b.received()) == 1, "a good message after the garbage")
+
+
+def refused_batches(p: Peer, reason: str) -> float:
+    value = p.transport.registry.get_sample_value(
+        "tidelog_raft_batches_refused_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+def series(p: Peer) -> int:
+    return sum(len(family.samples) for family in p.transport.registry.collect())
+
+
+def forged(frm: int, to: int, group: int = 1, term: int = 5) -> bytes:
+    batch = raft_pb2.RaftBatch(from_node=frm, to_node=to, cluster_id="cluster-a")
+    batch.heartbeats.requests.groups.append(group)
+    batch.heartbeats.requests.terms.append(term)
+    return batch.SerializeToString()
+
+
+@pytest.mark.timeout(30)
+async def test_batches_from_a_node_that_is_not_a_peer_are_dropped_and_counted(
+    cluster: MakePeer,
+) -> None:
+    a = await cluster(1)
+    b = await cluster(2)
+    a.transport.set_peer(2, b.address)
+    a.transport.send(2, 1, append(1, 2, 1))
+    await wait_until(lambda: refused_batches(b, "unknown_peer") == 1, "the refusal")
+    assert b.deliveries == []
+    assert b.metric("batches_received", 1) == 0
+    assert a.transport.peer_status(2).connected, "the stream stays open"
+    # Once node 1 is a peer (registered), the same stream carries its messages.
+    b.transport.set_peer(1, a.address)
+    a.transport.send(2, 1, append(1, 2, 2))
+    await wait_until(lambda: len(b.received(1)) == 1, "the message of a peer")
+    assert [m.index for _, m in b.received(1)] == [2]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "raw",
+    [forged(-3, 2), forged(1, 2, term=2**64 - 1), forged(1, 2, group=2**63)],
+    ids=["negative-sender", "term-2^64-1", "group-2^63"],
+)
+async def test_batches_with_invalid_values_end_the_stream(cluster: MakePeer, raw: bytes) -> None:
+    b = await cluster(2)
+    b.transport.set_peer(1, f"127.0.0.1:{free_port()}")
+    async with aio.insecure_channel(b.address) as channel:
+        call = channel.stream_unary(STREAM_METHOD, None, None)(None)
+        await call.write(raw)
+        with pytest.raises(aio.AioRpcError) as info:
+            await call
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert b.deliveries == []
+    assert refused_batches(b, "invalid") == 1
+
+
+@pytest.mark.timeout(60)
+async def test_invented_sender_ids_create_no_metric_series(cluster: MakePeer) -> None:
+    b = await cluster(2)
+    b.transport.set_peer(1, f"127.0.0.1:{free_port()}")
+    before = series(b)
+    async with aio.insecure_channel(b.address) as channel:
+        call = channel.stream_unary(STREAM_METHOD, None, None)(None)
+        for frm in range(1000, 6000):
+            await call.write(forged(frm, 2))
+        await call.done_writing()
+        await call
+    assert refused_batches(b, "unknown_peer") == 5000
+    assert series(b) == before, "no series per invented sender"
+    assert b.deliveries == []
+    # Messages for never-known nodes are counted without a per-node series either.
+    for to in range(1000, 6000):
+        b.transport.send(to, 1, append(2, to, 1))
+    assert series(b) == before
+    value = b.transport.registry.get_sample_value("tidelog_raft_messages_unroutable_total")
+    assert value == 5000

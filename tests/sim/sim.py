@@ -24,7 +24,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tidelog.node.raft.core import RawNode
 from tidelog.node.raft.errors import ProposalDropped
+from tidelog.node.raft.guard import refusal
 from tidelog.node.raft.storage import NO_LIMIT_BYTES
 from tidelog.node.raft.types import (
     ConfState,
@@ -163,6 +165,8 @@ class RunStats:
     elections: int = 0
     snapshots_installed: int = 0
     messages_sent: int = 0
+    #: Messages raft/guard.py refused before the core (as node/multiraft.py does).
+    messages_refused: int = 0
     liveness_ticks: int = 0
 
 
@@ -476,6 +480,11 @@ class Simulation:
                 MessageKind.HEARTBEAT_RESP,
             ):
                 self._log(_describe(item))
+            # The node's driver refuses what raft/guard.py refuses before the core sees it;
+            # the simulation checks that this costs neither safety nor liveness.
+            if isinstance(core, RawNode) and refusal(core, item) is not None:
+                self.stats.messages_refused += 1
+                return
             core.step(item)
         elif isinstance(item, _Tick):
             self.stats.ticks += 1

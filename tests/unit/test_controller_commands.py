@@ -219,3 +219,16 @@ def test_random_bytes_fail_cleanly(data: bytes) -> None:
         decode_command(data)
     except CommandDecodeError:
         pass
+
+
+def test_register_node_carries_a_directory_id_and_reads_older_encodings() -> None:
+    with_id = RegisterNode(2, "10.0.0.2:9092", directory_id="0123abcd")
+    data = encode_command(with_id)
+    assert b'"directory_id":"0123abcd"' in data
+    assert decode_command(data) == with_id
+    # Written before directory ids existed (and still so without one): the same bytes.
+    old = b'{"address":"a:1","metrics_address":"","node_id":2,"rack":null,"type":"register_node","v":1}'
+    assert decode_command(old) == RegisterNode(2, "a:1")
+    assert encode_command(RegisterNode(2, "a:1")) == old
+    with pytest.raises(CommandDecodeError, match="directory_id"):
+        decode_command(old.replace(b'"v":1', b'"v":1,"directory_id":7'))

@@ -16,10 +16,18 @@ from tidelog.config import TopicConfig
 from tidelog.errors import LeaderNotAvailable, NotLeader, RequestTimedOut
 from tidelog.node.metastore import MetaStore
 from tidelog.node.metrics import NodeMetrics
-from tidelog.node.multiraft import MultiRaft, RaftTiming
+from tidelog.node.multiraft import MultiRaft, RaftTiming, early_bytes_max, early_messages_max
 from tidelog.node.partition import Partition
 from tidelog.node.raft.limits import Config
-from tidelog.node.raft.types import ConfState, Entry, Message, Role
+from tidelog.node.raft.types import (
+    ConfState,
+    Entry,
+    Message,
+    MessageKind,
+    Role,
+    Snapshot,
+    SnapshotMeta,
+)
 from tidelog.node.replica_storage import HardStateStore
 from tidelog.records import decode_batches, encode_batch, validate_batches
 
@@ -283,3 +291,113 @@ async def test_an_entry_a_replica_cannot_apply_stops_its_group_not_skipped(
     # The other two replicas go on committing.
     await cluster.produce(leader, b"e")
     assert values_of(leader)[-1] == b"e"
+
+
+# ---- forged messages (issue 9, A3): refused by raft/guard.py, counted, nothing changes ----
+
+
+def refused(raft: MultiRaft, reason: str) -> float:
+    value = raft._metrics.registry.get_sample_value(
+        "tidelog_raft_messages_refused_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+@pytest.mark.timeout(30)
+async def test_forged_messages_are_refused_and_change_nothing(cluster: Cluster) -> None:
+    for n in (1, 2, 3):
+        cluster.add(n)
+    cluster.net.nodes[1].campaign(cluster.parts[1].group)  # type: ignore[arg-type]
+    leader = await cluster.leader()
+    for i in range(5):
+        await cluster.produce(leader, b"v%d" % i)
+    lid = leader.group.raw.id  # type: ignore[union-attr]
+    fid, other = sorted(VOTERS - {lid})
+    follower = cluster.parts[fid]
+    async with asyncio.timeout(5):
+        while follower.high_watermark < 5:
+            await asyncio.sleep(0.01)
+    raft = cluster.net.nodes[fid]
+    raw = follower.group.raw  # type: ignore[union-attr]
+    term, last = raw.term, raw.log.last_index()
+    before = (values_of(follower), follower.log.log_start_offset, raw_log(follower))
+
+    batch = encode_batch([b"injected"])
+    forged_entry = Entry(term + 1, last + 1, batch)
+    snap = Snapshot(SnapshotMeta(5000, term, ConfState(voters=VOTERS)), b"")
+    forgeries: list[tuple[str, Message]] = [
+        # A non-member (99) with a higher term appends a record.
+        ("not_member", Message(MessageKind.APPEND, 99, fid, term + 1, log_term=term,
+                               index=last, entries=(forged_entry,), commit=last + 1)),
+        # A member that does not lead this term sends a snapshot (would wipe the log).
+        ("not_leader", Message(MessageKind.SNAPSHOT, other, fid, term, snapshot=snap)),
+        # A member that does not lead this term appends.
+        ("not_leader", Message(MessageKind.APPEND, other, fid, term, log_term=term,
+                               index=last, entries=(Entry(term, last + 1, batch),),
+                               commit=last + 1)),
+        # A term far beyond the group's (2^63 - 1 would break Metadata's int64 leader_term).
+        ("term_too_far", Message(MessageKind.HEARTBEAT, other, fid, 2**63 - 1)),
+        ("term_too_far", Message(MessageKind.VOTE, other, fid, term + 2_000_000,
+                                 log_term=2**62, index=2**62)),
+    ]  # fmt: skip
+    for reason, msg in forgeries:
+        count = refused(raft, reason)
+        raft.deliver(msg.frm, [(GROUP, msg)])
+        assert refused(raft, reason) == count + 1, reason
+    await asyncio.sleep(0.2)  # several rounds and heartbeats
+    assert raw.term == term and raw.leader_id == lid
+    assert (values_of(follower), follower.log.log_start_offset, raw_log(follower)) == before
+    # The group is healthy: the next record still commits everywhere.
+    await cluster.produce(leader, b"after")
+    async with asyncio.timeout(5):
+        while values_of(follower)[-1:] != [b"after"]:
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.timeout(30)
+async def test_early_messages_of_invented_groups_stay_bounded(cluster: Cluster) -> None:
+    raft = cluster.net.nodes[1]
+    payload = Entry(1, 1, b"x" * 64 * 1024)
+    for group in range(100_000, 100_000 + 2 * early_messages_max):
+        raft.deliver(2, [(group, Message(MessageKind.HEARTBEAT, 2, 1, 1))])
+    assert raft._early_count <= early_messages_max
+    assert len(raft._early) <= early_messages_max
+    for group in range(1_000, 1_000 + 1_000):  # 64 MiB of appends
+        raft.deliver(2, [(group, Message(MessageKind.APPEND, 2, 1, 1, entries=(payload,)))])
+    assert raft._early_bytes <= early_bytes_max
+    assert raft._early_count <= early_messages_max
+    assert raft._early_bytes == sum(
+        raft._early_size(m) for msgs in raft._early.values() for _at, _frm, m in msgs
+    )
+
+
+@pytest.mark.timeout(30)
+async def test_a_hard_state_that_cannot_be_stored_fails_only_its_group(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Every group's hard state is written in one batch per round: a value the store cannot
+    encode (a negative vote once did) must not fail the write of every other group."""
+    for n in (1, 2, 3):
+        cluster.add(n)
+    raft = cluster.net.nodes[1]
+    other_log = InstrumentedLog(tmp_path / "solo" / "log")
+    solo = Partition("solo", 0, other_log, TopicConfig.from_overrides({}), group_id=7,
+                     replicas=[1])  # fmt: skip
+    solo_group = raft.add_group(7, other_log, ConfState(voters=frozenset({1})), solo,
+                                durable=True, config=CONFIG)  # fmt: skip
+    solo.attach(solo_group, raft)
+    raft.campaign(solo_group)
+    async with asyncio.timeout(5):
+        while not solo.serving:
+            await asyncio.sleep(0.01)
+    bad = cluster.parts[1].group
+    assert bad is not None
+    bad.raw.vote = -5  # what a forged VOTE from node -5 made of it before the codec check
+    bad.raw.term += 1
+    raft.touch(bad)
+    await cluster.produce(solo, b"still")
+    async with asyncio.timeout(5):
+        while not bad.failed:
+            await asyncio.sleep(0.01)
+    assert not solo_group.failed
+    assert values_of(solo) == [b"still"]

@@ -37,9 +37,9 @@ SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[Heal
 FROM, TO, CLUSTER = 1, 2, "c-1"
 Items = list[tuple[int, Message]]
 
-u64 = st.integers(min_value=0, max_value=2**64 - 1)
+# Group ids, terms and indexes travel as uint64 but must fit int64 (UINT63_MAX).
+group_id = st.integers(min_value=0, max_value=2**63 - 1)
 index = st.integers(min_value=0, max_value=2**63 - 1)
-node = st.integers(min_value=1, max_value=2**31 - 1)
 small_bytes = st.binary(max_size=64)
 
 
@@ -71,8 +71,9 @@ def messages(kind: st.SearchStrategy[MessageKind] = ANY_KIND) -> st.SearchStrate
     return st.builds(
         Message,
         kind=kind,
-        frm=node,
-        to=node,
+        # A message names the batch's sender and addressee (anything else is refused).
+        frm=st.just(FROM),
+        to=st.just(TO),
         term=index,
         log_term=index,
         index=index,
@@ -118,7 +119,7 @@ def expected_order(items: Items) -> Items:
 
 
 @SETTINGS
-@given(st.lists(st.tuples(u64, messages() | plain_heartbeats()), max_size=20))
+@given(st.lists(st.tuples(group_id, messages() | plain_heartbeats()), max_size=20))
 def test_round_trip_any_mix(items: Items) -> None:
     assert round_trip(items) == expected_order(items)
 
@@ -127,7 +128,7 @@ def test_round_trip_any_mix(items: Items) -> None:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_round_trip_every_kind(kind: MessageKind, data: st.DataObject) -> None:
-    group = data.draw(u64)
+    group = data.draw(group_id)
     msg = data.draw(messages(st.just(kind)))
     assert round_trip([(group, msg)]) == expected_order([(group, msg)])
 
@@ -207,15 +208,22 @@ def test_context_column_only_when_a_context_is_set() -> None:
 
 def test_heartbeats_that_carry_more_travel_as_messages() -> None:
     """A heartbeat with a field the columns cannot hold, or not between the batch's two
-    nodes, is sent whole rather than losing that field."""
+    nodes, is sent whole rather than losing that field; the receiver refuses a batch with a
+    message that is not between the batch's two nodes (a message names its batch's nodes)."""
     odd = [
         (1, Message(MessageKind.HEARTBEAT, FROM, TO, 2, index=5)),
         (2, Message(MessageKind.HEARTBEAT_RESP, FROM, TO, 2, commit=4)),
+    ]
+    foreign = [
         (3, Message(MessageKind.HEARTBEAT, 9, TO, 2)),
         (4, Message(MessageKind.HEARTBEAT_RESP, FROM, 9, 2, reject=True)),
     ]
-    batch = encode_batch(FROM, TO, CLUSTER, odd)
+    batch = encode_batch(FROM, TO, CLUSTER, odd + foreign)
     assert len(batch.messages) == 4 and not batch.HasField("heartbeats")
+    with pytest.raises(CodecError, match="in a batch from node"):
+        decode_batch(batch)
+    batch = encode_batch(FROM, TO, CLUSTER, odd)
+    assert len(batch.messages) == 2 and not batch.HasField("heartbeats")
     assert decode_batch(batch) == odd
 
 
@@ -309,4 +317,93 @@ def test_malformed_columns_are_refused(
     cols.commits.extend(commits)
     cols.contexts.extend(contexts)
     with pytest.raises(CodecError):
+        decode_batch(batch)
+
+
+# ---- values a hostile sender may put on the wire (issue 9) ---------------------------------
+
+U63 = 2**63 - 1
+
+
+def _append(**fields: object) -> raft_pb2.GroupMessage:
+    base: dict[str, object] = {
+        "group": 7,
+        "kind": raft_pb2.RAFT_MESSAGE_KIND_APPEND,
+        "from_node": FROM,
+        "to_node": TO,
+        "term": 3,
+    }
+    base.update(fields)
+    return raft_pb2.GroupMessage(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "gm",
+    [
+        _append(from_node=-1),
+        _append(from_node=99),
+        _append(to_node=3),
+        _append(group=U63 + 1),
+        _append(term=2**64 - 1),
+        _append(term=U63 + 1),
+        _append(log_term=U63 + 1),
+        _append(index=U63 + 1),
+        _append(commit=U63 + 1),
+        _append(reject_hint=U63 + 1),
+        _append(reject_hint_term=U63 + 1),
+        _append(entries=[raft_pb2.RaftEntry(term=U63 + 1, index=1)]),
+        _append(entries=[raft_pb2.RaftEntry(term=1, index=U63 + 1)]),
+        _append(
+            kind=raft_pb2.RAFT_MESSAGE_KIND_SNAPSHOT,
+            snapshot=raft_pb2.RaftSnapshot(meta=raft_pb2.RaftSnapshotMeta(term=U63 + 1)),
+        ),
+        _append(
+            kind=raft_pb2.RAFT_MESSAGE_KIND_SNAPSHOT,
+            snapshot=raft_pb2.RaftSnapshot(meta=raft_pb2.RaftSnapshotMeta(index=U63 + 1)),
+        ),
+        _append(
+            kind=raft_pb2.RAFT_MESSAGE_KIND_SNAPSHOT,
+            snapshot=raft_pb2.RaftSnapshot(
+                meta=raft_pb2.RaftSnapshotMeta(conf=raft_pb2.RaftConfState(voters=[1, -4]))
+            ),
+        ),
+    ],
+    ids=[
+        "negative-sender", "other-sender", "other-addressee", "group-2^63", "term-2^64-1",
+        "term-2^63", "log-term", "index", "commit", "reject-hint", "reject-hint-term",
+        "entry-term", "entry-index", "snapshot-term", "snapshot-index", "snapshot-negative-voter",
+    ],
+)  # fmt: skip
+def test_out_of_range_values_refuse_the_whole_batch(gm: raft_pb2.GroupMessage) -> None:
+    batch = _batch_with(_append())  # a valid message first: nothing of the batch survives
+    batch.messages.append(gm)
+    with pytest.raises(CodecError):
+        decode_batch(batch)
+
+
+def test_the_largest_valid_values_decode() -> None:
+    gm = _append(group=U63, term=U63, log_term=U63, index=U63, commit=U63)
+    [(group, msg)] = decode_batch(_batch_with(gm))
+    assert group == U63 and msg.term == U63 and msg.commit == U63
+    assert (msg.frm, msg.to) == (FROM, TO)
+
+
+@pytest.mark.parametrize(("frm", "to"), [(-7, TO), (0, TO), (FROM, -1), (FROM, 0)])
+def test_batch_node_ids_must_be_positive(frm: int, to: int) -> None:
+    batch = raft_pb2.RaftBatch(from_node=frm, to_node=to, cluster_id=CLUSTER)
+    batch.heartbeats.requests.groups.append(1)
+    batch.heartbeats.requests.terms.append(1)
+    with pytest.raises(CodecError, match="node id"):
+        decode_batch(batch)
+
+
+@pytest.mark.parametrize("column", ["groups", "terms", "commits"])
+def test_heartbeat_columns_out_of_range_are_refused(column: str) -> None:
+    batch = _batch_with()
+    cols = batch.heartbeats.requests
+    cols.groups.extend([1, 2])
+    cols.terms.extend([1, 1])
+    cols.commits.extend([0, 0])
+    getattr(cols, column)[1] = 2**64 - 1
+    with pytest.raises(CodecError, match="exceeds"):
         decode_batch(batch)

@@ -206,6 +206,7 @@ class PartitionDigest(_message.Message):
     TERM_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     LEADER_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
     partition: _builtins.int
     log_start_offset: _builtins.int
@@ -219,6 +220,8 @@ class PartitionDigest(_message.Message):
     role: _builtins.int
     """raft.types.Role value: 0 follower, 1 pre-candidate, 2 candidate, 3 leader."""
     leader: _builtins.int
+    group: _builtins.int
+    """The partition's Raft group id (tests and repair tools address raw Raft messages by it)."""
     def __init__(
         self,
         *,
@@ -232,10 +235,11 @@ class PartitionDigest(_message.Message):
         term: _builtins.int = ...,
         role: _builtins.int = ...,
         leader: _builtins.int = ...,
+        group: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_index", b"commit_index", "crc32c", b"crc32c", "digest_end_offset", b"digest_end_offset", "high_watermark", b"high_watermark", "leader", b"leader", "log_start_offset", b"log_start_offset", "partition", b"partition", "role", b"role", "term", b"term", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_index", b"commit_index", "crc32c", b"crc32c", "digest_end_offset", b"digest_end_offset", "group", b"group", "high_watermark", b"high_watermark", "leader", b"leader", "log_start_offset", b"log_start_offset", "partition", b"partition", "role", b"role", "term", b"term", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

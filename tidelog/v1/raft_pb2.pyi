@@ -157,7 +157,10 @@ Global___RaftBatch: _TypeAlias = RaftBatch  # noqa: Y015
 @_typing.final
 class GroupMessage(_message.Message):
     """One Raft message of one group: types.Message plus the group id. `from_node` and `to_node`
-    repeat the batch's ids (2 bytes) so a message decodes exactly as it was sent.
+    repeat the batch's ids (2 bytes) so a message decodes exactly as it was sent; a receiver
+    refuses a batch holding a message between other nodes. Group ids, terms and indexes are
+    uint64 on the wire but at most 2^63 - 1 (they are int64 everywhere else): a larger value
+    refuses the whole batch, as does a node id below 1.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
