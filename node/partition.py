@@ -279,6 +279,34 @@ class Partition(StateMachine[None]):
         )
         return p.first_offset, p.last_offset, p.last_index, p.term
 
+    async def wait_batches(
+        self,
+        entries: Sequence[tuple[int, int]],
+        *,
+        committed: bool,
+        timeout_s: float,
+        per_batch: bool = True,
+    ) -> None:
+        """Wait for the entries ``(index, term)`` of one produce request's batches, in
+        request order: committed (acks=all) or stored on this leader (acks=1). A batch that
+        was overwritten fails the request; if batches before it were stored (they are a
+        prefix: an entry of a term cannot commit without the earlier entries of that term),
+        the NOT_LEADER error says so in its metadata, ``batches_stored=N``, so the client
+        retries only the rest. Timeouts as :meth:`wait_committed`. ``per_batch`` False:
+        ``entries`` are not one per batch in request order (no ``batches_stored``)."""
+        done, error = await self.wait_each(entries, timeout_s, committed=committed)
+        if error is None:
+            return
+        if done == 0 or not per_batch or not isinstance(error, NotLeader):
+            raise error
+        n = len(entries)
+        raise NotLeader(
+            f"{error.message} (batches {done + 1}..{n} of the request; its first {done} "
+            f"batch(es) were {'committed' if committed else 'stored'}: retry only the rest)",
+            **error.metadata,
+            batches_stored=str(done),
+        )
+
     async def read_barrier(self, timeout_s: float) -> None:
         """Linearizable reads: return once this replica is confirmed (Raft ReadIndex: a
         heartbeat round a majority acknowledged) to still lead, and has applied everything

@@ -568,14 +568,28 @@ class Simulation:
                 a.outcome = "sent"
             return
         try:
-            if acks == -1:
-                await part.wait_committed(last_index, term, 2.0)
-            else:
-                await part.wait_persisted(last_index, term, 2.0)
+            # As the broker service waits: each batch's entry, in request order.
+            await part.wait_batches(
+                [(a.index, a.term) for a in attempts], committed=acks == -1, timeout_s=2.0
+            )
         except NotLeader as exc:
-            # The partition says: overwritten or replaced, not committed.
-            for a in attempts:
-                a.outcome, a.detail = "failed", str(exc)
+            # The partition says: overwritten or replaced, not committed; all of them, or
+            # all but the first batches_stored (those were committed, or stored for acks=1).
+            stored = int(exc.metadata.get("batches_stored", "0"))
+            if stored:
+                self.trace(
+                    f"producer {pid}: group {gid} node {node.node_id}: {stored} of "
+                    f"{len(attempts)} batches stored, the rest overwritten (batches_stored)"
+                )
+            for i, a in enumerate(attempts):
+                if i < stored:
+                    a.outcome = "ok"
+                else:
+                    a.outcome, a.detail = "failed", str(exc)
+            if acks == -1:
+                self.stats.acked_all += stored
+            else:
+                self.stats.acked_one += stored
             return
         except (RequestTimedOut, NodeUnavailable, StorageError, TidelogError) as exc:
             for a in attempts:
