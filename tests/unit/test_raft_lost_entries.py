@@ -143,6 +143,61 @@ def test_a_replica_that_lost_entries_does_not_vote_until_caught_up() -> None:
     assert [e.data for e in c.log_of(leader)][:5] == [e.data for e in c.log_of(1)][:5]
 
 
+def test_a_majority_that_lost_entries_elects_the_intact_replica_unanimously() -> None:
+    """Node simulation, flush-os seed 20: a power loss of two of three machines under
+    flush=os left both recovering, and as neither voted, the intact third could never be
+    elected: the group stayed without a leader for good. Their rejections now say that the
+    candidate's log is as up to date as theirs, and with every voter answering so (or
+    granting) it wins; with one voter silent, the old rule holds."""
+    c = Cluster([1, 2, 3], rngs={2: seeded(2), 3: seeded(3)})
+    c.elect(1)
+    for i in range(4):
+        c[1].propose(b"%d" % i)
+    c.stabilize()
+    assert c[1].commit_index == 5
+    # 1 loses power and comes back having lost 3..5; 2 too (2..5): both recovering.
+    lose_tail(c, 1, keep=2, lost_to=5)
+    lose_tail(c, 2, keep=1, lost_to=5)
+    # 3, intact, campaigns with 1 unreachable: 2's answer alone does not elect it.
+    c.down.add(1)
+    for _ in range(3):
+        c[3].campaign()
+        c.stabilize()
+        assert c[3].role != Role.LEADER
+    # With every voter answering, 3 wins, and brings both back to its log.
+    c.down.discard(1)
+    c[3].campaign()
+    c.stabilize()
+    assert c[3].role == Role.LEADER
+    c.tick(3, 2 * c.config.heartbeat_interval_ticks)
+    c.stabilize()
+    for nid in (1, 2):
+        assert [e.data for e in c.log_of(nid)] == [e.data for e in c.log_of(3)]
+        assert c[nid].lost_to == 0
+    assert [e.data for e in c.log_of(3)][1:5] == [b"0", b"1", b"2", b"3"]
+
+
+def test_a_recovering_voter_does_not_help_a_candidate_less_up_to_date_than_it() -> None:
+    """The marked rejection is only for candidates whose log is at least as up to date as
+    the voter's own. 1 missed entries 2..5 (cut off); 2 and 3 lost some of them in a power
+    loss, but 2 still holds 2..3: 1 must not win, or 2..3 would be gone from the group."""
+    c = Cluster([1, 2, 3], rngs={2: seeded(2), 3: seeded(3)})
+    c.elect(3)
+    c.isolate(1)
+    for i in range(4):
+        c[3].propose(b"%d" % i)
+    c.stabilize()
+    assert c[3].commit_index == 5 and c[1].log.last_index() == 1
+    lose_tail(c, 2, keep=3, lost_to=5)
+    lose_tail(c, 3, keep=1, lost_to=5)
+    c.heal()
+    for _ in range(3):
+        c[1].campaign()
+        c.stabilize()
+        assert c[1].role != Role.LEADER
+    assert [e.data for e in c.log_of(2)][1:3] == [b"0", b"1"]
+
+
 def test_lost_to_within_the_log_is_no_loss() -> None:
     c = Cluster([1, 2, 3])
     c.elect(1)
