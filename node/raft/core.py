@@ -132,6 +132,7 @@ class RawNode:
         "_msgs",
         "_pending_reads",
         "_prev_hard_state",
+        "_prev_lost_to",
         "_prev_soft_state",
         "_randomized_election_timeout",
         "_read_heartbeat_ctx",
@@ -204,6 +205,10 @@ class RawNode:
         # The heartbeat answer of an idle follower never changes: built once, reused.
         self._hb_resp: Message | None = None
         self._prev_hard_state = hs
+        #: ``lost_to`` as of the last hard state handed out: when it changes, the driver must
+        #: store the hard state again (it keeps ``lost_to`` as the stored commit index, and a
+        #: NEW_REPLICA marker left behind would make the replica new again at its restart).
+        self._prev_lost_to = self.lost_to
         self._prev_soft_state = SoftState(NONE, Role.FOLLOWER)
         self._tick: Callable[[], None] = self._tick_election
         self._step: Callable[[Message], None] = self._step_follower
@@ -466,6 +471,8 @@ class RawNode:
         hs = self._prev_hard_state
         if hs.term != self.term or hs.vote != self.vote or hs.commit != log.committed:
             return True
+        if self._prev_lost_to != self.lost_to:
+            return True
         ss = self._prev_soft_state
         if ss.leader_id != self.leader_id or ss.role != self.role:
             return True
@@ -481,10 +488,16 @@ class RawNode:
         hs: HardState | None = None
         prev = self._prev_hard_state
         must_sync = False
-        if prev.term != self.term or prev.vote != self.vote or prev.commit != log.committed:
+        if (
+            prev.term != self.term
+            or prev.vote != self.vote
+            or prev.commit != log.committed
+            or self._prev_lost_to != self.lost_to
+        ):
             # A commit-only change need not be synced: a lost commit index is relearned.
             must_sync = prev.term != self.term or prev.vote != self.vote
             hs = self._prev_hard_state = HardState(self.term, self.vote, log.committed)
+            self._prev_lost_to = self.lost_to
         entries: tuple[Entry, ...] = ()
         if log.unstable.entries:
             entries = tuple(log.unstable.entries)

@@ -321,3 +321,32 @@ def test_new_replicas_of_a_new_group_still_elect_a_leader() -> None:
     c.stabilize()
     assert all(c[n].lost_to == 0 for n in (1, 2, 3))
     assert c[3].commit_index == c[1].commit_index == c[1].log.last_index()
+
+
+def test_a_new_replica_that_leads_or_joins_has_its_hard_state_stored_again() -> None:
+    """Node simulation, default seed 83 (after the simulator started fresh nodes with new
+    data directories, as the server does): a new replica (the driver stores the NEW_REPLICA
+    marker as its commit index) won the group's first election, appended entries and
+    crashed before its commit index moved. No hard state had been written since the marker,
+    so it restarted as a new replica holding entries: it neither voted nor stood, and the
+    group had no leader for good. A change of ``lost_to`` now hands out the hard state."""
+    conf = ConfState(voters=frozenset({1, 2, 3}))
+    raw = RawNode(1, MemoryStorage(conf), seeded(1), Config(), lost_to=NEW_REPLICA)
+
+    def drain() -> list[HardState]:
+        out = []
+        while raw.has_ready():
+            rd = raw.ready()
+            if rd.hard_state is not None:
+                out.append(rd.hard_state)
+            raw.advance(rd)
+        return out
+
+    raw.campaign()
+    drain()
+    raw.step(Message(K.PRE_VOTE_RESP, 2, 1, 1))
+    assert raw.role == Role.CANDIDATE and raw.lost_to == NEW_REPLICA
+    assert drain() == [HardState(1, 1, 0)]  # stored with the marker by the driver
+    raw.step(Message(K.VOTE_RESP, 2, 1, 1))
+    assert raw.role.name == "LEADER" and raw.lost_to == 0
+    assert drain() == [HardState(1, 1, 0)]  # term, vote and commit unchanged, marker gone
