@@ -10,9 +10,12 @@ entry need a word:
   one offset) built deterministically (timestamp 0, no producer), so every replica writes the
   same bytes whether it got the entry from the leader's memory (no data) or from its log.
 * A snapshot of a partition is metadata only: the offset, Raft index and term the leader's
-  log starts after. A follower that needs entries the leader no longer holds (retention
-  deleted them) installs it with ``PartitionLog.reset``: records below the leader's log
-  start are gone, as in Kafka.
+  stored log starts after, and the leader's logical log start (at or above that offset:
+  ``node/log/partition_log.py``). A follower that needs entries the leader no longer holds
+  (retention deleted them) installs it with ``PartitionLog.reset``: records below the
+  leader's log start are gone, as in Kafka, and the follower's logical start is the
+  leader's. (The logical start otherwise travels as a control batch, see
+  ``node/partition.py``; a follower that skips it by a snapshot gets it here.)
 
 Raft indexes and consumer offsets are translated only through the log (``term_at_index``,
 ``end_offset_at_index``); this module never keeps its own mapping.
@@ -68,6 +71,9 @@ _GROUP_KEY = struct.Struct(">Q")
 _HARD_STATE = struct.Struct(">QQQ")
 _SNAPSHOT_DATA = struct.Struct(">BQ")
 _SNAPSHOT_FORMAT: Final = 1
+#: Format 2 adds the logical log start.
+_SNAPSHOT_DATA_2 = struct.Struct(">BQQ")
+_SNAPSHOT_FORMAT_2: Final = 2
 assert NOOP_SIZE > HEADER_SIZE
 
 
@@ -102,20 +108,39 @@ def next_offset(raw: RawNode, partition_log: RaftLogFile) -> int:
     return end + empties
 
 
-def encode_snapshot_data(log_start_offset: int) -> bytes:
-    return _SNAPSHOT_DATA.pack(_SNAPSHOT_FORMAT, log_start_offset)
+def encode_snapshot_data(log_start_offset: int, logical_start: int | None = None) -> bytes:
+    """``log_start_offset``: where the log continues after the snapshot (the stored start);
+    ``logical_start``: the logical log start, at or above it (default: the same)."""
+    if logical_start is None or logical_start == log_start_offset:
+        return _SNAPSHOT_DATA.pack(_SNAPSHOT_FORMAT, log_start_offset)
+    return _SNAPSHOT_DATA_2.pack(_SNAPSHOT_FORMAT_2, log_start_offset, logical_start)
+
+
+def decode_snapshot(data: bytes) -> tuple[int, int]:
+    """(offset the log continues at, logical log start) of a snapshot; StorageError if the
+    bytes are not ours."""
+    if len(data) == _SNAPSHOT_DATA.size:
+        fmt, offset = _SNAPSHOT_DATA.unpack(data)
+        logical = offset
+        ok = fmt == _SNAPSHOT_FORMAT
+    elif len(data) == _SNAPSHOT_DATA_2.size:
+        fmt, offset, logical = _SNAPSHOT_DATA_2.unpack(data)
+        ok = fmt == _SNAPSHOT_FORMAT_2
+    else:
+        raise StorageError(
+            f"partition snapshot is {len(data)} bytes, expected {_SNAPSHOT_DATA.size} or "
+            f"{_SNAPSHOT_DATA_2.size}"
+        )
+    if not ok or offset < 0 or logical < offset:
+        raise StorageError(
+            f"partition snapshot has format {fmt}, offset {offset} and log start {logical}"
+        )
+    return int(offset), int(logical)
 
 
 def decode_snapshot_data(data: bytes) -> int:
-    """The offset a snapshot's log starts at; StorageError if the bytes are not ours."""
-    if len(data) != _SNAPSHOT_DATA.size:
-        raise StorageError(
-            f"partition snapshot is {len(data)} bytes, expected {_SNAPSHOT_DATA.size}"
-        )
-    fmt, offset = _SNAPSHOT_DATA.unpack(data)
-    if fmt != _SNAPSHOT_FORMAT or offset < 0:
-        raise StorageError(f"partition snapshot has format {fmt} and offset {offset}")
-    return int(offset)
+    """The offset a snapshot's log continues at; StorageError if the bytes are not ours."""
+    return decode_snapshot(data)[0]
 
 
 class RaftLogFile(Protocol):
@@ -123,6 +148,8 @@ class RaftLogFile(Protocol):
 
     @property
     def log_start_offset(self) -> int: ...
+    @property
+    def stored_start_offset(self) -> int: ...
     @property
     def log_end_offset(self) -> int: ...
     @property
@@ -137,7 +164,9 @@ class RaftLogFile(Protocol):
     def entries_by_index(self, lo: int, hi: int, max_bytes: int) -> list[bytes]: ...
     def append_stamped(self, batches: bytes | bytearray | memoryview) -> None: ...
     def truncate_suffix(self, offset: int) -> None: ...
-    def reset(self, next_offset: int, last_index: int, last_term: int) -> None: ...
+    def reset(
+        self, next_offset: int, last_index: int, last_term: int, *, log_start: int | None = None
+    ) -> None: ...
     def flush(self) -> int: ...
 
 
@@ -249,7 +278,7 @@ class ReplicaStorage:
             raise SnapshotTemporarilyUnavailable(
                 f"the term of raft index {index}, where the log starts, is not known"
             )
-        data = encode_snapshot_data(self.log.log_start_offset)
+        data = encode_snapshot_data(self.log.stored_start_offset, self.log.log_start_offset)
         return Snapshot(SnapshotMeta(index, term, self._conf), data)
 
     # ---- writes by the driver ------------------------------------------------------------
@@ -316,8 +345,8 @@ class ReplicaStorage:
     def install_snapshot(self, snapshot: Snapshot) -> None:
         """Empty the log and make it continue after the snapshot's point."""
         meta = snapshot.meta
-        next_offset = decode_snapshot_data(snapshot.data)
-        self.log.reset(next_offset, meta.index, meta.term)
+        next_offset, log_start = decode_snapshot(snapshot.data)
+        self.log.reset(next_offset, meta.index, meta.term, log_start=log_start)
         self._conf = meta.conf
         self._cache.clear()
         self._cache_bytes = 0
@@ -386,6 +415,7 @@ __all__ = [
     "HardStateStore",
     "RaftLogFile",
     "ReplicaStorage",
+    "decode_snapshot",
     "decode_snapshot_data",
     "encode_snapshot_data",
     "entry_cache_bytes_max",

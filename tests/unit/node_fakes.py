@@ -42,9 +42,9 @@ class InstrumentedLog(PartitionLog):
             with self._counter_lock:
                 self.flushing_now -= 1
 
-    def enforce_retention(self, now_ms: int | None = None, *, below: int | None = None) -> int:
+    def retention_point(self, now_ms: int | None = None, *, below: int | None = None) -> int | None:
         self.retention_runs += 1
-        return super().enforce_retention(now_ms, below=below)
+        return super().retention_point(now_ms, below=below)
 
     def maybe_roll(self, now_ms: int | None = None) -> bool:
         self.rolls += 1
