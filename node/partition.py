@@ -154,6 +154,13 @@ def decode_log_start(data: bytes) -> int | None:
 assert len(log_start_batch(0)) != NOOP_SIZE
 
 
+def _floor_hw(lg: LogLike) -> int:
+    """The high watermark nothing applied yet can be below: the log start, but no further
+    than the log end (right after a snapshot, the leader's log start may lie beyond the
+    entries this replica holds so far)."""
+    return min(lg.log_start_offset, lg.log_end_offset)
+
+
 class Partition(StateMachine[None]):
     __slots__ = (
         "_address_of",
@@ -192,7 +199,7 @@ class Partition(StateMachine[None]):
         self.replicas = tuple(replicas)
         self._address_of = address_of
         # What the stored commit index covers; the commits of the running group move it.
-        self._hw = partition_log.log_start_offset
+        self._hw = _floor_hw(partition_log)
         # The highest log start this leader proposed in its term (0: none).
         self._log_start_proposed = 0
         # The seam's changed() event also fires when the high watermark moves and when the
@@ -211,7 +218,7 @@ class Partition(StateMachine[None]):
         """Bind to the running Raft group (right after ``MultiRaft.add_group``)."""
         super().attach(group, raft)
         end = self.log.end_offset_at_index(group.raw.commit_index)
-        self._hw = max(self._hw, end if end is not None else self.log.log_start_offset)
+        self._hw = max(self._hw, end if end is not None else _floor_hw(self.log))
         # The committed records after the restored snapshot (if any); later commits arrive
         # through apply().
         self.idempotence.recover(self.log, self._hw)
@@ -426,7 +433,7 @@ class Partition(StateMachine[None]):
         idem = self.idempotence
         idem.snapshot_installed(self.log.log_start_offset)
         idem.applied_index = max(idem.applied_index, snapshot.meta.index)
-        self._advance_hw(self.log.log_start_offset)
+        self._advance_hw(_floor_hw(self.log))
 
     def on_log_truncated(self, from_index: int) -> None:
         self.idempotence.truncated(from_index)
