@@ -13,15 +13,24 @@ Driving each with its own tasks, timers and fsyncs would cost more than the data
 
   1. install snapshots; append the entries of every group to its log (truncating a
      conflicting suffix first); collect the changed hard states;
-  2. make it durable at once: fsync every dirty log in worker threads, concurrently, AND
-     write every changed hard state in ONE RocksDB write batch (synced when a term or vote
-     changed). This is the group commit across partitions: one round's fsyncs cover every
-     request that arrived while the previous round ran;
-  3. send the messages (the transport batches them per peer);
-  4. apply the committed entries (through each group's handler), then ``advance``.
+  2. make it durable at once: fsync every dirty log in worker threads (one job per group
+     while there are few), concurrently, AND write every changed hard state in ONE RocksDB
+     write batch (synced when a term or vote changed). This is the group commit across
+     partitions: one round's fsyncs cover every request that arrived while the previous
+     round ran;
+  3. send each group's messages as soon as what they vouch for is durable: a leader's
+     appends and heartbeats at once (a leader may write its log in parallel with
+     replicating it, Raft thesis 10.2.1; it counts its own copy only once advanced), a
+     follower's answers after its own fsync, anything after a term or vote change after the
+     hard-state write;
+  4. for each group, once its own writes are durable: apply its committed entries (through
+     its handler), then ``advance``. A group never waits for another group's fsync.
 
   Proposals, messages and ticks that arrive while a round waits for its fsyncs are picked up
-  by the next round, so the busier the node, the more each fsync covers.
+  by the next round, so the busier the node, the more each fsync covers. The next round
+  normally starts when the previous one ends; if one is still waiting after half a heartbeat
+  interval (a stalled disk), the next starts beside it for the other groups, so one slow
+  partition never silences the heartbeats, votes and commits of the rest of the node.
 
 Topics with ``flush=os`` skip step 2's fsync of their log (their hard state is still
 written): an entry is then acknowledged, by a follower or to a producer, once it is in the
@@ -495,8 +504,12 @@ class MultiRaft:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self._stopping and not self._dirty and not self._rounds:
-                return
+            if self._stopping and not self._dirty:
+                if not self._rounds:
+                    return
+                await asyncio.wait(set(self._rounds))  # they may leave work for one more
+                self._wake.set()
+                continue
             dirty, self._dirty = self._dirty, {}
             readies: list[tuple[RaftGroup, Ready]] = []
             for group in dirty:
@@ -507,8 +520,8 @@ class MultiRaft:
                 if group.raw.has_ready():
                     readies.append((group, group.raw.ready()))
             if not readies:
-                if self._stopping and not self._rounds:
-                    return
+                if self._stopping:
+                    self._wake.set()  # finish through the check above
                 continue
             task = loop.create_task(self._run_round(readies), name="raft-round")
             self._rounds.add(task)
@@ -520,8 +533,8 @@ class MultiRaft:
             done, _ = await asyncio.wait({task}, timeout=overlap_s)
             while not done and len(self._rounds) >= rounds_in_flight_max:
                 done, _ = await asyncio.wait(self._rounds, return_when=asyncio.FIRST_COMPLETED)
-            if self._stopping and not self._dirty and not self._rounds:
-                return
+            if self._stopping:
+                self._wake.set()
 
     async def _run_round(self, readies: list[tuple[RaftGroup, Ready]]) -> None:
         groups = {group for group, _rd in readies}
