@@ -51,6 +51,9 @@ class RegisterNode:
     address: str
     metrics_address: str = ""
     rack: str | None = None
+    #: The node's internal listener (Raft, Cluster); "" for a node registered before the
+    #: listeners were split, whose client address served both.
+    internal_address: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +155,8 @@ def encode_command(command: Command) -> bytes:
                 "metrics_address": command.metrics_address,
                 "rack": command.rack,
             }
+            if command.internal_address:
+                body["internal_address"] = command.internal_address
         case MarkNodeDead() | MarkNodeAlive():
             body = {"node_id": command.node_id}
         case CreateTopic():
@@ -205,6 +210,7 @@ def decode_command(data: bytes) -> Command:
             address=fields.string("address"),
             metrics_address=fields.string("metrics_address"),
             rack=fields.optional_str("rack"),
+            internal_address=fields.string("internal_address") if "internal_address" in raw else "",
         )
     elif kind == MarkNodeDead.TYPE:
         command = MarkNodeDead(node_id=fields.integer("node_id"))

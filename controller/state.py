@@ -108,6 +108,8 @@ class NodeRecord:
     rack: str | None
     alive: bool
     registered_at_index: int
+    #: Where the other nodes reach its internal listener ("": its client address).
+    internal_address: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +270,7 @@ class ClusterState:
                     "node_id": n.node_id,
                     "address": n.address,
                     "metrics_address": n.metrics_address,
+                    "internal_address": n.internal_address,
                     "rack": n.rack,
                     "alive": n.alive,
                     "registered_at_index": n.registered_at_index,
@@ -395,6 +398,10 @@ class ClusterState:
                 f"node {c.node_id}: address must be 1 to {ADDRESS_LENGTH_MAX} characters, "
                 f"got {c.address!r}"
             )
+        if len(c.internal_address) > ADDRESS_LENGTH_MAX:
+            raise InvalidRequest(
+                f"node {c.node_id}: internal address is longer than {ADDRESS_LENGTH_MAX} characters"
+            )
         if len(c.metrics_address) > ADDRESS_LENGTH_MAX:
             raise InvalidRequest(
                 f"node {c.node_id}: metrics address is longer than {ADDRESS_LENGTH_MAX} characters"
@@ -420,6 +427,7 @@ class ClusterState:
             rack=c.rack,
             alive=True,
             registered_at_index=old.registered_at_index if old is not None else index,
+            internal_address=c.internal_address,
         )
         if new == old:
             return ApplyResult(index)
@@ -609,6 +617,7 @@ class ClusterState:
             "version": self._version,
             "nodes": [
                 [n.node_id, n.address, n.metrics_address, n.rack, n.alive, n.registered_at_index]
+                + ([n.internal_address] if n.internal_address else [])
                 for _, n in sorted(self._nodes.items())
             ],
             "topics": [
@@ -709,7 +718,10 @@ def _build(body: Any) -> ClusterState:
     state._version = _int(body["version"])
     if not 0 <= state._version <= state._applied_index:
         raise ValueError(f"version {state._version} after applied index {state._applied_index}")
-    for node_id, address, metrics_address, rack, alive, registered_at in _list(body["nodes"]):
+    for row in _list(body["nodes"]):
+        node_id, address, metrics_address, rack, alive, registered_at, *rest = _list(row)
+        if len(rest) > 1:
+            raise ValueError(f"node row of {len(rest) + 6} fields")
         node = NodeRecord(
             node_id=_int(node_id),
             address=_str(address),
@@ -717,6 +729,7 @@ def _build(body: Any) -> ClusterState:
             rack=None if rack is None else _str(rack),
             alive=_bool(alive),
             registered_at_index=_int(registered_at),
+            internal_address=_str(rest[0]) if rest else "",
         )
         if node.node_id in state._nodes or not 1 <= node.node_id <= NODE_ID_MAX:
             raise ValueError(f"node id {node.node_id} repeated or out of range")

@@ -17,9 +17,10 @@ Why this shape (see also proto/tidelog/v1/raft.proto, Framing):
   most ``outbox_messages_max`` messages and ``outbox_bytes_max`` bytes and drops the OLDEST
   beyond them, so that when the peer returns it first hears the freshest state (the latest
   heartbeats and votes) rather than a backlog Raft has already given up on.
-* Receiving is the Raft service on the node's own gRPC server (:meth:`add_servicer`): each
-  batch is checked (addressed to this node of this cluster), decoded and handed to
-  ``deliver`` on the event loop.
+* Receiving is the Raft service on the node's internal gRPC server (:meth:`add_servicer`):
+  the stream's caller is authenticated (node/auth.py: its TLS certificate or cluster-secret
+  MAC names a node), each batch is checked (sent by that node, addressed to this node of this
+  cluster), decoded and handed to ``deliver`` on the event loop.
 
 Batches travel as bytes the transport serializes and parses itself, so the byte counters are
 exact without a second walk over the message.
@@ -43,6 +44,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from tidelog.errors import InvalidRequest, TidelogError, trailing_metadata
 from tidelog.node import limits
+from tidelog.node.auth import InternalAuth
 from tidelog.node.raft.types import Message
 from tidelog.node.raft_codec import (
     CodecError,
@@ -277,6 +279,7 @@ class RaftTransport:
         registry: CollectorRegistry | None = None,
         outbox_messages_max: int = outbox_messages_max,
         outbox_bytes_max: int = outbox_bytes_max,
+        auth: InternalAuth | None = None,
     ) -> None:
         if node_id <= 0:
             raise ValueError(f"node id {node_id} is not positive: node ids start at 1")
@@ -284,6 +287,8 @@ class RaftTransport:
             raise ValueError("outbox bounds must be at least 1")
         self.node_id = node_id
         self.cluster_id = cluster_id
+        #: Credentials of the peer channels and the check of who sends to us.
+        self.auth = auth if auth is not None else InternalAuth(node_id)
         self._deliver = deliver
         #: Where the counters live; the node passes its own registry, tests get a fresh one.
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -449,12 +454,12 @@ class RaftTransport:
     async def _stream_to(self, peer: _Peer) -> None:
         """One stream's life: returns or raises when it ends; what was taken and not written
         is dropped (Raft retries)."""
-        channel = peer.channel = aio.insecure_channel(peer.address, options=_CHANNEL_OPTIONS)
+        channel = peer.channel = self.auth.channel(peer.address, _CHANNEL_OPTIONS)
         call: aio.StreamUnaryCall[bytes, bytes] | None = None
         try:
             call = peer.call = channel.stream_unary(
                 STREAM_METHOD, request_serializer=None, response_deserializer=None
-            )(None)
+            )(None, metadata=self.auth.call_metadata(STREAM_METHOD))
             # Take nothing from the outbox before the peer accepted the connection: a peer
             # that is down keeps its (bounded) backlog instead of losing a batch per retry.
             await call.wait_for_connection()
@@ -528,11 +533,20 @@ class RaftTransport:
         peer_id = 0
         counters: PeerCounters | None = None
         cache: HeartbeatCache | None = None
+        try:
+            authenticated = self.auth.peer_id(context, STREAM_METHOD)
+        except TidelogError as err:
+            await self._refuse(context, err)
         async for raw in requests:
             try:
                 batch = raft_pb2.RaftBatch.FromString(raw)
             except DecodeError as exc:
                 await self._refuse(context, InvalidRequest(f"undecodable RaftBatch: {exc}"))
+            if authenticated is not None and batch.from_node != authenticated:
+                try:
+                    self.auth.check_sender(authenticated, batch.from_node, "a raft batch")
+                except TidelogError as err:
+                    await self._refuse(context, err)
             if batch.to_node != self.node_id or batch.cluster_id != self.cluster_id:
                 await self._refuse(context, self._mismatch(batch))
             if batch.from_node != peer_id or counters is None or cache is None:
