@@ -33,7 +33,7 @@ import ipaddress
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Final
@@ -247,7 +247,7 @@ def load_internal_auth(
     cert: Path | None,
     key: Path | None,
     secret_file: Path | None,
-    environ: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> InternalAuth:
     """The node's internal authentication from its flags and environment."""
     env = os.environ if environ is None else environ
