@@ -70,7 +70,7 @@ from tidelog.errors import (
     from_rpc_error,
 )
 from tidelog.node import limits
-from tidelog.node.auth import InternalAuth
+from tidelog.node.internal_auth import InternalAuth
 from tidelog.node.multiraft import MultiRaft, RaftGroup
 from tidelog.node.raft.errors import ProposalDropped
 from tidelog.node.raft.types import NONE, ConfState, Entry, EntryKind, Role, Snapshot, SoftState

@@ -66,7 +66,7 @@ class ClusterSettings:
     #: The internal listener (Raft, Cluster) and the address the other nodes dial.
     internal_listen: str | None = None
     internal_advertised: str | None = None
-    #: Node-to-node mutual TLS (all three) or a cluster secret file (node/auth.py).
+    #: Node-to-node mutual TLS (all three) or a cluster secret file (node/internal_auth.py).
     internal_ca: Path | None = None
     internal_cert: Path | None = None
     internal_key: Path | None = None

@@ -9,7 +9,7 @@ SERVING without waiting for the other nodes, so nodes can be started in any orde
 
 Two listeners: the client listener (``--listen``) serves Broker, Admin, health and reflection;
 the internal listener (``--internal-listen``) serves only the node-to-node Raft and Cluster
-services, authenticated as node/auth.py describes (mutual TLS, a cluster secret, or nothing
+services, authenticated as node/internal_auth.py describes (mutual TLS, a cluster secret, or nothing
 on loopback only). A node calls its peers on their internal addresses, which they register
 with the controller next to their client address; clients only ever see the latter.
 
@@ -41,7 +41,6 @@ from tidelog.controller.commands import RegisterNode
 from tidelog.errors import NodeUnavailable
 from tidelog.node import limits
 from tidelog.node.admin_service import AdminService
-from tidelog.node.auth import AuthConfigError, InternalAuth, Mode, is_loopback, load_internal_auth
 from tidelog.node.broker_service import BrokerService
 from tidelog.node.controller_node import (
     CONTROLLER_DIR,
@@ -51,6 +50,13 @@ from tidelog.node.controller_node import (
     parse_voters,
 )
 from tidelog.node.identity import NodeIdentity
+from tidelog.node.internal_auth import (
+    AuthConfigError,
+    InternalAuth,
+    Mode,
+    is_loopback,
+    load_internal_auth,
+)
 from tidelog.node.log import PartitionLog
 from tidelog.node.metastore import MetaStore
 from tidelog.node.metrics import MetricsServer, NodeMetrics

@@ -18,7 +18,7 @@ Why this shape (see also proto/tidelog/v1/raft.proto, Framing):
   beyond them, so that when the peer returns it first hears the freshest state (the latest
   heartbeats and votes) rather than a backlog Raft has already given up on.
 * Receiving is the Raft service on the node's internal gRPC server (:meth:`add_servicer`):
-  the stream's caller is authenticated (node/auth.py: its TLS certificate or cluster-secret
+  the stream's caller is authenticated (node/internal_auth.py: its TLS certificate or cluster-secret
   MAC names a node), each batch is checked (sent by that node, addressed to this node of this
   cluster), decoded and handed to ``deliver`` on the event loop.
 
@@ -44,7 +44,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from tidelog.errors import InvalidRequest, TidelogError, trailing_metadata
 from tidelog.node import limits
-from tidelog.node.auth import InternalAuth
+from tidelog.node.internal_auth import InternalAuth
 from tidelog.node.raft.types import Message
 from tidelog.node.raft_codec import (
     CodecError,

@@ -25,8 +25,8 @@ from tests.support.nodeproc import Cluster, Node, spawn_cluster, until
 from tidelog.client import Consumer, Producer, TopicPartition
 from tidelog.controller.commands import RegisterNode, encode_command
 from tidelog.errors import from_rpc_error
-from tidelog.node.auth import InternalAuth, TlsFiles
 from tidelog.node.controller_node import FORWARD, HEARTBEAT
+from tidelog.node.internal_auth import InternalAuth, TlsFiles
 from tidelog.node.transport import STREAM_METHOD
 from tidelog.ops.certs import create_ca, create_node_cert
 from tidelog.v1 import (

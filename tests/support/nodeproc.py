@@ -25,8 +25,8 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tidelog.node.auth import InternalAuth, TlsFiles
 from tidelog.node.controller_node import LOG_DIGEST
+from tidelog.node.internal_auth import InternalAuth, TlsFiles
 from tidelog.ops.processes import free_port, node_argv, spawn_node
 from tidelog.v1 import broker_pb2, broker_pb2_grpc, cluster_pb2, cluster_pb2_grpc
 

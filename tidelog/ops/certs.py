@@ -6,7 +6,7 @@ signed by that CA. ``tidelog cluster up`` does both in ``CLUSTER_DIR/certs/`` fo
 cluster. A node runs with ``--internal-ca ca.crt --internal-cert node-N.crt --internal-key
 node-N.key``.
 
-A node certificate binds the node id (node/auth.py reads it back): subject CN ``node-N`` and
+A node certificate binds the node id (node/internal_auth.py reads it back): subject CN ``node-N`` and
 the SAN URI ``tidelog://node/N``, plus a DNS or IP SAN for every ``--host`` the peers dial
 (gRPC checks the dialled host against them). It may serve as both TLS server and client.
 Keys are EC P-256, written with mode 0600; nothing here is encrypted at rest.
@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tidelog.node.auth import CN_PREFIX, URI_PREFIX
+from tidelog.node.internal_auth import CN_PREFIX, URI_PREFIX
 
 CA_CERT: Final = "ca.crt"
 CA_KEY: Final = "ca.key"

@@ -1,4 +1,4 @@
-"""node/auth.py and tidelog/ops/certs.py without processes: what a certificate names, the
+"""node/internal_auth.py and tidelog/ops/certs.py without processes: what a certificate names, the
 cluster-secret MAC and its checks, and the flag combinations a node refuses at start."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from tidelog.errors import TidelogError
-from tidelog.node.auth import (
+from tidelog.node.internal_auth import (
     MD_MAC,
     MD_NODE,
     MD_TS,
