@@ -289,6 +289,12 @@ class Node:
         metrics_address = join_host_port(_reachable_host(host), self._metrics_server.port)
         if voters is None:
             voters = {self.node_id: internal_advertised}
+        elif voters.get(self.node_id) == advertised:
+            raise StartupError(
+                f"--controller-voters gives node {self.node_id} its client address {advertised}; "
+                "the voters' Raft traffic goes to their internal listeners: name each voter's "
+                f"--internal-listen address (this node's is {internal_advertised})"
+            )
         elif self.node_id in voters and voters[self.node_id] != internal_advertised:
             log.warning(
                 "--controller-voters gives node %d the address %s, but its internal listener "

@@ -3,6 +3,7 @@ cluster-secret MAC and its checks, and the flag combinations a node refuses at s
 
 from __future__ import annotations
 
+import asyncio
 import stat
 from pathlib import Path
 from typing import Any
@@ -182,3 +183,18 @@ def test_tidelog_certs_ca_and_node_commands(tmp_path: Path) -> None:
     again = runner.invoke(cli, ["certs", "ca", "--out", str(tmp_path / "ca")])
     assert again.exit_code == 1
     assert "refusing to replace a cluster CA" in again.output
+
+
+async def test_voters_naming_the_client_address_are_a_startup_error(tmp_path: Path) -> None:
+    """The classic mistake after the listener split: --controller-voters still lists client
+    ports, where no Raft is served. The node says so at start instead of never electing."""
+    from tidelog.node.server import Node, StartupError
+    from tidelog.ops.processes import free_port
+
+    port = free_port()
+    node = Node(1, f"127.0.0.1:{port}", tmp_path, 0, controller_voters=f"1@127.0.0.1:{port}")
+    try:
+        with pytest.raises(StartupError, match=rf"its client address 127\.0\.0\.1:{port}"):
+            await asyncio.wait_for(node.start(), 10)
+    finally:
+        await node.stop(0)
