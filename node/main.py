@@ -63,6 +63,14 @@ class ClusterSettings:
     cluster_id: str | None = None
     #: Failure domain of this node; placement keeps a partition's replicas in distinct racks.
     rack: str | None = None
+    #: The internal listener (Raft, Cluster) and the address the other nodes dial.
+    internal_listen: str | None = None
+    internal_advertised: str | None = None
+    #: Node-to-node mutual TLS (all three) or a cluster secret file (node/internal_auth.py).
+    internal_ca: Path | None = None
+    internal_cert: Path | None = None
+    internal_key: Path | None = None
+    cluster_secret_file: Path | None = None
 
     def __post_init__(self) -> None:
         if self.controller_voters is not None:
@@ -93,6 +101,12 @@ class ClusterSettings:
                 "node_dead_ms": self.node_dead_ms,
                 "cluster_id": self.cluster_id or None,
                 "rack": self.rack or None,
+                "internal_listen": self.internal_listen or None,
+                "internal_advertised": self.internal_advertised or None,
+                "internal_ca": self.internal_ca,
+                "internal_cert": self.internal_cert,
+                "internal_key": self.internal_key,
+                "cluster_secret_file": self.cluster_secret_file,
             }
         )
 
@@ -108,6 +122,12 @@ def node_flags(values: Mapping[str, object]) -> tuple[NodeFlags, ClusterSettings
         node_dead_ms=flags.node_dead_ms,
         cluster_id=flags.cluster_id,
         rack=flags.rack,
+        internal_listen=flags.internal_listen,
+        internal_advertised=flags.internal_advertised,
+        internal_ca=flags.internal_ca,
+        internal_cert=flags.internal_cert,
+        internal_key=flags.internal_key,
+        cluster_secret_file=flags.cluster_secret_file,
     )
     return flags, settings
 
@@ -213,6 +233,12 @@ async def serve(
         node_dead_ms=settings.node_dead_ms,
         cluster_id=settings.cluster_id,
         rack=settings.rack,
+        internal_listen=settings.internal_listen,
+        internal_advertised=settings.internal_advertised,
+        internal_ca=settings.internal_ca,
+        internal_cert=settings.internal_cert,
+        internal_key=settings.internal_key,
+        cluster_secret_file=settings.cluster_secret_file,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -39,7 +39,8 @@ NODE_DEAD_MS_DEFAULT: Final = 3_000
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 PORT_MAX: Final = 65535
 
-Kind = Literal["int", "str", "path"]
+#: "path" is a directory, "file" a file.
+Kind = Literal["int", "str", "path", "file"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,29 @@ NODE_FLAGS: Final[tuple[NodeFlag, ...]] = (
         required=True, min=0, max=PORT_MAX,
     ),
     NodeFlag("--advertised", "advertised", "str", "host:port clients dial (default: --listen)."),
+    NodeFlag(
+        "--internal-listen", "internal_listen", "str",
+        "host:port of the internal listener, which alone serves the node-to-node Raft and "
+        "Cluster services (default: the host of --listen, any free port).",
+    ),
+    NodeFlag(
+        "--internal-advertised", "internal_advertised", "str",
+        "host:port the other nodes dial (default: --internal-listen).",
+    ),
+    NodeFlag(
+        "--internal-ca", "internal_ca", "file",
+        "PEM file of the cluster CA: node-to-node mutual TLS (with --internal-cert/-key).",
+    ),
+    NodeFlag(
+        "--internal-cert", "internal_cert", "file",
+        "PEM certificate of this node, signed by the cluster CA, naming node-ID.",
+    ),
+    NodeFlag("--internal-key", "internal_key", "file", "PEM private key of --internal-cert."),
+    NodeFlag(
+        "--cluster-secret-file", "cluster_secret_file", "file",
+        "File holding the cluster secret that authenticates nodes without TLS (or set "
+        "TIDELOG_CLUSTER_SECRET); never pass the secret itself on the command line.",
+    ),
     NodeFlag("--log-level", "log_level", "str", "Log level.", default="info", choices=LOG_LEVELS),
     NodeFlag(
         "--controller-voters", "controller_voters", "str",
@@ -138,6 +162,12 @@ class NodeFlags:
     node_dead_ms: int
     cluster_id: str | None
     rack: str | None
+    internal_listen: str | None = None
+    internal_advertised: str | None = None
+    internal_ca: Path | None = None
+    internal_cert: Path | None = None
+    internal_key: Path | None = None
+    cluster_secret_file: Path | None = None
 
 
 def parse_flags(values: Mapping[str, object]) -> NodeFlags:
@@ -153,7 +183,7 @@ def parse_flags(values: Mapping[str, object]) -> NodeFlags:
         problem = flag.problem(value)
         if problem is not None:
             raise ValueError(problem)
-        if flag.kind == "path" and value is not None:
+        if flag.kind in ("path", "file") and value is not None:
             value = Path(str(value))
         out[flag.dest] = value
     return NodeFlags(**out)  # type: ignore[arg-type]
@@ -161,7 +191,7 @@ def parse_flags(values: Mapping[str, object]) -> NodeFlags:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every flag of the table to an argparse parser (checks: :func:`parse_flags`)."""
-    types = {"int": int, "str": str, "path": Path}
+    types = {"int": int, "str": str, "path": Path, "file": Path}
     for flag in NODE_FLAGS:
         help_text = flag.help
         if flag.default is not None:

@@ -55,9 +55,12 @@ class NodeSpec:
     data_dir: Path
     log_path: Path
     argv: tuple[str, ...]
+    #: The node's internal (node-to-node) listener; "" in a cluster.json of before the split.
+    internal_address: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "internal_address": self.internal_address,
             "id": self.node_id,
             "pid": self.pid,
             "address": self.address,
@@ -80,6 +83,9 @@ class NodeSpec:
         for key in ("address", "metrics_address", "data_dir", "log"):
             if not isinstance(obj[key], str):
                 raise ValueError(f"{key} must be a string")
+        internal = obj.get("internal_address", "")
+        if not isinstance(internal, str):
+            raise ValueError("internal_address must be a string")
         return cls(
             node_id=obj["id"],
             pid=obj["pid"],
@@ -88,6 +94,7 @@ class NodeSpec:
             data_dir=Path(obj["data_dir"]),
             log_path=Path(obj["log"]),
             argv=tuple(argv),
+            internal_address=internal,
         )
 
 
