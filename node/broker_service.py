@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from tidelog.config import validate_topic_name
 from tidelog.errors import BatchTooLarge, InvalidRequest, StorageError
 from tidelog.node import limits, rpc
+from tidelog.node.auth import CLUSTER, Guard, Resource
 from tidelog.node.controller_node import Controller
 from tidelog.node.identity import NodeIdentity
 from tidelog.node.metrics import NodeMetrics
@@ -61,7 +62,10 @@ class BrokerService(pb_grpc.BrokerServicer):
         controller: Controller,
         identity: NodeIdentity,
         metrics: NodeMetrics,
+        guard: Guard | None = None,
     ) -> None:
+        #: Who may call what (node/auth.py); the default lets everyone do everything.
+        self.guard = guard or Guard()
         self.registry = registry
         self.controller = controller
         self.identity = identity
@@ -69,6 +73,7 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     @rpc.unary("Produce")
     async def Produce(self, request: pb.ProduceRequest, context: rpc.Context) -> pb.ProduceResponse:
+        self.guard.check(context, "Produce", Resource.topic(request.topic))
         topic, part = self.registry.partition(request.topic, request.partition)
         acks = request.acks
         if acks not in _ACKS:
@@ -110,6 +115,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def Fetch(
         self, request: pb.FetchRequest, context: rpc.Context
     ) -> AsyncIterator[pb.FetchResponse]:
+        self.guard.check(context, "Fetch", Resource.topic(request.topic))
         topic, part = self.registry.partition(request.topic, request.partition)
         if request.max_bytes < 0:
             raise InvalidRequest(
@@ -168,6 +174,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def ListOffsets(
         self, request: pb.ListOffsetsRequest, context: rpc.Context
     ) -> pb.ListOffsetsResponse:
+        self.guard.check(context, "ListOffsets", Resource.topic(request.topic))
         _, part = self.registry.partition(request.topic, request.partition)
         part.check_serving()
         spec = request.spec
@@ -191,6 +198,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def Metadata(
         self, request: pb.MetadataRequest, context: rpc.Context
     ) -> pb.MetadataResponse:
+        self.guard.check(context, "Metadata", CLUSTER)
         names = list(dict.fromkeys(request.topics))
         for name in names:
             validate_topic_name(name)

@@ -30,6 +30,7 @@ from tidelog.node.settings import (
     ELECTION_TIMEOUT_MS_DEFAULT,
     HEARTBEAT_INTERVAL_MS_DEFAULT,
     NODE_DEAD_MS_DEFAULT,
+    ClientSecurity,
     NodeFlags,
     parse_flags,
     to_argv,
@@ -122,6 +123,7 @@ def run_flags(flags: NodeFlags, settings: ClusterSettings) -> None:
         flags.advertised,
         flags.log_level,
         settings,
+        flags.client_security(),
     )
 
 
@@ -133,6 +135,7 @@ def node_argv(
     advertised: str | None,
     log_level: str,
     settings: ClusterSettings | None = None,
+    security: ClientSecurity | None = None,
 ) -> list[str]:
     argv = [sys.executable, "-m", "tidelog.node"]
     argv += to_argv(
@@ -147,6 +150,8 @@ def node_argv(
     )
     if settings is not None:
         argv += settings.argv()
+    if security is not None:
+        argv += security.argv()
     return argv
 
 
@@ -195,6 +200,7 @@ async def serve(
     metrics_port: int,
     advertised: str | None = None,
     settings: ClusterSettings | None = None,
+    security: ClientSecurity | None = None,
 ) -> None:
     """Start a node and run it until SIGTERM or SIGINT, then drain and stop.
 
@@ -213,6 +219,7 @@ async def serve(
         node_dead_ms=settings.node_dead_ms,
         cluster_id=settings.cluster_id,
         rack=settings.rack,
+        client_security=security,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -253,6 +260,7 @@ def run_node(
     advertised: str | None = None,
     log_level: str = "info",
     settings: ClusterSettings | None = None,
+    security: ClientSecurity | None = None,
 ) -> None:
     """Run one node in the foreground until SIGTERM/SIGINT (blocking).
 
@@ -261,7 +269,14 @@ def run_node(
     data_dir = Path(data_dir)
     _reexec_with_malloc_tuning(
         node_argv(
-            node_id, listen, data_dir.resolve(), metrics_port, advertised, log_level, settings
+            node_id,
+            listen,
+            data_dir.resolve(),
+            metrics_port,
+            advertised,
+            log_level,
+            settings,
+            security,
         )
     )
     logging.basicConfig(
@@ -276,7 +291,7 @@ def run_node(
     from tidelog.node.server import StartupError
 
     try:
-        asyncio.run(serve(node_id, listen, data_dir, metrics_port, advertised, settings))
+        asyncio.run(serve(node_id, listen, data_dir, metrics_port, advertised, settings, security))
     except StartupError as exc:
         log.error("node %d cannot start: %s", node_id, exc)
         raise SystemExit(1) from None

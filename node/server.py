@@ -35,6 +35,7 @@ from tidelog.controller.commands import RegisterNode
 from tidelog.errors import NodeUnavailable
 from tidelog.node import limits
 from tidelog.node.admin_service import AdminService
+from tidelog.node.auth import ClientListener, load_client_security
 from tidelog.node.broker_service import BrokerService
 from tidelog.node.controller_node import (
     CONTROLLER_DIR,
@@ -50,6 +51,7 @@ from tidelog.node.metrics import MetricsServer, NodeMetrics
 from tidelog.node.multiraft import MultiRaft, RaftTiming
 from tidelog.node.partition import LogLike
 from tidelog.node.replica_storage import HardStateStore
+from tidelog.node.settings import ClientSecurity
 from tidelog.node.topics import LogOpener, TopicRegistry
 from tidelog.node.transport import RaftTransport
 from tidelog.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc, cluster_pb2_grpc
@@ -138,8 +140,11 @@ class Node:
         node_dead_ms: int = node_dead_ms_default,
         cluster_id: str | None = None,
         rack: str | None = None,
+        client_security: ClientSecurity | None = None,
     ) -> None:
         self.node_id = node_id
+        #: TLS and authentication of the client listener (node/auth.py); None: neither.
+        self.client_security = client_security or ClientSecurity()
         self.rack = rack or None
         self._open_log = open_log
         self.listen = listen
@@ -221,14 +226,13 @@ class Node:
                 ) from exc
             raise StartupError(f"cannot open the metadata store in {self.data_dir}: {exc}") from exc
 
+        try:
+            client_listener = load_client_security(self.client_security)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
         server = aio.server(options=GRPC_OPTIONS)
         self._server = server
-        try:
-            self.port = server.add_insecure_port(join_host_port(host, port))
-        except RuntimeError:
-            self.port = 0
-        if self.port == 0:
-            raise StartupError(f"cannot listen on {self.listen}: the address is in use or invalid")
+        self.port = self._bind_client_port(server, host, port, client_listener)
         try:
             self._metrics_server = self.metrics.serve(host or "0.0.0.0", self.metrics_port)
         except OSError as exc:
@@ -281,10 +285,12 @@ class Node:
         controller.open(self._controller_log)
 
         broker_pb2_grpc.add_BrokerServicer_to_server(
-            BrokerService(registry, controller, self.identity, self.metrics), server
+            BrokerService(registry, controller, self.identity, self.metrics, client_listener.guard),
+            server,
         )
         admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminService(registry, controller, self.identity, self.metrics), server
+            AdminService(registry, controller, self.identity, self.metrics, client_listener.guard),
+            server,
         )
         cluster_pb2_grpc.add_ClusterServicer_to_server(
             ClusterService(controller, registry.digest, self.metrics), server
@@ -304,12 +310,30 @@ class Node:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._retention_task = asyncio.create_task(self._retention_loop(), name="retention")
         log.info(
-            "node %d serving on %s (advertised %s), metrics on http://%s/metrics, cluster %s, "
+            "node %d serving clients on %s (%s, advertised %s), metrics on http://%s/metrics, cluster %s, "
             "controller voters %s, %d topics, started in %.2fs",
-            self.node_id, join_host_port(host, self.port), advertised, metrics_address,
+            self.node_id, join_host_port(host, self.port), client_listener.description,
+            advertised, metrics_address,
             cluster_id, ",".join(f"{i}@{a}" for i, a in sorted(voters.items())),
             len(registry.topics()), time.monotonic() - t0,
         )  # fmt: skip
+
+    def _bind_client_port(
+        self, server: aio.Server, host: str, port: int, listener: ClientListener
+    ) -> int:
+        """Bind the client listener (Broker, Admin, health, reflection): TLS when the node
+        has ``--tls-cert``, else plaintext. Returns the port bound."""
+        address = join_host_port(host, port)
+        try:
+            if listener.credentials is None:
+                bound = server.add_insecure_port(address)
+            else:
+                bound = server.add_secure_port(address, listener.credentials)
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            raise StartupError(f"cannot listen on {self.listen}: the address is in use or invalid")
+        return bound
 
     async def _until_ready(self) -> None:
         """Wait for what this node can finish alone: the replayed metadata applied, its

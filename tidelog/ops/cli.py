@@ -138,6 +138,8 @@ def _node_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             kind = click.IntRange(min=flag.min, max=flag.max)
         elif flag.kind == "path":
             kind = click.Path(file_okay=False, path_type=Path)
+        elif flag.kind == "file":
+            kind = click.Path(dir_okay=False, path_type=Path)
         fn = click.option(
             flag.name,
             flag.dest,
