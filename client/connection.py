@@ -57,8 +57,8 @@ else:
     _StreamStream = grpc.aio.StreamStreamClientInterceptor
 
 
-class _Metadata(_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream):
-    """Adds fixed metadata (the bearer token) to every call of a channel."""
+class _AddMetadata:
+    """Adds fixed metadata (the bearer token) to a call's details."""
 
     def __init__(self, items: tuple[tuple[str, str], ...]) -> None:
         self._items = items
@@ -69,17 +69,31 @@ class _Metadata(_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream):
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+# One class per kind of call: a channel files each interceptor under the first kind it is.
+class _UnaryUnaryMetadata(_AddMetadata, _UnaryUnary):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _UnaryStreamMetadata(_AddMetadata, _UnaryStream):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _StreamUnaryMetadata(_AddMetadata, _StreamUnary):
     async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._details(details), requests)
 
+
+class _StreamStreamMetadata(_AddMetadata, _StreamStream):
     async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._details(details), requests)
+
+
+def _metadata_interceptors(items: tuple[tuple[str, str], ...]) -> list[_AddMetadata]:
+    kinds = (_UnaryUnaryMetadata, _UnaryStreamMetadata, _StreamUnaryMetadata, _StreamStreamMetadata)
+    return [kind(items) for kind in kinds]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +134,7 @@ class Connection:
     def channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
         interceptors: Any = None  # grpc-stubs' type for interceptors cannot be met
         if self.token:
-            interceptors = [_Metadata(((AUTHORIZATION, f"Bearer {self.token}"),))]
+            interceptors = _metadata_interceptors(((AUTHORIZATION, f"Bearer {self.token}"),))
         if not self.tls:
             return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
         credentials = grpc.ssl_channel_credentials(self.ca, self.client_key, self.client_cert)

@@ -130,14 +130,20 @@ def _transport_failure(exc: grpc.aio.AioRpcError) -> bool:
     return not any(key == _STATUS_DETAILS_KEY for key, _ in trailers)
 
 
-def _no_answer(what: str, tried: Sequence[str], last: TidelogError | None) -> NodeUnavailable:
+def _no_answer(
+    what: str, tried: Sequence[str], last: TidelogError | None, connection: Connection
+) -> NodeUnavailable:
     """The error of a request no node answered; a failed TLS handshake says so."""
     if isinstance(last, TlsError):
         return TlsError(f"{what}: no node answered at {', '.join(tried)}: {last}")
-    return NodeUnavailable(
-        f"{what}: no node answered at {', '.join(tried)} ({last}); "
-        "is the cluster running and the bootstrap address right?"
-    )
+    hint = "is the cluster running and the bootstrap address right?"
+    if connection.tls and connection.client_cert is None and "Socket closed" in str(last):
+        # What a client sees when a node that requires client certificates refuses it.
+        hint = (
+            "the node closed the TLS connection: if it requires client certificates "
+            "(--tls-client-ca), give client_cert= and client_key= (--tls-cert, --tls-key)"
+        )
+    return NodeUnavailable(f"{what}: no node answered at {', '.join(tried)} ({last}); {hint}")
 
 
 def _moves_on(exc: grpc.aio.AioRpcError, err: TidelogError) -> bool:
@@ -317,7 +323,7 @@ class ClusterMetadata:
             self._last_good = address
             self.note_reachable(address)
             return result
-        raise _no_answer(what, self.addresses(), last)
+        raise _no_answer(what, self.addresses(), last, self.connection)
 
     # -- metadata -------------------------------------------------------------------------------
 
@@ -417,7 +423,7 @@ class ClusterMetadata:
             for address in list(slow):
                 if (resp := await ask(address, METADATA_REQUEST_TIMEOUT_SLOW_MS)) is not None:
                     return resp
-        raise _no_answer("metadata", tried, last)
+        raise _no_answer("metadata", tried, last, self.connection)
 
     def _apply(self, resp: broker_pb2.MetadataResponse, wanted: frozenset[str] | None) -> None:
         self.nodes = {
