@@ -7,6 +7,9 @@ it may call Admin; without credentials a guarded node answers UNAUTHENTICATED.""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -141,6 +144,7 @@ def mtls_node(
     node = Node(
         data / "data",
         data / "node.log",
+        via_cli=True,  # the click side of the node's flag table
         extra_args=flags,
         tls_ca=ca.cert_pem,
         client_pem=(root.key_pem, root.cert_pem),
@@ -240,3 +244,74 @@ async def test_raw_status_codes_and_open_health(token_node: Node) -> None:
                 req, timeout=5, metadata=(("authorization", f"Bearer {CLIENT_TOKEN}"),)
             )
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+# ---- the command line ----------------------------------------------------------------------
+
+
+def tidelog(
+    node: Node, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TIDELOG_")}
+    full_env["TIDELOG_BOOTSTRAP"] = node.address
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "tidelog", *args],
+        input=stdin,
+        capture_output=True,
+        env=full_env,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_cli_token_file_and_token_env(token_node: Node, tmp_path: Path) -> None:
+    admin_file = tmp_path / "admin.token"
+    admin_file.write_text(ADMIN_TOKEN + "\n")
+    created = tidelog(token_node, "topic", "create", "cli-tok", "--token-file", str(admin_file))
+    assert created.returncode == 0, created.stderr.decode()
+    as_client = {"TIDELOG_TOKEN": CLIENT_TOKEN}
+    produced = tidelog(token_node, "produce", "cli-tok", stdin=b"a\nb\n", env=as_client)
+    assert produced.returncode == 0, produced.stderr.decode()
+    consumed = tidelog(
+        token_node, "consume", "cli-tok", "--from-beginning", "--max", "2", env=as_client
+    )
+    assert consumed.returncode == 0, consumed.stderr.decode()
+    assert consumed.stdout.decode().split() == ["a", "b"]
+    denied = tidelog(token_node, "topic", "create", "cli-tok-2", env=as_client)
+    assert denied.returncode == 1
+    err = denied.stderr.decode()
+    assert err.startswith("error: ") and "may not call CreateTopics" in err, err
+    assert "Traceback" not in err
+    anonymous = tidelog(token_node, "topic", "list")
+    assert anonymous.returncode == 1
+    assert "requires authentication" in anonymous.stderr.decode()
+
+
+def test_cli_tls_ca_flag_and_env(tls_node: Node, pki: tuple[Authority, Issued, Path]) -> None:
+    ca = pki[0]
+    created = tidelog(tls_node, "topic", "create", "cli-tls", "--tls-ca", str(ca.cert_path))
+    assert created.returncode == 0, created.stderr.decode()
+    env = {"TIDELOG_TLS_CA": str(ca.cert_path)}
+    produced = tidelog(tls_node, "produce", "cli-tls", stdin=b"x\n", env=env)
+    assert produced.returncode == 0, produced.stderr.decode()
+    consumed = tidelog(tls_node, "consume", "cli-tls", "--from-beginning", "--max", "1", env=env)
+    assert consumed.stdout.decode().split() == ["x"], consumed.stderr.decode()
+    plaintext = tidelog(tls_node, "topic", "list")
+    assert plaintext.returncode == 1 and "Traceback" not in plaintext.stderr.decode()
+
+
+def test_cli_mtls_client_certificate(
+    mtls_node: tuple[Node, Issued, Issued], pki: tuple[Authority, Issued, Path]
+) -> None:
+    node, alice, root = mtls_node
+    ca = pki[0]
+    tls = ["--tls-ca", str(ca.cert_path)]
+    as_root = [*tls, "--tls-cert", str(root.cert_path), "--tls-key", str(root.key_path)]
+    created = tidelog(node, "topic", "create", "cli-mtls", *as_root)
+    assert created.returncode == 0, created.stderr.decode()
+    env = {"TIDELOG_TLS_CERT": str(alice.cert_path), "TIDELOG_TLS_KEY": str(alice.key_path)}
+    denied = tidelog(node, "topic", "delete", "cli-mtls", *tls, env=env)
+    assert denied.returncode == 1 and "'alice'" in denied.stderr.decode()
+    half = tidelog(node, "topic", "list", *tls, "--tls-cert", str(alice.cert_path))
+    assert half.returncode == 2 and "go together" in half.stderr.decode()
