@@ -209,6 +209,8 @@ class Guard:
     ) -> None:
         self._tokens = dict(tokens or {})
         self.client_certificates = client_certificates
+        #: Whether bearer tokens are accepted.
+        self.tokens = bool(self._tokens)
         self.enabled = bool(self._tokens) or client_certificates
 
     def principal(self, context: Any) -> Principal:

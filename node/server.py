@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import time
@@ -110,6 +111,13 @@ def _reachable_host(host: str) -> str:
     if host in ("", "0.0.0.0", "::"):
         return socket.gethostname()
     return host
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def derived_cluster_id(voters: Iterable[int]) -> str:
@@ -324,6 +332,11 @@ class Node:
         """Bind the client listener (Broker, Admin, health, reflection): TLS when the node
         has ``--tls-cert``, else plaintext. Returns the port bound."""
         address = join_host_port(host, port)
+        if listener.credentials is None and listener.guard.tokens and not _loopback(host):
+            log.warning(
+                "bearer tokens (--auth-tokens-file) on the plaintext listener %s travel in "
+                "clear: add --tls-cert and --tls-key", address,
+            )  # fmt: skip
         try:
             if listener.credentials is None:
                 bound = server.add_insecure_port(address)
