@@ -16,6 +16,7 @@ SyncProducer, SyncConsumer and SyncAdmin offer the same without asyncio.
 
 from tidelog.client.admin import Admin, ClusterView, PartitionDescription, TopicDescription
 from tidelog.client.consumer import Consumer, FetchedBatch, NoOffset
+from tidelog.client.errors import OutcomeUnknown
 from tidelog.client.producer import BatchesFuture, BufferFull, Producer, RecordFuture
 from tidelog.client.structs import (
     BatchMetadata,
@@ -37,6 +38,7 @@ __all__ = [
     "FetchedBatch",
     "Header",
     "NoOffset",
+    "OutcomeUnknown",
     "PartitionDescription",
     "Producer",
     "RecordFuture",

@@ -74,9 +74,13 @@ class PendingBatch:
         "first_sent_s",
         "headers",
         "keys",
+        "maybe_written",
         "partition",
         "payload",
+        "producer_epoch",
+        "producer_id",
         "seq",
+        "sequence",
         "size_bytes",
         "timestamp_ms",
         "timestamps",
@@ -109,6 +113,13 @@ class PendingBatch:
         self.done = False
         self.error: TidelogError | None = None
         self.waiters: list[asyncio.Future[None]] | None = None
+        #: The idempotent producer's stamp (-1: none), set once when the sender first drains
+        #: the batch and kept on every retry (client/sender.py).
+        self.producer_id = -1
+        self.producer_epoch = -1
+        self.sequence = -1
+        #: Whether an attempt's outcome is unknown (no answer; the node may have stored it).
+        self.maybe_written = False
 
     @property
     def record_count(self) -> int:
@@ -166,6 +177,13 @@ class PendingBatch:
     def record_timestamp(self, index: int) -> int:
         return self.timestamp_ms if self.timestamps is None else self.timestamps[index]
 
+    def stamp(self, producer_id: int, producer_epoch: int, sequence: int) -> None:
+        """Give the batch its idempotent identity (the encoded bytes are rebuilt)."""
+        self.producer_id = producer_id
+        self.producer_epoch = producer_epoch
+        self.sequence = sequence
+        self.payload = None
+
     def encode(self, codec: Codec) -> bytes:
         """The wire bytes, built once: a retry resends the same batch, CRC and all."""
         if self.payload is None:
@@ -175,6 +193,9 @@ class PendingBatch:
                 self.timestamp_ms if self.timestamps is None else self.timestamps,
                 self.headers,
                 codec=codec,
+                producer_id=self.producer_id,
+                producer_epoch=self.producer_epoch,
+                base_sequence=self.sequence,
             )
         return self.payload
 

@@ -8,10 +8,10 @@ columnar decoder of :mod:`tidelog.records`, skipping the records of a batch that
 the position (a batch is never split, so the first one may start earlier).
 
 When the leader moves or dies the fetcher reopens the stream at the next offset it needs;
-nothing is skipped or read twice. It follows the leader the way the producer does: a
-NOT_LEADER naming the new leader is used at once, and otherwise the short backoff before
-reconnecting (capped at LEADER_RETRY_BACKOFF_MAX_MS) ends early as soon as the polled
-metadata shows a new leader. A position outside the log surfaces
+nothing is skipped or read twice. It follows the leader by the policy the producer uses
+too (:mod:`tidelog.client.retry`): a NOT_LEADER naming the new leader is used at once, and
+otherwise the short backoff before reconnecting ends early as soon as the polled metadata
+shows a new leader. A position outside the log surfaces
 as :class:`~tidelog.errors.OffsetOutOfRange` naming the valid range, unless
 ``auto_offset_reset`` says to jump to the earliest or latest offset.
 """
@@ -32,14 +32,13 @@ import grpc
 import grpc.aio
 
 from tidelog.client.connection import Connection, PemSource
+from tidelog.client.limits import RETRY_BACKOFF_MS_DEFAULT
 from tidelog.client.metadata import ClusterMetadata, parse_bootstrap
+from tidelog.client.retry import Retry
 from tidelog.client.structs import ConsumerRecord, TopicPartition
 from tidelog.errors import (
-    LeaderNotAvailable,
     NodeUnavailable,
-    NotLeader,
     OffsetOutOfRange,
-    RequestTimedOut,
     TidelogError,
     UnknownPartition,
     UnknownTopic,
@@ -59,15 +58,6 @@ FETCH_MAX_WAIT_MS_DEFAULT = 500
 #: Bytes of fetched, not yet polled batches held per partition before its fetcher pauses.
 QUEUE_BYTES_MAX_PER_PARTITION_DEFAULT = 16 * _MIB
 POLL_MAX_RECORDS_DEFAULT = 10_000
-RETRY_BACKOFF_MS_DEFAULT = 100
-#: Cap of the doubling backoff after errors that leave the leader in place.
-RETRY_BACKOFF_MAX_MS = 2_000
-#: Cap after leader errors (the wait also watches the metadata for a new leader, so this
-#: only bounds how often a leader that stays put, or dead, is asked again).
-LEADER_RETRY_BACKOFF_MAX_MS = 250
-#: Leader changes in a row followed without a backoff; beyond it (nodes naming each other,
-#: a stale hint) the backoff applies until a stream delivers again.
-LEADER_HOPS_IMMEDIATE_MAX = 3
 LIST_OFFSETS_TIMEOUT_MS = 10_000
 #: Attempts of a ListOffsets call that meets NOT_LEADER / an unreachable node.
 LIST_OFFSETS_ATTEMPTS_MAX = 20
@@ -75,9 +65,6 @@ LIST_OFFSETS_ATTEMPTS_MAX = 20
 METADATA_WAIT_MS_DEFAULT = 5_000
 
 OffsetReset = Literal["earliest", "latest", "error"]
-
-#: Errors that mean the partition's leader moved, is being elected, or is unreachable.
-_LEADER_ERRORS = (NotLeader, LeaderNotAvailable, NodeUnavailable, RequestTimedOut)
 
 
 class NoOffset(TidelogError):
@@ -111,78 +98,6 @@ class _Chunk:
     cursor: int = 0
 
 
-class _Retry:
-    """When a request for one partition goes again after a failure.
-
-    A leader error (the node is unreachable, not the leader, or without a leader) waits a
-    short doubling backoff while the partition's metadata is polled, and ends it the moment
-    the metadata or a NOT_LEADER hint names another leader (at most LEADER_HOPS_IMMEDIATE_MAX
-    times in a row); other errors wait the plain backoff.
-    """
-
-    def __init__(self, consumer: Consumer, tp: TopicPartition) -> None:
-        self.consumer = consumer
-        self.tp = tp
-        self.backoff_ms = 0.0
-        self.leader_error = False
-        #: Where the last failure happened (None: no leader was known).
-        self.failed_at: str | None = None
-        #: Leader changes followed at once since the last success.
-        self.hops = 0
-        #: When the failures began (time.monotonic(); 0 after a success).
-        self.since_s = 0.0
-
-    def succeeded(self) -> None:
-        self.backoff_ms = 0.0
-        self.hops = 0
-        self.leader_error = False
-        self.since_s = 0.0
-
-    def pause(self) -> None:
-        """The node ended a stream that delivered nothing: a short pause before reopening."""
-        self.backoff_ms = max(float(self.consumer._retry_backoff_ms), 1.0)
-        self.leader_error = False
-
-    def failed(self, address: str | None, err: TidelogError) -> None:
-        """Record a failure of a request sent to ``address``."""
-        meta = self.consumer._meta_()
-        self.leader_error = isinstance(err, _LEADER_ERRORS)
-        base_ms = self.consumer._retry_backoff_ms
-        cap_ms = LEADER_RETRY_BACKOFF_MAX_MS if self.leader_error else RETRY_BACKOFF_MAX_MS
-        # Never 0: a retry_backoff_ms of 0 still doubles from 1 ms instead of spinning.
-        self.backoff_ms = min(max(self.backoff_ms * 2, base_ms, 1), max(cap_ms, base_ms))
-        self.failed_at = address
-        if not self.since_s:
-            self.since_s = time.monotonic()
-        if self.leader_error and address is not None:
-            if isinstance(err, NodeUnavailable):
-                meta.note_unreachable(address)
-            meta.apply_leader_hint(self.tp.topic, self.tp.partition, err)
-
-    async def wait(self) -> None:
-        if not self.backoff_ms:
-            return
-        loop = asyncio.get_running_loop()
-        until_s = loop.time() + self.backoff_ms / 1000
-        if self.leader_error:
-            address = await self.consumer._meta_().wait_for_leader(
-                self.tp.topic,
-                self.tp.partition,
-                not_at=self.failed_at,
-                timeout_s=self.backoff_ms / 1000,
-                since_s=self.since_s or None,
-            )
-            if address is not None and self.hops < LEADER_HOPS_IMMEDIATE_MAX:
-                # A new leader: go there now; a failure there starts the backoff afresh.
-                log.debug("%s: new leader at %s", self.tp, address)
-                self.hops += 1
-                self.backoff_ms = 0.0
-                return
-        remaining_s = until_s - loop.time()
-        if remaining_s > 0:
-            await asyncio.sleep(remaining_s)
-
-
 class _Fetcher:
     """The one task that streams one partition into its queue."""
 
@@ -212,7 +127,7 @@ class _Fetcher:
         c = self.consumer
         tp = self.tp
         meta = c._meta_()
-        retry = _Retry(c, tp)
+        retry = Retry(meta, tp, c._retry_backoff_ms)
         try:
             while True:
                 await retry.wait()
@@ -627,7 +542,7 @@ class Consumer:
         request = broker_pb2.ListOffsetsRequest(
             topic=tp.topic, partition=tp.partition, spec=spec, timestamp_ms=timestamp_ms
         )
-        retry = _Retry(self, tp)
+        retry = Retry(meta, tp, self._retry_backoff_ms)
         for attempt in range(LIST_OFFSETS_ATTEMPTS_MAX):
             await retry.wait()
             address: str | None = None

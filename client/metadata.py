@@ -49,6 +49,7 @@ __all__ = [
     "PartitionInfo",
     "TopicInfo",
     "parse_bootstrap",
+    "transport_failure",
 ]
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def _is_address(addr: str) -> bool:
     return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
 
 
-def _transport_failure(exc: grpc.aio.AioRpcError) -> bool:
+def transport_failure(exc: grpc.aio.AioRpcError) -> bool:
     """The call never got a tidelog answer: refused, reset or timed out on the way (a node's
     own errors carry an ErrorInfo detail in the trailers)."""
     if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -316,7 +317,7 @@ class ClusterMetadata:
                 err = from_rpc_error(exc)
                 if not _moves_on(exc, err):
                     raise err from None
-                if _transport_failure(exc):
+                if transport_failure(exc):
                     self.note_unreachable(address)
                 last = err
                 continue
@@ -405,7 +406,7 @@ class ClusterMetadata:
                 err = from_rpc_error(exc)
                 if not _moves_on(exc, err):
                     raise err from None
-                if _transport_failure(exc):
+                if transport_failure(exc):
                     self.note_unreachable(address)
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     slow.append(address)

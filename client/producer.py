@@ -4,28 +4,15 @@ Shape (after aiokafka and the Java client): :meth:`Producer.send` appends a reco
 :class:`~tidelog.client.accumulator.Accumulator` and returns at once with a cheap
 :class:`RecordFuture`; one sender task per leader node drains the batches that are full or
 whose ``linger_ms`` ran out, with up to ``max_in_flight_per_partition`` Produce requests per
-partition. A batch that fails with a retriable error (the leader moved, the node is down, a
+partition (5 with idempotence, the default; 1 without: :class:`Producer` says what order
+each guarantees). A batch that fails with a retriable error (the leader moved, the node is down, a
 timeout) goes back to the front of its partition's queue once the requests sent before it
 have answered, so a partition's batches are resent in their original order. Other errors
 fail the batch's records.
 
-Retries after a leader error (NOT_LEADER, LEADER_NOT_AVAILABLE, unreachable node, timeout)
-follow the leader rather than the clock: a NOT_LEADER that names the new leader sends the
-retry there at once; otherwise the retry waits a short doubling backoff (from
-``retry_backoff_ms``, capped at LEADER_RETRY_BACKOFF_MAX_MS) during which the partition's
-metadata is re-read every few tens of milliseconds, and goes to the new leader the moment
-one shows up. So writes resume within about LEADER_POLL_INTERVAL_MS of the cluster electing
-a new leader, while a dead leader is retried at most a few times a second.
-
-A partition's requests in flight all go to one node. When the leader moves while some are
-still unanswered at the old one, newer batches wait for those answers instead of going to
-the new leader at once: the old node refuses them later (NOT_LEADER), and a newer batch
-acknowledged by the new leader meanwhile would sit ahead of their retries in the log. A
-node that holds requests without answering (paused, or black-holed) would then pin the
-partition until the request timeout, so a request unanswered for LEADER_CHECK_AFTER_MS
-starts watching the metadata, and once another node leads the partition the requests at
-the silent one are abandoned and resent there, in order. The old node cannot commit what
-it held: the new leader's election needed a majority that no longer follows it.
+The sending side (in-flight windows, retries in order, following leader moves, requests
+held by a silent node) is :mod:`tidelog.client.sender`; when a retry goes is the client's
+one policy, :mod:`tidelog.client.retry`.
 
 Records that cannot be appended yet (the topic's metadata is not known, or the buffer holds
 ``buffer_bytes_max``) wait in a FIFO per topic and are admitted in order as soon as possible;
@@ -41,13 +28,10 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Coroutine, Generator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, cast
-
-import grpc
-import grpc.aio
 
 from tidelog.client.accumulator import (
     Accumulator,
@@ -56,23 +40,22 @@ from tidelog.client.accumulator import (
     record_size,
 )
 from tidelog.client.connection import Connection, PemSource
+from tidelog.client.limits import (
+    IDEMPOTENT_IN_FLIGHT_MAX,
+    IN_FLIGHT_NON_IDEMPOTENT_DEFAULT,
+    RETRY_BACKOFF_MS_DEFAULT,
+)
 from tidelog.client.metadata import (
-    LEADER_POLL_INTERVAL_MS,
     ClusterMetadata,
     TopicInfo,
     parse_bootstrap,
 )
 from tidelog.client.partitioner import StickyPartitioner, partition_for_key
+from tidelog.client.sender import Sender, SenderConfig
 from tidelog.client.structs import BatchMetadata, Header, RecordMetadata, TopicPartition
 from tidelog.errors import (
-    LeaderNotAvailable,
-    NodeUnavailable,
-    NotLeader,
-    RequestTimedOut,
     TidelogError,
     UnknownPartition,
-    UnknownTopic,
-    from_rpc_error,
 )
 from tidelog.records import Codec
 from tidelog.v1 import broker_pb2
@@ -92,25 +75,8 @@ LINGER_MS_DEFAULT = 5
 BATCH_BYTES_MAX_DEFAULT = 1 * _MIB
 #: A batch is one Produce request; the node refuses requests above 64 MiB.
 BATCH_BYTES_LIMIT = 64 * _MIB
-MAX_IN_FLIGHT_PER_PARTITION_DEFAULT = 8
 BUFFER_BYTES_MAX_DEFAULT = 64 * _MIB
 RETRIES_DEFAULT = 2**31 - 1
-RETRY_BACKOFF_MS_DEFAULT = 100
-#: Cap of the doubling backoff after errors that leave the leader in place (not enough
-#: replicas): the cluster needs time, and asking more often does not give it any.
-RETRY_BACKOFF_MAX_MS = 1_000
-#: Cap after leader errors: the wait also watches the metadata for a new leader, so this
-#: only bounds how often a leader that stays put (or dead) is asked again.
-LEADER_RETRY_BACKOFF_MAX_MS = 250
-#: Leader changes in a row a partition follows without any backoff; beyond it (two nodes
-#: naming each other, a stale hint) the backoff applies until a request succeeds again.
-LEADER_HOPS_IMMEDIATE_MAX = 3
-#: How long a Produce request may go unanswered before the producer checks the metadata for
-#: a new leader (module docstring); below the node's election timeout (1 s by default),
-#: which no failover beats anyway.
-LEADER_CHECK_AFTER_MS = 1_000
-#: How often a partition without a leader checks its batches against delivery_timeout_ms.
-LEADERLESS_EXPIRY_CHECK_MS = 500
 REQUEST_TIMEOUT_MS_DEFAULT = 30_000
 #: How long a record may wait, retries included, before it fails (Kafka's delivery.timeout.ms).
 DELIVERY_TIMEOUT_MS_DEFAULT = 120_000
@@ -129,10 +95,6 @@ _ACKS: dict[object, broker_pb2.Acks.ValueType] = {
 
 Acks = Literal["all", 0, 1, -1]
 
-#: Errors that mean the partition's leader moved, is being elected, or is unreachable: the
-#: retry follows the metadata to the new leader (module docstring).
-_LEADER_ERRORS = (NotLeader, LeaderNotAvailable, NodeUnavailable, RequestTimedOut, UnknownTopic)
-
 
 class BufferFull(TidelogError):
     """More records are waiting for room than the buffer holds: the caller sends faster than
@@ -140,6 +102,46 @@ class BufferFull(TidelogError):
     ``flush()``) now and then."""
 
     reason = "BUFFER_FULL"
+
+
+def resolve_idempotence(
+    enable_idempotence: bool | None,
+    acks: object,
+    acks_value: broker_pb2.Acks.ValueType,
+    max_in_flight_per_partition: int | None,
+) -> bool:
+    """Whether the producer is idempotent: as asked, or (unset) unless a setting conflicts,
+    as Kafka's producer decides since 3.2."""
+    acks_all = acks_value == broker_pb2.ACKS_ALL
+    too_many = (
+        max_in_flight_per_partition is not None
+        and max_in_flight_per_partition > IDEMPOTENT_IN_FLIGHT_MAX
+    )
+    if enable_idempotence is None:
+        if not acks_all or too_many:
+            log.info(
+                "idempotence is off: acks=%r, max_in_flight_per_partition=%r (it needs "
+                "acks='all' and at most %d in flight)",
+                acks,
+                max_in_flight_per_partition,
+                IDEMPOTENT_IN_FLIGHT_MAX,
+            )
+            return False
+        return True
+    if enable_idempotence and not acks_all:
+        raise ValueError(
+            f"enable_idempotence=True needs acks='all' (got acks={acks!r}): a batch only the "
+            "leader stored can be lost in a failover and its sequence with it. Use "
+            "acks='all', or enable_idempotence=False"
+        )
+    if enable_idempotence and too_many:
+        raise ValueError(
+            f"enable_idempotence=True allows at most {IDEMPOTENT_IN_FLIGHT_MAX} requests in "
+            f"flight per partition (got max_in_flight_per_partition="
+            f"{max_in_flight_per_partition}): the node remembers the last "
+            f"{IDEMPOTENT_IN_FLIGHT_MAX} batches per producer to recognize a retry"
+        )
+    return enable_idempotence
 
 
 def parse_acks(acks: object) -> broker_pb2.Acks.ValueType:
@@ -267,67 +269,45 @@ class _Parked:
     cumulative: list[int] | None = None
 
 
-@dataclass(slots=True)
-class _PartitionState:
-    in_flight: int = 0
-    #: Batches that failed with a retriable error while others were in flight; they go back
-    #: to the queue once in_flight drops to 0, so nothing overtakes them twice.
-    failed: list[PendingBatch] = field(default_factory=list)
-    #: After a failure, send one batch at a time until one succeeds (in-order recovery).
-    recovering: bool = False
-    retry_at_s: float = 0.0
-    backoff_ms: float = 0.0
-    #: When a wake-up for retry_at_s is already scheduled (one timer per backoff).
-    wake_at_s: float = 0.0
-    #: Whether a failure since the last requeue was a leader error, and at which address.
-    leader_error: bool = False
-    failed_at: str | None = None
-    #: Leader changes followed at once since the last success (LEADER_HOPS_IMMEDIATE_MAX).
-    hops: int = 0
-    #: When the leader trouble began (time.monotonic(); 0 while requests succeed).
-    trouble_since_s: float = 0.0
-    #: Waits for a new leader during the backoff, to retry there at once.
-    watch: asyncio.Task[None] | None = None
-    #: The node every request in flight went to (the module docstring says why only one).
-    in_flight_at: str | None = None
-    #: The Produce calls in flight, to abandon them at a node that stopped answering.
-    calls: set[grpc.aio.UnaryUnaryCall[Any, Any]] = field(default_factory=set)
-    #: Calls cancelled because another node leads now, with that node's address.
-    abandoned: dict[grpc.aio.UnaryUnaryCall[Any, Any], str] = field(default_factory=dict)
-    #: Watches the metadata while a request goes unanswered (LEADER_CHECK_AFTER_MS).
-    stall_watch: asyncio.Task[None] | None = None
-
-
-class _Sender:
-    """The one task that drains the accumulator for the partitions led by one node."""
-
-    def __init__(self, producer: Producer, address: str) -> None:
-        self.producer = producer
-        self.address = address
-        self.pending: set[TopicPartition] = set()
-        self.event = asyncio.Event()
-        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"sender {address}")
-
-    def wake(self, tp: TopicPartition) -> None:
-        self.pending.add(tp)
-        self.event.set()
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self.event.wait()
-            self.event.clear()
-            pending, self.pending = self.pending, set()
-            now = loop.time()
-            for tp in pending:
-                self.producer._drain(tp, self, now)
-
-
 # ---------------------------------------------------------------------------------------------
 
 
 class Producer:
-    """``async with Producer("127.0.0.1:9092") as p: md = await p.send("t", b"v")``."""
+    """``async with Producer("127.0.0.1:9092") as p: md = await p.send("t", b"v")``.
+
+    **Idempotence** (``enable_idempotence``, on by default as in Kafka since 3.0): the
+    producer gets a producer id from the cluster on its first send, and every batch carries
+    that id, an epoch and a per-partition sequence number, stamped once when the batch is
+    first sent and kept on every retry. The partition's leader stores a batch only if its
+    sequence follows the last one stored, and answers a batch it already stored with the
+    original offsets. Left unset, idempotence is on unless ``acks`` is not "all" or
+    ``max_in_flight_per_partition`` is above 5 (then it is off, as Kafka's producer does);
+    ``enable_idempotence=True`` with either of those is a ValueError.
+
+    **What order is guaranteed**, per partition (records of one key go to one partition):
+
+    * Idempotent (the default; up to 5 requests in flight per partition): the records are
+      stored in the order of ``send``, each exactly once, retries included (lost answers,
+      timeouts, leader changes): a batch that arrives before the one ahead of it is refused
+      and resent after it. A batch fails only with a reported error, and then the batches
+      after it are still stored in send order; an error other than
+      :class:`~tidelog.client.errors.OutcomeUnknown` means its records were not stored.
+    * Not idempotent (``enable_idempotence=False``): ONE request in flight per partition by
+      default, so records are stored in send order while nothing fails (gRPC does not order
+      concurrent calls, so two requests in flight may be stored either way round). A retry
+      after a lost answer or a timeout may store a batch twice; retries themselves keep the
+      order (a failed batch is resent before any later one). With
+      ``max_in_flight_per_partition`` > 1 even failure-free order is not guaranteed.
+
+    A send that fails with :class:`~tidelog.client.errors.OutcomeUnknown` may have been
+    stored (its request went unanswered); any other error means it was not. With
+    idempotence on, the producer settles unknown outcomes itself by resending with the same
+    sequence, so OutcomeUnknown only comes when it gives up (``delivery_timeout_ms``). When
+    a partition forgets the producer (idle past the node's ``producer.id.expiration.ms``,
+    or its batches deleted by retention) the producer starts a new session (a new id)
+    instead of failing. PRODUCER_FENCED (a newer session of the same id) ends the
+    producer: every pending and later send fails with :class:`ProducerFenced`.
+    """
 
     def __init__(
         self,
@@ -336,7 +316,8 @@ class Producer:
         acks: Acks | str = "all",
         linger_ms: float = LINGER_MS_DEFAULT,
         batch_bytes_max: int = BATCH_BYTES_MAX_DEFAULT,
-        max_in_flight_per_partition: int = MAX_IN_FLIGHT_PER_PARTITION_DEFAULT,
+        max_in_flight_per_partition: int | None = None,
+        enable_idempotence: bool | None = None,
         compression: str | Codec = "none",
         retries: int = RETRIES_DEFAULT,
         retry_backoff_ms: int = RETRY_BACKOFF_MS_DEFAULT,
@@ -357,6 +338,13 @@ class Producer:
         if not 0 < batch_bytes_max <= BATCH_BYTES_LIMIT:
             raise ValueError(
                 f"batch_bytes_max={batch_bytes_max} must be in (0, {BATCH_BYTES_LIMIT}]"
+            )
+        self._idempotent = resolve_idempotence(
+            enable_idempotence, acks, self._acks, max_in_flight_per_partition
+        )
+        if max_in_flight_per_partition is None:
+            max_in_flight_per_partition = (
+                IDEMPOTENT_IN_FLIGHT_MAX if self._idempotent else IN_FLIGHT_NON_IDEMPOTENT_DEFAULT
             )
         if max_in_flight_per_partition < 1:
             raise ValueError(f"max_in_flight_per_partition={max_in_flight_per_partition} < 1")
@@ -379,15 +367,11 @@ class Producer:
         self._sticky = StickyPartitioner()
         self._meta: ClusterMetadata | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._parts: dict[TopicPartition, _PartitionState] = {}
-        self._senders: dict[str, _Sender] = {}
+        self._sender: Sender | None = None
         self._parked: dict[str, deque[_Parked]] = {}
         self._parked_bytes = 0
         self._admitters: dict[str, asyncio.Task[None]] = {}
         self._room = asyncio.Event()
-        #: Partitions without a known leader, each with the task waiting for one.
-        self._leaderless: dict[TopicPartition, asyncio.Task[None]] = {}
-        self._background: set[asyncio.Task[None]] = set()
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._flushing = 0
         self._closed = False
@@ -406,6 +390,23 @@ class Producer:
             await self._meta.close()
             self._meta = None
             raise
+        self._sender = Sender(
+            self._meta,
+            self._acc,
+            SenderConfig(
+                acks=self._acks,
+                codec=self._codec,
+                linger_s=self._linger_s,
+                max_in_flight=self._max_in_flight,
+                retries=self._retries,
+                retry_backoff_ms=self._retry_backoff_ms,
+                request_timeout_ms=self._request_timeout_ms,
+                delivery_timeout_s=self._delivery_timeout_s,
+                idempotent=self._idempotent,
+            ),
+            on_released=self._on_released,
+            force_drain=lambda: self._flushing > 0,
+        )
 
     async def stop(self, timeout_ms: float | None = None) -> None:
         """Send what is buffered, then close. Records that cannot be delivered fail after
@@ -420,12 +421,10 @@ class Producer:
                     await asyncio.wait_for(self.flush(), timeout_ms / 1000)
         finally:
             self._closed = True
-            tasks: list[asyncio.Task[Any]] = [s.task for s in self._senders.values()]
-            tasks += self._admitters.values()
-            tasks += self._background
-            for t in tasks:
+            admitters = list(self._admitters.values())
+            for t in admitters:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(self._sender_().close(), *admitters, return_exceptions=True)
             self._fail_everything(TidelogError("the producer was closed before delivering"))
             await self._meta.close()
 
@@ -442,6 +441,15 @@ class Producer:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+    @property
+    def idempotent(self) -> bool:
+        """Whether batches carry a producer id and sequences (the class docstring)."""
+        return self._idempotent
+
+    @property
+    def max_in_flight_per_partition(self) -> int:
+        return self._max_in_flight
 
     @property
     def metadata(self) -> ClusterMetadata:
@@ -474,6 +482,8 @@ class Producer:
         meta = self.metadata
         if self._closed:
             raise TidelogError("the producer is closed")
+        if self._sender is not None and self._sender.fatal is not None:
+            raise self._sender.fatal
         size = record_size(value, key, headers)
         info = meta.topics.get(topic)
         if info is not None and topic not in self._parked and self._acc.has_room(size):
@@ -511,6 +521,8 @@ class Producer:
         meta = self.metadata
         if self._closed:
             raise TidelogError("the producer is closed")
+        if self._sender is not None and self._sender.fatal is not None:
+            raise self._sender.fatal
         if keys is not None and len(keys) != len(values):
             raise ValueError(f"got {len(keys)} keys for {len(values)} values")
         handle = BatchesFuture(topic, len(values))
@@ -785,362 +797,23 @@ class Producer:
 
     # -- internals: sending ---------------------------------------------------------------------
 
-    def _state(self, tp: TopicPartition) -> _PartitionState:
-        st = self._parts.get(tp)
-        if st is None:
-            st = self._parts[tp] = _PartitionState()
-        return st
+    def _sender_(self) -> Sender:
+        assert self._sender is not None
+        return self._sender
 
     def _wake(self, tp: TopicPartition) -> None:
-        """Tell the partition's leader's sender to look at it."""
-        if self._closed:
-            return
-        address = self.metadata.leader_address(tp.topic, tp.partition)
-        if address is None:
-            if tp not in self._leaderless:
-                self._leaderless[tp] = self._spawn(self._await_leader(tp), f"leader of {tp}")
-            return
-        sender = self._senders.get(address)
-        if sender is None:
-            sender = self._senders[address] = _Sender(self, address)
-        sender.wake(tp)
+        if self._sender is not None:
+            self._sender.wake(tp)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        """A background task that stop() cancels."""
-        task = self._loop_().create_task(coro, name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
-
-    async def _await_leader(self, tp: TopicPartition) -> None:
-        """Wait for a leader of a partition that has none (metadata is polled meanwhile);
-        batches that outlive delivery_timeout_ms meanwhile fail."""
-        meta = self.metadata
-        since_s = time.monotonic()
-        try:
-            while True:
-                try:
-                    address = await meta.wait_for_leader(
-                        tp.topic,
-                        tp.partition,
-                        timeout_s=LEADERLESS_EXPIRY_CHECK_MS / 1000,
-                        since_s=since_s,
-                    )
-                except UnknownTopic:
-                    self._fail_partition(
-                        tp,
-                        UnknownTopic(
-                            f"topic {tp.topic!r} no longer exists (deleted while producing?)",
-                            topic=tp.topic,
-                        ),
-                    )
-                    return
-                except TidelogError as err:  # the producer is closing
-                    log.debug("waiting for a leader of %s stopped: %s", tp, err)
-                    return
-                if address is not None:
-                    break
-                self._expire(tp)
-                if self._acc.head(tp) is None and not self._state(tp).failed:
-                    return
-        finally:
-            self._leaderless.pop(tp, None)
-        self._wake(tp)
-
-    def _drain(self, tp: TopicPartition, sender: _Sender, now_s: float) -> None:
-        st = self._state(tp)
-        address = self.metadata.leader_address(tp.topic, tp.partition)
-        if address != sender.address:
-            self._wake(tp)  # the leader moved: hand the partition to its sender
-            return
-        if st.in_flight and st.in_flight_at != address:
-            # Requests are still out at the old leader: newer batches wait for its answers
-            # (module docstring); the last answer wakes the partition again.
-            return
-        if now_s < st.retry_at_s:
-            if st.wake_at_s != st.retry_at_s:
-                st.wake_at_s = st.retry_at_s
-                self._loop_().call_at(st.retry_at_s, self._wake, tp)
-            return
-        limit = 1 if st.recovering else self._max_in_flight
-        force = self._flushing > 0 or self._closed
-        while st.in_flight < limit:
-            batch = self._acc.pop_ready(tp, now_s, self._linger_s, force)
-            if batch is None:
-                break
-            if now_s - batch.created_s > self._delivery_timeout_s:
-                self._fail_batch(batch, self._timed_out(batch))
-                continue
-            st.in_flight += 1
-            st.in_flight_at = sender.address
-            self._spawn(self._produce(sender.address, tp, st, batch), f"produce {tp}")
-
-    async def _produce(
-        self, address: str, tp: TopicPartition, st: _PartitionState, batch: PendingBatch
-    ) -> None:
-        loop = self._loop_()
-        err: TidelogError | None = None
-        resp: broker_pb2.ProduceResponse | None = None
-        try:
-            payload = batch.encode(self._codec)
-        except ValueError as exc:
-            st.in_flight -= 1
-            self._fail_batch(batch, TidelogError(f"cannot encode the batch: {exc}"))
-            self._after_response(tp, st)
-            return
-        if not batch.first_sent_s:
-            batch.first_sent_s = loop.time()
-        batch.attempts += 1
-        request = broker_pb2.ProduceRequest(
-            topic=tp.topic,
-            partition=tp.partition,
-            batches=payload,
-            acks=self._acks,
-            timeout_ms=self._request_timeout_ms,
-        )
-        call: grpc.aio.UnaryUnaryCall[Any, Any] | None = None
-        stall_check: asyncio.TimerHandle | None = None
-        try:
-            call = self.metadata.broker(address).Produce(  # type: ignore[assignment]
-                request, timeout=self._request_timeout_ms / 1000 + 1
-            )
-            assert call is not None
-            st.calls.add(call)
-            stall_check = loop.call_later(
-                LEADER_CHECK_AFTER_MS / 1000, self._on_stalled, tp, st, address
-            )
-            resp = await call
-        except grpc.aio.AioRpcError as exc:
-            err = from_rpc_error(exc)
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            moved_to = None if call is None else st.abandoned.get(call)
-            if moved_to is None or (current is not None and current.cancelling()):
-                # stop() cancelled the request; nobody may wait on this batch forever.
-                st.in_flight -= 1
-                self._forget_call(st, call, stall_check)
-                if not batch.done:
-                    self._fail_batch(
-                        batch, TidelogError("the producer was closed before delivering")
-                    )
-                raise
-            err = NotLeader(
-                f"{tp}: no answer from {address} in {LEADER_CHECK_AFTER_MS} ms and "
-                f"{moved_to} leads the partition now; resending there"
-            )
-        except Exception as exc:  # the channel closed under us, or similar: retry elsewhere
-            err = NodeUnavailable(f"produce to {address} failed: {exc!r}")
-        self._forget_call(st, call, stall_check)
-        st.in_flight -= 1
-        if err is None:
-            assert resp is not None
-            if st.recovering and not st.failed:
-                st.recovering = False
-            st.backoff_ms = 0
-            st.hops = 0
-            st.trouble_since_s = 0.0
-            self.metadata.note_reachable(address)
-            base = -1 if self._acks == broker_pb2.ACKS_NONE else resp.base_offset
-            self._complete_batch(batch, base)
-        else:
-            self._on_error(address, tp, st, batch, err)
-        self._after_response(tp, st)
-
-    def _forget_call(
-        self,
-        st: _PartitionState,
-        call: grpc.aio.UnaryUnaryCall[Any, Any] | None,
-        stall_check: asyncio.TimerHandle | None,
-    ) -> None:
-        if stall_check is not None:
-            stall_check.cancel()
-        if call is not None:
-            st.calls.discard(call)
-            st.abandoned.pop(call, None)
-        if not st.calls and st.stall_watch is not None:
-            st.stall_watch.cancel()
-            st.stall_watch = None
-
-    def _on_stalled(self, tp: TopicPartition, st: _PartitionState, address: str) -> None:
-        """A request to ``address`` has gone unanswered for LEADER_CHECK_AFTER_MS: watch the
-        metadata for another leader (one watch per partition)."""
-        if self._closed or st.stall_watch is not None or not st.calls:
-            return
-        if st.in_flight_at != address:
-            return
-        st.stall_watch = self._spawn(self._watch_stalled(tp, st, address), f"stalled {tp}")
-
-    async def _watch_stalled(self, tp: TopicPartition, st: _PartitionState, address: str) -> None:
-        """Abandon the requests held by ``address`` once another node leads the partition;
-        cancelled (by _forget_call) when they are all answered first."""
-        try:
-            leader = await self.metadata.wait_for_leader(tp.topic, tp.partition, not_at=address)
-        except TidelogError:
-            return  # the topic is gone or the producer closing: the requests report it
-        finally:
-            if st.stall_watch is asyncio.current_task():
-                st.stall_watch = None
-        if leader is None or st.in_flight_at != address or not st.calls:
-            return
-        log.info(
-            "%s: %s holds %d requests unanswered and %s leads now: resending there",
-            tp,
-            address,
-            len(st.calls),
-            leader,
-        )
-        self.metadata.note_unreachable(address)
-        for call in list(st.calls):
-            st.abandoned[call] = leader
-            call.cancel()
-
-    def _on_error(
-        self,
-        address: str,
-        tp: TopicPartition,
-        st: _PartitionState,
-        batch: PendingBatch,
-        err: TidelogError,
-    ) -> None:
-        now_s = self._loop_().time()
-        expired = now_s - batch.created_s > self._delivery_timeout_s
-        if not err.retriable or batch.attempts > self._retries or expired:
-            if expired and err.retriable:
-                err = self._timed_out(batch, err)
-            log.warning("batch for %s failed (%d records): %s", tp, batch.record_count, err)
-            self._fail_batch(batch, err)
-            return
-        log.debug("retrying batch for %s after %s", tp, err)
-        st.failed.append(batch)
-        st.recovering = True
-        if not isinstance(err, _LEADER_ERRORS):
-            return
-        meta = self.metadata
-        st.leader_error = True
-        st.failed_at = address
-        if not st.trouble_since_s:
-            st.trouble_since_s = time.monotonic()
-        if isinstance(err, NodeUnavailable):
-            meta.note_unreachable(address)
-        if not meta.apply_leader_hint(tp.topic, tp.partition, err):
-            self._spawn(self._refresh_quietly(tp.topic), f"refresh {tp.topic}")
-
-    async def _refresh_quietly(self, topic: str) -> None:
-        try:
-            await self.metadata.refresh(force=False, topics=[topic])
-        except TidelogError as err:
-            log.debug("metadata refresh failed: %s", err)
-
-    def _after_response(self, tp: TopicPartition, st: _PartitionState) -> None:
-        if st.failed and st.in_flight == 0:
-            # Every request sent before the failed ones has answered: requeue the failed
-            # batches ahead of everything newer, in order, and wait out the backoff.
-            self._acc.push_front(tp, st.failed)
-            st.failed.clear()
-            self._schedule_retry(tp, st)
-        self._wake(tp)
-
-    def _schedule_retry(self, tp: TopicPartition, st: _PartitionState) -> None:
-        """Set when the requeued batches go again: at once at a new leader, else after the
-        backoff, or earlier if a new leader shows up meanwhile."""
-        now_s = self._loop_().time()
-        leader_error, st.leader_error = st.leader_error, False
-        failed_at, st.failed_at = st.failed_at, None
-        if st.watch is not None:
-            st.watch.cancel()
-            st.watch = None
-        if leader_error and st.hops < LEADER_HOPS_IMMEDIATE_MAX:
-            address = self.metadata.leader_address(tp.topic, tp.partition)
-            if address is not None and address != failed_at:
-                # The leader moved already (a NOT_LEADER hint, or a refresh): go there now.
-                st.hops += 1
-                st.backoff_ms = 0
-                st.retry_at_s = now_s
-                return
-        cap_ms = LEADER_RETRY_BACKOFF_MAX_MS if leader_error else RETRY_BACKOFF_MAX_MS
-        # Never 0: a retry_backoff_ms of 0 still doubles from 1 ms instead of spinning.
-        st.backoff_ms = min(
-            max(st.backoff_ms * 2, self._retry_backoff_ms, 1), max(cap_ms, self._retry_backoff_ms)
-        )
-        st.retry_at_s = now_s + st.backoff_ms / 1000
-        if leader_error and st.backoff_ms > LEADER_POLL_INTERVAL_MS / 2:
-            st.watch = self._spawn(
-                self._watch_leader(tp, st, failed_at, st.retry_at_s), f"watch leader of {tp}"
-            )
-
-    async def _watch_leader(
-        self, tp: TopicPartition, st: _PartitionState, failed_at: str | None, retry_at_s: float
-    ) -> None:
-        """Keep the partition's metadata fresh during the backoff (the retry then goes to
-        the leader of the moment), and cut the backoff short when a leader other than
-        ``failed_at`` shows up, unless the partition followed too many changes in a row."""
-        timeout_s = retry_at_s - self._loop_().time()
-        try:
-            address = await self.metadata.wait_for_leader(
-                tp.topic,
-                tp.partition,
-                not_at=failed_at,
-                timeout_s=timeout_s,
-                since_s=st.trouble_since_s or None,
-            )
-        except TidelogError:
-            return  # the topic is gone or the producer closing: the retry reports it
-        finally:
-            if st.watch is asyncio.current_task():
-                st.watch = None
-        if address is None or st.retry_at_s != retry_at_s:
-            return  # the backoff ran out, or a newer failure rescheduled the retry
-        if st.hops >= LEADER_HOPS_IMMEDIATE_MAX:
-            return
-        log.debug("%s: new leader at %s, retrying now", tp, address)
-        st.hops += 1
-        st.backoff_ms = 0
-        st.retry_at_s = 0.0
-        self._wake(tp)
-
-    def _complete_batch(self, batch: PendingBatch, base_offset: int) -> None:
-        batch.complete(base_offset, self._loop_().time())
-        self._released(batch)
-
-    def _fail_batch(self, batch: PendingBatch, err: TidelogError) -> None:
-        batch.fail(err, self._loop_().time())
-        self._released(batch)
-
-    def _released(self, batch: PendingBatch) -> None:
-        self._acc.release(batch)
+    def _on_released(self) -> None:
         self._room.set()
         self._check_idle()
-
-    def _timed_out(self, batch: PendingBatch, cause: TidelogError | None = None) -> TidelogError:
-        waited = self._loop_().time() - batch.created_s
-        why = f" (last error: {cause})" if cause is not None else ""
-        return RequestTimedOut(
-            f"{batch.record_count} records for {batch.topic}/{batch.partition} were not "
-            f"acknowledged within delivery_timeout_ms={self._delivery_timeout_s * 1000:.0f} "
-            f"(waited {waited:.1f} s){why}"
-        )
-
-    def _expire(self, tp: TopicPartition) -> None:
-        now_s = self._loop_().time()
-        dq = self._acc.batches.get(tp)
-        while dq and now_s - dq[0].created_s > self._delivery_timeout_s:
-            batch = dq.popleft()
-            self._fail_batch(batch, self._timed_out(batch))
-
-    def _fail_partition(self, tp: TopicPartition, err: TidelogError) -> None:
-        st = self._state(tp)
-        batches = self._acc.drop(tp) + st.failed
-        st.failed = []
-        for batch in batches:
-            self._fail_batch(batch, err)
-        if batches:
-            log.warning("%d batches for %s failed: %s", len(batches), tp, err)
 
     def _fail_everything(self, err: TidelogError) -> None:
         for topic in list(self._parked):
             self._fail_parked(topic, err)
         for tp in list(self._acc.batches):
-            self._fail_partition(tp, err)
+            self._sender_().fail_partition(tp, err)
         for fut in self._idle_waiters:
             if not fut.done():
                 fut.set_result(None)

@@ -131,6 +131,20 @@ class UpdatePartitionLeaders:
         object.__setattr__(self, "hints", tuple(self.hints))
 
 
+#: Largest block of producer ids one AllocateProducerIds may take.
+PRODUCER_ID_BLOCK_MAX = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class AllocateProducerIds:
+    """A node takes the next ``count`` producer ids (it serves InitProducerId from them).
+    The controller's state hands out each id once, also across controller failovers."""
+
+    TYPE: ClassVar[str] = "allocate_producer_ids"
+    node_id: int
+    count: int
+
+
 Command = (
     RegisterNode
     | MarkNodeDead
@@ -139,6 +153,7 @@ Command = (
     | DeleteTopic
     | AlterTopicConfig
     | UpdatePartitionLeaders
+    | AllocateProducerIds
 )
 
 
@@ -168,6 +183,8 @@ def encode_command(command: Command) -> bytes:
             body = {"name": command.name, "set": dict(command.set), "delete": list(command.delete)}
         case UpdatePartitionLeaders():
             body = {"hints": [[h.group_id, h.leader, h.term] for h in command.hints]}
+        case AllocateProducerIds():
+            body = {"node_id": command.node_id, "count": command.count}
         case _:
             raise TypeError(f"not a controller command: {command!r}")
     body["v"] = COMMAND_VERSION
@@ -234,6 +251,10 @@ def decode_command(data: bytes) -> Command:
                 f"at most {LEADER_HINTS_MAX} allowed"
             )
         command = UpdatePartitionLeaders(hints=tuple(LeaderHint(*row) for row in rows))
+    elif kind == AllocateProducerIds.TYPE:
+        command = AllocateProducerIds(
+            node_id=fields.integer("node_id"), count=fields.integer("count")
+        )
     else:
         raise CommandDecodeError(f"unknown controller command type {kind!r}")
     fields.finish()

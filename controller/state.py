@@ -39,6 +39,8 @@ from tidelog.config import (
 )
 from tidelog.controller.commands import (
     LEADER_HINTS_MAX,
+    PRODUCER_ID_BLOCK_MAX,
+    AllocateProducerIds,
     AlterTopicConfig,
     Command,
     CreateTopic,
@@ -59,6 +61,7 @@ from tidelog.errors import (
     TopicExists,
     UnknownPartition,
     UnknownTopic,
+    excerpt,
 )
 
 #: The Raft group of the controller itself.
@@ -124,6 +127,20 @@ class PartitionAssignment:
 
 
 @dataclass(frozen=True, slots=True)
+class ProducerIdBlock:
+    """The producer ids ``[start, start + count)`` given to a node by the command at ``index``
+    (the node serves InitProducerId from them; no other node gets any of them)."""
+
+    start: int
+    count: int
+    index: int
+
+
+#: Producer ids are int64; the last one is never handed out.
+PRODUCER_ID_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
 class TopicRecord:
     name: str
     #: The index of the command that created the topic.
@@ -168,11 +185,11 @@ class CorruptSnapshot(StorageError):
 
 
 def _in_topic(name: str, err: TidelogError) -> TidelogError:
-    return type(err)(f"topic {name!r}: {err.message}", **err.metadata)
+    return type(err)(f"topic {excerpt(name)}: {err.message}", **err.metadata)
 
 
 def _unknown_topic(name: str) -> UnknownTopic:
-    return UnknownTopic(f"unknown topic {name!r}: create it first (tidelog topic create)")
+    return UnknownTopic(f"unknown topic {excerpt(name)}: create it first (tidelog topic create)")
 
 
 class ClusterState:
@@ -186,6 +203,8 @@ class ClusterState:
         self._topics: dict[str, TopicRecord] = {}
         self._topic_by_id: dict[int, str] = {}
         self._by_node: dict[int, set[tuple[str, int]]] = {}
+        self._next_producer_id = 0
+        self._producer_blocks: dict[int, ProducerIdBlock] = {}
 
     @classmethod
     def from_snapshot(cls, data: bytes) -> ClusterState:
@@ -198,6 +217,15 @@ class ClusterState:
     @property
     def applied_index(self) -> int:
         return self._applied_index
+
+    @property
+    def next_producer_id(self) -> int:
+        """The first producer id no node has been given."""
+        return self._next_producer_id
+
+    def producer_id_block(self, node_id: int) -> ProducerIdBlock | None:
+        """The last block of producer ids given to ``node_id``."""
+        return self._producer_blocks.get(node_id)
 
     @property
     def version(self) -> int:
@@ -224,7 +252,7 @@ class ClusterState:
         record = self.topic(topic)
         if not 0 <= partition < len(record.partitions):
             raise UnknownPartition(
-                f"topic {topic!r} has no partition {partition}; its partitions are "
+                f"topic {excerpt(topic)} has no partition {partition}; its partitions are "
                 f"0..{len(record.partitions) - 1}"
             )
         return record.partitions[partition]
@@ -340,6 +368,8 @@ class ClusterState:
                 self._check_alter(command)
             case UpdatePartitionLeaders():
                 self._check_hints(command)
+            case AllocateProducerIds():
+                self._check_allocate(command)
             case _:
                 raise TypeError(f"not a controller command: {command!r}")
 
@@ -383,6 +413,8 @@ class ClusterState:
                 return self._do_alter(index, command)
             case UpdatePartitionLeaders():
                 return self._do_hints(index, command)
+            case AllocateProducerIds():
+                return self._do_allocate(index, command)
         raise TypeError(f"not a controller command: {command!r}")
 
     # -- nodes -----------------------------------------------------------------------------
@@ -553,6 +585,23 @@ class ClusterState:
             for node_id in p.replicas:
                 self._by_node.setdefault(node_id, set()).add((record.name, p.partition))
 
+    # -- producer ids ----------------------------------------------------------------------
+
+    def _check_allocate(self, c: AllocateProducerIds) -> None:
+        self._check_known_node(c.node_id)
+        if not 1 <= c.count <= PRODUCER_ID_BLOCK_MAX:
+            raise InvalidRequest(
+                f"a block of producer ids holds 1 to {PRODUCER_ID_BLOCK_MAX} ids, got {c.count}"
+            )
+        if self._next_producer_id + c.count > PRODUCER_ID_MAX:
+            raise InvalidRequest("the cluster has handed out every producer id")
+
+    def _do_allocate(self, index: int, c: AllocateProducerIds) -> ApplyResult:
+        start = self._next_producer_id
+        self._next_producer_id = start + c.count
+        self._producer_blocks[c.node_id] = ProducerIdBlock(start, c.count, index)
+        return ApplyResult(index)
+
     # -- leader hints ----------------------------------------------------------------------
 
     def _check_hints(self, c: UpdatePartitionLeaders) -> None:
@@ -624,6 +673,11 @@ class ClusterState:
                 }
                 for _, t in sorted(self._topics.items())
             ],
+            "next_producer_id": self._next_producer_id,
+            "producer_id_blocks": [
+                [node_id, b.start, b.count, b.index]
+                for node_id, b in sorted(self._producer_blocks.items())
+            ],
         }
         raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
         header = _SNAPSHOT_HEADER.pack(_SNAPSHOT_MAGIC, _SNAPSHOT_FORMAT, crc32c.crc32c(raw))
@@ -638,6 +692,8 @@ class ClusterState:
         self._topics = loaded._topics
         self._topic_by_id = loaded._topic_by_id
         self._by_node = loaded._by_node
+        self._next_producer_id = loaded._next_producer_id
+        self._producer_blocks = loaded._producer_blocks
 
 
 def _load_snapshot(data: bytes) -> ClusterState:
@@ -765,4 +821,13 @@ def _build(body: Any) -> ClusterState:
                 partitions=tuple(partitions),
             )
         )
+    # Absent from snapshots written before producer ids existed.
+    state._next_producer_id = _int(body.get("next_producer_id", 0))
+    if not 0 <= state._next_producer_id <= PRODUCER_ID_MAX:
+        raise ValueError(f"next producer id {state._next_producer_id} out of range")
+    for node_id, start, count, at in _list(body.get("producer_id_blocks", [])):
+        block = ProducerIdBlock(_int(start), _int(count), _int(at))
+        if block.start < 0 or block.start + block.count > state._next_producer_id:
+            raise ValueError(f"producer id block {block} of node {node_id} out of range")
+        state._producer_blocks[_int(node_id)] = block
     return state

@@ -55,6 +55,7 @@ class AdminService(pb_grpc.AdminServicer):
         controller: Controller,
         identity: NodeIdentity,
         metrics: NodeMetrics,
+        *,
         guard: Guard | None = None,
     ) -> None:
         #: Who may call what (node/auth.py); the default lets everyone do everything.

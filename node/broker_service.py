@@ -9,19 +9,33 @@ from offsets (they are contiguous per record), not from the records.
 from __future__ import annotations
 
 import asyncio
+import functools
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
 
-from tidelog.config import validate_topic_name
+from tidelog.config import TopicConfig, validate_topic_name
 from tidelog.errors import BatchTooLarge, InvalidRequest, StorageError
 from tidelog.node import limits, rpc
 from tidelog.node.auth import CLUSTER, Guard, Resource
 from tidelog.node.controller_node import Controller
+from tidelog.node.fetch_quota import FetchQuota, FetchQuotaLimits
+from tidelog.node.idempotence import BatchPlan
 from tidelog.node.identity import NodeIdentity
 from tidelog.node.metrics import NodeMetrics
-from tidelog.node.topics import TopicRegistry
-from tidelog.records import HEADER_SIZE, LENGTH_PREFIX_SIZE, read_header, validate_batches
+from tidelog.node.partition import Partition
+from tidelog.node.producer_ids import ProducerIdAllocator
+from tidelog.node.topics import Topic, TopicRegistry
+from tidelog.records import (
+    HEADER_SIZE,
+    LENGTH_PREFIX_SIZE,
+    BatchHeader,
+    ProduceLimits,
+    check_batches,
+    read_header,
+    scan_batches,
+)
 from tidelog.v1 import broker_pb2 as pb
 from tidelog.v1 import broker_pb2_grpc as pb_grpc
 
@@ -48,11 +62,54 @@ def last_batch_position(buf: bytes) -> int:
         pos += size
 
 
+def _proposal_bytes(
+    buf: bytes, plans: list[BatchPlan]
+) -> tuple[bytes, list[tuple[int, BatchHeader]]]:
+    """The bytes and (position, header) of the batches to propose: the request's own, or a
+    new buffer when some are replaced (control batches standing for msg-id duplicates)."""
+    if all(p.replacement is None for p in plans):
+        return buf, [(p.pos, p.header) for p in plans]
+    parts: list[bytes] = []
+    positions: list[tuple[int, BatchHeader]] = []
+    at = 0
+    view = memoryview(buf)
+    for p in plans:
+        chunk = (
+            p.replacement
+            if p.replacement is not None
+            else bytes(view[p.pos : p.pos + p.header.size])
+        )
+        positions.append((at, read_header(chunk, 0)))
+        parts.append(chunk)
+        at += len(chunk)
+    return b"".join(parts), positions
+
+
 def _ms(raw: int, default_ms: int, max_ms: int, what: str) -> float:
     """A request's millisecond field as seconds: 0 picks the default, negatives are refused."""
     if raw < 0:
         raise InvalidRequest(f"{what} must be >= 0 ms (0 picks {default_ms} ms), got {raw}")
     return min(raw or default_ms, max_ms) / 1000
+
+
+class _Queue:
+    """The produce requests of one partition waiting for their check in a worker thread; a
+    FIFO lock, so they are proposed in the order they arrived."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+@dataclass(slots=True)
+class _Admitted:
+    """What a produce request's proposal gave: one result per batch (duplicates carry their
+    original offsets) and the (index, term) of the entries its answer waits for."""
+
+    results: list[pb.BatchResult]
+    waits: list[tuple[int, int]] = field(default_factory=list)
 
 
 class BrokerService(pb_grpc.BrokerServicer):
@@ -62,6 +119,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         controller: Controller,
         identity: NodeIdentity,
         metrics: NodeMetrics,
+        producer_ids: ProducerIdAllocator | None = None,
+        *,
         guard: Guard | None = None,
     ) -> None:
         #: Who may call what (node/auth.py); the default lets everyone do everything.
@@ -70,6 +129,28 @@ class BrokerService(pb_grpc.BrokerServicer):
         self.controller = controller
         self.identity = identity
         self.metrics = metrics
+        self.producer_ids = producer_ids or ProducerIdAllocator(controller, identity.node_id)
+        self.fetch_quota = FetchQuota(
+            FetchQuotaLimits(
+                streams_per_peer_max=limits.fetch_streams_per_peer_max,
+                streams_per_node_max=limits.fetch_streams_per_node_max,
+                buffered_bytes_per_peer_max=limits.fetch_buffered_bytes_per_peer_max,
+                buffered_bytes_per_node_max=limits.fetch_buffered_bytes_per_node_max,
+                grant_bytes_min=limits.fetch_grant_bytes_min,
+            )
+        )
+        # Partitions (by group id) with produce requests checked in a worker thread.
+        self._queued: dict[int, _Queue] = {}
+        self._check_slots = asyncio.Semaphore(limits.produce_check_threads)
+
+    @rpc.unary("InitProducerId")
+    async def InitProducerId(
+        self, request: pb.InitProducerIdRequest, context: rpc.Context
+    ) -> pb.InitProducerIdResponse:
+        self.guard.check(context, "InitProducerId", CLUSTER)
+        existing = request.producer_id if request.HasField("producer_id") else None
+        pid, epoch = await self.producer_ids.init(existing, request.producer_epoch)
+        return pb.InitProducerIdResponse(producer_id=pid, producer_epoch=epoch)
 
     @rpc.unary("Produce")
     async def Produce(self, request: pb.ProduceRequest, context: rpc.Context) -> pb.ProduceResponse:
@@ -92,29 +173,140 @@ class BrokerService(pb_grpc.BrokerServicer):
                 f"produce request carries {len(buf)} bytes of batches, more than the limit of "
                 f"{limits.produce_request_bytes_max}: send fewer batches per request"
             )
-        headers = validate_batches(buf, max_bytes=topic.config.max_message_bytes)
-        base, last, index, term = part.propose(buf, headers)
-        append_time_ms = time.time_ns() // 1_000_000
-        tm = topic.metrics
-        tm.records_in.inc(last - base + 1)
-        tm.bytes_in.inc(len(buf))
         timeout_s = (timeout_ms or limits.produce_timeout_default_ms) / 1000
+
+        def propose(headers: list[tuple[int, BatchHeader]]) -> _Admitted:
+            if part.idempotence.needs_ready_leader(headers):
+                return self._admit_idempotent(topic, part, buf, headers)
+            base, last, index, term = part.propose(buf, headers)
+            offset = base
+            results = []
+            for _, h in headers:
+                results.append(
+                    pb.BatchResult(base_offset=offset, last_offset=offset + h.record_count - 1)
+                )
+                offset += h.record_count
+            tm = topic.metrics
+            tm.records_in.inc(last - base + 1)
+            tm.bytes_in.inc(len(buf))
+            return _Admitted(results, [(index, term)])
+
+        admitted = await self._check_and_propose(part, topic.config, buf, propose)
+        append_time_ms = time.time_ns() // 1_000_000
+        if admitted.waits:
+            # Proposals in flight are all of this leader's term: the last one covers the rest.
+            index, term = max(admitted.waits)
+            await self._wait(part, acks, index, term, timeout_s)
+        results = admitted.results
+        return pb.ProduceResponse(
+            base_offset=results[0].base_offset,
+            last_offset=results[-1].last_offset,
+            log_start_offset=part.log_start_offset,
+            append_time_ms=append_time_ms,
+            results=results,
+        )
+
+    @staticmethod
+    async def _wait(part: Partition, acks: int, index: int, term: int, timeout_s: float) -> None:
         if acks in _WAIT_FOR_COMMIT:
             await part.wait_committed(index, term, timeout_s)
         else:
             # acks=1 (and acks=0, whose client does not wait anyway): stored on the leader.
             await part.wait_persisted(index, term, timeout_s)
-        return pb.ProduceResponse(
-            base_offset=base,
-            last_offset=last,
-            log_start_offset=part.log_start_offset,
-            append_time_ms=append_time_ms,
+
+    def _admit_idempotent(
+        self,
+        topic: Topic,
+        part: Partition,
+        buf: bytes,
+        headers: list[tuple[int, BatchHeader]],
+    ) -> _Admitted:
+        """Batches with a producer id, or for a topic with a msg-id window: checked against the
+        partition's idempotence state, then the new ones proposed. No await between the check
+        and the propose: on the one event loop they are atomic, so two requests of one
+        producer cannot both pass the check for the same sequence."""
+        # The state must be the committed log's: a new leader first commits (and so applies)
+        # what earlier terms left, or a retry from before the failover could pass as new.
+        part.check_idempotence_ready()
+        idem = part.idempotence
+        plans = idem.admit(buf, headers, time.time_ns() // 1_000_000)
+        proposing = [p for p in plans if p.proposes]
+        offsets: dict[int, tuple[int, int]] = {}
+        waits: list[tuple[int, int]] = [p.wait_for for p in plans if p.wait_for is not None]
+        if proposing:
+            data, positions = _proposal_bytes(buf, proposing)
+
+            def on_proposed(i: int, base: int, index: int, term: int) -> None:
+                plan = proposing[i]
+                idem.proposed(plan, base, index, term)
+                offsets[id(plan)] = (base, base + plan.header.record_count - 1)
+
+            _, _, index, term = part.propose(data, positions, on_proposed)
+            waits.append((index, term))
+        tm = topic.metrics
+        new = [p for p in proposing if p.replacement is None]
+        tm.records_in.inc(sum(p.header.record_count for p in new))
+        tm.bytes_in.inc(sum(p.header.size for p in new))
+        results = []
+        for p in plans:
+            if p.duplicate_of is not None:
+                base, last = p.duplicate_of
+                results.append(pb.BatchResult(base_offset=base, last_offset=last, duplicate=True))
+            else:
+                base, last = offsets[id(p)]
+                results.append(pb.BatchResult(base_offset=base, last_offset=last))
+        return _Admitted(results, waits)
+
+    async def _check_and_propose(
+        self,
+        part: Partition,
+        config: TopicConfig,
+        buf: bytes,
+        propose: Callable[[list[tuple[int, BatchHeader]]], _Admitted],
+    ) -> _Admitted:
+        """Check the batches and propose them. The O(batches) part runs here and refuses a
+        decompression bomb at once; the O(records) part runs here too when the request is
+        small, else in a worker thread, so the event loop that drives Raft never spends more
+        than a GIL slice on it. A partition's requests are proposed in arrival order either
+        way: a small one waits behind a large one still being checked."""
+        mmb = config.max_message_bytes
+        lim = ProduceLimits(
+            batch_bytes_max=mmb,
+            batch_records_max=limits.batch_records_max,
+            expanded_bytes_max=limits.produce_expanded_bytes_max(mmb),
         )
+        scan = scan_batches(buf, lim)
+        now_ms = time.time_ns() // 1_000_000
+        check = functools.partial(
+            check_batches,
+            buf,
+            scan,
+            lim,
+            timestamp_min_ms=now_ms - config.timestamp_before_max_ms,
+            timestamp_max_ms=now_ms + config.timestamp_after_max_ms,
+        )
+        gid = part.group_id
+        if scan.check_bytes <= limits.produce_inline_check_bytes_max and gid not in self._queued:
+            check()
+            return propose(scan.headers)
+        lock = self._queued.get(gid)
+        if lock is None:
+            lock = self._queued[gid] = _Queue()
+        lock.users += 1
+        try:
+            async with lock.lock:
+                async with self._check_slots:
+                    await asyncio.to_thread(check)
+                return propose(scan.headers)
+        finally:
+            lock.users -= 1
+            if not lock.users:
+                del self._queued[gid]
 
     @rpc.stream("Fetch")
-    async def Fetch(
+    async def Fetch(  # type: ignore[override]  # written by rpc.stream, see there
         self, request: pb.FetchRequest, context: rpc.Context
-    ) -> AsyncIterator[pb.FetchResponse]:
+    ) -> AsyncGenerator[pb.FetchResponse, None]:
         self.guard.check(context, "Fetch", Resource.topic(request.topic))
         topic, part = self.registry.partition(request.topic, request.partition)
         if request.max_bytes < 0:
@@ -133,42 +325,57 @@ class BrokerService(pb_grpc.BrokerServicer):
         part.check_streaming()
         part.check_fetch_offset(offset)
         tm = topic.metrics
-        while True:
-            # Take the event before looking at the high watermark: a commit in between
-            # sets this very event, so the wait below cannot miss it.
-            changed = part.changed()
-            part.check_streaming()
-            hw = part.high_watermark
-            if offset < hw:
-                data = part.read(offset, max_bytes)
-                if data:
-                    first = read_header(data, 0)
-                    last = read_header(data, last_batch_position(data))
-                    next_offset = last.last_offset + 1
-                    tm.records_out.inc(next_offset - first.base_offset)
-                    tm.bytes_out.inc(len(data))
+        quota = self.fetch_quota
+        peer = context.peer() or "unknown"
+        quota.open(peer)
+        try:
+            while True:
+                # Take the event before looking at the high watermark: a commit in between
+                # sets this very event, so the wait below cannot miss it.
+                changed = part.changed()
+                part.check_streaming()
+                if offset < part.high_watermark:
+                    # The response's bytes are reserved before it is read and returned once
+                    # gRPC took it (the generator resumes after the write): see fetch_quota.
+                    held = await quota.reserve(peer, max_bytes)
+                    try:
+                        part.check_streaming()
+                        hw = part.high_watermark
+                        data = part.read(offset, held)
+                        quota.adjust(peer, held, len(data))
+                        held = len(data)
+                        if data:
+                            first = read_header(data, 0)
+                            last = read_header(data, last_batch_position(data))
+                            next_offset = last.last_offset + 1
+                            tm.records_out.inc(next_offset - first.base_offset)
+                            tm.bytes_out.inc(len(data))
+                            yield pb.FetchResponse(
+                                batches=data,
+                                high_watermark=hw,
+                                log_start_offset=part.log_start_offset,
+                                next_offset=next_offset,
+                            )
+                            offset = next_offset
+                            if once:
+                                return
+                            continue
+                    finally:
+                        quota.release(peer, held)
+                try:
+                    async with asyncio.timeout(wait_s):
+                        await changed.wait()
+                except TimeoutError:
+                    part.check_streaming()
                     yield pb.FetchResponse(
-                        batches=data,
-                        high_watermark=hw,
+                        high_watermark=part.high_watermark,
                         log_start_offset=part.log_start_offset,
-                        next_offset=next_offset,
+                        next_offset=offset,
                     )
-                    offset = next_offset
                     if once:
                         return
-                    continue
-            try:
-                async with asyncio.timeout(wait_s):
-                    await changed.wait()
-            except TimeoutError:
-                part.check_streaming()
-                yield pb.FetchResponse(
-                    high_watermark=part.high_watermark,
-                    log_start_offset=part.log_start_offset,
-                    next_offset=offset,
-                )
-                if once:
-                    return
+        finally:
+            quota.close(peer)
 
     @rpc.unary("ListOffsets")
     async def ListOffsets(

@@ -67,6 +67,7 @@ from tidelog.errors import (
     TidelogError,
     TopicExists,
     UnknownTopic,
+    excerpt,
     from_rpc_error,
 )
 from tidelog.node import limits
@@ -482,7 +483,9 @@ class Controller(StateMachine[ApplyResult]):
                     return resp
                 except aio.AioRpcError as exc:
                     err = from_rpc_error(exc)
-                    if not err.retriable:
+                    # UNKNOWN_TOPIC is retriable for clients (their metadata may lag), but
+                    # here the active controller checked its own state: that is final.
+                    if not err.retriable or isinstance(err, UnknownTopic):
                         raise err from None
                     if isinstance(err, NotLeader) and err.metadata.get("leader_address"):
                         hint = err.metadata["leader_address"]
@@ -629,7 +632,9 @@ class Controller(StateMachine[ApplyResult]):
     def topic_record(self, name: str) -> TopicRecord:
         record = self.state.topics.get(name)
         if record is None:
-            raise UnknownTopic(f"unknown topic {name!r}: create it first (tidelog topic create)")
+            raise UnknownTopic(
+                f"unknown topic {excerpt(name)}: create it first (tidelog topic create)"
+            )
         return record
 
     # ---- registration, heartbeats, liveness -------------------------------------------------

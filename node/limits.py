@@ -20,6 +20,30 @@ produce_request_bytes_max: Final = 64 * MIB
 # (with the limit named) rather than a bare RESOURCE_EXHAUSTED from the transport.
 grpc_message_bytes_max: Final = produce_request_bytes_max + 8 * MIB
 
+# Produce: the work a request may cause beyond its size. A few KiB of zstd can declare
+# millions of empty records (12 bytes each once expanded); checking them costs about 25 ns
+# per record of column work (sum/min over array columns) and 1 ms per 10 MiB of expansion.
+# At 2^20 records a batch costs ~25 ms to check, off the event loop (below), and each C call
+# of it holds the GIL for at most that long.
+batch_records_max: Final = 1 << 20
+# The compressed batches of one request may expand to this many times the topic's
+# max.message.bytes together, and never beyond produce_request_bytes_max: a compressed
+# request makes the node read no more than an uncompressed one could. At the default 8 MiB
+# that is 64 MiB, the client's largest batch (BATCH_BYTES_LIMIT, measured uncompressed).
+expansion_ratio_max: Final = 8
+# Requests whose records (decompressed) stay below this are checked on the event loop:
+# ~20k records, about 1 ms. Larger ones are checked in a worker thread, one partition's
+# requests in arrival order, at most produce_check_threads at a time on the node (each
+# holds up to produce_request_bytes_max of expanded records: 128 MiB in all).
+produce_inline_check_bytes_max: Final = 256 * KIB
+produce_check_threads: Final = 2
+
+
+def produce_expanded_bytes_max(max_message_bytes: int) -> int:
+    """What the compressed batches of one produce request may expand to, together."""
+    return min(expansion_ratio_max * max_message_bytes, produce_request_bytes_max)
+
+
 produce_timeout_default_ms: Final = 30_000
 produce_timeout_max_ms: Final = 15 * 60_000
 
@@ -28,6 +52,19 @@ fetch_bytes_default: Final = 1 * MIB
 fetch_bytes_max: Final = 32 * MIB
 fetch_wait_default_ms: Final = 500
 fetch_wait_max_ms: Final = 60_000
+
+# Fetch streams. A stream reads its next response only once gRPC took the previous one, so
+# one whose client stops reading holds at most one response (node/fetch_quota.py). A
+# consumer keeps one stream per partition it reads from this node, over one connection.
+fetch_streams_per_peer_max: Final = 1024
+fetch_streams_per_node_max: Final = 8192
+# Bytes of responses being written, per connection and per node: at the default 1 MiB per
+# response, 64 responses of one connection and 512 of the node are in flight at once; more
+# wait until clients read. A response holds at least one batch, so the sum may exceed the
+# bound by one batch (max.message.bytes) per stream reading at that moment.
+fetch_buffered_bytes_per_peer_max: Final = 64 * MIB
+fetch_buffered_bytes_per_node_max: Final = 512 * MIB
+fetch_grant_bytes_min: Final = 64 * KIB
 
 # Admin requests: how many topics one request may name.
 topics_per_request_max: Final = 10_000
@@ -53,3 +90,10 @@ assert fetch_bytes_max + 1 * MIB <= grpc_message_bytes_max
 assert 0 < fetch_wait_default_ms <= fetch_wait_max_ms
 assert 0 < produce_timeout_default_ms <= produce_timeout_max_ms
 assert flush_threads >= 1
+assert fetch_streams_per_peer_max <= fetch_streams_per_node_max
+assert 2 * fetch_bytes_max <= fetch_buffered_bytes_per_peer_max <= fetch_buffered_bytes_per_node_max
+assert fetch_grant_bytes_min <= fetch_bytes_default
+assert produce_expanded_bytes_max(8 * MIB) == produce_request_bytes_max
+assert 12 * batch_records_max <= produce_request_bytes_max
+assert 0 < produce_inline_check_bytes_max < produce_request_bytes_max
+assert produce_check_threads >= 1

@@ -1,8 +1,9 @@
 """The node's one RocksDB instance (rocksdict), shared by everything that keeps metadata.
 
 RocksDB allows a single read-write opener per database, so the node opens it once here and
-hands out column families: ``topics`` now; Raft hard state, compacted-topic tables and
-consumer offsets later. Writes that the node's correctness depends on are synced (``sync``
+hands out column families: ``topics``, ``idempotence`` (the partitions' producer-state
+snapshots, node/idempotence_store.py) and others; compacted-topic tables and consumer offsets
+later. Writes that the node's correctness depends on are synced (``sync``
 defaults to True): an acknowledged CreateTopics must survive a power cut.
 """
 

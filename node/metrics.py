@@ -51,6 +51,14 @@ class PartitionStats:
     under_replicated: bool = False
     elections_started: int = 0
     elections_won: int = 0
+    #: Idempotence (node/idempotence.py): producer ids and msg-ids held, and request totals.
+    producers: int = 0
+    msg_ids: int = 0
+    duplicates: int = 0
+    msg_id_duplicates: int = 0
+    out_of_order: int = 0
+    fenced: int = 0
+    unknown_producer: int = 0
 
 
 class _PartitionCollector(Collector):
@@ -100,6 +108,23 @@ class _PartitionCollector(Collector):
         won = CounterMetricFamily(
             "tidelog_raft_elections_won", "Elections this replica won.", labels=labels
         )
+        producers = GaugeMetricFamily(
+            "tidelog_idempotent_producers",
+            "Producer ids whose sequence state a partition replica holds.",
+            labels=labels,
+        )
+        msg_ids = GaugeMetricFamily(
+            "tidelog_dedup_msg_ids",
+            "Msg-ids a partition replica remembers for message.dedup.window.ms.",
+            labels=labels,
+        )
+        refused = CounterMetricFamily(
+            "tidelog_idempotence_requests",
+            "Produce batches the leader did not append as new, by outcome: duplicate (same "
+            "producer sequence, answered with the original offsets), msg_id_duplicate, "
+            "out_of_order, fenced, unknown_producer.",
+            labels=[*labels, "outcome"],
+        )
         leaderless = 0
         under = 0
         for s in self._source():
@@ -116,9 +141,20 @@ class _PartitionCollector(Collector):
                 lag.add_metric([*key, str(follower)], entries)
             started.add_metric(key, s.elections_started)
             won.add_metric(key, s.elections_won)
+            producers.add_metric(key, s.producers)
+            msg_ids.add_metric(key, s.msg_ids)
+            for outcome, n in (
+                ("duplicate", s.duplicates),
+                ("msg_id_duplicate", s.msg_id_duplicates),
+                ("out_of_order", s.out_of_order),
+                ("fenced", s.fenced),
+                ("unknown_producer", s.unknown_producer),
+            ):
+                refused.add_metric([*key, outcome], n)
             leaderless += s.leader_id == 0
             under += s.under_replicated
         yield from (size, start, end, hw, segments, term, role, leader, lag, started, won)
+        yield from (producers, msg_ids, refused)
         yield GaugeMetricFamily(
             "tidelog_leaderless_partitions",
             "Partition replicas on this node that know of no leader.",

@@ -42,6 +42,7 @@ from tidelog.errors import (
     TidelogError,
     UnknownTopic,
 )
+from tidelog.node.idempotence import PartitionIdempotence
 from tidelog.node.raft.errors import ProposalDropped
 from tidelog.node.raft.types import NONE, Entry, Role, Snapshot, SoftState
 from tidelog.node.stm import BatchSpan, LostHow, StateMachine
@@ -103,6 +104,7 @@ class Partition(StateMachine[None]):
         "elections_started",
         "elections_won",
         "group_id",
+        "idempotence",
         "index",
         "log",
         "replicas",
@@ -136,6 +138,8 @@ class Partition(StateMachine[None]):
         self._stream_error: TidelogError | None = None
         self.elections_started = 0
         self.elections_won = 0
+        # Producer state and msg-id window, derived from the committed log (idempotence.py).
+        self.idempotence = PartitionIdempotence(f"{topic}/{index}", config)
 
     def __repr__(self) -> str:
         return f"Partition({self.topic!r}, {self.index}, group={self.group_id}, hw={self._hw})"
@@ -145,6 +149,10 @@ class Partition(StateMachine[None]):
         super().attach(group, raft)
         end = self.log.end_offset_at_index(group.raw.commit_index)
         self._hw = max(self._hw, end if end is not None else self.log.log_start_offset)
+        # The committed records after the restored snapshot (if any); later commits arrive
+        # through apply().
+        self.idempotence.recover(self.log, self._hw)
+        self.idempotence.applied_index = group.raw.commit_index
 
     # -- state ---------------------------------------------------------------------------
 
@@ -227,6 +235,11 @@ class Partition(StateMachine[None]):
         if not self.serving:
             raise self.not_leader()
 
+    def check_idempotence_ready(self) -> None:
+        """For idempotent batches: serving, which (the seam's sync step) means the producer
+        state has applied every entry of earlier terms."""
+        self.check_serving()
+
     def not_leader(self) -> TidelogError:
         """NOT_LEADER naming the leader when one is known, else LEADER_NOT_AVAILABLE."""
         leader = self.leader_id
@@ -247,13 +260,21 @@ class Partition(StateMachine[None]):
     # -- producing -----------------------------------------------------------------------
 
     def propose(
-        self, batches: bytes, headers: Sequence[tuple[int, BatchHeader]]
+        self,
+        batches: bytes,
+        headers: Sequence[tuple[int, BatchHeader]],
+        on_proposed: Callable[[int, int, int, int], None] | None = None,
     ) -> tuple[int, int, int, int]:
         """Propose validated batches (their positions and headers in ``batches``) as one Raft
-        entry each. Returns (base offset, last offset, last Raft index, term)."""
+        entry each. Returns (base offset, last offset, last Raft index, term).
+        ``on_proposed(i, base_offset, raft_index, term)`` is called for each batch proposed,
+        also when a later one fails."""
         self.check_open()
         view = memoryview(batches)
-        p = self.propose_batches(BatchSpan(view, pos, h.size, h.record_count) for pos, h in headers)
+        p = self.propose_batches(
+            (BatchSpan(view, pos, h.size, h.record_count) for pos, h in headers),
+            on_proposed=on_proposed,
+        )
         return p.first_offset, p.last_offset, p.last_index, p.term
 
     # -- the seam's hooks ----------------------------------------------------------------
@@ -286,6 +307,7 @@ class Partition(StateMachine[None]):
         term = self.term
         if soft.role == Role.LEADER:
             if not was_leader:
+                self.idempotence.leadership_lost()  # proposals in flight are an old term's
                 self.elections_won += 1
                 log.info("%s/%d: this node leads, term %d", self.topic, self.index, term)
         else:
@@ -296,13 +318,27 @@ class Partition(StateMachine[None]):
                     "%s/%d: no longer the leader (term %d, leader %s)",
                     self.topic, self.index, term, soft.leader_id or "unknown",
                 )  # fmt: skip
+            self.idempotence.leadership_lost()
 
     def restore_snapshot(self, snapshot: Snapshot) -> None:
+        idem = self.idempotence
+        idem.snapshot_installed(self.log.log_start_offset)
+        idem.applied_index = max(idem.applied_index, snapshot.meta.index)
         self._advance_hw(self.log.log_start_offset)
 
+    def on_log_truncated(self, from_index: int) -> None:
+        self.idempotence.truncated(from_index)
+
     def apply(self, entries: tuple[Entry, ...]) -> None:
-        """A partition's state is its high watermark: committed entries move it."""
-        end = self.log.end_offset_at_index(entries[-1].index)
+        """A partition's state is its high watermark and its producer state (idempotence):
+        committed entries move both."""
+        last = entries[-1].index
+        idem = self.idempotence
+        for e in entries:
+            idem.apply_committed(e.data)
+        idem.applied_index = last
+        idem.committed(last)
+        end = self.log.end_offset_at_index(last)
         if end is not None:
             self._advance_hw(end)
 
@@ -349,6 +385,7 @@ class Partition(StateMachine[None]):
             return
         self.log.update_config(config)
         self.config = config
+        self.idempotence.update_config(config)
         if self.group is not None and self._raft is not None:
             self._raft.set_durable(self.group, config.flush != "os")
 

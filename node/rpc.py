@@ -13,13 +13,19 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 from grpc import aio
 
-from tidelog.errors import TidelogError, trailing_metadata
+from tidelog.errors import (
+    MESSAGE_CHARS_MAX,
+    STATUS_DETAILS_KEY,
+    TidelogError,
+    excerpt,
+    to_status_details,
+)
 from tidelog.node.metrics import ApiMetrics, NodeMetrics
 
 log = logging.getLogger(__name__)
@@ -38,12 +44,12 @@ class HasMetrics(Protocol):
 async def _abort(api: ApiMetrics, context: Context, exc: BaseException) -> NoReturn:
     if isinstance(exc, TidelogError):
         api.count(exc.code)
-        await context.abort(exc.code, exc.message, trailing_metadata=trailing_metadata(exc))
+        code, message, details = to_status_details(exc)
+        await context.abort(code, message, trailing_metadata=((STATUS_DETAILS_KEY, details),))
     log.error("%s failed with an unexpected error", api.api, exc_info=exc)
     api.count(grpc.StatusCode.INTERNAL)
-    await context.abort(
-        grpc.StatusCode.INTERNAL, f"internal error in {api.api}: {type(exc).__name__}: {exc}"
-    )
+    text = excerpt(f"{type(exc).__name__}: {exc}", MESSAGE_CHARS_MAX // 2)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {api.api}: {text}")
     raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
 
@@ -84,26 +90,38 @@ def unary(
 def stream(
     name: str,
 ) -> Callable[
-    [Callable[[S, Req, Context], AsyncIterator[Resp]]],
-    Callable[[S, Req, Context], AsyncIterator[Resp]],
+    [Callable[[S, Req, Context], AsyncGenerator[Resp, None]]],
+    Callable[[S, Req, Context], Awaitable[None]],
 ]:
-    """For server streams; the latency recorded is the time to the first response."""
+    """For server streams, written from an async generator of responses. The handler writes
+    each response itself (``await context.write``), which returns once gRPC's flow control
+    took it, and only then asks the generator for the next: a client that stops reading
+    stops the stream. A client that goes away mid-write is a cancellation, logged without a
+    traceback. The latency recorded is the time to the first response."""
 
     def decorate(
-        fn: Callable[[S, Req, Context], AsyncIterator[Resp]],
-    ) -> Callable[[S, Req, Context], AsyncIterator[Resp]]:
+        fn: Callable[[S, Req, Context], AsyncGenerator[Resp, None]],
+    ) -> Callable[[S, Req, Context], Awaitable[None]]:
         @functools.wraps(fn)
-        async def handler(self: S, request: Req, context: Context) -> AsyncIterator[Resp]:
+        async def handler(self: S, request: Req, context: Context) -> None:
             api = self.metrics.api(name)
             t0 = time.perf_counter()
             first = True
             self.metrics.in_flight += 1
+            responses = fn(self, request, context)
             try:
-                async for response in fn(self, request, context):
+                async for response in responses:
                     if first:
                         api.latency.observe(time.perf_counter() - t0)
                         first = False
-                    yield response
+                    try:
+                        await context.write(response)
+                    except Exception as exc:
+                        # gRPC fails a write only when the call is over: the client
+                        # cancelled it or its connection closed. Nobody is left to tell.
+                        api.count(grpc.StatusCode.CANCELLED)
+                        log.info("%s: the stream ended mid-write (%s)", api.api, type(exc).__name__)
+                        return
             except asyncio.CancelledError:
                 api.count(grpc.StatusCode.CANCELLED)
                 raise
@@ -113,6 +131,7 @@ def stream(
                 await _abort(api, context, exc)
             finally:
                 self.metrics.in_flight -= 1
+                await responses.aclose()
             api.ok.inc()
 
         return handler

@@ -45,6 +45,7 @@ from tidelog.node.controller_node import (
     node_dead_ms_default,
     parse_voters,
 )
+from tidelog.node.idempotence_store import SNAPSHOT_INTERVAL_S, IdempotenceSnapshots
 from tidelog.node.identity import NodeIdentity
 from tidelog.node.log import PartitionLog
 from tidelog.node.metastore import MetaStore
@@ -177,6 +178,10 @@ class Node:
         self._metrics_server: MetricsServer | None = None
         self._retention_task: asyncio.Task[None] | None = None
         self.retention_interval_s = limits.retention_interval_ms / 1000
+        self._idem_snapshots: IdempotenceSnapshots | None = None
+        self._idem_task: asyncio.Task[None] | None = None
+        #: How often idle producers expire and idempotence snapshots are written.
+        self.idempotence_interval_s = SNAPSHOT_INTERVAL_S
 
     @property
     def registry(self) -> TopicRegistry:
@@ -278,8 +283,15 @@ class Node:
             set_peer=transport.set_peer,
             leading=lambda: self.registry.leading(),
         )
+        self._idem_snapshots = snapshots = IdempotenceSnapshots(store)
         self._registry = registry = TopicRegistry(
-            self.node_id, self.data_dir, self.metrics, raft, controller, self._open_log
+            self.node_id,
+            self.data_dir,
+            self.metrics,
+            raft,
+            controller,
+            self._open_log,
+            snapshots=snapshots,
         )
         controller.on_change = registry.schedule
         self.metrics.watch_partitions(registry.partition_stats)
@@ -293,11 +305,15 @@ class Node:
         controller.open(self._controller_log)
 
         broker_pb2_grpc.add_BrokerServicer_to_server(
-            BrokerService(registry, controller, self.identity, self.metrics, client_listener.guard),
+            BrokerService(
+                registry, controller, self.identity, self.metrics, guard=client_listener.guard
+            ),
             server,
         )
         admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminService(registry, controller, self.identity, self.metrics, client_listener.guard),
+            AdminService(
+                registry, controller, self.identity, self.metrics, guard=client_listener.guard
+            ),
             server,
         )
         cluster_pb2_grpc.add_ClusterServicer_to_server(
@@ -317,6 +333,9 @@ class Node:
         for service in ("", BROKER_SERVICE, ADMIN_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._retention_task = asyncio.create_task(self._retention_loop(), name="retention")
+        self._idem_task = asyncio.create_task(
+            snapshots.run(registry.partitions, self.idempotence_interval_s), name="idempotence"
+        )
         log.info(
             "node %d serving clients on %s (%s, advertised %s), metrics on http://%s/metrics, cluster %s, "
             "controller voters %s, %d topics, started in %.2fs",
@@ -388,10 +407,11 @@ class Node:
         log.info("node %d stopping (drain deadline %.1fs)", self.node_id, grace_s)
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        if self._retention_task is not None:
-            self._retention_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._retention_task
+        for task in (self._retention_task, self._idem_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._registry is not None:
             stopping = NodeUnavailable("the node is shutting down: reconnect to another node")
             for p in self._registry.partitions():
@@ -415,6 +435,14 @@ class Node:
             await self._transport.close()
         if self._raft is not None:
             await self._raft.stop()
+        if self._registry is not None and self._idem_snapshots is not None:
+            # Raft has stopped: the states are final; the next start replays nothing.
+            try:
+                self._idem_snapshots.write(
+                    self._idem_snapshots.collect(self._registry.partitions(), force=True)
+                )
+            except Exception as exc:
+                log.warning("cannot write idempotence snapshots at shutdown: %s", exc)
         if self._registry is not None:
             await self._registry.close()
         if self._controller_log is not None:

@@ -211,6 +211,11 @@ class StateMachine(ABC, Generic[R]):
         """The log was replaced by ``snapshot`` (it now continues after its index); bring
         the state to it. The default keeps the state as it is."""
 
+    def on_log_truncated(self, from_index: int) -> None:
+        """Optional: stored entries from ``from_index`` on were removed (a new leader's log
+        overwrote them); state derived from unapplied entries (a leader's view of its
+        proposals in flight) drops them here."""
+
     def on_role_change(self, soft: SoftState, was_leader: bool) -> None:
         """The role or the known leader changed (``sync`` bookkeeping is done already).
         ``was_leader``: this node led before the change."""
@@ -298,10 +303,16 @@ class StateMachine(ABC, Generic[R]):
 
     # ---- proposing -----------------------------------------------------------------------
 
-    def propose_batches(self, batches: Iterable[BatchSpan]) -> Proposed:
+    def propose_batches(
+        self,
+        batches: Iterable[BatchSpan],
+        *,
+        on_proposed: Callable[[int, int, int, int], None] | None = None,
+    ) -> Proposed:
         """Propose each batch as one entry, stamped with its base offset, the term and its
         index. Raises :meth:`not_leader_error` off the leader and :meth:`dropped_error`
-        when the core refuses; batches proposed before a refusal stay proposed."""
+        when the core refuses; batches proposed before a refusal stay proposed, and
+        ``on_proposed(i, base_offset, raft_index, term)`` has heard of each of them."""
         if self._stm_error is not None:
             raise self._stm_error
         group, raft = self.group, self._raft
@@ -319,6 +330,8 @@ class StateMachine(ABC, Generic[R]):
                 got = raw.propose(stamped_copy(b.buf, b.pos, b.size, offset, term, index))
                 proposed = True
                 assert got == index, f"proposed at index {got}, stamped {index}"
+                if on_proposed is not None:
+                    on_proposed(index - first_index, offset, index, term)
                 offset += b.record_count
                 index += 1
         except NotRaftLeader:
@@ -394,6 +407,7 @@ class StateMachine(ABC, Generic[R]):
         self.notify()
 
     def on_truncated(self, group: RaftGroup, from_index: int) -> None:
+        self.on_log_truncated(from_index)
         err = self.entry_lost_error("overwritten")
         self._commit_waiters.fail_from(from_index, err)
         self._persist_waiters.fail_from(from_index, err)

@@ -36,8 +36,10 @@ from tidelog.errors import (
     RequestTimedOut,
     UnknownPartition,
     UnknownTopic,
+    excerpt,
 )
 from tidelog.node.controller_node import Controller
+from tidelog.node.idempotence_store import IdempotenceSnapshots
 from tidelog.node.metrics import NodeMetrics, PartitionStats, TopicMetrics
 from tidelog.node.multiraft import MultiRaft
 from tidelog.node.partition import LogLike, Partition
@@ -123,6 +125,7 @@ class TopicRegistry:
         raft: MultiRaft,
         controller: Controller,
         open_log: LogOpener,
+        snapshots: IdempotenceSnapshots | None = None,
     ) -> None:
         self.node_id = node_id
         self._dir = data_dir / TOPICS_DIR
@@ -130,6 +133,7 @@ class TopicRegistry:
         self._raft = raft
         self._controller = controller
         self._open_log = open_log
+        self.snapshots = snapshots
         # Partitions keep their offsets dense: a leader of a committed log appends nothing.
         self._raft_config: Config = raft.timing.config(Config(always_append_empty=False))
         self._topics: dict[str, Topic] = {}
@@ -147,8 +151,12 @@ class TopicRegistry:
         topic = self._topics.get(name)
         if topic is None:
             if name in self._controller.state.topics:
-                raise LeaderNotAvailable(f"topic {name!r} is being created on this node; retry")
-            raise UnknownTopic(f"unknown topic {name!r}: create it first (tidelog topic create)")
+                raise LeaderNotAvailable(
+                    f"topic {excerpt(name)} is being created on this node; retry"
+                )
+            raise UnknownTopic(
+                f"unknown topic {excerpt(name)}: create it first (tidelog topic create)"
+            )
         return topic
 
     def partition(self, name: str, index: int) -> tuple[Topic, Partition]:
@@ -158,7 +166,7 @@ class TopicRegistry:
         count = topic.partition_count
         if not 0 <= index < count:
             raise UnknownPartition(
-                f"topic {name!r} has no partition {index}; its partitions are 0..{count - 1}"
+                f"topic {excerpt(name)} has no partition {index}; its partitions are 0..{count - 1}"
             )
         part = topic.local.get(index)
         if part is not None:
@@ -217,6 +225,7 @@ class TopicRegistry:
         out = []
         for p in list(self._local.values()):
             lg = p.log
+            idem = p.idempotence
             try:
                 lags = p.follower_lags()
                 nodes = self._controller.state.nodes
@@ -241,6 +250,13 @@ class TopicRegistry:
                         under_replicated=p.is_leader and len(in_sync) < len(p.replicas),
                         elections_started=p.elections_started,
                         elections_won=p.elections_won,
+                        producers=len(idem.state),
+                        msg_ids=len(idem.msg_ids),
+                        duplicates=idem.counters.duplicates,
+                        msg_id_duplicates=idem.counters.msg_id_duplicates,
+                        out_of_order=idem.counters.out_of_order,
+                        fenced=idem.counters.fenced,
+                        unknown_producer=idem.counters.unknown_producer,
                     )
                 )
             except Exception:
@@ -367,6 +383,8 @@ class TopicRegistry:
                 durable=config.flush != "os",
                 config=self._raft_config,
             )
+            if self.snapshots is not None:
+                self.snapshots.load_into(part)
             part.attach(group, self._raft)
             self._local[a.group_id] = part
             topic.local[a.partition] = part
@@ -388,6 +406,8 @@ class TopicRegistry:
 
     async def _drop(self, part: Partition, *, deleted: bool) -> None:
         del self._local[part.group_id]
+        if self.snapshots is not None:
+            self.snapshots.forget(part.group_id)
         topic = self._topics.get(part.topic)
         if topic is not None and topic.local.get(part.index) is part:
             del topic.local[part.index]

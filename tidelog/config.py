@@ -10,11 +10,17 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from tidelog.errors import InvalidConfig, InvalidPartitions, InvalidTopic
+from tidelog.errors import InvalidConfig, InvalidPartitions, InvalidTopic, excerpt
 
 TOPIC_NAME_LENGTH_MAX = 249
 PARTITIONS_MAX = 10_000
 _TOPIC_NAME_RE = re.compile(r"^[a-zA-Z0-9._-]+$")
+#: Plain ASCII decimal, an optional minus sign and nothing else: Python's int() would also take
+#: "1_000_000", " 42 ", "+8192" and digits of other scripts, which no config file means.
+_DECIMAL_RE = re.compile(r"-?[0-9]+")
+#: Digits of the largest int64, so a longer value is out of range without parsing it (int()
+#: refuses more than 4300 digits with an error that echoes them).
+_INT_DIGITS_MAX = 19
 
 
 def validate_topic_name(name: str) -> None:
@@ -30,7 +36,7 @@ def validate_topic_name(name: str) -> None:
     if not _TOPIC_NAME_RE.match(name):
         bad = sorted({c for c in name if not re.match(r"[a-zA-Z0-9._-]", c)})
         raise InvalidTopic(
-            f"topic name {name!r} contains {''.join(bad)!r}; "
+            f"topic name {excerpt(name)} contains {excerpt(''.join(bad))}; "
             "only ASCII letters, digits, '.', '_' and '-' are allowed"
         )
 
@@ -44,12 +50,15 @@ def validate_partitions(count: int) -> None:
 
 def _int_in(lo: int, hi: int) -> Callable[[str, str], int]:
     def parse(key: str, raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise InvalidConfig(f"{key}={raw!r} is not an integer") from None
-        if not lo <= value <= hi:
-            raise InvalidConfig(f"{key}={value} is out of range [{lo}, {hi}]")
+        if not _DECIMAL_RE.fullmatch(raw):
+            raise InvalidConfig(
+                f"{key}={excerpt(raw)} is not an integer (plain ASCII decimal digits with an "
+                "optional leading '-', no spaces, '+' or '_')"
+            )
+        digits = len(raw) - raw.startswith("-")
+        value = int(raw) if digits <= _INT_DIGITS_MAX else None
+        if value is None or not lo <= value <= hi:
+            raise InvalidConfig(f"{key}={excerpt(raw)} is out of range [{lo}, {hi}]")
         return value
 
     return parse
@@ -58,7 +67,7 @@ def _int_in(lo: int, hi: int) -> Callable[[str, str], int]:
 def _one_of(*choices: str) -> Callable[[str, str], str]:
     def parse(key: str, raw: str) -> str:
         if raw not in choices:
-            raise InvalidConfig(f"{key}={raw!r} must be one of {', '.join(choices)}")
+            raise InvalidConfig(f"{key}={excerpt(raw)} must be one of {', '.join(choices)}")
         return raw
 
     return parse
@@ -119,10 +128,40 @@ TOPIC_CONFIG_KEYS: dict[str, ConfigKey] = {
             "delete: retention removes whole old segments. (compact is not available yet.)",
         ),
         ConfigKey(
+            "message.timestamp.before.max.ms",
+            str(_I64),
+            _int_in(0, _I64),
+            "Refuse a batch with a record timestamp more than this before the node's clock.",
+        ),
+        ConfigKey(
+            "message.timestamp.after.max.ms",
+            str(3600 * 1000),
+            _int_in(0, _I64),
+            "Refuse a batch with a record timestamp more than this after the node's clock.",
+        ),
+        ConfigKey(
             "index.interval.bytes",
             "4096",
             _int_in(0, 2**31 - 1),
             "Bytes of batches between two entries of the sparse offset and time indexes.",
+        ),
+        ConfigKey(
+            "producer.id.expiration.ms",
+            str(24 * 3600 * 1000),
+            _int_in(1000, _I64),
+            "Forget an idempotent producer's sequence state after this long without a batch.",
+        ),
+        ConfigKey(
+            "message.dedup.window.ms",
+            "0",
+            _int_in(0, 7 * 24 * 3600 * 1000),
+            "Store a record whose msg-id header was stored within this window only once; 0: off.",
+        ),
+        ConfigKey(
+            "message.dedup.max.ids",
+            "100000",
+            _int_in(1, 10_000_000),
+            "At most this many msg-ids per partition are remembered (oldest forgotten first).",
         ),
     )
 }
@@ -134,7 +173,8 @@ def validate_topic_configs(configs: Mapping[str, str]) -> dict[str, str]:
         spec = TOPIC_CONFIG_KEYS.get(key)
         if spec is None:
             raise InvalidConfig(
-                f"unknown topic config {key!r}; known keys: {', '.join(sorted(TOPIC_CONFIG_KEYS))}"
+                f"unknown topic config {excerpt(key)}; known keys: "
+                f"{', '.join(sorted(TOPIC_CONFIG_KEYS))}"
             )
         spec.parse(key, raw)
     return dict(configs)
@@ -152,6 +192,11 @@ class TopicConfig:
     flush: str
     cleanup_policy: str
     index_interval_bytes: int
+    producer_id_expiration_ms: int = 24 * 3600 * 1000
+    message_dedup_window_ms: int = 0
+    message_dedup_max_ids: int = 100_000
+    timestamp_before_max_ms: int = _I64
+    timestamp_after_max_ms: int = 3600 * 1000
 
     @classmethod
     def from_overrides(cls, overrides: Mapping[str, str]) -> TopicConfig:
@@ -171,6 +216,11 @@ class TopicConfig:
             flush=merged["flush"],
             cleanup_policy=merged["cleanup.policy"],
             index_interval_bytes=geti("index.interval.bytes"),
+            producer_id_expiration_ms=geti("producer.id.expiration.ms"),
+            message_dedup_window_ms=geti("message.dedup.window.ms"),
+            message_dedup_max_ids=geti("message.dedup.max.ids"),
+            timestamp_before_max_ms=geti("message.timestamp.before.max.ms"),
+            timestamp_after_max_ms=geti("message.timestamp.after.max.ms"),
         )
 
 

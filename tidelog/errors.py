@@ -17,7 +17,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 DOMAIN = "tidelog"
-_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
 class TidelogError(Exception):
@@ -93,6 +93,21 @@ class CorruptBatch(TidelogError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class InvalidRecord(TidelogError):
+    """A well-formed batch the node refuses as data: a control batch from a client."""
+
+    reason = "INVALID_RECORD"
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class InvalidTimestamp(TidelogError):
+    """A record's timestamp lies further from the node's clock than the topic allows
+    (message.timestamp.before.max.ms / message.timestamp.after.max.ms)."""
+
+    reason = "INVALID_TIMESTAMP"
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
 class BatchTooLarge(TidelogError):
     reason = "BATCH_TOO_LARGE"
     code = grpc.StatusCode.INVALID_ARGUMENT
@@ -130,6 +145,41 @@ class NodeUnavailable(TidelogError):
     reason = "NODE_UNAVAILABLE"
     code = grpc.StatusCode.UNAVAILABLE
     retriable = True
+
+
+class OutOfOrderSequence(TidelogError):
+    """An idempotent batch's sequence does not follow the last one the partition stored for
+    its producer (a gap), or a new epoch did not start at sequence 0. The metadata carries
+    ``producer_id``, ``expected_sequence`` and ``received_sequence``."""
+
+    reason = "OUT_OF_ORDER_SEQUENCE"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ProducerFenced(TidelogError):
+    """The batch carries an older epoch than the partition has seen for its producer id: a
+    newer session of the same producer took over. The metadata carries ``producer_id``,
+    ``producer_epoch`` (the one sent) and ``current_epoch``."""
+
+    reason = "PRODUCER_FENCED"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class UnknownProducerId(TidelogError):
+    """The partition holds no state for the batch's producer (never seen, or expired after
+    ``producer.id.expiration.ms``) and the batch does not start a session (sequence != 0).
+    The producer should start a new session (bump its epoch, sequences from 0). The metadata
+    carries ``producer_id``."""
+
+    reason = "UNKNOWN_PRODUCER_ID"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(TidelogError):
+    """A bound of the node (open streams, buffered bytes) would be exceeded."""
+
+    reason = "RESOURCE_EXHAUSTED"
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class StorageError(TidelogError):
@@ -178,12 +228,18 @@ _BY_REASON: dict[str, type[TidelogError]] = {
         UnknownPartition,
         OffsetOutOfRange,
         CorruptBatch,
+        InvalidRecord,
+        InvalidTimestamp,
         BatchTooLarge,
         NotLeader,
         LeaderNotAvailable,
         NotEnoughReplicas,
         RequestTimedOut,
         NodeUnavailable,
+        OutOfOrderSequence,
+        ProducerFenced,
+        UnknownProducerId,
+        ResourceExhausted,
         StorageError,
         Unsupported,
         Unauthenticated,
@@ -198,18 +254,47 @@ _RETRIABLE_CODES = {
 }
 
 
+#: Characters of a client's input an error message quotes (see :func:`excerpt`).
+ECHO_CHARS_MAX = 80
+#: The whole message and each metadata value of an error on the wire. gRPC refuses trailers
+#: beyond 8 KiB ("received metadata size exceeds hard limit") and the message travels twice
+#: (grpc-message and the status details), so 2 KiB each leaves room for the rest.
+MESSAGE_CHARS_MAX = 2048
+METADATA_VALUE_CHARS_MAX = 256
+
+
+def excerpt(value: str, max_chars: int = ECHO_CHARS_MAX) -> str:
+    """``repr(value)``, cut to about ``max_chars`` with its length said: an error that quotes
+    a hostile 100,000-character input must still fit in a gRPC trailer."""
+    if len(value) <= max_chars:
+        return repr(value)
+    return f"{value[:max_chars]!r}... ({len(value)} characters)"
+
+
+def _clip(text: str, max_chars: int) -> str:
+    if len(text) <= max_chars:
+        return text
+    return text[: max_chars - 30] + f"... ({len(text)} characters in all)"
+
+
 def to_status_details(err: TidelogError) -> tuple[grpc.StatusCode, str, bytes]:
-    """The (code, message, grpc-status-details-bin) triple a server aborts with."""
-    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
+    """The (code, message, grpc-status-details-bin) triple a server aborts with. Message and
+    metadata are cut to MESSAGE_CHARS_MAX / METADATA_VALUE_CHARS_MAX, whatever they quote."""
+    message = _clip(err.message, MESSAGE_CHARS_MAX)
+    metadata = {
+        _clip(k, METADATA_VALUE_CHARS_MAX): _clip(v, METADATA_VALUE_CHARS_MAX)
+        for k, v in err.metadata.items()
+    }
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(code=err.code.value[0], message=err.message, details=[detail])
-    return err.code, err.message, status.SerializeToString()
+    status = status_pb2.Status(code=err.code.value[0], message=message, details=[detail])
+    return err.code, message, status.SerializeToString()
 
 
 def trailing_metadata(err: TidelogError) -> tuple[tuple[str, bytes], ...]:
     _, _, details = to_status_details(err)
-    return ((_STATUS_DETAILS_KEY, details),)
+    return ((STATUS_DETAILS_KEY, details),)
 
 
 def from_rpc_error(exc: grpc.RpcError) -> TidelogError:
@@ -266,7 +351,7 @@ def _error_info(trailers: Any) -> error_details_pb2.ErrorInfo | None:
     else:
         items = [(k, v) for k, v in trailers]
     for key, value in items:
-        if key != _STATUS_DETAILS_KEY:
+        if key != STATUS_DETAILS_KEY:
             continue
         status = status_pb2.Status()
         try:

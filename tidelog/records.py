@@ -31,7 +31,7 @@ import crc32c
 import lz4.frame
 import zstandard
 
-from tidelog.errors import BatchTooLarge, CorruptBatch
+from tidelog.errors import BatchTooLarge, CorruptBatch, InvalidRecord, InvalidTimestamp
 
 __all__ = [
     "BATCH_OVERHEAD_BYTES",
@@ -40,14 +40,19 @@ __all__ = [
     "RECORDS_BLOCK_BYTES_MAX",
     "BatchHeader",
     "Codec",
+    "ProduceLimits",
     "Record",
+    "Scan",
     "batch_end_offset",
+    "check_batches",
+    "declared_block_bytes",
     "decode_batches",
     "decode_records",
     "decode_values",
     "encode_batch",
     "iter_headers",
     "read_header",
+    "scan_batches",
     "stamp",
     "stamped_copy",
     "unpack_header",
@@ -213,18 +218,24 @@ def _compress(codec: Codec, block: bytes) -> bytes:
     return block
 
 
-def _decompress(codec: Codec, data: bytes | memoryview, where: int) -> bytes:
-    """Expand a records block, refusing anything beyond RECORDS_BLOCK_BYTES_MAX before
-    allocating it (a few bytes of zstd can claim gigabytes)."""
+def _decompress(
+    codec: Codec, data: bytes | memoryview, where: int, budget: int | None = None
+) -> bytes:
+    """Expand a records block, refusing anything beyond RECORDS_BLOCK_BYTES_MAX (CorruptBatch)
+    or the request's remaining ``budget`` (BatchTooLarge) before allocating it (a few bytes
+    of zstd can claim gigabytes)."""
     limit = RECORDS_BLOCK_BYTES_MAX
+    over: type[CorruptBatch | BatchTooLarge] = CorruptBatch
+    what = "(RECORDS_BLOCK_BYTES_MAX)"
+    if budget is not None and budget < limit:
+        limit, over, what = budget, BatchTooLarge, "(what this request may still expand to)"
     try:
         if codec is Codec.LZ4:
             dec = lz4.frame.LZ4FrameDecompressor()
             out = dec.decompress(data, max_length=limit + 1)
             if len(out) > limit:
-                raise CorruptBatch(
-                    f"lz4 records block of batch at byte {where} expands past "
-                    f"{limit} bytes (RECORDS_BLOCK_BYTES_MAX)"
+                raise over(
+                    f"lz4 records block of batch at byte {where} expands past {limit} bytes {what}"
                 )
             if not dec.eof:
                 raise CorruptBatch(f"lz4 records block of batch at byte {where} is truncated")
@@ -237,14 +248,23 @@ def _decompress(codec: Codec, data: bytes | memoryview, where: int) -> bytes:
         if codec is Codec.ZSTD:
             declared = zstandard.frame_content_size(data)
             if declared > limit:
-                raise CorruptBatch(
+                raise over(
                     f"zstd records block of batch at byte {where} declares {declared} bytes, "
-                    f"more than {limit} (RECORDS_BLOCK_BYTES_MAX)"
+                    f"more than {limit} {what}"
                 )
-            return _zstd_decompressor().decompress(
-                data, max_output_size=limit, allow_extra_data=False
-            )
-    except CorruptBatch:
+            try:
+                # Without a declared size, max_output_size bounds what is produced.
+                return _zstd_decompressor().decompress(
+                    data, max_output_size=limit, allow_extra_data=False
+                )
+            except zstandard.ZstdError as exc:
+                if declared >= 0:
+                    raise
+                raise CorruptBatch(
+                    f"cannot decompress the zstd records block of batch at byte {where}: it "
+                    f"is truncated or expands past {limit} bytes {what} ({exc})"
+                ) from exc
+    except (CorruptBatch, BatchTooLarge):
         raise
     except (RuntimeError, zstandard.ZstdError, ValueError) as exc:
         raise CorruptBatch(
@@ -252,6 +272,29 @@ def _decompress(codec: Codec, data: bytes | memoryview, where: int) -> bytes:
             f"{where}: {exc}"
         ) from exc
     raise CorruptBatch(f"batch at byte {where} names unknown codec {int(codec)}")
+
+
+def declared_block_bytes(buf: Buffer, pos: int, h: BatchHeader) -> int | None:
+    """How many bytes the records block of the (checked) batch at ``pos`` is, decompressed,
+    as the batch says without being decompressed: its own size uncompressed, the frame's
+    content size for zstd and lz4, None when the frame does not say."""
+    start = pos + HEADER_SIZE
+    end = pos + h.size
+    codec = h.attributes & ATTR_CODEC_MASK
+    if codec == Codec.NONE:
+        return end - start
+    frame = memoryview(buf)[start:end]
+    try:
+        if codec == Codec.ZSTD:
+            size = int(zstandard.frame_content_size(frame))
+            return None if size < 0 else size
+        size = int(lz4.frame.get_frame_info(bytes(frame[:32]))["content_size"])
+        return size or None  # lz4 writes 0 when the size was not stored
+    except (RuntimeError, zstandard.ZstdError, ValueError) as exc:
+        raise CorruptBatch(
+            f"the {Codec(codec).name.lower()} records block of batch at byte {pos} does not "
+            f"start with a valid frame: {exc}"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,7 +512,9 @@ def _check_crc(buf: Buffer, pos: int, h: BatchHeader) -> None:
         )
 
 
-def _raw_block(buf: Buffer, pos: int, h: BatchHeader) -> tuple[bytes, int, int]:
+def _raw_block(
+    buf: Buffer, pos: int, h: BatchHeader, budget: int | None = None
+) -> tuple[bytes, int, int]:
     """The uncompressed records block and the slice ``[start, end)`` of it that holds it.
 
     For an uncompressed batch in a ``bytes`` buffer this is the buffer itself, so slicing
@@ -482,7 +527,7 @@ def _raw_block(buf: Buffer, pos: int, h: BatchHeader) -> tuple[bytes, int, int]:
         if isinstance(buf, bytes):
             return buf, start, end
         return bytes(buf[start:end]), 0, end - start
-    block = _decompress(codec, memoryview(buf)[start:end], pos)
+    block = _decompress(codec, memoryview(buf)[start:end], pos, budget)
     return block, 0, len(block)
 
 
@@ -547,7 +592,8 @@ def _layout(h: BatchHeader, block: bytes, start: int, end: int, where: int) -> _
             f"of columns, but its records block is {block_len} bytes"
         )
     ts_raw = block[start : start + 4 * n]
-    ts = None if not ts_raw.strip(b"\x00") else _int_column("i", ts_raw)
+    # Comparing with a zeroed copy is a memcmp; strip() would walk the bytes one by one.
+    ts = None if ts_raw == bytes(4 * n) else _int_column("i", ts_raw)
     keys = _lengths_column(block, start + 4 * n, n, start + 12 * n, "key", where)
     values_at = keys.at + keys.total
     values = _lengths_column(block, start + 8 * n, n, values_at, "value", where)
@@ -607,6 +653,121 @@ def validate_batch(
     if check_records:
         _layout(h, *_raw_block(buf, pos, h), pos)
     return h
+
+
+@dataclass(frozen=True, slots=True)
+class ProduceLimits:
+    """What a produce request may hold beyond well-formed batches (see node/limits.py)."""
+
+    #: Largest batch, compressed (the topic's max.message.bytes).
+    batch_bytes_max: int
+    #: Most records one batch may declare.
+    batch_records_max: int
+    #: Most bytes the compressed records blocks of one request may expand to, together.
+    expanded_bytes_max: int
+    #: Whether control batches (the node's own) are refused.
+    refuse_control: bool = True
+
+
+class Scan(NamedTuple):
+    """What :func:`scan_batches` found: each batch's position and header, and how many
+    bytes of records blocks a full check reads (decompressed; undeclared sizes count as the
+    request's whole remaining allowance)."""
+
+    headers: list[tuple[int, BatchHeader]]
+    check_bytes: int
+
+
+def scan_batches(buf: Buffer, limits: ProduceLimits) -> Scan:
+    """The checks that cost O(batches), from the headers and the frames' declared sizes
+    alone: a decompression bomb (millions of empty records in a few KiB) is refused here,
+    in microseconds, before anything is decompressed. :func:`check_batches` does the rest."""
+    end = len(buf)
+    if end == 0:
+        raise CorruptBatch("no record batch: the request carries 0 bytes of records")
+    out: list[tuple[int, BatchHeader]] = []
+    pos = 0
+    expanded = 0
+    check = 0
+    while pos < end:
+        if out and end - pos < HEADER_SIZE:
+            raise CorruptBatch(
+                f"{end - pos} bytes of trailing garbage after the last batch (at byte {pos})"
+            )
+        h = read_header(buf, pos)
+        if h.size > limits.batch_bytes_max:
+            raise BatchTooLarge(
+                f"batch at byte {pos} is {h.size} bytes, more than the limit of "
+                f"{limits.batch_bytes_max}: send smaller batches or raise the topic's "
+                "max.message.bytes"
+            )
+        if h.record_count > limits.batch_records_max:
+            raise BatchTooLarge(
+                f"batch at byte {pos} declares {h.record_count} records, more than the limit "
+                f"of {limits.batch_records_max} per batch: send smaller batches"
+            )
+        if limits.refuse_control and h.is_control:
+            raise InvalidRecord(
+                f"batch at byte {pos} is a control batch (attribute bit {ATTR_CONTROL:#x}); "
+                "only the node writes those: clear the bit"
+            )
+        declared = declared_block_bytes(buf, pos, h)
+        fixed = 12 * h.record_count + (2 * h.record_count if h.has_headers else 0)
+        if declared is not None and declared < fixed:
+            raise CorruptBatch(
+                f"batch at byte {pos} claims record_count {h.record_count}, which needs at "
+                f"least {fixed} bytes of columns, but its records block is {declared} bytes"
+            )
+        if h.codec is not Codec.NONE:
+            left = limits.expanded_bytes_max - expanded
+            if declared is not None and declared > left:
+                raise BatchTooLarge(
+                    f"batch at byte {pos} expands to {declared} bytes; the compressed batches "
+                    f"of one request may expand to {limits.expanded_bytes_max} bytes together "
+                    "(8 times the topic's max.message.bytes, at most the produce request "
+                    "limit): send smaller batches"
+                )
+            expanded += declared if declared is not None else left
+            check += declared if declared is not None else left
+        else:
+            check += h.size
+        out.append((pos, h))
+        pos += h.size
+    return Scan(out, check)
+
+
+def check_batches(
+    buf: Buffer,
+    scan: Scan,
+    limits: ProduceLimits,
+    *,
+    timestamp_min_ms: int | None = None,
+    timestamp_max_ms: int | None = None,
+) -> None:
+    """The checks that read the records (CRC, the columns, record timestamps within
+    ``[timestamp_min_ms, timestamp_max_ms]``): O(records), so the node runs them off its
+    event loop for large requests. ``scan`` is what :func:`scan_batches` returned."""
+    left = limits.expanded_bytes_max
+    for pos, h in scan.headers:
+        _check_crc(buf, pos, h)
+        block, start, end = _raw_block(buf, pos, h, left)
+        if h.codec is not Codec.NONE:
+            left -= end - start
+        lay = _layout(h, block, start, end, pos)
+        if timestamp_max_ms is not None and h.max_timestamp > timestamp_max_ms:
+            raise InvalidTimestamp(
+                f"batch at byte {pos} has a record with timestamp {h.max_timestamp} ms, "
+                f"{h.max_timestamp - timestamp_max_ms} ms later than the topic's "
+                "message.timestamp.after.max.ms allows: check the producer's clock"
+            )
+        if timestamp_min_ms is not None:
+            oldest = h.first_timestamp + (0 if lay.ts is None else min(lay.ts))
+            if oldest < timestamp_min_ms:
+                raise InvalidTimestamp(
+                    f"batch at byte {pos} has a record with timestamp {oldest} ms, "
+                    f"{timestamp_min_ms - oldest} ms earlier than the topic's "
+                    "message.timestamp.before.max.ms allows: check the producer's clock"
+                )
 
 
 def iter_headers(buf: Buffer, pos: int = 0) -> Iterator[tuple[int, BatchHeader]]:

@@ -27,7 +27,10 @@ from tidelog.errors import (
     NodeUnavailable,
     NotLeader,
     OffsetOutOfRange,
+    OutOfOrderSequence,
+    ProducerFenced,
     TidelogError,
+    UnknownProducerId,
     UnknownTopic,
     trailing_metadata,
 )
@@ -42,6 +45,86 @@ ProduceFault = Callable[[int, broker_pb2.ProduceRequest], TidelogError | None]
 FetchFault = Callable[[int, int], TidelogError | None]
 
 
+#: Batches a partition remembers per producer (as the node: node/producer_state.py).
+FAKE_BATCHES_KEPT = 5
+SEQUENCE_MOD = 2**31
+
+
+@dataclass
+class FakeProducerEntry:
+    epoch: int
+    #: (first sequence, last sequence, base offset, last offset) of the last batches.
+    batches: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+
+@dataclass
+class FakeProducers:
+    """The idempotence state of a fake cluster, by the node's rules (Kafka's): producer ids
+    handed out, and per (topic, partition, producer id) the epoch and the last batches."""
+
+    next_id: int = 1000
+    entries: dict[tuple[str, int, int], FakeProducerEntry] = field(default_factory=dict)
+    init_requests: int = 0
+    #: What each stamped batch met: "accept", "duplicate", or the refusal's reason.
+    verdicts: Counter[str] = field(default_factory=Counter)
+    #: (partition, producer id, epoch, base sequence, records) of every stamped batch seen.
+    seen: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+
+    def new_id(self) -> int:
+        self.init_requests += 1
+        self.next_id += 1
+        return self.next_id
+
+    def forget(self, topic: str, partition: int) -> None:
+        """Expire every producer of the partition (producer.id.expiration.ms passed)."""
+        for key in [k for k in self.entries if k[:2] == (topic, partition)]:
+            del self.entries[key]
+
+    def check(
+        self, topic: str, partition: int, pid: int, epoch: int, seq: int, count: int
+    ) -> TidelogError | tuple[int, int] | None:
+        """An error, the original (base, last) offsets of a duplicate, or None to append."""
+        self.seen.append((partition, pid, epoch, seq, count))
+        last = (seq + count - 1) % SEQUENCE_MOD
+        entry = self.entries.get((topic, partition, pid))
+        verdict: TidelogError | tuple[int, int] | None = None
+        if entry is None:
+            if seq != 0:
+                verdict = UnknownProducerId(f"unknown producer {pid}", producer_id=str(pid))
+        elif epoch < entry.epoch:
+            verdict = ProducerFenced(f"producer {pid} epoch {epoch} is fenced")
+        elif epoch > entry.epoch:
+            if seq != 0:
+                verdict = OutOfOrderSequence(f"new epoch must start at 0, got {seq}")
+        else:
+            dup = next((b for b in entry.batches if b[:2] == (seq, last)), None)
+            if dup is not None:
+                verdict = (dup[2], dup[3])
+            elif not entry.batches or seq != (entry.batches[-1][1] + 1) % SEQUENCE_MOD:
+                expected = (entry.batches[-1][1] + 1) % SEQUENCE_MOD if entry.batches else 0
+                verdict = OutOfOrderSequence(
+                    f"expected sequence {expected}, got {seq}",
+                    producer_id=str(pid),
+                    expected_sequence=str(expected),
+                    received_sequence=str(seq),
+                )
+        if isinstance(verdict, TidelogError):
+            self.verdicts[verdict.reason] += 1
+        else:
+            self.verdicts["duplicate" if verdict is not None else "accept"] += 1
+        return verdict
+
+    def stored(
+        self, topic: str, partition: int, pid: int, epoch: int, seq: int, count: int, base: int
+    ) -> None:
+        key = (topic, partition, pid)
+        entry = self.entries.get(key)
+        if entry is None or epoch > entry.epoch:
+            entry = self.entries[key] = FakeProducerEntry(epoch)
+        entry.batches.append((seq, (seq + count - 1) % SEQUENCE_MOD, base, base + count - 1))
+        del entry.batches[:-FAKE_BATCHES_KEPT]
+
+
 @dataclass
 class FakeBroker(broker_pb2_grpc.BrokerServicer):
     address: str
@@ -54,6 +137,21 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
     #: Fetch responses carry at most this many batches, to make many responses.
     fetch_batches_max: int = 1
     produce_delay_s: float = 0.0
+    #: Per request number, a delay before serving it (overrides produce_delay_s).
+    produce_delay_fn: Callable[[int], float] | None = None
+    #: An error to answer with AFTER the batches were appended: a lost answer.
+    answer_fault: ProduceFault | None = None
+    producers: FakeProducers = field(default_factory=FakeProducers)
+    #: An error every InitProducerId call answers with (a node without idempotence).
+    init_fault: TidelogError | None = None
+    #: Produce requests being served right now, and the most at once.
+    serving: int = 0
+    serving_max: int = 0
+
+    def _delay_s(self, number: int) -> float:
+        if self.produce_delay_fn is not None:
+            return self.produce_delay_fn(number)
+        return self.produce_delay_s
 
     def log(self, topic: str, partition: int) -> list[Record]:
         return self.logs.setdefault((topic, partition), [])
@@ -87,9 +185,27 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
     ) -> broker_pb2.ProduceResponse:
         number = self.produce_requests
         self.produce_requests += 1
-        if self.produce_delay_s:
-            await asyncio.sleep(self.produce_delay_s)
-        return await self._produce(number, request, context)
+        self.serving += 1
+        self.serving_max = max(self.serving_max, self.serving)
+        try:
+            delay_s = self._delay_s(number)
+            if delay_s:
+                await asyncio.sleep(delay_s)
+            return await self._produce(number, request, context)
+        finally:
+            self.serving -= 1
+
+    async def InitProducerId(
+        self, request: broker_pb2.InitProducerIdRequest, context: Context
+    ) -> broker_pb2.InitProducerIdResponse:
+        if self.init_fault is not None:
+            await self._abort(context, self.init_fault)
+        if request.HasField("producer_id"):  # the same id, its epoch bumped
+            self.producers.init_requests += 1
+            return broker_pb2.InitProducerIdResponse(
+                producer_id=request.producer_id, producer_epoch=request.producer_epoch + 1
+            )
+        return broker_pb2.InitProducerIdResponse(producer_id=self.producers.new_id())
 
     async def _produce(
         self, number: int, request: broker_pb2.ProduceRequest, context: Context
@@ -103,11 +219,48 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
         log = self.log(request.topic, request.partition)
         base = len(log)
         buf = bytearray(request.batches)
+        results: list[broker_pb2.BatchResult] = []
         for pos, h in iter_headers(bytes(buf)):
+            if h.producer_id >= 0:
+                verdict = self.producers.check(
+                    request.topic,
+                    request.partition,
+                    h.producer_id,
+                    h.producer_epoch,
+                    h.base_sequence,
+                    h.record_count,
+                )
+                if isinstance(verdict, TidelogError):
+                    await self._abort(context, verdict)
+                elif verdict is not None:
+                    results.append(
+                        broker_pb2.BatchResult(
+                            base_offset=verdict[0], last_offset=verdict[1], duplicate=True
+                        )
+                    )
+                    continue
+                self.producers.stored(
+                    request.topic,
+                    request.partition,
+                    h.producer_id,
+                    h.producer_epoch,
+                    h.base_sequence,
+                    h.record_count,
+                    len(log),
+                )
             # Stamp offsets the way the node does (outside the CRC).
-            buf[pos : pos + 8] = (len(log)).to_bytes(8, "little", signed=True)
+            first = len(log)
+            buf[pos : pos + 8] = first.to_bytes(8, "little", signed=True)
             log.extend(decode_batches(bytes(buf[pos : pos + h.size])))
-        return broker_pb2.ProduceResponse(base_offset=base, last_offset=len(log) - 1)
+            results.append(broker_pb2.BatchResult(base_offset=first, last_offset=len(log) - 1))
+        lost = self.answer_fault(number, request) if self.answer_fault else None
+        if lost is not None:
+            await self._abort(context, lost)
+        return broker_pb2.ProduceResponse(
+            base_offset=results[0].base_offset if results else base,
+            last_offset=results[-1].last_offset if results else len(log) - 1,
+            results=results,
+        )
 
     async def Fetch(
         self, request: broker_pb2.FetchRequest, context: Context
@@ -281,8 +434,9 @@ class FakeNode(FakeBroker):
         self.produce_requests += 1
         # The leadership check comes after the delay: a request held by a slow or paused
         # node is refused if the leader moved meanwhile, as a deposed node refuses it.
-        if self.produce_delay_s:
-            await asyncio.sleep(self.produce_delay_s)
+        delay_s = self._delay_s(number)
+        if delay_s:
+            await asyncio.sleep(delay_s)
         await self.running.wait()
         err = c.check(self, request.topic, request.partition)
         if err is not None:
@@ -326,13 +480,22 @@ class FakeReplicatedCluster:
         self.produce_requests: Counter[int] = Counter()
         self.metadata_requests: Counter[int] = Counter()
         self.fetch_streams: Counter[int] = Counter()
+        #: Shared by every node, as the partitions' replicated producer state is.
+        self.producers = FakeProducers()
         ports: list[int] = []
         while len(ports) < nodes:
             port = free_port()
             if port not in ports:
                 ports.append(port)
         self.nodes: dict[int, FakeNode] = {
-            i: FakeNode(f"127.0.0.1:{port}", self.topics, self.logs, node_id=i, cluster=self)
+            i: FakeNode(
+                f"127.0.0.1:{port}",
+                self.topics,
+                self.logs,
+                producers=self.producers,
+                node_id=i,
+                cluster=self,
+            )
             for i, port in enumerate(ports, start=1)
         }
         self._servers: dict[int, aio.Server] = {}
@@ -400,6 +563,7 @@ __all__ = [
     "FakeBroker",
     "FakeCluster",
     "FakeNode",
+    "FakeProducers",
     "FakeReplicatedCluster",
     "Hints",
     "free_port",

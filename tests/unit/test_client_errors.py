@@ -10,9 +10,12 @@ from tidelog.errors import (
     NodeUnavailable,
     NotLeader,
     OffsetOutOfRange,
+    OutOfOrderSequence,
+    ProducerFenced,
     RequestTimedOut,
     TidelogError,
     TopicExists,
+    UnknownProducerId,
     Unsupported,
     from_rpc_error,
     trailing_metadata,
@@ -65,3 +68,28 @@ def test_bare_transport_errors_without_error_info(
     assert type(err) is cls
     assert err.retriable is retriable
     assert "connection refused" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("sent", "reason"),
+    [
+        (
+            OutOfOrderSequence(
+                "t/0: gap", producer_id="7", expected_sequence="5", received_sequence="9"
+            ),
+            "OUT_OF_ORDER_SEQUENCE",
+        ),
+        (
+            ProducerFenced("t/0: fenced", producer_id="7", producer_epoch="0", current_epoch="1"),
+            "PRODUCER_FENCED",
+        ),
+        (UnknownProducerId("t/0: unknown", producer_id="7"), "UNKNOWN_PRODUCER_ID"),
+    ],
+)
+def test_idempotence_errors_round_trip(sent: TidelogError, reason: str) -> None:
+    assert sent.reason == reason
+    assert sent.code == grpc.StatusCode.FAILED_PRECONDITION
+    err = from_rpc_error(fake_rpc_error(sent, sent.code, sent.message))
+    assert type(err) is type(sent) and not err.retriable
+    assert err.metadata == sent.metadata
+    assert str(err) == sent.message

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from tidelog.controller.commands import (
     COMMAND_BYTES_MAX,
+    AllocateProducerIds,
     AlterTopicConfig,
     Command,
     CommandDecodeError,
@@ -38,6 +39,7 @@ EXAMPLES: list[Command] = [
     AlterTopicConfig("orders", {}),
     UpdatePartitionLeaders((LeaderHint(40_000, 2, 5), LeaderHint(40_001, 0, 6))),
     UpdatePartitionLeaders(()),
+    AllocateProducerIds(2, 1000),
 ]
 
 
@@ -171,6 +173,7 @@ commands: st.SearchStrategy[Command] = st.one_of(
         UpdatePartitionLeaders,
         st.lists(st.builds(LeaderHint, ints, ints, ints), max_size=5).map(tuple),
     ),
+    st.builds(AllocateProducerIds, ints, ints),
 )
 
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from tidelog.config import TOPIC_CONFIG_KEYS
 from tidelog.controller.commands import (
+    AllocateProducerIds,
     AlterTopicConfig,
     Command,
     CommandDecodeError,
@@ -606,3 +607,48 @@ def test_replicas_agree(seed: int, steps: int) -> None:
             follower = ClusterState.from_snapshot(follower.snapshot())
     assert leader.snapshot() == follower.snapshot()
     assert leader.describe() == follower.describe()
+
+
+def test_producer_id_blocks_never_overlap_and_survive_snapshots() -> None:
+    d = cluster(3)
+    d.ok(AllocateProducerIds(1, 1000))
+    d.ok(AllocateProducerIds(2, 500))
+    b1, b2 = d.state.producer_id_block(1), d.state.producer_id_block(2)
+    assert b1 is not None and b2 is not None
+    assert (b1.start, b1.count, b2.start, b2.count) == (0, 1000, 1000, 500)
+    assert b1.index == d.index - 1 and b2.index == d.index
+    # A new controller (a restored snapshot) goes on after the last id handed out.
+    restored = Driver(ClusterState.from_snapshot(d.state.snapshot()))
+    assert restored.state.next_producer_id == 1500
+    assert restored.state.producer_id_block(2) == b2
+    restored.ok(AllocateProducerIds(1, 10))
+    again = restored.state.producer_id_block(1)
+    assert again is not None and again.start == 1500
+    assert restored.state.snapshot() != d.state.snapshot()
+
+
+@pytest.mark.parametrize(
+    ("command", "text"),
+    [
+        (AllocateProducerIds(9, 10), "node 9"),
+        (AllocateProducerIds(1, 0), "1 to 1000000 ids"),
+        (AllocateProducerIds(1, 10**7), "1 to 1000000 ids"),
+    ],
+)
+def test_bad_producer_id_allocations_change_nothing(command: Command, text: str) -> None:
+    d = cluster(2)
+    before = d.state.next_producer_id
+    result = d.apply(command)
+    assert isinstance(result.error, TidelogError) and text in str(result.error)
+    assert d.state.next_producer_id == before and d.state.producer_id_block(1) is None
+
+
+def test_snapshot_from_before_producer_ids_restores_with_none_handed_out() -> None:
+    d = cluster(1)
+    data = d.state.snapshot()
+    body = json.loads(data[struct.calcsize(">4sBI") :])
+    del body["next_producer_id"], body["producer_id_blocks"]
+    raw = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    old = data[:5] + struct.pack(">I", crc32c.crc32c(raw)) + raw
+    state = ClusterState.from_snapshot(old)
+    assert state.next_producer_id == 0 and state.nodes == d.state.nodes

@@ -108,6 +108,40 @@ class ProduceRequest(_message.Message):
 Global___ProduceRequest: _TypeAlias = ProduceRequest  # noqa: Y015
 
 @_typing.final
+class BatchResult(_message.Message):
+    """The outcome of one batch of a ProduceRequest, in the order the batches were sent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASE_OFFSET_FIELD_NUMBER: _builtins.int
+    LAST_OFFSET_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    base_offset: _builtins.int
+    """Offsets of the batch's first and last record. For a duplicate, the offsets the batch
+    (or the records with the same msg-id) got when first stored.
+    """
+    last_offset: _builtins.int
+    duplicate: _builtins.bool
+    """The batch was already stored (same producer id, epoch and sequence range, or every
+    record's msg-id already seen within the topic's message.dedup.window.ms): nothing was
+    appended and the offsets are the original ones. A success, not an error.
+    """
+    def __init__(
+        self,
+        *,
+        base_offset: _builtins.int = ...,
+        last_offset: _builtins.int = ...,
+        duplicate: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_offset", b"base_offset", "duplicate", b"duplicate", "last_offset", b"last_offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchResult: _TypeAlias = BatchResult  # noqa: Y015
+
+@_typing.final
 class ProduceResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -115,13 +149,18 @@ class ProduceResponse(_message.Message):
     LAST_OFFSET_FIELD_NUMBER: _builtins.int
     LOG_START_OFFSET_FIELD_NUMBER: _builtins.int
     APPEND_TIME_MS_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
     base_offset: _builtins.int
-    """Offset given to the first record of the first batch."""
+    """Offset given to the first record of the first batch (for a duplicate, its original one)."""
     last_offset: _builtins.int
     """Offset of the last record of the last batch."""
     log_start_offset: _builtins.int
     append_time_ms: _builtins.int
     """Wall clock of the append, milliseconds since the epoch."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchResult]:
+        """One entry per batch of the request, in request order. Empty only under ACKS_NONE."""
+
     def __init__(
         self,
         *,
@@ -129,14 +168,71 @@ class ProduceResponse(_message.Message):
         last_offset: _builtins.int = ...,
         log_start_offset: _builtins.int = ...,
         append_time_ms: _builtins.int = ...,
+        results: _abc.Iterable[Global___BatchResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["append_time_ms", b"append_time_ms", "base_offset", b"base_offset", "last_offset", b"last_offset", "log_start_offset", b"log_start_offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["append_time_ms", b"append_time_ms", "base_offset", b"base_offset", "last_offset", b"last_offset", "log_start_offset", b"log_start_offset", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProduceResponse: _TypeAlias = ProduceResponse  # noqa: Y015
+
+@_typing.final
+class InitProducerIdRequest(_message.Message):
+    """Asks for a producer id for the idempotent producer. Any node answers, from a block of ids
+    it took from the controller (ids are never handed out twice, also across controller
+    failovers).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCER_ID_FIELD_NUMBER: _builtins.int
+    PRODUCER_EPOCH_FIELD_NUMBER: _builtins.int
+    producer_id: _builtins.int
+    """Unset: a new producer id with epoch 0. Set (with producer_epoch): the same id with the
+    epoch bumped by one, which fences any older session of that id (its batches are refused
+    with PRODUCER_FENCED once the new epoch reached the partition) and restarts its sequence
+    numbers at 0. When the epoch cannot grow any more (32767) a new id is returned.
+    """
+    producer_epoch: _builtins.int
+    def __init__(
+        self,
+        *,
+        producer_id: _builtins.int | None = ...,
+        producer_epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_producer_id", b"_producer_id", "producer_id", b"producer_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_producer_id", b"_producer_id", "producer_epoch", b"producer_epoch", "producer_id", b"producer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__producer_id: _TypeAlias = _typing.Literal["producer_id"]  # noqa: Y015
+    _WhichOneofArgType__producer_id: _TypeAlias = _typing.Literal["_producer_id", b"_producer_id"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__producer_id) -> _WhichOneofReturnType__producer_id | None: ...
+
+Global___InitProducerIdRequest: _TypeAlias = InitProducerIdRequest  # noqa: Y015
+
+@_typing.final
+class InitProducerIdResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCER_ID_FIELD_NUMBER: _builtins.int
+    PRODUCER_EPOCH_FIELD_NUMBER: _builtins.int
+    producer_id: _builtins.int
+    producer_epoch: _builtins.int
+    def __init__(
+        self,
+        *,
+        producer_id: _builtins.int = ...,
+        producer_epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["producer_epoch", b"producer_epoch", "producer_id", b"producer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InitProducerIdResponse: _TypeAlias = InitProducerIdResponse  # noqa: Y015
 
 @_typing.final
 class FetchRequest(_message.Message):

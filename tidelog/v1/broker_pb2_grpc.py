@@ -39,6 +39,11 @@ class BrokerStub:
                 request_serializer=tidelog_dot_v1_dot_broker__pb2.ProduceRequest.SerializeToString,
                 response_deserializer=tidelog_dot_v1_dot_broker__pb2.ProduceResponse.FromString,
                 _registered_method=True)
+        self.InitProducerId = channel.unary_unary(
+                '/tidelog.v1.Broker/InitProducerId',
+                request_serializer=tidelog_dot_v1_dot_broker__pb2.InitProducerIdRequest.SerializeToString,
+                response_deserializer=tidelog_dot_v1_dot_broker__pb2.InitProducerIdResponse.FromString,
+                _registered_method=True)
         self.Fetch = channel.unary_stream(
                 '/tidelog.v1.Broker/Fetch',
                 request_serializer=tidelog_dot_v1_dot_broker__pb2.FetchRequest.SerializeToString,
@@ -60,6 +65,12 @@ class BrokerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Produce(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InitProducerId(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,6 +103,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.Produce,
                     request_deserializer=tidelog_dot_v1_dot_broker__pb2.ProduceRequest.FromString,
                     response_serializer=tidelog_dot_v1_dot_broker__pb2.ProduceResponse.SerializeToString,
+            ),
+            'InitProducerId': grpc.unary_unary_rpc_method_handler(
+                    servicer.InitProducerId,
+                    request_deserializer=tidelog_dot_v1_dot_broker__pb2.InitProducerIdRequest.FromString,
+                    response_serializer=tidelog_dot_v1_dot_broker__pb2.InitProducerIdResponse.SerializeToString,
             ),
             'Fetch': grpc.unary_stream_rpc_method_handler(
                     servicer.Fetch,
@@ -136,6 +152,33 @@ class Broker:
             '/tidelog.v1.Broker/Produce',
             tidelog_dot_v1_dot_broker__pb2.ProduceRequest.SerializeToString,
             tidelog_dot_v1_dot_broker__pb2.ProduceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InitProducerId(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.v1.Broker/InitProducerId',
+            tidelog_dot_v1_dot_broker__pb2.InitProducerIdRequest.SerializeToString,
+            tidelog_dot_v1_dot_broker__pb2.InitProducerIdResponse.FromString,
             options,
             channel_credentials,
             insecure,

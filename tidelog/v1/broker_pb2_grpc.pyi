@@ -38,6 +38,7 @@ class BrokerStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> BrokerAsyncStub: ...
     Produce: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ProduceRequest, _broker_pb2.ProduceResponse]
+    InitProducerId: _grpc.UnaryUnaryMultiCallable[_broker_pb2.InitProducerIdRequest, _broker_pb2.InitProducerIdResponse]
     Fetch: _grpc.UnaryStreamMultiCallable[_broker_pb2.FetchRequest, _broker_pb2.FetchResponse]
     """A server stream: sends what is committed from offset on, then pushes new batches as they
     are committed, until the client cancels (or once is set).
@@ -49,6 +50,7 @@ class BrokerStub:
 class BrokerAsyncStub(BrokerStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Produce: _aio.UnaryUnaryMultiCallable[_broker_pb2.ProduceRequest, _broker_pb2.ProduceResponse]  # type: ignore[assignment]
+    InitProducerId: _aio.UnaryUnaryMultiCallable[_broker_pb2.InitProducerIdRequest, _broker_pb2.InitProducerIdResponse]  # type: ignore[assignment]
     Fetch: _aio.UnaryStreamMultiCallable[_broker_pb2.FetchRequest, _broker_pb2.FetchResponse]  # type: ignore[assignment]
     """A server stream: sends what is committed from offset on, then pushes new batches as they
     are committed, until the client cancels (or once is set).
@@ -63,6 +65,13 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         request: _broker_pb2.ProduceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.ProduceResponse, _abc.Awaitable[_broker_pb2.ProduceResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def InitProducerId(
+        self,
+        request: _broker_pb2.InitProducerIdRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.InitProducerIdResponse, _abc.Awaitable[_broker_pb2.InitProducerIdResponse]]: ...
 
     @_abc_1.abstractmethod
     def Fetch(
