@@ -236,10 +236,12 @@ class Guard:
             name = _first(auth, "x509_common_name")
             if name:
                 return _certificate_principal(_first(auth, "x509_subject"), name)
-        raise Unauthenticated(
-            "this node requires authentication: give a bearer token (token= / --token-file / "
-            "TIDELOG_TOKEN)" + (" or a client certificate" if self.client_certificates else "")
-        )
+        ways = []
+        if self.tokens:
+            ways.append("a bearer token (token= / --token-file / TIDELOG_TOKEN)")
+        if self.client_certificates:
+            ways.append("a client certificate with a CN (client_cert= / --tls-cert)")
+        raise Unauthenticated(f"this node requires authentication: give {' or '.join(ways)}")
 
     def check(self, context: Any, operation: str, resource: Resource = CLUSTER) -> Principal:
         """The caller, if it may run ``operation`` on ``resource``; else Unauthenticated or

@@ -129,7 +129,7 @@ def test_an_open_guard_lets_everyone_do_everything() -> None:
 
 def test_guard_refuses_missing_bad_and_unknown_tokens(tmp_path: Path) -> None:
     guard = Guard(load_tokens(tokens_file(tmp_path, f"{TOKEN_A} app client\n")))
-    with pytest.raises(Unauthenticated, match="requires authentication"):
+    with pytest.raises(Unauthenticated, match="requires authentication: give a bearer token"):
         guard.check(FakeContext(), "Produce")
     with pytest.raises(Unauthenticated, match="Bearer"):
         guard.check(FakeContext((("authorization", f"Basic {TOKEN_A}"),)), "Produce")
@@ -157,7 +157,7 @@ def test_certificate_principal_roles_come_from_the_subject_organizations() -> No
     # An escaped comma does not make a role appear.
     trick = guard.principal(cert_context("O=x\\,O=admin,CN=eve", "eve"))
     assert trick.roles == frozenset({"client"})
-    with pytest.raises(Unauthenticated, match="or a client certificate"):
+    with pytest.raises(Unauthenticated, match="give a client certificate with a CN"):
         guard.principal(FakeContext())
 
 
