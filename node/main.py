@@ -30,6 +30,7 @@ from tidelog.node.settings import (
     ELECTION_TIMEOUT_MS_DEFAULT,
     HEARTBEAT_INTERVAL_MS_DEFAULT,
     NODE_DEAD_MS_DEFAULT,
+    ClientSecurity,
     NodeFlags,
     parse_flags,
     to_argv,
@@ -142,6 +143,7 @@ def run_flags(flags: NodeFlags, settings: ClusterSettings) -> None:
         flags.advertised,
         flags.log_level,
         settings,
+        flags.client_security(),
     )
 
 
@@ -153,6 +155,7 @@ def node_argv(
     advertised: str | None,
     log_level: str,
     settings: ClusterSettings | None = None,
+    security: ClientSecurity | None = None,
 ) -> list[str]:
     argv = [sys.executable, "-m", "tidelog.node"]
     argv += to_argv(
@@ -167,6 +170,8 @@ def node_argv(
     )
     if settings is not None:
         argv += settings.argv()
+    if security is not None:
+        argv += security.argv()
     return argv
 
 
@@ -215,6 +220,7 @@ async def serve(
     metrics_port: int,
     advertised: str | None = None,
     settings: ClusterSettings | None = None,
+    security: ClientSecurity | None = None,
 ) -> None:
     """Start a node and run it until SIGTERM or SIGINT, then drain and stop.
 
@@ -239,6 +245,7 @@ async def serve(
         internal_cert=settings.internal_cert,
         internal_key=settings.internal_key,
         cluster_secret_file=settings.cluster_secret_file,
+        client_security=security,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -279,6 +286,7 @@ def run_node(
     advertised: str | None = None,
     log_level: str = "info",
     settings: ClusterSettings | None = None,
+    security: ClientSecurity | None = None,
 ) -> None:
     """Run one node in the foreground until SIGTERM/SIGINT (blocking).
 
@@ -287,7 +295,14 @@ def run_node(
     data_dir = Path(data_dir)
     _reexec_with_malloc_tuning(
         node_argv(
-            node_id, listen, data_dir.resolve(), metrics_port, advertised, log_level, settings
+            node_id,
+            listen,
+            data_dir.resolve(),
+            metrics_port,
+            advertised,
+            log_level,
+            settings,
+            security,
         )
     )
     logging.basicConfig(
@@ -302,7 +317,7 @@ def run_node(
     from tidelog.node.server import StartupError
 
     try:
-        asyncio.run(serve(node_id, listen, data_dir, metrics_port, advertised, settings))
+        asyncio.run(serve(node_id, listen, data_dir, metrics_port, advertised, settings, security))
     except StartupError as exc:
         log.error("node %d cannot start: %s", node_id, exc)
         raise SystemExit(1) from None

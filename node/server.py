@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import time
@@ -41,6 +42,7 @@ from tidelog.controller.commands import RegisterNode
 from tidelog.errors import NodeUnavailable
 from tidelog.node import limits
 from tidelog.node.admin_service import AdminService
+from tidelog.node.auth import ClientListener, load_client_security
 from tidelog.node.broker_service import BrokerService
 from tidelog.node.controller_node import (
     CONTROLLER_DIR,
@@ -64,6 +66,7 @@ from tidelog.node.metrics import MetricsServer, NodeMetrics
 from tidelog.node.multiraft import MultiRaft, RaftTiming
 from tidelog.node.partition import LogLike
 from tidelog.node.replica_storage import HardStateStore
+from tidelog.node.settings import ClientSecurity
 from tidelog.node.topics import LogOpener, TopicRegistry
 from tidelog.node.transport import RaftTransport
 from tidelog.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc, cluster_pb2_grpc
@@ -128,6 +131,13 @@ def _reachable_host(host: str) -> str:
     return host
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def derived_cluster_id(voters: Iterable[int]) -> str:
     """The cluster id every node derives alike from the controller voters' ids, when none
     is stored or given: nodes started with the same ``--controller-voters`` agree on it."""
@@ -162,8 +172,11 @@ class Node:
         internal_cert: Path | None = None,
         internal_key: Path | None = None,
         cluster_secret_file: Path | None = None,
+        client_security: ClientSecurity | None = None,
     ) -> None:
         self.node_id = node_id
+        #: TLS and authentication of the client listener (node/auth.py); None: neither.
+        self.client_security = client_security or ClientSecurity()
         self.internal_listen = internal_listen
         self.internal_advertised = internal_advertised
         self._auth_files = (internal_ca, internal_cert, internal_key, cluster_secret_file)
@@ -300,9 +313,13 @@ class Node:
                 "TIDELOG_CLUSTER_SECRET), or listen on a loopback --internal-listen"
             )
 
+        try:
+            client_listener = load_client_security(self.client_security)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
         server = aio.server(options=GRPC_OPTIONS)
         self._server = server
-        self.port = self._add_client_port(server, host, port)
+        self.port = self._bind_client_port(server, host, port, client_listener)
         internal = aio.server(options=GRPC_OPTIONS)
         self._internal_server = internal
         self.internal_port = self._add_internal_port(internal, auth, ihost, iport)
@@ -393,10 +410,16 @@ class Node:
         controller.open(self._controller_log)
 
         broker_pb2_grpc.add_BrokerServicer_to_server(
-            BrokerService(registry, controller, self.identity, self.metrics), server
+            BrokerService(
+                registry, controller, self.identity, self.metrics, guard=client_listener.guard
+            ),
+            server,
         )
         admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminService(registry, controller, self.identity, self.metrics), server
+            AdminService(
+                registry, controller, self.identity, self.metrics, guard=client_listener.guard
+            ),
+            server,
         )
         # The internal services on the internal listener only: a caller of the client port
         # that names them gets UNIMPLEMENTED.
@@ -428,20 +451,32 @@ class Node:
             snapshots.run(registry.partitions, self.idempotence_interval_s), name="idempotence"
         )
         log.info(
-            "node %d serving on %s (advertised %s), internal on %s (advertised %s, "
+            "node %d serving clients on %s (%s, advertised %s), internal on %s (advertised %s, "
             "authentication: %s), metrics on http://%s/metrics, cluster %s, "
             "controller voters %s, %d topics, started in %.2fs",
-            self.node_id, join_host_port(host, self.port), advertised,
-            join_host_port(ihost, self.internal_port), internal_advertised, auth.mode.value,
-            metrics_address,
+            self.node_id, join_host_port(host, self.port), client_listener.description,
+            advertised, join_host_port(ihost, self.internal_port), internal_advertised,
+            auth.mode.value, metrics_address,
             cluster_id, ",".join(f"{i}@{a}" for i, a in sorted(voters.items())),
             len(registry.topics()), time.monotonic() - t0,
         )  # fmt: skip
 
-    def _add_client_port(self, server: aio.Server, host: str, port: int) -> int:
-        """Bind the client listener (plain gRPC; client TLS is this listener's own path)."""
+    def _bind_client_port(
+        self, server: aio.Server, host: str, port: int, listener: ClientListener
+    ) -> int:
+        """Bind the client listener (Broker, Admin, health, reflection): TLS when the node
+        has ``--tls-cert``, else plaintext. Returns the port bound."""
+        address = join_host_port(host, port)
+        if listener.credentials is None and listener.guard.tokens and not _loopback(host):
+            log.warning(
+                "bearer tokens (--auth-tokens-file) on the plaintext listener %s travel in "
+                "clear: add --tls-cert and --tls-key", address,
+            )  # fmt: skip
         try:
-            bound = server.add_insecure_port(join_host_port(host, port))
+            if listener.credentials is None:
+                bound = server.add_insecure_port(address)
+            else:
+                bound = server.add_secure_port(address, listener.credentials)
         except RuntimeError:
             bound = 0
         if bound == 0:

@@ -25,6 +25,7 @@ __all__ = [
     "LOG_LEVELS",
     "NODE_DEAD_MS_DEFAULT",
     "NODE_FLAGS",
+    "ClientSecurity",
     "NodeFlag",
     "NodeFlags",
     "add_arguments",
@@ -143,6 +144,22 @@ NODE_FLAGS: Final[tuple[NodeFlag, ...]] = (
         "--rack", "rack", "str",
         "Failure domain of this node (a partition's replicas go to distinct racks).",
     ),
+    # -- the client listener's security (node/auth.py; docs/configuration.md#tls-and-authentication)
+    NodeFlag(
+        "--tls-cert", "tls_cert", "file",
+        "PEM certificate (chain) of the client listener: clients connect with TLS.",
+    ),
+    NodeFlag("--tls-key", "tls_key", "file", "PEM private key of --tls-cert."),
+    NodeFlag(
+        "--tls-client-ca", "tls_client_ca", "file",
+        "PEM CA of client certificates: clients must present one it signed (mutual TLS); "
+        "its CN names the client, its O values that name a role (client, admin) its roles.",
+    ),
+    NodeFlag(
+        "--auth-tokens-file", "auth_tokens_file", "file",
+        "File of `token principal role` lines: clients authenticate with a bearer token "
+        "(roles: client, admin). Tokens are never given on the command line.",
+    ),
 )  # fmt: skip
 
 
@@ -168,6 +185,48 @@ class NodeFlags:
     internal_cert: Path | None = None
     internal_key: Path | None = None
     cluster_secret_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_tokens_file: Path | None = None
+
+    def client_security(self) -> ClientSecurity:
+        return ClientSecurity(
+            self.tls_cert, self.tls_key, self.tls_client_ca, self.auth_tokens_file
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSecurity:
+    """The client listener's TLS and authentication flags (all None: plaintext, everyone
+    may do everything, as before). :func:`tidelog.node.auth.load_client_security` reads the
+    files."""
+
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_tokens_file: Path | None = None
+
+    def problem(self) -> str | None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            return "--tls-cert and --tls-key go together"
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            return "--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS)"
+        return None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def argv(self) -> list[str]:
+        return to_argv(
+            {
+                "tls_cert": self.tls_cert,
+                "tls_key": self.tls_key,
+                "tls_client_ca": self.tls_client_ca,
+                "auth_tokens_file": self.auth_tokens_file,
+            }
+        )
 
 
 def parse_flags(values: Mapping[str, object]) -> NodeFlags:
@@ -186,7 +245,11 @@ def parse_flags(values: Mapping[str, object]) -> NodeFlags:
         if flag.kind in ("path", "file") and value is not None:
             value = Path(str(value))
         out[flag.dest] = value
-    return NodeFlags(**out)  # type: ignore[arg-type]
+    flags = NodeFlags(**out)  # type: ignore[arg-type]
+    problem = flags.client_security().problem()
+    if problem is not None:
+        raise ValueError(problem)
+    return flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -45,6 +45,12 @@ class Node:
     voters: str | None = None
     #: Start through the CLI (``python -m tidelog node start``) instead of ``-m tidelog.node``.
     via_cli: bool = False
+    #: More node flags (``--tls-cert``, ``--auth-tokens-file``, ...), appended as given.
+    extra_args: tuple[str, ...] = ()
+    #: The CA (PEM) that verifies the node's TLS certificate: readiness is then checked over
+    #: TLS (with ``client_pem``, a (key, cert) pair, when the node requires client certs).
+    tls_ca: bytes | None = None
+    client_pem: tuple[bytes, bytes] | None = None
     proc: subprocess.Popen[bytes] | None = None
     internal_port: int = field(default_factory=free_port)
     #: (CA, certificate, key) of node-to-node TLS; or the cluster secret's file.
@@ -72,7 +78,7 @@ class Node:
                 tls=self.tls,
                 secret_file=self.secret_file,
             )
-        )
+        ) + list(self.extra_args)
 
     def spawn(self) -> None:
         """Start the process without waiting (cluster members wait for each other)."""
@@ -81,7 +87,13 @@ class Node:
     def wait_serving(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         assert self.proc is not None
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address) as channel:
+        if self.tls_ca is None:
+            channel = grpc.insecure_channel(self.address)
+        else:
+            key, cert = self.client_pem or (None, None)
+            creds = grpc.ssl_channel_credentials(self.tls_ca, key, cert)
+            channel = grpc.secure_channel(self.address, creds)
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if self.proc.poll() is not None:

@@ -51,6 +51,10 @@ def test_flag_names_and_defaults_are_the_documented_ones() -> None:
         "--node-dead-ms": 3000,
         "--cluster-id": None,
         "--rack": None,
+        "--tls-cert": None,
+        "--tls-key": None,
+        "--tls-client-ca": None,
+        "--auth-tokens-file": None,
     }
     assert {f.name for f in NODE_FLAGS if f.required} == {
         "--id",

@@ -123,6 +123,7 @@ __all__ = [
     "cluster_status",
     "controller_voters",
     "discover_bootstrap",
+    "discover_tls_ca",
     "down",
     "kill_node",
     "load_cluster",
@@ -154,6 +155,15 @@ def discover_bootstrap(cwd: Path | str) -> str | None:
         n.address for n in cluster.nodes if process_state(n.pid, n.data_dir) is ProcState.RUNNING
     ]
     return ",".join(live) or None
+
+
+def discover_tls_ca(directory: Path) -> Path | None:
+    """The CA the local cluster in ``directory`` records for its client listeners (cluster.json
+    ``tls_ca``, relative to ``directory`` or absolute), or None."""
+    try:
+        return load_cluster(directory).tls_ca
+    except ClusterError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
