@@ -17,6 +17,7 @@ import pytest
 from tests.unit.test_multiraft import GROUP, TIMING, VOTERS, Cluster, Net
 from tidelog.config import TopicConfig
 from tidelog.errors import OffsetOutOfRange
+from tidelog.node.auth import Guard
 from tidelog.node.broker_service import BrokerService
 from tidelog.node.log import PartitionLog
 from tidelog.node.metastore import MetaStore
@@ -92,7 +93,9 @@ def node_of(p: Partition) -> int:
 
 async def earliest(p: Partition) -> int:
     """What ListOffsets EARLIEST answers on ``p`` (the service's own code)."""
-    service = SimpleNamespace(registry=SimpleNamespace(partition=lambda _t, _i: (None, p)))
+    service = SimpleNamespace(
+        guard=Guard(), registry=SimpleNamespace(partition=lambda _t, _i: (None, p))
+    )
     request = pb.ListOffsetsRequest(topic="t", partition=0, spec=pb.OFFSET_SPEC_EARLIEST)
     handler = BrokerService.ListOffsets.__wrapped__  # type: ignore[attr-defined]
     response = await handler(service, request, None)

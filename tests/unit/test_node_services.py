@@ -231,11 +231,11 @@ async def test_changed_controller_voters_are_refused(tmp_path: Path) -> None:
     """Issue 8 defect 3: a data directory started with one voter list and restarted with
     another was accepted silently, an unsafe membership change. It is refused until
     membership changes exist; the addresses may change. The directory has an id of its own."""
-    port = free_port()
+    port, iport = free_port(), free_port()
     data = tmp_path / "data"
     first = Node(
         1, f"127.0.0.1:{port}", data, free_port(), open_log=InstrumentedLog,
-        controller_voters=f"1@127.0.0.1:{port}",
+        controller_voters=f"1@127.0.0.1:{iport}", internal_listen=f"127.0.0.1:{iport}",
     )  # fmt: skip
     await first.start()
     assert first.identity is not None
@@ -244,15 +244,16 @@ async def test_changed_controller_voters_are_refused(tmp_path: Path) -> None:
     await first.stop(1)
     changed = Node(
         1, f"127.0.0.1:{port}", data, free_port(), open_log=InstrumentedLog,
-        controller_voters=f"1@127.0.0.1:{port},2@127.0.0.1:{free_port()}",
+        controller_voters=f"1@127.0.0.1:{iport},2@127.0.0.1:{free_port()}",
+        internal_listen=f"127.0.0.1:{iport}",
     )  # fmt: skip
     with pytest.raises(StartupError, match=r"names nodes 1,2 but .* nodes 1: changing"):
         await changed.start()
     await changed.stop(0)
-    port2 = free_port()
+    port2, iport2 = free_port(), free_port()
     moved = Node(
         1, f"127.0.0.1:{port2}", data, free_port(), open_log=InstrumentedLog,
-        controller_voters=f"1@127.0.0.1:{port2}",
+        controller_voters=f"1@127.0.0.1:{iport2}", internal_listen=f"127.0.0.1:{iport2}",
     )  # fmt: skip
     await moved.start()
     assert moved.identity is not None and moved.identity.directory_id == directory_id
