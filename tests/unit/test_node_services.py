@@ -7,7 +7,6 @@ node process and the real log; this one is fast and checks the streaming details
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -15,55 +14,17 @@ import pytest
 from grpc import aio
 
 from tests.support import free_port
-from tests.unit.node_fakes import InstrumentedLog
+from tests.unit.node_fakes import Client, InstrumentedLog
 from tidelog.errors import from_rpc_error
 from tidelog.node.server import Node, StartupError
 from tidelog.records import decode_batches, encode_batch
-from tidelog.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
-
-
-class Client:
-    def __init__(self, node: Node) -> None:
-        self.channel = aio.insecure_channel(f"127.0.0.1:{node.port}")
-        self.broker = broker_pb2_grpc.BrokerStub(self.channel)
-        self.admin = admin_pb2_grpc.AdminStub(self.channel)
-
-    async def create(
-        self, name: str, partitions: int = 1, configs: dict[str, str] | None = None
-    ) -> None:
-        await self.admin.CreateTopics(
-            admin_pb2.CreateTopicsRequest(
-                topics=[admin_pb2.TopicSpec(name=name, partitions=partitions, configs=configs)]
-            )
-        )
-
-    async def produce(
-        self, topic: str, values: list[bytes], acks: broker_pb2.Acks.ValueType = broker_pb2.ACKS_ALL
-    ) -> broker_pb2.ProduceResponse:
-        return await self.broker.Produce(
-            broker_pb2.ProduceRequest(topic=topic, batches=encode_batch(values), acks=acks)
-        )
+from tidelog.v1 import admin_pb2, broker_pb2
 
 
 async def read(call: object) -> broker_pb2.FetchResponse:
     msg = await asyncio.wait_for(call.read(), 5)  # type: ignore[attr-defined]
     assert isinstance(msg, broker_pb2.FetchResponse), msg
     return msg
-
-
-@pytest.fixture
-async def node(tmp_path: Path) -> AsyncIterator[Node]:
-    n = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=InstrumentedLog)
-    await n.start()
-    yield n
-    await n.stop(1)
-
-
-@pytest.fixture
-async def client(node: Node) -> AsyncIterator[Client]:
-    c = Client(node)
-    yield c
-    await c.channel.close(None)
 
 
 @pytest.mark.timeout(20)
