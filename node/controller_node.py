@@ -38,6 +38,7 @@ from grpc import aio
 
 from tidelog.config import validate_partitions, validate_topic_configs, validate_topic_name
 from tidelog.controller.commands import (
+    AllocateProducerIds,
     AlterTopicConfig,
     Command,
     CommandDecodeError,
@@ -85,8 +86,9 @@ log = logging.getLogger(__name__)
 
 #: Commands a node may forward as encoded bytes (``ForwardRequest.command``). Topic changes
 #: come through their own request bodies (validated and placed here); liveness and leader
-#: hints are proposed by the active controller alone, never on a caller's word.
-FORWARDABLE_COMMANDS: Final = (RegisterNode,)
+#: hints are proposed by the active controller alone, never on a caller's word. A node takes
+#: a block of producer ids for the InitProducerId requests it serves (node/producer_ids.py).
+FORWARDABLE_COMMANDS: Final = (RegisterNode, AllocateProducerIds)
 
 CONTROLLER_DIR: Final = "controller"
 #: How often nodes heartbeat the active controller (and it checks liveness and hints).
