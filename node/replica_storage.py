@@ -9,10 +9,16 @@ entry need a word:
   the core. It is stored as a one-record *control* batch (``NOOP``: invisible to consumers,
   one offset) built deterministically (timestamp 0, no producer), so every replica writes the
   same bytes whether it got the entry from the leader's memory (no data) or from its log.
-* A snapshot of a partition is metadata only: the offset, Raft index and term the leader's
-  log starts after. A follower that needs entries the leader no longer holds (retention
-  deleted them) installs it with ``PartitionLog.reset``: records below the leader's log
-  start are gone, as in Kafka.
+* A snapshot of a partition holds no records: the offset, Raft index and term the leader's
+  log starts after, and (format 2) the state the owner derives from the log, which the
+  records below the log start no longer give: for a partition, its idempotence state
+  (producers and msg-ids as of the leader's applied offset, ``state_source``). A follower
+  that needs entries the leader no longer holds (retention deleted them) installs it with
+  ``PartitionLog.reset``: records below the leader's log start are gone, as in Kafka; the
+  owner restores the state from the snapshot (``decode_snapshot``). Format 1 (offset only,
+  what older nodes send) is still read. The state is bounded by
+  :data:`SNAPSHOT_STATE_BYTES_MAX` so the snapshot fits one Raft message; the owner trims
+  what does not fit (and says so in its log) until snapshots are streamed in chunks.
 
 Raft indexes and consumer offsets are translated only through the log (``term_at_index``,
 ``end_offset_at_index``); this module never keeps its own mapping.
@@ -30,6 +36,8 @@ from __future__ import annotations
 import logging
 import struct
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 from tidelog.errors import StorageError
@@ -53,6 +61,7 @@ from tidelog.records import HEADER_SIZE, batch_end_offset, encode_batch, stamp, 
 
 log = logging.getLogger(__name__)
 
+UINT63_MAX: Final = 2**63 - 1
 KIB: Final = 1024
 MIB: Final = 1024 * KIB
 
@@ -68,6 +77,13 @@ _GROUP_KEY = struct.Struct(">Q")
 _HARD_STATE = struct.Struct(">QQQ")
 _SNAPSHOT_DATA = struct.Struct(">BQ")
 _SNAPSHOT_FORMAT: Final = 1
+#: Format 2: format 1's fields, then the length of the owner's state and the state.
+_SNAPSHOT_DATA_V2 = struct.Struct(">BQI")
+_SNAPSHOT_FORMAT_STATE: Final = 2
+#: The owner's state in one snapshot at most: a snapshot travels as one Raft message
+#: (``node/transport.message_bytes_max``, about 71 MiB), and a follower holds it in memory
+#: while installing it. Beyond it the owner trims its state (``state_source``).
+SNAPSHOT_STATE_BYTES_MAX: Final = 16 * MIB
 assert NOOP_SIZE > HEADER_SIZE
 
 
@@ -102,20 +118,58 @@ def next_offset(raw: RawNode, partition_log: RaftLogFile) -> int:
     return end + empties
 
 
-def encode_snapshot_data(log_start_offset: int) -> bytes:
-    return _SNAPSHOT_DATA.pack(_SNAPSHOT_FORMAT, log_start_offset)
+@dataclass(frozen=True, slots=True)
+class SnapshotData:
+    """What a partition snapshot carries besides its Raft metadata."""
+
+    log_start_offset: int
+    #: The owner's state (format 2), or None (format 1, or an owner without state).
+    state: bytes | None = None
+
+
+def encode_snapshot_data(log_start_offset: int, state: bytes | None = None) -> bytes:
+    """Format 1 without ``state``, format 2 with it."""
+    if state is None:
+        return _SNAPSHOT_DATA.pack(_SNAPSHOT_FORMAT, log_start_offset)
+    if len(state) > SNAPSHOT_STATE_BYTES_MAX:
+        raise StorageError(
+            f"snapshot state of {len(state)} bytes exceeds {SNAPSHOT_STATE_BYTES_MAX} bytes"
+        )
+    return _SNAPSHOT_DATA_V2.pack(_SNAPSHOT_FORMAT_STATE, log_start_offset, len(state)) + state
+
+
+def decode_snapshot(data: bytes) -> SnapshotData:
+    """Both formats; StorageError if the bytes are not ours."""
+    if not data:
+        raise StorageError("partition snapshot is empty")
+    fmt = data[0]
+    if fmt == _SNAPSHOT_FORMAT:
+        if len(data) != _SNAPSHOT_DATA.size:
+            raise StorageError(
+                f"partition snapshot is {len(data)} bytes, expected {_SNAPSHOT_DATA.size}"
+            )
+        _fmt, offset = _SNAPSHOT_DATA.unpack(data)
+        state = None
+    elif fmt == _SNAPSHOT_FORMAT_STATE:
+        head = _SNAPSHOT_DATA_V2.size
+        if len(data) < head:
+            raise StorageError(f"partition snapshot of format 2 is {len(data)} bytes")
+        _fmt, offset, length = _SNAPSHOT_DATA_V2.unpack_from(data)
+        if length > SNAPSHOT_STATE_BYTES_MAX or len(data) != head + length:
+            raise StorageError(
+                f"partition snapshot is {len(data)} bytes; its header says {head + length}"
+            )
+        state = bytes(data[head:])
+    else:
+        raise StorageError(f"partition snapshot has format {fmt}")
+    if offset < 0 or offset > UINT63_MAX:
+        raise StorageError(f"partition snapshot has offset {offset}")
+    return SnapshotData(int(offset), state)
 
 
 def decode_snapshot_data(data: bytes) -> int:
     """The offset a snapshot's log starts at; StorageError if the bytes are not ours."""
-    if len(data) != _SNAPSHOT_DATA.size:
-        raise StorageError(
-            f"partition snapshot is {len(data)} bytes, expected {_SNAPSHOT_DATA.size}"
-        )
-    fmt, offset = _SNAPSHOT_DATA.unpack(data)
-    if fmt != _SNAPSHOT_FORMAT or offset < 0:
-        raise StorageError(f"partition snapshot has format {fmt} and offset {offset}")
-    return int(offset)
+    return decode_snapshot(data).log_start_offset
 
 
 class RaftLogFile(Protocol):
@@ -144,7 +198,16 @@ class RaftLogFile(Protocol):
 class ReplicaStorage:
     """``raft.storage.StorageReader`` over a partition log, plus the driver's writes."""
 
-    __slots__ = ("_cache", "_cache_bytes", "_cache_max_bytes", "_conf", "_hs", "log", "lost_to")
+    __slots__ = (
+        "_cache",
+        "_cache_bytes",
+        "_cache_max_bytes",
+        "_conf",
+        "_hs",
+        "log",
+        "lost_to",
+        "state_source",
+    )
 
     def __init__(
         self,
@@ -181,6 +244,10 @@ class ReplicaStorage:
         self._cache: deque[Entry] = deque()
         self._cache_bytes = 0
         self._cache_max_bytes = cache_bytes_max
+        #: The owner's state for the snapshots this replica sends as leader, at most the
+        #: given bytes (the partition's idempotence state; set by ``Partition.attach``).
+        #: None: format-1 snapshots (offset only).
+        self.state_source: Callable[[int], bytes] | None = None
 
     # ---- StorageReader -------------------------------------------------------------------
 
@@ -249,7 +316,9 @@ class ReplicaStorage:
             raise SnapshotTemporarilyUnavailable(
                 f"the term of raft index {index}, where the log starts, is not known"
             )
-        data = encode_snapshot_data(self.log.log_start_offset)
+        source = self.state_source
+        state = None if source is None else source(SNAPSHOT_STATE_BYTES_MAX)
+        data = encode_snapshot_data(self.log.log_start_offset, state)
         return Snapshot(SnapshotMeta(index, term, self._conf), data)
 
     # ---- writes by the driver ------------------------------------------------------------
@@ -314,9 +383,10 @@ class ReplicaStorage:
         return truncated
 
     def install_snapshot(self, snapshot: Snapshot) -> None:
-        """Empty the log and make it continue after the snapshot's point."""
+        """Empty the log and make it continue after the snapshot's point (the owner restores
+        the state it carries: ``GroupHandler.on_snapshot``)."""
         meta = snapshot.meta
-        next_offset = decode_snapshot_data(snapshot.data)
+        next_offset = decode_snapshot(snapshot.data).log_start_offset
         self.log.reset(next_offset, meta.index, meta.term)
         self._conf = meta.conf
         self._cache.clear()
@@ -383,9 +453,12 @@ __all__ = [
     "NOOP",
     "NOOP_SIZE",
     "RAFT_COLUMN",
+    "SNAPSHOT_STATE_BYTES_MAX",
     "HardStateStore",
     "RaftLogFile",
     "ReplicaStorage",
+    "SnapshotData",
+    "decode_snapshot",
     "decode_snapshot_data",
     "encode_snapshot_data",
     "entry_cache_bytes_max",
