@@ -481,8 +481,12 @@ class PartitionIdempotence:
         """Apply the committed batches in [applied offset, ``upto``) read from ``log``; how
         many batches were applied. A state ahead of ``upto`` is kept (it was applied from
         committed entries only)."""
-        if self.state.applied_offset > log.log_end_offset:
-            # A snapshot ahead of the log (records lost under flush=os): rebuild from the log.
+        if self.state.applied_offset > log.log_end_offset and self.config.flush == "os":
+            # A snapshot ahead of the log (records lost under flush=os, maybe on a majority:
+            # what it covers may never be committed again): rebuild from the log. Under
+            # flush=durable the state covers committed entries only, which the leader sends
+            # again (a follower that restarted after installing a leader's snapshot, before
+            # it caught up): it is kept, and those entries are skipped when applied.
             self.state.clear(log.log_start_offset)
             self.msg_ids.clear()
         offset = max(self.state.applied_offset, log.log_start_offset)

@@ -251,3 +251,26 @@ def test_msg_ids_are_left_out_before_any_producer() -> None:
     assert n == 3000 - out.msg_ids_left_out
     assert kept.msg_ids.lookup(b"%016d" % 2999, NOW_MS, 60_000) is not None  # newest kept
     assert kept.msg_ids.lookup(b"%016d" % 0, NOW_MS, 60_000) is None  # oldest left out
+
+
+@pytest.mark.timeout(20)
+async def test_a_follower_restarting_before_it_caught_up_keeps_the_carried_state(
+    tmp_path: Path, raft: MultiRaft
+) -> None:
+    leader, _lg, _offsets = await leader_with_history(tmp_path, raft)
+    assert leader.group is not None
+    snap = leader.group.storage.snapshot()
+    storage, part = follower(tmp_path, "follower-restart")
+    storage.install_snapshot(snap)
+    part.restore_snapshot(snap)
+    saved = part.idempotence.snapshot()  # what the node's RocksDB snapshot would hold
+    assert part.idempotence.state.applied_offset > storage.log.log_end_offset
+    # The restart: the state is ahead of the (empty) log. Under flush=durable it covers
+    # committed entries only and is kept; under flush=os it may cover entries no replica
+    # kept, and the log is the truth.
+    for config, kept in ((CONFIG, True), (TopicConfig.from_overrides({"flush": "os"}), False)):
+        restarted = PartitionIdempotence("t/0", config)
+        restarted.restore(saved)
+        restarted.recover(storage.log, storage.log.log_end_offset)
+        assert (restarted.state == leader.idempotence.state) is kept
+        assert (restarted.state.producer_ids() == [PID]) is kept
