@@ -264,13 +264,15 @@ async def test_a_follower_restarting_before_it_caught_up_keeps_the_carried_state
     storage.install_snapshot(snap)
     part.restore_snapshot(snap)
     saved = part.idempotence.snapshot()  # what the node's RocksDB snapshot would hold
-    assert part.idempotence.state.applied_offset > storage.log.log_end_offset
+    follower_log = storage.log
+    assert isinstance(follower_log, PartitionLog)
+    assert part.idempotence.state.applied_offset > follower_log.log_end_offset
     # The restart: the state is ahead of the (empty) log. Under flush=durable it covers
     # committed entries only and is kept; under flush=os it may cover entries no replica
     # kept, and the log is the truth.
     for config, kept in ((CONFIG, True), (TopicConfig.from_overrides({"flush": "os"}), False)):
         restarted = PartitionIdempotence("t/0", config)
         restarted.restore(saved)
-        restarted.recover(storage.log, storage.log.log_end_offset)
+        restarted.recover(follower_log, follower_log.log_end_offset)
         assert (restarted.state == leader.idempotence.state) is kept
         assert (restarted.state.producer_ids() == [PID]) is kept
