@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from tidelog.client.connection import Connection, PemSource
 from tidelog.client.metadata import ClusterMetadata, NodeInfo, TopicInfo
 from tidelog.v1 import admin_pb2
 
@@ -85,8 +86,16 @@ class Admin:
         bootstrap: str | Sequence[str],
         *,
         request_timeout_ms: int = ADMIN_REQUEST_TIMEOUT_MS,
+        tls: bool = False,
+        ca: PemSource | None = None,
+        client_cert: PemSource | None = None,
+        client_key: PemSource | None = None,
+        token: str | None = None,
     ) -> None:
-        self._meta = ClusterMetadata(bootstrap)
+        connection = Connection.create(
+            tls=tls, ca=ca, client_cert=client_cert, client_key=client_key, token=token
+        )
+        self._meta = ClusterMetadata(bootstrap, connection=connection)
         self._timeout_s = request_timeout_ms / 1000
 
     async def __aenter__(self) -> Admin:

@@ -31,6 +31,7 @@ from typing import Literal
 import grpc
 import grpc.aio
 
+from tidelog.client.connection import Connection, PemSource
 from tidelog.client.limits import RETRY_BACKOFF_MS_DEFAULT
 from tidelog.client.metadata import ClusterMetadata, parse_bootstrap
 from tidelog.client.retry import Retry
@@ -231,6 +232,11 @@ class Consumer:
         retry_backoff_ms: int = RETRY_BACKOFF_MS_DEFAULT,
         metadata_wait_ms: int = METADATA_WAIT_MS_DEFAULT,
         verify_crc: bool = True,
+        tls: bool = False,
+        ca: PemSource | None = None,
+        client_cert: PemSource | None = None,
+        client_key: PemSource | None = None,
+        token: str | None = None,
     ) -> None:
         if auto_offset_reset not in (None, "earliest", "latest", "error"):
             raise ValueError(
@@ -239,6 +245,9 @@ class Consumer:
         if max_bytes <= 0 or fetch_max_wait_ms < 0 or queue_bytes_max_per_partition <= 0:
             raise ValueError("max_bytes and queue bytes must be > 0, fetch_max_wait_ms >= 0")
         self._bootstrap = parse_bootstrap(bootstrap)
+        self._connection = Connection.create(
+            tls=tls, ca=ca, client_cert=client_cert, client_key=client_key, token=token
+        )
         self._max_bytes = max_bytes
         self._fetch_max_wait_ms = fetch_max_wait_ms
         self._initial: OffsetReset = auto_offset_reset or "latest"
@@ -261,7 +270,7 @@ class Consumer:
         """Connect and load metadata; fails if no bootstrap node answers."""
         if self._meta is not None:
             return
-        self._meta = ClusterMetadata(self._bootstrap)
+        self._meta = ClusterMetadata(self._bootstrap, connection=self._connection)
         try:
             await self._meta.refresh()
         except BaseException:

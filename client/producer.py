@@ -39,6 +39,7 @@ from tidelog.client.accumulator import (
     cumulative_sizes,
     record_size,
 )
+from tidelog.client.connection import Connection, PemSource
 from tidelog.client.limits import (
     IDEMPOTENT_IN_FLIGHT_MAX,
     IN_FLIGHT_NON_IDEMPOTENT_DEFAULT,
@@ -324,6 +325,11 @@ class Producer:
         delivery_timeout_ms: int = DELIVERY_TIMEOUT_MS_DEFAULT,
         buffer_bytes_max: int = BUFFER_BYTES_MAX_DEFAULT,
         metadata_wait_ms: int = METADATA_WAIT_MS_DEFAULT,
+        tls: bool = False,
+        ca: PemSource | None = None,
+        client_cert: PemSource | None = None,
+        client_key: PemSource | None = None,
+        token: str | None = None,
     ) -> None:
         self._acks = parse_acks(acks)
         self._codec = Codec.parse(compression)
@@ -347,6 +353,9 @@ class Producer:
         if request_timeout_ms <= 0 or delivery_timeout_ms <= 0:
             raise ValueError("request_timeout_ms and delivery_timeout_ms must be > 0")
         self._bootstrap = parse_bootstrap(bootstrap)
+        self._connection = Connection.create(
+            tls=tls, ca=ca, client_cert=client_cert, client_key=client_key, token=token
+        )
         self._linger_s = linger_ms / 1000
         self._max_in_flight = max_in_flight_per_partition
         self._retries = retries
@@ -374,7 +383,7 @@ class Producer:
         if self._meta is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._meta = ClusterMetadata(self._bootstrap)
+        self._meta = ClusterMetadata(self._bootstrap, connection=self._connection)
         try:
             await self._meta.refresh()
         except BaseException:

@@ -30,6 +30,7 @@ from tidelog.node.settings import (
     ELECTION_TIMEOUT_MS_DEFAULT,
     HEARTBEAT_INTERVAL_MS_DEFAULT,
     NODE_DEAD_MS_DEFAULT,
+    ClientSecurity,
     NodeFlags,
     parse_flags,
     to_argv,
@@ -63,6 +64,14 @@ class ClusterSettings:
     cluster_id: str | None = None
     #: Failure domain of this node; placement keeps a partition's replicas in distinct racks.
     rack: str | None = None
+    #: The internal listener (Raft, Cluster) and the address the other nodes dial.
+    internal_listen: str | None = None
+    internal_advertised: str | None = None
+    #: Node-to-node mutual TLS (all three) or a cluster secret file (node/internal_auth.py).
+    internal_ca: Path | None = None
+    internal_cert: Path | None = None
+    internal_key: Path | None = None
+    cluster_secret_file: Path | None = None
 
     def __post_init__(self) -> None:
         if self.controller_voters is not None:
@@ -93,6 +102,12 @@ class ClusterSettings:
                 "node_dead_ms": self.node_dead_ms,
                 "cluster_id": self.cluster_id or None,
                 "rack": self.rack or None,
+                "internal_listen": self.internal_listen or None,
+                "internal_advertised": self.internal_advertised or None,
+                "internal_ca": self.internal_ca,
+                "internal_cert": self.internal_cert,
+                "internal_key": self.internal_key,
+                "cluster_secret_file": self.cluster_secret_file,
             }
         )
 
@@ -108,6 +123,12 @@ def node_flags(values: Mapping[str, object]) -> tuple[NodeFlags, ClusterSettings
         node_dead_ms=flags.node_dead_ms,
         cluster_id=flags.cluster_id,
         rack=flags.rack,
+        internal_listen=flags.internal_listen,
+        internal_advertised=flags.internal_advertised,
+        internal_ca=flags.internal_ca,
+        internal_cert=flags.internal_cert,
+        internal_key=flags.internal_key,
+        cluster_secret_file=flags.cluster_secret_file,
     )
     return flags, settings
 
@@ -122,6 +143,7 @@ def run_flags(flags: NodeFlags, settings: ClusterSettings) -> None:
         flags.advertised,
         flags.log_level,
         settings,
+        flags.client_security(),
     )
 
 
@@ -133,6 +155,7 @@ def node_argv(
     advertised: str | None,
     log_level: str,
     settings: ClusterSettings | None = None,
+    security: ClientSecurity | None = None,
 ) -> list[str]:
     argv = [sys.executable, "-m", "tidelog.node"]
     argv += to_argv(
@@ -147,6 +170,8 @@ def node_argv(
     )
     if settings is not None:
         argv += settings.argv()
+    if security is not None:
+        argv += security.argv()
     return argv
 
 
@@ -195,6 +220,7 @@ async def serve(
     metrics_port: int,
     advertised: str | None = None,
     settings: ClusterSettings | None = None,
+    security: ClientSecurity | None = None,
 ) -> None:
     """Start a node and run it until SIGTERM or SIGINT, then drain and stop.
 
@@ -213,6 +239,13 @@ async def serve(
         node_dead_ms=settings.node_dead_ms,
         cluster_id=settings.cluster_id,
         rack=settings.rack,
+        internal_listen=settings.internal_listen,
+        internal_advertised=settings.internal_advertised,
+        internal_ca=settings.internal_ca,
+        internal_cert=settings.internal_cert,
+        internal_key=settings.internal_key,
+        cluster_secret_file=settings.cluster_secret_file,
+        client_security=security,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -253,6 +286,7 @@ def run_node(
     advertised: str | None = None,
     log_level: str = "info",
     settings: ClusterSettings | None = None,
+    security: ClientSecurity | None = None,
 ) -> None:
     """Run one node in the foreground until SIGTERM/SIGINT (blocking).
 
@@ -261,7 +295,14 @@ def run_node(
     data_dir = Path(data_dir)
     _reexec_with_malloc_tuning(
         node_argv(
-            node_id, listen, data_dir.resolve(), metrics_port, advertised, log_level, settings
+            node_id,
+            listen,
+            data_dir.resolve(),
+            metrics_port,
+            advertised,
+            log_level,
+            settings,
+            security,
         )
     )
     logging.basicConfig(
@@ -276,7 +317,7 @@ def run_node(
     from tidelog.node.server import StartupError
 
     try:
-        asyncio.run(serve(node_id, listen, data_dir, metrics_port, advertised, settings))
+        asyncio.run(serve(node_id, listen, data_dir, metrics_port, advertised, settings, security))
     except StartupError as exc:
         log.error("node %d cannot start: %s", node_id, exc)
         raise SystemExit(1) from None

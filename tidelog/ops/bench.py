@@ -13,9 +13,10 @@ import asyncio
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from operator import attrgetter
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -206,10 +207,14 @@ def _rate_text(done: int, started: float) -> str:
 
 
 async def ensure_topic(
-    bootstrap: str, topic: str, partitions: int, replication_factor: int
+    bootstrap: str,
+    topic: str,
+    partitions: int,
+    replication_factor: int,
+    connection: Mapping[str, Any] | None = None,
 ) -> tuple[int, bool]:
     """The topic's partition count, creating the topic first when it is missing."""
-    async with Admin(bootstrap) as admin:
+    async with Admin(bootstrap, **(connection or {})) as admin:
         try:
             desc = await admin.describe_topics(topic)
         except UnknownTopic:
@@ -244,11 +249,13 @@ async def produce_bench(
     max_in_flight: int = BENCH_IN_FLIGHT_DEFAULT,
     idempotence: bool | None = None,
     progress: bool = True,
+    connection: Mapping[str, Any] | None = None,
 ) -> BenchResult:
     """Produce ``records`` records as fast as possible. ``idempotence``: as the client
-    decides when None (on unless ``acks`` is not "all"); the result says which ran."""
+    decides when None (on unless ``acks`` is not "all"); the result says which ran.
+    ``connection``: TLS and credentials, the clients' keyword arguments (tls, ca, ...)."""
     actual_partitions, created = await ensure_topic(
-        bootstrap, topic, partitions, replication_factor
+        bootstrap, topic, partitions, replication_factor, connection
     )
     values = _values(records, record_bytes)
     # One send_many call per batch: each call's metadata is then one batch's latency.
@@ -264,6 +271,7 @@ async def produce_bench(
         linger_ms=linger_ms,
         max_in_flight_per_partition=max_in_flight,
         enable_idempotence=idempotence,
+        **(connection or {}),
     ) as producer:
         idempotent = producer.idempotent
         pid = local_node_pid(_leader_address(producer, topic) or bootstrap.split(",")[0])
@@ -323,8 +331,10 @@ def _leader_address(producer: Producer, topic: str) -> str | None:
     return producer.metadata.leader_address(topic, 0)
 
 
-async def _record_count(bootstrap: str, topic: str) -> tuple[list[TopicPartition], int]:
-    async with Consumer(bootstrap) as consumer:
+async def _record_count(
+    bootstrap: str, topic: str, connection: Mapping[str, Any] | None = None
+) -> tuple[list[TopicPartition], int]:
+    async with Consumer(bootstrap, **(connection or {})) as consumer:
         tps = await consumer.partitions_for(topic)
         begin = await consumer.beginning_offsets(tps)
         end = await consumer.end_offsets(tps)
@@ -343,11 +353,12 @@ async def consume_bench(
     compression: str = "none",
     progress: bool = True,
     note: Callable[[str], None] | None = None,
+    connection: Mapping[str, Any] | None = None,
 ) -> BenchResult:
     """Read ``records`` records from the beginning of ``topic`` (producing them first when
     the topic holds fewer)."""
-    await ensure_topic(bootstrap, topic, partitions, replication_factor)
-    tps, have = await _record_count(bootstrap, topic)
+    await ensure_topic(bootstrap, topic, partitions, replication_factor, connection)
+    tps, have = await _record_count(bootstrap, topic, connection)
     if have < records:
         if note is not None:
             note(f"topic {topic} holds {have:,} records; producing {records - have:,} first")
@@ -359,11 +370,12 @@ async def consume_bench(
             acks=acks,
             compression=compression,
             progress=progress,
+            connection=connection,
         )
     latencies: list[float] = []
     got = 0
     value_bytes = 0
-    async with Consumer(bootstrap) as consumer:
+    async with Consumer(bootstrap, **(connection or {})) as consumer:
         consumer.assign(tps)
         pid = local_node_pid(consumer._meta_().leader_address(topic, 0) or bootstrap)
         server_before = process_cpu_s(pid)

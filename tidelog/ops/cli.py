@@ -28,6 +28,7 @@ from tidelog.client.metadata import parse_bootstrap
 from tidelog.client.structs import ConsumerRecord
 from tidelog.errors import TidelogError
 from tidelog.ops.cli_cluster import register as register_cluster_commands
+from tidelog.ops.cli_connection import client_options, connection_options, note_discovered_cluster
 from tidelog.records import Codec
 
 __all__ = ["cli", "main"]
@@ -66,6 +67,8 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def _bootstrap_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--bootstrap and the connection options (TLS, credentials: cli_connection.py)."""
+    fn = connection_options(fn)
     return click.option(
         "--bootstrap",
         "-b",
@@ -80,9 +83,13 @@ def _bootstrap_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _check_bootstrap(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
     if value is None:
-        from tidelog.ops.localcluster import discover_bootstrap
+        from tidelog.ops.localcluster import CLUSTER_DIR_DEFAULT, discover_bootstrap
 
-        value = discover_bootstrap(Path.cwd()) or BOOTSTRAP_DEFAULT
+        value = discover_bootstrap(Path.cwd())
+        if value is not None:
+            note_discovered_cluster(ctx, Path.cwd() / CLUSTER_DIR_DEFAULT)
+        else:
+            value = BOOTSTRAP_DEFAULT
     try:
         parse_bootstrap(value)
     except ValueError as exc:
@@ -138,6 +145,8 @@ def _node_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             kind = click.IntRange(min=flag.min, max=flag.max)
         elif flag.kind == "path":
             kind = click.Path(file_okay=False, path_type=Path)
+        elif flag.kind == "file":
+            kind = click.Path(dir_okay=False, path_type=Path)
         fn = click.option(
             flag.name,
             flag.dest,
@@ -192,8 +201,10 @@ def topic_create(
 ) -> None:
     """Create topic NAME."""
 
+    connection = client_options()
+
     async def go() -> list[str]:
-        async with Admin(bootstrap) as admin:
+        async with Admin(bootstrap, **connection) as admin:
             return await admin.create_topics(name, partitions, replication_factor, configs)
 
     _run(go())
@@ -206,8 +217,10 @@ def topic_create(
 def topic_list(internal: bool, bootstrap: str) -> None:
     """Print every topic name, one per line."""
 
+    connection = client_options()
+
     async def go() -> list[str]:
-        async with Admin(bootstrap) as admin:
+        async with Admin(bootstrap, **connection) as admin:
             return await admin.list_topics(internal=internal)
 
     for name in _run(go()):
@@ -221,8 +234,10 @@ def topic_list(internal: bool, bootstrap: str) -> None:
 def topic_describe(names: tuple[str, ...], as_json: bool, bootstrap: str) -> None:
     """Partitions, leaders, offsets, sizes and configs of NAMES (default: every topic)."""
 
+    connection = client_options()
+
     async def go() -> Any:
-        async with Admin(bootstrap) as admin:
+        async with Admin(bootstrap, **connection) as admin:
             return await admin.describe_topics(list(names) or None)
 
     descs = _run(go())
@@ -290,8 +305,10 @@ def _human_bytes(n: int) -> str:
 def topic_delete(names: tuple[str, ...], bootstrap: str) -> None:
     """Delete topics NAMES and all their records."""
 
+    connection = client_options()
+
     async def go() -> list[str]:
-        async with Admin(bootstrap) as admin:
+        async with Admin(bootstrap, **connection) as admin:
             return await admin.delete_topics(list(names))
 
     for name in _run(go()):
@@ -315,8 +332,10 @@ def topic_alter(name: str, set_: dict[str, str], delete: tuple[str, ...], bootst
     if not set_ and not delete:
         raise click.UsageError("nothing to change: give --set KEY=VALUE and/or --delete KEY")
 
+    connection = client_options()
+
     async def go() -> Any:
-        async with Admin(bootstrap) as admin:
+        async with Admin(bootstrap, **connection) as admin:
             return await admin.alter_topic_config(name, set=set_, delete=list(delete))
 
     desc = _run(go())
@@ -376,6 +395,7 @@ async def _produce_stdin(
         compression=compression,
         linger_ms=linger_ms,
         metadata_wait_ms=CLI_METADATA_WAIT_MS,
+        **client_options(),
     ) as producer:
         partitions = await producer.partitions_for(topic_name)
         if partition is not None and partition >= partitions:
@@ -593,7 +613,9 @@ async def _consume(
     timeout_ms: int | None,
 ) -> None:
     out = sys.stdout.buffer
-    async with Consumer(bootstrap, metadata_wait_ms=CLI_METADATA_WAIT_MS) as consumer:
+    async with Consumer(
+        bootstrap, metadata_wait_ms=CLI_METADATA_WAIT_MS, **client_options()
+    ) as consumer:
         every = await consumer.partitions_for(topic_name)
         if partitions:
             count = len(every)
@@ -729,6 +751,7 @@ def bench_produce(
             max_in_flight=max_in_flight,
             idempotence=idempotence,
             progress=sys.stderr.isatty(),
+            connection=client_options(),
         )
     )
     click.echo(json.dumps(result.to_json()) if as_json else result.summary())
@@ -762,6 +785,7 @@ def bench_consume(
             compression=compression,
             progress=sys.stderr.isatty(),
             note=lambda msg: click.echo(msg, err=True),
+            connection=client_options(),
         )
     )
     click.echo(json.dumps(result.to_json()) if as_json else result.summary())

@@ -21,7 +21,7 @@ from tidelog.errors import TidelogError
 from tidelog.ops import chaos as chaos_mod
 from tidelog.ops import localcluster
 
-__all__ = ["chaos", "cluster", "register"]
+__all__ = ["certs", "chaos", "cluster", "register"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,8 +31,9 @@ OUTPUT_WIDTH_NOT_TERMINAL = 200
 
 
 def register(cli: click.Group) -> None:
-    """Add the ``cluster`` group and the ``chaos`` command to ``cli``."""
+    """Add the ``cluster`` and ``certs`` groups and the ``chaos`` command to ``cli``."""
     cli.add_command(cluster)
+    cli.add_command(certs)
     cli.add_command(chaos)
 
 
@@ -107,7 +108,8 @@ def cluster() -> None:
     type=click.IntRange(1, localcluster.PORT_MAX),
     default=localcluster.BASE_PORT_DEFAULT,
     show_default=True,
-    help=f"First gRPC port; metrics ports start {localcluster.METRICS_PORT_OFFSET} higher. "
+    help=f"First gRPC port; metrics ports start {localcluster.METRICS_PORT_OFFSET} higher, "
+    f"internal (node-to-node) ports {localcluster.INTERNAL_PORT_OFFSET} higher. "
     "Ports in use are skipped.",
 )
 @click.option(
@@ -118,13 +120,90 @@ def cluster() -> None:
     show_default=True,
     help="Seconds to wait for a controller leader and every node registered.",
 )
+@click.option(
+    "--no-tls",
+    is_flag=True,
+    help="Nodes authenticate each other with a generated cluster secret (DIR/cluster.secret) "
+    "instead of mutual TLS with certificates in DIR/certs/.",
+)
 @_errors
-def cluster_up(nodes: int, directory: Path, base_port: int, timeout_s: float) -> None:
+def cluster_up(nodes: int, directory: Path, base_port: int, timeout_s: float, no_tls: bool) -> None:
     """Start NODES nodes in the background and wait until the cluster is ready.
 
-    A stopped cluster in --dir (after `cluster down`) is resumed with its data."""
-    result = localcluster.up(directory, nodes, base_port, timeout_s=timeout_s, note=_note)
+    The nodes talk to each other over mutual TLS: the first `up` makes a cluster CA and one
+    certificate per node in DIR/certs/. A stopped cluster in --dir (after `cluster down`) is
+    resumed with its data (and its certificates or secret)."""
+    result = localcluster.up(
+        directory, nodes, base_port, timeout_s=timeout_s, note=_note, tls=not no_tls
+    )
     _print(localcluster.render_nodes(result))
+
+
+@click.group()
+def certs() -> None:
+    """Make the cluster CA and node certificates for node-to-node mutual TLS.
+
+    A node runs with --internal-ca DIR/ca.crt --internal-cert DIR/node-N.crt --internal-key
+    DIR/node-N.key. Keep ca.key off the nodes."""
+
+
+@certs.command("ca")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory for ca.crt and ca.key (ca.key is written with mode 0600).",
+)
+@click.option("--name", default="tidelog cluster CA", show_default=True, help="Subject CN.")
+@click.option("--days", type=click.IntRange(min=1), default=3650, show_default=True)
+@_errors
+def certs_ca(out: Path, name: str, days: int) -> None:
+    """Create a new cluster CA in --out (refuses to replace one)."""
+    from tidelog.ops.certs import CertError, create_ca
+
+    try:
+        path = create_ca(out, name=name, days=days)
+    except CertError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {path} and {out / 'ca.key'}")
+
+
+@certs.command("node")
+@click.option("--id", "node_id", type=click.IntRange(min=1), required=True, help="Node id.")
+@click.option(
+    "--ca",
+    "ca_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory holding ca.crt and ca.key.",
+)
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    required=True,
+    help="Host name or IP address the other nodes dial (repeat for several).",
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory for node-ID.crt and node-ID.key.",
+)
+@click.option("--days", type=click.IntRange(min=1), default=825, show_default=True)
+@_errors
+def certs_node(node_id: int, ca_dir: Path, hosts: tuple[str, ...], out: Path, days: int) -> None:
+    """Create the certificate of node --id, signed by the CA in --ca (CN node-ID, SAN URI
+    tidelog://node/ID and every --host)."""
+    from tidelog.ops.certs import CertError, create_node_cert
+
+    try:
+        files = create_node_cert(ca_dir, node_id, hosts, out, days=days)
+    except CertError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {files.cert} and {files.key}")
 
 
 @cluster.command("status")
