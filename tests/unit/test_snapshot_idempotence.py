@@ -192,7 +192,12 @@ def test_snapshot_data_formats_round_trip_and_refuse_what_is_not_ours() -> None:
     assert decode_snapshot(two) == SnapshotData(42, b"state")
     assert decode_snapshot_data(two) == 42
     assert decode_snapshot(encode_snapshot_data(7, b"")) == SnapshotData(7, b"")
-    for bad in (b"", b"nonsense", two[:-1], two + b"x", b"\x03" + two[1:], two[:9]):
+    # A logical log start above the stored start (retention on the leader) travels too.
+    started = encode_snapshot_data(42, logical_start=50)
+    assert decode_snapshot(started).logical == 50 and decode_snapshot(started).state is None
+    both = encode_snapshot_data(42, b"state", logical_start=50)
+    assert decode_snapshot(both) == SnapshotData(42, b"state", 50)
+    for bad in (b"", b"nonsense", two[:-1], two + b"x", b"\x09" + two[1:], two[:9]):
         with pytest.raises(StorageError):
             decode_snapshot(bad)
     with pytest.raises(StorageError):
