@@ -59,7 +59,7 @@ from tidelog.node.idempotence import PartitionIdempotence
 from tidelog.node.raft.errors import NotRaftLeader as RaftNotLeader
 from tidelog.node.raft.errors import ProposalDropped
 from tidelog.node.raft.types import NONE, Entry, Role, Snapshot, SoftState
-from tidelog.node.replica_storage import NOOP_SIZE
+from tidelog.node.replica_storage import NOOP_SIZE, decode_snapshot
 from tidelog.node.stm import BatchSpan, LostHow, StateMachine, UnappliableEntry
 from tidelog.records import BatchHeader, decode_records, encode_batch, unpack_header
 
@@ -217,6 +217,8 @@ class Partition(StateMachine[None]):
     def attach(self, group: RaftGroup, raft: MultiRaft) -> None:
         """Bind to the running Raft group (right after ``MultiRaft.add_group``)."""
         super().attach(group, raft)
+        # The snapshots this replica sends as leader carry the idempotence state.
+        group.storage.state_source = self.snapshot_state
         end = self.log.end_offset_at_index(group.raw.commit_index)
         self._hw = max(self._hw, end if end is not None else _floor_hw(self.log))
         # The committed records after the restored snapshot (if any); later commits arrive
@@ -429,9 +431,28 @@ class Partition(StateMachine[None]):
                 )  # fmt: skip
             self.idempotence.leadership_lost()
 
+    def snapshot_state(self, max_bytes: int) -> bytes:
+        """The idempotence state for a Raft snapshot (``ReplicaStorage.state_source``), at
+        most ``max_bytes``: a follower that installs it knows every producer the leader
+        knows, so a retry after a failover to it is still recognized."""
+        out = self.idempotence.bounded_snapshot(max_bytes)
+        if out.producers_left_out or out.msg_ids_left_out:
+            log.warning(
+                "%s/%d: the idempotence state does not fit one snapshot of %d bytes: "
+                "%d producer(s) and %d msg-id(s) left out (the follower installing it will "
+                "not recognize their retries)",
+                self.topic, self.index, max_bytes, out.producers_left_out,
+                out.msg_ids_left_out,
+            )  # fmt: skip
+        return out.data
+
     def restore_snapshot(self, snapshot: Snapshot) -> None:
         idem = self.idempotence
-        idem.snapshot_installed(self.log.log_start_offset)
+        try:
+            state = decode_snapshot(snapshot.data).state
+        except StorageError:
+            state = None  # install_snapshot already refused bytes that are not ours
+        idem.snapshot_installed(self.log.log_start_offset, state)
         idem.applied_index = max(idem.applied_index, snapshot.meta.index)
         self._advance_hw(_floor_hw(self.log))
 

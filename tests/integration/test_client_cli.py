@@ -179,6 +179,8 @@ def test_bench_produce_and_consume_json(node: Node) -> None:
     for key in ("records_per_s", "mb_per_s", "p50_ms", "p99_ms", "p999_ms", "cpu_s_per_million"):
         assert isinstance(report[key], (int, float)) and report[key] > 0, key
     assert report["records"] == 50000 and report["topic_created"] is True
+    # acks=1: the client turns idempotence off, and the report says so.
+    assert (report["idempotence"], report["max_in_flight"]) == (False, 5)
     assert report["p50_ms"] <= report["p99_ms"] <= report["p999_ms"]
     (desc,) = json.loads(ok(tidelog(node, "topic", "describe", name, "--json")))
     assert sum(p["high_watermark"] for p in desc["partitions"]) == 50000
@@ -192,6 +194,17 @@ def test_bench_produce_and_consume_json(node: Node) -> None:
     # The human summary names the figures.
     text = ok(tidelog(node, "bench", "consume", "--topic", name, "--records", "1000"))
     assert "records/s" in text and "p99" in text and "CPU s per million" in text
+
+    # The default producer is idempotent, 5 in flight; --no-idempotence turns it off.
+    text = ok(tidelog(node, "bench", "produce", "--topic", name, "--records", "2000"))
+    assert "idempotence on, 5 in flight per partition, acks=all" in text
+    args = ["bench", "produce", "--topic", name, "--records", "2000", "--no-idempotence"]
+    off = json.loads(ok(tidelog(node, *args, "--json")))
+    assert (off["idempotence"], off["max_in_flight"], off["records"]) == (False, 5, 2000)
+    line = one_error_line(
+        tidelog(node, "bench", "produce", "--topic", name, "--idempotence", "--acks", "1"), 2
+    )
+    assert "--idempotence needs --acks all" in line
 
 
 def test_error_paths_print_one_line(node: Node) -> None:

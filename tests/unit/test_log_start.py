@@ -271,7 +271,8 @@ async def test_a_follower_behind_gets_the_leaders_logical_start_by_snapshot(
     await move_leader(cluster, two)
     assert two.group is not None
     snap = two.group.storage.snapshot()
-    assert decode_snapshot(snap.data) == (two.log.stored_start_offset, start)
+    carried = decode_snapshot(snap.data)
+    assert (carried.log_start_offset, carried.logical) == (two.log.stored_start_offset, start)
     cluster.net.down.clear()
     await until(lambda: three.log.log_end_offset == two.log.log_end_offset)
     assert three.log.log_start_offset == start

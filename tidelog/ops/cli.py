@@ -696,7 +696,19 @@ def _bench_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     "--batch-bytes", type=click.IntRange(min=1024), default=1024 * 1024, show_default=True
 )
 @click.option("--linger-ms", type=click.FloatRange(min=0), default=5, show_default=True)
-@click.option("--max-in-flight", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--idempotence/--no-idempotence",
+    default=None,
+    help="The idempotent producer (the client's default: on unless --acks is not all) or "
+    "one without idempotence. The summary and the JSON say which ran.",
+)
+@click.option(
+    "--max-in-flight",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Produce requests in flight per partition. Default 5 (the idempotent producer's "
+    "limit), with or without idempotence, so the two modes compare like for like.",
+)
 def bench_produce(
     topic: str,
     records: int,
@@ -709,11 +721,21 @@ def bench_produce(
     bootstrap: str,
     batch_bytes: int,
     linger_ms: float,
-    max_in_flight: int,
+    idempotence: bool | None,
+    max_in_flight: int | None,
 ) -> None:
     """Produce --records records of --record-bytes of random hex text, as fast as possible."""
-    from tidelog.ops.bench import produce_bench
+    from tidelog.ops.bench import BENCH_IN_FLIGHT_DEFAULT, produce_bench
 
+    if max_in_flight is None:
+        max_in_flight = BENCH_IN_FLIGHT_DEFAULT
+    if idempotence and acks not in ("all", "-1"):
+        raise click.UsageError(f"--idempotence needs --acks all (got --acks {acks})")
+    if idempotence and max_in_flight > BENCH_IN_FLIGHT_DEFAULT:
+        raise click.UsageError(
+            f"--idempotence allows at most {BENCH_IN_FLIGHT_DEFAULT} requests in flight per "
+            f"partition (got --max-in-flight {max_in_flight}); or give --no-idempotence"
+        )
     result = _run(
         produce_bench(
             bootstrap,
@@ -727,6 +749,7 @@ def bench_produce(
             batch_bytes_max=batch_bytes,
             linger_ms=linger_ms,
             max_in_flight=max_in_flight,
+            idempotence=idempotence,
             progress=sys.stderr.isatty(),
             connection=client_options(),
         )

@@ -307,6 +307,14 @@ def cluster_down(directory: Path, purge: bool) -> None:
     help="How long a killed node stays down before it is restarted.",
 )
 @click.option("--seed", type=int, default=None, help="Seed of the victim choices (printed).")
+@click.option(
+    "--idempotence/--no-idempotence",
+    default=True,
+    show_default=True,
+    help="The idempotent producer with 5 requests in flight per partition (duplicates fail "
+    "the verdict), or the producer without idempotence with 1 in flight (duplicates are "
+    "reported, not failures).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as one JSON object.")
 @_dir_option
 @click.pass_context
@@ -320,12 +328,14 @@ def chaos(
     rate: float,
     downtime_ms: int,
     seed: int | None,
+    idempotence: bool,
     as_json: bool,
     directory: Path,
 ) -> None:
     """Kill (SIGKILL) and restart nodes of the local cluster, leaders first, under an acks=all
-    load; then check that no acknowledged record was lost or reordered and report failover
-    times. Exits 1 if any acknowledged record was lost, reordered or overwritten."""
+    load; then check that no acknowledged record was lost, duplicated or reordered and report
+    failover times. Exits 1 if any acknowledged record was lost, reordered or overwritten,
+    or (with idempotence, the default) any record was stored twice."""
     report = asyncio.run(
         chaos_mod.run_chaos(
             directory,
@@ -336,6 +346,7 @@ def chaos(
             rate=rate,
             downtime_ms=downtime_ms,
             seed=seed,
+            idempotence=idempotence,
             note=_note,
         )
     )
