@@ -22,11 +22,11 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 import grpc.aio
@@ -37,6 +37,7 @@ from tidelog.client.metadata import ClusterMetadata, parse_bootstrap
 from tidelog.client.retry import Retry
 from tidelog.client.structs import ConsumerRecord, TopicPartition
 from tidelog.errors import (
+    InvalidRecord,
     NodeUnavailable,
     OffsetOutOfRange,
     TidelogError,
@@ -65,6 +66,8 @@ LIST_OFFSETS_ATTEMPTS_MAX = 20
 METADATA_WAIT_MS_DEFAULT = 5_000
 
 OffsetReset = Literal["earliest", "latest", "error"]
+#: Turns a record's key or value bytes into what poll() returns (None stays None).
+Deserializer = Callable[[bytes], Any]
 
 
 class NoOffset(TidelogError):
@@ -232,6 +235,8 @@ class Consumer:
         retry_backoff_ms: int = RETRY_BACKOFF_MS_DEFAULT,
         metadata_wait_ms: int = METADATA_WAIT_MS_DEFAULT,
         verify_crc: bool = True,
+        key_deserializer: Deserializer | None = None,
+        value_deserializer: Deserializer | None = None,
         tls: bool = False,
         ca: PemSource | None = None,
         client_cert: PemSource | None = None,
@@ -256,6 +261,8 @@ class Consumer:
         self._retry_backoff_ms = retry_backoff_ms
         self._metadata_wait_ms = metadata_wait_ms
         self._verify_crc = verify_crc
+        self._key_deserializer = key_deserializer
+        self._value_deserializer = value_deserializer
         self._meta: ClusterMetadata | None = None
         self._assignment: list[TopicPartition] = []
         self._positions: dict[TopicPartition, int] = {}
@@ -436,7 +443,25 @@ class Consumer:
                 repeat(part, n),
                 fb.records,
             )
+        if self._key_deserializer is not None or self._value_deserializer is not None:
+            out = [self._deserialize(r) for r in out]
         return out
+
+    def _deserialize(self, r: ConsumerRecord) -> ConsumerRecord:
+        key, value = r.key, r.value
+        try:
+            if key is not None and self._key_deserializer is not None:
+                key = self._key_deserializer(key)
+            if value is not None and self._value_deserializer is not None:
+                value = self._value_deserializer(value)
+        except Exception as exc:
+            raise InvalidRecord(
+                f"a deserializer raised {type(exc).__name__}: {exc} for the record at "
+                f"{r.topic}/{r.partition} offset {r.offset}; the poll's records count as "
+                f"read: seek(TopicPartition({r.topic!r}, {r.partition}), {r.offset}) to "
+                "read them again"
+            ) from exc
+        return r._replace(key=key, value=value)
 
     async def poll_batches(
         self, timeout_ms: float = 1000, max_records: int = POLL_MAX_RECORDS_DEFAULT

@@ -117,8 +117,8 @@ class SyncProducer(_Facade):
     def send(
         self,
         topic: str,
-        value: bytes | None,
-        key: bytes | None = None,
+        value: Any,
+        key: Any = None,
         *,
         partition: int | None = None,
         headers: Sequence[Header] | None = None,
@@ -151,7 +151,7 @@ class SyncProducer(_Facade):
     def flush(self) -> None:
         self._lt.run(self._producer.flush())
 
-    def partitions_for(self, topic: str) -> int:
+    def partitions_for(self, topic: str) -> list[TopicPartition]:
         return self._lt.run(self._producer.partitions_for(topic))
 
     def close(self) -> None:

@@ -397,7 +397,7 @@ async def _produce_stdin(
         metadata_wait_ms=CLI_METADATA_WAIT_MS,
         **client_options(),
     ) as producer:
-        partitions = await producer.partitions_for(topic_name)
+        partitions = len(await producer.partitions_for(topic_name))
         if partition is not None and partition >= partitions:
             _fail(
                 f"topic {topic_name!r} has partitions 0..{partitions - 1}; "
