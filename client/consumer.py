@@ -270,6 +270,8 @@ class Consumer:
         self._data = asyncio.Event()
         self._rr = 0
         self._iter_buffer: deque[ConsumerRecord] = deque()
+        #: High watermarks looked up by poll(until_end=True) before a fetch reported one.
+        self._ends: dict[TopicPartition, int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -328,6 +330,9 @@ class Consumer:
         for tp in list(self._positions):
             if tp not in wanted:
                 del self._positions[tp]
+        for tp in list(self._ends):
+            if tp not in wanted:
+                del self._ends[tp]
         self._assignment = wanted
         if self._meta is not None:
             for tp in wanted:
@@ -430,11 +435,21 @@ class Consumer:
     # -- polling --------------------------------------------------------------------------------
 
     async def poll(
-        self, timeout_ms: float = 1000, max_records: int = POLL_MAX_RECORDS_DEFAULT
+        self,
+        timeout_ms: float = 1000,
+        max_records: int = POLL_MAX_RECORDS_DEFAULT,
+        *,
+        until_end: bool = False,
     ) -> list[ConsumerRecord]:
-        """Up to ``max_records`` records, waiting up to ``timeout_ms`` for the first."""
+        """Up to ``max_records`` records, waiting up to ``timeout_ms`` for the first.
+
+        ``until_end``: do not wait for records that are not written yet: when every assigned
+        partition is at its end (:meth:`at_end`), return ``[]`` at once. ``while records :=
+        await c.poll(until_end=True)`` reads what the partitions hold and stops; an empty
+        answer before ``timeout_ms`` means the end, and :meth:`at_end` tells it apart from a
+        timeout. An empty partition is at its end at once."""
         out: list[ConsumerRecord] = []
-        for fb in await self.poll_batches(timeout_ms, max_records):
+        for fb in await self.poll_batches(timeout_ms, max_records, until_end=until_end):
             topic, part = fb.topic, fb.partition
             n = len(fb.records)
             out += map(
@@ -464,16 +479,24 @@ class Consumer:
         return r._replace(key=key, value=value)
 
     async def poll_batches(
-        self, timeout_ms: float = 1000, max_records: int = POLL_MAX_RECORDS_DEFAULT
+        self,
+        timeout_ms: float = 1000,
+        max_records: int = POLL_MAX_RECORDS_DEFAULT,
+        *,
+        until_end: bool = False,
     ) -> list[FetchedBatch]:
         """Like :meth:`poll`, without building a ConsumerRecord per record."""
         self._meta_()
         deadline = time.monotonic() + timeout_ms / 1000
+        if until_end:
+            await self._learn_ends()
         while True:
             self._data.clear()
             got = self._collect(max_records)
             if got:
                 return got
+            if until_end and self.at_end():
+                return []
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
@@ -529,6 +552,36 @@ class Consumer:
             if budget <= 0:
                 break
         return out
+
+    def at_end(self, *partitions: TopicPartition) -> bool:
+        """Whether each of ``partitions`` (default: every assigned one) is at its end: the
+        position has reached the high watermark last seen (from the fetch stream, or looked
+        up by ``poll(until_end=True)``) and nothing fetched is left to poll. New records
+        make a partition not at its end again."""
+        tps = [TopicPartition(*tp) for tp in partitions] or self._assignment
+        for tp in tps:
+            pos = self._positions.get(tp)
+            f = self._fetchers.get(tp)
+            if pos is None or f is None or f.chunks:
+                return False
+            hw = max(f.high_watermark, self._ends.get(tp, -1))
+            if hw < 0 or pos < hw:
+                return False
+        return True
+
+    async def _learn_ends(self) -> None:
+        """Resolve every assigned partition's position, and look up the end of those whose
+        fetch stream has not reported a high watermark yet."""
+        tps = list(self._assignment)
+        await asyncio.gather(*(self.position(tp) for tp in tps))
+        unknown = [
+            tp
+            for tp in tps
+            if tp not in self._ends
+            and (tp not in self._fetchers or self._fetchers[tp].high_watermark < 0)
+        ]
+        if unknown:
+            self._ends.update(await self.end_offsets(unknown))
 
     def __aiter__(self) -> AsyncIterator[ConsumerRecord]:
         return self
