@@ -506,6 +506,24 @@ class FakeAdmin(admin_pb2_grpc.AdminServicer):
             )
         return admin_pb2.DescribeTopicsResponse(topics=topics)
 
+    async def CreateTopics(
+        self, request: admin_pb2.CreateTopicsRequest, context: Context
+    ) -> admin_pb2.CreateTopicsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake cluster's topics are fixed")
+        raise AssertionError("unreachable")
+
+    async def DeleteTopics(
+        self, request: admin_pb2.DeleteTopicsRequest, context: Context
+    ) -> admin_pb2.DeleteTopicsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake cluster's topics are fixed")
+        raise AssertionError("unreachable")
+
+    async def AlterTopicConfig(
+        self, request: admin_pb2.AlterTopicConfigRequest, context: Context
+    ) -> admin_pb2.AlterTopicConfigResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake cluster has no configs")
+        raise AssertionError("unreachable")
+
 
 class FakeReplicatedCluster:
     """``async with FakeReplicatedCluster({"t": 1}, nodes=3) as fc: ...fc.bootstrap...``
