@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import tidelog as pkg
 from tests.support import free_port
 from tests.support.nodeproc import Node
 
@@ -309,7 +310,9 @@ def test_global_options_topics_and_remote_status(node: Node, tmp_path: Path) -> 
     status = json.loads(ok(tidelog(None, "-b", node.address, "cluster", "status", "--json")))
     assert [n["alive"] for n in status["nodes"]] == [True]
     assert status["leaderless"] == [] and status["partitions"] >= 2
-    assert ok(tidelog(None, "--version")).startswith("tidelog ")
+    version = ok(tidelog(None, "-b", node.address, "--version"))
+    assert version.startswith(f"tidelog {pkg.__version__} ")
+    assert f"at {node.address}: tidelog {pkg.__version__}" in version
 
 
 def test_consume_offsets_until_end_json_and_produce_inputs(node: Node) -> None:

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar, cast
 
 import click
+import grpc
+import grpc.aio
 from rich.console import Console
 from rich.table import Table
 
@@ -159,14 +161,17 @@ def _check_codec(ctx: click.Context, param: click.Parameter, value: str) -> str:
 ACKS_CHOICE = click.Choice(["all", "1", "0", "-1"])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    invoke_without_command=True,
+    no_args_is_help=True,
+)
 @click.option(
     "--version",
+    "show_version",
     is_flag=True,
-    expose_value=False,
-    is_eager=True,
-    callback=lambda ctx, param, value: _print_version(ctx) if value else None,
-    help="Show the version of this tidelog and of the nodes it reaches, and exit.",
+    help="Show the version of this tidelog and of the nodes it reaches (see --bootstrap), "
+    "and exit.",
 )
 @click.option(
     "--bootstrap",
@@ -177,23 +182,66 @@ ACKS_CHOICE = click.Choice(["all", "1", "0", "-1"])
     help=_BOOTSTRAP_HELP,
 )
 @connection_options
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context, show_version: bool) -> None:
     """tidelog: a replicated log broker in the Kafka family, over gRPC.
 
     The connection options (--bootstrap, --tls-*, --token-file) go before or after the
     command: ``tidelog -b HOST:PORT topic list``.
     """
+    if show_version:
+        _print_version(ctx)
+    if ctx.invoked_subcommand is None:
+        raise click.UsageError("Missing command.", ctx)
 
 
 def _print_version(ctx: click.Context) -> None:
-    from importlib.metadata import PackageNotFoundError, version
+    """This command's version, then each node's that the bootstrap reaches (none: said so)."""
+    import tidelog
 
+    click.echo(
+        f"tidelog {tidelog.__version__} (python {sys.version.split()[0]}, grpcio {_grpc_version()})"
+    )
     try:
-        mine = version("tidelog")
-    except PackageNotFoundError:
-        mine = "unknown (not installed)"
-    click.echo(f"tidelog {mine} (python {sys.version.split()[0]}, grpcio {_grpc_version()})")
+        bootstrap, source = resolve_bootstrap(ctx, None)
+        parse_bootstrap(bootstrap)
+        versions = _run(_node_versions(bootstrap, client_options(ctx)))
+    except (TidelogError, ValueError, click.ClickException) as exc:
+        click.echo(f"nodes: none reached at {bootstrap} from {source} ({_one_line(str(exc))})")
+    else:
+        for node_id, address, version in versions:
+            click.echo(f"node {node_id} at {address}: tidelog {version}")
     ctx.exit(0)
+
+
+#: How long --version waits for each node.
+VERSION_PROBE_TIMEOUT_S = 3.0
+
+
+async def _node_versions(bootstrap: str, connection: dict[str, Any]) -> list[tuple[int, str, str]]:
+    """(node id, address, version) of every node the cluster knows, each asked itself."""
+    from tidelog.client.connection import Connection
+    from tidelog.client.metadata import ClusterMetadata
+    from tidelog.v1 import broker_pb2
+
+    meta = ClusterMetadata(bootstrap, connection=Connection.create(**connection))
+    try:
+        await meta.refresh()
+        nodes = sorted(meta.nodes.values(), key=lambda n: n.node_id)
+
+        async def ask(address: str) -> str:
+            try:
+                resp = await meta.broker(address).Metadata(
+                    broker_pb2.MetadataRequest(), timeout=VERSION_PROBE_TIMEOUT_S
+                )
+            except grpc.aio.AioRpcError as exc:
+                return f"unknown (no answer: {_one_line(exc.details() or str(exc.code()))[:80]})"
+            return str(resp.server_version) or "unknown (older node)"
+
+        found = await asyncio.gather(*(ask(n.address) for n in nodes))
+        return [(n.node_id, n.address, v) for n, v in zip(nodes, found, strict=True)]
+    finally:
+        await meta.close()
 
 
 def _grpc_version() -> str:
