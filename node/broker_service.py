@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
+import tidelog
 from tidelog.config import TopicConfig, validate_topic_name
 from tidelog.errors import BatchTooLarge, InvalidRequest, StorageError
 from tidelog.node import limits, rpc
@@ -419,6 +420,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             nodes=node_infos(controller, self.identity),
             controller_id=controller.leader_id or -1,
             cluster_id=self.identity.cluster_id,
+            server_version=tidelog.__version__,
             topics=[
                 pb.TopicMetadata(
                     name=t.name,
