@@ -30,10 +30,12 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
+from tidelog.client.connection import Connection
 from tidelog.errors import (
     NodeUnavailable,
     NotLeader,
     TidelogError,
+    TlsError,
     UnknownTopic,
     from_rpc_error,
 )
@@ -129,6 +131,22 @@ def transport_failure(exc: grpc.aio.AioRpcError) -> bool:
     return not any(key == _STATUS_DETAILS_KEY for key, _ in trailers)
 
 
+def _no_answer(
+    what: str, tried: Sequence[str], last: TidelogError | None, connection: Connection
+) -> NodeUnavailable:
+    """The error of a request no node answered; a failed TLS handshake says so."""
+    if isinstance(last, TlsError):
+        return TlsError(f"{what}: no node answered at {', '.join(tried)}: {last}")
+    hint = "is the cluster running and the bootstrap address right?"
+    if connection.tls and connection.client_cert is None and "Socket closed" in str(last):
+        # What a client sees when a node that requires client certificates refuses it.
+        hint = (
+            "the node closed the TLS connection: if it requires client certificates "
+            "(--tls-client-ca), give client_cert= and client_key= (--tls-cert, --tls-key)"
+        )
+    return NodeUnavailable(f"{what}: no node answered at {', '.join(tried)} ({last}); {hint}")
+
+
 def _moves_on(exc: grpc.aio.AioRpcError, err: TidelogError) -> bool:
     """Whether a request any node can answer should be tried at the next node."""
     return isinstance(err, NodeUnavailable) or exc.code() in (
@@ -152,6 +170,8 @@ class PartitionInfo:
     leader: int
     replicas: tuple[int, ...]
     in_sync: tuple[int, ...]
+    #: The leader's Raft term, Kafka's leader epoch (-1: unknown); it grows with each leader.
+    leader_epoch: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,8 +204,11 @@ class ClusterMetadata:
         bootstrap: str | Sequence[str],
         *,
         request_timeout_ms: int = METADATA_REQUEST_TIMEOUT_MS,
+        connection: Connection | None = None,
     ) -> None:
         self.bootstrap = parse_bootstrap(bootstrap)
+        #: Plaintext or TLS, certificate and token: how every channel is opened.
+        self.connection = connection or Connection()
         self.request_timeout_ms = request_timeout_ms
         self.nodes: dict[int, NodeInfo] = {}
         self.topics: dict[str, TopicInfo] = {}
@@ -215,7 +238,7 @@ class ClusterMetadata:
         if ch is None:
             if self._closed:
                 raise TidelogError("this client is closed")
-            ch = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            ch = self.connection.channel(address, _CHANNEL_OPTIONS)
             self._channels[address] = ch
         return ch
 
@@ -303,10 +326,7 @@ class ClusterMetadata:
             self._last_good = address
             self.note_reachable(address)
             return result
-        raise NodeUnavailable(
-            f"{what}: no node answered at {', '.join(self.addresses())} ({last}); "
-            "is the cluster running and the bootstrap address right?"
-        )
+        raise _no_answer(what, self.addresses(), last, self.connection)
 
     # -- metadata -------------------------------------------------------------------------------
 
@@ -406,10 +426,7 @@ class ClusterMetadata:
             for address in list(slow):
                 if (resp := await ask(address, METADATA_REQUEST_TIMEOUT_SLOW_MS)) is not None:
                     return resp
-        raise NodeUnavailable(
-            f"metadata: no node answered at {', '.join(tried)} ({last}); "
-            "is the cluster running and the bootstrap address right?"
-        )
+        raise _no_answer("metadata", tried, last, self.connection)
 
     def _apply(self, resp: broker_pb2.MetadataResponse, wanted: frozenset[str] | None) -> None:
         self.nodes = {
@@ -460,7 +477,8 @@ class ClusterMetadata:
         if old.leader == node.node_id:
             return False
         parts = list(info.partitions)
-        parts[partition] = replace(old, leader=node.node_id)
+        # The hint names the leader, not its term: the epoch is unknown until a refresh.
+        parts[partition] = replace(old, leader=node.node_id, leader_epoch=-1)
         self.topics = {**self.topics, topic: replace(info, partitions=tuple(parts))}
         self._updated += 1
         self._wake_waiters()
@@ -574,7 +592,14 @@ def _topic_info(t: broker_pb2.TopicMetadata) -> TopicInfo:
     return TopicInfo(
         name=t.name,
         partitions=tuple(
-            PartitionInfo(p.partition, p.leader, tuple(p.replicas), tuple(p.in_sync)) for p in parts
+            PartitionInfo(
+                p.partition,
+                p.leader,
+                tuple(p.replicas),
+                tuple(p.in_sync),
+                p.leader_term if p.leader >= 0 else -1,
+            )
+            for p in parts
         ),
         internal=t.internal,
     )

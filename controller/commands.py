@@ -57,6 +57,9 @@ class RegisterNode:
     metrics_address: str = ""
     rack: str | None = None
     directory_id: str = ""
+    #: The node's internal listener (Raft, Cluster); "" for a node registered before the
+    #: listeners were split, whose client address served both.
+    internal_address: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +178,8 @@ def encode_command(command: Command) -> bytes:
             }
             if command.directory_id:
                 body["directory_id"] = command.directory_id
+            if command.internal_address:
+                body["internal_address"] = command.internal_address
         case MarkNodeDead() | MarkNodeAlive():
             body = {"node_id": command.node_id}
         case CreateTopic():
@@ -231,6 +236,7 @@ def decode_command(data: bytes) -> Command:
             metrics_address=fields.string("metrics_address"),
             rack=fields.optional_str("rack"),
             directory_id=fields.string_or("directory_id", ""),
+            internal_address=fields.string("internal_address") if "internal_address" in raw else "",
         )
     elif kind == MarkNodeDead.TYPE:
         command = MarkNodeDead(node_id=fields.integer("node_id"))

@@ -119,6 +119,8 @@ class NodeRecord:
     #: registered before identities existed. Never reported by any API: presenting it is
     #: how a node proves it is the one registered.
     directory_id: str = ""
+    #: Where the other nodes reach its internal listener ("": its client address).
+    internal_address: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +306,7 @@ class ClusterState:
                     "node_id": n.node_id,
                     "address": n.address,
                     "metrics_address": n.metrics_address,
+                    "internal_address": n.internal_address,
                     "rack": n.rack,
                     "alive": n.alive,
                     "registered_at_index": n.registered_at_index,
@@ -435,6 +438,10 @@ class ClusterState:
                 f"node {c.node_id}: address must be 1 to {ADDRESS_LENGTH_MAX} characters, "
                 f"got {c.address!r}"
             )
+        if len(c.internal_address) > ADDRESS_LENGTH_MAX:
+            raise InvalidRequest(
+                f"node {c.node_id}: internal address is longer than {ADDRESS_LENGTH_MAX} characters"
+            )
         if len(c.metrics_address) > ADDRESS_LENGTH_MAX:
             raise InvalidRequest(
                 f"node {c.node_id}: metrics address is longer than {ADDRESS_LENGTH_MAX} characters"
@@ -487,6 +494,7 @@ class ClusterState:
             alive=True,
             registered_at_index=old.registered_at_index if old is not None else index,
             directory_id=c.directory_id or (old.directory_id if old is not None else ""),
+            internal_address=c.internal_address,
         )
         if new == old:
             return ApplyResult(index)
@@ -704,6 +712,7 @@ class ClusterState:
                     n.alive,
                     n.registered_at_index,
                     n.directory_id,
+                    n.internal_address,
                 ]
                 for _, n in sorted(self._nodes.items())
             ],
@@ -814,11 +823,13 @@ def _build(body: Any) -> ClusterState:
         raise ValueError(f"version {state._version} after applied index {state._applied_index}")
     for row in _list(body["nodes"]):
         row = _list(row)
-        # Snapshots written before directory ids existed have six fields.
-        if len(row) not in (6, 7):
+        # Snapshots written before directory ids existed have six fields, before the
+        # internal listener seven.
+        if len(row) not in (6, 7, 8):
             raise ValueError(f"node row has {len(row)} fields")
         node_id, address, metrics_address, rack, alive, registered_at = row[:6]
-        directory_id = _str(row[6]) if len(row) == 7 else ""
+        directory_id = _str(row[6]) if len(row) >= 7 else ""
+        internal_address = _str(row[7]) if len(row) == 8 else ""
         node = NodeRecord(
             node_id=_int(node_id),
             address=_str(address),
@@ -827,6 +838,7 @@ def _build(body: Any) -> ClusterState:
             alive=_bool(alive),
             registered_at_index=_int(registered_at),
             directory_id=directory_id,
+            internal_address=internal_address,
         )
         if node.node_id in state._nodes or not 1 <= node.node_id <= NODE_ID_MAX:
             raise ValueError(f"node id {node.node_id} repeated or out of range")

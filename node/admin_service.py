@@ -8,7 +8,10 @@ change. Descriptions come from this node's copy of the metadata and its local re
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from tidelog.node import rpc
+from tidelog.node.auth import CLUSTER, Guard, Resource
 from tidelog.node.controller_node import Controller, TopicSpec, admin_timeout_ms
 from tidelog.node.identity import NodeIdentity
 from tidelog.node.metrics import NodeMetrics
@@ -52,11 +55,23 @@ class AdminService(pb_grpc.AdminServicer):
         controller: Controller,
         identity: NodeIdentity,
         metrics: NodeMetrics,
+        *,
+        guard: Guard | None = None,
     ) -> None:
+        #: Who may call what (node/auth.py); the default lets everyone do everything.
+        self.guard = guard or Guard()
         self.registry = registry
         self.controller = controller
         self.identity = identity
         self.metrics = metrics
+
+    def _check(self, context: rpc.Context, operation: str, topics: Iterable[str]) -> None:
+        """The caller may run ``operation`` on every topic named (on the cluster if none)."""
+        names = list(dict.fromkeys(topics))
+        if not names:
+            self.guard.check(context, operation, CLUSTER)
+        for name in names:
+            self.guard.check(context, operation, Resource.topic(name))
 
     async def _caught_up(self, index: int) -> None:
         timeout_s = admin_timeout_ms / 1000
@@ -67,6 +82,7 @@ class AdminService(pb_grpc.AdminServicer):
     async def CreateTopics(
         self, request: pb.CreateTopicsRequest, context: rpc.Context
     ) -> pb.CreateTopicsResponse:
+        self._check(context, "CreateTopics", [t.name for t in request.topics])
         specs = [
             TopicSpec(t.name, t.partitions, t.replication_factor, dict(t.configs))
             for t in request.topics
@@ -82,6 +98,7 @@ class AdminService(pb_grpc.AdminServicer):
     async def DeleteTopics(
         self, request: pb.DeleteTopicsRequest, context: rpc.Context
     ) -> pb.DeleteTopicsResponse:
+        self._check(context, "DeleteTopics", request.names)
         deleted, index = await self.controller.delete_topics(list(request.names))
         await self._caught_up(index)
         return pb.DeleteTopicsResponse(deleted=deleted)
@@ -90,6 +107,7 @@ class AdminService(pb_grpc.AdminServicer):
     async def DescribeTopics(
         self, request: pb.DescribeTopicsRequest, context: rpc.Context
     ) -> pb.DescribeTopicsResponse:
+        self._check(context, "DescribeTopics", request.names)
         names = list(dict.fromkeys(request.names))
         topics = self.registry.topics(names or None)
         return pb.DescribeTopicsResponse(topics=[describe(t, self.registry) for t in topics])
@@ -98,6 +116,7 @@ class AdminService(pb_grpc.AdminServicer):
     async def AlterTopicConfig(
         self, request: pb.AlterTopicConfigRequest, context: rpc.Context
     ) -> pb.AlterTopicConfigResponse:
+        self._check(context, "AlterTopicConfig", [request.topic])
         index = await self.controller.alter_topic_config(
             request.topic, dict(request.set), list(request.delete)
         )

@@ -15,9 +15,11 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
+import tidelog
 from tidelog.config import TopicConfig, validate_topic_name
 from tidelog.errors import BatchTooLarge, InvalidRequest, StorageError
 from tidelog.node import limits, rpc
+from tidelog.node.auth import CLUSTER, Guard, Resource
 from tidelog.node.controller_node import Controller
 from tidelog.node.fetch_quota import FetchQuota, FetchQuotaLimits
 from tidelog.node.idempotence import BatchPlan
@@ -122,7 +124,11 @@ class BrokerService(pb_grpc.BrokerServicer):
         identity: NodeIdentity,
         metrics: NodeMetrics,
         producer_ids: ProducerIdAllocator | None = None,
+        *,
+        guard: Guard | None = None,
     ) -> None:
+        #: Who may call what (node/auth.py); the default lets everyone do everything.
+        self.guard = guard or Guard()
         self.registry = registry
         self.controller = controller
         self.identity = identity
@@ -145,12 +151,14 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def InitProducerId(
         self, request: pb.InitProducerIdRequest, context: rpc.Context
     ) -> pb.InitProducerIdResponse:
+        self.guard.check(context, "InitProducerId", CLUSTER)
         existing = request.producer_id if request.HasField("producer_id") else None
         pid, epoch = await self.producer_ids.init(existing, request.producer_epoch)
         return pb.InitProducerIdResponse(producer_id=pid, producer_epoch=epoch)
 
     @rpc.unary("Produce")
     async def Produce(self, request: pb.ProduceRequest, context: rpc.Context) -> pb.ProduceResponse:
+        self.guard.check(context, "Produce", Resource.topic(request.topic))
         topic, part = self.registry.partition(request.topic, request.partition)
         acks = request.acks
         if acks not in _ACKS:
@@ -303,6 +311,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def Fetch(  # type: ignore[override]  # written by rpc.stream, see there
         self, request: pb.FetchRequest, context: rpc.Context
     ) -> AsyncGenerator[pb.FetchResponse, None]:
+        self.guard.check(context, "Fetch", Resource.topic(request.topic))
         topic, part = self.registry.partition(request.topic, request.partition)
         if request.max_bytes < 0:
             raise InvalidRequest(
@@ -376,6 +385,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def ListOffsets(
         self, request: pb.ListOffsetsRequest, context: rpc.Context
     ) -> pb.ListOffsetsResponse:
+        self.guard.check(context, "ListOffsets", Resource.topic(request.topic))
         _, part = self.registry.partition(request.topic, request.partition)
         part.check_serving()
         if request.linearizable:
@@ -403,6 +413,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def Metadata(
         self, request: pb.MetadataRequest, context: rpc.Context
     ) -> pb.MetadataResponse:
+        self.guard.check(context, "Metadata", CLUSTER)
         names = list(dict.fromkeys(request.topics))
         for name in names:
             validate_topic_name(name)
@@ -412,6 +423,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             nodes=node_infos(controller, self.identity),
             controller_id=controller.leader_id or -1,
             cluster_id=self.identity.cluster_id,
+            server_version=tidelog.__version__,
             topics=[
                 pb.TopicMetadata(
                     name=t.name,

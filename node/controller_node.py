@@ -38,6 +38,7 @@ from grpc import aio
 
 from tidelog.config import validate_partitions, validate_topic_configs, validate_topic_name
 from tidelog.controller.commands import (
+    AllocateProducerIds,
     AlterTopicConfig,
     Command,
     CommandDecodeError,
@@ -72,6 +73,7 @@ from tidelog.errors import (
     from_rpc_error,
 )
 from tidelog.node import limits
+from tidelog.node.internal_auth import InternalAuth
 from tidelog.node.multiraft import MultiRaft, RaftGroup
 from tidelog.node.raft.errors import ProposalDropped
 from tidelog.node.raft.guard import MAX_TERM_GAP
@@ -85,8 +87,14 @@ log = logging.getLogger(__name__)
 
 #: Commands a node may forward as encoded bytes (``ForwardRequest.command``). Topic changes
 #: come through their own request bodies (validated and placed here); liveness and leader
-#: hints are proposed by the active controller alone, never on a caller's word.
-FORWARDABLE_COMMANDS: Final = (RegisterNode,)
+#: hints are proposed by the active controller alone, never on a caller's word. A node takes
+#: a block of producer ids for the InitProducerId requests it serves (node/producer_ids.py).
+FORWARDABLE_COMMANDS: Final = (RegisterNode, AllocateProducerIds)
+
+_CLUSTER_SERVICE: Final = cluster_pb2.DESCRIPTOR.services_by_name["Cluster"].full_name
+FORWARD: Final = f"/{_CLUSTER_SERVICE}/Forward"
+HEARTBEAT: Final = f"/{_CLUSTER_SERVICE}/Heartbeat"
+LOG_DIGEST: Final = f"/{_CLUSTER_SERVICE}/LogDigest"
 
 CONTROLLER_DIR: Final = "controller"
 #: How often nodes heartbeat the active controller (and it checks liveness and hints).
@@ -172,6 +180,7 @@ class Controller(StateMachine[ApplyResult]):
         set_peer: Callable[[int, str], None] = lambda _node, _address: None,
         leading: Callable[[], Iterable[tuple[int, int]]] = lambda: (),
         directory_id: str = "",
+        auth: InternalAuth | None = None,
     ) -> None:
         if node_dead_ms < 2 * heartbeat_ms:
             raise ValueError(
@@ -188,6 +197,8 @@ class Controller(StateMachine[ApplyResult]):
         self.node_dead_ms = node_dead_ms
         self.heartbeat_ms = heartbeat_ms
         self._driver = raft
+        #: Credentials of the channels to other nodes' internal listeners.
+        self.auth = auth if auth is not None else InternalAuth(node_id)
         self._set_peer = set_peer
         self._leading = leading
         #: Called (on the loop) after committed commands changed the state.
@@ -274,15 +285,25 @@ class Controller(StateMachine[ApplyResult]):
         return self.group.raw.leader_id if self.group is not None else NONE
 
     def address_of(self, node_id: int) -> str | None:
+        """The client address of a node (what Metadata hands to clients)."""
         node = self.state.nodes.get(node_id)
         if node is not None:
             return node.address
+        return None
+
+    def internal_address_of(self, node_id: int) -> str | None:
+        """The address of a node's internal listener, which node-to-node calls dial: as
+        registered, else as ``--controller-voters`` gives it."""
+        node = self.state.nodes.get(node_id)
+        if node is not None and node.internal_address:
+            return node.internal_address
         return self.voters.get(node_id)
 
-    def _not_controller(self) -> TidelogError:
+    def _not_controller(self, internal: bool = True) -> TidelogError:
         leader = self.leader_id
         if leader not in (NONE, self.node_id):
-            address = self.address_of(leader) or ""
+            where = self.internal_address_of if internal else self.address_of
+            address = where(leader) or ""
             return NotLeader(
                 f"node {self.node_id} is not the active controller; node {leader} is",
                 leader_id=str(leader),
@@ -375,7 +396,7 @@ class Controller(StateMachine[ApplyResult]):
             if c.directory_id == self.directory_id:
                 self.registered.set()
             return
-        self._set_peer(c.node_id, c.address)
+        self._set_peer(c.node_id, c.internal_address or c.address)
         if c.node_id not in self.voters and self.group is not None:
             # Learners need no consensus (they never vote): every member adds it at the same
             # log position, so whoever leads replicates the metadata log to it.
@@ -490,7 +511,7 @@ class Controller(StateMachine[ApplyResult]):
             if leader == self.node_id and self.is_leader:
                 return await self.handle_forward(request, remaining)
             if leader not in (NONE, self.node_id):
-                address = self.address_of(leader)
+                address = self.internal_address_of(leader)
             elif hint is not None:
                 address, hint = hint, None
             elif others:
@@ -502,7 +523,7 @@ class Controller(StateMachine[ApplyResult]):
                 stub = cluster_pb2_grpc.ClusterStub(self._channel(address))  # type: ignore[no-untyped-call]
                 try:
                     resp: cluster_pb2.ForwardResponse = await stub.Forward(
-                        request, timeout=remaining
+                        request, timeout=remaining, metadata=self.auth.call_metadata(FORWARD)
                     )
                     return resp
                 except aio.AioRpcError as exc:
@@ -519,7 +540,7 @@ class Controller(StateMachine[ApplyResult]):
     def _channel(self, address: str) -> aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            ch = self._channels[address] = self.auth.channel(address, _CHANNEL_OPTIONS)
         return ch
 
     async def handle_forward(
@@ -719,7 +740,7 @@ class Controller(StateMachine[ApplyResult]):
                     except TidelogError as err:  # not applied its own registration yet
                         log.debug("own heartbeat: %s", err)
                 continue
-            address = self.address_of(leader)
+            address = self.internal_address_of(leader)
             if address is None:
                 continue
             beat = cluster_pb2.NodeHeartbeat(
@@ -729,7 +750,11 @@ class Controller(StateMachine[ApplyResult]):
             )
             stub = cluster_pb2_grpc.ClusterStub(self._channel(address))  # type: ignore[no-untyped-call]
             try:
-                await stub.Heartbeat(beat, timeout=heartbeat_timeout_ms / 1000)
+                await stub.Heartbeat(
+                    beat,
+                    timeout=heartbeat_timeout_ms / 1000,
+                    metadata=self.auth.call_metadata(HEARTBEAT),
+                )
             except grpc.RpcError as exc:
                 log.debug("heartbeat to controller %d failed: %s", leader, exc)
 
@@ -830,15 +855,23 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         controller: Controller,
         digest: Callable[[cluster_pb2.LogDigestRequest], Awaitable[cluster_pb2.LogDigestResponse]],
         metrics: object,
+        auth: InternalAuth | None = None,
     ) -> None:
         self.controller = controller
         self._digest = digest
         self.metrics = metrics
+        self.auth = auth if auth is not None else InternalAuth(controller.node_id)
 
     async def Forward(
         self, request: cluster_pb2.ForwardRequest, context: aio.ServicerContext[object, object]
     ) -> cluster_pb2.ForwardResponse:
         try:
+            peer = self.auth.peer_id(context, FORWARD)
+            self.auth.check_sender(peer, request.from_node, "a forwarded request")
+            if peer is not None and request.WhichOneof("body") == "command":
+                command = decode_command(request.command)
+                if isinstance(command, RegisterNode):
+                    self.auth.check_sender(peer, command.node_id, "a node registration")
             return await self.controller.handle_forward(request)
         except TidelogError as err:
             await _abort(context, err)
@@ -849,6 +882,8 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
     ) -> cluster_pb2.HeartbeatAck:
         c = self.controller
         try:
+            peer = self.auth.peer_id(context, HEARTBEAT)
+            self.auth.check_sender(peer, request.node_id, "a heartbeat")
             if request.cluster_id != c.cluster_id:
                 raise InvalidRequest(
                     f"heartbeat of node {request.node_id} of cluster {request.cluster_id!r} "
@@ -863,6 +898,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         self, request: cluster_pb2.LogDigestRequest, context: aio.ServicerContext[object, object]
     ) -> cluster_pb2.LogDigestResponse:
         try:
+            self.auth.peer_id(context, LOG_DIGEST)
             return await self._digest(request)
         except TidelogError as err:
             await _abort(context, err)

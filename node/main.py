@@ -19,7 +19,7 @@ import resource
 import signal
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import prometheus_client
@@ -30,6 +30,7 @@ from tidelog.node.settings import (
     ELECTION_TIMEOUT_MS_DEFAULT,
     HEARTBEAT_INTERVAL_MS_DEFAULT,
     NODE_DEAD_MS_DEFAULT,
+    ClientSecurity,
     NodeFlags,
     parse_flags,
     to_argv,
@@ -63,6 +64,14 @@ class ClusterSettings:
     cluster_id: str | None = None
     #: Failure domain of this node; placement keeps a partition's replicas in distinct racks.
     rack: str | None = None
+    #: The internal listener (Raft, Cluster) and the address the other nodes dial.
+    internal_listen: str | None = None
+    internal_advertised: str | None = None
+    #: Node-to-node mutual TLS (all three) or a cluster secret file (node/internal_auth.py).
+    internal_ca: Path | None = None
+    internal_cert: Path | None = None
+    internal_key: Path | None = None
+    cluster_secret_file: Path | None = None
 
     def __post_init__(self) -> None:
         if self.controller_voters is not None:
@@ -85,30 +94,17 @@ class ClusterSettings:
         )
 
     def argv(self) -> list[str]:
-        return to_argv(
-            {
-                "controller_voters": self.controller_voters or None,
-                "election_timeout_ms": self.election_timeout_ms,
-                "heartbeat_interval_ms": self.heartbeat_interval_ms,
-                "node_dead_ms": self.node_dead_ms,
-                "cluster_id": self.cluster_id or None,
-                "rack": self.rack or None,
-            }
-        )
+        # Every field is the flag of the same dest (node/settings.py); None and an empty
+        # string are left out.
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return to_argv({k: None if v == "" else v for k, v in values.items()})
 
 
 def node_flags(values: Mapping[str, object]) -> tuple[NodeFlags, ClusterSettings]:
     """The flags of either entry point (values by dest, node/settings.py), checked; raises
     ValueError naming the flag that is wrong."""
     flags = parse_flags(values)
-    settings = ClusterSettings(
-        controller_voters=flags.controller_voters,
-        election_timeout_ms=flags.election_timeout_ms,
-        heartbeat_interval_ms=flags.heartbeat_interval_ms,
-        node_dead_ms=flags.node_dead_ms,
-        cluster_id=flags.cluster_id,
-        rack=flags.rack,
-    )
+    settings = ClusterSettings(**{f.name: getattr(flags, f.name) for f in fields(ClusterSettings)})
     return flags, settings
 
 
@@ -122,6 +118,7 @@ def run_flags(flags: NodeFlags, settings: ClusterSettings) -> None:
         flags.advertised,
         flags.log_level,
         settings,
+        flags.client_security(),
     )
 
 
@@ -133,6 +130,7 @@ def node_argv(
     advertised: str | None,
     log_level: str,
     settings: ClusterSettings | None = None,
+    security: ClientSecurity | None = None,
 ) -> list[str]:
     argv = [sys.executable, "-m", "tidelog.node"]
     argv += to_argv(
@@ -147,6 +145,8 @@ def node_argv(
     )
     if settings is not None:
         argv += settings.argv()
+    if security is not None:
+        argv += security.argv()
     return argv
 
 
@@ -195,6 +195,7 @@ async def serve(
     metrics_port: int,
     advertised: str | None = None,
     settings: ClusterSettings | None = None,
+    security: ClientSecurity | None = None,
 ) -> None:
     """Start a node and run it until SIGTERM or SIGINT, then drain and stop.
 
@@ -213,6 +214,13 @@ async def serve(
         node_dead_ms=settings.node_dead_ms,
         cluster_id=settings.cluster_id,
         rack=settings.rack,
+        internal_listen=settings.internal_listen,
+        internal_advertised=settings.internal_advertised,
+        internal_ca=settings.internal_ca,
+        internal_cert=settings.internal_cert,
+        internal_key=settings.internal_key,
+        cluster_secret_file=settings.cluster_secret_file,
+        client_security=security,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -253,6 +261,7 @@ def run_node(
     advertised: str | None = None,
     log_level: str = "info",
     settings: ClusterSettings | None = None,
+    security: ClientSecurity | None = None,
 ) -> None:
     """Run one node in the foreground until SIGTERM/SIGINT (blocking).
 
@@ -261,7 +270,14 @@ def run_node(
     data_dir = Path(data_dir)
     _reexec_with_malloc_tuning(
         node_argv(
-            node_id, listen, data_dir.resolve(), metrics_port, advertised, log_level, settings
+            node_id,
+            listen,
+            data_dir.resolve(),
+            metrics_port,
+            advertised,
+            log_level,
+            settings,
+            security,
         )
     )
     logging.basicConfig(
@@ -276,7 +292,7 @@ def run_node(
     from tidelog.node.server import StartupError
 
     try:
-        asyncio.run(serve(node_id, listen, data_dir, metrics_port, advertised, settings))
+        asyncio.run(serve(node_id, listen, data_dir, metrics_port, advertised, settings, security))
     except StartupError as exc:
         log.error("node %d cannot start: %s", node_id, exc)
         raise SystemExit(1) from None

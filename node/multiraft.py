@@ -13,15 +13,24 @@ Driving each with its own tasks, timers and fsyncs would cost more than the data
 
   1. install snapshots; append the entries of every group to its log (truncating a
      conflicting suffix first); collect the changed hard states;
-  2. make it durable at once: fsync every dirty log in worker threads, concurrently, AND
-     write every changed hard state in ONE RocksDB write batch (synced when a term or vote
-     changed). This is the group commit across partitions: one round's fsyncs cover every
-     request that arrived while the previous round ran;
-  3. send the messages (the transport batches them per peer);
-  4. apply the committed entries (through each group's handler), then ``advance``.
+  2. make it durable at once: fsync every dirty log in worker threads (one job per group
+     while there are few), concurrently, AND write every changed hard state in ONE RocksDB
+     write batch (synced when a term or vote changed). This is the group commit across
+     partitions: one round's fsyncs cover every request that arrived while the previous
+     round ran;
+  3. send each group's messages as soon as what they vouch for is durable: a leader's
+     appends and heartbeats at once (a leader may write its log in parallel with
+     replicating it, Raft thesis 10.2.1; it counts its own copy only once advanced), a
+     follower's answers after its own fsync, anything after a term or vote change after the
+     hard-state write;
+  4. for each group, once its own writes are durable: apply its committed entries (through
+     its handler), then ``advance``. A group never waits for another group's fsync.
 
   Proposals, messages and ticks that arrive while a round waits for its fsyncs are picked up
-  by the next round, so the busier the node, the more each fsync covers.
+  by the next round, so the busier the node, the more each fsync covers. The next round
+  normally starts when the previous one ends; if one is still waiting after half a heartbeat
+  interval (a stalled disk), the next starts beside it for the other groups, so one slow
+  partition never silences the heartbeats, votes and commits of the rest of the node.
 
 Topics with ``flush=os`` skip step 2's fsync of their log (their hard state is still
 written): an entry is then acknowledged, by a follower or to a producer, once it is in the
@@ -48,7 +57,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from tidelog.node import limits
 from tidelog.node.metrics import NodeMetrics
@@ -83,6 +92,12 @@ _TERM_MAX: Final = 2**63 - 1
 _VOTE_MAX: Final = 2**31 - 1
 #: Ticks a tick task may fall behind before it skips ahead instead of catching up.
 tick_lag_max: Final = 2
+#: Rounds running at once: one normally; more only while earlier ones wait on slow fsyncs
+#: (each round holds other groups than the running ones, so this bounds stalled groups' cost).
+rounds_in_flight_max: Final = 8
+#: fsync jobs one round hands to the pool at most (one per group below it, so a stalled disk
+#: holds up only its own group; groups share jobs beyond it).
+fsync_jobs_per_round_max: Final = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,16 +266,20 @@ class MultiRaft:
         # Insertion-ordered set of groups that may have a Ready.
         self._dirty: dict[RaftGroup, None] = {}
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        # Rounds running (one normally; more while a slow one waits, see _ready_loop), the
+        # groups whose Ready one of them holds, and an event set when a group leaves one.
+        self._rounds: set[asyncio.Task[None]] = set()
+        self._in_round: set[RaftGroup] = set()
+        self._left_round = asyncio.Event()
+        self._round_overlap_s = (
+            max(self.timing.tick_ms, self.timing.heartbeat_interval_ms // 2) / 1000
+        )
         self._tick_task: asyncio.Task[None] | None = None
         self._ready_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._early: dict[int, list[tuple[float, int, Message]]] = {}
         self._early_count = 0
         self._early_bytes = 0
-        # Groups whose Ready the running round took and has not advanced yet.
-        self._unadvanced: set[RaftGroup] = set()
         self.rounds = 0
         self._read_seq = 0
         #: The data directory is new, and may be a wiped one: every group started empty on
@@ -346,8 +365,8 @@ class MultiRaft:
         group.removed = True
         group.drop_reads()
         self._dirty.pop(group, None)
-        while not self._idle.is_set():
-            await self._idle.wait()
+        while group in self._in_round:
+            await self._left_round.wait()
         if forget:
             self._hard_states.delete(group_id)
         return group
@@ -434,7 +453,16 @@ class MultiRaft:
         if self._ready_task is not None:
             await self._ready_task
             self._ready_task = None
+        while self._rounds:
+            await asyncio.wait(set(self._rounds))
         self._pool.shutdown(wait=True)
+
+    def abort(self) -> None:
+        """Stop at once, as a crash would: ticks, the ready loop and every running round
+        are cancelled mid-way (the node simulation's crash; production code calls stop)."""
+        for task in (self._tick_task, self._ready_task, *self._rounds):
+            if task is not None:
+                task.cancel()
 
     async def _tick_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -471,45 +499,77 @@ class MultiRaft:
     # ---- rounds ------------------------------------------------------------------------------
 
     async def _ready_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        overlap_s = self._round_overlap_s
         while True:
             await self._wake.wait()
             self._wake.clear()
             if self._stopping and not self._dirty:
-                return
+                if not self._rounds:
+                    return
+                await asyncio.wait(set(self._rounds))  # they may leave work for one more
+                self._wake.set()
+                continue
             dirty, self._dirty = self._dirty, {}
             readies: list[tuple[RaftGroup, Ready]] = []
             for group in dirty:
                 if group.removed or group.failed:
                     continue
+                # A group whose last Ready is still in a running round has none (the core
+                # holds it back until advance); it joins a later round.
                 if group.raw.has_ready():
                     readies.append((group, group.raw.ready()))
             if not readies:
                 if self._stopping:
-                    return
+                    self._wake.set()  # finish through the check above
                 continue
-            self._idle.clear()
-            try:
-                await self._round(readies)
-            except Exception as exc:  # never let the driver die: every produce would hang
-                log.exception("raft ready round failed")
-                # A group whose Ready was not advanced can never make progress again, and
-                # what it holds may not be durable: take it offline rather than hang it.
-                for group in self._unadvanced:
-                    self._fail(group, exc)
-                self._unadvanced.clear()
-            finally:
-                self._idle.set()
-            if self._stopping and not self._dirty:
-                return
+            task = loop.create_task(self._run_round(readies), name="raft-round")
+            self._rounds.add(task)
+            task.add_done_callback(self._rounds.discard)
+            # Group commit: the next round normally waits for this one, so that what arrives
+            # meanwhile shares its fsyncs. A round still waiting after ``overlap_s`` (one
+            # partition's disk stalls) no longer holds the others back: their heartbeats, vote
+            # answers and commits go on in rounds of their own.
+            done, _ = await asyncio.wait({task}, timeout=overlap_s)
+            while not done and len(self._rounds) >= rounds_in_flight_max:
+                done, _ = await asyncio.wait(self._rounds, return_when=asyncio.FIRST_COMPLETED)
+            if self._stopping:
+                self._wake.set()
 
-    async def _round(self, readies: list[tuple[RaftGroup, Ready]]) -> None:
+    async def _run_round(self, readies: list[tuple[RaftGroup, Ready]]) -> None:
+        groups = {group for group, _rd in readies}
+        self._in_round |= groups
+        try:
+            await self._round(readies, groups)
+        except Exception as exc:  # never let the driver die: every produce would hang
+            log.exception("raft ready round failed")
+            # A group whose Ready was not advanced can never make progress again, and what
+            # it holds may not be durable: take it offline rather than hang it.
+            for group in groups:
+                self._fail(group, exc)
+        finally:
+            self._leave_round(groups)
+
+    def _leave_round(self, groups: Iterable[RaftGroup]) -> None:
+        left = False
+        for group in groups:
+            if group in self._in_round:
+                self._in_round.discard(group)
+                left = True
+        if left:
+            event, self._left_round = self._left_round, asyncio.Event()
+            event.set()
+
+    async def _round(self, readies: list[tuple[RaftGroup, Ready]], pending: set[RaftGroup]) -> None:
+        """One round (see the module docstring). ``pending`` holds the groups not advanced
+        yet; each group leaves it as soon as ITS writes are durable, not when the round's
+        slowest fsync ends."""
         t0 = time.perf_counter()
-        self._unadvanced = {group for group, _rd in readies}
         m = self._metrics
         hard_states: dict[int, HardState] = {}
         sync_states = False
         to_fsync: list[RaftGroup] = []
-        stored: list[tuple[RaftGroup, Ready]] = []
+        stored: list[tuple[RaftGroup, Ready, bool]] = []
         for group, rd in readies:
             handler = group.handler
             if rd.soft_state is not None:
@@ -528,7 +588,10 @@ class MultiRaft:
                         to_fsync.append(group)
             except Exception as exc:
                 self._fail(group, exc)
+                self._leave_round((group,))
+                pending.discard(group)
                 continue
+            vote_changed = False
             if rd.hard_state is not None:
                 hs = rd.hard_state
                 if not (0 <= hs.term <= _TERM_MAX and 0 <= hs.vote <= _VOTE_MAX) or not (
@@ -537,99 +600,142 @@ class MultiRaft:
                     # Stored in one batch with every other group's: one bad value must not
                     # fail the write of the whole round.
                     self._fail(group, ValueError(f"hard state out of range: {hs}"))
+                    self._leave_round((group,))
+                    pending.discard(group)
                     continue
+                before = group.storage.hard_state()
+                vote_changed = before.term != hs.term or before.vote != hs.vote
                 if group.raw.lost_to > hs.commit:
                     # Recovering lost entries: the stored commit stays the evidence of them.
                     hs = replace(hs, commit=group.raw.lost_to)
                 hard_states[group.group_id] = hs
                 group.storage.set_hard_state(rd.hard_state)
                 sync_states = sync_states or rd.must_sync
-            stored.append((group, rd))
+            stored.append((group, rd, vote_changed))
 
         loop = asyncio.get_running_loop()
-        waits: list[asyncio.Future[object]] = []
+        hs_fut: asyncio.Future[Any] | None = None
         if hard_states:
             states = hard_states
             sync = sync_states
-            waits.append(
-                loop.run_in_executor(self._pool, lambda: self._hard_states.save(states, sync=sync))
+            hs_fut = loop.run_in_executor(
+                self._pool, lambda: self._hard_states.save(states, sync=sync)
             )
+        # One fsync job per group while there are few, so that one stalled disk holds up
+        # only its own group; chunks of several beyond that, to bound the jobs per round.
+        fsync_of: dict[RaftGroup, asyncio.Future[Any]] = {}
         if to_fsync:
-            n = min(self._threads, len(to_fsync))
-            for i in range(n):
-                waits.append(loop.run_in_executor(self._pool, _fsync_chunk, to_fsync[i::n]))
-        results = await asyncio.gather(*waits, return_exceptions=True)
-        if hard_states:
-            state_result = results[0]
-            results = results[1:]
-            if isinstance(state_result, BaseException):
-                # Votes and terms are not durable: nothing of this round may leave the node.
-                log.error("cannot store raft hard states: %s", state_result)
-                for group, _rd in stored:
-                    self._fail(group, state_result)
-                return
-        failed: set[RaftGroup] = set()
-        if to_fsync:
+            jobs = max(self._threads, fsync_jobs_per_round_max)
+            size = -(-len(to_fsync) // jobs)
+            for i in range(0, len(to_fsync), size):
+                chunk = to_fsync[i : i + size]
+                fut = loop.run_in_executor(self._pool, _fsync_chunk, chunk)
+                for group in chunk:
+                    fsync_of[group] = fut
             m.group_commits.inc()
             m.group_commit_partitions.observe(len(to_fsync))
             m.fsyncs.inc(len(to_fsync))
-            for chunk in results:
-                assert isinstance(chunk, list), chunk
-                for group, seconds, error in chunk:
-                    m.fsync_latency.observe(seconds)
+
+        # What each group's messages wait for. A message that depends on a vote or a term
+        # waits for the hard state's write; a follower's answer (acknowledging entries)
+        # waits for its own fsync. A leader's appends and heartbeats wait for nothing: a
+        # leader may write its log in parallel with replicating it (Raft thesis 10.2.1),
+        # because it counts its own copy only once this round advanced it.
+        waiting: dict[RaftGroup, tuple[Ready, set[asyncio.Future[Any]]]] = {}
+        sent_early: set[RaftGroup] = set()
+        for group, rd, vote_changed in stored:
+            deps: set[asyncio.Future[Any]] = set()
+            if rd.hard_state is not None and hs_fut is not None:
+                deps.add(hs_fut)
+            own = fsync_of.get(group)
+            if own is not None:
+                deps.add(own)
+            waiting[group] = (rd, deps)
+            leader = group.raw.role == Role.LEADER and rd.snapshot is None
+            if not vote_changed and (leader or own is None):
+                self._send(group, rd)
+                sent_early.add(group)
+
+        outstanding: set[asyncio.Future[Any]] = {f for _rd, deps in waiting.values() for f in deps}
+        failed_hs: BaseException | None = None
+        while True:
+            # Groups whose own writes are all done: send, apply and advance them now.
+            for group in [g for g, (_rd, deps) in waiting.items() if not (deps & outstanding)]:
+                rd, _deps = waiting.pop(group)
+                if failed_hs is not None:
+                    self._fail(group, failed_hs)
+                elif not group.failed:
+                    if group not in sent_early:
+                        self._send(group, rd)
+                    self._complete(group, rd)
+                self._leave_round((group,))
+                pending.discard(group)
+            if not outstanding:
+                break
+            done, outstanding = await asyncio.wait(outstanding, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                error = fut.exception()
+                if fut is hs_fut:
                     if error is not None:
-                        self._fail(group, error)
-                        failed.add(group)
-
-        sender = self._sender
-        for group, rd in stored:
-            if group in failed or not rd.messages:
-                continue
-            if sender is None:
-                continue
-            gid = group.group_id
-            try:
-                for msg in rd.messages:
-                    sender.send(msg.to, gid, msg)
-            except Exception:  # lost messages are retried by Raft; the group goes on
-                log.exception("raft group %d: sending messages failed", gid)
-
-        for group, rd in stored:
-            if group in failed:
-                continue
-            handler = group.handler
-            try:
-                if rd.entries:
-                    handler.on_persisted(group, rd.entries[-1].index)
-                if rd.committed:
-                    handler.on_committed(group, rd.committed)
-            except Exception as exc:
-                # A replicated state machine never skips an entry: advancing now would mark
-                # the rest of this Ready applied on this node only. Stop the group instead.
-                log.critical(
-                    "raft group %d stopped: applying its committed entries failed",
-                    group.group_id, exc_info=True,
-                )  # fmt: skip
-                m.apply_failures.inc()
-                self._unadvanced.discard(group)
-                self._fail(group, exc, what="applying committed entries failed")
-                continue
-            if rd.read_states and group.reads:
-                for rs in rd.read_states:
-                    fut = group.reads.pop(rs.context, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(rs.index)
-            if not group.removed:
-                group.raw.advance(rd)
-                if rd.committed:
-                    self._trim_cache(group)
-                self._dirty[group] = None
-            self._unadvanced.discard(group)
+                        # Votes and terms are not durable: nothing more of this round may
+                        # leave the node.
+                        log.error("cannot store raft hard states: %s", error)
+                        failed_hs = error
+                    continue
+                if error is not None:
+                    raise error
+                result = fut.result()
+                assert isinstance(result, list), result
+                for group, seconds, failure in result:
+                    m.fsync_latency.observe(seconds)
+                    if failure is not None:
+                        self._fail(group, failure)
         if self._dirty:
             self._wake.set()
         self.rounds += 1
         m.raft_ready_rounds.observe(time.perf_counter() - t0)
         m.raft_ready_groups.observe(len(readies))
+
+    def _send(self, group: RaftGroup, rd: Ready) -> None:
+        sender = self._sender
+        if sender is None or not rd.messages:
+            return
+        gid = group.group_id
+        try:
+            for msg in rd.messages:
+                sender.send(msg.to, gid, msg)
+        except Exception:  # lost messages are retried by Raft; the group goes on
+            log.exception("raft group %d: sending messages failed", gid)
+
+    def _complete(self, group: RaftGroup, rd: Ready) -> None:
+        """The group's writes of ``rd`` are durable: tell its owner, apply, advance."""
+        handler = group.handler
+        try:
+            if rd.entries:
+                handler.on_persisted(group, rd.entries[-1].index)
+            if rd.committed:
+                handler.on_committed(group, rd.committed)
+        except Exception as exc:
+            # A replicated state machine never skips an entry: advancing now would mark
+            # the rest of this Ready applied on this node only. Stop the group instead.
+            log.critical(
+                "raft group %d stopped: applying its committed entries failed",
+                group.group_id, exc_info=True,
+            )  # fmt: skip
+            self._metrics.apply_failures.inc()
+            self._fail(group, exc, what="applying committed entries failed")
+            return
+        if rd.read_states and group.reads:
+            for rs in rd.read_states:
+                fut = group.reads.pop(rs.context, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(rs.index)
+        if not group.removed:
+            group.raw.advance(rd)
+            if rd.committed:
+                self._trim_cache(group)
+            self._dirty[group] = None
+            self._wake.set()
 
     @staticmethod
     def _trim_cache(group: RaftGroup) -> None:

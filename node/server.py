@@ -7,6 +7,12 @@ the replayed metadata is applied and the replicas are open (and, for a lone node
 registered), so the first request sees a consistent node. A node of a larger cluster reports
 SERVING without waiting for the other nodes, so nodes can be started in any order.
 
+Two listeners: the client listener (``--listen``) serves Broker, Admin, health and reflection;
+the internal listener (``--internal-listen``) serves only the node-to-node Raft and Cluster
+services, authenticated as node/internal_auth.py describes (mutual TLS, a cluster secret, or nothing
+on loopback only). A node calls its peers on their internal addresses, which they register
+with the controller next to their client address; clients only ever see the latter.
+
 Shutdown drains in the order that loses nothing: health goes NOT_SERVING, fetch streams end
 (UNAVAILABLE, so consumers reconnect), the server refuses new calls and lets in-flight ones
 finish within a deadline while Raft still runs (an acks=all produce waits for its commit),
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import time
@@ -35,6 +42,7 @@ from tidelog.controller.commands import RegisterNode
 from tidelog.errors import NodeUnavailable
 from tidelog.node import limits
 from tidelog.node.admin_service import AdminService
+from tidelog.node.auth import ClientListener, load_client_security
 from tidelog.node.broker_service import BrokerService
 from tidelog.node.controller_node import (
     CONTROLLER_DIR,
@@ -45,12 +53,20 @@ from tidelog.node.controller_node import (
 )
 from tidelog.node.idempotence_store import SNAPSHOT_INTERVAL_S, IdempotenceSnapshots
 from tidelog.node.identity import DIRECTORY_ID_KEY, NodeIdentity
+from tidelog.node.internal_auth import (
+    AuthConfigError,
+    InternalAuth,
+    Mode,
+    is_loopback,
+    load_internal_auth,
+)
 from tidelog.node.log import PartitionLog
 from tidelog.node.metastore import MetaStore
 from tidelog.node.metrics import MetricsServer, NodeMetrics
 from tidelog.node.multiraft import MultiRaft, RaftTiming
 from tidelog.node.partition import LogLike
 from tidelog.node.replica_storage import HardStateStore
+from tidelog.node.settings import ClientSecurity
 from tidelog.node.topics import LogOpener, TopicRegistry
 from tidelog.node.transport import RaftTransport
 from tidelog.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc, cluster_pb2_grpc
@@ -115,6 +131,13 @@ def _reachable_host(host: str) -> str:
     return host
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def derived_cluster_id(voters: Iterable[int]) -> str:
     """The cluster id every node derives alike from the controller voters' ids, when none
     is stored or given: nodes started with the same ``--controller-voters`` agree on it."""
@@ -143,8 +166,24 @@ class Node:
         node_dead_ms: int = node_dead_ms_default,
         cluster_id: str | None = None,
         rack: str | None = None,
+        internal_listen: str | None = None,
+        internal_advertised: str | None = None,
+        internal_ca: Path | None = None,
+        internal_cert: Path | None = None,
+        internal_key: Path | None = None,
+        cluster_secret_file: Path | None = None,
+        client_security: ClientSecurity | None = None,
     ) -> None:
         self.node_id = node_id
+        #: TLS and authentication of the client listener (node/auth.py); None: neither.
+        self.client_security = client_security or ClientSecurity()
+        self.internal_listen = internal_listen
+        self.internal_advertised = internal_advertised
+        self._auth_files = (internal_ca, internal_cert, internal_key, cluster_secret_file)
+        self.internal_port = 0
+        self.internal_address = ""
+        self.auth: InternalAuth | None = None
+        self._internal_server: aio.Server | None = None
         self.rack = rack or None
         self._open_log = open_log
         self.listen = listen
@@ -253,14 +292,37 @@ class Node:
                 ) from exc
             raise StartupError(f"cannot open the metadata store in {self.data_dir}: {exc}") from exc
 
+        ihost, iport = host, 0
+        if self.internal_listen:
+            try:
+                ihost, iport = split_host_port(self.internal_listen)
+            except ValueError as exc:
+                raise StartupError(f"--internal-listen: {exc}") from None
+        ca, cert, key, secret_file = self._auth_files
+        try:
+            self.auth = auth = load_internal_auth(
+                self.node_id, ca=ca, cert=cert, key=key, secret_file=secret_file
+            )
+        except AuthConfigError as exc:
+            raise StartupError(str(exc)) from None
+        if auth.mode is Mode.NONE and not is_loopback(ihost):
+            raise StartupError(
+                f"refusing to serve the internal Raft and Cluster services on {ihost!r} without "
+                "authentication: give --internal-ca, --internal-cert and --internal-key "
+                "(mutual TLS; `tidelog certs`), or --cluster-secret-file (or "
+                "TIDELOG_CLUSTER_SECRET), or listen on a loopback --internal-listen"
+            )
+
+        try:
+            client_listener = load_client_security(self.client_security)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
         server = aio.server(options=GRPC_OPTIONS)
         self._server = server
-        try:
-            self.port = server.add_insecure_port(join_host_port(host, port))
-        except RuntimeError:
-            self.port = 0
-        if self.port == 0:
-            raise StartupError(f"cannot listen on {self.listen}: the address is in use or invalid")
+        self.port = self._bind_client_port(server, host, port, client_listener)
+        internal = aio.server(options=GRPC_OPTIONS)
+        self._internal_server = internal
+        self.internal_port = self._add_internal_port(internal, auth, ihost, iport)
         try:
             self._metrics_server = self.metrics.serve(host or "0.0.0.0", self.metrics_port)
         except OSError as exc:
@@ -269,13 +331,23 @@ class Node:
             ) from exc
 
         advertised = self.advertised or join_host_port(_reachable_host(host), self.port)
+        internal_advertised = self.internal_advertised or join_host_port(
+            _reachable_host(ihost), self.internal_port
+        )
+        self.internal_address = internal_advertised
         metrics_address = join_host_port(_reachable_host(host), self._metrics_server.port)
         if voters is None:
-            voters = {self.node_id: advertised}
-        elif self.node_id in voters and voters[self.node_id] != advertised:
+            voters = {self.node_id: internal_advertised}
+        elif voters.get(self.node_id) == advertised:
+            raise StartupError(
+                f"--controller-voters gives node {self.node_id} its client address {advertised}; "
+                "the voters' Raft traffic goes to their internal listeners: name each voter's "
+                f"--internal-listen address (this node's is {internal_advertised})"
+            )
+        elif self.node_id in voters and voters[self.node_id] != internal_advertised:
             log.warning(
-                "--controller-voters gives node %d the address %s, but it advertises %s",
-                self.node_id, voters[self.node_id], advertised,
+                "--controller-voters gives node %d the address %s, but its internal listener "
+                "advertises %s", self.node_id, voters[self.node_id], internal_advertised,
             )  # fmt: skip
         cluster_id, directory_id, new_directory = self._load_identity(store, voters)
         self.identity = NodeIdentity(
@@ -298,7 +370,11 @@ class Node:
             # leader (a new cluster or topic still elects: every log is empty).
             raft.new_directory = True
         self._transport = transport = RaftTransport(
-            self.node_id, cluster_id, deliver=raft.deliver, registry=self.metrics.registry
+            self.node_id,
+            cluster_id,
+            deliver=raft.deliver,
+            registry=self.metrics.registry,
+            auth=auth,
         )
         raft.set_sender(transport)
         self._controller = controller = Controller(
@@ -310,6 +386,7 @@ class Node:
             set_peer=transport.set_peer,
             leading=lambda: self.registry.leading(),
             directory_id=directory_id,
+            auth=auth,
         )
         self._idem_snapshots = snapshots = IdempotenceSnapshots(store)
         self._registry = registry = TopicRegistry(
@@ -333,15 +410,23 @@ class Node:
         controller.open(self._controller_log)
 
         broker_pb2_grpc.add_BrokerServicer_to_server(
-            BrokerService(registry, controller, self.identity, self.metrics), server
+            BrokerService(
+                registry, controller, self.identity, self.metrics, guard=client_listener.guard
+            ),
+            server,
         )
         admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminService(registry, controller, self.identity, self.metrics), server
+            AdminService(
+                registry, controller, self.identity, self.metrics, guard=client_listener.guard
+            ),
+            server,
         )
+        # The internal services on the internal listener only: a caller of the client port
+        # that names them gets UNIMPLEMENTED.
         cluster_pb2_grpc.add_ClusterServicer_to_server(
-            ClusterService(controller, registry.digest, self.metrics), server
+            ClusterService(controller, registry.digest, self.metrics, auth), internal
         )
-        transport.add_servicer(server)
+        transport.add_servicer(internal)
         self._health = _AioHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -349,11 +434,13 @@ class Node:
         )
         raft.start()
         registry.start()
+        await internal.start()
         await server.start()
         controller.start(
             RegisterNode(
                 self.node_id, advertised, metrics_address, rack=self.rack,
                 directory_id=directory_id,
+                internal_address=internal_advertised,
             )
         )  # fmt: skip
         await self._until_ready()
@@ -364,12 +451,56 @@ class Node:
             snapshots.run(registry.partitions, self.idempotence_interval_s), name="idempotence"
         )
         log.info(
-            "node %d serving on %s (advertised %s), metrics on http://%s/metrics, cluster %s, "
+            "node %d serving clients on %s (%s, advertised %s), internal on %s (advertised %s, "
+            "authentication: %s), metrics on http://%s/metrics, cluster %s, "
             "controller voters %s, %d topics, started in %.2fs",
-            self.node_id, join_host_port(host, self.port), advertised, metrics_address,
+            self.node_id, join_host_port(host, self.port), client_listener.description,
+            advertised, join_host_port(ihost, self.internal_port), internal_advertised,
+            auth.mode.value, metrics_address,
             cluster_id, ",".join(f"{i}@{a}" for i, a in sorted(voters.items())),
             len(registry.topics()), time.monotonic() - t0,
         )  # fmt: skip
+
+    def _bind_client_port(
+        self, server: aio.Server, host: str, port: int, listener: ClientListener
+    ) -> int:
+        """Bind the client listener (Broker, Admin, health, reflection): TLS when the node
+        has ``--tls-cert``, else plaintext. Returns the port bound."""
+        address = join_host_port(host, port)
+        if listener.credentials is None and listener.guard.tokens and not _loopback(host):
+            log.warning(
+                "bearer tokens (--auth-tokens-file) on the plaintext listener %s travel in "
+                "clear: add --tls-cert and --tls-key", address,
+            )  # fmt: skip
+        try:
+            if listener.credentials is None:
+                bound = server.add_insecure_port(address)
+            else:
+                bound = server.add_secure_port(address, listener.credentials)
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            raise StartupError(f"cannot listen on {self.listen}: the address is in use or invalid")
+        return bound
+
+    def _add_internal_port(
+        self, server: aio.Server, auth: InternalAuth, host: str, port: int
+    ) -> int:
+        """Bind the internal listener: mutual TLS when the node has certificates."""
+        address = join_host_port(host, port)
+        creds = auth.server_credentials()
+        try:
+            if creds is not None:
+                bound = server.add_secure_port(address, creds)
+            else:
+                bound = server.add_insecure_port(address)
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            raise StartupError(
+                f"cannot listen on --internal-listen {address}: the address is in use or invalid"
+            )
+        return bound
 
     async def _until_ready(self) -> None:
         """Wait for what this node can finish alone: the replayed metadata applied, its
@@ -403,8 +534,10 @@ class Node:
             )  # fmt: skip
 
     async def _retention_loop(self) -> None:
-        """Roll segments by age and delete what retention.ms / retention.bytes allow, never
-        above the high watermark (what Raft has not committed may still be needed)."""
+        """Roll segments by age (every replica, its own segments); on the partitions this
+        node leads, propose the log start retention.ms / retention.bytes allow, never above
+        the high watermark (``Partition.enforce_retention``). Every replica deletes when it
+        applies that start; a follower never deletes on its own clock."""
         while True:
             await asyncio.sleep(self.retention_interval_s)
             now_ms = time.time_ns() // 1_000_000
@@ -413,7 +546,7 @@ class Node:
                     continue
                 try:
                     p.log.maybe_roll(now_ms)
-                    p.log.enforce_retention(now_ms, below=p.high_watermark)
+                    p.enforce_retention(now_ms)
                 except Exception as exc:
                     p.fail_storage(exc)
 
@@ -439,6 +572,11 @@ class Node:
             # Raft keeps running (an acks=all produce needs its commit). The peers' Raft
             # streams never end by themselves: close them once the client requests are done.
             server_stop = asyncio.ensure_future(self._server.stop(grace_s))
+            internal_stop = (
+                asyncio.ensure_future(self._internal_server.stop(grace_s))
+                if self._internal_server is not None
+                else None
+            )
             deadline = time.monotonic() + grace_s
             while self.metrics.in_flight and time.monotonic() < deadline and not server_stop.done():
                 await asyncio.sleep(drain_poll_ms / 1000)
@@ -447,6 +585,8 @@ class Node:
             if self._controller is not None:
                 await self._controller.stop()
             await server_stop
+            if internal_stop is not None:
+                await internal_stop
         if self._controller is not None:
             await self._controller.stop()
         if self._transport is not None:

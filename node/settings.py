@@ -25,6 +25,7 @@ __all__ = [
     "LOG_LEVELS",
     "NODE_DEAD_MS_DEFAULT",
     "NODE_FLAGS",
+    "ClientSecurity",
     "NodeFlag",
     "NodeFlags",
     "add_arguments",
@@ -39,7 +40,8 @@ NODE_DEAD_MS_DEFAULT: Final = 3_000
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 PORT_MAX: Final = 65535
 
-Kind = Literal["int", "str", "path"]
+#: "path" is a directory, "file" a file.
+Kind = Literal["int", "str", "path", "file"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,29 @@ NODE_FLAGS: Final[tuple[NodeFlag, ...]] = (
         required=True, min=0, max=PORT_MAX,
     ),
     NodeFlag("--advertised", "advertised", "str", "host:port clients dial (default: --listen)."),
+    NodeFlag(
+        "--internal-listen", "internal_listen", "str",
+        "host:port of the internal listener, which alone serves the node-to-node Raft and "
+        "Cluster services (default: the host of --listen, any free port).",
+    ),
+    NodeFlag(
+        "--internal-advertised", "internal_advertised", "str",
+        "host:port the other nodes dial (default: --internal-listen).",
+    ),
+    NodeFlag(
+        "--internal-ca", "internal_ca", "file",
+        "PEM file of the cluster CA: node-to-node mutual TLS (with --internal-cert/-key).",
+    ),
+    NodeFlag(
+        "--internal-cert", "internal_cert", "file",
+        "PEM certificate of this node, signed by the cluster CA, naming node-ID.",
+    ),
+    NodeFlag("--internal-key", "internal_key", "file", "PEM private key of --internal-cert."),
+    NodeFlag(
+        "--cluster-secret-file", "cluster_secret_file", "file",
+        "File holding the cluster secret that authenticates nodes without TLS (or set "
+        "TIDELOG_CLUSTER_SECRET); never pass the secret itself on the command line.",
+    ),
     NodeFlag("--log-level", "log_level", "str", "Log level.", default="info", choices=LOG_LEVELS),
     NodeFlag(
         "--controller-voters", "controller_voters", "str",
@@ -119,6 +144,22 @@ NODE_FLAGS: Final[tuple[NodeFlag, ...]] = (
         "--rack", "rack", "str",
         "Failure domain of this node (a partition's replicas go to distinct racks).",
     ),
+    # -- the client listener's security (node/auth.py; docs/configuration.md#tls-and-authentication)
+    NodeFlag(
+        "--tls-cert", "tls_cert", "file",
+        "PEM certificate (chain) of the client listener: clients connect with TLS.",
+    ),
+    NodeFlag("--tls-key", "tls_key", "file", "PEM private key of --tls-cert."),
+    NodeFlag(
+        "--tls-client-ca", "tls_client_ca", "file",
+        "PEM CA of client certificates: clients must present one it signed (mutual TLS); "
+        "its CN names the client, its O values that name a role (client, admin) its roles.",
+    ),
+    NodeFlag(
+        "--auth-tokens-file", "auth_tokens_file", "file",
+        "File of `token principal role` lines: clients authenticate with a bearer token "
+        "(roles: client, admin). Tokens are never given on the command line.",
+    ),
 )  # fmt: skip
 
 
@@ -138,6 +179,54 @@ class NodeFlags:
     node_dead_ms: int
     cluster_id: str | None
     rack: str | None
+    internal_listen: str | None = None
+    internal_advertised: str | None = None
+    internal_ca: Path | None = None
+    internal_cert: Path | None = None
+    internal_key: Path | None = None
+    cluster_secret_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_tokens_file: Path | None = None
+
+    def client_security(self) -> ClientSecurity:
+        return ClientSecurity(
+            self.tls_cert, self.tls_key, self.tls_client_ca, self.auth_tokens_file
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSecurity:
+    """The client listener's TLS and authentication flags (all None: plaintext, everyone
+    may do everything, as before). :func:`tidelog.node.auth.load_client_security` reads the
+    files."""
+
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_tokens_file: Path | None = None
+
+    def problem(self) -> str | None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            return "--tls-cert and --tls-key go together"
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            return "--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS)"
+        return None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def argv(self) -> list[str]:
+        return to_argv(
+            {
+                "tls_cert": self.tls_cert,
+                "tls_key": self.tls_key,
+                "tls_client_ca": self.tls_client_ca,
+                "auth_tokens_file": self.auth_tokens_file,
+            }
+        )
 
 
 def parse_flags(values: Mapping[str, object]) -> NodeFlags:
@@ -153,15 +242,19 @@ def parse_flags(values: Mapping[str, object]) -> NodeFlags:
         problem = flag.problem(value)
         if problem is not None:
             raise ValueError(problem)
-        if flag.kind == "path" and value is not None:
+        if flag.kind in ("path", "file") and value is not None:
             value = Path(str(value))
         out[flag.dest] = value
-    return NodeFlags(**out)  # type: ignore[arg-type]
+    flags = NodeFlags(**out)  # type: ignore[arg-type]
+    problem = flags.client_security().problem()
+    if problem is not None:
+        raise ValueError(problem)
+    return flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every flag of the table to an argparse parser (checks: :func:`parse_flags`)."""
-    types = {"int": int, "str": str, "path": Path}
+    types = {"int": int, "str": str, "path": Path, "file": Path}
     for flag in NODE_FLAGS:
         help_text = flag.help
         if flag.default is not None:

@@ -17,13 +17,15 @@ Why this shape (see also proto/tidelog/v1/raft.proto, Framing):
   most ``outbox_messages_max`` messages and ``outbox_bytes_max`` bytes and drops the OLDEST
   beyond them, so that when the peer returns it first hears the freshest state (the latest
   heartbeats and votes) rather than a backlog Raft has already given up on.
-* Receiving is the Raft service on the node's own gRPC server (:meth:`add_servicer`): each
-  batch is checked (addressed to this node of this cluster, from a node that is one of our
-  peers), decoded and handed to ``deliver`` on the event loop. A batch with an invalid value
-  (``raft_codec.CodecError``: a node id below 1, a term beyond 2^63 - 1, ...) ends the stream
-  with INVALID_ARGUMENT; a batch from a node that is not a peer (not a controller voter, not
-  registered) is dropped and counted, the stream stays open (the sender may just be ahead of
-  our metadata, and Raft resends).
+* Receiving is the Raft service on the node's internal gRPC server (:meth:`add_servicer`):
+  the stream's caller is authenticated (node/internal_auth.py: its TLS certificate or
+  cluster-secret MAC names a node), each batch is checked (sent by that node, addressed to
+  this node of this cluster, from a node that is one of our peers), decoded and handed to
+  ``deliver`` on the event loop. A batch with an invalid value (``raft_codec.CodecError``: a
+  node id below 1, a term beyond 2^63 - 1, ...) ends the stream with INVALID_ARGUMENT; a
+  batch from a node that is not a peer (not a controller voter, not registered) is dropped
+  and counted, the stream stays open (the sender may just be ahead of our metadata, and Raft
+  resends).
 * Metric series are labeled by peer only for peers (``set_peer``): nothing a caller claims
   creates a series, so invented sender ids cannot grow ``/metrics``.
 
@@ -49,6 +51,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from tidelog.errors import InvalidRequest, TidelogError, trailing_metadata
 from tidelog.node import limits
+from tidelog.node.internal_auth import InternalAuth
 from tidelog.node.raft.types import Message
 from tidelog.node.raft_codec import (
     CodecError,
@@ -306,6 +309,7 @@ class RaftTransport:
         registry: CollectorRegistry | None = None,
         outbox_messages_max: int = outbox_messages_max,
         outbox_bytes_max: int = outbox_bytes_max,
+        auth: InternalAuth | None = None,
     ) -> None:
         if node_id <= 0:
             raise ValueError(f"node id {node_id} is not positive: node ids start at 1")
@@ -313,6 +317,8 @@ class RaftTransport:
             raise ValueError("outbox bounds must be at least 1")
         self.node_id = node_id
         self.cluster_id = cluster_id
+        #: Credentials of the peer channels and the check of who sends to us.
+        self.auth = auth if auth is not None else InternalAuth(node_id)
         self._deliver = deliver
         #: Where the counters live; the node passes its own registry, tests get a fresh one.
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -485,12 +491,12 @@ class RaftTransport:
     async def _stream_to(self, peer: _Peer) -> None:
         """One stream's life: returns or raises when it ends; what was taken and not written
         is dropped (Raft retries)."""
-        channel = peer.channel = aio.insecure_channel(peer.address, options=_CHANNEL_OPTIONS)
+        channel = peer.channel = self.auth.channel(peer.address, _CHANNEL_OPTIONS)
         call: aio.StreamUnaryCall[bytes, bytes] | None = None
         try:
             call = peer.call = channel.stream_unary(
                 STREAM_METHOD, request_serializer=None, response_deserializer=None
-            )(None)
+            )(None, metadata=self.auth.call_metadata(STREAM_METHOD))
             # Take nothing from the outbox before the peer accepted the connection: a peer
             # that is down keeps its (bounded) backlog instead of losing a batch per retry.
             await call.wait_for_connection()
@@ -565,12 +571,21 @@ class RaftTransport:
         counters: PeerCounters | None = None
         cache: HeartbeatCache | None = None
         refused = self.metrics.refused
+        try:
+            authenticated = self.auth.peer_id(context, STREAM_METHOD)
+        except TidelogError as err:
+            await self._refuse(context, err)
         async for raw in requests:
             try:
                 batch = raft_pb2.RaftBatch.FromString(raw)
             except DecodeError as exc:
                 refused["invalid"].inc()
                 await self._refuse(context, InvalidRequest(f"undecodable RaftBatch: {exc}"))
+            if authenticated is not None and batch.from_node != authenticated:
+                try:
+                    self.auth.check_sender(authenticated, batch.from_node, "a raft batch")
+                except TidelogError as err:
+                    await self._refuse(context, err)
             if batch.to_node != self.node_id or batch.cluster_id != self.cluster_id:
                 refused["mismatch"].inc()
                 await self._refuse(context, self._mismatch(batch))

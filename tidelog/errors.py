@@ -200,6 +200,28 @@ class NodeIdentityConflict(TidelogError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Unauthenticated(TidelogError):
+    """The node requires authentication and the caller gave none it knows."""
+
+    reason = "UNAUTHENTICATED"
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(TidelogError):
+    """The caller is known but may not do this; the metadata names ``principal`` and
+    ``operation``."""
+
+    reason = "PERMISSION_DENIED"
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class TlsError(NodeUnavailable):
+    """The TLS handshake with a node failed (wrong CA, expired or missing certificate, TLS on
+    one side only); the message says why, as the TLS library reported it."""
+
+    reason = "TLS_HANDSHAKE"
+
+
 _BY_REASON: dict[str, type[TidelogError]] = {
     cls.reason: cls
     for cls in (
@@ -229,6 +251,8 @@ _BY_REASON: dict[str, type[TidelogError]] = {
         StorageError,
         Unsupported,
         NodeIdentityConflict,
+        Unauthenticated,
+        PermissionDenied,
     )
 }
 
@@ -295,10 +319,36 @@ def from_rpc_error(exc: grpc.RpcError) -> TidelogError:
     if code in _RETRIABLE_CODES:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return RequestTimedOut(f"request timed out: {message}")
+        tls = _tls_failure(message)
+        if tls is not None:
+            return TlsError(tls)
         return NodeUnavailable(f"node unavailable: {message}")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return Unauthenticated(f"not authenticated: {message}")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDenied(f"permission denied: {message}")
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return Unsupported(f"not supported by this node: {message}")
     return TidelogError(f"{code.name}: {message}")
+
+
+def _tls_failure(message: str) -> str | None:
+    """A readable line for a gRPC transport error that is a failed TLS handshake, or None.
+
+    gRPC reports it as UNAVAILABLE "... Tls handshake failed (TSI_PROTOCOL_FAILURE): ...
+    OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: certificate has expired: OK"; the reason is
+    the part after the last ``OPENSSL_internal:``."""
+    lowered = message.lower()
+    if "handshake" not in lowered and "ssl" not in lowered:
+        return None
+    detail = message.rsplit("OPENSSL_internal:", 1)[-1] if "OPENSSL_internal:" in message else ""
+    detail = detail.removesuffix(": OK").strip() or message
+    hint = "check the CA the client trusts (ca= / --tls-ca) and the node's certificate"
+    if "WRONG_VERSION_NUMBER" in detail or "wrong version" in lowered:
+        hint = "the node does not speak TLS on this port: drop tls= / --tls or use its TLS port"
+    elif "PEER_DID_NOT_RETURN_A_CERTIFICATE" in message or "CERTIFICATE_REQUIRED" in message:
+        hint = "the node requires a client certificate: give client_cert= and client_key="
+    return f"TLS handshake with the node failed: {detail} ({hint})"
 
 
 def _error_info(trailers: Any) -> error_details_pb2.ErrorInfo | None:

@@ -107,6 +107,13 @@ def test_local_cluster_lifecycle(cluster_dir: Path) -> None:
     assert [n["id"] for n in st["nodes"]] == [1, 2, 3]
     assert all(n["process"] == "running" and n["alive"] for n in st["nodes"])
     assert st["controller_id"] in (1, 2, 3)
+    # The nodes talk mutual TLS on their own internal ports, with the certificates up made.
+    cluster = localcluster.load_cluster(cluster_dir)
+    for spec in cluster.nodes:
+        assert spec.internal_address and spec.internal_address != spec.address
+        assert "--internal-ca" in spec.argv and "--cluster-secret-file" not in spec.argv
+        assert (cluster_dir / "certs" / f"node-{spec.node_id}.crt").is_file()
+    assert (cluster_dir / "certs" / "ca.crt").is_file()
 
     # Commands run from the directory above .tidelog/cluster find the cluster by themselves.
     bootstrap = localcluster.discover_bootstrap(cluster_dir.parent.parent)
@@ -172,6 +179,21 @@ def test_local_cluster_lifecycle(cluster_dir: Path) -> None:
 
     run("cluster", "down", "--purge", "--dir", d)
     assert not cluster_dir.exists()
+
+
+@pytest.mark.timeout(120)
+def test_up_no_tls_authenticates_nodes_with_a_generated_secret(cluster_dir: Path) -> None:
+    d = str(cluster_dir)
+    base = str(_free_base_port())
+    run("cluster", "up", "--nodes", "2", "--dir", d, "--base-port", base, "--no-tls")
+    secret = cluster_dir / "cluster.secret"
+    assert secret.stat().st_mode & 0o077 == 0
+    assert len(secret.read_text().strip()) >= 32
+    for spec in localcluster.load_cluster(cluster_dir).nodes:
+        assert "--cluster-secret-file" in spec.argv and "--internal-ca" not in spec.argv
+    st = status(cluster_dir)
+    assert all(n["alive"] for n in st["nodes"]) and len(st["nodes"]) == 2
+    assert not (cluster_dir / "certs").exists()
 
 
 @pytest.mark.timeout(120)

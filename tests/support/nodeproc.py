@@ -2,7 +2,13 @@
 readiness by gRPC health check, and a kill at the end. Shared by every test that starts
 ``python -m tidelog.node`` (or ``python -m tidelog node start``). The command line and the
 spawning are the local cluster's (:func:`tidelog.ops.processes.node_argv`,
-:func:`~tidelog.ops.processes.spawn_node`)."""
+:func:`~tidelog.ops.processes.spawn_node`).
+
+Every node gets its own internal (node-to-node) port. :func:`spawn_cluster` secures the
+internal listeners as ``tidelog cluster up`` does: mutual TLS with a CA and node
+certificates made in the cluster's directory (the default), a cluster secret file, or
+nothing (loopback). :class:`Cluster` calls the internal ``Cluster`` service (LogDigest) with
+node 1's credentials."""
 
 from __future__ import annotations
 
@@ -13,11 +19,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tidelog.node.controller_node import LOG_DIGEST
+from tidelog.node.internal_auth import InternalAuth, TlsFiles
 from tidelog.ops.processes import free_port, node_argv, spawn_node
 from tidelog.v1 import broker_pb2, broker_pb2_grpc, cluster_pb2, cluster_pb2_grpc
 
@@ -36,11 +45,25 @@ class Node:
     voters: str | None = None
     #: Start through the CLI (``python -m tidelog node start``) instead of ``-m tidelog.node``.
     via_cli: bool = False
+    #: More node flags (``--tls-cert``, ``--auth-tokens-file``, ...), appended as given.
+    extra_args: tuple[str, ...] = ()
+    #: The CA (PEM) that verifies the node's TLS certificate: readiness is then checked over
+    #: TLS (with ``client_pem``, a (key, cert) pair, when the node requires client certs).
+    tls_ca: bytes | None = None
+    client_pem: tuple[bytes, bytes] | None = None
     proc: subprocess.Popen[bytes] | None = None
+    internal_port: int = field(default_factory=free_port)
+    #: (CA, certificate, key) of node-to-node TLS; or the cluster secret's file.
+    tls: tuple[Path, Path, Path] | None = None
+    secret_file: Path | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def internal_address(self) -> str:
+        return f"127.0.0.1:{self.internal_port}"
 
     def argv(self) -> list[str]:
         return list(
@@ -51,8 +74,11 @@ class Node:
                 self.metrics_port,
                 self.voters,
                 via_cli=self.via_cli,
+                internal_listen=self.internal_address,
+                tls=self.tls,
+                secret_file=self.secret_file,
             )
-        )
+        ) + list(self.extra_args)
 
     def spawn(self) -> None:
         """Start the process without waiting (cluster members wait for each other)."""
@@ -61,7 +87,13 @@ class Node:
     def wait_serving(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         assert self.proc is not None
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address) as channel:
+        if self.tls_ca is None:
+            channel = grpc.insecure_channel(self.address)
+        else:
+            key, cert = self.client_pem or (None, None)
+            creds = grpc.ssl_channel_credentials(self.tls_ca, key, cert)
+            channel = grpc.secure_channel(self.address, creds)
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if self.proc.poll() is not None:
@@ -113,13 +145,44 @@ class Node:
 ROLE_LEADER = 3
 
 
-def spawn_cluster(base: Path, ids: tuple[int, ...]) -> dict[int, Node]:
+Security = Literal["tls", "secret", "none"]
+
+
+def cluster_security(
+    base: Path, ids: tuple[int, ...], security: Security
+) -> tuple[dict[int, tuple[Path, Path, Path]], Path | None]:
+    """Certificates (``tls``: a CA and one certificate per node in ``base/certs``) or a
+    secret file (``secret``: ``base/cluster.secret``) for the nodes ``ids``."""
+    if security == "tls":
+        from tidelog.ops.certs import CA_CERT, local_cluster_certs
+
+        files = local_cluster_certs(base / "certs", ids)
+        return {i: (base / "certs" / CA_CERT, f.cert, f.key) for i, f in files.items()}, None
+    if security == "secret":
+        path = base / "cluster.secret"
+        path.write_text("tests-" + "s" * 32 + "\n")
+        return {}, path
+    return {}, None
+
+
+def spawn_cluster(base: Path, ids: tuple[int, ...], security: Security = "tls") -> dict[int, Node]:
     """Start one node per id (all of them controller voters) without waiting: they can only
-    serve once a majority is up."""
-    ports = {i: (free_port(), free_port()) for i in ids}
-    voters = ",".join(f"{i}@127.0.0.1:{ports[i][0]}" for i in ids)
+    serve once a majority is up. ``security``: how the nodes authenticate each other."""
+    ports = {i: (free_port(), free_port(), free_port()) for i in ids}
+    voters = ",".join(f"{i}@127.0.0.1:{ports[i][2]}" for i in ids)
+    tls, secret_file = cluster_security(base, ids, security)
     nodes = {
-        i: Node(base / f"n{i}", base / f"n{i}.log", i, ports[i][0], ports[i][1], voters)
+        i: Node(
+            base / f"n{i}",
+            base / f"n{i}.log",
+            i,
+            ports[i][0],
+            ports[i][1],
+            voters,
+            internal_port=ports[i][2],
+            tls=tls.get(i),
+            secret_file=secret_file,
+        )
         for i in ids
     }
     try:
@@ -149,6 +212,7 @@ class Cluster:
     #: The topic whose replicas ``digests`` and ``leaders`` look at.
     topic: str
     channels: dict[int, aio.Channel] = field(default_factory=dict)
+    internal_channels: dict[int, aio.Channel] = field(default_factory=dict)
 
     @property
     def bootstrap(self) -> str:
@@ -158,6 +222,23 @@ class Cluster:
         ch = self.channels.get(node)
         if ch is None:
             ch = self.channels[node] = aio.insecure_channel(self.nodes[node].address)
+        return ch
+
+    def internal_auth(self) -> InternalAuth:
+        """Node 1's credentials (the internal services answer nodes only)."""
+        n = self.nodes[min(self.nodes)]
+        if n.tls is not None:
+            ca, cert, key = (p.read_bytes() for p in n.tls)
+            return InternalAuth(n.node_id, tls=TlsFiles(ca, cert, key))
+        if n.secret_file is not None:
+            return InternalAuth(n.node_id, secret=n.secret_file.read_bytes().strip())
+        return InternalAuth(n.node_id)
+
+    def internal_channel(self, node: int) -> aio.Channel:
+        ch = self.internal_channels.get(node)
+        if ch is None:
+            ch = self.internal_auth().channel(self.nodes[node].internal_address)
+            self.internal_channels[node] = ch
         return ch
 
     def broker(self, node: int) -> broker_pb2_grpc.BrokerAsyncStub:
@@ -173,8 +254,11 @@ class Cluster:
         return resp
 
     async def digests(self, node: int) -> dict[int, cluster_pb2.PartitionDigest]:
-        stub = cluster_pb2_grpc.ClusterStub(self.channel(node))
-        resp = await stub.LogDigest(cluster_pb2.LogDigestRequest(topics=[self.topic]), timeout=10)
+        stub = cluster_pb2_grpc.ClusterStub(self.internal_channel(node))
+        md = self.internal_auth().call_metadata(LOG_DIGEST)
+        resp = await stub.LogDigest(
+            cluster_pb2.LogDigestRequest(topics=[self.topic]), timeout=10, metadata=md
+        )
         return {p.partition: p for p in resp.partitions}
 
     async def leaders(self, among: tuple[int, ...] | None = None) -> dict[int, int]:
@@ -208,6 +292,7 @@ class Cluster:
         await until("every node is up and alive", ready, timeout_s)
 
     async def close(self) -> None:
-        for ch in self.channels.values():
+        for ch in [*self.channels.values(), *self.internal_channels.values()]:
             await ch.close(None)
         self.channels.clear()
+        self.internal_channels.clear()

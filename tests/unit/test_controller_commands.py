@@ -30,6 +30,7 @@ from tidelog.errors import InvalidRequest
 EXAMPLES: list[Command] = [
     RegisterNode(1, "127.0.0.1:9092", "127.0.0.1:9100", "rack-a"),
     RegisterNode(2, "10.0.0.2:9092"),
+    RegisterNode(3, "10.0.0.3:9092", internal_address="10.0.0.3:9093"),
     MarkNodeDead(3),
     MarkNodeAlive(3),
     CreateTopic("orders", 3, 2, {"retention.ms": "1000"}, [(1, 2), (2, 3), (3, 1)]),
@@ -41,6 +42,12 @@ EXAMPLES: list[Command] = [
     UpdatePartitionLeaders(()),
     AllocateProducerIds(2, 1000),
 ]
+
+
+def test_a_registration_without_an_internal_address_decodes_as_before_the_split() -> None:
+    old = b'{"address":"h:1","metrics_address":"","node_id":1,"rack":null,"type":"register_node","v":1}'
+    assert decode_command(old) == RegisterNode(1, "h:1")
+    assert encode_command(RegisterNode(1, "h:1")) == old
 
 
 @pytest.mark.parametrize("command", EXAMPLES, ids=lambda c: type(c).__name__)

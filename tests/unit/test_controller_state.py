@@ -512,6 +512,24 @@ def test_snapshot_round_trip() -> None:
     assert other.snapshot() == data
 
 
+def test_internal_addresses_survive_snapshots_and_old_rows_still_load() -> None:
+    state = ClusterState()
+    state.apply(1, RegisterNode(1, "h:1", internal_address="h:2"))
+    state.apply(2, RegisterNode(2, "g:1"))
+    restored = ClusterState.from_snapshot(state.snapshot())
+    assert restored.nodes[1].internal_address == "h:2"
+    assert restored.nodes[2].internal_address == ""
+    assert restored.snapshot() == state.snapshot()
+    body = _body(state)
+    # node id, address, metrics address, rack, alive, registered at, directory id, internal
+    assert [len(row) for row in body["nodes"]] == [8, 8]
+    # Rows written before the internal listener (7 fields) or directory ids (6) still load.
+    for width in (6, 7):
+        old = dict(body, nodes=[row[:width] for row in body["nodes"]])
+        loaded = ClusterState.from_snapshot(_forge(old))
+        assert [n.internal_address for n in loaded.nodes.values()] == ["", ""]
+
+
 def _forge(body: dict[str, Any]) -> bytes:
     """A snapshot with a valid checksum around whatever body the test wants."""
     raw = json.dumps(body).encode()

@@ -67,6 +67,15 @@ def test_metrics_range_never_reuses_a_grpc_port() -> None:
     assert metrics == [10_004, 10_005, 10_006, 10_007]
 
 
+def test_internal_ports_start_above_the_metrics_range_and_skip_given_ones() -> None:
+    from tidelog.ops.processes import allocate_internal_ports
+
+    assert allocate_internal_ports(3, 9092, in_use=lambda p: False) == [9292, 9293, 9294]
+    busy = {9292}
+    got = allocate_internal_ports(3, 9092, avoid=[9293], in_use=busy.__contains__)
+    assert got == [9294, 9295, 9296]
+
+
 def test_running_out_of_ports_is_a_readable_error() -> None:
     with pytest.raises(
         ClusterError, match="not enough free gRPC ports from 65534 to 65535 for 3 nodes"
@@ -130,6 +139,7 @@ def test_cluster_file_round_trip(tmp_path: Path) -> None:
         "id",
         "pid",
         "address",
+        "internal_address",
         "metrics_address",
         "data_dir",
         "log",
@@ -320,7 +330,9 @@ def test_bad_signal_name(tmp_path: Path) -> None:
 def test_up_names_the_log_of_a_node_that_exits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def crashing(node_id: int, address: str, data_dir: Path, *rest: object) -> tuple[str, ...]:
+    def crashing(
+        node_id: int, address: str, data_dir: Path, *rest: object, **flags: object
+    ) -> tuple[str, ...]:
         code = f"print('boom from node {node_id}'); raise SystemExit(3)"
         return (sys.executable, "-c", code, "--data-dir", str(data_dir))
 
@@ -336,7 +348,9 @@ def test_up_names_the_log_of_a_node_that_exits(
 def test_up_times_out_naming_the_silent_node_and_stops_what_it_started(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def silent(node_id: int, address: str, data_dir: Path, *rest: object) -> tuple[str, ...]:
+    def silent(
+        node_id: int, address: str, data_dir: Path, *rest: object, **flags: object
+    ) -> tuple[str, ...]:
         return tuple(_sleeper(data_dir))
 
     monkeypatch.setattr(localcluster, "node_argv", silent)

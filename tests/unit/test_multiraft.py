@@ -401,3 +401,42 @@ async def test_a_hard_state_that_cannot_be_stored_fails_only_its_group(
             await asyncio.sleep(0.01)
     assert not solo_group.failed
     assert values_of(solo) == [b"still"]
+
+
+@pytest.mark.timeout(60)
+async def test_a_stalled_fsync_of_one_group_does_not_silence_the_others(
+    cluster: Cluster,
+) -> None:
+    """Issue 8, defect 5: every group's messages used to wait for the whole round's fsyncs,
+    so one partition's slow disk stopped the heartbeats (and commits) of every group its
+    node leads, and their followers started elections. Now each group goes on as soon as
+    its own writes are durable, and later rounds run beside a stalled one."""
+    config = TopicConfig.from_overrides({})
+    other: dict[int, Partition] = {}
+    logs: dict[int, InstrumentedLog] = {}
+    for n in (1, 2, 3):
+        cluster.add(n)
+        lg = logs[n] = InstrumentedLog(cluster.dir / f"n{n}" / "other", config)
+        p = Partition("u", 0, lg, config, group_id=GROUP + 1, replicas=sorted(VOTERS))
+        raft = cluster.net.nodes[n]
+        g = raft.add_group(GROUP + 1, lg, ConfState(voters=VOTERS), p, durable=True, config=CONFIG)
+        p.attach(g, raft)
+        other[n] = p
+    cluster.net.nodes[1].campaign(cluster.parts[1].group)  # type: ignore[arg-type]
+    cluster.net.nodes[1].campaign(other[1].group)  # type: ignore[arg-type]
+    async with asyncio.timeout(10):
+        while not (cluster.parts[1].serving and other[1].serving):
+            await asyncio.sleep(0.01)
+    term = cluster.parts[1].term
+    # Node 1's disk under group "u" stalls for 10 election timeouts.
+    logs[1].flush_delay_s = 2.0
+    stalled = asyncio.ensure_future(cluster.produce(other[1], b"slow"))
+    await asyncio.sleep(0.05)
+    t0 = asyncio.get_running_loop().time()
+    for i in range(20):
+        await cluster.produce(cluster.parts[1], b"%d" % i)
+    took = asyncio.get_running_loop().time() - t0
+    assert took < 1.5, f"the healthy group waited for the stalled fsync ({took:.2f} s)"
+    assert cluster.parts[1].serving and cluster.parts[1].term == term  # no election
+    await stalled
+    logs[1].flush_delay_s = 0.0

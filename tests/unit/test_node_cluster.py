@@ -38,7 +38,8 @@ class Cluster:
     def __init__(self, base: Path) -> None:
         self.base = base
         self.ports = {i: free_port() for i in (1, 2, 3, 4)}
-        self.voters = ",".join(f"{i}@127.0.0.1:{self.ports[i]}" for i in (1, 2, 3))
+        self.internal_ports = {i: free_port() for i in (1, 2, 3, 4)}
+        self.voters = ",".join(f"{i}@127.0.0.1:{self.internal_ports[i]}" for i in (1, 2, 3))
         self.nodes: dict[int, Node] = {}
         self.channels: dict[int, aio.Channel] = {}
 
@@ -55,6 +56,7 @@ class Cluster:
             timing=TIMING,
             node_dead_ms=NODE_DEAD_MS,
             rack=RACKS[i],
+            internal_listen=f"127.0.0.1:{self.internal_ports[i]}",
         )
         await node.start()
         self.nodes[i] = node
@@ -70,7 +72,11 @@ class Cluster:
         return admin_pb2_grpc.AdminStub(self._channel(i))  # type: ignore[return-value]
 
     def cluster(self, i: int) -> cluster_pb2_grpc.ClusterAsyncStub:
-        return cluster_pb2_grpc.ClusterStub(self._channel(i))  # type: ignore[return-value]
+        # The internal service is on the internal listener (plain: loopback, no auth).
+        ch = self.channels.get(-i)
+        if ch is None:
+            ch = self.channels[-i] = aio.insecure_channel(f"127.0.0.1:{self.internal_ports[i]}")
+        return cluster_pb2_grpc.ClusterStub(ch)  # type: ignore[return-value]
 
     def _channel(self, i: int) -> aio.Channel:
         ch = self.channels.get(i)

@@ -38,6 +38,12 @@ def test_flag_names_and_defaults_are_the_documented_ones() -> None:
         "--data-dir": None,
         "--metrics-port": None,
         "--advertised": None,
+        "--internal-listen": None,
+        "--internal-advertised": None,
+        "--internal-ca": None,
+        "--internal-cert": None,
+        "--internal-key": None,
+        "--cluster-secret-file": None,
         "--log-level": "info",
         "--controller-voters": None,
         "--election-timeout-ms": 1000,
@@ -45,6 +51,10 @@ def test_flag_names_and_defaults_are_the_documented_ones() -> None:
         "--node-dead-ms": 3000,
         "--cluster-id": None,
         "--rack": None,
+        "--tls-cert": None,
+        "--tls-key": None,
+        "--tls-client-ca": None,
+        "--auth-tokens-file": None,
     }
     assert {f.name for f in NODE_FLAGS if f.required} == {
         "--id",
@@ -118,6 +128,25 @@ def test_cluster_checks_are_shared() -> None:
     flags, settings = node_flags(vars(parser().parse_args([*REQUIRED, "--rack", "a"])))
     assert settings == ClusterSettings(rack="a")
     assert flags.rack == "a"
+
+
+def test_internal_listener_and_auth_flags_parse_alike_and_round_trip() -> None:
+    extra = ["--internal-listen", "127.0.0.1:9292", "--internal-advertised", "n3:9292"]
+    extra += ["--internal-ca", "/c/ca.crt", "--internal-cert", "/c/node-3.crt"]
+    extra += ["--internal-key", "/c/node-3.key", "--cluster-secret-file", "/c/s"]
+    flags = via_argparse([*REQUIRED, *extra])
+    assert flags == via_click([*REQUIRED, *extra])
+    assert (flags.internal_listen, flags.internal_advertised) == ("127.0.0.1:9292", "n3:9292")
+    assert (flags.internal_ca, flags.internal_cert, flags.internal_key) == (
+        Path("/c/ca.crt"),
+        Path("/c/node-3.crt"),
+        Path("/c/node-3.key"),
+    )
+    assert flags.cluster_secret_file == Path("/c/s")
+    _, settings = node_flags(vars(parser().parse_args([*REQUIRED, *extra])))
+    argv = node_argv(3, "h:3", Path("/d/3"), 9000, None, "info", settings)
+    _, again = node_flags(vars(parser().parse_args(argv[3:])))
+    assert again == settings
 
 
 def test_argv_renders_the_table_and_parses_back() -> None:

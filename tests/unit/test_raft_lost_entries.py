@@ -55,6 +55,19 @@ def lose_tail(c: Cluster, nid: int, keep: int, *, lost_to: int | None = None) ->
         node.raft = RawNode(nid, storage, c.rngs[nid], c.config, applied=keep, lost_to=lost_to)
 
 
+def elect_among_2_and_3(c: Cluster) -> int:
+    """Tick nodes 2 and 3 (node 1 is down) until one of them leads; that one."""
+    for _ in range(10 * c.config.election_timeout_ticks):
+        c.tick(2)
+        c.tick(3)
+        c.stabilize()
+        if Role.LEADER in (c[2].role, c[3].role):
+            break
+    leader = 2 if c[2].role == Role.LEADER else 3
+    assert c[leader].role == Role.LEADER
+    return leader
+
+
 def test_leader_reprobes_a_follower_that_lost_acknowledged_entries() -> None:
     c = Cluster([1, 2, 3])
     c.elect(1)
@@ -132,14 +145,7 @@ def test_a_replica_that_lost_entries_does_not_vote_until_caught_up() -> None:
     # ... and votes again: with 1 down, 2 and 3 elect a leader (each needs the other's vote),
     # and it holds the committed entries.
     c.down.add(1)
-    for _ in range(10 * c.config.election_timeout_ticks):
-        c.tick(2)
-        c.tick(3)
-        c.stabilize()
-        if Role.LEADER in (c[2].role, c[3].role):
-            break
-    leader = 2 if c[2].role == Role.LEADER else 3
-    assert c[leader].role == Role.LEADER
+    leader = elect_among_2_and_3(c)
     assert [e.data for e in c.log_of(leader)][:5] == [e.data for e in c.log_of(1)][:5]
 
 
@@ -301,14 +307,7 @@ def test_a_wiped_replica_does_not_vote_for_a_candidate_with_entries_until_caught
     assert [e.data for e in c.log_of(3)] == [e.data for e in c.log_of(1)]
     # ... and votes again: with 1 down, 2 and 3 elect a leader holding the entries.
     c.down.add(1)
-    for _ in range(10 * c.config.election_timeout_ticks):
-        c.tick(2)
-        c.tick(3)
-        c.stabilize()
-        if Role.LEADER in (c[2].role, c[3].role):
-            break
-    leader = 2 if c[2].role == Role.LEADER else 3
-    assert c[leader].role == Role.LEADER
+    leader = elect_among_2_and_3(c)
     assert [e.data for e in c.log_of(leader)][:4] == [e.data for e in c.log_of(1)][:4]
 
 

@@ -55,9 +55,12 @@ class NodeSpec:
     data_dir: Path
     log_path: Path
     argv: tuple[str, ...]
+    #: The node's internal (node-to-node) listener; "" in a cluster.json of before the split.
+    internal_address: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "internal_address": self.internal_address,
             "id": self.node_id,
             "pid": self.pid,
             "address": self.address,
@@ -80,6 +83,9 @@ class NodeSpec:
         for key in ("address", "metrics_address", "data_dir", "log"):
             if not isinstance(obj[key], str):
                 raise ValueError(f"{key} must be a string")
+        internal = obj.get("internal_address", "")
+        if not isinstance(internal, str):
+            raise ValueError("internal_address must be a string")
         return cls(
             node_id=obj["id"],
             pid=obj["pid"],
@@ -88,6 +94,7 @@ class NodeSpec:
             data_dir=Path(obj["data_dir"]),
             log_path=Path(obj["log"]),
             argv=tuple(argv),
+            internal_address=internal,
         )
 
 
@@ -99,14 +106,20 @@ class ClusterFile:
     nodes: tuple[NodeSpec, ...]
     controller_voters: str
     created_ms: int
+    #: The CA that verifies the nodes' client listeners when they serve TLS (optional; the
+    #: CLI then connects with TLS and this CA unless given --tls-ca).
+    tls_ca: Path | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "version": CLUSTER_FILE_VERSION,
             "created_ms": self.created_ms,
             "controller_voters": self.controller_voters,
             "nodes": [n.to_json() for n in self.nodes],
         }
+        if self.tls_ca is not None:
+            out["tls_ca"] = str(self.tls_ca)
+        return out
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any], directory: Path) -> ClusterFile:
@@ -118,11 +131,15 @@ class ClusterFile:
         ids = [n.node_id for n in nodes]
         if len(set(ids)) != len(ids):
             raise ValueError(f"node ids repeat: {ids}")
+        tls_ca = obj.get("tls_ca")
+        if tls_ca is not None and not isinstance(tls_ca, str):
+            raise ValueError("tls_ca must be a string (a path)")
         return cls(
             directory=directory,
             nodes=nodes,
             controller_voters=str(obj["controller_voters"]),
             created_ms=int(obj["created_ms"]),
+            tls_ca=None if tls_ca is None else directory / tls_ca,
         )
 
     @property

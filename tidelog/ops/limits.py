@@ -14,6 +14,11 @@ BASE_PORT_DEFAULT: Final = 9092
 #: Metrics ports start this far above the base port, so up to 100 nodes get contiguous,
 #: non-overlapping gRPC and metrics ranges (9092.. and 9192.. by default).
 METRICS_PORT_OFFSET: Final = 100
+#: Internal (node-to-node) ports start this far above the base port (9292.. by default).
+INTERNAL_PORT_OFFSET: Final = 200
+#: Where ``cluster up`` keeps the CA and node certificates, and the secret of ``--no-tls``.
+CERTS_DIR: Final = "certs"
+SECRET_FILE: Final = "cluster.secret"
 PORT_MAX: Final = 65535
 NODES_MAX: Final = 100
 #: The controller (Raft group 0) runs on the first nodes; more voters only slow it down.
@@ -40,4 +45,5 @@ CMDLINE_READS_MAX: Final = 50
 CMDLINE_RETRY_S: Final = 0.002
 
 assert 0 < CONTROLLER_VOTERS_MAX <= NODES_MAX <= METRICS_PORT_OFFSET
+assert INTERNAL_PORT_OFFSET >= METRICS_PORT_OFFSET + NODES_MAX
 assert STOP_TIMEOUT_S > 10.0, "must exceed the node's drain timeout (node/limits.py)"

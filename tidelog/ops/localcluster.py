@@ -9,7 +9,8 @@ directory.
 
 Ports: gRPC ports are taken from the base port upward (default 9092: 9092, 9093, ...) and
 metrics ports from the base port + ``METRICS_PORT_OFFSET`` upward (default 9192, 9193, ...),
-skipping any port something already listens on. The first ``CONTROLLER_VOTERS_MAX`` nodes
+skipping any port something already listens on; internal (node-to-node) ports from the base
+port + ``INTERNAL_PORT_OFFSET`` upward (default 9292, 9293, ...). The first ``CONTROLLER_VOTERS_MAX`` nodes
 are the controller's voters; every node is told the same voter list.
 
 Why a pid file with identity checks rather than a supervisor: the nodes must outlive the
@@ -17,6 +18,12 @@ command that started them, and the chaos tester must be able to SIGKILL and SIGS
 real process. A recorded pid can be reused by an unrelated process after a reboot, so a
 pid only counts as our node when ``/proc/PID/cmdline`` names the node's data directory;
 nothing here ever signals a process that fails that check.
+
+Node authentication: by default ``up`` makes a cluster CA and one certificate per node in
+``DIR/certs/`` (tidelog/ops/certs.py) and the nodes talk mutual TLS on their internal
+listeners; with ``tls=False`` (``--no-tls``) it writes a random cluster secret to
+``DIR/cluster.secret`` (mode 0600) instead. The client listeners stay plain gRPC, so the CLI
+and the clients reach the nodes as before.
 
 ``down`` keeps cluster.json and the data (unless ``--purge``), and a later ``up`` in the same
 directory resumes the stopped cluster with the same ids, ports and data.
@@ -49,9 +56,11 @@ from tidelog.ops.cluster_file import (
 )
 from tidelog.ops.limits import (
     BASE_PORT_DEFAULT,
+    CERTS_DIR,
     CLUSTER_DIR_DEFAULT,
     CLUSTER_FILE,
     HOST,
+    INTERNAL_PORT_OFFSET,
     KILL_WAIT_S,
     METRICS_PORT_OFFSET,
     NODE_READY_TIMEOUT_S,
@@ -59,12 +68,14 @@ from tidelog.ops.limits import (
     POLL_INTERVAL_S,
     PORT_MAX,
     READY_TIMEOUT_S,
+    SECRET_FILE,
     STOP_TIMEOUT_S,
 )
 from tidelog.ops.probe import Probe, readiness_problem
 from tidelog.ops.processes import (
     SIGNALS,
     ProcState,
+    allocate_internal_ports,
     allocate_ports,
     controller_voters,
     launch,
@@ -92,6 +103,7 @@ from tidelog.v1 import broker_pb2
 __all__ = [
     "BASE_PORT_DEFAULT",
     "CLUSTER_DIR_DEFAULT",
+    "INTERNAL_PORT_OFFSET",
     "METRICS_PORT_OFFSET",
     "NODES_MAX",
     "NODE_READY_TIMEOUT_S",
@@ -111,6 +123,8 @@ __all__ = [
     "cluster_status",
     "controller_voters",
     "discover_bootstrap",
+    "discover_bootstrap_in",
+    "discover_tls_ca",
     "down",
     "kill_node",
     "load_cluster",
@@ -134,14 +148,28 @@ def discover_bootstrap(cwd: Path | str) -> str | None:
     """The addresses of the running nodes of the local cluster under ``cwd`` (the default
     ``.tidelog/cluster``), comma-separated, or None when there is none (no file, a damaged
     file, or every node down): the CLI's default bootstrap when no other is given."""
+    return discover_bootstrap_in(Path(cwd) / CLUSTER_DIR_DEFAULT)
+
+
+def discover_bootstrap_in(directory: Path) -> str | None:
+    """As :func:`discover_bootstrap`, for the local cluster in ``directory``."""
     try:
-        cluster = load_cluster(Path(cwd) / CLUSTER_DIR_DEFAULT)
+        cluster = load_cluster(directory)
     except ClusterError:
         return None
     live = [
         n.address for n in cluster.nodes if process_state(n.pid, n.data_dir) is ProcState.RUNNING
     ]
     return ",".join(live) or None
+
+
+def discover_tls_ca(directory: Path) -> Path | None:
+    """The CA the local cluster in ``directory`` records for its client listeners (cluster.json
+    ``tls_ca``, relative to ``directory`` or absolute), or None."""
+    try:
+        return load_cluster(directory).tls_ca
+    except ClusterError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +183,7 @@ def up(
     *,
     timeout_s: float = READY_TIMEOUT_S,
     note: Callable[[str], None] | None = None,
+    tls: bool = True,
 ) -> UpResult:
     """Start an ``nodes``-node cluster in ``directory`` (or resume the stopped one there) and
     wait until it is ready. On failure the started nodes are stopped again and the error
@@ -171,7 +200,7 @@ def up(
             if note is not None:
                 note(f"resuming the stopped {nodes}-node cluster in {directory}")
         else:
-            cluster = _new_cluster(directory, nodes, base_port)
+            cluster = _new_cluster(directory, nodes, base_port, tls=tls)
             if note is not None:
                 note(f"starting {nodes} node(s) in {directory}")
         try:
@@ -185,11 +214,26 @@ def up(
     return UpResult(cluster, controller, resumed)
 
 
-def _new_cluster(directory: Path, nodes: int, base_port: int) -> ClusterFile:
+def _new_cluster(directory: Path, nodes: int, base_port: int, *, tls: bool) -> ClusterFile:
     ports = allocate_ports(nodes, base_port)
+    internal_ports = allocate_internal_ports(nodes, base_port, [p for g_m in ports for p in g_m])
     ids = list(range(1, nodes + 1))
     addresses = {i: f"{HOST}:{g}" for i, (g, _) in zip(ids, ports, strict=True)}
-    voters = controller_voters(addresses)
+    internal = {i: f"{HOST}:{p}" for i, p in zip(ids, internal_ports, strict=True)}
+    voters = controller_voters(internal)
+    node_tls: dict[int, tuple[Path, Path, Path]] = {}
+    secret_file: Path | None = None
+    if tls:
+        from tidelog.ops.certs import CA_CERT, CertError, local_cluster_certs
+
+        certs_dir = directory / CERTS_DIR
+        try:
+            files = local_cluster_certs(certs_dir, ids)
+        except (CertError, OSError) as exc:
+            raise ClusterError(f"cannot make the node certificates in {certs_dir}: {exc}") from None
+        node_tls = {i: (certs_dir / CA_CERT, f.cert, f.key) for i, f in files.items()}
+    else:
+        secret_file = _write_secret(directory / SECRET_FILE)
     specs: list[NodeSpec] = []
     for i, (_, metrics_port) in zip(ids, ports, strict=True):
         node_dir = directory / f"node-{i}"
@@ -202,10 +246,32 @@ def _new_cluster(directory: Path, nodes: int, base_port: int) -> ClusterFile:
                 metrics_address=f"{HOST}:{metrics_port}",
                 data_dir=data_dir,
                 log_path=node_dir / "node.log",
-                argv=node_argv(i, addresses[i], data_dir, metrics_port, voters),
+                argv=node_argv(
+                    i,
+                    addresses[i],
+                    data_dir,
+                    metrics_port,
+                    voters,
+                    internal_listen=internal[i],
+                    tls=node_tls.get(i),
+                    secret_file=secret_file,
+                ),
+                internal_address=internal[i],
             )
         )
     return ClusterFile(directory, tuple(specs), voters, time.time_ns() // 1_000_000)
+
+
+def _write_secret(path: Path) -> Path:
+    """A random cluster secret for ``--no-tls``, readable by this user only."""
+    import secrets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+    return path
 
 
 def _resumable(cluster: ClusterFile, nodes: int) -> ClusterFile:
@@ -228,8 +294,8 @@ def _resumable(cluster: ClusterFile, nodes: int) -> ClusterFile:
             "`tidelog cluster down --purge` removes it, or pass another --dir"
         )
     for n in cluster.nodes:
-        for addr in (n.address, n.metrics_address):
-            if port_in_use(port_of(addr)):
+        for addr in (n.address, n.metrics_address, n.internal_address):
+            if addr and port_in_use(port_of(addr)):
                 raise ClusterError(
                     f"cannot resume node {n.node_id}: port {port_of(addr)} ({addr}) is in "
                     f"use by another process; free it or `tidelog cluster down --purge` and "
@@ -343,8 +409,8 @@ def start_node(
             os.kill(node.pid, signal.SIGCONT)
             action = "resumed"
         else:
-            for addr in (node.address, node.metrics_address):
-                if port_in_use(port_of(addr)):
+            for addr in (node.address, node.metrics_address, node.internal_address):
+                if addr and port_in_use(port_of(addr)):
                     raise ClusterError(
                         f"cannot restart node {node_id}: port {port_of(addr)} ({addr}) is "
                         "in use by another process"

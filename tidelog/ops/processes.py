@@ -25,6 +25,7 @@ from tidelog.ops.limits import (
     CMDLINE_RETRY_S,
     CONTROLLER_VOTERS_MAX,
     HOST,
+    INTERNAL_PORT_OFFSET,
     LOG_TAIL_BYTES,
     LOG_TAIL_LINES,
     METRICS_PORT_OFFSET,
@@ -35,6 +36,7 @@ from tidelog.ops.limits import (
 __all__ = [
     "SIGNALS",
     "ProcState",
+    "allocate_internal_ports",
     "allocate_ports",
     "controller_voters",
     "free_port",
@@ -262,8 +264,28 @@ def allocate_ports(
     if metrics_base_port is None:
         metrics_base_port = base_port + METRICS_PORT_OFFSET
     taken: set[int] = set()
+    grpc_ports = _free_run(count, base_port, "gRPC", taken, in_use)
+    metrics_ports = _free_run(count, metrics_base_port, "metrics", taken, in_use)
+    return list(zip(grpc_ports, metrics_ports, strict=True))
 
-    def next_free(start: int, first: int, what: str) -> int:
+
+def allocate_internal_ports(
+    count: int,
+    base_port: int,
+    avoid: Sequence[int] = (),
+    in_use: Callable[[int], bool] = port_in_use,
+) -> list[int]:
+    """``count`` internal (node-to-node) ports from ``base_port + INTERNAL_PORT_OFFSET`` up,
+    each neither in use nor in ``avoid`` (the ports :func:`allocate_ports` gave out)."""
+    if count < 1:
+        raise ValueError(f"count={count} must be >= 1")
+    return _free_run(count, base_port + INTERNAL_PORT_OFFSET, "internal", set(avoid), in_use)
+
+
+def _free_run(
+    count: int, first: int, what: str, taken: set[int], in_use: Callable[[int], bool]
+) -> list[int]:
+    def next_free(start: int) -> int:
         port = start
         while port <= PORT_MAX:
             if port not in taken and not in_use(port):
@@ -275,17 +297,12 @@ def allocate_ports(
             "pass a lower --base-port"
         )
 
-    grpc_ports: list[int] = []
-    start = base_port
+    ports: list[int] = []
+    start = first
     for _ in range(count):
-        grpc_ports.append(next_free(start, base_port, "gRPC"))
-        start = grpc_ports[-1] + 1
-    metrics_ports: list[int] = []
-    start = metrics_base_port
-    for _ in range(count):
-        metrics_ports.append(next_free(start, metrics_base_port, "metrics"))
-        start = metrics_ports[-1] + 1
-    return list(zip(grpc_ports, metrics_ports, strict=True))
+        ports.append(next_free(start))
+        start = ports[-1] + 1
+    return ports
 
 
 def controller_voters(addresses: Mapping[int, str]) -> str:
@@ -303,10 +320,14 @@ def node_argv(
     python: str = sys.executable,
     *,
     via_cli: bool = False,
+    internal_listen: str | None = None,
+    tls: tuple[Path, Path, Path] | None = None,
+    secret_file: Path | None = None,
 ) -> tuple[str, ...]:
     """The command line of one node: ``python -m tidelog.node`` (the CLI's dependencies
     unloaded), or ``python -m tidelog node start`` with ``via_cli``; the flags come from the
-    node's table (node/settings.py). The local cluster stores it in cluster.json so that
+    node's table (node/settings.py). ``tls`` is (CA, certificate, key) of node-to-node TLS,
+    ``secret_file`` the cluster secret's file. The local cluster stores it in cluster.json so that
     ``start`` restarts exactly the same node; the integration tests start nodes with it."""
     command = ("-m", "tidelog", "node", "start") if via_cli else ("-m", "tidelog.node")
     flags = to_argv(
@@ -316,6 +337,11 @@ def node_argv(
             "data_dir": data_dir,
             "metrics_port": metrics_port,
             "controller_voters": voters,
+            "internal_listen": internal_listen,
+            "internal_ca": tls[0] if tls else None,
+            "internal_cert": tls[1] if tls else None,
+            "internal_key": tls[2] if tls else None,
+            "cluster_secret_file": secret_file,
         }
     )
     return (python, *command, *flags)

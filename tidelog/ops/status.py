@@ -288,7 +288,7 @@ def render_nodes(result: UpResult, cwd: Path | None = None) -> list[Any]:
     cluster = result.cluster
     verb = "resumed" if result.resumed else "started"
     table = Table(title=f"local cluster {verb} in {cluster.directory}", title_justify="left")
-    for col in ("node", "pid", "gRPC", "metrics", "log"):
+    for col in ("node", "pid", "gRPC", "internal", "metrics", "log"):
         justify: Literal["left", "right"] = "right" if col in ("node", "pid") else "left"
         table.add_column(col, justify=justify, no_wrap=True)
     for n in cluster.nodes:
@@ -298,7 +298,8 @@ def render_nodes(result: UpResult, cwd: Path | None = None) -> list[Any]:
             if n.log_path.is_relative_to(cluster.directory)
             else n.log_path
         )
-        table.add_row(node, str(n.pid), n.address, n.metrics_address, str(log))
+        internal = n.internal_address or "-"
+        table.add_row(node, str(n.pid), n.address, internal, n.metrics_address, str(log))
     bootstrap = ",".join(n.address for n in cluster.nodes)
     home = (cwd or Path.cwd()).absolute()
     if cluster.directory == home / CLUSTER_DIR_DEFAULT:

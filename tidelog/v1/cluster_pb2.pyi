@@ -5,7 +5,10 @@ Node-to-node cluster services besides Raft replication: forwarding metadata chan
 active controller (the leader of Raft group 0), node heartbeats to it, and a debug view
 of the partition logs a node holds.
 
-Clients never call these. Every request names its sender and cluster; a node of another
+Clients never call these: they are served on the node's internal listener only (the client
+port answers UNIMPLEMENTED), to authenticated nodes (node/internal_auth.py), and a request
+whose sender (`from_node`, `node_id`, a RegisterNode's id) is not the authenticated node is
+refused with PERMISSION_DENIED. Every request names its sender and cluster; a node of another
 cluster refuses it with FAILED_PRECONDITION (reason PEER_MISMATCH). A node that is not the
 active controller answers Forward and Heartbeat with NOT_LEADER, naming the controller it
 knows of (metadata leader_id, leader_address), and the caller retries there.

@@ -21,6 +21,10 @@ Framing
   `to_node` of cluster `cluster_id` aborts the stream with FAILED_PRECONDITION (reason
   PEER_MISMATCH), so a node restarted at another address or a stray cluster cannot inject
   messages.
+* The Raft service is served on the node's internal listener only (the client port answers
+  UNIMPLEMENTED), and the stream's caller is authenticated (mutual TLS with the cluster CA,
+  or a cluster-secret MAC in the call metadata; node/internal_auth.py): a batch whose
+  `from_node` is not the authenticated node aborts the stream with PERMISSION_DENIED.
 * Heartbeats are coalesced (as Redpanda's heartbeat_manager does): the HEARTBEAT and
   HEARTBEAT_RESP messages of ALL groups shared with the peer go in `heartbeats` as parallel
   packed arrays (group, term, commit, context), so 10,000 idle groups cost one small

@@ -413,9 +413,7 @@ class SimNode:
         self.up = False
         raft = self.raft
         if raft is not None:
-            for task in (raft._tick_task, raft._ready_task):
-                if task is not None:
-                    task.cancel()
+            raft.abort()
         if self.executor is not None:
             self.executor.cancel_all()
         for part in self.parts.values():
