@@ -944,10 +944,15 @@ class RawNode:
             next_probe = m.reject_hint
             if m.reject_hint_term > 0:
                 next_probe, _ = self.log.find_conflict_by_term(m.reject_hint, m.reject_hint_term)
-            if m.reject_hint < pr.match:
-                # A follower whose log matches up to ``match`` never hints below it: it lost
-                # entries it acknowledged (or the answer is stale, and probing costs a round
-                # trip). Forget what it acknowledged and probe from its hint.
+            if m.reject_hint < pr.match or (
+                m.reject_hint == pr.match
+                and m.reject_hint_term > 0
+                and not self.log.match_term(m.reject_hint, m.reject_hint_term)
+            ):
+                # A follower whose log matches up to ``match`` never hints below it, nor at it
+                # with another term than ours: it lost entries it acknowledged (or the answer
+                # is stale, and probing costs a round trip). Forget what it acknowledged and
+                # probe from its hint.
                 pr.reset_to_probe(next_probe + 1)
                 self._send_append(m.frm, pr, send_if_empty=True)
                 return
