@@ -265,9 +265,18 @@ class RawNode:
             return None
         return self.tracker.progress.get(node_id)
 
+    def _recovering(self) -> bool:
+        """Recovering lost entries (a new replica with an empty log is not: it bootstraps)."""
+        return bool(self.lost_to) and not (
+            self.lost_to == NEW_REPLICA and self.log.last_index() == 0
+        )
+
     def _promotable(self) -> bool:
-        if self.lost_to and not (self.lost_to == NEW_REPLICA and self.log.last_index() == 0):
-            return False  # recovering lost entries: must not lead, nor vote
+        # A recovering node may stand, but its own vote does not count (its log may lack
+        # what it acknowledged): it wins only on the grants of a majority of the others, or
+        # when every voter answered (the unanimous rule above). Were it never to stand, a
+        # group whose every replica lost entries (a power loss under flush=os) could never
+        # elect anyone again.
         return self.id in self.tracker.conf.voters or self.id in self.tracker.conf.voters_outgoing
 
     # ---- driver interface ---------------------------------------------------------------
@@ -646,7 +655,10 @@ class RawNode:
         else:
             self._become_candidate()
             kind, term = _K.VOTE, self.term
-        self.tracker.record_vote(self.id, True)
+        if self._recovering():
+            self.tracker.record_vote(self.id, False, recovering=True)
+        else:
+            self.tracker.record_vote(self.id, True)
         if self.tracker.tally_votes() == quorum.VoteResult.WON:
             # A single-voter group wins at once.
             if pre:

@@ -335,6 +335,8 @@ class SimNode:
         self.executor: SimExecutor | None = None
         self.parts: dict[int, WatchedPartition] = {}
         self.stall_until = 0.0
+        #: Wiped, and maybe not caught up yet (see rebuilding).
+        self.wiped = False
         self.group_stall: dict[int, float] = {}
 
     def directory(self, group: int) -> Path:
@@ -408,6 +410,17 @@ class SimNode:
         raft.start()
         sim.trace(f"node {self.node_id} started (incarnation {self.incarnation})")
 
+    def rebuilding(self) -> bool:
+        """Wiped and not yet caught up in every group it holds: another wipe now could take
+        a majority of some group's replicas, a loss no replication protocol survives."""
+        if not self.wiped:
+            return False
+        raft = self.raft
+        if not self.up or raft is None or any(g.raw.lost_to for g in raft.groups.values()):
+            return True
+        self.wiped = False
+        return False
+
     def crash(self, *, power: bool, wipe: bool = False) -> None:
         sim = self.sim
         self.up = False
@@ -423,6 +436,7 @@ class SimNode:
         if wipe:
             self.disk.wipe()
             self.meta.wipe()
+            self.wiped = True
             what = "disk wiped"
         self.raft = None
         self.parts = {}
@@ -670,7 +684,11 @@ class Simulation:
                     continue
                 victim = self.nodes[target if target in up else rng.choice(up)]
                 power = rng.random() < o.power_loss
-                wipe = rng.random() < o.wipe
+                # Raft's fault model: at most a minority of a group's replicas lose their
+                # disk at a time, so one wiped node rebuilds before another is wiped.
+                wipe = rng.random() < o.wipe and not any(
+                    n.rebuilding() for n in self.nodes.values() if n is not victim
+                )
                 victim.crash(power=power, wipe=wipe)
                 self.stats.wipes += wipe
                 loop.call_later(rng.uniform(0.05, 1.0), self._restart, victim)
