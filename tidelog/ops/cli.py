@@ -134,10 +134,17 @@ def node() -> None:
 
 
 def _node_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The node's flags as click options, from the one table in node/settings.py."""
-    from tidelog.node.settings import NODE_FLAGS
+    """The node's flags as click options, from the one table in node/settings.py. None is
+    required and none has a default here: a flag left out is None, and the environment, the
+    --config file or the default fills it (node/settings.py resolve)."""
+    from tidelog.node.settings import NODE_FLAGS, help_text
 
     for flag in reversed(NODE_FLAGS):
+        if flag.kind == "bool":
+            fn = click.option(
+                flag.name, flag.dest, is_flag=True, default=None, help=help_text(flag)
+            )(fn)
+            continue
         kind: Any = None  # a click.ParamType; None: text
         if flag.choices:
             kind = click.Choice(list(flag.choices))
@@ -151,26 +158,58 @@ def _node_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             flag.name,
             flag.dest,
             type=kind,
-            required=flag.required,
-            default=flag.default,
-            show_default=flag.default is not None,
+            default=None,
             metavar=flag.metavar,
-            help=flag.help,
+            help=help_text(flag),
         )(fn)
     return fn
+
+
+def _resolve_node(values: dict[str, Any]) -> Any:
+    import os
+
+    from tidelog.node.settings import resolve
+
+    try:
+        return resolve(values, os.environ)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @node.command("start")
 @_node_options
 def node_start(**values: Any) -> None:
-    """Run one node in the foreground until SIGTERM or Ctrl-C."""
+    """Run one node in the foreground until SIGTERM or Ctrl-C.
+
+    Settings come from flags, then TIDELOG_NODE_* variables, then --config FILE (TOML), then
+    the defaults; `tidelog node config --print` shows the result."""
     from tidelog.node.main import node_flags, run_flags  # node dependencies load only here
 
+    resolved = _resolve_node(values)
     try:
-        flags, settings = node_flags(values)
+        flags, settings = node_flags(resolved.values)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     run_flags(flags, settings)
+
+
+@node.command("config")
+@click.option("--print", "print_", is_flag=True, help="Print the effective settings.")
+@_node_options
+def node_config(print_: bool, **values: Any) -> None:
+    """Check the node's settings (the same flags, variables and file as `node start`) and,
+    with --print, show each effective value and where it came from, as a TOML file."""
+    from tidelog.node.main import node_flags
+
+    resolved = _resolve_node(values)
+    try:
+        node_flags(resolved.values)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if print_:
+        click.echo(resolved.render(), nl=False)
+    else:
+        click.echo("settings are valid (--print shows them)")
 
 
 # ---------------------------------------------------------------------------------------------
