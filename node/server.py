@@ -400,7 +400,7 @@ class Node:
         )
         controller.on_change = registry.schedule
         self.metrics.watch_partitions(registry.partition_stats)
-        self.metrics.watch_controller(lambda: controller.leader_id or -1)
+        self.metrics.watch_controller(lambda: controller.leader_id or 0)
         try:
             self._controller_log = await asyncio.to_thread(
                 PartitionLog, self.data_dir / CONTROLLER_DIR, TopicConfig.from_overrides({})
