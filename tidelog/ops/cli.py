@@ -27,6 +27,7 @@ from tidelog.client import Admin, BatchesFuture, Consumer, Producer, TopicPartit
 from tidelog.client.metadata import parse_bootstrap
 from tidelog.client.structs import ConsumerRecord
 from tidelog.errors import TidelogError
+from tidelog.ops.cli_cluster import cluster as cluster_group
 from tidelog.ops.cli_cluster import register as register_cluster_commands
 from tidelog.ops.cli_connection import client_options, connection_options, note_discovered_cluster
 from tidelog.records import Codec
@@ -808,6 +809,88 @@ def bench_consume(
 
 
 register_cluster_commands(cli)
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster health (any cluster, by --bootstrap; the local cluster's commands are in cli_cluster.py)
+
+HEALTH_INTERVAL_S = 2.0
+
+
+@cluster_group.command("health")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per check.")
+@click.option("--watch", "-w", is_flag=True, help="Check again every --interval until Ctrl-C.")
+@click.option(
+    "--exit-when-healthy",
+    "-e",
+    is_flag=True,
+    help="Keep checking (as --watch) and exit 0 as soon as the cluster is healthy.",
+)
+@click.option(
+    "--interval",
+    "interval_s",
+    type=click.FloatRange(min=0.1),
+    default=HEALTH_INTERVAL_S,
+    show_default=True,
+    help="Seconds between checks with --watch or --exit-when-healthy.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="With --watch or --exit-when-healthy: give up after this many seconds (exit 1).",
+)
+@_bootstrap_option
+def cluster_health(
+    as_json: bool,
+    watch: bool,
+    exit_when_healthy: bool,
+    interval_s: float,
+    timeout_s: float | None,
+    bootstrap: str,
+) -> None:
+    """Nodes up and down, the active controller, leaderless and under-replicated partitions
+    of the cluster at --bootstrap. Exit status 0 when healthy, 1 when not (or no node
+    answers): usable in scripts, CI and readiness checks."""
+    import time
+
+    from tidelog.ops.health import assess, health_to_json, render_health
+
+    connection = client_options()
+    repeat = watch or exit_when_healthy
+
+    async def go() -> bool:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        healthy = False
+        async with Admin(bootstrap, **connection) as admin:
+            while True:
+                try:
+                    health = assess(await admin.metadata())
+                except TidelogError as exc:
+                    if not repeat:
+                        raise
+                    healthy = False
+                    click.echo(f"no answer: {_one_line(str(exc))}", err=True)
+                else:
+                    healthy = health.healthy
+                    if as_json:
+                        click.echo(json.dumps(health_to_json(health)))
+                    else:
+                        click.echo(render_health(health))
+                if not repeat or (exit_when_healthy and healthy):
+                    return healthy
+                if deadline is not None and time.monotonic() >= deadline:
+                    return healthy
+                if not as_json:
+                    click.echo("")
+                await asyncio.sleep(interval_s)
+
+    healthy = _run(go())
+    if not healthy:
+        # Not click.exceptions.Exit: outside standalone mode click returns its code instead.
+        sys.stdout.flush()
+        sys.exit(EXIT_ERROR)
 
 
 # ---------------------------------------------------------------------------------------------
