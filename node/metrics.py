@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from prometheus_client import (
@@ -219,6 +221,32 @@ class _ControllerCollector(Collector):
         return iter(())
 
 
+class _DiskCollector(Collector):
+    """Free and total bytes of the file system that holds the data directory."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            usage = shutil.disk_usage(self._path)
+        except OSError:
+            return
+        yield GaugeMetricFamily(
+            "tidelog_disk_free_bytes",
+            "Bytes free on the file system of the data directory (for unprivileged users).",
+            value=usage.free,
+        )
+        yield GaugeMetricFamily(
+            "tidelog_disk_total_bytes",
+            "Size in bytes of the file system of the data directory.",
+            value=usage.total,
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 class ApiMetrics:
     """Pre-bound children of one API: the OK counter and the latency histogram."""
 
@@ -369,6 +397,10 @@ class NodeMetrics:
         """Report per-partition gauges from ``source`` at every scrape. ``source`` runs on the
         HTTP server's thread, so it must only read plain attributes."""
         self.registry.register(_PartitionCollector(source))
+
+    def watch_disk(self, data_dir: Path) -> None:
+        """Report the data directory's file system (free, total) at every scrape."""
+        self.registry.register(_DiskCollector(data_dir))
 
     def watch_controller(self, leader_of: Callable[[], int]) -> None:
         """Report the active controller this node knows of at every scrape."""

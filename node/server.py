@@ -194,6 +194,7 @@ class Node:
         self.node_dead_ms = node_dead_ms
         self.cluster_id_flag = cluster_id
         self.metrics = NodeMetrics()
+        self.metrics.watch_disk(data_dir)
         self.timing = timing or RaftTiming()
         self.port = 0
         self.identity: NodeIdentity | None = None

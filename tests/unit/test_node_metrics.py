@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import logging
 import platform
+from pathlib import Path
 
 from tidelog.node.main import JsonFormatter
 from tidelog.node.metrics import NodeMetrics, PartitionStats
@@ -63,3 +64,14 @@ def test_json_log_lines() -> None:
 
         record.exc_info = sys.exc_info()
     assert "RuntimeError: boom" in json.loads(JsonFormatter().format(record))["exception"]
+
+
+def test_disk_of_the_data_directory(tmp_path: Path) -> None:
+    m = NodeMetrics()
+    m.watch_disk(tmp_path)
+    free = m.registry.get_sample_value("tidelog_disk_free_bytes")
+    total = m.registry.get_sample_value("tidelog_disk_total_bytes")
+    assert free is not None and total is not None and 0 < free <= total
+    gone = NodeMetrics()
+    gone.watch_disk(tmp_path / "absent")  # no series rather than a failed scrape
+    assert gone.registry.get_sample_value("tidelog_disk_free_bytes") is None
