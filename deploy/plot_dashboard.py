@@ -62,8 +62,14 @@ def plot(
     for ax, panel in zip(axes.flat, panels, strict=False):
         for target in panel["targets"]:
             for series in query_range(target["expr"], start, end, step):
-                xs = [float(t) - start for t, _ in series["values"]]
-                ys = [float(v) for _, v in series["values"]]
+                xs: list[float] = []
+                ys: list[float] = []
+                for t, v in series["values"]:
+                    if xs and float(t) - start - xs[-1] > 2.5 * step:
+                        xs.append(xs[-1] + step)  # a gap (the series was absent): no line
+                        ys.append(math.nan)
+                    xs.append(float(t) - start)
+                    ys.append(float(v))
                 labels = dict(series["metric"])
                 if names and labels.get("instance") in names:
                     labels["instance"] = names[labels["instance"]]
