@@ -108,8 +108,8 @@ def http_query_range(url: str) -> QueryRange:
 
 def failover(out: Path, phase_s: float) -> None:
     sys.path.insert(0, str(ROOT))
-    from tests.support.promproc import Prometheus, compose_nodes
-    from tidelog.client import SyncAdmin, SyncConsumer, SyncProducer, TopicPartition
+    from tests.support.promproc import Prometheus, compose_nodes, create_topic
+    from tidelog.client import SyncConsumer, SyncProducer, TopicPartition
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
@@ -123,8 +123,7 @@ def failover(out: Path, phase_s: float) -> None:
                 n.wait_serving()
             prom.start()
             boot = ",".join(n.address for n in nodes.values())
-            with SyncAdmin(boot) as admin:
-                admin.create_topics("orders", partitions=6, replication_factor=3)
+            create_topic(boot, "orders", 6)
 
             def load() -> None:  # bounded: stops with the run, at most 200 records/s
                 with SyncProducer(boot) as producer, SyncConsumer(boot) as consumer:

@@ -19,8 +19,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.promproc import DEPLOY, ComposeNode, Prometheus, compose_nodes, prometheus_binary
-from tidelog.client import SyncAdmin, SyncConsumer, SyncProducer, TopicPartition
+from tests.support.promproc import (
+    DEPLOY,
+    ComposeNode,
+    Prometheus,
+    compose_nodes,
+    create_topic,
+    prometheus_binary,
+)
+from tidelog.client import SyncConsumer, SyncProducer, TopicPartition
 
 pytestmark = [
     pytest.mark.integration,
@@ -65,8 +72,7 @@ def prometheus(tmp_path: Path, cluster: dict[int, ComposeNode]) -> Iterator[Prom
 
 
 def traffic(bootstrap: str) -> None:
-    with SyncAdmin(bootstrap) as admin:
-        admin.create_topics(TOPIC, partitions=3, replication_factor=3)
+    create_topic(bootstrap, TOPIC, 3)
     with SyncProducer(bootstrap) as producer:
         for i in range(60):
             producer.send(TOPIC, f"v{i}".encode(), partition=i % 3)

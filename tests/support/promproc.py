@@ -135,6 +135,20 @@ def compose_nodes(base: Path) -> dict[int, ComposeNode]:
     return nodes
 
 
+def create_topic(bootstrap: str, name: str, partitions: int, timeout_s: float = 30) -> None:
+    """Create an RF=3 topic once the controller counts three nodes alive (just after the
+    nodes serve, it may know fewer)."""
+    from tidelog.client import SyncAdmin
+
+    deadline = time.monotonic() + timeout_s
+    with SyncAdmin(bootstrap) as admin:
+        while sum(n.alive for n in admin.metadata().nodes) < 3:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"fewer than 3 nodes alive after {timeout_s} s")
+            time.sleep(0.2)
+        admin.create_topics(name, partitions=partitions, replication_factor=3)
+
+
 # ---- Prometheus ------------------------------------------------------------------------------
 
 
