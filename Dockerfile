@@ -10,7 +10,7 @@ COPY tidelog ./tidelog
 COPY node ./node
 COPY controller ./controller
 COPY client ./client
-RUN /opt/tidelog/bin/pip install .
+RUN /opt/tidelog/bin/pip install ".[node]"
 
 FROM python:3.11-slim-bookworm
 LABEL org.opencontainers.image.title="tidelog" \

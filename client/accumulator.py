@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import logging
 import operator
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import accumulate, repeat
 
 from tidelog.client.structs import Header, TopicPartition
@@ -29,6 +30,8 @@ __all__ = [
     "PendingBatch",
     "record_size",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Column bytes per record: a timestamp delta, a key length and a value length (int32 each).
 RECORD_OVERHEAD_BYTES = 12
@@ -67,6 +70,7 @@ class PendingBatch:
         "acked_s",
         "attempts",
         "base_offset",
+        "callbacks",
         "closed",
         "created_s",
         "done",
@@ -113,6 +117,8 @@ class PendingBatch:
         self.done = False
         self.error: TidelogError | None = None
         self.waiters: list[asyncio.Future[None]] | None = None
+        #: Run (soon, on the event loop) once the batch completes: RecordFuture callbacks.
+        self.callbacks: list[Callable[[], None]] | None = None
         #: The idempotent producer's stamp (-1: none), set once when the sender first drains
         #: the batch and kept on every retry (client/sender.py).
         self.producer_id = -1
@@ -212,13 +218,29 @@ class PendingBatch:
             self.waiters.append(fut)
         return fut
 
+    def add_callback(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` soon after the batch completes (at once, soon, if it has)."""
+        if self.done:
+            call_soon([fn])
+            return
+        if self.callbacks is None:
+            self.callbacks = []
+        self.callbacks.append(fn)
+
     def complete(self, base_offset: int, now_s: float) -> None:
         self._finish(now_s)
         self.base_offset = base_offset
+        self._run_callbacks()
 
     def fail(self, error: TidelogError, now_s: float) -> None:
         self._finish(now_s)
         self.error = error
+        self._run_callbacks()
+
+    def _run_callbacks(self) -> None:
+        callbacks, self.callbacks = self.callbacks, None
+        if callbacks:
+            call_soon(callbacks)
 
     def _finish(self, now_s: float) -> None:
         assert not self.done, f"{self!r} completed twice"
@@ -230,6 +252,25 @@ class PendingBatch:
         for fut in waiters or ():
             if not fut.done():
                 fut.set_result(None)
+
+
+def call_soon(callbacks: list[Callable[[], None]]) -> None:
+    """Run user callbacks on the next loop iteration, never inside the sender: a callback
+    that sends again or raises cannot disturb the batch bookkeeping."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        _run_all(callbacks)
+    else:
+        loop.call_soon(_run_all, callbacks)
+
+
+def _run_all(callbacks: list[Callable[[], None]]) -> None:
+    for fn in callbacks:
+        try:
+            fn()
+        except Exception:
+            log.exception("a delivery callback raised (the producer carries on)")
 
 
 class Accumulator:

@@ -7,12 +7,17 @@ so a caller can catch ``TopicExists`` or ``InvalidConfig`` rather than parse mes
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
+import grpc
+
 from tidelog.client.connection import Connection, PemSource
 from tidelog.client.metadata import ClusterMetadata, NodeInfo, TopicInfo
+from tidelog.errors import NodeUnavailable, TidelogError
 from tidelog.v1 import admin_pb2
 
 __all__ = ["Admin", "ClusterView", "PartitionDescription", "TopicDescription"]
@@ -30,7 +35,13 @@ class PartitionDescription:
     log_start_offset: int
     high_watermark: int
     size_bytes: int
+    #: The leader's Raft term: Kafka's leader epoch (it grows with every new leader).
     leader_term: int
+
+    @property
+    def leader_epoch(self) -> int:
+        """Kafka's name for :attr:`leader_term`."""
+        return self.leader_term
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +178,58 @@ class Admin:
             return resp
 
         resp = await self._meta.call_any("describe topics", call)
+        await self._figures_from_leaders(resp)
         return sorted((_description(t) for t in resp.topics), key=lambda d: d.name)
+
+    async def _figures_from_leaders(self, resp: admin_pb2.DescribeTopicsResponse) -> None:
+        """Replace each partition's offsets and size with its leader's: a node answers with
+        its own replica's figures, which trail on a follower and are 0 on a node without a
+        replica. One DescribeTopics per leader node, for the topics it leads partitions of;
+        a leader that does not answer leaves the first answer's figures."""
+        if not self._meta.nodes:
+            with contextlib.suppress(TidelogError):
+                await self._meta.refresh()
+        wanted: dict[int, set[str]] = {}
+        for t in resp.topics:
+            for p in t.partitions:
+                if p.leader >= 0:
+                    wanted.setdefault(p.leader, set()).add(t.name)
+
+        async def ask(
+            node_id: int, names: set[str]
+        ) -> tuple[int, admin_pb2.DescribeTopicsResponse]:
+            node = self._meta.nodes.get(node_id)
+            if node is None:
+                raise NodeUnavailable(f"node {node_id} is not in the metadata")
+            req = admin_pb2.DescribeTopicsRequest(names=sorted(names))
+            got: admin_pb2.DescribeTopicsResponse = await self._meta.admin(
+                node.address
+            ).DescribeTopics(req, timeout=self._timeout_s)
+            return node_id, got
+
+        answers = await asyncio.gather(
+            *(ask(n, names) for n, names in wanted.items()), return_exceptions=True
+        )
+        exact: dict[tuple[str, int], admin_pb2.PartitionDescription] = {}
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                if not isinstance(answer, (TidelogError, grpc.RpcError)):
+                    raise answer
+                continue
+            node_id, got = answer
+            for t in got.topics:
+                for p in t.partitions:
+                    if p.leader == node_id:  # that node leads it: its figures are exact
+                        exact[(t.name, p.partition)] = p
+        for t in resp.topics:
+            for p in t.partitions:
+                better = exact.get((t.name, p.partition))
+                if better is not None and better.leader_term >= p.leader_term:
+                    p.log_start_offset = better.log_start_offset
+                    p.high_watermark = better.high_watermark
+                    p.size_bytes = better.size_bytes
+                    p.leader = better.leader
+                    p.leader_term = better.leader_term
 
     async def alter_topic_config(
         self,

@@ -22,11 +22,11 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 import grpc.aio
@@ -37,6 +37,7 @@ from tidelog.client.metadata import ClusterMetadata, parse_bootstrap
 from tidelog.client.retry import Retry
 from tidelog.client.structs import ConsumerRecord, TopicPartition
 from tidelog.errors import (
+    InvalidRecord,
     NodeUnavailable,
     OffsetOutOfRange,
     TidelogError,
@@ -65,6 +66,8 @@ LIST_OFFSETS_ATTEMPTS_MAX = 20
 METADATA_WAIT_MS_DEFAULT = 5_000
 
 OffsetReset = Literal["earliest", "latest", "error"]
+#: Turns a record's key or value bytes into what poll() returns (None stays None).
+Deserializer = Callable[[bytes], Any]
 
 
 class NoOffset(TidelogError):
@@ -232,6 +235,8 @@ class Consumer:
         retry_backoff_ms: int = RETRY_BACKOFF_MS_DEFAULT,
         metadata_wait_ms: int = METADATA_WAIT_MS_DEFAULT,
         verify_crc: bool = True,
+        key_deserializer: Deserializer | None = None,
+        value_deserializer: Deserializer | None = None,
         tls: bool = False,
         ca: PemSource | None = None,
         client_cert: PemSource | None = None,
@@ -256,6 +261,8 @@ class Consumer:
         self._retry_backoff_ms = retry_backoff_ms
         self._metadata_wait_ms = metadata_wait_ms
         self._verify_crc = verify_crc
+        self._key_deserializer = key_deserializer
+        self._value_deserializer = value_deserializer
         self._meta: ClusterMetadata | None = None
         self._assignment: list[TopicPartition] = []
         self._positions: dict[TopicPartition, int] = {}
@@ -263,6 +270,8 @@ class Consumer:
         self._data = asyncio.Event()
         self._rr = 0
         self._iter_buffer: deque[ConsumerRecord] = deque()
+        #: High watermarks looked up by poll(until_end=True) before a fetch reported one.
+        self._ends: dict[TopicPartition, int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -321,6 +330,9 @@ class Consumer:
         for tp in list(self._positions):
             if tp not in wanted:
                 del self._positions[tp]
+        for tp in list(self._ends):
+            if tp not in wanted:
+                del self._ends[tp]
         self._assignment = wanted
         if self._meta is not None:
             for tp in wanted:
@@ -423,11 +435,21 @@ class Consumer:
     # -- polling --------------------------------------------------------------------------------
 
     async def poll(
-        self, timeout_ms: float = 1000, max_records: int = POLL_MAX_RECORDS_DEFAULT
+        self,
+        timeout_ms: float = 1000,
+        max_records: int = POLL_MAX_RECORDS_DEFAULT,
+        *,
+        until_end: bool = False,
     ) -> list[ConsumerRecord]:
-        """Up to ``max_records`` records, waiting up to ``timeout_ms`` for the first."""
+        """Up to ``max_records`` records, waiting up to ``timeout_ms`` for the first.
+
+        ``until_end``: do not wait for records that are not written yet: when every assigned
+        partition is at its end (:meth:`at_end`), return ``[]`` at once. ``while records :=
+        await c.poll(until_end=True)`` reads what the partitions hold and stops; an empty
+        answer before ``timeout_ms`` means the end, and :meth:`at_end` tells it apart from a
+        timeout. An empty partition is at its end at once."""
         out: list[ConsumerRecord] = []
-        for fb in await self.poll_batches(timeout_ms, max_records):
+        for fb in await self.poll_batches(timeout_ms, max_records, until_end=until_end):
             topic, part = fb.topic, fb.partition
             n = len(fb.records)
             out += map(
@@ -436,19 +458,45 @@ class Consumer:
                 repeat(part, n),
                 fb.records,
             )
+        if self._key_deserializer is not None or self._value_deserializer is not None:
+            out = [self._deserialize(r) for r in out]
         return out
 
+    def _deserialize(self, r: ConsumerRecord) -> ConsumerRecord:
+        key, value = r.key, r.value
+        try:
+            if key is not None and self._key_deserializer is not None:
+                key = self._key_deserializer(key)
+            if value is not None and self._value_deserializer is not None:
+                value = self._value_deserializer(value)
+        except Exception as exc:
+            raise InvalidRecord(
+                f"a deserializer raised {type(exc).__name__}: {exc} for the record at "
+                f"{r.topic}/{r.partition} offset {r.offset}; the poll's records count as "
+                f"read: seek(TopicPartition({r.topic!r}, {r.partition}), {r.offset}) to "
+                "read them again"
+            ) from exc
+        return r._replace(key=key, value=value)
+
     async def poll_batches(
-        self, timeout_ms: float = 1000, max_records: int = POLL_MAX_RECORDS_DEFAULT
+        self,
+        timeout_ms: float = 1000,
+        max_records: int = POLL_MAX_RECORDS_DEFAULT,
+        *,
+        until_end: bool = False,
     ) -> list[FetchedBatch]:
         """Like :meth:`poll`, without building a ConsumerRecord per record."""
         self._meta_()
         deadline = time.monotonic() + timeout_ms / 1000
+        if until_end:
+            await self._learn_ends()
         while True:
             self._data.clear()
             got = self._collect(max_records)
             if got:
                 return got
+            if until_end and self.at_end():
+                return []
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
@@ -504,6 +552,36 @@ class Consumer:
             if budget <= 0:
                 break
         return out
+
+    def at_end(self, *partitions: TopicPartition) -> bool:
+        """Whether each of ``partitions`` (default: every assigned one) is at its end: the
+        position has reached the high watermark last seen (from the fetch stream, or looked
+        up by ``poll(until_end=True)``) and nothing fetched is left to poll. New records
+        make a partition not at its end again."""
+        tps = [TopicPartition(*tp) for tp in partitions] or self._assignment
+        for tp in tps:
+            pos = self._positions.get(tp)
+            f = self._fetchers.get(tp)
+            if pos is None or f is None or f.chunks:
+                return False
+            hw = max(f.high_watermark, self._ends.get(tp, -1))
+            if hw < 0 or pos < hw:
+                return False
+        return True
+
+    async def _learn_ends(self) -> None:
+        """Resolve every assigned partition's position, and look up the end of those whose
+        fetch stream has not reported a high watermark yet."""
+        tps = list(self._assignment)
+        await asyncio.gather(*(self.position(tp) for tp in tps))
+        unknown = [
+            tp
+            for tp in tps
+            if tp not in self._ends
+            and (tp not in self._fetchers or self._fetchers[tp].high_watermark < 0)
+        ]
+        if unknown:
+            self._ends.update(await self.end_offsets(unknown))
 
     def __aiter__(self) -> AsyncIterator[ConsumerRecord]:
         return self

@@ -170,6 +170,8 @@ class PartitionInfo:
     leader: int
     replicas: tuple[int, ...]
     in_sync: tuple[int, ...]
+    #: The leader's Raft term, Kafka's leader epoch (-1: unknown); it grows with each leader.
+    leader_epoch: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,7 +477,8 @@ class ClusterMetadata:
         if old.leader == node.node_id:
             return False
         parts = list(info.partitions)
-        parts[partition] = replace(old, leader=node.node_id)
+        # The hint names the leader, not its term: the epoch is unknown until a refresh.
+        parts[partition] = replace(old, leader=node.node_id, leader_epoch=-1)
         self.topics = {**self.topics, topic: replace(info, partitions=tuple(parts))}
         self._updated += 1
         self._wake_waiters()
@@ -589,7 +592,14 @@ def _topic_info(t: broker_pb2.TopicMetadata) -> TopicInfo:
     return TopicInfo(
         name=t.name,
         partitions=tuple(
-            PartitionInfo(p.partition, p.leader, tuple(p.replicas), tuple(p.in_sync)) for p in parts
+            PartitionInfo(
+                p.partition,
+                p.leader,
+                tuple(p.replicas),
+                tuple(p.in_sync),
+                p.leader_term if p.leader >= 0 else -1,
+            )
+            for p in parts
         ),
         internal=t.internal,
     )

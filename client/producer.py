@@ -25,10 +25,11 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, cast
@@ -36,6 +37,7 @@ from typing import Any, Literal, cast
 from tidelog.client.accumulator import (
     Accumulator,
     PendingBatch,
+    call_soon,
     cumulative_sizes,
     record_size,
 )
@@ -54,6 +56,7 @@ from tidelog.client.partitioner import StickyPartitioner, partition_for_key
 from tidelog.client.sender import Sender, SenderConfig
 from tidelog.client.structs import BatchMetadata, Header, RecordMetadata, TopicPartition
 from tidelog.errors import (
+    InvalidRecord,
     TidelogError,
     UnknownPartition,
 )
@@ -94,6 +97,11 @@ _ACKS: dict[object, broker_pb2.Acks.ValueType] = {
 }
 
 Acks = Literal["all", 0, 1, -1]
+
+#: ``on_delivery(error, metadata)``: exactly one of the two is None (confluent-kafka's shape).
+DeliveryCallback = Callable[[TidelogError | None, RecordMetadata | None], None]
+#: Turns a key or a value the caller passes into the bytes sent.
+Serializer = Callable[[Any], bytes]
 
 
 class BufferFull(TidelogError):
@@ -162,16 +170,49 @@ class RecordFuture:
     while its topic's metadata was unknown (or the buffer full) gets its batch on admission.
     """
 
-    __slots__ = ("_admitted", "_batch", "_error", "_index")
+    __slots__ = ("_admitted", "_batch", "_callbacks", "_error", "_index")
 
     def __init__(self, batch: PendingBatch | None, index: int) -> None:
         self._batch = batch
         self._index = index
         self._error: TidelogError | None = None
         self._admitted: asyncio.Future[None] | None = None
+        #: Callbacks added while the record waits for admission (no batch yet).
+        self._callbacks: list[Callable[[RecordFuture], None]] | None = None
 
     def done(self) -> bool:
         return self._error is not None or (self._batch is not None and self._batch.done)
+
+    def exception(self) -> TidelogError | None:
+        """The error of a completed send, or None if it succeeded; InvalidStateError if the
+        record is not acknowledged yet."""
+        try:
+            self.result()
+        except TidelogError as err:
+            return err
+        return None
+
+    def add_done_callback(self, fn: Callable[[RecordFuture], None]) -> None:
+        """Call ``fn(future)`` on the event loop once the record is acknowledged or failed
+        (soon, if it already is), as :meth:`asyncio.Future.add_done_callback`. No task or
+        asyncio future is made per record: the callbacks hang on the record's batch. Inside
+        ``fn``, ``future.result()`` gives the metadata or raises, ``future.exception()``
+        gives the error. An exception ``fn`` raises is logged and otherwise ignored."""
+        batch = self._batch
+        if batch is not None and self._error is None:
+            batch.add_callback(functools.partial(fn, self))
+        elif self._error is not None:
+            _soon(functools.partial(fn, self))
+        else:
+            if self._callbacks is None:
+                self._callbacks = []
+            self._callbacks.append(fn)
+
+    def _admitted_now(self) -> None:
+        """The record got its batch (or its error): hand over callbacks added while parked."""
+        callbacks, self._callbacks = self._callbacks, None
+        for fn in callbacks or ():
+            self.add_done_callback(fn)
 
     def result(self) -> RecordMetadata:
         """The metadata of a completed send; raises its error, or InvalidStateError if the
@@ -196,6 +237,20 @@ class RecordFuture:
         if batch is not None and not batch.done:
             yield from batch.wait().__await__()
         return self.result()
+
+
+def _soon(fn: Callable[[], None]) -> None:
+    call_soon([fn])
+
+
+def _on_delivery_adapter(
+    on_delivery: DeliveryCallback,
+) -> Callable[[RecordFuture], None]:
+    def call(fut: RecordFuture) -> None:
+        err = fut.exception()
+        on_delivery(err, None if err is not None else fut.result())
+
+    return call
 
 
 class BatchesFuture:
@@ -318,7 +373,10 @@ class Producer:
         batch_bytes_max: int = BATCH_BYTES_MAX_DEFAULT,
         max_in_flight_per_partition: int | None = None,
         enable_idempotence: bool | None = None,
-        compression: str | Codec = "none",
+        compression: str | Codec | None = "none",
+        compression_type: str | Codec | None = None,
+        key_serializer: Serializer | None = None,
+        value_serializer: Serializer | None = None,
         retries: int = RETRIES_DEFAULT,
         retry_backoff_ms: int = RETRY_BACKOFF_MS_DEFAULT,
         request_timeout_ms: int = REQUEST_TIMEOUT_MS_DEFAULT,
@@ -332,7 +390,15 @@ class Producer:
         token: str | None = None,
     ) -> None:
         self._acks = parse_acks(acks)
-        self._codec = Codec.parse(compression)
+        if compression_type is not None:
+            if compression not in ("none", None, Codec.NONE):
+                raise ValueError(
+                    "give compression= or its aiokafka name compression_type=, not both"
+                )
+            compression = compression_type
+        self._codec = Codec.parse(compression or "none")
+        self._key_serializer = key_serializer
+        self._value_serializer = value_serializer
         if linger_ms < 0:
             raise ValueError(f"linger_ms={linger_ms} must be >= 0")
         if not 0 < batch_bytes_max <= BATCH_BYTES_LIMIT:
@@ -457,40 +523,64 @@ class Producer:
             raise TidelogError("the producer is not started: use `async with` or await start()")
         return self._meta
 
-    async def partitions_for(self, topic: str) -> int:
-        """The partition count of ``topic`` (raises UnknownTopic if it does not exist)."""
+    async def partitions_for(self, topic: str) -> list[TopicPartition]:
+        """Every partition of ``topic``, in order (raises UnknownTopic if it does not exist);
+        the same answer as :meth:`Consumer.partitions_for`."""
         info = await self.metadata.wait_for_topic(topic, wait_ms=self._metadata_wait_ms)
-        return info.partition_count
+        return [TopicPartition(topic, p) for p in range(info.partition_count)]
 
     # -- send -----------------------------------------------------------------------------------
 
     def send(
         self,
         topic: str,
-        value: bytes | None,
-        key: bytes | None = None,
+        value: Any,
+        key: Any = None,
         *,
         partition: int | None = None,
         headers: Sequence[Header] | None = None,
         timestamp_ms: int | None = None,
+        on_delivery: DeliveryCallback | None = None,
     ) -> RecordFuture:
-        """Queue one record; ``await`` the result for its RecordMetadata.
+        """Queue one record and return at once; ``await`` the result for its RecordMetadata.
+
+        ``send`` is a plain method, not a coroutine (aiokafka's ``send`` is a coroutine that
+        returns a future): ``await producer.send(...)`` waits for the acknowledgement. Code
+        ported from aiokafka as ``fut = await producer.send(...); md = await fut`` works and
+        gives the same metadata (a RecordMetadata awaits to itself), but its first ``await``
+        already waits for the record to be stored: to keep many records in flight, keep the
+        futures (``futs.append(producer.send(...))``) and await them later, or pass
+        ``on_delivery``.
 
         The partition is ``partition`` if given, murmur2 of the key for keyed records (as in
-        Kafka), or the topic's sticky partition for keyless ones.
+        Kafka), or the topic's sticky partition for keyless ones. ``key`` and ``value`` are
+        bytes (bytearray and memoryview are copied to bytes) or None, or anything the
+        producer's ``key_serializer`` / ``value_serializer`` turns into bytes (None is never
+        serialized: a None value is a tombstone). ``on_delivery(error, metadata)`` is called
+        on the event loop once the record is stored (error None) or failed (metadata None),
+        as confluent-kafka's; :meth:`RecordFuture.add_done_callback` is the same hook.
         """
         meta = self.metadata
         if self._closed:
             raise TidelogError("the producer is closed")
         if self._sender is not None and self._sender.fatal is not None:
             raise self._sender.fatal
+        if value is not None and (self._value_serializer is not None or type(value) is not bytes):
+            value = self._to_bytes(value, self._value_serializer, "value")
+        if key is not None and (self._key_serializer is not None or type(key) is not bytes):
+            key = self._to_bytes(key, self._key_serializer, "key")
         size = record_size(value, key, headers)
         info = meta.topics.get(topic)
         if info is not None and topic not in self._parked and self._acc.has_room(size):
             tp = self._choose(info, key, partition, size)
             batch, index = self._append_one(tp, value, key, headers, timestamp_ms, size)
-            return RecordFuture(batch, index)
+            done = RecordFuture(batch, index)
+            if on_delivery is not None:
+                done.add_done_callback(_on_delivery_adapter(on_delivery))
+            return done
         fut = RecordFuture(None, -1)
+        if on_delivery is not None:
+            fut.add_done_callback(_on_delivery_adapter(on_delivery))
         fut._admitted = self._loop_().create_future()
         self._park(
             topic,
@@ -509,20 +599,27 @@ class Producer:
     def send_many(
         self,
         topic: str,
-        values: Sequence[bytes],
-        keys: Sequence[bytes | None] | None = None,
+        values: Sequence[Any],
+        keys: Sequence[Any] | None = None,
         *,
         partition: int | None = None,
     ) -> BatchesFuture:
         """Queue many records at once, the fast path for bulk appends: the accumulator cuts
         ``values`` into batches of ``batch_bytes_max`` with no per-record Python work (keyed
         records are first grouped by partition). ``await`` the result for one BatchMetadata
-        per batch the records went to."""
+        per batch the records went to. The producer's serializers apply as in :meth:`send`
+        (costing a call per record); without them values must be bytes."""
         meta = self.metadata
         if self._closed:
             raise TidelogError("the producer is closed")
         if self._sender is not None and self._sender.fatal is not None:
             raise self._sender.fatal
+        if self._value_serializer is not None:
+            ser = self._value_serializer
+            values = [self._to_bytes(v, ser, "value") for v in values]
+        if keys is not None and self._key_serializer is not None:
+            kser = self._key_serializer
+            keys = [None if k is None else self._to_bytes(k, kser, "key") for k in keys]
         if keys is not None and len(keys) != len(values):
             raise ValueError(f"got {len(keys)} keys for {len(values)} values")
         handle = BatchesFuture(topic, len(values))
@@ -544,8 +641,8 @@ class Producer:
     async def send_and_wait(
         self,
         topic: str,
-        value: bytes | None,
-        key: bytes | None = None,
+        value: Any,
+        key: Any = None,
         *,
         partition: int | None = None,
         headers: Sequence[Header] | None = None,
@@ -571,6 +668,33 @@ class Producer:
             self._flushing -= 1
 
     # -- internals: admission -------------------------------------------------------------------
+
+    @staticmethod
+    def _to_bytes(obj: object, serializer: Serializer | None, what: str) -> bytes:
+        """A key or value as the bytes to send, or an InvalidRecord that says what to do."""
+        if serializer is not None:
+            try:
+                out = serializer(obj)
+            except Exception as exc:
+                raise InvalidRecord(
+                    f"the {what}_serializer raised {type(exc).__name__}: {exc} (for the "
+                    f"{what} {obj!r:.80})"
+                ) from exc
+            if type(out) is bytes:
+                return out
+            obj = out
+            if not isinstance(obj, (bytearray, memoryview)):
+                raise InvalidRecord(
+                    f"the {what}_serializer returned {type(obj).__name__}, not bytes: make it "
+                    f"return bytes (for example json.dumps(v).encode())"
+                )
+        if isinstance(obj, (bytes, bytearray, memoryview)):
+            return bytes(obj)
+        hint = f"{what}.encode()" if isinstance(obj, str) else f"bytes of the {what}"
+        raise InvalidRecord(
+            f"a record {what} must be bytes or None, not {type(obj).__name__}: pass {hint}, "
+            f"or create the Producer with {what}_serializer= to convert it"
+        )
 
     def _loop_(self) -> asyncio.AbstractEventLoop:
         assert self._loop is not None
@@ -672,6 +796,8 @@ class Producer:
         groups: dict[int, tuple[list[bytes], list[bytes | None]]] = {}
         sticky = self._sticky.current(info.name, n)
         for value, key in zip(values, keys, strict=True):
+            if key is not None and type(key) is not bytes:
+                key = self._to_bytes(key, None, "key")
             p = sticky if key is None else partition_for_key(key, n)
             group = groups.get(p)
             if group is None:
@@ -745,6 +871,7 @@ class Producer:
             fut._batch, fut._index = self._append_one(
                 tp, value, key, item.headers, item.timestamp_ms, item.size
             )
+        fut._admitted_now()
         if not fut._admitted.done():
             fut._admitted.set_result(None)
 
@@ -790,6 +917,8 @@ class Producer:
             target = item.record if item.record is not None else item.many
             assert target is not None
             target._error = err
+            if isinstance(target, RecordFuture):
+                target._admitted_now()
             if target._admitted is not None and not target._admitted.done():
                 target._admitted.set_result(None)
         if dq:

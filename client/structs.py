@@ -6,7 +6,8 @@ cheapest Python objects to build, which matters for the one ConsumerRecord made 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Generator
+from typing import Any, NamedTuple
 
 __all__ = ["BatchMetadata", "ConsumerRecord", "Header", "RecordMetadata", "TopicPartition"]
 
@@ -30,6 +31,15 @@ class RecordMetadata(NamedTuple):
     partition: int
     offset: int
     timestamp_ms: int
+
+    def __await__(self) -> Generator[Any, None, RecordMetadata]:
+        """``await md`` is ``md``: code ported from aiokafka, where ``await producer.send()``
+        gives a future to await again, gets the same metadata (Producer.send says more)."""
+        return _ready(self).__await__()
+
+
+async def _ready(md: RecordMetadata) -> RecordMetadata:
+    return md
 
 
 class BatchMetadata(NamedTuple):

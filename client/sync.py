@@ -117,8 +117,8 @@ class SyncProducer(_Facade):
     def send(
         self,
         topic: str,
-        value: bytes | None,
-        key: bytes | None = None,
+        value: Any,
+        key: Any = None,
         *,
         partition: int | None = None,
         headers: Sequence[Header] | None = None,
@@ -151,7 +151,7 @@ class SyncProducer(_Facade):
     def flush(self) -> None:
         self._lt.run(self._producer.flush())
 
-    def partitions_for(self, topic: str) -> int:
+    def partitions_for(self, topic: str) -> list[TopicPartition]:
         return self._lt.run(self._producer.partitions_for(topic))
 
     def close(self) -> None:
@@ -220,13 +220,21 @@ class SyncConsumer(_Facade):
     def beginning_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         return self._lt.run(self._consumer.beginning_offsets(list(partitions)))
 
-    def poll(self, timeout_ms: float = 1000, max_records: int = 10_000) -> list[ConsumerRecord]:
-        return self._lt.run(self._consumer.poll(timeout_ms, max_records))
+    def poll(
+        self, timeout_ms: float = 1000, max_records: int = 10_000, *, until_end: bool = False
+    ) -> list[ConsumerRecord]:
+        return self._lt.run(self._consumer.poll(timeout_ms, max_records, until_end=until_end))
 
     def poll_batches(
-        self, timeout_ms: float = 1000, max_records: int = 10_000
+        self, timeout_ms: float = 1000, max_records: int = 10_000, *, until_end: bool = False
     ) -> list[FetchedBatch]:
-        return self._lt.run(self._consumer.poll_batches(timeout_ms, max_records))
+        return self._lt.run(
+            self._consumer.poll_batches(timeout_ms, max_records, until_end=until_end)
+        )
+
+    def at_end(self, *partitions: TopicPartition) -> bool:
+        result: bool = self._call(self._consumer.at_end, *partitions)
+        return result
 
     def __iter__(self) -> Iterator[ConsumerRecord]:
         """Records forever (stop with break or Ctrl-C)."""

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
+import tidelog
 from tidelog.config import TopicConfig, validate_topic_name
 from tidelog.errors import BatchTooLarge, InvalidRequest, StorageError
 from tidelog.node import limits, rpc
@@ -110,6 +111,9 @@ class _Admitted:
 
     results: list[pb.BatchResult]
     waits: list[tuple[int, int]] = field(default_factory=list)
+    #: ``waits[i]`` is batch ``i``'s entry, so a failure can say how many leading batches
+    #: were stored (idempotent requests: a retry finds those as duplicates anyway).
+    per_batch: bool = False
 
 
 class BrokerService(pb_grpc.BrokerServicer):
@@ -178,7 +182,10 @@ class BrokerService(pb_grpc.BrokerServicer):
         def propose(headers: list[tuple[int, BatchHeader]]) -> _Admitted:
             if part.idempotence.needs_ready_leader(headers):
                 return self._admit_idempotent(topic, part, buf, headers)
-            base, last, index, term = part.propose(buf, headers)
+            waits: list[tuple[int, int]] = []
+            base, last, _index, _term = part.propose(
+                buf, headers, lambda _i, _base, index, term: waits.append((index, term))
+            )
             offset = base
             results = []
             for _, h in headers:
@@ -189,14 +196,19 @@ class BrokerService(pb_grpc.BrokerServicer):
             tm = topic.metrics
             tm.records_in.inc(last - base + 1)
             tm.bytes_in.inc(len(buf))
-            return _Admitted(results, [(index, term)])
+            return _Admitted(results, waits, per_batch=True)
 
         admitted = await self._check_and_propose(part, topic.config, buf, propose)
         append_time_ms = time.time_ns() // 1_000_000
         if admitted.waits:
-            # Proposals in flight are all of this leader's term: the last one covers the rest.
-            index, term = max(admitted.waits)
-            await self._wait(part, acks, index, term, timeout_s)
+            # Each batch's entry, in request order: if a new leader overwrote a later one
+            # while earlier ones committed, the answer says how many (batches_stored).
+            await part.wait_batches(
+                admitted.waits,
+                committed=acks in _WAIT_FOR_COMMIT,
+                timeout_s=timeout_s,
+                per_batch=admitted.per_batch,
+            )
         results = admitted.results
         return pb.ProduceResponse(
             base_offset=results[0].base_offset,
@@ -205,14 +217,6 @@ class BrokerService(pb_grpc.BrokerServicer):
             append_time_ms=append_time_ms,
             results=results,
         )
-
-    @staticmethod
-    async def _wait(part: Partition, acks: int, index: int, term: int, timeout_s: float) -> None:
-        if acks in _WAIT_FOR_COMMIT:
-            await part.wait_committed(index, term, timeout_s)
-        else:
-            # acks=1 (and acks=0, whose client does not wait anyway): stored on the leader.
-            await part.wait_persisted(index, term, timeout_s)
 
     def _admit_idempotent(
         self,
@@ -240,9 +244,9 @@ class BrokerService(pb_grpc.BrokerServicer):
                 plan = proposing[i]
                 idem.proposed(plan, base, index, term)
                 offsets[id(plan)] = (base, base + plan.header.record_count - 1)
+                waits.append((index, term))
 
-            _, _, index, term = part.propose(data, positions, on_proposed)
-            waits.append((index, term))
+            part.propose(data, positions, on_proposed)
         tm = topic.metrics
         new = [p for p in proposing if p.replacement is None]
         tm.records_in.inc(sum(p.header.record_count for p in new))
@@ -419,6 +423,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             nodes=node_infos(controller, self.identity),
             controller_id=controller.leader_id or -1,
             cluster_id=self.identity.cluster_id,
+            server_version=tidelog.__version__,
             topics=[
                 pb.TopicMetadata(
                     name=t.name,

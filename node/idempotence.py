@@ -27,6 +27,7 @@ original offset.
 
 from __future__ import annotations
 
+import logging
 import struct
 import time
 from collections import deque
@@ -56,6 +57,10 @@ DUP_OF_HEADER = "tidelog-dup-of"
 #: How much of the log one replay read takes.
 _REPLAY_READ_BYTES = 4 * 1024 * 1024
 _SNAP = struct.Struct("<II")
+#: The snapshot of an empty msg-id window (header and "[]").
+_EMPTY_IDS_BYTES = len(MessageIdWindow(1).snapshot())
+
+log = logging.getLogger(__name__)
 
 
 class ReadableLog(Protocol):
@@ -84,6 +89,15 @@ class BatchPlan:
     @property
     def proposes(self) -> bool:
         return self.duplicate_of is None or self.replacement is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Trimmed:
+    """A bounded snapshot and what did not fit in it."""
+
+    data: bytes
+    producers_left_out: int
+    msg_ids_left_out: int
 
 
 @dataclass(slots=True)
@@ -367,10 +381,26 @@ class PartitionIdempotence:
         self._pending_ids.clear()
         self._ids_by_index.clear()
 
-    def snapshot_installed(self, log_start_offset: int) -> None:
-        """The log restarts at ``log_start_offset`` (a leader's snapshot): the state of the
-        records before it is gone with them."""
+    def snapshot_installed(self, log_start_offset: int, state: bytes | None = None) -> None:
+        """The log restarts at ``log_start_offset`` (a leader's snapshot). ``state``: the
+        leader's state carried in the snapshot (as of its applied offset, at or after the
+        log start; the entries that follow and that it already covers are skipped when
+        they are applied). Without one (an older leader), or one that does not parse, the
+        state of the records before the log start is gone with them."""
         self.leadership_lost()
+        if state is not None:
+            try:
+                self.restore(state)
+            except CorruptProducerSnapshot as exc:
+                log.warning(
+                    "%s: the idempotence state in the leader's snapshot is unusable (%s); "
+                    "starting from an empty state",
+                    self.where,
+                    exc,
+                )
+            else:
+                self.state.skip_to(log_start_offset)
+                return
         self.state.clear(log_start_offset)
         self.msg_ids.clear()
 
@@ -398,6 +428,40 @@ class PartitionIdempotence:
         m = self.msg_ids.snapshot()
         return _SNAP.pack(len(p), len(m)) + p + m
 
+    def bounded_snapshot(self, max_bytes: int) -> Trimmed:
+        """:meth:`snapshot` in at most ``max_bytes`` (a Raft snapshot for a follower that
+        catches up: one message). When the whole state does not fit, the oldest msg-ids go
+        first, then the least recently active producers: a producer left out is unknown to
+        that follower (its retry there after a failover gets UNKNOWN_PRODUCER_ID and starts
+        a new session, which may store a batch twice). Streaming the state in chunks, so
+        nothing is left out, is the self-healing issue's work."""
+        full = self.snapshot()
+        if len(full) <= max_bytes:
+            return Trimmed(full, 0, 0)
+        state, ids = self.state, self.msg_ids
+        p = state.snapshot()
+        if len(p) + 2 * _SNAP.size + _EMPTY_IDS_BYTES < max_bytes:
+            # Every producer fits: keep the newest msg-ids that fit beside them.
+            budget = max_bytes - _SNAP.size - len(p)
+            keep = len(ids)
+            while True:
+                m_bytes = ids.newest(keep).snapshot() if keep < len(ids) else ids.snapshot()
+                if len(m_bytes) <= budget or keep == 0:
+                    break
+                keep = min(keep - 1, int(keep * budget / len(m_bytes) * 0.95))
+            data = _SNAP.pack(len(p), len(m_bytes)) + p + m_bytes
+            return Trimmed(data, 0, len(ids) - keep)
+        m_bytes = MessageIdWindow(ids.max_ids).snapshot()
+        budget = max_bytes - _SNAP.size - len(m_bytes)
+        keep = len(state)
+        while True:
+            p = state.most_recent(keep).snapshot()
+            if len(p) <= budget or keep == 0:
+                break
+            keep = min(keep - 1, int(keep * budget / len(p) * 0.95))
+        data = _SNAP.pack(len(p), len(m_bytes)) + p + m_bytes
+        return Trimmed(data, len(state) - keep, len(ids))
+
     def restore(self, data: bytes) -> None:
         """Replace the committed state with a snapshot's (CorruptProducerSnapshot if bad)."""
         if len(data) < _SNAP.size:
@@ -417,8 +481,12 @@ class PartitionIdempotence:
         """Apply the committed batches in [applied offset, ``upto``) read from ``log``; how
         many batches were applied. A state ahead of ``upto`` is kept (it was applied from
         committed entries only)."""
-        if self.state.applied_offset > log.log_end_offset:
-            # A snapshot ahead of the log (records lost under flush=os): rebuild from the log.
+        if self.state.applied_offset > log.log_end_offset and self.config.flush == "os":
+            # A snapshot ahead of the log (records lost under flush=os, maybe on a majority:
+            # what it covers may never be committed again): rebuild from the log. Under
+            # flush=durable the state covers committed entries only, which the leader sends
+            # again (a follower that restarted after installing a leader's snapshot, before
+            # it caught up): it is kept, and those entries are skipped when applied.
             self.state.clear(log.log_start_offset)
             self.msg_ids.clear()
         offset = max(self.state.applied_offset, log.log_start_offset)

@@ -5,8 +5,10 @@ with their applied offset every :data:`SNAPSHOT_INTERVAL_S` seconds (when they c
 shutdown, in the ``idempotence`` column keyed by Raft group id. At start a replica restores
 its snapshot and replays only the committed log after the applied offset, instead of the
 whole log. A snapshot is an optimization: losing the latest one (it is written without
-fsync) only lengthens the replay; one that is corrupt, or ahead of the local log (data lost
-under flush=os), is dropped and the whole log is replayed.
+fsync) only lengthens the replay; one that is corrupt, or ahead of the local log under
+flush=os (data lost), is dropped and the whole log is replayed. Under flush=durable a snapshot
+ahead of the log is kept: it covers committed entries only (a follower that installed a
+leader's Raft snapshot, which carries the leader's state, and restarted before catching up).
 
 The same pass expires producers idle for ``producer.id.expiration.ms`` and msg-ids older
 than ``message.dedup.window.ms``.

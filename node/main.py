@@ -21,7 +21,7 @@ import resource
 import signal
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import prometheus_client
@@ -97,42 +97,17 @@ class ClusterSettings:
         )
 
     def argv(self) -> list[str]:
-        return to_argv(
-            {
-                "controller_voters": self.controller_voters or None,
-                "election_timeout_ms": self.election_timeout_ms,
-                "heartbeat_interval_ms": self.heartbeat_interval_ms,
-                "node_dead_ms": self.node_dead_ms,
-                "cluster_id": self.cluster_id or None,
-                "rack": self.rack or None,
-                "internal_listen": self.internal_listen or None,
-                "internal_advertised": self.internal_advertised or None,
-                "internal_ca": self.internal_ca,
-                "internal_cert": self.internal_cert,
-                "internal_key": self.internal_key,
-                "cluster_secret_file": self.cluster_secret_file,
-            }
-        )
+        # Every field is the flag of the same dest (node/settings.py); None and an empty
+        # string are left out.
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return to_argv({k: None if v == "" else v for k, v in values.items()})
 
 
 def node_flags(values: Mapping[str, object]) -> tuple[NodeFlags, ClusterSettings]:
     """The flags of either entry point (values by dest, node/settings.py), checked; raises
     ValueError naming the flag that is wrong."""
     flags = parse_flags(values)
-    settings = ClusterSettings(
-        controller_voters=flags.controller_voters,
-        election_timeout_ms=flags.election_timeout_ms,
-        heartbeat_interval_ms=flags.heartbeat_interval_ms,
-        node_dead_ms=flags.node_dead_ms,
-        cluster_id=flags.cluster_id,
-        rack=flags.rack,
-        internal_listen=flags.internal_listen,
-        internal_advertised=flags.internal_advertised,
-        internal_ca=flags.internal_ca,
-        internal_cert=flags.internal_cert,
-        internal_key=flags.internal_key,
-        cluster_secret_file=flags.cluster_secret_file,
-    )
+    settings = ClusterSettings(**{f.name: getattr(flags, f.name) for f in fields(ClusterSettings)})
     return flags, settings
 
 

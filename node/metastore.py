@@ -1,10 +1,11 @@
 """The node's one RocksDB instance (rocksdict), shared by everything that keeps metadata.
 
 RocksDB allows a single read-write opener per database, so the node opens it once here and
-hands out column families: ``topics``, ``idempotence`` (the partitions' producer-state
-snapshots, node/idempotence_store.py) and others; compacted-topic tables and consumer offsets
-later. Writes that the node's correctness depends on are synced (``sync``
-defaults to True): an acknowledged CreateTopics must survive a power cut.
+hands out column families: ``raft`` (every group's hard state, node/replica_storage.py),
+``node`` (the node's identity, cluster id, directory id and controller voters, node/server.py)
+and ``idempotence`` (the partitions' producer-state snapshots, node/idempotence_store.py);
+compacted-topic tables and consumer offsets later. Writes that the node's correctness depends
+on are synced (``sync`` defaults to True): a vote or term a node gave must survive a power cut.
 """
 
 from __future__ import annotations

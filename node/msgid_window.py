@@ -90,6 +90,15 @@ class MessageIdWindow:
         while len(self._ids) > max_ids:
             self._ids.popitem(last=False)
 
+    def newest(self, keep: int) -> MessageIdWindow:
+        """A copy with only the ``keep`` most recently stored ids (what fits a bounded
+        snapshot; the oldest would be forgotten first anyway)."""
+        out = MessageIdWindow(self.max_ids)
+        items = list(self._ids.items())
+        for key, stored in items[max(0, len(items) - max(0, keep)) :]:
+            out._ids[key] = stored
+        return out
+
     def clear(self) -> None:
         self._ids.clear()
 

@@ -13,7 +13,18 @@ adds what a partition means:
   new leader may have overwritten it, and then the producer hears NOT_LEADER and retries;
 * stored entries (fsynced under flush=durable) wake acks=1 producers, again only if the
   stored entry at their index has their term;
-* a truncated suffix fails the producers of the entries it removed.
+* a truncated suffix fails the producers of the entries it removed;
+* the log start is the group's, not each replica's (as Kafka's followers take the leader's
+  log start): only the serving leader decides retention (:meth:`Partition.enforce_retention`,
+  ``retention.ms`` by its segments' timestamps, ``retention.bytes`` by its log's size), and
+  proposes the new start as a *log-start* control batch (:func:`log_start_batch`: invisible
+  to consumers, one offset, like the NOOP of ``replica_storage``). Every replica applies it
+  (:meth:`Partition.apply`) with ``PartitionLog.advance_start``: its logical log start
+  becomes that offset, and it deletes its whole segments lying entirely below it. Segment
+  boundaries differ between replicas, so the start may fall inside a local segment: the
+  bytes below it stay stored (Raft may still send them) but reads, Fetch and ListOffsets
+  EARLIEST see the logical start. A follower never deletes on its own clock; a follower
+  that misses the control batch (a snapshot covers it) gets the start in the snapshot.
 
 Only the leader serves reads, and only once it is *synced* (the seam's sync step: it has
 applied the entries it holds from earlier terms): until then its high watermark may lag the
@@ -28,8 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from tidelog.config import TopicConfig
 from tidelog.errors import (
@@ -47,8 +59,9 @@ from tidelog.node.idempotence import PartitionIdempotence
 from tidelog.node.raft.errors import NotRaftLeader as RaftNotLeader
 from tidelog.node.raft.errors import ProposalDropped
 from tidelog.node.raft.types import NONE, Entry, Role, Snapshot, SoftState
-from tidelog.node.stm import BatchSpan, LostHow, StateMachine
-from tidelog.records import BatchHeader
+from tidelog.node.replica_storage import NOOP_SIZE, decode_snapshot
+from tidelog.node.stm import BatchSpan, LostHow, StateMachine, UnappliableEntry
+from tidelog.records import BatchHeader, decode_records, encode_batch, unpack_header
 
 if TYPE_CHECKING:
     from tidelog.node.multiraft import MultiRaft, RaftGroup
@@ -61,6 +74,8 @@ class LogLike(Protocol):
 
     @property
     def log_start_offset(self) -> int: ...
+    @property
+    def stored_start_offset(self) -> int: ...
     @property
     def log_end_offset(self) -> int: ...
     @property
@@ -83,9 +98,15 @@ class LogLike(Protocol):
     def entries_by_index(self, lo: int, hi: int, max_bytes: int) -> list[bytes]: ...
     def append_stamped(self, batches: bytes | bytearray | memoryview) -> None: ...
     def truncate_suffix(self, offset: int) -> None: ...
-    def reset(self, next_offset: int, last_index: int, last_term: int) -> None: ...
+    def reset(
+        self, next_offset: int, last_index: int, last_term: int, *, log_start: int | None = None
+    ) -> None: ...
     def flush(self) -> int: ...
     def enforce_retention(self, now_ms: int | None = None, *, below: int | None = None) -> int: ...
+    def retention_point(
+        self, now_ms: int | None = None, *, below: int | None = None
+    ) -> int | None: ...
+    def advance_start(self, offset: int) -> int: ...
     def maybe_roll(self, now_ms: int | None = None) -> bool: ...
     def update_config(self, config: TopicConfig) -> None: ...
     def close(self) -> None: ...
@@ -95,12 +116,57 @@ class LogLike(Protocol):
 #: ``node_id -> advertised address`` of a node, or None when unknown.
 AddressOf = Callable[[int], "str | None"]
 
+#: The key of the one record of a log-start control batch; its value is the new log start
+#: (8 bytes, big-endian).
+LOG_START_KEY: Final = b"tidelog-log-start"
+_LOG_START_VALUE = struct.Struct(">Q")
+
+
+def log_start_batch(offset: int) -> bytes:
+    """The control batch a leader proposes to move the group's log start to ``offset``: one
+    record (one offset), timestamp 0, no producer, so it is the same bytes on every replica
+    and never a NOOP (``replica_storage.entry_kind``)."""
+    return encode_batch(
+        [_LOG_START_VALUE.pack(offset)], keys=[LOG_START_KEY], timestamps_ms=0, control=True
+    )
+
+
+def decode_log_start(data: bytes) -> int | None:
+    """The log start a committed entry sets, or None if it is not a log-start batch.
+    UnappliableEntry for a log-start batch this version cannot read."""
+    if not data:
+        return None
+    h = unpack_header(data)
+    if not h.is_control or h.size == NOOP_SIZE or h.producer_id >= 0:
+        return None
+    recs = decode_records(data, verify_crc=False)
+    if not recs or recs[0].key != LOG_START_KEY:
+        return None
+    value = recs[0].value
+    if len(recs) != 1 or value is None or len(value) != _LOG_START_VALUE.size:
+        raise UnappliableEntry(
+            f"log-start control batch at offset {h.base_offset} has {len(recs)} records and "
+            f"a value of {len(value) if value is not None else 'no'} bytes"
+        )
+    return int(_LOG_START_VALUE.unpack(value)[0])
+
+
+assert len(log_start_batch(0)) != NOOP_SIZE
+
+
+def _floor_hw(lg: LogLike) -> int:
+    """The high watermark nothing applied yet can be below: the log start, but no further
+    than the log end (right after a snapshot, the leader's log start may lie beyond the
+    entries this replica holds so far)."""
+    return min(lg.log_start_offset, lg.log_end_offset)
+
 
 class Partition(StateMachine[None]):
     __slots__ = (
         "_address_of",
         "_closed_error",
         "_hw",
+        "_log_start_proposed",
         "_stream_error",
         "config",
         "elections_started",
@@ -133,7 +199,9 @@ class Partition(StateMachine[None]):
         self.replicas = tuple(replicas)
         self._address_of = address_of
         # What the stored commit index covers; the commits of the running group move it.
-        self._hw = partition_log.log_start_offset
+        self._hw = _floor_hw(partition_log)
+        # The highest log start this leader proposed in its term (0: none).
+        self._log_start_proposed = 0
         # The seam's changed() event also fires when the high watermark moves and when the
         # partition closes or ends its streams.
         self._closed_error: TidelogError | None = None
@@ -149,8 +217,10 @@ class Partition(StateMachine[None]):
     def attach(self, group: RaftGroup, raft: MultiRaft) -> None:
         """Bind to the running Raft group (right after ``MultiRaft.add_group``)."""
         super().attach(group, raft)
+        # The snapshots this replica sends as leader carry the idempotence state.
+        group.storage.state_source = self.snapshot_state
         end = self.log.end_offset_at_index(group.raw.commit_index)
-        self._hw = max(self._hw, end if end is not None else self.log.log_start_offset)
+        self._hw = max(self._hw, end if end is not None else _floor_hw(self.log))
         # The committed records after the restored snapshot (if any); later commits arrive
         # through apply().
         self.idempotence.recover(self.log, self._hw)
@@ -279,6 +349,34 @@ class Partition(StateMachine[None]):
         )
         return p.first_offset, p.last_offset, p.last_index, p.term
 
+    async def wait_batches(
+        self,
+        entries: Sequence[tuple[int, int]],
+        *,
+        committed: bool,
+        timeout_s: float,
+        per_batch: bool = True,
+    ) -> None:
+        """Wait for the entries ``(index, term)`` of one produce request's batches, in
+        request order: committed (acks=all) or stored on this leader (acks=1). A batch that
+        was overwritten fails the request; if batches before it were stored (they are a
+        prefix: an entry of a term cannot commit without the earlier entries of that term),
+        the NOT_LEADER error says so in its metadata, ``batches_stored=N``, so the client
+        retries only the rest. Timeouts as :meth:`wait_committed`. ``per_batch`` False:
+        ``entries`` are not one per batch in request order (no ``batches_stored``)."""
+        done, error = await self.wait_each(entries, timeout_s, committed=committed)
+        if error is None:
+            return
+        if done == 0 or not per_batch or not isinstance(error, NotLeader):
+            raise error
+        n = len(entries)
+        raise NotLeader(
+            f"{error.message} (batches {done + 1}..{n} of the request; its first {done} "
+            f"batch(es) were {'committed' if committed else 'stored'}: retry only the rest)",
+            **error.metadata,
+            batches_stored=str(done),
+        )
+
     async def read_barrier(self, timeout_s: float) -> None:
         """Linearizable reads: return once this replica is confirmed (Raft ReadIndex: a
         heartbeat round a majority acknowledged) to still lead, and has applied everything
@@ -345,6 +443,7 @@ class Partition(StateMachine[None]):
 
     def on_role_change(self, soft: SoftState, was_leader: bool) -> None:
         term = self.term
+        self._log_start_proposed = 0
         if soft.role == Role.LEADER:
             if not was_leader:
                 self.idempotence.leadership_lost()  # proposals in flight are an old term's
@@ -360,27 +459,86 @@ class Partition(StateMachine[None]):
                 )  # fmt: skip
             self.idempotence.leadership_lost()
 
+    def snapshot_state(self, max_bytes: int) -> bytes:
+        """The idempotence state for a Raft snapshot (``ReplicaStorage.state_source``), at
+        most ``max_bytes``: a follower that installs it knows every producer the leader
+        knows, so a retry after a failover to it is still recognized."""
+        out = self.idempotence.bounded_snapshot(max_bytes)
+        if out.producers_left_out or out.msg_ids_left_out:
+            log.warning(
+                "%s/%d: the idempotence state does not fit one snapshot of %d bytes: "
+                "%d producer(s) and %d msg-id(s) left out (the follower installing it will "
+                "not recognize their retries)",
+                self.topic, self.index, max_bytes, out.producers_left_out,
+                out.msg_ids_left_out,
+            )  # fmt: skip
+        return out.data
+
     def restore_snapshot(self, snapshot: Snapshot) -> None:
         idem = self.idempotence
-        idem.snapshot_installed(self.log.log_start_offset)
+        try:
+            state = decode_snapshot(snapshot.data).state
+        except StorageError:
+            state = None  # install_snapshot already refused bytes that are not ours
+        idem.snapshot_installed(self.log.log_start_offset, state)
         idem.applied_index = max(idem.applied_index, snapshot.meta.index)
-        self._advance_hw(self.log.log_start_offset)
+        self._advance_hw(_floor_hw(self.log))
 
     def on_log_truncated(self, from_index: int) -> None:
         self.idempotence.truncated(from_index)
 
     def apply(self, entries: tuple[Entry, ...]) -> None:
-        """A partition's state is its high watermark and its producer state (idempotence):
-        committed entries move both."""
+        """A partition's state is its high watermark, its producer state (idempotence) and
+        its log start: committed entries move all three."""
         last = entries[-1].index
         idem = self.idempotence
+        log_start: int | None = None
         for e in entries:
             idem.apply_committed(e.data)
+            s = decode_log_start(e.data)
+            if s is not None:
+                log_start = s if log_start is None else max(log_start, s)
         idem.applied_index = last
         idem.committed(last)
         end = self.log.end_offset_at_index(last)
         if end is not None:
             self._advance_hw(end)
+        if log_start is not None:
+            self._apply_log_start(log_start)
+
+    def _apply_log_start(self, offset: int) -> None:
+        """Every replica: the group's log start is ``offset`` now (the leader chose it below
+        its high watermark, and the control batch carrying it is committed after it, so
+        every entry below it is committed here too)."""
+        before = self.log.log_start_offset
+        if offset <= before:
+            return  # an old start replayed after a restart, or a snapshot brought a later one
+        deleted = self.log.advance_start(offset)
+        log.info(
+            "%s/%d: log start %d -> %d (the leader's), %d local segment(s) deleted",
+            self.topic, self.index, before, offset, deleted,
+        )  # fmt: skip
+        self.notify()
+
+    def enforce_retention(self, now_ms: int | None = None) -> int | None:
+        """The serving leader only: if ``retention.ms`` / ``retention.bytes`` allow a later
+        log start (never above the high watermark: what Raft has not committed stays),
+        propose it as a log-start control batch and return it; None otherwise (a follower
+        never decides, nor deletes on its own clock). Every replica deletes when the batch
+        is applied. A refused proposal is retried at the next pass."""
+        if self._closed_error is not None or not self.serving:
+            return None
+        point = self.log.retention_point(now_ms, below=self._hw)
+        if point is None or point <= max(self.log.log_start_offset, self._log_start_proposed):
+            return None
+        buf = log_start_batch(point)
+        try:
+            self.propose_batches([BatchSpan(buf, 0, len(buf), 1)])
+        except TidelogError as exc:
+            log.info("%s/%d: log start %d not proposed: %s", self.topic, self.index, point, exc)
+            return None
+        self._log_start_proposed = point
+        return point
 
     def on_storage_failure(self, group: RaftGroup, exc: BaseException) -> None:
         self.fail_storage(exc)

@@ -238,6 +238,23 @@ class ProducerState:
             seen.pop(pid, None)
         return len(gone)
 
+    def most_recent(self, keep: int) -> ProducerState:
+        """A copy with only the ``keep`` most recently active producers (by the later of
+        their last batch's timestamp and when this replica applied it), same applied
+        offset: what fits a bounded snapshot."""
+        seen = self._last_seen
+        ranked = sorted(
+            self._producers.items(),
+            key=lambda kv: (max(kv[1].last_timestamp_ms, seen.get(kv[0], -1)), kv[0]),
+            reverse=True,
+        )
+        out = ProducerState(self._applied_offset)
+        for pid, entry in ranked[: max(0, keep)]:
+            out._producers[pid] = entry.copy()
+            if pid in seen:
+                out._last_seen[pid] = seen[pid]
+        return out
+
     def clear(self, applied_offset: int) -> None:
         self._producers.clear()
         self._last_seen.clear()

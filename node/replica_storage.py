@@ -9,10 +9,19 @@ entry need a word:
   the core. It is stored as a one-record *control* batch (``NOOP``: invisible to consumers,
   one offset) built deterministically (timestamp 0, no producer), so every replica writes the
   same bytes whether it got the entry from the leader's memory (no data) or from its log.
-* A snapshot of a partition is metadata only: the offset, Raft index and term the leader's
-  log starts after. A follower that needs entries the leader no longer holds (retention
-  deleted them) installs it with ``PartitionLog.reset``: records below the leader's log
-  start are gone, as in Kafka.
+* A snapshot of a partition holds no records: the offset, Raft index and term the leader's
+  stored log starts after, the leader's logical log start (at or above that offset:
+  ``node/log/partition_log.py``), and the state the owner derives from the log, which the
+  records below the log start no longer give: for a partition, its idempotence state
+  (producers and msg-ids as of the leader's applied offset, ``state_source``). A follower
+  that needs entries the leader no longer holds (retention deleted them) installs it with
+  ``PartitionLog.reset``: records below the leader's log start are gone, as in Kafka, the
+  follower's logical start is the leader's (it otherwise travels as a control batch, see
+  ``node/partition.py``), and the owner restores the state (``decode_snapshot``). Formats
+  1 (offset only) and 2 (offset and logical start) are still read; format 3 carries all
+  three. The state is bounded by :data:`SNAPSHOT_STATE_BYTES_MAX` so the snapshot fits one
+  Raft message; the owner trims what does not fit (and says so in its log) until snapshots
+  are streamed in chunks.
 
 Raft indexes and consumer offsets are translated only through the log (``term_at_index``,
 ``end_offset_at_index``); this module never keeps its own mapping.
@@ -30,6 +39,8 @@ from __future__ import annotations
 import logging
 import struct
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 from tidelog.errors import StorageError
@@ -53,6 +64,7 @@ from tidelog.records import HEADER_SIZE, batch_end_offset, encode_batch, stamp, 
 
 log = logging.getLogger(__name__)
 
+UINT63_MAX: Final = 2**63 - 1
 KIB: Final = 1024
 MIB: Final = 1024 * KIB
 
@@ -68,6 +80,16 @@ _GROUP_KEY = struct.Struct(">Q")
 _HARD_STATE = struct.Struct(">QQQ")
 _SNAPSHOT_DATA = struct.Struct(">BQ")
 _SNAPSHOT_FORMAT: Final = 1
+#: Format 2 adds the logical log start.
+_SNAPSHOT_DATA_2 = struct.Struct(">BQQ")
+_SNAPSHOT_FORMAT_2: Final = 2
+#: Format 3: format 2's fields, then the length of the owner's state and the state.
+_SNAPSHOT_DATA_3 = struct.Struct(">BQQI")
+_SNAPSHOT_FORMAT_3: Final = 3
+#: The owner's state in one snapshot at most: a snapshot travels as one Raft message
+#: (``node/transport.message_bytes_max``, about 71 MiB), and a follower holds it in memory
+#: while installing it. Beyond it the owner trims its state (``state_source``).
+SNAPSHOT_STATE_BYTES_MAX: Final = 16 * MIB
 assert NOOP_SIZE > HEADER_SIZE
 
 
@@ -102,20 +124,83 @@ def next_offset(raw: RawNode, partition_log: RaftLogFile) -> int:
     return end + empties
 
 
-def encode_snapshot_data(log_start_offset: int) -> bytes:
-    return _SNAPSHOT_DATA.pack(_SNAPSHOT_FORMAT, log_start_offset)
+@dataclass(frozen=True, slots=True)
+class SnapshotData:
+    """What a partition snapshot carries besides its Raft metadata."""
+
+    #: Where the log continues after the snapshot (the leader's stored start).
+    log_start_offset: int
+    #: The owner's state (format 3), or None (formats 1 and 2, or an owner without state).
+    state: bytes | None = None
+    #: The leader's logical log start when above ``log_start_offset``, else None.
+    logical_start: int | None = None
+
+    @property
+    def logical(self) -> int:
+        """The logical log start a follower takes."""
+        return self.log_start_offset if self.logical_start is None else self.logical_start
+
+
+def encode_snapshot_data(
+    log_start_offset: int, state: bytes | None = None, *, logical_start: int | None = None
+) -> bytes:
+    """The smallest format that holds what is given: 1 (offset), 2 (and a logical start
+    above it), 3 (and the owner's state)."""
+    logical = log_start_offset if logical_start is None else logical_start
+    if logical < log_start_offset:
+        raise StorageError(f"logical log start {logical} below the stored start {log_start_offset}")
+    if state is None:
+        if logical == log_start_offset:
+            return _SNAPSHOT_DATA.pack(_SNAPSHOT_FORMAT, log_start_offset)
+        return _SNAPSHOT_DATA_2.pack(_SNAPSHOT_FORMAT_2, log_start_offset, logical)
+    if len(state) > SNAPSHOT_STATE_BYTES_MAX:
+        raise StorageError(
+            f"snapshot state of {len(state)} bytes exceeds {SNAPSHOT_STATE_BYTES_MAX} bytes"
+        )
+    head = _SNAPSHOT_DATA_3.pack(_SNAPSHOT_FORMAT_3, log_start_offset, logical, len(state))
+    return head + state
+
+
+def decode_snapshot(data: bytes) -> SnapshotData:
+    """Every format; StorageError if the bytes are not ours."""
+    if not data:
+        raise StorageError("partition snapshot is empty")
+    fmt = data[0]
+    state: bytes | None = None
+    if fmt == _SNAPSHOT_FORMAT:
+        if len(data) != _SNAPSHOT_DATA.size:
+            raise StorageError(
+                f"partition snapshot is {len(data)} bytes, expected {_SNAPSHOT_DATA.size}"
+            )
+        _fmt, offset = _SNAPSHOT_DATA.unpack(data)
+        logical = offset
+    elif fmt == _SNAPSHOT_FORMAT_2:
+        if len(data) != _SNAPSHOT_DATA_2.size:
+            raise StorageError(
+                f"partition snapshot of format 2 is {len(data)} bytes, expected "
+                f"{_SNAPSHOT_DATA_2.size}"
+            )
+        _fmt, offset, logical = _SNAPSHOT_DATA_2.unpack(data)
+    elif fmt == _SNAPSHOT_FORMAT_3:
+        head = _SNAPSHOT_DATA_3.size
+        if len(data) < head:
+            raise StorageError(f"partition snapshot of format 3 is {len(data)} bytes")
+        _fmt, offset, logical, length = _SNAPSHOT_DATA_3.unpack_from(data)
+        if length > SNAPSHOT_STATE_BYTES_MAX or len(data) != head + length:
+            raise StorageError(
+                f"partition snapshot is {len(data)} bytes; its header says {head + length}"
+            )
+        state = bytes(data[head:])
+    else:
+        raise StorageError(f"partition snapshot has format {fmt}")
+    if offset < 0 or offset > UINT63_MAX or not offset <= logical <= UINT63_MAX:
+        raise StorageError(f"partition snapshot has offset {offset} and log start {logical}")
+    return SnapshotData(int(offset), state, None if logical == offset else int(logical))
 
 
 def decode_snapshot_data(data: bytes) -> int:
-    """The offset a snapshot's log starts at; StorageError if the bytes are not ours."""
-    if len(data) != _SNAPSHOT_DATA.size:
-        raise StorageError(
-            f"partition snapshot is {len(data)} bytes, expected {_SNAPSHOT_DATA.size}"
-        )
-    fmt, offset = _SNAPSHOT_DATA.unpack(data)
-    if fmt != _SNAPSHOT_FORMAT or offset < 0:
-        raise StorageError(f"partition snapshot has format {fmt} and offset {offset}")
-    return int(offset)
+    """The offset a snapshot's log continues at; StorageError if the bytes are not ours."""
+    return decode_snapshot(data).log_start_offset
 
 
 class RaftLogFile(Protocol):
@@ -123,6 +208,8 @@ class RaftLogFile(Protocol):
 
     @property
     def log_start_offset(self) -> int: ...
+    @property
+    def stored_start_offset(self) -> int: ...
     @property
     def log_end_offset(self) -> int: ...
     @property
@@ -137,14 +224,25 @@ class RaftLogFile(Protocol):
     def entries_by_index(self, lo: int, hi: int, max_bytes: int) -> list[bytes]: ...
     def append_stamped(self, batches: bytes | bytearray | memoryview) -> None: ...
     def truncate_suffix(self, offset: int) -> None: ...
-    def reset(self, next_offset: int, last_index: int, last_term: int) -> None: ...
+    def reset(
+        self, next_offset: int, last_index: int, last_term: int, *, log_start: int | None = None
+    ) -> None: ...
     def flush(self) -> int: ...
 
 
 class ReplicaStorage:
     """``raft.storage.StorageReader`` over a partition log, plus the driver's writes."""
 
-    __slots__ = ("_cache", "_cache_bytes", "_cache_max_bytes", "_conf", "_hs", "log", "lost_to")
+    __slots__ = (
+        "_cache",
+        "_cache_bytes",
+        "_cache_max_bytes",
+        "_conf",
+        "_hs",
+        "log",
+        "lost_to",
+        "state_source",
+    )
 
     def __init__(
         self,
@@ -181,6 +279,10 @@ class ReplicaStorage:
         self._cache: deque[Entry] = deque()
         self._cache_bytes = 0
         self._cache_max_bytes = cache_bytes_max
+        #: The owner's state for the snapshots this replica sends as leader, at most the
+        #: given bytes (the partition's idempotence state; set by ``Partition.attach``).
+        #: None: format-1 snapshots (offset only).
+        self.state_source: Callable[[int], bytes] | None = None
 
     # ---- StorageReader -------------------------------------------------------------------
 
@@ -249,7 +351,11 @@ class ReplicaStorage:
             raise SnapshotTemporarilyUnavailable(
                 f"the term of raft index {index}, where the log starts, is not known"
             )
-        data = encode_snapshot_data(self.log.log_start_offset)
+        source = self.state_source
+        state = None if source is None else source(SNAPSHOT_STATE_BYTES_MAX)
+        data = encode_snapshot_data(
+            self.log.stored_start_offset, state, logical_start=self.log.log_start_offset
+        )
         return Snapshot(SnapshotMeta(index, term, self._conf), data)
 
     # ---- writes by the driver ------------------------------------------------------------
@@ -314,10 +420,11 @@ class ReplicaStorage:
         return truncated
 
     def install_snapshot(self, snapshot: Snapshot) -> None:
-        """Empty the log and make it continue after the snapshot's point."""
+        """Empty the log and make it continue after the snapshot's point (the owner restores
+        the state it carries: ``GroupHandler.on_snapshot``)."""
         meta = snapshot.meta
-        next_offset = decode_snapshot_data(snapshot.data)
-        self.log.reset(next_offset, meta.index, meta.term)
+        data = decode_snapshot(snapshot.data)
+        self.log.reset(data.log_start_offset, meta.index, meta.term, log_start=data.logical)
         self._conf = meta.conf
         self._cache.clear()
         self._cache_bytes = 0
@@ -383,9 +490,12 @@ __all__ = [
     "NOOP",
     "NOOP_SIZE",
     "RAFT_COLUMN",
+    "SNAPSHOT_STATE_BYTES_MAX",
     "HardStateStore",
     "RaftLogFile",
     "ReplicaStorage",
+    "SnapshotData",
+    "decode_snapshot",
     "decode_snapshot_data",
     "encode_snapshot_data",
     "entry_cache_bytes_max",

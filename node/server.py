@@ -535,8 +535,10 @@ class Node:
             )  # fmt: skip
 
     async def _retention_loop(self) -> None:
-        """Roll segments by age and delete what retention.ms / retention.bytes allow, never
-        above the high watermark (what Raft has not committed may still be needed)."""
+        """Roll segments by age (every replica, its own segments); on the partitions this
+        node leads, propose the log start retention.ms / retention.bytes allow, never above
+        the high watermark (``Partition.enforce_retention``). Every replica deletes when it
+        applies that start; a follower never deletes on its own clock."""
         while True:
             await asyncio.sleep(self.retention_interval_s)
             now_ms = time.time_ns() // 1_000_000
@@ -545,7 +547,7 @@ class Node:
                     continue
                 try:
                     p.log.maybe_roll(now_ms)
-                    p.log.enforce_retention(now_ms, below=p.high_watermark)
+                    p.enforce_retention(now_ms)
                 except Exception as exc:
                     p.fail_storage(exc)
 

@@ -391,6 +391,42 @@ class StateMachine(ABC, Generic[R]):
             waiters.discard(w)
             raise self.timeout_error(index, what, timeout_s) from None
 
+    async def wait_each(
+        self, entries: Sequence[tuple[int, int]], timeout_s: float, *, committed: bool
+    ) -> tuple[int, TidelogError | None]:
+        """Wait for several entries ``(index, term)`` of one request, in the order given:
+        committed and applied (``committed``) or stored here. Returns how many of the
+        leading entries succeeded, and the error of the first that did not (None when all
+        did). All waiters are registered before the first await: one added after its entry
+        was settled would never be. :meth:`timeout_error` is raised after ``timeout_s``."""
+        if self._stm_error is not None:
+            raise self._stm_error
+        waiters: TermCheckedWaiters[R] | TermCheckedWaiters[None] = (
+            self._commit_waiters if committed else self._persist_waiters
+        )
+        added = [waiters.add(index, term) for index, term in entries]
+        done = 0
+        try:
+            async with asyncio.timeout(timeout_s):
+                for w in added:
+                    try:
+                        await w.fut
+                    except TidelogError as exc:
+                        return done, exc
+                    done += 1
+            return done, None
+        except TimeoutError:
+            what = "committed" if committed else "stored"
+            raise self.timeout_error(added[done].index, what, timeout_s) from None
+        finally:
+            for w in added[done:]:
+                waiters.discard(w)  # type: ignore[arg-type]
+                if w.fut.done():
+                    if not w.fut.cancelled():
+                        w.fut.exception()  # retrieved: the first failure is the answer
+                else:
+                    w.fut.cancel()
+
     def fail_waiters(self, error: TidelogError) -> None:
         """Close: every waiter, present and future, and every proposal get ``error``
         (idempotent; the first error wins)."""

@@ -16,7 +16,8 @@ fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-EXTRAS="${TIDELOG_EXTRAS:-}"
+# The node extras by default: the demo runs nodes and the CLI (dev includes them too).
+EXTRAS="${TIDELOG_EXTRAS:-node}"
 STAMP=".venv/.tidelog-installed${EXTRAS:+-$EXTRAS}"
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   echo "installing tidelog into .venv (log: .venv/install.log)"

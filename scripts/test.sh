@@ -12,4 +12,6 @@ bash scripts/typecheck.sh
 echo "== generated protobuf code"
 .venv/bin/python scripts/gen_proto.py --check
 echo "== pytest"
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# The packaging test (a fresh venv with the client alone, tests/integration/test_client_install.py)
+# takes minutes and needs the package index: run it with `pytest -m packaging`.
+.venv/bin/python -m pytest -q -p no:cacheprovider -m "not packaging" "$@"

@@ -137,6 +137,12 @@ class Codec(enum.IntEnum):
             return cls[name.strip().upper()]
         except KeyError:
             choices = ", ".join(c.name.lower() for c in cls)
+            if name.strip().lower() in ("gzip", "snappy"):
+                raise ValueError(
+                    f"compression {name!r} is a Kafka codec tidelog does not implement: choose "
+                    f"one of {choices} (zstd compresses better than gzip, lz4 is faster than "
+                    "snappy)"
+                ) from None
             raise ValueError(
                 f"unknown compression codec {name!r}: choose one of {choices}"
             ) from None

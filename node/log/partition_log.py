@@ -8,9 +8,18 @@ indexes and consumer offsets are translated into each other (``term_at_index``,
 
 On disk a partition is a directory of segments, ``<base_offset:020d>.log`` with sparse
 ``.index`` and ``.timeindex`` caches (see ``segment.py`` and ``index.py``), plus
-``log_start.json``, written only when the front of the log is deleted (retention, prefix
-truncation, reset): it remembers the Raft index and term just before the first remaining
-batch, which Raft needs and which no remaining batch can tell.
+``log_start.json``, written only when the front of the log moves (retention, prefix
+truncation, reset, a new logical start): it remembers the Raft index and term just before the
+first remaining batch, which Raft needs and which no remaining batch can tell, and the
+*logical* log start.
+
+Two starts: the *stored* start (``stored_start_offset``, the first segment's base offset,
+where the Raft log begins) and the *logical* start (``log_start_offset``, at or above it),
+below which offsets are out of range for reads even where the bytes are still stored. The
+replicas of a partition agree on the logical start (the leader replicates it, see
+``node/partition.py``); each deletes only whole segments below it, and their segment
+boundaries differ, so the stored starts may differ. The logical start is persisted in
+log_start.json before it takes effect.
 
 ``recovery_point`` (as Kafka's recovery-point checkpoint) holds an offset below which every
 byte is known to be fsynced: written when the log is opened (after recovery fsynced it all)
@@ -91,12 +100,16 @@ class _Entry(NamedTuple):
 
 
 class _Start(NamedTuple):
-    """Contents of ``log_start.json``. ``reset`` is set while a ``reset`` is in progress."""
+    """Contents of ``log_start.json``. ``reset`` is set while a ``reset`` is in progress.
+    ``log_start_offset`` is the stored start (first segment's base); ``logical_start_offset``
+    the logical start (files of older versions lack it: then the stored start).
+    ``prev_term`` -1: not known."""
 
     log_start_offset: int
     first_index: int
     prev_term: int
     reset: bool
+    logical_start_offset: int
 
 
 def wall_clock_ms() -> int:
@@ -126,6 +139,8 @@ class PartitionLog:
         self._segments: list[Segment] = []
         # Term of the entry at first_index - 1 (None when no file tells it).
         self._prev_term: int | None = 0
+        # The logical log start (log_start_offset is the larger of it and the stored start).
+        self._logical_start = 0
         self._size_bytes = 0
         self._dir_dirty = False
         self._closed = False
@@ -160,6 +175,13 @@ class PartitionLog:
 
     @property
     def log_start_offset(self) -> int:
+        """The logical log start: the first offset reads serve (at or above the stored start)."""
+        return max(self._logical_start, self._segments[0].base_offset)
+
+    @property
+    def stored_start_offset(self) -> int:
+        """The first offset still stored (the first segment's base): where the Raft log
+        begins. Below ``log_start_offset`` when the logical start lies inside a segment."""
         return self._segments[0].base_offset
 
     @property
@@ -406,11 +428,12 @@ class PartitionLog:
         broker never opens batches.
         """
         self._check_open()
+        log_start = self.log_start_offset
         for seg in self._segments:
-            if seg.size == 0 or seg.max_timestamp < timestamp_ms:
+            if seg.size == 0 or seg.max_timestamp < timestamp_ms or seg.next_offset <= log_start:
                 continue
             rel = seg.time_index.start_for(timestamp_ms)
-            start, _h = seg.find(seg.base_offset + rel)
+            start, _h = seg.find(max(seg.base_offset + rel, log_start))
             for _pos, h, _buf, _off in seg.walk(start, seg.size):
                 if h.max_timestamp >= timestamp_ms:
                     return h.base_offset, h.max_timestamp
@@ -441,12 +464,12 @@ class PartitionLog:
 
     def end_offset_at_index(self, raft_index: int) -> int | None:
         """The offset after the entry at ``raft_index``: the high watermark once Raft has
-        committed ``raft_index``. For ``first_index - 1``, the log start. None outside."""
+        committed ``raft_index``. For ``first_index - 1``, the stored start. None outside."""
         self._check_open()
         if raft_index == self.last_index:
             return self.log_end_offset
         if raft_index == self.first_index - 1:
-            return self.log_start_offset
+            return self.stored_start_offset
         if not self.first_index <= raft_index <= self.last_index:
             return None
         seg = self._segment_for_index(raft_index)
@@ -500,9 +523,9 @@ class PartitionLog:
 
     def truncate_suffix(self, offset: int) -> None:
         """Drop every batch whose base offset is >= ``offset`` (Raft conflict truncation).
-        ``offset`` must be a batch boundary between the log start and the log end."""
+        ``offset`` must be a batch boundary between the stored start and the log end."""
         self._check_open()
-        start, end = self.log_start_offset, self.log_end_offset
+        start, end = self.stored_start_offset, self.log_end_offset
         if offset == end:
             return
         if not start <= offset < end:
@@ -566,31 +589,81 @@ class PartitionLog:
         """Delete the oldest closed segments while the oldest is past ``retention.ms`` (by
         its newest timestamp) or the log is larger than ``retention.bytes``. ``below``, when
         given, protects offsets at and above it (what Raft has not yet committed or
-        snapshotted). The active segment is never deleted. Returns how many were deleted."""
+        snapshotted). The active segment is never deleted. Returns how many were deleted.
+
+        This is :meth:`retention_point` and :meth:`advance_start` in one, for a log that is
+        its own authority. A replicated partition never calls it: its leader decides with
+        ``retention_point`` and every replica applies the replicated start with
+        ``advance_start`` (``Partition.enforce_retention``)."""
+        point = self.retention_point(now_ms, below=below)
+        return 0 if point is None else self.advance_start(point)
+
+    def retention_point(self, now_ms: int | None = None, *, below: int | None = None) -> int | None:
+        """The log start that ``retention.ms`` / ``retention.bytes`` allow: the base offset
+        of the first closed segment to keep, when retention would delete at least one segment
+        (the one holding the logical start counts from there); None when it would delete
+        nothing. ``below`` protects offsets at and above it; the active segment is always
+        kept. Decides only: nothing is deleted."""
         self._check_open()
         now = self._clock_ms() if now_ms is None else now_ms
         retention_ms = self._config.retention_ms
         retention_bytes = self._config.retention_bytes
-        size = self._size_bytes
-        n = 0
-        while n < len(self._segments) - 1:
-            seg = self._segments[n]
+        segs = self._segments
+        log_start = self.log_start_offset
+        n = bisect_right(segs, log_start, key=_by_base) - 1
+        if n >= len(segs) - 1:
+            return None
+        # Bytes from the logical start on.
+        head = segs[n].find(log_start)[0] if log_start > segs[n].base_offset else 0
+        size = sum(s.size for s in segs[n:]) - head
+        point: int | None = None
+        while n < len(segs) - 1:
+            seg = segs[n]
             if below is not None and seg.next_offset > below:
                 break
             expired = retention_ms >= 0 and now - self._newest_ms(seg) > retention_ms
             oversize = retention_bytes >= 0 and size > retention_bytes
             if not (expired or oversize):
                 break
-            size -= seg.size
+            size -= seg.size - head
+            head = 0
+            n += 1
+            point = segs[n].base_offset
+        return point
+
+    def advance_start(self, offset: int) -> int:
+        """Raise the logical log start to ``offset`` (never lowers it) and delete the closed
+        segments lying entirely below it; the segment holding ``offset`` stays, its batches
+        below ``offset`` out of range from now on. The new start is durable (log_start.json)
+        before anything is deleted. Returns how many segments were deleted."""
+        self._check_open()
+        if offset > self.log_end_offset:
+            raise ValueError(
+                f"cannot move the log start to {offset}: the log ends at {self.log_end_offset}"
+            )
+        if offset <= self.log_start_offset:
+            return 0
+        segs = self._segments
+        n = 0
+        while n < len(segs) - 1 and segs[n].next_offset <= offset:
             n += 1
         if n:
-            self._drop_front(n)
-            log.info(
-                "%s: retention deleted %d segment(s); the log now starts at offset %d",
-                self._dir,
-                n,
-                self.log_start_offset,
+            self._drop_front(n, logical_start=offset)
+        else:
+            first = segs[0]
+            prev_term = -1 if self._prev_term is None else self._prev_term
+            self._write_start(
+                _Start(first.base_offset, first.first_index, prev_term, False, offset)
             )
+            self._logical_start = offset
+        log.info(
+            "%s: the log start moved to offset %d (%d segment(s) deleted; the log is stored "
+            "from offset %d)",
+            self._dir,
+            offset,
+            n,
+            self.stored_start_offset,
+        )
         return n
 
     def _newest_ms(self, seg: Segment) -> int:
@@ -598,32 +671,42 @@ class PartitionLog:
             return seg.max_timestamp
         return self._fs.mtime_ns(seg.fd) // 1_000_000
 
-    def _drop_front(self, n: int) -> None:
-        """Delete the first ``n`` segments. log_start.json is made durable first: a crash
-        after it finishes the deletion on open; a crash before it leaves the log unchanged."""
+    def _drop_front(self, n: int, *, logical_start: int = 0) -> None:
+        """Delete the first ``n`` segments (and raise the logical start to ``logical_start``
+        if it is higher). log_start.json is made durable first: a crash after it finishes
+        the deletion on open; a crash before it leaves the log unchanged."""
         doomed = self._segments[:n]
         first = self._segments[n]
         prev_term = doomed[-1].last_term
-        self._write_start(_Start(first.base_offset, first.first_index, prev_term, reset=False))
+        logical = max(logical_start, self._logical_start, first.base_offset)
+        self._write_start(_Start(first.base_offset, first.first_index, prev_term, False, logical))
         with self._lock:
             del self._segments[:n]
             self._size_bytes = sum(s.size for s in self._segments)
             self._prev_term = prev_term
+            self._logical_start = logical
             self._dir_dirty = True
         for s in doomed:
             s.unlink()
 
-    def reset(self, next_offset: int, last_index: int, last_term: int) -> None:
+    def reset(
+        self, next_offset: int, last_index: int, last_term: int, *, log_start: int | None = None
+    ) -> None:
         """Empty the log and make it continue at ``next_offset`` / Raft index
-        ``last_index + 1`` after term ``last_term`` (installing a Raft snapshot)."""
+        ``last_index + 1`` after term ``last_term`` (installing a Raft snapshot). The logical
+        start becomes ``log_start`` (the leader's, at or above ``next_offset``; default
+        ``next_offset``): the entries the leader sends next may lie below it."""
         self._check_open()
+        logical = next_offset if log_start is None else log_start
+        if logical < next_offset:
+            raise ValueError(f"log start {logical} lies below the reset offset {next_offset}")
         with self._rp_lock:
             if next_offset < self._recovery_point:
                 self._write_recovery_point(next_offset)
-            self._reset(next_offset, last_index, last_term)
+            self._reset(next_offset, last_index, last_term, logical)
 
-    def _reset(self, next_offset: int, last_index: int, last_term: int) -> None:
-        self._write_start(_Start(next_offset, last_index + 1, last_term, reset=True))
+    def _reset(self, next_offset: int, last_index: int, last_term: int, logical: int) -> None:
+        self._write_start(_Start(next_offset, last_index + 1, last_term, True, logical))
         with self._lock:
             doomed = self._segments
             self._segments = []
@@ -638,14 +721,21 @@ class PartitionLog:
             fs=self._fs,
         )
         self._fsync_dir()
-        self._write_start(_Start(next_offset, last_index + 1, last_term, reset=False))
+        self._write_start(_Start(next_offset, last_index + 1, last_term, False, logical))
         with self._lock:
             self._segments = [new]
+            self._logical_start = logical
             self._size_bytes = 0
             self._prev_term = last_term
             self._flushed = next_offset
             self._trunc_low = min(self._trunc_low, next_offset)
-        log.info("%s: reset to offset %d, raft index %d", self._dir, next_offset, last_index + 1)
+        log.info(
+            "%s: reset to offset %d, raft index %d, log start %d",
+            self._dir,
+            next_offset,
+            last_index + 1,
+            logical,
+        )
 
     # ---- durability --------------------------------------------------------------------
 
@@ -789,18 +879,25 @@ class PartitionLog:
         path = self._dir / START_FILE
         try:
             doc = json.loads(self._fs.read_bytes(path))
+            stored = int(doc["log_start_offset"])
             start = _Start(
-                int(doc["log_start_offset"]),
+                stored,
                 int(doc["first_index"]),
                 int(doc["prev_term"]),
                 bool(doc.get("reset", False)),
+                int(doc.get("logical_start_offset", stored)),
             )
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("%s: ignoring unreadable %s: %s", self._dir, START_FILE, exc)
             return None
-        if start.log_start_offset < 0 or start.first_index < 1 or start.prev_term < 0:
+        if (
+            start.log_start_offset < 0
+            or start.first_index < 1
+            or start.prev_term < -1
+            or start.logical_start_offset < start.log_start_offset
+        ):
             log.warning("%s: ignoring %s with impossible values %s", self._dir, START_FILE, doc)
             return None
         return start
@@ -863,7 +960,7 @@ class PartitionLog:
         if not bases:
             base = start.log_start_offset if start else 0
             first_index = start.first_index if start else 1
-            prev_term = start.prev_term if start else 0
+            prev_term = start.prev_term if start and start.prev_term >= 0 else 0
             self._segments = [
                 Segment.create(
                     self._dir,
@@ -875,6 +972,7 @@ class PartitionLog:
                 )
             ]
             self._prev_term = prev_term
+            self._logical_start = start.logical_start_offset if start else 0
             if start is not None and start.reset:
                 self._fsync_dir()
                 self._write_start(start._replace(reset=False))
@@ -884,7 +982,8 @@ class PartitionLog:
         # What the first segment must continue from.
         first_expect: int | None
         if start is not None:
-            first_expect, prev_term_known = start.first_index, start.prev_term
+            first_expect = start.first_index
+            prev_term_known = start.prev_term if start.prev_term >= 0 else None
         elif bases[0] == 0:
             first_expect, prev_term_known = 1, 0
         else:
@@ -959,6 +1058,10 @@ class PartitionLog:
         if segs[0].first_index == 1:
             prev_term_known = 0
         self._prev_term = prev_term_known
+        # The logical start survives a restart; a log that lost its tail (flush=os after a
+        # power loss) may end below it: then it starts at its end until the leader resends.
+        logical = start.logical_start_offset if start is not None else 0
+        self._logical_start = min(logical, segs[-1].next_offset)
         last = segs[-1]
         if last.size:
             first_ts = last.header_at(0).first_timestamp

@@ -56,6 +56,16 @@ Protocol choices (Raft paper = Ongaro & Ousterhout 2014; thesis = Ongaro 2014):
   since no node holding one votes for an empty log. The first APPEND of a leader turns it into
   an ordinary recovering node up to that APPEND's commit index (the group's commit when it
   joined), and it votes again once its log reaches it.
+- Unanimous elections: when a majority of a group lost entries (a power loss of several
+  machines under ``flush=os``), withholding their votes would leave the group without a leader
+  for good. So a recovering voter does not grant, but answers a candidate whose log is at
+  least as up to date as its own with a rejection marked ``RECOVERING_CONTEXT``; a candidate
+  wins with those only if every voter (of both configurations) granted or answered so. That
+  is as safe as anything can be: the winner's log is at least as up to date as every
+  replica's, so it holds every committed entry some replica still holds; what it lacks is
+  gone from every replica. One voter that holds its log intact and does not grant (it is
+  down, cut off, or more up to date) keeps the old rule: no leader. Recovering nodes still
+  do not campaign, so a group whose replicas all lost entries stays without a leader.
 """
 
 from __future__ import annotations
@@ -96,6 +106,10 @@ from .types import (
 TRANSFER_CONTEXT = b"transfer"
 #: ``lost_to`` of a new replica that does not know what the group committed yet (see above).
 NEW_REPLICA = 1 << 62
+#: The context of a (pre-)vote rejection by a recovering voter whose own log the
+#: candidate's is at least as up to date as: it counts in a unanimous election only.
+RECOVERING_CONTEXT = b"recovering"
+
 
 _K = MessageKind
 
@@ -118,6 +132,7 @@ class RawNode:
         "_msgs",
         "_pending_reads",
         "_prev_hard_state",
+        "_prev_lost_to",
         "_prev_soft_state",
         "_randomized_election_timeout",
         "_read_heartbeat_ctx",
@@ -190,6 +205,10 @@ class RawNode:
         # The heartbeat answer of an idle follower never changes: built once, reused.
         self._hb_resp: Message | None = None
         self._prev_hard_state = hs
+        #: ``lost_to`` as of the last hard state handed out: when it changes, the driver must
+        #: store the hard state again (it keeps ``lost_to`` as the stored commit index, and a
+        #: NEW_REPLICA marker left behind would make the replica new again at its restart).
+        self._prev_lost_to = self.lost_to
         self._prev_soft_state = SoftState(NONE, Role.FOLLOWER)
         self._tick: Callable[[], None] = self._tick_election
         self._step: Callable[[Message], None] = self._step_follower
@@ -273,9 +292,11 @@ class RawNode:
             if m.kind == _K.VOTE or m.kind == _K.PRE_VOTE:
                 if self._in_lease(m):
                     return  # a leader is alive: do not let this candidate disrupt it
-            if m.kind == _K.PRE_VOTE or (m.kind == _K.PRE_VOTE_RESP and not m.reject):
-                # A pre-vote never changes terms; a granted answer carries the term the
-                # pre-candidate will campaign in, which is not ours yet.
+            if m.kind == _K.PRE_VOTE or (
+                m.kind == _K.PRE_VOTE_RESP and (not m.reject or m.context == RECOVERING_CONTEXT)
+            ):
+                # A pre-vote never changes terms; a granted answer (or a recovering voter's)
+                # carries the term the pre-candidate will campaign in, which is not ours yet.
                 pass
             elif m.kind in (_K.APPEND, _K.HEARTBEAT, _K.SNAPSHOT):
                 self._become_follower(m.term, m.frm)
@@ -450,6 +471,8 @@ class RawNode:
         hs = self._prev_hard_state
         if hs.term != self.term or hs.vote != self.vote or hs.commit != log.committed:
             return True
+        if self._prev_lost_to != self.lost_to:
+            return True
         ss = self._prev_soft_state
         if ss.leader_id != self.leader_id or ss.role != self.role:
             return True
@@ -465,10 +488,16 @@ class RawNode:
         hs: HardState | None = None
         prev = self._prev_hard_state
         must_sync = False
-        if prev.term != self.term or prev.vote != self.vote or prev.commit != log.committed:
+        if (
+            prev.term != self.term
+            or prev.vote != self.vote
+            or prev.commit != log.committed
+            or self._prev_lost_to != self.lost_to
+        ):
             # A commit-only change need not be synced: a lost commit index is relearned.
             must_sync = prev.term != self.term or prev.vote != self.vote
             hs = self._prev_hard_state = HardState(self.term, self.vote, log.committed)
+            self._prev_lost_to = self.lost_to
         entries: tuple[Entry, ...] = ()
         if log.unstable.entries:
             entries = tuple(log.unstable.entries)
@@ -554,6 +583,7 @@ class RawNode:
         self._step = self._step_candidate
         self._tick = self._tick_election
         self.tracker.votes = {}
+        self.tracker.recovering_votes = set()
         self.leader_id = NONE
         self.role = Role.PRE_CANDIDATE
 
@@ -638,15 +668,31 @@ class RawNode:
     def _handle_vote_request(self, m: Message) -> None:
         pre = m.kind == _K.PRE_VOTE
         resp = _K.PRE_VOTE_RESP if pre else _K.VOTE_RESP
+        recovering = bool(self.lost_to) and not (
+            self.lost_to == NEW_REPLICA and m.index == 0 and self.log.last_index() == 0
+        )
         can_vote = (
-            not self.lost_to
-            or (self.lost_to == NEW_REPLICA and m.index == 0 and self.log.last_index() == 0)
-        ) and (
             self.vote == m.frm
             or (self.vote == NONE and self.leader_id == NONE)
             or (pre and m.term > self.term)
         )
-        if can_vote and self.log.is_up_to_date(m.index, m.log_term):
+        if can_vote and recovering and self.log.is_up_to_date(m.index, m.log_term):
+            # No vote, but a rejection that says the candidate's log is at least as up to
+            # date as ours: it counts only if every voter grants or says so (see the module
+            # doc). A pre-vote's answers in the asked term, as a granted one would.
+            self._send(
+                Message(
+                    resp,
+                    self.id,
+                    m.frm,
+                    m.term if pre else self.term,
+                    reject=True,
+                    context=RECOVERING_CONTEXT,
+                )
+            )
+            # No vote is recorded: a unanimous winner of this term is its only candidate
+            # (every other voter granted it, and so stays with it in this term).
+        elif can_vote and not recovering and self.log.is_up_to_date(m.index, m.log_term):
             # A granted pre-vote answers in the asked term so the pre-candidate can count it.
             self._send(Message(resp, self.id, m.frm, m.term))
             if not pre:
@@ -769,7 +815,9 @@ class RawNode:
         expected = _K.PRE_VOTE_RESP if self.role == Role.PRE_CANDIDATE else _K.VOTE_RESP
         if k != expected:
             return
-        self.tracker.record_vote(m.frm, not m.reject)
+        self.tracker.record_vote(
+            m.frm, not m.reject, recovering=m.reject and m.context == RECOVERING_CONTEXT
+        )
         result = self.tracker.tally_votes()
         if result == quorum.VoteResult.WON:
             if self.role == Role.PRE_CANDIDATE:
@@ -896,10 +944,15 @@ class RawNode:
             next_probe = m.reject_hint
             if m.reject_hint_term > 0:
                 next_probe, _ = self.log.find_conflict_by_term(m.reject_hint, m.reject_hint_term)
-            if m.reject_hint < pr.match:
-                # A follower whose log matches up to ``match`` never hints below it: it lost
-                # entries it acknowledged (or the answer is stale, and probing costs a round
-                # trip). Forget what it acknowledged and probe from its hint.
+            if m.reject_hint < pr.match or (
+                m.reject_hint == pr.match
+                and m.reject_hint_term > 0
+                and not self.log.match_term(m.reject_hint, m.reject_hint_term)
+            ):
+                # A follower whose log matches up to ``match`` never hints below it, nor at it
+                # with another term than ours: it lost entries it acknowledged (or the answer
+                # is stale, and probing costs a round trip). Forget what it acknowledged and
+                # probe from its hint.
                 pr.reset_to_probe(next_probe + 1)
                 self._send_append(m.frm, pr, send_if_empty=True)
                 return

@@ -207,7 +207,14 @@ class Progress:
 class ProgressTracker:
     """Membership plus one Progress per member (the leader's own included)."""
 
-    __slots__ = ("conf", "max_inflight_bytes", "max_inflight_msgs", "progress", "votes")
+    __slots__ = (
+        "conf",
+        "max_inflight_bytes",
+        "max_inflight_msgs",
+        "progress",
+        "recovering_votes",
+        "votes",
+    )
 
     def __init__(self, conf: ConfState, max_inflight_msgs: int, max_inflight_bytes: int) -> None:
         self.max_inflight_msgs = max_inflight_msgs
@@ -215,6 +222,8 @@ class ProgressTracker:
         self.conf = conf
         self.progress: dict[int, Progress] = {}
         self.votes: dict[int, bool] = {}
+        #: Voters whose rejection said "recovering, your log is as up to date as mine".
+        self.recovering_votes: set[int] = set()
         self.reset(conf, next_index=1)
 
     def reset(self, conf: ConfState, next_index: int) -> None:
@@ -230,6 +239,7 @@ class ProgressTracker:
             for nid in sorted(conf.members)
         }
         self.votes = {}
+        self.recovering_votes = set()
 
     def is_singleton(self) -> bool:
         return len(self.conf.voters) == 1 and not self.conf.voters_outgoing
@@ -239,11 +249,27 @@ class ProgressTracker:
         acked = {nid: pr.match for nid, pr in self.progress.items() if not pr.is_learner}
         return quorum.joint_committed_index(self.conf.voters, self.conf.voters_outgoing, acked)
 
-    def record_vote(self, nid: int, granted: bool) -> None:
-        self.votes.setdefault(nid, granted)
+    def record_vote(self, nid: int, granted: bool, *, recovering: bool = False) -> None:
+        if nid not in self.votes:
+            self.votes[nid] = granted
+            if recovering:
+                self.recovering_votes.add(nid)
 
     def tally_votes(self) -> quorum.VoteResult:
-        return quorum.joint_vote_result(self.conf.voters, self.conf.voters_outgoing, self.votes)
+        """A majority of grants, or (raft/core.py: unanimous elections) every voter either
+        granted or is recovering and found the candidate's log as up to date as its own."""
+        result = quorum.joint_vote_result(self.conf.voters, self.conf.voters_outgoing, self.votes)
+        rec = self.recovering_votes
+        if result == quorum.VoteResult.WON or not rec:
+            return result
+        voters = set(self.conf.voters) | set(self.conf.voters_outgoing)
+        if all(self.votes.get(v) or v in rec for v in voters):
+            return quorum.VoteResult.WON
+        if result == quorum.VoteResult.LOST and any(
+            self.votes.get(v) is False and v not in rec for v in voters
+        ):
+            return quorum.VoteResult.LOST
+        return quorum.VoteResult.PENDING
 
     def quorum_active(self, self_id: int) -> bool:
         """Whether a quorum of voters was heard from recently (the leader counts itself)."""

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+import tidelog as pkg
 from tests.support import free_port
 from tests.support.nodeproc import Node
 
@@ -179,6 +182,8 @@ def test_bench_produce_and_consume_json(node: Node) -> None:
     for key in ("records_per_s", "mb_per_s", "p50_ms", "p99_ms", "p999_ms", "cpu_s_per_million"):
         assert isinstance(report[key], (int, float)) and report[key] > 0, key
     assert report["records"] == 50000 and report["topic_created"] is True
+    # acks=1: the client turns idempotence off, and the report says so.
+    assert (report["idempotence"], report["max_in_flight"]) == (False, 5)
     assert report["p50_ms"] <= report["p99_ms"] <= report["p999_ms"]
     (desc,) = json.loads(ok(tidelog(node, "topic", "describe", name, "--json")))
     assert sum(p["high_watermark"] for p in desc["partitions"]) == 50000
@@ -192,6 +197,17 @@ def test_bench_produce_and_consume_json(node: Node) -> None:
     # The human summary names the figures.
     text = ok(tidelog(node, "bench", "consume", "--topic", name, "--records", "1000"))
     assert "records/s" in text and "p99" in text and "CPU s per million" in text
+
+    # The default producer is idempotent, 5 in flight; --no-idempotence turns it off.
+    text = ok(tidelog(node, "bench", "produce", "--topic", name, "--records", "2000"))
+    assert "idempotence on, 5 in flight per partition, acks=all" in text
+    args = ["bench", "produce", "--topic", name, "--records", "2000", "--no-idempotence"]
+    off = json.loads(ok(tidelog(node, *args, "--json")))
+    assert (off["idempotence"], off["max_in_flight"], off["records"]) == (False, 5, 2000)
+    line = one_error_line(
+        tidelog(node, "bench", "produce", "--topic", name, "--idempotence", "--acks", "1"), 2
+    )
+    assert "--idempotence needs --acks all" in line
 
 
 def test_error_paths_print_one_line(node: Node) -> None:
@@ -267,3 +283,123 @@ def test_python_dash_m_tidelog_help() -> None:
     out = ok(result)
     for command in ("node", "topic", "produce", "consume", "bench"):
         assert command in out
+
+
+def test_global_options_topics_and_remote_status(node: Node, tmp_path: Path) -> None:
+    """Issue 16 items 7, 8, 9, 11: -b before the verb, the bootstrap's source in errors,
+    topic create's checks and flags, topic list/describe JSON, cluster status --bootstrap,
+    --version, TIDELOG_CLUSTER_DIR for discovery."""
+    name = unique("cli-global")
+    out = ok(tidelog(None, "-b", node.address, "topic", "create", name, "-p", "2"))
+    assert "replication factor 1" in out  # min(3, one live node)
+    assert "already exists" in ok(
+        tidelog(None, "-b", node.address, "topic", "create", name, "--if-not-exists")
+    )
+    dry = unique("cli-dry")
+    assert "dry run" in ok(tidelog(node, "topic", "create", dry, "--dry-run"))
+    assert dry not in ok(tidelog(node, "topic", "list")).splitlines()
+    # Counts are refused before any round trip: no node listens at this bootstrap.
+    nowhere = f"127.0.0.1:{free_port()}"
+    line = one_error_line(tidelog(None, "-b", nowhere, "topic", "create", "x", "-p", "0"), 1)
+    assert "--partitions must be at least 1" in line
+    line = one_error_line(tidelog(None, "-b", nowhere, "topic", "list"), 1)
+    assert f"bootstrap {nowhere} from --bootstrap" in line
+    line = one_error_line(tidelog(None, "topic", "list", env={"TIDELOG_BOOTSTRAP": "nohost"}), 2)
+    assert "from $TIDELOG_BOOTSTRAP" in line
+    # A cluster directory without a running cluster: the default bootstrap, said so.
+    line = one_error_line(
+        tidelog(None, "topic", "list", env={"TIDELOG_CLUSTER_DIR": str(tmp_path / "none")}),
+        1,
+    )
+    assert "from the default" in line
+    listed = json.loads(ok(tidelog(node, "topic", "list", "--json")))
+    mine = next(t for t in listed if t["name"] == name)
+    assert mine["replication_factor"] == 1 and len(mine["partitions"]) == 2
+    assert name in ok(tidelog(node, "topic", "list", "--long"))
+    (desc,) = json.loads(ok(tidelog(node, "topic", "describe", name, "--json")))
+    p0 = desc["partitions"][0]
+    assert {"leader", "replicas", "in_sync", "high_watermark", "leader_epoch"} <= p0.keys()
+    assert desc["config_sources"]["retention.ms"] == "default"
+    status = json.loads(ok(tidelog(None, "-b", node.address, "cluster", "status", "--json")))
+    assert [n["alive"] for n in status["nodes"]] == [True]
+    assert status["leaderless"] == [] and status["partitions"] >= 2
+    version = ok(tidelog(None, "-b", node.address, "--version"))
+    assert version.startswith(f"tidelog {pkg.__version__} ")
+    assert f"at {node.address}: tidelog {pkg.__version__}" in version
+
+
+def test_consume_offsets_until_end_json_and_produce_inputs(node: Node) -> None:
+    """Issue 16 items 10, 11: --offset forms, --until-end, JSON with topic and repeated
+    headers and base64, produce headers / tombstones / JSON input, a bad line's report, and
+    Ctrl-C exiting 130."""
+    name = unique("cli-offsets")
+    ok(tidelog(node, "topic", "create", name, "-p", "2"))
+    ok(tidelog(node, "produce", name, "--partition", "0", stdin=b"a\nb\nc\nd\n"))
+    assert ok(tidelog(node, "consume", name, "--offset", "-2", "--until-end")) == "c\nd\n"
+    # -10 on a partition of 4 and an empty partition 1: not errors.
+    assert ok(tidelog(node, "consume", name, "--offset", "-10", "--until-end")) == "a\nb\nc\nd\n"
+    assert ok(tidelog(node, "consume", name, "--offset", "0:3", "--until-end")) == "d\n"
+    assert ok(tidelog(node, "consume", name, "--offset", "@0", "--until-end")).count("\n") == 4
+    assert ok(tidelog(node, "consume", name, "--offset", "end", "--until-end")) == ""
+    ok(
+        tidelog(
+            node,
+            "produce",
+            name,
+            "--partition",
+            "1",
+            "-H",
+            "h=1",
+            "-H",
+            "h=2",
+            "-Z",
+            "--key-separator",
+            ":",
+            stdin=b"k:v\nk:\n",
+        )
+    )
+    rows = [
+        json.loads(ln)
+        for ln in ok(
+            tidelog(node, "consume", name, "--offset", "1:0", "--until-end", "--format", "json")
+        ).splitlines()
+    ]
+    assert [(r["topic"], r["key"], r["value"]) for r in rows] == [
+        (name, "k", "v"),
+        (name, "k", None),
+    ]
+    assert rows[0]["headers"] == [{"key": "h", "value": "1"}, {"key": "h", "value": "2"}]
+    json_in = (
+        b'{"key_base64": "/w==", "value": "x", "partition": 1, '
+        b'"headers": [{"key": "b", "value_base64": "/w=="}]}\n'
+        b"{oops\n"
+        b'{"value": "never"}\n'
+    )
+    line = one_error_line(tidelog(node, "produce", name, "--format", "json", stdin=json_in), 1)
+    assert (
+        "line 2 is not a record in JSON" in line and "the 1 record(s) before it were sent" in line
+    )
+    (last,) = [
+        json.loads(ln)
+        for ln in ok(
+            tidelog(node, "consume", name, "--offset", "1:2", "--until-end", "--format", "json")
+        ).splitlines()
+    ]
+    assert last["key"] is None and last["key_base64"] == "/w==" and last["value"] == "x"
+    assert last["headers"] == [{"key": "b", "value": None, "value_base64": "/w=="}]
+    # Ctrl-C while following: exit status 130.
+    env = dict(os.environ, TIDELOG_BOOTSTRAP=node.address)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tidelog", "consume", name],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -5,8 +5,11 @@ Raft checks (raft_codec bounds, transport peers, raft/guard.py, registration ide
 test asserts it is refused and that the partition's data, the Raft state of every replica and
 the controller's view of the nodes are exactly as before.
 
-The Raft and Cluster services are reached through :func:`internal_address`, the one place to
-change when they move to their own listener (issue 9, A1).
+The cluster runs without node authentication (its internal listeners on loopback), so these
+tests reach the Raft layer's own checks, the defence behind authentication: a forger that
+holds no certificate or secret is refused before any of this by node/internal_auth.py
+(tests/integration/test_node_auth.py), and one that holds a node's is refused when it claims
+another node's id. The Raft and Cluster services are reached on the internal listener.
 """
 
 from __future__ import annotations
@@ -49,13 +52,14 @@ KIND = raft_pb2.RaftMessageKind
 
 
 def internal_address(node: Node) -> str:
-    """Where a node serves Raft and Cluster (its client port until A1 splits the listener)."""
-    return node.address
+    """Where a node serves Raft and Cluster: its internal listener (the client port answers
+    them UNIMPLEMENTED)."""
+    return node.internal_address
 
 
 @pytest.fixture(scope="module")
 def procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, Node]]:
-    nodes = spawn_cluster(tmp_path_factory.mktemp("hostile"), NODES)
+    nodes = spawn_cluster(tmp_path_factory.mktemp("hostile"), NODES, security="none")
     try:
         yield nodes
     finally:

@@ -35,7 +35,7 @@ from tidelog.errors import (
     trailing_metadata,
 )
 from tidelog.records import Record, decode_batches, encode_batch, iter_headers, validate_batches
-from tidelog.v1 import broker_pb2, broker_pb2_grpc
+from tidelog.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -416,7 +416,7 @@ class FakeNode(FakeBroker):
                             leader=c.announced_leader(name, p),
                             replicas=replicas,
                             in_sync=replicas,
-                            leader_term=1,
+                            leader_term=c.term(name, p),
                         )
                         for p in range(c.topics[name])
                     ],
@@ -464,6 +464,67 @@ class FakeNode(FakeBroker):
         return await super().ListOffsets(request, context)
 
 
+class FakeAdmin(admin_pb2_grpc.AdminServicer):
+    """DescribeTopics as a real node answers it: the log figures of its own replica, exact
+    on the leader, 0 elsewhere (every fake node holds every replica, so "elsewhere" is any
+    node that does not lead the partition)."""
+
+    def __init__(self, cluster: FakeReplicatedCluster, node_id: int) -> None:
+        self.cluster = cluster
+        self.node_id = node_id
+        self.describe_requests = 0
+
+    async def DescribeTopics(
+        self, request: admin_pb2.DescribeTopicsRequest, context: Context
+    ) -> admin_pb2.DescribeTopicsResponse:
+        self.describe_requests += 1
+        c = self.cluster
+        names = list(request.names) or sorted(c.topics)
+        replicas = sorted(c.nodes)
+        topics = []
+        for name in names:
+            parts = []
+            for p in range(c.topics[name]):
+                leads = c.leader(name, p) == self.node_id
+                n = len(c.log(name, p)) if leads else 0
+                parts.append(
+                    admin_pb2.PartitionDescription(
+                        partition=p,
+                        leader=c.announced_leader(name, p),
+                        replicas=replicas,
+                        in_sync=replicas,
+                        log_start_offset=0,
+                        high_watermark=n,
+                        size_bytes=n * 10,
+                        leader_term=c.term(name, p),
+                    )
+                )
+            topics.append(
+                admin_pb2.TopicDescription(
+                    name=name, replication_factor=len(replicas), partitions=parts
+                )
+            )
+        return admin_pb2.DescribeTopicsResponse(topics=topics)
+
+    async def CreateTopics(
+        self, request: admin_pb2.CreateTopicsRequest, context: Context
+    ) -> admin_pb2.CreateTopicsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake cluster's topics are fixed")
+        raise AssertionError("unreachable")
+
+    async def DeleteTopics(
+        self, request: admin_pb2.DeleteTopicsRequest, context: Context
+    ) -> admin_pb2.DeleteTopicsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake cluster's topics are fixed")
+        raise AssertionError("unreachable")
+
+    async def AlterTopicConfig(
+        self, request: admin_pb2.AlterTopicConfigRequest, context: Context
+    ) -> admin_pb2.AlterTopicConfigResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake cluster has no configs")
+        raise AssertionError("unreachable")
+
+
 class FakeReplicatedCluster:
     """``async with FakeReplicatedCluster({"t": 1}, nodes=3) as fc: ...fc.bootstrap...``
 
@@ -477,6 +538,7 @@ class FakeReplicatedCluster:
         self.hints: Hints = hints
         self.leaders: dict[tuple[str, int], int] = {}
         self.announced: dict[tuple[str, int], int] = {}
+        self.terms: dict[tuple[str, int], int] = {}
         self.produce_requests: Counter[int] = Counter()
         self.metadata_requests: Counter[int] = Counter()
         self.fetch_streams: Counter[int] = Counter()
@@ -524,8 +586,14 @@ class FakeReplicatedCluster:
         if not announce and key not in self.announced:
             self.announced[key] = self.leader(topic, partition)
         self.leaders[key] = node_id
+        if node_id >= 0:
+            self.terms[key] = self.term(topic, partition) + 1
         if announce:
             self.announced[key] = node_id
+
+    def term(self, topic: str, partition: int) -> int:
+        """The partition's leader term: 1, and one more with every move to a new leader."""
+        return self.terms.get((topic, partition), 1)
 
     def check(self, node: FakeNode, topic: str, partition: int) -> TidelogError | None:
         """The error ``node`` answers a request for the partition with, if any."""
@@ -550,6 +618,7 @@ class FakeReplicatedCluster:
         for node_id, node in self.nodes.items():
             server = aio.server()
             broker_pb2_grpc.add_BrokerServicer_to_server(node, server)
+            admin_pb2_grpc.add_AdminServicer_to_server(FakeAdmin(self, node_id), server)
             server.add_insecure_port(node.address)
             await server.start()
             self._servers[node_id] = server
@@ -560,6 +629,7 @@ class FakeReplicatedCluster:
 
 
 __all__ = [
+    "FakeAdmin",
     "FakeBroker",
     "FakeCluster",
     "FakeNode",

@@ -1,5 +1,6 @@
 """The real partition log with knobs the node's unit tests need: a flush that is slow or fails
-on demand, and counters of flushes, rolls and retention runs.
+on demand, and counters of flushes, rolls and retention runs; and :class:`Client`, the gRPC
+stubs of an in-process node (the ``node`` and ``client`` fixtures of tests/unit/conftest.py).
 
 The node drives Raft over the log (Raft indexes, truncation, snapshots), so tests use the
 real log in a temporary directory rather than an in-memory imitation of all of that.
@@ -11,8 +12,13 @@ import threading
 import time
 from pathlib import Path
 
+from grpc import aio
+
 from tidelog.config import TopicConfig
 from tidelog.node.log import PartitionLog
+from tidelog.node.server import Node
+from tidelog.records import encode_batch
+from tidelog.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
 
 
 class InstrumentedLog(PartitionLog):
@@ -42,9 +48,9 @@ class InstrumentedLog(PartitionLog):
             with self._counter_lock:
                 self.flushing_now -= 1
 
-    def enforce_retention(self, now_ms: int | None = None, *, below: int | None = None) -> int:
+    def retention_point(self, now_ms: int | None = None, *, below: int | None = None) -> int | None:
         self.retention_runs += 1
-        return super().enforce_retention(now_ms, below=below)
+        return super().retention_point(now_ms, below=below)
 
     def maybe_roll(self, now_ms: int | None = None) -> bool:
         self.rolls += 1
@@ -60,3 +66,26 @@ class InstrumentedLog(PartitionLog):
         super().delete()
         self.deleted = True
         self.closed = True
+
+
+class Client:
+    def __init__(self, node: Node) -> None:
+        self.channel = aio.insecure_channel(f"127.0.0.1:{node.port}")
+        self.broker = broker_pb2_grpc.BrokerStub(self.channel)
+        self.admin = admin_pb2_grpc.AdminStub(self.channel)
+
+    async def create(
+        self, name: str, partitions: int = 1, configs: dict[str, str] | None = None
+    ) -> None:
+        await self.admin.CreateTopics(
+            admin_pb2.CreateTopicsRequest(
+                topics=[admin_pb2.TopicSpec(name=name, partitions=partitions, configs=configs)]
+            )
+        )
+
+    async def produce(
+        self, topic: str, values: list[bytes], acks: broker_pb2.Acks.ValueType = broker_pb2.ACKS_ALL
+    ) -> broker_pb2.ProduceResponse:
+        return await self.broker.Produce(
+            broker_pb2.ProduceRequest(topic=topic, batches=encode_batch(values), acks=acks)
+        )

@@ -62,14 +62,26 @@ def test_unacknowledged_records_in_the_log_are_fine() -> None:
     assert (v.acked, v.consumed, v.lost) == (2, 3, 0)
 
 
-def test_duplicates_are_counted_but_do_not_fail() -> None:
+def test_duplicates_are_counted_and_fail_with_the_idempotent_producer() -> None:
     # A retried batch: seqs 2,3 committed twice; the ack names the second copy.
     consumed = log_of(0, [0, 1, 2, 3, 2, 3, 4])
     acked = [Acked(0, 0, 0), Acked(0, 1, 1), Acked(0, 2, 4), Acked(0, 3, 5), Acked(0, 4, 6)]
     v = verdict(acked, consumed)
     assert (v.duplicated, v.duplicate_copies, v.reordered, v.misplaced) == (2, 2, 0, 0)
     assert v.duplicated_examples == ((0, 2), (0, 3))
+    assert not v.duplicates_allowed
+    assert not v.ok
+
+
+def test_duplicates_are_counted_but_do_not_fail_without_idempotence() -> None:
+    consumed = log_of(0, [0, 1, 2, 3, 2, 3, 4])
+    acked = [Acked(0, 0, 0), Acked(0, 1, 1), Acked(0, 2, 4), Acked(0, 3, 5), Acked(0, 4, 6)]
+    v = verdict(acked, consumed, duplicates_allowed=True)
+    assert (v.duplicated, v.duplicate_copies, v.reordered, v.misplaced) == (2, 2, 0, 0)
+    assert v.duplicated_examples == ((0, 2), (0, 3))
     assert v.ok
+    # Duplicates allowed do not hide anything else.
+    assert not verdict(acks_of(0, [0, 1]), log_of(0, [0]), duplicates_allowed=True).ok
 
 
 def test_a_seq_read_three_times_counts_once_with_two_extra_copies() -> None:
@@ -190,7 +202,7 @@ async def test_failover_with_nothing_led_is_done_at_once() -> None:
     assert f.done.is_set()
 
 
-def _report(v: Verdict, failovers: list[float | None]) -> ChaosReport:
+def _report(v: Verdict, failovers: list[float | None], *, idempotence: bool = True) -> ChaosReport:
     rounds = tuple(
         RoundResult(
             round=i + 1,
@@ -219,12 +231,14 @@ def _report(v: Verdict, failovers: list[float | None]) -> ChaosReport:
         send_errors={},
         foreign=0,
         seconds=10.0,
+        idempotence=idempotence,
+        max_in_flight=5 if idempotence else 1,
     )
 
 
 def test_report_json_has_the_documented_keys_and_percentiles() -> None:
-    v = verdict(acks_of(0, [0, 1, 2]), log_of(0, [0, 1, 2, 2]))
-    report = _report(v, [900.0, 1100.0, None, 1300.0])
+    v = verdict(acks_of(0, [0, 1, 2]), log_of(0, [0, 1, 2, 2]), duplicates_allowed=True)
+    report = _report(v, [900.0, 1100.0, None, 1300.0], idempotence=False)
     out = report.to_json()
     for key in (
         "rounds",
@@ -241,6 +255,7 @@ def test_report_json_has_the_documented_keys_and_percentiles() -> None:
     assert out["failover_ms_p50"] == 1100.0
     assert out["failover_ms_p99"] == 1300.0
     assert out["ok"] is True
+    assert (out["idempotence"], out["max_in_flight"], out["duplicates_allowed"]) == (False, 1, True)
     assert out["round_details"][2]["failover_ms"] is None
     assert out["round_details"][0]["partition_failover_ms"] == {"0": 900.0}
 
@@ -273,3 +288,18 @@ def test_a_round_error_fails_the_report() -> None:
     report = dataclasses.replace(report, rounds=(*report.rounds, broken))
     assert not report.ok
     assert "round 2: node 2 exited" in _text(report)
+
+
+def test_a_duplicate_fails_the_idempotent_report_and_says_so() -> None:
+    dup = verdict(acks_of(0, [0, 1]), log_of(0, [0, 1, 1]))
+    report = _report(dup, [1000.0])
+    assert not report.ok and report.to_json()["ok"] is False
+    text = _text(report)
+    assert "verdict: FAIL (duplicated 1)" in text
+    assert "idempotent producer, 5 in flight per partition: duplicates fail" in text
+    old = _report(verdict(acks_of(0, [0, 1]), log_of(0, [0, 1, 1]), duplicates_allowed=True),
+                  [1000.0], idempotence=False)  # fmt: skip
+    assert old.ok
+    text = _text(old)
+    assert "verdict: PASS" in text
+    assert "without idempotence, 1 in flight per partition: duplicates are reported" in text

@@ -144,3 +144,26 @@ async def test_unknown_partition_and_unassigned_seek() -> None:
             await c.poll(timeout_ms=2000)
         with pytest.raises(TidelogError, match="not assigned"):
             c.seek(TP, 0)
+
+
+async def test_poll_until_end_reads_what_is_there_and_stops() -> None:
+    async with FakeCluster({"t": 1, "e": 2}) as fake:
+        await fill(fake, 25)
+        async with Consumer(fake.address, auto_offset_reset="earliest") as c:
+            c.assign([TP, TopicPartition("e", 0), TopicPartition("e", 1)])
+            got: list[int] = []
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            while records := await c.poll(timeout_ms=30_000, max_records=7, until_end=True):
+                got += [r.offset for r in records]
+            # The end came long before the timeout: empty partitions are at their end at once.
+            assert loop.time() - started < 10
+            assert got == list(range(25))
+            assert c.at_end() and c.at_end(TopicPartition("e", 1))
+            # A new record makes the partition not at its end until it is read.
+            await fill(fake, 1)
+            while c.at_end(TP):
+                await asyncio.sleep(0.01)
+            assert [r.offset for r in await c.poll(timeout_ms=5000, until_end=True)] == [25]
+            assert await c.poll(timeout_ms=5000, until_end=True) == []
+            assert c.at_end()

@@ -22,15 +22,24 @@ from tidelog.records import encode_batch
 TIMING = RaftTiming(tick_ms=10, heartbeat_interval_ms=30, election_timeout_ms=300)
 
 
-def _node(base: Path, port: int) -> Node:
+def _node(base: Path, port: int, internal_port: int) -> Node:
     address = f"127.0.0.1:{port}"
-    return Node(1, address, base, 0, controller_voters=f"1@{address}", timing=TIMING)
+    internal = f"127.0.0.1:{internal_port}"
+    return Node(
+        1,
+        address,
+        base,
+        0,
+        controller_voters=f"1@{internal}",
+        internal_listen=internal,
+        timing=TIMING,
+    )
 
 
 @pytest.mark.timeout(60)
 async def test_a_command_from_a_newer_version_stops_the_controller(tmp_path: Path) -> None:
-    port = free_port()
-    node = _node(tmp_path / "n1", port)
+    port, internal_port = free_port(), free_port()
+    node = _node(tmp_path / "n1", port, internal_port)
     await node.start()
     controller = node.controller
     try:
@@ -54,7 +63,7 @@ async def test_a_command_from_a_newer_version_stops_the_controller(tmp_path: Pat
     finally:
         await node.stop(1)
 
-    restarted = _node(tmp_path / "n1", port)
+    restarted = _node(tmp_path / "n1", port, internal_port)
     with pytest.raises(StartupError, match="cannot follow the cluster's metadata"):
         await restarted.start()
     await restarted.stop(1)

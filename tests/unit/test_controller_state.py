@@ -521,7 +521,13 @@ def test_internal_addresses_survive_snapshots_and_old_rows_still_load() -> None:
     assert restored.nodes[2].internal_address == ""
     assert restored.snapshot() == state.snapshot()
     body = _body(state)
-    assert [len(row) for row in body["nodes"]] == [7, 6]
+    # node id, address, metrics address, rack, alive, registered at, directory id, internal
+    assert [len(row) for row in body["nodes"]] == [8, 8]
+    # Rows written before the internal listener (7 fields) or directory ids (6) still load.
+    for width in (6, 7):
+        old = dict(body, nodes=[row[:width] for row in body["nodes"]])
+        loaded = ClusterState.from_snapshot(_forge(old))
+        assert [n.internal_address for n in loaded.nodes.values()] == ["", ""]
 
 
 def _forge(body: dict[str, Any]) -> bytes:

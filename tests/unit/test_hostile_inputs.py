@@ -21,9 +21,8 @@ import zstandard
 from grpc import aio
 
 from tests.support import free_port
-from tests.unit.node_fakes import InstrumentedLog
+from tests.unit.node_fakes import Client, InstrumentedLog
 from tests.unit.test_node_cluster import Cluster
-from tests.unit.test_node_services import Client
 from tests.unit.test_records import reforge
 from tidelog.config import TOPIC_CONFIG_KEYS, validate_topic_configs
 from tidelog.errors import InvalidConfig, from_rpc_error
@@ -31,21 +30,6 @@ from tidelog.node import limits
 from tidelog.node.server import Node
 from tidelog.records import Codec, decode_batches, encode_batch
 from tidelog.v1 import admin_pb2, broker_pb2, broker_pb2_grpc
-
-
-@pytest.fixture
-async def node(tmp_path: Path) -> AsyncIterator[Node]:
-    n = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=InstrumentedLog)
-    await n.start()
-    yield n
-    await n.stop(1)
-
-
-@pytest.fixture
-async def client(node: Node) -> AsyncIterator[Client]:
-    c = Client(node)
-    yield c
-    await c.channel.close(None)
 
 
 async def fetch_all(client: Client, topic: str) -> list[bytes | None]:

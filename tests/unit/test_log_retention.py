@@ -200,3 +200,111 @@ def test_inconsistent_start_file_is_ignored(tmp_path: Path) -> None:
     assert read_all(log) == list(range(60))
     log.close()
     assert not (tmp_path / START_FILE).exists()
+
+
+def test_a_logical_start_inside_a_segment_hides_the_offsets_below_it(tmp_path: Path) -> None:
+    clock = Clock(10 * DAY_MS)
+    log = open_log(tmp_path, clock, segment_bytes=SEGMENT_BYTES_MIN)
+    fill(log, 60, ts0=1000)  # offsets [0, 120), two per batch
+    bases = log.segment_base_offsets
+    assert len(bases) > 3
+    # A batch boundary inside the third segment: the two segments below it go, the third
+    # stays (its batches below the start still stored, for Raft).
+    start = bases[2] + 4
+    assert start < bases[3]
+    assert log.advance_start(start) == 2
+    assert log.segment_base_offsets == bases[2:]
+    assert (log.log_start_offset, log.stored_start_offset) == (start, bases[2])
+    assert log.first_index == bases[2] // 2 + 1  # Raft still has the entries below `start`
+    assert log.end_offset_at_index(log.first_index - 1) == bases[2]
+    assert log.entries_by_index(log.first_index, log.first_index + 1, 1 << 20)
+    with pytest.raises(OffsetOutOfRange) as info:
+        log.read(start - 2, 1 << 20)
+    assert info.value.metadata["log_start_offset"] == str(start)
+    assert read_all(log) == list(range(start, 120))
+    # A timestamp older than every record finds the start, not a hidden batch below it.
+    assert log.offset_for_timestamp(0) == (start, 1000 + start // 2)
+    assert log.advance_start(start - 2) == 0  # never lowered
+    assert log.log_start_offset == start
+    with pytest.raises(ValueError, match="ends at"):
+        log.advance_start(121)
+    log.close()
+
+    # The logical start is durable: a restart keeps it and deletes nothing more.
+    log = open_log(tmp_path, clock, segment_bytes=SEGMENT_BYTES_MIN)
+    assert (log.log_start_offset, log.stored_start_offset) == (start, bases[2])
+    assert log.segment_base_offsets == bases[2:]
+    assert json.loads((tmp_path / START_FILE).read_text())["logical_start_offset"] == start
+    assert read_all(log) == list(range(start, 120))
+    # Moving it within the same segment deletes nothing but still persists.
+    assert log.advance_start(start + 2) == 0
+    log.close()
+    log = open_log(tmp_path, clock, segment_bytes=SEGMENT_BYTES_MIN)
+    assert (log.log_start_offset, log.stored_start_offset) == (start + 2, bases[2])
+    log.close()
+
+
+def test_a_logical_start_in_the_first_segment_survives_restart(tmp_path: Path) -> None:
+    log = open_log(tmp_path, segment_bytes=SEGMENT_BYTES_MIN)
+    fill(log, 30)
+    assert log.advance_start(10) == 0
+    log.close()
+    log = open_log(tmp_path, segment_bytes=SEGMENT_BYTES_MIN)
+    assert (log.log_start_offset, log.stored_start_offset, log.first_index) == (10, 0, 1)
+    assert log.term_at_index(0) == 0
+    assert read_all(log) == list(range(10, 60))
+    log.close()
+
+
+def test_retention_point_decides_without_deleting(tmp_path: Path) -> None:
+    clock = Clock(10 * DAY_MS)
+    log = _log_with_old_and_new(tmp_path, clock, retention_ms=3600 * 1000)
+    bases = log.segment_base_offsets
+    point = log.retention_point()
+    assert point is not None and point in bases[1:]
+    assert log.segment_base_offsets == bases and log.log_start_offset == 0
+    assert log.retention_point(below=bases[1]) == bases[1]
+    assert log.retention_point(below=bases[1] - 1) is None
+    # A logical start inside an expired segment: retention counts from there on.
+    log.advance_start(bases[1] + 2)
+    assert log.retention_point() == point
+    assert log.segment_base_offsets == bases[1:]
+    assert log.advance_start(point) == bases.index(point) - 1
+    assert log.retention_point() is None
+    log.close()
+
+
+def test_retention_bytes_counts_from_the_logical_start(tmp_path: Path) -> None:
+    log = open_log(tmp_path, segment_bytes=SEGMENT_BYTES_MIN)
+    fill(log, 100)
+    bases = log.segment_base_offsets
+    # Bytes from the logical start: all but the first segment and the second's first batch.
+    logical_size = log.size_bytes - _segment_size(tmp_path, bases[0])
+    logical_size -= len(log.read(bases[1], 1))
+    log.advance_start(bases[1] + 2)
+    log.update_config(config(segment_bytes=SEGMENT_BYTES_MIN, retention_bytes=logical_size))
+    assert log.retention_point() is None
+    log.update_config(config(segment_bytes=SEGMENT_BYTES_MIN, retention_bytes=logical_size - 1))
+    assert log.retention_point() == bases[2]
+    log.close()
+
+
+def _segment_size(directory: Path, base: int) -> int:
+    return (directory / f"{base:020d}.log").stat().st_size
+
+
+def test_reset_takes_the_leaders_logical_start(tmp_path: Path) -> None:
+    log = open_log(tmp_path, segment_bytes=SEGMENT_BYTES_MIN)
+    fill(log, 10, term=2)
+    log.reset(1000, 400, 7, log_start=1006)
+    assert (log.log_start_offset, log.stored_start_offset, log.log_end_offset) == (1006, 1000, 1000)
+    with pytest.raises(ValueError, match="below the reset offset"):
+        log.reset(1000, 400, 7, log_start=999)
+    # The leader's entries from 1000 on arrive; those below 1006 are stored, not readable.
+    fill(log, 5, term=8)
+    assert log.log_end_offset == 1010
+    assert read_all(log) == list(range(1006, 1010))
+    log.close()
+    log = open_log(tmp_path, segment_bytes=SEGMENT_BYTES_MIN)
+    assert (log.log_start_offset, log.stored_start_offset) == (1006, 1000)
+    log.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -13,8 +12,7 @@ import pytest
 from grpc import aio
 
 from tests.support import free_port
-from tests.unit.node_fakes import InstrumentedLog
-from tests.unit.test_node_services import Client
+from tests.unit.node_fakes import Client, InstrumentedLog
 from tidelog.config import TopicConfig
 from tidelog.controller.commands import AllocateProducerIds, RegisterNode
 from tidelog.controller.state import ClusterState
@@ -42,21 +40,6 @@ def now_ms() -> int:
     timestamps far from its own clock (message.timestamp.after.max.ms), and the msg-id
     window counts from them."""
     return time.time_ns() // 1_000_000
-
-
-@pytest.fixture
-async def node(tmp_path: Path) -> AsyncIterator[Node]:
-    n = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=InstrumentedLog)
-    await n.start()
-    yield n
-    await n.stop(1)
-
-
-@pytest.fixture
-async def client(node: Node) -> AsyncIterator[Client]:
-    c = Client(node)
-    yield c
-    await c.channel.close(None)
 
 
 def batch(

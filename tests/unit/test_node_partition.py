@@ -347,3 +347,37 @@ async def test_a_refused_multi_batch_request_proposes_none_of_its_batches(env: E
     await p.wait_committed(index, term, 5)
     assert (base, last_offset) == (50, 149) and p.high_watermark == 150
     assert lg.last_index == index
+
+
+@pytest.mark.timeout(10)
+async def test_a_multi_batch_request_cut_behind_its_first_batches_says_how_many_stored(
+    env: Env,
+) -> None:
+    """Issue 8 defect 7 (node simulation, backpressure seed 26): a new leader overwrote the
+    last batch of a request whose first batches committed. The answer is NOT_LEADER with
+    ``batches_stored``: the client retries only the rest, not (duplicating) the whole."""
+    p, _lg = env.make()
+    await until_serving(p)
+    group = p.group
+    assert group is not None
+    term = group.raw.term
+    waiting = asyncio.create_task(
+        p.wait_batches([(8, term), (9, term), (10, term)], committed=True, timeout_s=5)
+    )
+    await asyncio.sleep(0)
+    p.on_truncated(group, 10)
+    p.on_committed(group, (Entry(term, 8, b""), Entry(term, 9, b"")))
+    with pytest.raises(NotLeader, match="first 2 batch") as info:
+        await waiting
+    assert info.value.metadata["batches_stored"] == "2"
+    # Nothing stored: the plain error, no batches_stored; idempotent waits (not one per
+    # batch) never claim a count.
+    for per_batch, entries in ((True, [(11, term), (12, term)]), (False, [(11, term)])):
+        lost = asyncio.create_task(
+            p.wait_batches(entries, committed=True, timeout_s=5, per_batch=per_batch)
+        )
+        await asyncio.sleep(0)
+        p.on_truncated(group, 11)
+        with pytest.raises(NotLeader, match="overwritten") as info:
+            await lost
+        assert "batches_stored" not in info.value.metadata

@@ -7,7 +7,6 @@ node process and the real log; this one is fast and checks the streaming details
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -15,55 +14,17 @@ import pytest
 from grpc import aio
 
 from tests.support import free_port
-from tests.unit.node_fakes import InstrumentedLog
+from tests.unit.node_fakes import Client, InstrumentedLog
 from tidelog.errors import from_rpc_error
 from tidelog.node.server import Node, StartupError
 from tidelog.records import decode_batches, encode_batch
-from tidelog.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc
-
-
-class Client:
-    def __init__(self, node: Node) -> None:
-        self.channel = aio.insecure_channel(f"127.0.0.1:{node.port}")
-        self.broker = broker_pb2_grpc.BrokerStub(self.channel)
-        self.admin = admin_pb2_grpc.AdminStub(self.channel)
-
-    async def create(
-        self, name: str, partitions: int = 1, configs: dict[str, str] | None = None
-    ) -> None:
-        await self.admin.CreateTopics(
-            admin_pb2.CreateTopicsRequest(
-                topics=[admin_pb2.TopicSpec(name=name, partitions=partitions, configs=configs)]
-            )
-        )
-
-    async def produce(
-        self, topic: str, values: list[bytes], acks: broker_pb2.Acks.ValueType = broker_pb2.ACKS_ALL
-    ) -> broker_pb2.ProduceResponse:
-        return await self.broker.Produce(
-            broker_pb2.ProduceRequest(topic=topic, batches=encode_batch(values), acks=acks)
-        )
+from tidelog.v1 import admin_pb2, broker_pb2
 
 
 async def read(call: object) -> broker_pb2.FetchResponse:
     msg = await asyncio.wait_for(call.read(), 5)  # type: ignore[attr-defined]
     assert isinstance(msg, broker_pb2.FetchResponse), msg
     return msg
-
-
-@pytest.fixture
-async def node(tmp_path: Path) -> AsyncIterator[Node]:
-    n = Node(1, "127.0.0.1:0", tmp_path, free_port(), open_log=InstrumentedLog)
-    await n.start()
-    yield n
-    await n.stop(1)
-
-
-@pytest.fixture
-async def client(node: Node) -> AsyncIterator[Client]:
-    c = Client(node)
-    yield c
-    await c.channel.close(None)
 
 
 @pytest.mark.timeout(20)
@@ -231,11 +192,11 @@ async def test_changed_controller_voters_are_refused(tmp_path: Path) -> None:
     """Issue 8 defect 3: a data directory started with one voter list and restarted with
     another was accepted silently, an unsafe membership change. It is refused until
     membership changes exist; the addresses may change. The directory has an id of its own."""
-    port = free_port()
+    port, iport = free_port(), free_port()
     data = tmp_path / "data"
     first = Node(
         1, f"127.0.0.1:{port}", data, free_port(), open_log=InstrumentedLog,
-        controller_voters=f"1@127.0.0.1:{port}",
+        controller_voters=f"1@127.0.0.1:{iport}", internal_listen=f"127.0.0.1:{iport}",
     )  # fmt: skip
     await first.start()
     assert first.identity is not None
@@ -244,15 +205,16 @@ async def test_changed_controller_voters_are_refused(tmp_path: Path) -> None:
     await first.stop(1)
     changed = Node(
         1, f"127.0.0.1:{port}", data, free_port(), open_log=InstrumentedLog,
-        controller_voters=f"1@127.0.0.1:{port},2@127.0.0.1:{free_port()}",
+        controller_voters=f"1@127.0.0.1:{iport},2@127.0.0.1:{free_port()}",
+        internal_listen=f"127.0.0.1:{iport}",
     )  # fmt: skip
     with pytest.raises(StartupError, match=r"names nodes 1,2 but .* nodes 1: changing"):
         await changed.start()
     await changed.stop(0)
-    port2 = free_port()
+    port2, iport2 = free_port(), free_port()
     moved = Node(
         1, f"127.0.0.1:{port2}", data, free_port(), open_log=InstrumentedLog,
-        controller_voters=f"1@127.0.0.1:{port2}",
+        controller_voters=f"1@127.0.0.1:{iport2}", internal_listen=f"127.0.0.1:{iport2}",
     )  # fmt: skip
     await moved.start()
     assert moved.identity is not None and moved.identity.directory_id == directory_id

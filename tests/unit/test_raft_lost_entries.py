@@ -55,6 +55,19 @@ def lose_tail(c: Cluster, nid: int, keep: int, *, lost_to: int | None = None) ->
         node.raft = RawNode(nid, storage, c.rngs[nid], c.config, applied=keep, lost_to=lost_to)
 
 
+def elect_among_2_and_3(c: Cluster) -> int:
+    """Tick nodes 2 and 3 (node 1 is down) until one of them leads; that one."""
+    for _ in range(10 * c.config.election_timeout_ticks):
+        c.tick(2)
+        c.tick(3)
+        c.stabilize()
+        if Role.LEADER in (c[2].role, c[3].role):
+            break
+    leader = 2 if c[2].role == Role.LEADER else 3
+    assert c[leader].role == Role.LEADER
+    return leader
+
+
 def test_leader_reprobes_a_follower_that_lost_acknowledged_entries() -> None:
     c = Cluster([1, 2, 3])
     c.elect(1)
@@ -132,15 +145,63 @@ def test_a_replica_that_lost_entries_does_not_vote_until_caught_up() -> None:
     # ... and votes again: with 1 down, 2 and 3 elect a leader (each needs the other's vote),
     # and it holds the committed entries.
     c.down.add(1)
-    for _ in range(10 * c.config.election_timeout_ticks):
-        c.tick(2)
-        c.tick(3)
-        c.stabilize()
-        if Role.LEADER in (c[2].role, c[3].role):
-            break
-    leader = 2 if c[2].role == Role.LEADER else 3
-    assert c[leader].role == Role.LEADER
+    leader = elect_among_2_and_3(c)
     assert [e.data for e in c.log_of(leader)][:5] == [e.data for e in c.log_of(1)][:5]
+
+
+def test_a_majority_that_lost_entries_elects_the_intact_replica_unanimously() -> None:
+    """Node simulation, flush-os seed 20: a power loss of two of three machines under
+    flush=os left both recovering, and as neither voted, the intact third could never be
+    elected: the group stayed without a leader for good. Their rejections now say that the
+    candidate's log is as up to date as theirs, and with every voter answering so (or
+    granting) it wins; with one voter silent, the old rule holds."""
+    c = Cluster([1, 2, 3], rngs={2: seeded(2), 3: seeded(3)})
+    c.elect(1)
+    for i in range(4):
+        c[1].propose(b"%d" % i)
+    c.stabilize()
+    assert c[1].commit_index == 5
+    # 1 loses power and comes back having lost 3..5; 2 too (2..5): both recovering.
+    lose_tail(c, 1, keep=2, lost_to=5)
+    lose_tail(c, 2, keep=1, lost_to=5)
+    # 3, intact, campaigns with 1 unreachable: 2's answer alone does not elect it.
+    c.down.add(1)
+    for _ in range(3):
+        c[3].campaign()
+        c.stabilize()
+        assert c[3].role != Role.LEADER
+    # With every voter answering, 3 wins, and brings both back to its log.
+    c.down.discard(1)
+    c[3].campaign()
+    c.stabilize()
+    assert c[3].role == Role.LEADER
+    c.tick(3, 2 * c.config.heartbeat_interval_ticks)
+    c.stabilize()
+    for nid in (1, 2):
+        assert [e.data for e in c.log_of(nid)] == [e.data for e in c.log_of(3)]
+        assert c[nid].lost_to == 0
+    assert [e.data for e in c.log_of(3)][1:5] == [b"0", b"1", b"2", b"3"]
+
+
+def test_a_recovering_voter_does_not_help_a_candidate_less_up_to_date_than_it() -> None:
+    """The marked rejection is only for candidates whose log is at least as up to date as
+    the voter's own. 1 missed entries 2..5 (cut off); 2 and 3 lost some of them in a power
+    loss, but 2 still holds 2..3: 1 must not win, or 2..3 would be gone from the group."""
+    c = Cluster([1, 2, 3], rngs={2: seeded(2), 3: seeded(3)})
+    c.elect(3)
+    c.isolate(1)
+    for i in range(4):
+        c[3].propose(b"%d" % i)
+    c.stabilize()
+    assert c[3].commit_index == 5 and c[1].log.last_index() == 1
+    lose_tail(c, 2, keep=3, lost_to=5)
+    lose_tail(c, 3, keep=1, lost_to=5)
+    c.heal()
+    for _ in range(3):
+        c[1].campaign()
+        c.stabilize()
+        assert c[1].role != Role.LEADER
+    assert [e.data for e in c.log_of(2)][1:3] == [b"0", b"1"]
 
 
 def test_lost_to_within_the_log_is_no_loss() -> None:
@@ -246,14 +307,7 @@ def test_a_wiped_replica_does_not_vote_for_a_candidate_with_entries_until_caught
     assert [e.data for e in c.log_of(3)] == [e.data for e in c.log_of(1)]
     # ... and votes again: with 1 down, 2 and 3 elect a leader holding the entries.
     c.down.add(1)
-    for _ in range(10 * c.config.election_timeout_ticks):
-        c.tick(2)
-        c.tick(3)
-        c.stabilize()
-        if Role.LEADER in (c[2].role, c[3].role):
-            break
-    leader = 2 if c[2].role == Role.LEADER else 3
-    assert c[leader].role == Role.LEADER
+    leader = elect_among_2_and_3(c)
     assert [e.data for e in c.log_of(leader)][:4] == [e.data for e in c.log_of(1)][:4]
 
 
@@ -266,3 +320,32 @@ def test_new_replicas_of_a_new_group_still_elect_a_leader() -> None:
     c.stabilize()
     assert all(c[n].lost_to == 0 for n in (1, 2, 3))
     assert c[3].commit_index == c[1].commit_index == c[1].log.last_index()
+
+
+def test_a_new_replica_that_leads_or_joins_has_its_hard_state_stored_again() -> None:
+    """Node simulation, default seed 83 (after the simulator started fresh nodes with new
+    data directories, as the server does): a new replica (the driver stores the NEW_REPLICA
+    marker as its commit index) won the group's first election, appended entries and
+    crashed before its commit index moved. No hard state had been written since the marker,
+    so it restarted as a new replica holding entries: it neither voted nor stood, and the
+    group had no leader for good. A change of ``lost_to`` now hands out the hard state."""
+    conf = ConfState(voters=frozenset({1, 2, 3}))
+    raw = RawNode(1, MemoryStorage(conf), seeded(1), Config(), lost_to=NEW_REPLICA)
+
+    def drain() -> list[HardState]:
+        out = []
+        while raw.has_ready():
+            rd = raw.ready()
+            if rd.hard_state is not None:
+                out.append(rd.hard_state)
+            raw.advance(rd)
+        return out
+
+    raw.campaign()
+    drain()
+    raw.step(Message(K.PRE_VOTE_RESP, 2, 1, 1))
+    assert raw.role == Role.CANDIDATE and raw.lost_to == NEW_REPLICA
+    assert drain() == [HardState(1, 1, 0)]  # stored with the marker by the driver
+    raw.step(Message(K.VOTE_RESP, 2, 1, 1))
+    assert raw.role.name == "LEADER" and raw.lost_to == 0
+    assert drain() == [HardState(1, 1, 0)]  # term, vote and commit unchanged, marker gone

@@ -232,3 +232,39 @@ async def test_closing_fails_every_waiter_and_later_ones() -> None:
             await t
     with pytest.raises(NotLeader, match="closed"):
         await sm.wait_committed(2, 1, 1)
+
+
+@pytest.mark.timeout(5)
+async def test_wait_each_reports_the_leading_entries_that_committed() -> None:
+    """Issue 8 defect 7 (backpressure seed 26): a request of three batches (entries 4, 5,
+    6 of term 2) whose entries 4 and 5 commit while a new leader overwrites 6. Waiting on
+    the last entry alone told the client "not committed" for all three; waiting on each
+    says two were. Every waiter is registered at once (entries settled before their turn
+    still count) and none is left behind."""
+    sm, _fake, group = setup()
+    waiting = asyncio.create_task(sm.wait_each([(4, 2), (5, 2), (6, 2)], 1, committed=True))
+    await asyncio.sleep(0)
+    commit(sm, group, (1, 1), (2, 1), (3, 1), (4, 2), (5, 2))
+    sm.on_truncated(group, 6)
+    done, error = await waiting
+    assert done == 2
+    assert isinstance(error, NotLeader) and "overwritten" in str(error)
+    assert len(sm._commit_waiters) == 0
+    # Nothing to wait for, and all of them stored:
+    assert await sm.wait_each([], 1, committed=True) == (0, None)
+    both = asyncio.create_task(sm.wait_each([(6, 3), (7, 3)], 1, committed=False))
+    await asyncio.sleep(0)
+    _fake.storage.terms.update({6: 3, 7: 3})
+    sm.on_persisted(group, 7)
+    assert await both == (2, None)
+
+
+@pytest.mark.timeout(5)
+async def test_wait_each_times_out_and_leaves_nothing_behind() -> None:
+    sm, _fake, group = setup()
+    waiting = asyncio.create_task(sm.wait_each([(1, 1), (2, 1)], 0.05, committed=True))
+    await asyncio.sleep(0)
+    commit(sm, group, (1, 1))
+    with pytest.raises(RequestTimedOut, match="raft index 2 was appended but not committed"):
+        await waiting
+    assert len(sm._commit_waiters) == 0

@@ -30,13 +30,20 @@ from rich.progress import (
 
 from tidelog.client import Admin, BatchMetadata, Consumer, Producer, TopicPartition
 from tidelog.client.accumulator import RECORD_OVERHEAD_BYTES
+from tidelog.client.limits import IDEMPOTENT_IN_FLIGHT_MAX
 from tidelog.client.producer import BatchesFuture
 from tidelog.errors import UnknownTopic
 from tidelog.records import BATCH_OVERHEAD_BYTES
 
 _value = attrgetter("value")
 
-__all__ = ["BenchResult", "consume_bench", "percentile", "produce_bench"]
+__all__ = [
+    "BENCH_IN_FLIGHT_DEFAULT",
+    "BenchResult",
+    "consume_bench",
+    "percentile",
+    "produce_bench",
+]
 
 _MIB = 1024 * 1024
 #: Distinct values the records cycle through: more than a batch holds, so compression finds
@@ -46,6 +53,9 @@ VALUE_POOL_SIZE = 16_384
 #: send_many calls awaiting their acknowledgement before the bench waits for the oldest.
 IN_FLIGHT_CALLS_MAX = 64
 PROGRESS_REFRESH_PER_S = 8
+#: Requests in flight per partition unless told: the idempotent producer's limit, used with
+#: idempotence off too, so the two modes differ only by idempotence.
+BENCH_IN_FLIGHT_DEFAULT = IDEMPOTENT_IN_FLIGHT_MAX
 
 
 @dataclass
@@ -91,6 +101,14 @@ class BenchResult:
         lines = [
             f"{self.mode}: {self.records:,} records of {self.record_bytes} B in "
             f"{self.seconds:.2f} s",
+            *(
+                [
+                    f"  idempotence {'on' if j['idempotence'] else 'off'}, "
+                    f"{j['max_in_flight']} in flight per partition, acks={j['acks']}"
+                ]
+                if "idempotence" in j
+                else []
+            ),
             f"  {j['records_per_s']:,.0f} records/s, {j['mb_per_s']} MB/s",
             f"  latency ms ({j['latency_samples']} samples): p50 {j['p50_ms']}, "
             f"p99 {j['p99_ms']}, p999 {j['p999_ms']}",
@@ -228,11 +246,14 @@ async def produce_bench(
     replication_factor: int = 1,
     batch_bytes_max: int = 1 * _MIB,
     linger_ms: float = 5,
-    max_in_flight: int = 8,
+    max_in_flight: int = BENCH_IN_FLIGHT_DEFAULT,
+    idempotence: bool | None = None,
     progress: bool = True,
     connection: Mapping[str, Any] | None = None,
 ) -> BenchResult:
-    """``connection``: TLS and credentials, the clients' keyword arguments (tls, ca, ...)."""
+    """Produce ``records`` records as fast as possible. ``idempotence``: as the client
+    decides when None (on unless ``acks`` is not "all"); the result says which ran.
+    ``connection``: TLS and credentials, the clients' keyword arguments (tls, ca, ...)."""
     actual_partitions, created = await ensure_topic(
         bootstrap, topic, partitions, replication_factor, connection
     )
@@ -249,8 +270,10 @@ async def produce_bench(
         batch_bytes_max=batch_bytes_max,
         linger_ms=linger_ms,
         max_in_flight_per_partition=max_in_flight,
+        enable_idempotence=idempotence,
         **(connection or {}),
     ) as producer:
+        idempotent = producer.idempotent
         pid = local_node_pid(_leader_address(producer, topic) or bootstrap.split(",")[0])
         server_before = process_cpu_s(pid)
         acked = 0
@@ -294,6 +317,8 @@ async def produce_bench(
         server,
         {
             "acks": acks,
+            "idempotence": idempotent,
+            "max_in_flight": max_in_flight,
             "compression": compression,
             "partitions": actual_partitions,
             "topic_created": created,

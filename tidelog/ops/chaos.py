@@ -4,10 +4,12 @@ no acknowledged record was lost, duplicated or reordered, and how long each fail
 The load: one writer per partition sends records to that partition at a steady rate
 (``rate`` records/s over all partitions); each value names the run, the partition and the
 record's sequence number within the partition (``tidelog-chaos <run> <partition> <seq>``).
-The producer keeps one request in flight per partition: without the idempotent producer,
-a retried batch could otherwise land after a later batch that succeeded first, which is a
-reordering the client causes, not the cluster. Every acknowledgment is recorded as
-(partition, seq, offset).
+The producer is the default one: idempotent, with up to 5 requests in flight per
+partition, so every batch is stored once and in send order whatever the retries. With
+``idempotence=False`` (``--no-idempotence``) it is the old producer: one request in flight
+per partition (more would let a retried batch land after a later batch that succeeded
+first, a reordering the client causes, not the cluster), and a retry after a lost answer
+may store a batch twice. Every acknowledgment is recorded as (partition, seq, offset).
 
 Each round kills (SIGKILL) the leader of a random partition (a random node when no
 partition has a leader), restarts it after ``downtime_ms`` with its recorded command line
@@ -20,9 +22,9 @@ as timed out.
 
 Afterwards the writers stop, and every partition is read from where the run started to its
 high watermark; :func:`verdict` (pure, unit-tested) compares what was acknowledged with what
-is in the log. Lost, reordered or misplaced acknowledged records fail the run; duplicates
-(a retry of a batch whose first attempt was committed after all) are reported only, until
-the idempotent producer exists.
+is in the log. Lost, reordered or misplaced acknowledged records fail the run, and so do
+duplicates (a retry of a batch whose first attempt was committed after all) with the
+idempotent producer; without it they are reported only.
 
 This module runs the rounds; the load is :mod:`~tidelog.ops.chaos_load`, the values and the
 checker :mod:`~tidelog.ops.chaos_verdict`, the report :mod:`~tidelog.ops.chaos_report`.
@@ -95,8 +97,10 @@ SETTLE_S: Final = 0.5
 RESTART_TIMEOUT_S: Final = 60.0
 #: Time to read every partition back at the end.
 CONSUME_TIMEOUT_S: Final = 180.0
-#: One request in flight per partition keeps retries in order (module docstring).
-PRODUCER_IN_FLIGHT_PER_PARTITION: Final = 1
+#: Requests in flight per partition: the idempotent producer's default, and one without
+#: idempotence, which keeps retries in order (module docstring).
+PRODUCER_IN_FLIGHT_IDEMPOTENT: Final = 5
+PRODUCER_IN_FLIGHT_NOT_IDEMPOTENT: Final = 1
 PRODUCER_REQUEST_TIMEOUT_MS: Final = 10_000
 PRODUCER_RETRY_BACKOFF_MS: Final = 50
 HEALTH_POLL_S: Final = 0.2
@@ -215,6 +219,7 @@ async def run_chaos(
     rate: float = RATE_DEFAULT,
     downtime_ms: int = DOWNTIME_MS_DEFAULT,
     seed: int | None = None,
+    idempotence: bool = True,
     note: Callable[[str], None] | None = None,
 ) -> ChaosReport:
     """Run the chaos test against the local cluster in ``directory`` (module docstring)."""
@@ -257,10 +262,12 @@ async def run_chaos(
     async with Consumer(bootstrap) as consumer:
         tps = [TopicPartition(topic, p) for p in range(partitions)]
         start = {tp.partition: off for tp, off in (await consumer.end_offsets(tps)).items()}
+    in_flight = PRODUCER_IN_FLIGHT_IDEMPOTENT if idempotence else PRODUCER_IN_FLIGHT_NOT_IDEMPOTENT
     producer = Producer(
         bootstrap,
         acks="all",
-        max_in_flight_per_partition=PRODUCER_IN_FLIGHT_PER_PARTITION,
+        enable_idempotence=idempotence,
+        max_in_flight_per_partition=in_flight,
         request_timeout_ms=PRODUCER_REQUEST_TIMEOUT_MS,
         retry_backoff_ms=PRODUCER_RETRY_BACKOFF_MS,
     )
@@ -273,7 +280,9 @@ async def run_chaos(
     _note(
         note,
         f"chaos: {rounds} round(s) on {topic} ({partitions} partitions, RF "
-        f"{replication_factor}), {rate:.0f} records/s, seed {seed}, run {run_id}",
+        f"{replication_factor}), {rate:.0f} records/s, "
+        + ("idempotent producer" if idempotence else "producer without idempotence")
+        + f" ({in_flight} in flight per partition), seed {seed}, run {run_id}",
     )
     load.start()
     try:
@@ -302,13 +311,15 @@ async def run_chaos(
         seed=seed,
         rounds_requested=rounds,
         rounds=tuple(results),
-        verdict=verdict(load.acked, consumed),
+        verdict=verdict(load.acked, consumed, duplicates_allowed=not idempotence),
         sent=load.sent,
         failed_sends=load.failed,
         send_errors=dict(load.errors),
         foreign=foreign,
         seconds=seconds,
         notes=tuple(notes),
+        idempotence=idempotence,
+        max_in_flight=in_flight,
     )
 
 

@@ -67,7 +67,8 @@ class Failover:
 
 class Load:
     """One writer and one reaper task per partition; the reaper awaits acknowledgments in
-    send order (one request in flight per partition, so they complete in that order)."""
+    send order (a partition's batches are stored in send order, so an acknowledgment waits
+    at most for those of the records sent before it)."""
 
     def __init__(
         self,

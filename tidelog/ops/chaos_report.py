@@ -82,6 +82,9 @@ class ChaosReport:
     foreign: int
     seconds: float
     notes: tuple[str, ...] = field(default=())
+    #: Whether the load ran the idempotent producer (then duplicates fail the verdict).
+    idempotence: bool = True
+    max_in_flight: int = 5
 
     @property
     def failovers_ms(self) -> list[float]:
@@ -106,6 +109,7 @@ class ChaosReport:
             "lost": v.lost,
             "duplicated": v.duplicated,
             "duplicate_copies": v.duplicate_copies,
+            "duplicates_allowed": v.duplicates_allowed,
             "reordered": v.reordered,
             "misplaced": v.misplaced,
             "failover_ms_p50": _ms(self.failover_percentile(50)),
@@ -113,6 +117,8 @@ class ChaosReport:
             "failover_ms_max": _ms(values[-1] if values else None),
             "failover_timeouts": sum(r.timed_out for r in self.rounds),
             "ok": self.ok,
+            "idempotence": self.idempotence,
+            "max_in_flight": self.max_in_flight,
             "topic": self.topic,
             "partitions": self.partitions,
             "replication_factor": self.replication_factor,
@@ -167,7 +173,14 @@ def render_report(report: ChaosReport) -> list[Any]:
         )
     v = report.verdict
     rate = report.sent / report.seconds if report.seconds > 0 else 0.0
+    mode = (
+        f"idempotent producer, {report.max_in_flight} in flight per partition: duplicates fail"
+        if report.idempotence
+        else f"producer without idempotence, {report.max_in_flight} in flight per partition: "
+        "duplicates are reported, not failures"
+    )
     lines = [
+        mode,
         f"sent {report.sent} records ({rate:.0f}/s), acknowledged {v.acked}, failed "
         f"{report.failed_sends}"
         + (f" {dict(report.send_errors)}" if report.send_errors else "")
@@ -197,6 +210,7 @@ def render_report(report: ChaosReport) -> list[Any]:
                 ("lost", v.lost),
                 ("reordered", v.reordered),
                 ("misplaced", v.misplaced),
+                ("duplicated", 0 if v.duplicates_allowed else v.duplicated),
             )
             if n
         ]

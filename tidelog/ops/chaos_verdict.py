@@ -91,11 +91,19 @@ class Verdict:
     reordered_examples: tuple[tuple[int, int, int], ...] = ()
     #: (partition, seq, acknowledged offset).
     misplaced_examples: tuple[tuple[int, int, int], ...] = ()
+    #: Whether duplicates are expected (a producer without idempotence: a retry of a batch
+    #: whose first attempt was committed after all stores it twice) rather than failures.
+    duplicates_allowed: bool = False
 
     @property
     def ok(self) -> bool:
-        """Duplicates do not fail a run until the idempotent producer exists."""
-        return self.lost == 0 and self.reordered == 0 and self.misplaced == 0
+        """Nothing lost, reordered or misplaced, and no duplicate unless allowed."""
+        return (
+            self.lost == 0
+            and self.reordered == 0
+            and self.misplaced == 0
+            and (self.duplicates_allowed or self.duplicated == 0)
+        )
 
 
 def _longest_increasing(seqs: Sequence[int]) -> int:
@@ -110,9 +118,12 @@ def _longest_increasing(seqs: Sequence[int]) -> int:
     return len(tails)
 
 
-def verdict(acked: Iterable[Acked], consumed: Iterable[Consumed]) -> Verdict:
+def verdict(
+    acked: Iterable[Acked], consumed: Iterable[Consumed], *, duplicates_allowed: bool = False
+) -> Verdict:
     """Compare the acknowledged records with the records read back (in any order; they are
-    ordered by offset per partition here)."""
+    ordered by offset per partition here). Duplicates fail the verdict unless
+    ``duplicates_allowed`` (the producer was not idempotent)."""
     by_partition: dict[int, list[Consumed]] = {}
     n_consumed = 0
     for c in consumed:
@@ -160,6 +171,7 @@ def verdict(acked: Iterable[Acked], consumed: Iterable[Consumed]) -> Verdict:
         duplicated_examples=tuple(duplicated[:EXAMPLES_MAX]),
         reordered_examples=tuple(reordered_examples),
         misplaced_examples=tuple(sorted(misplaced)[:EXAMPLES_MAX]),
+        duplicates_allowed=duplicates_allowed,
     )
 
 

@@ -15,18 +15,22 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import click
+import grpc
+import grpc.aio
 from rich.console import Console
 from rich.table import Table
 
-from tidelog.client import Admin, BatchesFuture, Consumer, Producer, TopicPartition
+from tidelog.client import Admin, Consumer, Producer, TopicDescription, TopicPartition
 from tidelog.client.metadata import parse_bootstrap
 from tidelog.client.structs import ConsumerRecord
-from tidelog.errors import TidelogError
+from tidelog.errors import NodeUnavailable, TidelogError, TopicExists
+from tidelog.ops.cli_cluster import GLOBAL_BOOTSTRAP_META
 from tidelog.ops.cli_cluster import cluster as cluster_group
 from tidelog.ops.cli_cluster import register as register_cluster_commands
 from tidelog.ops.cli_connection import client_options, connection_options, note_discovered_cluster
@@ -37,6 +41,7 @@ __all__ = ["cli", "main"]
 T = TypeVar("T")
 
 BOOTSTRAP_ENV = "TIDELOG_BOOTSTRAP"
+CLUSTER_DIR_ENV = "TIDELOG_CLUSTER_DIR"
 BOOTSTRAP_DEFAULT = "127.0.0.1:9092"
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -67,34 +72,72 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+_BOOTSTRAP_META = GLOBAL_BOOTSTRAP_META
+#: Where the bootstrap of this run came from, for error lines ("--bootstrap", ...).
+_bootstrap_source: list[str] = []
+
+
 def _bootstrap_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--bootstrap and the connection options (TLS, credentials: cli_connection.py)."""
+    """--bootstrap and the connection options (TLS, credentials: cli_connection.py). Both
+    may also come before the verb: ``tidelog -b HOST:PORT topic list``."""
     fn = connection_options(fn)
     return click.option(
         "--bootstrap",
         "-b",
-        envvar=BOOTSTRAP_ENV,
         default=None,
-        show_envvar=True,
         callback=_check_bootstrap,
-        help="host:port of one or more nodes, comma-separated. Default: the local cluster "
-        f"started in this directory (tidelog cluster up), else {BOOTSTRAP_DEFAULT}.",
+        help=_BOOTSTRAP_HELP,
     )(fn)
 
 
-def _check_bootstrap(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
-    if value is None:
-        from tidelog.ops.localcluster import CLUSTER_DIR_DEFAULT, discover_bootstrap
+_BOOTSTRAP_HELP = (
+    "host:port of one or more nodes, comma-separated (also before the command). Default: "
+    f"${BOOTSTRAP_ENV}, else the running local cluster in ${CLUSTER_DIR_ENV} or "
+    f"./.tidelog/cluster (tidelog cluster up), else {BOOTSTRAP_DEFAULT}."
+)
 
-        value = discover_bootstrap(Path.cwd())
-        if value is not None:
-            note_discovered_cluster(ctx, Path.cwd() / CLUSTER_DIR_DEFAULT)
-        else:
-            value = BOOTSTRAP_DEFAULT
+
+def _store_global_bootstrap(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> str | None:
+    if value is not None:
+        ctx.meta[_BOOTSTRAP_META] = value
+    return value
+
+
+def cluster_dir() -> Path:
+    """The local cluster's directory: $TIDELOG_CLUSTER_DIR, else ./.tidelog/cluster."""
+    from tidelog.ops.localcluster import CLUSTER_DIR_DEFAULT
+
+    return Path(os.environ.get(CLUSTER_DIR_ENV) or CLUSTER_DIR_DEFAULT)
+
+
+def resolve_bootstrap(ctx: click.Context, value: str | None) -> tuple[str, str]:
+    """The bootstrap of a command and where it came from: the flag after the verb, the flag
+    before it, $TIDELOG_BOOTSTRAP, the running local cluster, or the default."""
+    if value is not None:
+        return value, "--bootstrap"
+    if (before := ctx.meta.get(_BOOTSTRAP_META)) is not None:
+        return before, "--bootstrap"
+    if env := os.environ.get(BOOTSTRAP_ENV, "").strip():
+        return env, f"${BOOTSTRAP_ENV}"
+    from tidelog.ops.localcluster import discover_bootstrap_in
+
+    directory = cluster_dir()
+    found = discover_bootstrap_in(directory)
+    if found is not None:
+        note_discovered_cluster(ctx, directory)
+        return found, f"the local cluster in {directory}"
+    return BOOTSTRAP_DEFAULT, "the default (no --bootstrap, no local cluster running)"
+
+
+def _check_bootstrap(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
+    value, source = resolve_bootstrap(ctx, value)
     try:
         parse_bootstrap(value)
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+        raise click.UsageError(f"bootstrap {value!r} from {source} is not valid: {exc}") from None
+    _bootstrap_source[:] = [f"{value} from {source}"]
     return value
 
 
@@ -119,10 +162,93 @@ def _check_codec(ctx: click.Context, param: click.Parameter, value: str) -> str:
 ACKS_CHOICE = click.Choice(["all", "1", "0", "-1"])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="tidelog")
-def cli() -> None:
-    """tidelog: a replicated log broker in the Kafka family, over gRPC."""
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    invoke_without_command=True,
+    no_args_is_help=True,
+)
+@click.option(
+    "--version",
+    "show_version",
+    is_flag=True,
+    help="Show the version of this tidelog and of the nodes it reaches (see --bootstrap), "
+    "and exit.",
+)
+@click.option(
+    "--bootstrap",
+    "-b",
+    default=None,
+    expose_value=False,
+    callback=_store_global_bootstrap,
+    help=_BOOTSTRAP_HELP,
+)
+@connection_options
+@click.pass_context
+def cli(ctx: click.Context, show_version: bool) -> None:
+    """tidelog: a replicated log broker in the Kafka family, over gRPC.
+
+    The connection options (--bootstrap, --tls-*, --token-file) go before or after the
+    command: ``tidelog -b HOST:PORT topic list``.
+    """
+    if show_version:
+        _print_version(ctx)
+    if ctx.invoked_subcommand is None:
+        raise click.UsageError("Missing command.", ctx)
+
+
+def _print_version(ctx: click.Context) -> None:
+    """This command's version, then each node's that the bootstrap reaches (none: said so)."""
+    import tidelog
+
+    click.echo(
+        f"tidelog {tidelog.__version__} (python {sys.version.split()[0]}, grpcio {_grpc_version()})"
+    )
+    try:
+        bootstrap, source = resolve_bootstrap(ctx, None)
+        parse_bootstrap(bootstrap)
+        versions = _run(_node_versions(bootstrap, client_options(ctx)))
+    except (TidelogError, ValueError, click.ClickException) as exc:
+        click.echo(f"nodes: none reached at {bootstrap} from {source} ({_one_line(str(exc))})")
+    else:
+        for node_id, address, version in versions:
+            click.echo(f"node {node_id} at {address}: tidelog {version}")
+    ctx.exit(0)
+
+
+#: How long --version waits for each node.
+VERSION_PROBE_TIMEOUT_S = 3.0
+
+
+async def _node_versions(bootstrap: str, connection: dict[str, Any]) -> list[tuple[int, str, str]]:
+    """(node id, address, version) of every node the cluster knows, each asked itself."""
+    from tidelog.client.connection import Connection
+    from tidelog.client.metadata import ClusterMetadata
+    from tidelog.v1 import broker_pb2
+
+    meta = ClusterMetadata(bootstrap, connection=Connection.create(**connection))
+    try:
+        await meta.refresh()
+        nodes = sorted(meta.nodes.values(), key=lambda n: n.node_id)
+
+        async def ask(address: str) -> str:
+            try:
+                resp = await meta.broker(address).Metadata(
+                    broker_pb2.MetadataRequest(), timeout=VERSION_PROBE_TIMEOUT_S
+                )
+            except grpc.aio.AioRpcError as exc:
+                return f"unknown (no answer: {_one_line(exc.details() or str(exc.code()))[:80]})"
+            return str(resp.server_version) or "unknown (older node)"
+
+        found = await asyncio.gather(*(ask(n.address) for n in nodes))
+        return [(n.node_id, n.address, v) for n, v in zip(nodes, found, strict=True)]
+    finally:
+        await meta.close()
+
+
+def _grpc_version() -> str:
+    import grpc
+
+    return str(getattr(grpc, "__version__", "unknown"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +351,13 @@ def topic() -> None:
 @topic.command("create")
 @click.argument("name")
 @click.option("--partitions", "-p", type=int, default=1, show_default=True)
-@click.option("--replication-factor", "-r", type=int, default=1, show_default=True)
+@click.option(
+    "--replication-factor",
+    "-r",
+    type=int,
+    default=None,
+    help="Replicas per partition. Default: min(3, the nodes alive), as rpk.",
+)
 @click.option(
     "--config",
     "-c",
@@ -235,36 +367,112 @@ def topic() -> None:
     metavar="KEY=VALUE",
     help="Topic config override (repeatable), e.g. retention.ms=3600000.",
 )
+@click.option("--if-not-exists", is_flag=True, help="An existing topic is not an error.")
+@click.option(
+    "--dry-run", is_flag=True, help="Have the cluster validate the request; create nothing."
+)
 @_bootstrap_option
 def topic_create(
-    name: str, partitions: int, replication_factor: int, configs: dict[str, str], bootstrap: str
+    name: str,
+    partitions: int,
+    replication_factor: int | None,
+    configs: dict[str, str],
+    if_not_exists: bool,
+    dry_run: bool,
+    bootstrap: str,
 ) -> None:
     """Create topic NAME."""
+    # Counts are checked here, before any round trip.
+    if partitions < 1:
+        _fail(f"--partitions must be at least 1 (got {partitions})")
+    if replication_factor is not None and replication_factor < 1:
+        _fail(f"--replication-factor must be at least 1 (got {replication_factor})")
 
     connection = client_options()
 
-    async def go() -> list[str]:
+    async def go() -> tuple[bool, int]:
         async with Admin(bootstrap, **connection) as admin:
-            return await admin.create_topics(name, partitions, replication_factor, configs)
+            rf = replication_factor
+            if rf is None:
+                view = await admin.metadata()
+                rf = max(1, min(3, sum(1 for n in view.nodes if n.alive)))
+            try:
+                await admin.create_topics(name, partitions, rf, configs, validate_only=dry_run)
+            except TopicExists:
+                if not if_not_exists:
+                    raise
+                return False, rf
+            return True, rf
 
-    _run(go())
-    click.echo(f"created topic {name} with {partitions} partition(s)")
+    created, rf = _run(go())
+    if not created:
+        click.echo(f"topic {name} already exists")
+    elif dry_run:
+        click.echo(
+            f"dry run: topic {name} with {partitions} partition(s), replication factor {rf} "
+            "would be created"
+        )
+    else:
+        click.echo(f"created topic {name} with {partitions} partition(s), replication factor {rf}")
+
+
+def _describe_json(d: TopicDescription) -> dict[str, Any]:
+    return {
+        "name": d.name,
+        "replication_factor": d.replication_factor,
+        "configs": d.configs,
+        "overrides": list(d.overrides),
+        "config_sources": {k: "set" if k in d.overrides else "default" for k in d.configs},
+        "partitions": [
+            {
+                "partition": p.partition,
+                "leader": p.leader,
+                "leader_epoch": p.leader_term,
+                "replicas": list(p.replicas),
+                "in_sync": list(p.in_sync),
+                "log_start_offset": p.log_start_offset,
+                "high_watermark": p.high_watermark,
+                "size_bytes": p.size_bytes,
+            }
+            for p in d.partitions
+        ],
+    }
 
 
 @topic.command("list")
 @click.option("--internal", is_flag=True, help="Include internal topics.")
+@click.option("--long", "-l", "long_", is_flag=True, help="A table even when piped.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: as `topic describe --json`.")
 @_bootstrap_option
-def topic_list(internal: bool, bootstrap: str) -> None:
-    """Print every topic name, one per line."""
+def topic_list(internal: bool, long_: bool, as_json: bool, bootstrap: str) -> None:
+    """Topics with partitions, replication factor and config overrides (a table on a
+    terminal or with --long; one name per line when piped, for scripts)."""
 
     connection = client_options()
+    table_out = long_ or sys.stdout.isatty()
 
-    async def go() -> list[str]:
+    async def go() -> tuple[list[str], list[TopicDescription]]:
         async with Admin(bootstrap, **connection) as admin:
-            return await admin.list_topics(internal=internal)
+            names = await admin.list_topics(internal=internal)
+            if not (as_json or table_out) or not names:
+                return names, []
+            return names, await admin.describe_topics(names)
 
-    for name in _run(go()):
-        click.echo(name)
+    names, descs = _run(go())
+    if as_json:
+        click.echo(json.dumps([_describe_json(d) for d in descs], indent=2))
+        return
+    if not table_out:
+        for name in names:
+            click.echo(name)
+        return
+    table = Table()
+    for col in ("name", "partitions", "replication", "overrides"):
+        table.add_column(col)
+    for d in descs:
+        overrides = ", ".join(f"{k}={d.configs.get(k, '')}" for k in d.overrides)
+        table.add_row(d.name, str(len(d.partitions)), str(d.replication_factor), overrides)
+    Console().print(table)
 
 
 @topic.command("describe")
@@ -282,27 +490,7 @@ def topic_describe(names: tuple[str, ...], as_json: bool, bootstrap: str) -> Non
 
     descs = _run(go())
     if as_json:
-        out = [
-            {
-                "name": d.name,
-                "replication_factor": d.replication_factor,
-                "configs": d.configs,
-                "overrides": list(d.overrides),
-                "partitions": [
-                    {
-                        "partition": p.partition,
-                        "leader": p.leader,
-                        "replicas": list(p.replicas),
-                        "in_sync": list(p.in_sync),
-                        "log_start_offset": p.log_start_offset,
-                        "high_watermark": p.high_watermark,
-                        "size_bytes": p.size_bytes,
-                    }
-                    for p in d.partitions
-                ],
-            }
-            for d in descs
-        ]
+        out = [_describe_json(d) for d in descs]
         click.echo(json.dumps(out, indent=2))
         return
     console = Console()
@@ -328,6 +516,12 @@ def topic_describe(names: tuple[str, ...], as_json: bool, bootstrap: str) -> Non
             console.print(
                 "overrides: " + ", ".join(f"{k}={d.configs.get(k, '')}" for k in d.overrides)
             )
+        configs = Table(title="configs", title_justify="left")
+        for col in ("config", "value", "source"):
+            configs.add_column(col)
+        for key in sorted(d.configs):
+            configs.add_row(key, d.configs[key], "set" if key in d.overrides else "default")
+        console.print(configs)
 
 
 def _human_bytes(n: int) -> str:
@@ -394,6 +588,30 @@ def topic_alter(name: str, set_: dict[str, str], delete: tuple[str, ...], bootst
     default=None,
     help="Split each line at the first SEP into key and value (lines without it fail).",
 )
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["line", "json"]),
+    default="line",
+    show_default=True,
+    help="line: each line is a value (or KEY SEP VALUE); json: each line is an object as "
+    "`consume --format json` prints: key, value (null: a tombstone), key_base64, value_base64, "
+    "headers [{key, value}], partition.",
+)
+@click.option(
+    "--header",
+    "-H",
+    "headers",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A header on every record (repeatable; a key may repeat).",
+)
+@click.option(
+    "--empty-as-null",
+    "-Z",
+    is_flag=True,
+    help="Send an empty value as null (a tombstone, for compacted topics), as kcat -Z.",
+)
 @click.option("--partition", type=click.IntRange(min=0), default=None, help="Send all here.")
 @click.option("--acks", type=ACKS_CHOICE, default="all", show_default=True)
 @click.option("--compression", default="none", show_default=True, callback=_check_codec)
@@ -402,6 +620,9 @@ def topic_alter(name: str, set_: dict[str, str], delete: tuple[str, ...], bootst
 def produce(
     topic_name: str,
     key_separator: str | None,
+    fmt: str,
+    headers: tuple[str, ...],
+    empty_as_null: bool,
     partition: int | None,
     acks: str,
     compression: str,
@@ -411,18 +632,120 @@ def produce(
     """Send each line of stdin as one record to TOPIC."""
     if key_separator == "":
         raise click.BadParameter("must not be empty", param_hint="--key-separator")
+    if fmt == "json" and key_separator is not None:
+        raise click.UsageError("--key-separator is for --format line; json lines carry a key")
+    parsed_headers: list[tuple[str, bytes | None]] = []
+    for item in headers:
+        k, found, v = item.partition("=")
+        if not found or not k:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--header")
+        parsed_headers.append((k, v.encode()))
     sep = None if key_separator is None else key_separator.encode()
+    options = _ProduceInput(sep, fmt == "json", parsed_headers, empty_as_null, partition)
     count = _run(
-        _produce_stdin(bootstrap, topic_name, sep, partition, acks, compression, linger_ms)
+        _produce_stdin(bootstrap, topic_name, options, partition, acks, compression, linger_ms)
     )
     if sys.stderr.isatty():
         click.echo(f"produced {count} records to {topic_name}", err=True)
 
 
+@dataclass(frozen=True, slots=True)
+class _ProduceInput:
+    sep: bytes | None
+    json: bool
+    headers: list[tuple[str, bytes | None]]
+    empty_as_null: bool
+    partition: int | None
+
+    @property
+    def simple(self) -> bool:
+        """Plain values (and keys): the send_many fast path."""
+        return not (self.json or self.headers or self.empty_as_null)
+
+
+class _BadLine(Exception):
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+#: One parsed input line: value, key, headers, partition.
+_Rec = tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]], int | None]
+
+
+def _field_bytes(obj: dict[str, Any], name: str) -> bytes | None:
+    b64 = obj.get(f"{name}_base64")
+    if b64 is not None:
+        if not isinstance(b64, str):
+            raise ValueError(f"{name}_base64 is not a string")
+        return base64.b64decode(b64, validate=True)
+    text = obj.get(name)
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        return json.dumps(text, ensure_ascii=False).encode()  # a JSON value sent as its text
+    return text.encode()
+
+
+def _parse_json_line(line: bytes, inp: _ProduceInput) -> _Rec:
+    obj = json.loads(line)
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    headers = list(inp.headers)
+    raw = obj.get("headers") or []
+    if isinstance(raw, dict):
+        raw = [{"key": k, "value": v} for k, v in raw.items()]
+    if not isinstance(raw, list):
+        raise ValueError("headers is neither a list nor an object")
+    for h in raw:
+        if not isinstance(h, dict) or not isinstance(h.get("key"), str):
+            raise ValueError("a header is not {key, value}")
+        headers.append((h["key"], _field_bytes(h, "value")))
+    part = obj.get("partition", inp.partition)
+    if part is not None and (not isinstance(part, int) or part < 0):
+        raise ValueError(f"partition {part!r} is not a partition number")
+    if inp.partition is not None:
+        part = inp.partition
+    value = _field_bytes(obj, "value")
+    if inp.empty_as_null and value == b"":
+        value = None
+    return value, _field_bytes(obj, "key"), headers, part
+
+
+def _parse_lines(lines: list[bytes], inp: _ProduceInput) -> list[_Rec]:
+    out: list[_Rec] = []
+    for i, ln in enumerate(lines):
+        if ln.endswith(b"\r"):
+            ln = ln[:-1]
+        if inp.json:
+            if not ln.strip():
+                continue
+            try:
+                out.append(_parse_json_line(ln, inp))
+            except (ValueError, TypeError) as exc:
+                raise _BadLine(i, f"is not a record in JSON ({exc})") from None
+            continue
+        key: bytes | None = None
+        value: bytes | None = ln
+        if inp.sep is not None:
+            k, found, v = ln.partition(inp.sep)
+            if not found:
+                raise _BadLine(
+                    i,
+                    f"has no key separator {inp.sep.decode()!r}: "
+                    f"{ln[:60].decode(errors='replace')!r}",
+                )
+            key, value = k, v
+        if inp.empty_as_null and value == b"":
+            value = None
+        out.append((value, key, inp.headers, inp.partition))
+    return out
+
+
 async def _produce_stdin(
     bootstrap: str,
     topic_name: str,
-    sep: bytes | None,
+    inp: _ProduceInput,
     partition: int | None,
     acks: str,
     compression: str,
@@ -437,20 +760,21 @@ async def _produce_stdin(
         metadata_wait_ms=CLI_METADATA_WAIT_MS,
         **client_options(),
     ) as producer:
-        partitions = await producer.partitions_for(topic_name)
+        partitions = len(await producer.partitions_for(topic_name))
         if partition is not None and partition >= partitions:
             _fail(
                 f"topic {topic_name!r} has partitions 0..{partitions - 1}; "
                 f"there is no partition {partition}"
             )
-        #: send_many calls awaiting acknowledgement, with the input lines they hold.
-        window: deque[tuple[BatchesFuture, int, int]] = deque()
+        #: sends awaiting acknowledgement, with the input lines they hold.
+        window: deque[tuple[Awaitable[Any], int, int]] = deque()
         failures: list[tuple[int, int, TidelogError]] = []
         pending = b""
         line_no = 0
         count = 0
         eof = False
-        while not eof:
+        bad: tuple[int, str] | None = None
+        while not eof and bad is None:
             data = await chunks.next()
             if not data:
                 eof = True
@@ -462,38 +786,52 @@ async def _produce_stdin(
                 continue
             first_line = line_no + 1
             line_no += len(lines)
-            values: list[bytes] = []
-            keys: list[bytes | None] | None = None
-            if sep is None:
-                values = [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
+            try:
+                recs = _parse_lines(lines, inp)
+            except _BadLine as exc:
+                bad = (first_line + exc.index, str(exc))
+                recs = _parse_lines(lines[: exc.index], inp)  # the lines before it still go
+                line_no = first_line + exc.index - 1
+            if not recs:
+                continue
+            if inp.simple:
+                values = cast("list[bytes]", [r[0] for r in recs])
+                keys = None if inp.sep is None else [r[1] for r in recs]
+                window.append(
+                    (
+                        producer.send_many(topic_name, values, keys, partition=partition),
+                        first_line,
+                        line_no,
+                    )
+                )
             else:
-                keys = []
-                for i, ln in enumerate(lines):
-                    if ln.endswith(b"\r"):
-                        ln = ln[:-1]
-                    key, found, value = ln.partition(sep)
-                    if not found:
-                        _fail(
-                            f"line {first_line + i} has no key separator {sep.decode()!r}: "
-                            f"{ln[:60].decode(errors='replace')!r}"
-                        )
-                    keys.append(key)
-                    values.append(value)
-            future = producer.send_many(topic_name, values, keys, partition=partition)
-            window.append((future, first_line, line_no))
-            count += len(values)
+                try:
+                    futures = [
+                        producer.send(topic_name, v, k, partition=p, headers=h or None)
+                        for v, k, h, p in recs
+                    ]
+                except TidelogError as exc:
+                    failures.append((first_line, line_no, exc))
+                    break
+                window.append((asyncio.gather(*futures), first_line, line_no))
+            count += len(recs)
             while len(window) > PRODUCE_CALLS_IN_FLIGHT_MAX:
                 await _settle(window.popleft(), failures)
         while window:
             await _settle(window.popleft(), failures)
         await producer.flush()
+    if bad is not None:
+        text = f"line {bad[0]} {bad[1]}; the {count} record(s) before it were sent"
+        if failures:
+            text += f", but {_failures_line(failures)}"
+        _fail(text + ", nothing from it on")
     if failures:
         _fail(_failures_line(failures))
     return count
 
 
 async def _settle(
-    sent: tuple[BatchesFuture, int, int], failures: list[tuple[int, int, TidelogError]]
+    sent: tuple[Awaitable[Any], int, int], failures: list[tuple[int, int, TidelogError]]
 ) -> None:
     """Await one send_many call; a failure is kept (the lines still go on) and reported
     once the input is done."""
@@ -564,7 +902,20 @@ class _StdinChunks:
     multiple=True,
     help="Read only this partition (repeatable; default: all).",
 )
-@click.option("--offset", type=click.IntRange(min=0), default=None, help="Start at this offset.")
+@click.option(
+    "--offset",
+    default=None,
+    metavar="SPEC",
+    help="Where to start: start, end, N (an offset), -N (the last N records), "
+    "@TIMESTAMP_MS (the first record at or after it), or P:SPEC[,P:SPEC...] per partition "
+    "(reads just those partitions unless --partition is given). Default: end.",
+)
+@click.option(
+    "--until-end",
+    is_flag=True,
+    help="Exit once every partition read is at its end (kcat -e); a short or empty "
+    "partition is not an error.",
+)
 @click.option("--max", "max_records", type=click.IntRange(min=1), default=None)
 @click.option(
     "--format",
@@ -586,32 +937,80 @@ def consume(
     topic_name: str,
     from_beginning: bool,
     partitions: tuple[int, ...],
-    offset: int | None,
+    offset: str | None,
+    until_end: bool,
     max_records: int | None,
     fmt: str,
     key_separator: str,
     timeout_ms: int | None,
     bootstrap: str,
 ) -> None:
-    """Print TOPIC's records, one per line, from the end (or --from-beginning / --offset)."""
+    """Print TOPIC's records, one per line, from the end (or --from-beginning / --offset).
+    Ctrl-C stops following (exit status 130, as every command)."""
     if from_beginning and offset is not None:
         raise click.UsageError("give --from-beginning or --offset, not both")
     try:
-        _run(
-            _consume(
-                bootstrap,
-                topic_name,
-                from_beginning,
-                partitions,
-                offset,
-                max_records,
-                fmt,
-                key_separator.encode(),
-                timeout_ms,
-            )
+        spec = parse_offset_spec("start" if from_beginning else (offset or "end"))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--offset") from None
+    _run(
+        _consume(
+            bootstrap,
+            topic_name,
+            spec,
+            partitions,
+            until_end,
+            max_records,
+            fmt,
+            key_separator.encode(),
+            timeout_ms,
         )
-    except KeyboardInterrupt:
-        pass  # Ctrl-C is how one stops following
+    )
+
+
+#: One start position: ("start", 0), ("end", 0), ("offset", N), ("last", N), ("time", ms).
+StartAt = tuple[str, int]
+
+
+def _parse_one_offset(text: str) -> StartAt:
+    t = text.strip().lower()
+    if t in ("start", "beginning", "earliest"):
+        return ("start", 0)
+    if t in ("end", "latest"):
+        return ("end", 0)
+    try:
+        if t.startswith("@"):
+            return ("time", int(t[1:]))
+        if t.startswith("-"):
+            n = int(t[1:])
+            if n < 0:
+                raise ValueError
+            return ("last", n)
+        n = int(t)
+    except ValueError:
+        raise ValueError(f"{text!r} is not start, end, an offset N, -N or @TIMESTAMP_MS") from None
+    if n < 0:
+        raise ValueError(f"offset {n} is negative")
+    return ("offset", n)
+
+
+def parse_offset_spec(text: str) -> StartAt | dict[int, StartAt]:
+    """--offset: one position for every partition, or ``P:SPEC,...`` per partition."""
+    if ":" not in text:
+        return _parse_one_offset(text)
+    out: dict[int, StartAt] = {}
+    for part in text.split(","):
+        p, sep, rest = part.partition(":")
+        if not sep:
+            raise ValueError(f"{part!r} is not P:SPEC (give every partition its own P:)")
+        try:
+            pnum = int(p)
+        except ValueError:
+            raise ValueError(f"{p!r} in {part!r} is not a partition number") from None
+        if pnum < 0:
+            raise ValueError(f"partition {pnum} is negative")
+        out[pnum] = _parse_one_offset(rest)
+    return out
 
 
 def _text(data: bytes | None) -> str | None:
@@ -619,18 +1018,32 @@ def _text(data: bytes | None) -> str | None:
 
 
 def _json_line(r: ConsumerRecord) -> bytes:
+    """One record as JSON: text fields as strings, and a field that is not UTF-8 as null
+    plus a ``..._base64`` twin; headers as a list, so a repeated key keeps every value."""
     obj: dict[str, Any] = {
+        "topic": r.topic,
         "partition": r.partition,
         "offset": r.offset,
         "timestamp": r.timestamp_ms,
-        "key": _text(r.key),
-        "value": _text(r.value),
     }
-    if r.value is not None and not _is_utf8(r.value):
-        obj["value_base64"] = base64.b64encode(r.value).decode()
+    _put_bytes(obj, "key", r.key)
+    _put_bytes(obj, "value", r.value)
     if r.headers:
-        obj["headers"] = {k: _text(v) for k, v in r.headers}
+        headers = []
+        for k, v in r.headers:
+            h: dict[str, Any] = {"key": k}
+            _put_bytes(h, "value", v)
+            headers.append(h)
+        obj["headers"] = headers
     return json.dumps(obj, ensure_ascii=False).encode()
+
+
+def _put_bytes(obj: dict[str, Any], name: str, data: bytes | None) -> None:
+    if data is None or _is_utf8(data):
+        obj[name] = _text(data)
+    else:
+        obj[name] = None
+        obj[f"{name}_base64"] = base64.b64encode(data).decode()
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -644,9 +1057,9 @@ def _is_utf8(data: bytes) -> bool:
 async def _consume(
     bootstrap: str,
     topic_name: str,
-    from_beginning: bool,
+    spec: StartAt | dict[int, StartAt],
     partitions: tuple[int, ...],
-    offset: int | None,
+    until_end: bool,
     max_records: int | None,
     fmt: str,
     key_sep: bytes,
@@ -657,32 +1070,27 @@ async def _consume(
         bootstrap, metadata_wait_ms=CLI_METADATA_WAIT_MS, **client_options()
     ) as consumer:
         every = await consumer.partitions_for(topic_name)
-        if partitions:
-            count = len(every)
-            missing = [p for p in partitions if p >= count]
+        count = len(every)
+        wanted = partitions or (tuple(spec) if isinstance(spec, dict) else ())
+        if wanted:
+            missing = [p for p in wanted if p >= count]
             if missing:
                 _fail(
                     f"topic {topic_name!r} has partitions 0..{count - 1}; "
                     f"there is no partition {missing[0]}"
                 )
-            tps = [TopicPartition(topic_name, p) for p in dict.fromkeys(partitions)]
+            tps = [TopicPartition(topic_name, p) for p in dict.fromkeys(wanted)]
         else:
             tps = every
         consumer.assign(tps)
-        if offset is not None:
-            for tp in tps:
-                consumer.seek(tp, offset)
-        elif from_beginning:
-            await consumer.seek_to_beginning()
-        else:
-            await consumer.seek_to_end()
+        await _seek_all(consumer, tps, spec)
         seen = 0
         idle_ms = timeout_ms if timeout_ms is not None else 1000
         while max_records is None or seen < max_records:
             want = 10_000 if max_records is None else min(10_000, max_records - seen)
-            records = await consumer.poll(timeout_ms=idle_ms, max_records=want)
+            records = await consumer.poll(timeout_ms=idle_ms, max_records=want, until_end=until_end)
             if not records:
-                if timeout_ms is not None:
+                if timeout_ms is not None or (until_end and consumer.at_end()):
                     return
                 continue
             seen += len(records)
@@ -694,6 +1102,30 @@ async def _consume(
                 lines = [_json_line(r) for r in records]
             out.write(b"\n".join(lines) + b"\n")
             out.flush()
+
+
+async def _seek_all(
+    consumer: Consumer, tps: list[TopicPartition], spec: StartAt | dict[int, StartAt]
+) -> None:
+    """Position every partition by --offset; ``-N`` on a partition shorter than N starts at
+    its beginning."""
+    by_tp = {
+        tp: spec.get(tp.partition, ("end", 0)) if isinstance(spec, dict) else spec for tp in tps
+    }
+    kinds = {kind for kind, _ in by_tp.values()}
+    starts = await consumer.beginning_offsets(tps) if kinds & {"start", "last"} else {}
+    ends = await consumer.end_offsets(tps) if kinds & {"end", "last"} else {}
+    for tp, (kind, n) in by_tp.items():
+        if kind == "start":
+            consumer.seek(tp, starts[tp])
+        elif kind == "end":
+            consumer.seek(tp, ends[tp])
+        elif kind == "last":
+            consumer.seek(tp, max(starts[tp], ends[tp] - n))
+        elif kind == "offset":
+            consumer.seek(tp, n)
+        else:
+            await consumer.seek_to_time(n, tp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -736,7 +1168,19 @@ def _bench_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     "--batch-bytes", type=click.IntRange(min=1024), default=1024 * 1024, show_default=True
 )
 @click.option("--linger-ms", type=click.FloatRange(min=0), default=5, show_default=True)
-@click.option("--max-in-flight", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--idempotence/--no-idempotence",
+    default=None,
+    help="The idempotent producer (the client's default: on unless --acks is not all) or "
+    "one without idempotence. The summary and the JSON say which ran.",
+)
+@click.option(
+    "--max-in-flight",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Produce requests in flight per partition. Default 5 (the idempotent producer's "
+    "limit), with or without idempotence, so the two modes compare like for like.",
+)
 def bench_produce(
     topic: str,
     records: int,
@@ -749,11 +1193,21 @@ def bench_produce(
     bootstrap: str,
     batch_bytes: int,
     linger_ms: float,
-    max_in_flight: int,
+    idempotence: bool | None,
+    max_in_flight: int | None,
 ) -> None:
     """Produce --records records of --record-bytes of random hex text, as fast as possible."""
-    from tidelog.ops.bench import produce_bench
+    from tidelog.ops.bench import BENCH_IN_FLIGHT_DEFAULT, produce_bench
 
+    if max_in_flight is None:
+        max_in_flight = BENCH_IN_FLIGHT_DEFAULT
+    if idempotence and acks not in ("all", "-1"):
+        raise click.UsageError(f"--idempotence needs --acks all (got --acks {acks})")
+    if idempotence and max_in_flight > BENCH_IN_FLIGHT_DEFAULT:
+        raise click.UsageError(
+            f"--idempotence allows at most {BENCH_IN_FLIGHT_DEFAULT} requests in flight per "
+            f"partition (got --max-in-flight {max_in_flight}); or give --no-idempotence"
+        )
     result = _run(
         produce_bench(
             bootstrap,
@@ -767,6 +1221,7 @@ def bench_produce(
             batch_bytes_max=batch_bytes,
             linger_ms=linger_ms,
             max_in_flight=max_in_flight,
+            idempotence=idempotence,
             progress=sys.stderr.isatty(),
             connection=client_options(),
         )
@@ -920,7 +1375,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         click.echo(f"error: {_one_line(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
     except TidelogError as exc:
-        click.echo(f"error: {_one_line(str(exc))}", err=True)
+        text = str(exc)
+        if isinstance(exc, NodeUnavailable) and _bootstrap_source:
+            text += f" (bootstrap {_bootstrap_source[0]})"
+        click.echo(f"error: {_one_line(text)}", err=True)
         sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)

@@ -20,12 +20,15 @@ import click
 from tidelog.errors import TidelogError
 from tidelog.ops import chaos as chaos_mod
 from tidelog.ops import localcluster
+from tidelog.ops.cli_connection import client_options, connection_options
 
 __all__ = ["certs", "chaos", "cluster", "register"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 CLUSTER_DIR_ENV = "TIDELOG_CLUSTER_DIR"
+#: Where tidelog.ops.cli keeps a --bootstrap given before the verb.
+GLOBAL_BOOTSTRAP_META = "tidelog.bootstrap"
 EXIT_FAILED = 1
 OUTPUT_WIDTH_NOT_TERMINAL = 200
 
@@ -209,15 +212,101 @@ def certs_node(node_id: int, ca_dir: Path, hosts: tuple[str, ...], out: Path, da
 @cluster.command("status")
 @_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--bootstrap",
+    "-b",
+    default=None,
+    help="Ask this cluster (host:port, comma-separated; also before the command) instead "
+    "of the local one in --dir: nodes, controller, leaders, under-replicated partitions.",
+)
+@connection_options
 @_errors
-def cluster_status(directory: Path, as_json: bool) -> None:
+def cluster_status(directory: Path, as_json: bool, bootstrap: str | None) -> None:
     """Nodes (process, registration), controller leader, leaders and replicas per node,
-    under-replicated and leaderless partitions."""
+    under-replicated and leaderless partitions. With --bootstrap, of any cluster (no process
+    states: those are only known for a local cluster)."""
+    ctx = click.get_current_context()
+    bootstrap = bootstrap or ctx.meta.get(GLOBAL_BOOTSTRAP_META)
+    if bootstrap is not None:
+        report = asyncio.run(_remote_status(bootstrap, client_options()))
+        if as_json:
+            click.echo(json.dumps(report, indent=2))
+        else:
+            _print(_render_remote(report))
+        return
     status = localcluster.cluster_status(directory)
     if as_json:
         click.echo(json.dumps(localcluster.status_to_json(status), indent=2))
         return
     _print(localcluster.render_status(status))
+
+
+async def _remote_status(bootstrap: str, connection: dict[str, Any]) -> dict[str, Any]:
+    """The cluster's own view, from any node that answers."""
+    from tidelog.client import Admin
+
+    async with Admin(bootstrap, **connection) as admin:
+        view = await admin.metadata()
+        descs = await admin.describe_topics(None)
+    leaders: dict[int, int] = {n.node_id: 0 for n in view.nodes}
+    replicas: dict[int, int] = {n.node_id: 0 for n in view.nodes}
+    under: list[str] = []
+    leaderless: list[str] = []
+    for d in descs:
+        for p in d.partitions:
+            name = f"{d.name}/{p.partition}"
+            if p.leader < 0:
+                leaderless.append(name)
+            else:
+                leaders[p.leader] = leaders.get(p.leader, 0) + 1
+            for r in p.replicas:
+                replicas[r] = replicas.get(r, 0) + 1
+            if len(p.in_sync) < len(p.replicas):
+                under.append(name)
+    return {
+        "bootstrap": bootstrap,
+        "cluster_id": view.cluster_id,
+        "controller_id": view.controller_id,
+        "nodes": [
+            {
+                "id": n.node_id,
+                "address": n.address,
+                "alive": n.alive,
+                "leaders": leaders.get(n.node_id, 0),
+                "replicas": replicas.get(n.node_id, 0),
+            }
+            for n in view.nodes
+        ],
+        "topics": len(descs),
+        "partitions": sum(len(d.partitions) for d in descs),
+        "under_replicated": under,
+        "leaderless": leaderless,
+    }
+
+
+def _render_remote(report: dict[str, Any]) -> list[Any]:
+    from rich.table import Table
+
+    table = Table(
+        title=f"cluster {report['cluster_id']} via {report['bootstrap']}  "
+        f"(controller: node {report['controller_id']})",
+        title_justify="left",
+    )
+    for col in ("node", "address", "alive", "leaders", "replicas"):
+        table.add_column(col)
+    for n in report["nodes"]:
+        table.add_row(
+            str(n["id"]),
+            n["address"],
+            "yes" if n["alive"] else "NO",
+            str(n["leaders"]),
+            str(n["replicas"]),
+        )
+    lines: list[Any] = [table, f"{report['topics']} topic(s), {report['partitions']} partition(s)"]
+    for key, label in (("under_replicated", "under-replicated"), ("leaderless", "leaderless")):
+        items = report[key]
+        lines.append(f"{label}: {', '.join(items) if items else 'none'}")
+    return lines
 
 
 @cluster.command("kill")
@@ -307,6 +396,14 @@ def cluster_down(directory: Path, purge: bool) -> None:
     help="How long a killed node stays down before it is restarted.",
 )
 @click.option("--seed", type=int, default=None, help="Seed of the victim choices (printed).")
+@click.option(
+    "--idempotence/--no-idempotence",
+    default=True,
+    show_default=True,
+    help="The idempotent producer with 5 requests in flight per partition (duplicates fail "
+    "the verdict), or the producer without idempotence with 1 in flight (duplicates are "
+    "reported, not failures).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as one JSON object.")
 @_dir_option
 @click.pass_context
@@ -320,12 +417,14 @@ def chaos(
     rate: float,
     downtime_ms: int,
     seed: int | None,
+    idempotence: bool,
     as_json: bool,
     directory: Path,
 ) -> None:
     """Kill (SIGKILL) and restart nodes of the local cluster, leaders first, under an acks=all
-    load; then check that no acknowledged record was lost or reordered and report failover
-    times. Exits 1 if any acknowledged record was lost, reordered or overwritten."""
+    load; then check that no acknowledged record was lost, duplicated or reordered and report
+    failover times. Exits 1 if any acknowledged record was lost, reordered or overwritten,
+    or (with idempotence, the default) any record was stored twice."""
     report = asyncio.run(
         chaos_mod.run_chaos(
             directory,
@@ -336,6 +435,7 @@ def chaos(
             rate=rate,
             downtime_ms=downtime_ms,
             seed=seed,
+            idempotence=idempotence,
             note=_note,
         )
     )

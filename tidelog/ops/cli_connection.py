@@ -31,8 +31,17 @@ _DISCOVERED = "tidelog.discovered_cluster"
 
 
 def _store(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Keep an option's value where every command of the run finds it. The options exist
+    both before the verb (``tidelog --tls-ca ca.crt topic list``) and after it; a default
+    after the verb does not undo a value given before it."""
     assert param.name is not None
-    ctx.meta.setdefault(_META, {})[param.name] = value
+    values = ctx.meta.setdefault(_META, {})
+    if param.name in values and ctx.get_parameter_source(param.name) in (
+        click.core.ParameterSource.DEFAULT,
+        None,
+    ):
+        return value
+    values[param.name] = value
     return value
 
 

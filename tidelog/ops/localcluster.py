@@ -123,6 +123,7 @@ __all__ = [
     "cluster_status",
     "controller_voters",
     "discover_bootstrap",
+    "discover_bootstrap_in",
     "discover_tls_ca",
     "down",
     "kill_node",
@@ -147,8 +148,13 @@ def discover_bootstrap(cwd: Path | str) -> str | None:
     """The addresses of the running nodes of the local cluster under ``cwd`` (the default
     ``.tidelog/cluster``), comma-separated, or None when there is none (no file, a damaged
     file, or every node down): the CLI's default bootstrap when no other is given."""
+    return discover_bootstrap_in(Path(cwd) / CLUSTER_DIR_DEFAULT)
+
+
+def discover_bootstrap_in(directory: Path) -> str | None:
+    """As :func:`discover_bootstrap`, for the local cluster in ``directory``."""
     try:
-        cluster = load_cluster(Path(cwd) / CLUSTER_DIR_DEFAULT)
+        cluster = load_cluster(directory)
     except ClusterError:
         return None
     live = [

@@ -499,9 +499,12 @@ class MetadataResponse(_message.Message):
     CONTROLLER_ID_FIELD_NUMBER: _builtins.int
     TOPICS_FIELD_NUMBER: _builtins.int
     CLUSTER_ID_FIELD_NUMBER: _builtins.int
+    SERVER_VERSION_FIELD_NUMBER: _builtins.int
     controller_id: _builtins.int
     """-1 when unknown."""
     cluster_id: _builtins.str
+    server_version: _builtins.str
+    """The tidelog version of the node that answers (empty from older nodes)."""
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeInfo]: ...
     @_builtins.property
@@ -513,10 +516,11 @@ class MetadataResponse(_message.Message):
         controller_id: _builtins.int = ...,
         topics: _abc.Iterable[Global___TopicMetadata] | None = ...,
         cluster_id: _builtins.str = ...,
+        server_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "controller_id", b"controller_id", "nodes", b"nodes", "topics", b"topics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "controller_id", b"controller_id", "nodes", b"nodes", "server_version", b"server_version", "topics", b"topics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -44,6 +44,7 @@ from tidelog.errors import (
     StorageError,
     TidelogError,
 )
+from tidelog.node.identity import DIRECTORY_ID_KEY
 from tidelog.node.log import PartitionLog
 from tidelog.node.metrics import NodeMetrics
 from tidelog.node.multiraft import MultiRaft, RaftGroup, RaftTiming, _fsync_chunk
@@ -53,6 +54,7 @@ from tidelog.node.raft.types import ConfState, Message, Role, SoftState
 from tidelog.node.raft_codec import decode_batch as decode_batch_pb
 from tidelog.node.raft_codec import encode_batch as encode_batch_pb
 from tidelog.node.replica_storage import HardStateStore
+from tidelog.node.server import NODE_COLUMN
 from tidelog.records import decode_batches, encode_batch, unpack_header, validate_batches
 from tidelog.v1 import raft_pb2
 
@@ -366,6 +368,11 @@ class SimNode:
             executor=self.executor,
             clock=sim.loop.time,
         )
+        # As node/server.py does: a data directory without an id is new (the first start,
+        # or a wiped disk); every group started empty on it joins as a new replica.
+        if self.meta.get(NODE_COLUMN, DIRECTORY_ID_KEY) is None:
+            self.meta.put(NODE_COLUMN, DIRECTORY_ID_KEY, f"dir-{self.incarnation}".encode())
+            raft.new_directory = True
         self.raft = raft
         self.parts = {}
         for gid, replicas in sim.replicas.items():
@@ -559,14 +566,28 @@ class Simulation:
                 a.outcome = "sent"
             return
         try:
-            if acks == -1:
-                await part.wait_committed(last_index, term, 2.0)
-            else:
-                await part.wait_persisted(last_index, term, 2.0)
+            # As the broker service waits: each batch's entry, in request order.
+            await part.wait_batches(
+                [(a.index, a.term) for a in attempts], committed=acks == -1, timeout_s=2.0
+            )
         except NotLeader as exc:
-            # The partition says: overwritten or replaced, not committed.
-            for a in attempts:
-                a.outcome, a.detail = "failed", str(exc)
+            # The partition says: overwritten or replaced, not committed; all of them, or
+            # all but the first batches_stored (those were committed, or stored for acks=1).
+            stored = int(exc.metadata.get("batches_stored", "0"))
+            if stored:
+                self.trace(
+                    f"producer {pid}: group {gid} node {node.node_id}: {stored} of "
+                    f"{len(attempts)} batches stored, the rest overwritten (batches_stored)"
+                )
+            for i, a in enumerate(attempts):
+                if i < stored:
+                    a.outcome = "ok"
+                else:
+                    a.outcome, a.detail = "failed", str(exc)
+            if acks == -1:
+                self.stats.acked_all += stored
+            else:
+                self.stats.acked_one += stored
             return
         except (RequestTimedOut, NodeUnavailable, StorageError, TidelogError) as exc:
             for a in attempts:
