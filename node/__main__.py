@@ -2,7 +2,8 @@
 ``[--controller-voters 1@H:P,2@H:P,3@H:P] [--election-timeout-ms 1000]``
 ``[--heartbeat-interval-ms 100] [--node-dead-ms 3000] [--cluster-id ID] [--rack NAME]``
 
-The same as ``tidelog node start`` (both are built from the table in node/settings.py),
+Settings also come from ``--config node.toml`` and ``TIDELOG_NODE_*`` variables
+(node/settings.py). The same as ``tidelog node start`` (both are built from the table in node/settings.py),
 without the CLI's dependencies: tests and the allocator re-exec (node/main.py) start nodes
 this way.
 """
@@ -10,10 +11,11 @@ this way.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from tidelog.node.main import node_flags, run_flags
-from tidelog.node.settings import add_arguments
+from tidelog.node.settings import add_arguments, resolve
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     p = parser()
     args = p.parse_args(argv)
     try:
-        flags, settings = node_flags(vars(args))
+        flags, settings = node_flags(resolve(vars(args), os.environ).values)
     except ValueError as exc:
         p.error(str(exc))
     run_flags(flags, settings)

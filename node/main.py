@@ -8,6 +8,8 @@ freed and page-faults it in again on the next request, which cost 15-18% of serv
 variables are missing, :func:`run_node` re-executes the same process (same pid, so
 supervisors and pid files keep working) as ``python -m tidelog.node ...`` with them set.
 ``TIDELOG_NO_REEXEC=1`` turns that off; values already in the environment are respected.
+The re-executed process gets every effective setting as a flag and none of the
+``TIDELOG_NODE_*`` variables nor ``--config``: it runs with exactly what this one resolved.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tidelog.node import limits
 from tidelog.node.multiraft import RaftTiming
 from tidelog.node.settings import (
     ELECTION_TIMEOUT_MS_DEFAULT,
+    ENV_PREFIX,
     HEARTBEAT_INTERVAL_MS_DEFAULT,
     NODE_DEAD_MS_DEFAULT,
     ClientSecurity,
@@ -119,6 +122,7 @@ def run_flags(flags: NodeFlags, settings: ClusterSettings) -> None:
         flags.log_level,
         settings,
         flags.client_security(),
+        log_format=flags.log_format,
     )
 
 
@@ -131,6 +135,7 @@ def node_argv(
     log_level: str,
     settings: ClusterSettings | None = None,
     security: ClientSecurity | None = None,
+    log_format: str = "text",
 ) -> list[str]:
     argv = [sys.executable, "-m", "tidelog.node"]
     argv += to_argv(
@@ -141,6 +146,7 @@ def node_argv(
             "metrics_port": metrics_port,
             "advertised": advertised or None,
             "log_level": log_level,
+            "log_format": log_format if log_format != "text" else None,
         }
     )
     if settings is not None:
@@ -160,13 +166,42 @@ def _reexec_with_malloc_tuning(argv: list[str]) -> None:
         return
     if all(k in os.environ for k in MALLOC_ENV):
         return
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     for key, value in MALLOC_ENV.items():
         env.setdefault(key, value)
     env[_REEXECED] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, argv, env)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line (``--log-format json``): time (RFC 3339, UTC), level, logger,
+    message, and the exception's traceback when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+        import time
+
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        out: dict[str, object] = {
+            "time": f"{stamp}.{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def _configure_logging(log_level: str, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=log_level.upper(), handlers=[handler])
 
 
 def _raise_open_files_limit() -> None:
@@ -262,6 +297,7 @@ def run_node(
     log_level: str = "info",
     settings: ClusterSettings | None = None,
     security: ClientSecurity | None = None,
+    log_format: str = "text",
 ) -> None:
     """Run one node in the foreground until SIGTERM/SIGINT (blocking).
 
@@ -278,13 +314,10 @@ def run_node(
             log_level,
             settings,
             security,
+            log_format,
         )
     )
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    _configure_logging(log_level, log_format)
     _raise_open_files_limit()
     _install_uvloop()
     # A `_created` timestamp per series doubles what every scrape carries, for nothing.

@@ -5,15 +5,34 @@ increment itself, so the hot paths hold pre-bound children (:class:`ApiMetrics` 
 :class:`TopicMetrics` per topic) and count once per batch with the header's record count,
 never once per record. Per-partition gauges (log size, offsets) are not updated on every
 append at all: a collector reads them from the live partitions when Prometheus scrapes.
+
+Conventions (docs/operations.md#metrics): a leader or controller id is **0 when there is
+none** (node ids start at 1), in every metric; a replica's Raft role is a label
+(``tidelog_raft_replica_role{role="leader"}`` is 1 on the leader, 0 on the others); each
+registry also carries prometheus_client's process, platform and GC collectors
+(``process_*``, ``python_*``) and ``tidelog_build_info``.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import platform
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -25,6 +44,9 @@ _LATENCY_BUCKETS_S = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+#: raft.types.Role values, as the ``role`` label of ``tidelog_raft_replica_role``.
+ROLE_NAMES = ("follower", "pre_candidate", "candidate", "leader")
+
 _FSYNC_BUCKETS_S = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
     0.5, 1.0,
@@ -89,8 +111,15 @@ class _PartitionCollector(Collector):
         )
         role = GaugeMetricFamily(
             "tidelog_raft_role",
-            "Raft role of a partition replica: 0 follower, 1 pre-candidate, 2 candidate, 3 leader.",
+            "Raft role of a partition replica as a number: 0 follower, 1 pre-candidate, 2 "
+            "candidate, 3 leader (kept for old dashboards; use tidelog_raft_replica_role).",
             labels=labels,
+        )
+        role_set = GaugeMetricFamily(
+            "tidelog_raft_replica_role",
+            "1 for the Raft role a partition replica has, 0 for the others (role: follower, "
+            "pre_candidate, candidate, leader).",
+            labels=[*labels, "role"],
         )
         leader = GaugeMetricFamily(
             "tidelog_raft_leader",
@@ -138,6 +167,8 @@ class _PartitionCollector(Collector):
             segments.add_metric(key, s.segment_count)
             term.add_metric(key, s.raft_term)
             role.add_metric(key, s.raft_role)
+            for number, name in enumerate(ROLE_NAMES):
+                role_set.add_metric([*key, name], 1 if s.raft_role == number else 0)
             leader.add_metric(key, s.leader_id)
             for follower, entries in s.follower_lags:
                 lag.add_metric([*key, str(follower)], entries)
@@ -155,7 +186,8 @@ class _PartitionCollector(Collector):
                 refused.add_metric([*key, outcome], n)
             leaderless += s.leader_id == 0
             under += s.under_replicated
-        yield from (size, start, end, hw, segments, term, role, leader, lag, started, won)
+        yield from (size, start, end, hw, segments, term, role, role_set, leader, lag)
+        yield from (started, won)
         yield from (producers, msg_ids, refused)
         yield GaugeMetricFamily(
             "tidelog_leaderless_partitions",
@@ -181,8 +213,34 @@ class _ControllerCollector(Collector):
         yield GaugeMetricFamily(
             "tidelog_controller_leader",
             "Node id of the active controller (leader of Raft group 0) this node knows of; "
-            "-1 when none.",
-            value=self._leader_of(),
+            "0 when none.",
+            value=max(0, self._leader_of()),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+class _DiskCollector(Collector):
+    """Free and total bytes of the file system that holds the data directory."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            usage = shutil.disk_usage(self._path)
+        except OSError:
+            return
+        yield GaugeMetricFamily(
+            "tidelog_disk_free_bytes",
+            "Bytes free on the file system of the data directory (for unprivileged users).",
+            value=usage.free,
+        )
+        yield GaugeMetricFamily(
+            "tidelog_disk_total_bytes",
+            "Size in bytes of the file system of the data directory.",
+            value=usage.total,
         )
 
     def describe(self) -> Iterator[Metric]:
@@ -228,6 +286,16 @@ class NodeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # The default registry's collectors: CPU, memory, open files (process_*), the
+        # interpreter (python_info) and its garbage collector (python_gc_*).
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)
+        build = Gauge(
+            "tidelog_build_info",
+            "Always 1; the labels say which tidelog runs, on which Python.",
+            ["version", "python"], registry=r,
+        )  # fmt: skip
+        build.labels(_version(), platform.python_version()).set(1)
         self._requests = Counter(
             "tidelog_requests", "gRPC requests handled, by API and status code.",
             ["api", "code"], registry=r,
@@ -330,6 +398,10 @@ class NodeMetrics:
         HTTP server's thread, so it must only read plain attributes."""
         self.registry.register(_PartitionCollector(source))
 
+    def watch_disk(self, data_dir: Path) -> None:
+        """Report the data directory's file system (free, total) at every scrape."""
+        self.registry.register(_DiskCollector(data_dir))
+
     def watch_controller(self, leader_of: Callable[[], int]) -> None:
         """Report the active controller this node knows of at every scrape."""
         self.registry.register(_ControllerCollector(leader_of))
@@ -337,6 +409,13 @@ class NodeMetrics:
     def serve(self, host: str, port: int) -> MetricsServer:
         server, thread = start_http_server(port, addr=host, registry=self.registry)
         return MetricsServer(server, thread)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tidelog")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class MetricsServer:

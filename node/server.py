@@ -194,6 +194,7 @@ class Node:
         self.node_dead_ms = node_dead_ms
         self.cluster_id_flag = cluster_id
         self.metrics = NodeMetrics()
+        self.metrics.watch_disk(data_dir)
         self.timing = timing or RaftTiming()
         self.port = 0
         self.identity: NodeIdentity | None = None
@@ -400,7 +401,7 @@ class Node:
         )
         controller.on_change = registry.schedule
         self.metrics.watch_partitions(registry.partition_stats)
-        self.metrics.watch_controller(lambda: controller.leader_id or -1)
+        self.metrics.watch_controller(lambda: controller.leader_id or 0)
         try:
             self._controller_log = await asyncio.to_thread(
                 PartitionLog, self.data_dir / CONTROLLER_DIR, TopicConfig.from_overrides({})

@@ -1,11 +1,21 @@
-"""The node's command-line settings: one table from which both entry points are built.
+"""The node's settings: one table from which the flags, the environment variables and the
+configuration file's keys are all built.
 
 ``python -m tidelog.node`` builds its argparse parser from :data:`NODE_FLAGS`
 (:func:`add_arguments`), ``tidelog node start`` builds its click options from the same table
 (tidelog/ops/cli.py), and every command line that starts a node (the allocator re-exec in
-node/main.py, the local cluster, the tests) is rendered by :func:`to_argv`. Values from
-either parser are checked once, by :func:`parse_flags`, so both accept and refuse the same
-command lines. docs/configuration.md describes each flag.
+node/main.py, the local cluster, the tests) is rendered by :func:`to_argv`. Each setting
+``--some-name`` is also the key ``some_name`` of a TOML file (``--config node.toml``) and the
+environment variable ``TIDELOG_NODE_SOME_NAME``; :func:`resolve` merges them, a flag over the
+environment over the file over the default, and remembers where each value came from
+(``tidelog node config --print``). Values are checked once, by :func:`parse_flags` (and, with
+the name the user wrote, by :func:`resolve`), so every way in accepts and refuses the same
+values. docs/configuration.md describes each setting.
+
+The environment prefix is ``TIDELOG_NODE_`` (not ``TIDELOG_``) because the CLI already reads
+``TIDELOG_TLS_CERT``, ``TIDELOG_TLS_KEY``, ... as its own client-side settings; and
+``TIDELOG_CLUSTER_SECRET`` keeps its meaning, the cluster secret itself
+(node/internal_auth.py), never a setting's value.
 
 This module imports nothing but the standard library: it is read before the node's
 dependencies load.
@@ -14,6 +24,9 @@ dependencies load.
 from __future__ import annotations
 
 import argparse
+import re
+import socket
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +34,20 @@ from typing import Final, Literal
 
 __all__ = [
     "ELECTION_TIMEOUT_MS_DEFAULT",
+    "ENV_PREFIX",
     "HEARTBEAT_INTERVAL_MS_DEFAULT",
+    "LOG_FORMATS",
     "LOG_LEVELS",
     "NODE_DEAD_MS_DEFAULT",
     "NODE_FLAGS",
     "ClientSecurity",
     "NodeFlag",
     "NodeFlags",
+    "Resolved",
     "add_arguments",
+    "id_from_hostname",
     "parse_flags",
+    "resolve",
     "to_argv",
 ]
 
@@ -38,10 +56,15 @@ ELECTION_TIMEOUT_MS_DEFAULT: Final = 1_000
 HEARTBEAT_INTERVAL_MS_DEFAULT: Final = 100
 NODE_DEAD_MS_DEFAULT: Final = 3_000
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("text", "json")
 PORT_MAX: Final = 65535
+#: ``--some-name`` is the environment variable ``TIDELOG_NODE_SOME_NAME``.
+ENV_PREFIX: Final = "TIDELOG_NODE_"
 
-#: "path" is a directory, "file" a file.
-Kind = Literal["int", "str", "path", "file"]
+#: "path" is a directory, "file" a file, "addr" HOST:PORT, "bool" a switch (no value).
+Kind = Literal["int", "str", "addr", "path", "file", "bool"]
+_TRUE: Final = ("1", "true", "yes", "on")
+_FALSE: Final = ("0", "false", "no", "off", "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,28 +82,79 @@ class NodeFlag:
     max: int | None = None
     choices: tuple[str, ...] = ()
     metavar: str | None = None
+    #: False: not a key of the configuration file (``--config`` itself).
+    in_file: bool = True
 
-    def problem(self, value: object) -> str | None:
-        """Why ``value`` is not acceptable for this flag, or None."""
+    @property
+    def key(self) -> str:
+        """The setting's key in a configuration file: ``--data-dir`` is ``data_dir``."""
+        return self.name.removeprefix("--").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        """The setting's environment variable: ``--data-dir`` is ``TIDELOG_NODE_DATA_DIR``."""
+        return ENV_PREFIX + self.key.upper()
+
+    def problem(self, value: object, label: str | None = None) -> str | None:
+        """Why ``value`` is not acceptable for this flag, or None. ``label`` names the setting
+        as the user wrote it (default: the flag)."""
+        name = label or self.name
         if value is None:
-            return f"{self.name} is required" if self.required else None
+            return f"{name} is required" if self.required else None
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                return f"{name} must be true or false, got {value!r}"
+            return None
         if self.kind == "int":
             if not isinstance(value, int) or isinstance(value, bool):
-                return f"{self.name} must be an integer, got {value!r}"
+                return f"{name} must be an integer, got {value!r}"
             if self.min is not None and self.max is not None:
                 if not self.min <= value <= self.max:
-                    return f"{self.name} must be in {self.min}..{self.max}, got {value}"
+                    return f"{name} must be in {self.min}..{self.max}, got {value}"
             elif self.min is not None and value < self.min:
-                return f"{self.name} must be >= {self.min}, got {value}"
+                return f"{name} must be >= {self.min}, got {value}"
+            return None
+        if not isinstance(value, str | Path) or not str(value):
+            return f"{name} must be a non-empty string, got {value!r}"
+        if self.kind == "addr":
+            host, sep, port = str(value).rpartition(":")
+            if not sep or not host or not port.isdigit() or int(port) > PORT_MAX:
+                return f"{name} must be HOST:PORT with a port in 0..{PORT_MAX}, got {value!r}"
         if self.choices and value not in self.choices:
-            return f"{self.name} must be one of {', '.join(self.choices)}, got {value!r}"
+            return f"{name} must be one of {', '.join(self.choices)}, got {value!r}"
         return None
+
+    def from_env(self, text: str) -> object:
+        """An environment variable's text as this setting's type; ValueError names it."""
+        if self.kind == "int":
+            try:
+                return int(text.strip())
+            except ValueError:
+                raise ValueError(f"{self.env} must be an integer, got {text!r}") from None
+        if self.kind == "bool":
+            if text.strip().lower() in _TRUE:
+                return True
+            if text.strip().lower() in _FALSE:
+                return False
+            allowed = "/".join(_TRUE + _FALSE[:-1])
+            raise ValueError(f"{self.env} must be one of {allowed}, got {text!r}")
+        return text
 
 
 NODE_FLAGS: Final[tuple[NodeFlag, ...]] = (
+    NodeFlag(
+        "--config", "config", "file",
+        "TOML file of settings (keys: the flags' names with _ for -); flags and "
+        "TIDELOG_NODE_* variables override it.", in_file=False,
+    ),
     NodeFlag("--id", "node_id", "int", "Node id, unique in the cluster.", required=True, min=1),
     NodeFlag(
-        "--listen", "listen", "str", "gRPC host:port to listen on (port 0: any free).",
+        "--id-from-hostname", "id_from_hostname", "bool",
+        "Take the node id from the host name's StatefulSet ordinal: tidelog-2 is node 3 "
+        "(instead of --id).",
+    ),
+    NodeFlag(
+        "--listen", "listen", "addr", "gRPC host:port to listen on (port 0: any free).",
         required=True,
     ),
     NodeFlag(
@@ -91,14 +165,14 @@ NODE_FLAGS: Final[tuple[NodeFlag, ...]] = (
         "--metrics-port", "metrics_port", "int", "Prometheus port (0: any free).",
         required=True, min=0, max=PORT_MAX,
     ),
-    NodeFlag("--advertised", "advertised", "str", "host:port clients dial (default: --listen)."),
+    NodeFlag("--advertised", "advertised", "addr", "host:port clients dial (default: --listen)."),
     NodeFlag(
-        "--internal-listen", "internal_listen", "str",
+        "--internal-listen", "internal_listen", "addr",
         "host:port of the internal listener, which alone serves the node-to-node Raft and "
         "Cluster services (default: the host of --listen, any free port).",
     ),
     NodeFlag(
-        "--internal-advertised", "internal_advertised", "str",
+        "--internal-advertised", "internal_advertised", "addr",
         "host:port the other nodes dial (default: --internal-listen).",
     ),
     NodeFlag(
@@ -116,6 +190,11 @@ NODE_FLAGS: Final[tuple[NodeFlag, ...]] = (
         "TIDELOG_CLUSTER_SECRET); never pass the secret itself on the command line.",
     ),
     NodeFlag("--log-level", "log_level", "str", "Log level.", default="info", choices=LOG_LEVELS),
+    NodeFlag(
+        "--log-format", "log_format", "str",
+        "Log lines as text, or as one JSON object a line for log shippers.",
+        default="text", choices=LOG_FORMATS,
+    ),
     NodeFlag(
         "--controller-voters", "controller_voters", "str",
         "The controller's Raft voters, the same list on every node (default: this node "
@@ -189,6 +268,9 @@ class NodeFlags:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     auth_tokens_file: Path | None = None
+    log_format: str = "text"
+    config: Path | None = None
+    id_from_hostname: bool = False
 
     def client_security(self) -> ClientSecurity:
         return ClientSecurity(
@@ -238,7 +320,9 @@ def parse_flags(values: Mapping[str, object]) -> NodeFlags:
         raise ValueError(f"unknown node setting(s): {', '.join(unknown)}")
     out: dict[str, object] = {}
     for flag in NODE_FLAGS:
-        value = values.get(flag.dest, flag.default)
+        value = values.get(flag.dest)
+        if value is None or (flag.kind == "bool" and value is False):
+            value = False if flag.kind == "bool" and flag.default is None else flag.default
         problem = flag.problem(value)
         if problem is not None:
             raise ValueError(problem)
@@ -252,27 +336,41 @@ def parse_flags(values: Mapping[str, object]) -> NodeFlags:
     return flags
 
 
+def help_text(flag: NodeFlag) -> str:
+    """A flag's help with its default and its environment variable (both parsers)."""
+    text = flag.help.removesuffix(".")
+    if flag.default is not None:
+        text += f" (default {flag.default})"
+    return f"{text}. Env: {flag.env}."
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add every flag of the table to an argparse parser (checks: :func:`parse_flags`)."""
-    types = {"int": int, "str": str, "path": Path, "file": Path}
+    """Add every flag of the table to an argparse parser (checks: :func:`parse_flags`).
+
+    No flag is required and none has a default here: a flag left out is None, so that
+    :func:`resolve` can take the value from the environment, the file or the default."""
+    types = {"int": int, "str": str, "addr": str, "path": Path, "file": Path}
     for flag in NODE_FLAGS:
-        help_text = flag.help
-        if flag.default is not None:
-            help_text = f"{help_text.removesuffix('.')} (default {flag.default})."
+        if flag.kind == "bool":
+            parser.add_argument(
+                flag.name, dest=flag.dest, action="store_const", const=True, default=None,
+                help=help_text(flag),
+            )  # fmt: skip
+            continue
         parser.add_argument(
             flag.name,
             dest=flag.dest,
             type=types[flag.kind],
-            required=flag.required,
-            default=flag.default,
+            default=None,
             choices=list(flag.choices) or None,
             metavar=flag.metavar,
-            help=help_text,
+            help=help_text(flag),
         )
 
 
 def to_argv(values: Mapping[str, object]) -> list[str]:
-    """The flags for ``values`` (by dest), in table order; None values are left out."""
+    """The flags for ``values`` (by dest), in table order; None (and False) values are left
+    out, a true switch is its name alone."""
     by_dest = {f.dest: f for f in NODE_FLAGS}
     unknown = sorted(set(values) - set(by_dest))
     if unknown:
@@ -280,6 +378,151 @@ def to_argv(values: Mapping[str, object]) -> list[str]:
     out: list[str] = []
     for flag in NODE_FLAGS:
         value = values.get(flag.dest)
-        if value is not None:
+        if flag.kind == "bool":
+            if value:
+                out.append(flag.name)
+        elif value is not None:
             out += [flag.name, str(value)]
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags, environment, file, defaults
+
+
+#: Where a value came from, weakest first.
+SOURCES: Final = ("default", "file", "env", "flag")
+_ORDINAL = re.compile(r"-(\d+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """The effective settings (by dest) and, for each, where it came from: ``"flag --x"``,
+    ``"env TIDELOG_NODE_X"``, ``"file PATH"``, ``"hostname NAME"`` or ``"default"``."""
+
+    values: dict[str, object]
+    sources: dict[str, str]
+    #: Set when the cluster secret comes from TIDELOG_CLUSTER_SECRET (its value is not kept).
+    secret_env: bool = False
+
+    def flags(self) -> NodeFlags:
+        return parse_flags(self.values)
+
+    def render(self) -> str:
+        """The effective settings as a TOML file, each line's comment saying where its value
+        came from (``tidelog node config --print``). Unset settings are comments."""
+        rows: list[tuple[str, str]] = []
+        for flag in NODE_FLAGS:
+            if not flag.in_file:
+                continue
+            value = self.values.get(flag.dest)
+            source = self.sources.get(flag.dest, "default")
+            if value is None:
+                rows.append((f"# {flag.key} =", "not set"))
+            elif isinstance(value, bool):
+                rows.append((f"{flag.key} = {'true' if value else 'false'}", source))
+            elif isinstance(value, int):
+                rows.append((f"{flag.key} = {value}", source))
+            else:
+                text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+                rows.append((f'{flag.key} = "{text}"', source))
+        width = max(len(left) for left, _ in rows)
+        lines = [f"{left:<{width}}  # {right}" for left, right in rows]
+        config = self.values.get("config")
+        head = [f"# tidelog node settings (config file: {config or 'none'})"]
+        if self.secret_env:
+            head.append("# cluster secret: from TIDELOG_CLUSTER_SECRET (not shown)")
+        return "\n".join(head + lines) + "\n"
+
+
+def id_from_hostname(hostname: str) -> int:
+    """The node id of a StatefulSet pod: its ordinal plus one (``tidelog-2`` is node 3)."""
+    match = _ORDINAL.search(hostname.split(".", 1)[0])
+    if match is None:
+        raise ValueError(
+            f"--id-from-hostname: the host name {hostname!r} does not end in -ORDINAL "
+            "(a StatefulSet pod name such as tidelog-2, which is node 3)"
+        )
+    return int(match.group(1)) + 1
+
+
+def _load_file(path: Path) -> dict[str, object]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ValueError(f"--config {path}: cannot read it: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"--config {path}: not valid TOML: {exc}") from None
+    known = {f.key for f in NODE_FLAGS if f.in_file}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(
+            f"--config {path}: unknown setting(s) {', '.join(unknown)} "
+            f"(allowed: {', '.join(sorted(known))})"
+        )
+    return data
+
+
+def resolve(
+    given: Mapping[str, object],
+    env: Mapping[str, str] | None = None,
+    hostname: str | None = None,
+) -> Resolved:
+    """Merge the settings: ``given`` (a parser's values by dest, None where a flag was left
+    out) over ``env`` (TIDELOG_NODE_*) over the ``--config`` file over the defaults. Each
+    value is checked with the name the user wrote (``--id``, ``TIDELOG_NODE_ID``, ``id in
+    node.toml``); ValueError says which setting, its value and what is allowed.
+    ``hostname`` (default: this host's) serves ``--id-from-hostname``."""
+    env = {} if env is None else env
+    by_dest = {f.dest: f for f in NODE_FLAGS}
+    unknown = sorted(set(given) - set(by_dest))
+    if unknown:
+        raise ValueError(f"unknown node setting(s): {', '.join(unknown)}")
+    config_flag = by_dest["config"]
+    config: object = given.get("config")
+    config_source = f"flag {config_flag.name}"
+    if config is None and env.get(config_flag.env):
+        config, config_source = env[config_flag.env], f"env {config_flag.env}"
+    file_values = _load_file(Path(str(config))) if config is not None else {}
+    values: dict[str, object] = {}
+    sources: dict[str, str] = {}
+    for flag in NODE_FLAGS:
+        value: object = given.get(flag.dest)
+        if flag.kind == "bool" and value is False:
+            value = None  # a switch left out (click reads it as False)
+        if value is not None:
+            source, label = f"flag {flag.name}", flag.name
+        elif env.get(flag.env) not in (None, ""):
+            value = flag.from_env(env[flag.env])
+            source, label = f"env {flag.env}", flag.env
+        elif flag.key in file_values:
+            value = file_values[flag.key]
+            source, label = f"file {config}", f"{flag.key} in {config}"
+        else:
+            value, source, label = flag.default, "default", flag.name
+        if flag.dest == "config":
+            source = config_source if config is not None else "default"
+        if value is not None:
+            problem = flag.problem(value, label)
+            if problem is not None:
+                raise ValueError(problem)
+        values[flag.dest] = value
+        sources[flag.dest] = source
+    if values.get("id_from_hostname"):
+        if values.get("node_id") is not None:
+            raise ValueError(
+                f"the node id is set twice: id_from_hostname ({sources['id_from_hostname']}) "
+                f"and id ({sources['node_id']}); give one"
+            )
+        host = hostname if hostname is not None else socket.gethostname()
+        values["node_id"] = id_from_hostname(host)
+        sources["node_id"] = f"hostname {host}"
+    for flag in NODE_FLAGS:
+        if flag.required and values.get(flag.dest) is None:
+            also = " or --id-from-hostname" if flag.dest == "node_id" else ""
+            raise ValueError(
+                f"{flag.name} is required{also} (or {flag.env}, or {flag.key} in --config)"
+            )
+    secret_env = bool(env.get("TIDELOG_CLUSTER_SECRET"))
+    return Resolved(values, sources, secret_env)

@@ -33,6 +33,9 @@ def via_click(args: list[str]) -> NodeFlags:
 
 def test_flag_names_and_defaults_are_the_documented_ones() -> None:
     assert {f.name: f.default for f in NODE_FLAGS} == {
+        "--config": None,
+        "--id-from-hostname": None,
+        "--log-format": "text",
         "--id": None,
         "--listen": None,
         "--data-dir": None,

@@ -31,6 +31,7 @@ from tidelog.client.metadata import parse_bootstrap
 from tidelog.client.structs import ConsumerRecord
 from tidelog.errors import NodeUnavailable, TidelogError, TopicExists
 from tidelog.ops.cli_cluster import GLOBAL_BOOTSTRAP_META
+from tidelog.ops.cli_cluster import cluster as cluster_group
 from tidelog.ops.cli_cluster import register as register_cluster_commands
 from tidelog.ops.cli_connection import client_options, connection_options, note_discovered_cluster
 from tidelog.records import Codec
@@ -260,10 +261,17 @@ def node() -> None:
 
 
 def _node_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The node's flags as click options, from the one table in node/settings.py."""
-    from tidelog.node.settings import NODE_FLAGS
+    """The node's flags as click options, from the one table in node/settings.py. None is
+    required and none has a default here: a flag left out is None, and the environment, the
+    --config file or the default fills it (node/settings.py resolve)."""
+    from tidelog.node.settings import NODE_FLAGS, help_text
 
     for flag in reversed(NODE_FLAGS):
+        if flag.kind == "bool":
+            fn = click.option(
+                flag.name, flag.dest, is_flag=True, default=None, help=help_text(flag)
+            )(fn)
+            continue
         kind: Any = None  # a click.ParamType; None: text
         if flag.choices:
             kind = click.Choice(list(flag.choices))
@@ -277,26 +285,58 @@ def _node_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             flag.name,
             flag.dest,
             type=kind,
-            required=flag.required,
-            default=flag.default,
-            show_default=flag.default is not None,
+            default=None,
             metavar=flag.metavar,
-            help=flag.help,
+            help=help_text(flag),
         )(fn)
     return fn
+
+
+def _resolve_node(values: dict[str, Any]) -> Any:
+    import os
+
+    from tidelog.node.settings import resolve
+
+    try:
+        return resolve(values, os.environ)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @node.command("start")
 @_node_options
 def node_start(**values: Any) -> None:
-    """Run one node in the foreground until SIGTERM or Ctrl-C."""
+    """Run one node in the foreground until SIGTERM or Ctrl-C.
+
+    Settings come from flags, then TIDELOG_NODE_* variables, then --config FILE (TOML), then
+    the defaults; `tidelog node config --print` shows the result."""
     from tidelog.node.main import node_flags, run_flags  # node dependencies load only here
 
+    resolved = _resolve_node(values)
     try:
-        flags, settings = node_flags(values)
+        flags, settings = node_flags(resolved.values)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     run_flags(flags, settings)
+
+
+@node.command("config")
+@click.option("--print", "print_", is_flag=True, help="Print the effective settings.")
+@_node_options
+def node_config(print_: bool, **values: Any) -> None:
+    """Check the node's settings (the same flags, variables and file as `node start`) and,
+    with --print, show each effective value and where it came from, as a TOML file."""
+    from tidelog.node.main import node_flags
+
+    resolved = _resolve_node(values)
+    try:
+        node_flags(resolved.values)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if print_:
+        click.echo(resolved.render(), nl=False)
+    else:
+        click.echo("settings are valid (--print shows them)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1224,6 +1264,88 @@ def bench_consume(
 
 
 register_cluster_commands(cli)
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster health (any cluster, by --bootstrap; the local cluster's commands are in cli_cluster.py)
+
+HEALTH_INTERVAL_S = 2.0
+
+
+@cluster_group.command("health")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per check.")
+@click.option("--watch", "-w", is_flag=True, help="Check again every --interval until Ctrl-C.")
+@click.option(
+    "--exit-when-healthy",
+    "-e",
+    is_flag=True,
+    help="Keep checking (as --watch) and exit 0 as soon as the cluster is healthy.",
+)
+@click.option(
+    "--interval",
+    "interval_s",
+    type=click.FloatRange(min=0.1),
+    default=HEALTH_INTERVAL_S,
+    show_default=True,
+    help="Seconds between checks with --watch or --exit-when-healthy.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="With --watch or --exit-when-healthy: give up after this many seconds (exit 1).",
+)
+@_bootstrap_option
+def cluster_health(
+    as_json: bool,
+    watch: bool,
+    exit_when_healthy: bool,
+    interval_s: float,
+    timeout_s: float | None,
+    bootstrap: str,
+) -> None:
+    """Nodes up and down, the active controller, leaderless and under-replicated partitions
+    of the cluster at --bootstrap. Exit status 0 when healthy, 1 when not (or no node
+    answers): usable in scripts, CI and readiness checks."""
+    import time
+
+    from tidelog.ops.health import assess, health_to_json, render_health
+
+    connection = client_options()
+    repeat = watch or exit_when_healthy
+
+    async def go() -> bool:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        healthy = False
+        async with Admin(bootstrap, **connection) as admin:
+            while True:
+                try:
+                    health = assess(await admin.metadata())
+                except TidelogError as exc:
+                    if not repeat:
+                        raise
+                    healthy = False
+                    click.echo(f"no answer: {_one_line(str(exc))}", err=True)
+                else:
+                    healthy = health.healthy
+                    if as_json:
+                        click.echo(json.dumps(health_to_json(health)))
+                    else:
+                        click.echo(render_health(health))
+                if not repeat or (exit_when_healthy and healthy):
+                    return healthy
+                if deadline is not None and time.monotonic() >= deadline:
+                    return healthy
+                if not as_json:
+                    click.echo("")
+                await asyncio.sleep(interval_s)
+
+    healthy = _run(go())
+    if not healthy:
+        # Not click.exceptions.Exit: outside standalone mode click returns its code instead.
+        sys.stdout.flush()
+        sys.exit(EXIT_ERROR)
 
 
 # ---------------------------------------------------------------------------------------------
