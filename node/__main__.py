@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         flags, settings = node_flags(resolve(vars(args), os.environ).values)
     except ValueError as exc:
-        p.error(str(exc))
+        # A bad setting is a usage error (exit 2, as argparse and click): one line naming
+        # the setting, its value and what is allowed, without the usage text around it.
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     run_flags(flags, settings)
 
 

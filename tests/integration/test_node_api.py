@@ -464,7 +464,6 @@ def test_startup_errors_exit_1_with_a_readable_line(node: Node, tmp_path: Path) 
         (["--id", "2", "--listen", node.address, "--data-dir", str(tmp_path / "a")], "cannot listen on"),
         (["--id", "1", "--listen", "127.0.0.1:0", "--data-dir", str(node.data_dir)], "in use by another node process"),
         (["--id", "2", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "b"), "--metrics-port", str(node.metrics_port)], "cannot serve metrics"),
-        (["--id", "2", "--listen", "no-port", "--data-dir", str(tmp_path / "c")], "is not host:port"),
     ]  # fmt: skip
     for args, words in cases:
         if "--metrics-port" not in args:
@@ -474,6 +473,18 @@ def test_startup_errors_exit_1_with_a_readable_line(node: Node, tmp_path: Path) 
         )
         assert done.returncode == 1, done.stderr
         assert words in done.stderr.decode(), done.stderr
+    # A malformed setting is refused before the node starts: a usage error (exit 2), in one
+    # line naming the setting, its value and what is allowed.
+    bad = ["--id", "2", "--listen", "no-port", "--data-dir", str(tmp_path / "c")]
+    done = subprocess.run(
+        [sys.executable, "-m", "tidelog.node", *bad, "--metrics-port", "0"],
+        capture_output=True,
+        timeout=30,
+    )
+    assert done.returncode == 2, done.stderr
+    err = done.stderr.decode().strip()
+    assert len(err.splitlines()) == 1, err
+    assert "--listen must be HOST:PORT" in err and "'no-port'" in err, err
 
 
 # ---- restarts (last: they restart the shared node) ---------------------------------------
