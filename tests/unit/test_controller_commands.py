@@ -215,6 +215,7 @@ def test_damaged_bytes_decode_or_fail_cleanly(command: Command, data: st.DataObj
             DeleteTopic,
             AlterTopicConfig,
             UpdatePartitionLeaders,
+            AllocateProducerIds,
         ),
     )
 
