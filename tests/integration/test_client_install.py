@@ -22,7 +22,7 @@ from tests.support.nodeproc import Node
 pytestmark = [pytest.mark.integration, pytest.mark.packaging, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
-NODE_ONLY = ("rocksdict", "uvloop", "click", "rich", "prometheus_client", "cryptography")
+NODE_ONLY = ("rocksdict", "uvloop", "prometheus_client", "cryptography")
 
 CLIENT_SCRIPT = textwrap.dedent(
     """
@@ -66,11 +66,19 @@ def test_client_alone_in_a_fresh_venv(tmp_path: Path) -> None:
     # Nothing of the node came with it.
     probe = f"import importlib.util as u; print([m for m in {NODE_ONLY!r} if u.find_spec(m)])"
     assert run(py, "-c", probe, cwd=tmp_path).stdout.strip() == "[]"
-    # Its `tidelog` command explains what is missing in one line.
-    cli = subprocess.run(
-        [venv / "bin" / "tidelog", "topic", "list"], capture_output=True, text=True, check=False
+    # Its `tidelog` command works for the client commands; a command that runs a node
+    # explains what is missing in one line.
+    helped = subprocess.run(
+        [venv / "bin" / "tidelog", "--help"], capture_output=True, text=True, check=False
     )
+    assert helped.returncode == 0 and "produce" in helped.stdout, helped.stderr
+    cli = subprocess.run(
+        [venv / "bin" / "tidelog", "node", "start", "--id", "1", "--listen", "127.0.0.1:0",
+         "--data-dir", str(tmp_path / "nodata")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
     assert cli.returncode == 1 and "tidelog[node]" in cli.stderr, cli.stderr
+    assert len(cli.stderr.strip().splitlines()) == 1, cli.stderr
     node = Node(tmp_path / "data", tmp_path / "node.log", via_cli=True)
     node.start()
     try:
