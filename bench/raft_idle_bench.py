@@ -8,7 +8,9 @@ be a counter increment and a compare. This prints, for N groups (default 10,000)
 - heartbeat round: stepping one HEARTBEAT into every follower and taking/advancing its Ready
   (happens once per heartbeat interval, not every tick);
 - idle leaders: tick + has_ready + ready/advance for N leaders of 3-voter groups (their
-  heartbeats are the messages a per-peer batcher coalesces).
+  heartbeats are the messages a per-peer batcher coalesces);
+- quiescent groups: the node's driver (``MultiRaft._tick_all``) over N leader groups that
+  went quiet (node/multiraft.py), the slow check of quiet groups included.
 
 Usage: python bench/raft_idle_bench.py [--groups 10000] [--ticks 9] [--rounds 20]
 """
@@ -21,6 +23,8 @@ import random
 import statistics
 import time
 
+from tidelog.node.metrics import NodeMetrics
+from tidelog.node.multiraft import MultiRaft, RaftGroup
 from tidelog.node.raft.core import RawNode
 from tidelog.node.raft.limits import Config
 from tidelog.node.raft.storage import MemoryStorage
@@ -117,6 +121,45 @@ def measure_leaders(leaders: list[RawNode], ticks: int) -> tuple[float, int]:
     return elapsed / ticks, messages
 
 
+def measure_quiet(leaders: list[RawNode], ticks: int) -> tuple[float, int]:
+    """CPU per driver tick once every group went quiet, and the messages it sent meanwhile."""
+    raft = MultiRaft(1, None, NodeMetrics())  # type: ignore[arg-type]  # no storage is touched
+    raft.quiesce = True
+
+    def drive(raw: RawNode) -> None:  # store what the Ready holds, then advance
+        rd = raw.ready()
+        if rd.entries:
+            raw.log.storage.append(rd.entries)  # type: ignore[attr-defined]
+        raw.advance(rd)
+
+    for raw in leaders:  # one write, stored, acknowledged by both followers and applied
+        raw.propose(b"w")
+        drive(raw)
+        last = raw.log.last_index()
+        for voter in (2, 3):
+            raw.step(Message(MessageKind.APPEND_RESP, voter, 1, raw.term, index=last))
+        drive(raw)
+    for i, raw in enumerate(leaders, start=1):
+        group = RaftGroup(i, raw, None, None, True)  # type: ignore[arg-type]
+        raft.groups[i] = group
+        raft._active[group] = None
+    for _ in range(raft.quiesce_after_ticks + 1):
+        raft._tick_all()
+        for group in list(raft._dirty):  # what the ready loop does: send (drop) and advance
+            if group.raw.has_ready():
+                group.raw.advance(group.raw.ready())
+        raft._dirty.clear()
+    assert raft.quiet_groups == len(leaders), "the idle leaders did not all go quiet"
+    gc.disable()
+    start = time.process_time()
+    for _ in range(ticks):
+        raft._tick_all()
+    elapsed = time.process_time() - start
+    gc.enable()
+    sent = sum(1 for raw in leaders if raw.has_ready())
+    return elapsed / ticks, sent
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--groups", type=int, default=10_000)
@@ -148,6 +191,11 @@ def main() -> None:
         f"{n} idle leader groups (3 voters, heartbeat every {cfg.heartbeat_interval_ticks} "
         f"tick): {leader_tick * 1e3:.1f} ms per tick, "
         f"{leader_msgs / args.ticks / n:.1f} heartbeats per group per tick"
+    )
+    quiet_tick, quiet_sent = measure_quiet(make_leaders(args.groups, cfg), 200)
+    print(
+        f"{n} quiescent leader groups (the node's driver, 200 ticks): "
+        f"{quiet_tick * 1e3:.3f} ms per tick, {quiet_sent} groups with anything to send"
     )
 
 

@@ -1,4 +1,4 @@
-"""The Python client: Producer, Consumer and Admin (async first, with sync facades).
+"""The Python client: Producer, Consumer, Admin and Table (async first, with sync facades).
 
     from tidelog.client import Producer, Consumer, TopicPartition
 
@@ -11,12 +11,27 @@
         for record in await consumer.poll(timeout_ms=1000):
             ...
 
-SyncProducer, SyncConsumer and SyncAdmin offer the same without asyncio.
+    async with Consumer("127.0.0.1:9092", group_id="billing") as consumer:
+        consumer.subscribe(["orders"])  # the group's coordinator assigns the partitions
+        async for record in consumer:
+            ...  # offsets are committed every 5 s and on close (enable_auto_commit)
+
+    async with Table("127.0.0.1:9092", "rates") as rates:   # a compacted topic's table
+        row = await rates.get(b"EUR/USD")
+
+SyncProducer, SyncConsumer, SyncAdmin and SyncTable offer the same without asyncio.
 """
 
-from tidelog.client.admin import Admin, ClusterView, PartitionDescription, TopicDescription
+from tidelog.client.admin import (
+    Admin,
+    ClusterView,
+    GroupDescription,
+    GroupListing,
+    PartitionDescription,
+    TopicDescription,
+)
 from tidelog.client.consumer import Consumer, FetchedBatch, NoOffset
-from tidelog.client.errors import OutcomeUnknown
+from tidelog.client.errors import OutcomeUnknown, PartitionRevoked
 from tidelog.client.producer import BatchesFuture, BufferFull, Producer, RecordFuture
 from tidelog.client.structs import (
     BatchMetadata,
@@ -25,7 +40,8 @@ from tidelog.client.structs import (
     RecordMetadata,
     TopicPartition,
 )
-from tidelog.client.sync import SyncAdmin, SyncConsumer, SyncProducer
+from tidelog.client.sync import SyncAdmin, SyncConsumer, SyncProducer, SyncTable, SyncTableWatch
+from tidelog.client.table import Row, ScanPage, Table, TableChange, TableContents, TableWatch
 
 __all__ = [
     "Admin",
@@ -36,16 +52,27 @@ __all__ = [
     "Consumer",
     "ConsumerRecord",
     "FetchedBatch",
+    "GroupDescription",
+    "GroupListing",
     "Header",
     "NoOffset",
     "OutcomeUnknown",
     "PartitionDescription",
+    "PartitionRevoked",
     "Producer",
     "RecordFuture",
     "RecordMetadata",
+    "Row",
+    "ScanPage",
     "SyncAdmin",
     "SyncConsumer",
     "SyncProducer",
+    "SyncTable",
+    "SyncTableWatch",
+    "Table",
+    "TableChange",
+    "TableContents",
+    "TableWatch",
     "TopicDescription",
     "TopicPartition",
 ]

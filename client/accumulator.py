@@ -17,7 +17,7 @@ import bisect
 import logging
 import operator
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate, repeat
 
 from tidelog.client.structs import Header, TopicPartition
@@ -83,6 +83,7 @@ class PendingBatch:
         "payload",
         "producer_epoch",
         "producer_id",
+        "sent_behind",
         "seq",
         "sequence",
         "size_bytes",
@@ -124,6 +125,9 @@ class PendingBatch:
         self.producer_id = -1
         self.producer_epoch = -1
         self.sequence = -1
+        #: Whether the latest attempt left while a batch before it was not yet acknowledged:
+        #: a sequence refusal of that attempt may then predate the earlier batch's store.
+        self.sent_behind = False
         #: Whether an attempt's outcome is unknown (no answer; the node may have stored it).
         self.maybe_written = False
 
@@ -164,7 +168,7 @@ class PendingBatch:
         return index
 
     def extend(
-        self, values: Sequence[bytes], keys: Sequence[bytes | None] | None, size: int
+        self, values: Sequence[bytes | None], keys: Sequence[bytes | None] | None, size: int
     ) -> int:
         index = len(self.values)
         n = len(values)
@@ -357,7 +361,7 @@ class Accumulator:
     def fill(
         self,
         tp: TopicPartition,
-        values: Sequence[bytes],
+        values: Sequence[bytes | None],
         keys: Sequence[bytes | None] | None,
         start: int,
         now_s: float,
@@ -451,9 +455,17 @@ def _headers_extra(batch: PendingBatch, has_headers: bool) -> int:
     return HEADERS_COUNT_BYTES if batch.headers is not None else 0
 
 
-def cumulative_sizes(values: Sequence[bytes], keys: Sequence[bytes | None] | None) -> list[int]:
-    """Running totals of record sizes, built from C-level iterators (no Python loop)."""
-    sizes = map(operator.add, map(len, values), repeat(RECORD_OVERHEAD_BYTES))
+def cumulative_sizes(
+    values: Sequence[bytes | None], keys: Sequence[bytes | None] | None
+) -> list[int]:
+    """Running totals of record sizes, built from C-level iterators (no Python loop) unless
+    a value is None (a tombstone)."""
+    lens: Iterable[int] = (
+        map(len, values)  # type: ignore[arg-type]
+        if None not in values
+        else (0 if v is None else len(v) for v in values)
+    )
+    sizes = map(operator.add, lens, repeat(RECORD_OVERHEAD_BYTES))
     if keys is not None:
         sizes = map(operator.add, sizes, (0 if k is None else len(k) for k in keys))
     return list(accumulate(sizes))

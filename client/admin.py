@@ -1,4 +1,7 @@
-"""Topic administration: create, delete, list, describe and reconfigure topics.
+"""Topic, consumer-group and cluster administration: create, delete, list, describe and
+reconfigure topics; list, describe and delete groups, read and reset their committed offsets;
+the cluster's shape: describe it, drain and remove nodes, reassign a partition's replicas, get
+and set cluster-wide settings.
 
 Every call goes to the first node that answers (the node forwards to whoever owns the
 decision), and every failure comes back as the :mod:`tidelog.errors` class the node named,
@@ -12,18 +15,81 @@ import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Literal
 
 import grpc
 
 from tidelog.client.connection import Connection, PemSource
+from tidelog.client.group import RemoteCoordinator, topic_partitions
+from tidelog.client.limits import RETRY_BACKOFF_MS_DEFAULT
 from tidelog.client.metadata import ClusterMetadata, NodeInfo, TopicInfo
-from tidelog.errors import NodeUnavailable, TidelogError
-from tidelog.v1 import admin_pb2
+from tidelog.client.structs import TopicPartition
+from tidelog.errors import (
+    GroupNotEmpty,
+    InvalidRequest,
+    NodeUnavailable,
+    TidelogError,
+    UnknownGroup,
+    UnknownPartition,
+    from_rpc_error,
+)
+from tidelog.v1 import admin_pb2, broker_pb2, group_pb2, group_pb2_grpc
 
-__all__ = ["Admin", "ClusterView", "PartitionDescription", "TopicDescription"]
+__all__ = [
+    "Admin",
+    "ClusterConfigEntry",
+    "ClusterDescription",
+    "ClusterView",
+    "ForceRecoverReport",
+    "GroupDescription",
+    "GroupListing",
+    "GroupMemberDescription",
+    "NodeDescription",
+    "OffsetResetPlan",
+    "PartitionDescription",
+    "PartitionLag",
+    "PartitionMove",
+    "ResetTo",
+    "TopicDescription",
+]
 
 #: Deadline of one admin RPC: creating a replicated topic waits for its partitions' leaders.
 ADMIN_REQUEST_TIMEOUT_MS = 30_000
+
+
+@dataclass(frozen=True, slots=True)
+class ForceRecoverReport:
+    """What ``force_recover_partition`` did: the survivor whose log is kept (``chosen``),
+    the new replicas, and what may be lost: records below ``kept_end_offset`` are kept
+    (every one the survivors knew acknowledged is below ``known_acknowledged_end``);
+    acknowledged records at ``kept_end_offset`` or past it, if the lost replicas had any,
+    are lost. ``target``: the move restoring the replication factor (empty: none)."""
+
+    topic: str
+    partition: int
+    chosen: int
+    survivors: tuple[int, ...]
+    lost_replicas: tuple[int, ...]
+    kept_end_offset: int
+    known_acknowledged_end: int
+    target: tuple[int, ...]
+    summary: str
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerRecoveryReport:
+    """What ``force_recover_controller`` did: the survivor whose controller log is kept
+    (``chosen``, up to ``kept_index``), the voters now and those given up. Controller
+    entries above ``kept_index`` up to ``known_committed_index`` were committed and are
+    lost; ``voter_target``: the voter count reprovisioning refills to."""
+
+    chosen: int
+    survivors: tuple[int, ...]
+    lost_voters: tuple[int, ...]
+    kept_index: int
+    known_committed_index: int
+    voter_target: int
+    summary: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +103,12 @@ class PartitionDescription:
     size_bytes: int
     #: The leader's Raft term: Kafka's leader epoch (it grows with every new leader).
     leader_term: int
+    #: A move in progress: the replicas the partition ends with (empty: none).
+    target: tuple[int, ...] = ()
+    #: Replicas being copied (from the leader): node id -> (bytes copied, bytes left).
+    moving: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: Why the move does not progress ("" when nothing is known to hold it up).
+    stalled: str = ""
 
     @property
     def leader_epoch(self) -> int:
@@ -56,11 +128,174 @@ class TopicDescription:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeDescription:
+    node_id: int
+    address: str
+    rack: str
+    alive: bool
+    #: "active" or "draining".
+    state: str
+    replicas: int
+    leaders: int
+    #: Unix ms; 0 when alive (or not known).
+    dead_since_ms: int
+    reprovision_deadline_ms: int
+    #: "topic/p: why" for each replica that cannot be moved off it.
+    stalled: tuple[str, ...]
+    controller_voter: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionMove:
+    topic: str
+    partition: int
+    replicas: tuple[int, ...]
+    target: tuple[int, ...]
+    stalled: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterDescription:
+    controller_id: int
+    nodes: tuple[NodeDescription, ...]
+    moves: tuple[PartitionMove, ...]
+    #: The controller group's voters (its committed configuration).
+    controller_voters: tuple[int, ...] = ()
+    #: A controller voter change in progress ("" when none).
+    controller_voter_change: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfigEntry:
+    key: str
+    value: str
+    default: str
+    is_default: bool
+    doc: str
+    #: "cluster" or "topic default".
+    kind: str
+
+
+def _move(m: admin_pb2.PartitionMove) -> PartitionMove:
+    return PartitionMove(m.topic, m.partition, tuple(m.replicas), tuple(m.target), m.stalled)
+
+
+def _entries(entries: Sequence[admin_pb2.ClusterConfigEntry]) -> list[ClusterConfigEntry]:
+    return [
+        ClusterConfigEntry(e.key, e.value, e.default, e.is_default, e.doc, e.kind) for e in entries
+    ]
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterView:
     cluster_id: str
     controller_id: int
     nodes: tuple[NodeInfo, ...]
     topics: tuple[TopicInfo, ...]
+    #: Why the node that answered has no controller yet (waiting for the controller voters to
+    #: form the cluster), or "".
+    controller_waiting: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupListing:
+    group_id: str
+    #: "empty", "stable", "reconciling" or "dead".
+    state: str
+    members: int
+    #: The node that answered for it (its coordinator).
+    coordinator_node_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupMemberDescription:
+    member_id: str
+    group_instance_id: str | None
+    member_epoch: int
+    client_host: str
+    #: The subscribed topic names, or the pattern.
+    subscription: tuple[str, ...] | str
+    #: What the member reported it owns, and what the coordinator wants it to own.
+    owned: tuple[TopicPartition, ...]
+    target: tuple[TopicPartition, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionLag:
+    topic: str
+    partition: int
+    #: None when nothing was committed.
+    committed_offset: int | None
+    end_offset: int
+    lag: int
+    #: The member that owns it, "" if none.
+    member_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class GroupDescription:
+    group_id: str
+    state: str
+    group_epoch: int
+    assignment_epoch: int
+    assignor: str
+    coordinator_node_id: int
+    members: tuple[GroupMemberDescription, ...]
+    partitions: tuple[PartitionLag, ...]
+
+
+#: Where ``reset_group_offsets`` moves a group: ("earliest", 0), ("latest", 0), ("offset", N),
+#: ("datetime", TIMESTAMP_MS) or ("shift", N).
+ResetTo = tuple[Literal["earliest", "latest", "offset", "datetime", "shift"], int]
+
+
+@dataclass(frozen=True, slots=True)
+class OffsetResetPlan:
+    topic: str
+    partition: int
+    #: The committed offset now (None: nothing committed).
+    current: int | None
+    new: int
+
+
+def _tp_tuple(entries: Sequence[group_pb2.TopicPartitions]) -> tuple[TopicPartition, ...]:
+    return tuple(sorted(TopicPartition(e.topic, p) for e in entries for p in e.partitions))
+
+
+def _group_description(resp: group_pb2.DescribeGroupResponse) -> GroupDescription:
+    return GroupDescription(
+        group_id=resp.group_id,
+        state=resp.state,
+        group_epoch=resp.group_epoch,
+        assignment_epoch=resp.assignment_epoch,
+        assignor=resp.assignor,
+        coordinator_node_id=resp.coordinator_node_id,
+        members=tuple(
+            GroupMemberDescription(
+                member_id=m.member_id,
+                group_instance_id=m.group_instance_id if m.HasField("group_instance_id") else None,
+                member_epoch=m.member_epoch,
+                client_host=m.client_host,
+                subscription=m.subscribed_topic_regex
+                if m.HasField("subscribed_topic_regex")
+                else tuple(m.subscribed_topic_names),
+                owned=_tp_tuple(m.owned),
+                target=_tp_tuple(m.target),
+            )
+            for m in sorted(resp.members, key=lambda m: m.member_id)
+        ),
+        partitions=tuple(
+            PartitionLag(
+                topic=p.topic,
+                partition=p.partition,
+                committed_offset=p.committed_offset if p.committed_offset >= 0 else None,
+                end_offset=p.end_offset,
+                lag=p.lag,
+                member_id=p.member_id,
+            )
+            for p in sorted(resp.partitions, key=lambda p: (p.topic, p.partition))
+        ),
+    )
 
 
 def _description(t: admin_pb2.TopicDescription) -> TopicDescription:
@@ -77,6 +312,9 @@ def _description(t: admin_pb2.TopicDescription) -> TopicDescription:
                 high_watermark=p.high_watermark,
                 size_bytes=p.size_bytes,
                 leader_term=p.leader_term,
+                target=tuple(p.target),
+                moving={m.node_id: (m.copied, m.left) for m in p.moving},
+                stalled=p.stalled,
             )
             for p in sorted(t.partitions, key=lambda p: p.partition)
         ),
@@ -108,6 +346,7 @@ class Admin:
         )
         self._meta = ClusterMetadata(bootstrap, connection=connection)
         self._timeout_s = request_timeout_ms / 1000
+        self._retry_backoff_ms = RETRY_BACKOFF_MS_DEFAULT
 
     async def __aenter__(self) -> Admin:
         return self
@@ -230,6 +469,10 @@ class Admin:
                     p.size_bytes = better.size_bytes
                     p.leader = better.leader
                     p.leader_term = better.leader_term
+                    del p.moving[:]
+                    p.moving.extend(better.moving)
+                    if better.stalled:
+                        p.stalled = better.stalled
 
     async def alter_topic_config(
         self,
@@ -252,6 +495,148 @@ class Admin:
         resp = await self._meta.call_any("alter topic config", call)
         return _description(resp.topic)
 
+    async def create_partitions(
+        self, topic: str, total_count: int, *, validate_only: bool = False
+    ) -> TopicDescription:
+        """Grow ``topic`` to ``total_count`` partitions (Kafka's create_partitions); returns
+        the topic as it is now. A topic never shrinks; records already stored stay where they
+        are, so the keys of later records may map to other partitions than before."""
+        if isinstance(total_count, bool) or not isinstance(total_count, int):
+            raise TypeError(f"total_count must be an int, got {type(total_count).__name__}")
+        req = admin_pb2.CreatePartitionsRequest(
+            topic=topic, total_count=total_count, validate_only=validate_only
+        )
+
+        async def call(address: str) -> admin_pb2.CreatePartitionsResponse:
+            resp: admin_pb2.CreatePartitionsResponse = await self._meta.admin(
+                address
+            ).CreatePartitions(req, timeout=self._timeout_s)
+            return resp
+
+        resp = await self._meta.call_any("create partitions", call)
+        await self._meta.refresh(force=True)
+        return _description(resp.topic)
+
+    async def _any(self, what: str, rpc: str, request: object) -> object:
+        async def call(address: str) -> object:
+            method = getattr(self._meta.admin(address), rpc)
+            return await method(request, timeout=self._timeout_s)
+
+        return await self._meta.call_any(what, call)
+
+    async def describe_cluster(self) -> ClusterDescription:
+        """Nodes (replicas, leaders, states, reprovisioning deadlines) and moves in progress."""
+        resp = await self._any(
+            "describe cluster", "DescribeCluster", admin_pb2.DescribeClusterRequest()
+        )
+        assert isinstance(resp, admin_pb2.DescribeClusterResponse)
+        nodes = tuple(
+            NodeDescription(
+                node_id=n.node_id,
+                address=n.address,
+                rack=n.rack,
+                alive=n.alive,
+                state=n.state,
+                replicas=n.replicas,
+                leaders=n.leaders,
+                dead_since_ms=n.dead_since_ms,
+                reprovision_deadline_ms=n.reprovision_deadline_ms,
+                stalled=tuple(n.stalled),
+                controller_voter=n.controller_voter,
+            )
+            for n in resp.nodes
+        )
+        return ClusterDescription(
+            resp.controller_id,
+            nodes,
+            tuple(_move(m) for m in resp.moves),
+            tuple(resp.controller_voters),
+            resp.controller_voter_change,
+        )
+
+    async def drain_node(self, node_id: int, *, cancel: bool = False) -> int:
+        """Move every replica off ``node_id`` (``cancel``: stop draining); returns how many
+        replicas it holds now. The moves run in the background: watch describe_cluster."""
+        req = admin_pb2.DrainNodeRequest(node_id=node_id, cancel=cancel)
+        resp = await self._any("drain node", "DrainNode", req)
+        assert isinstance(resp, admin_pb2.DrainNodeResponse)
+        return resp.replicas
+
+    async def remove_node(self, node_id: int) -> None:
+        """Forget a dead or drained node that holds no replica."""
+        await self._any("remove node", "RemoveNode", admin_pb2.RemoveNodeRequest(node_id=node_id))
+
+    async def reassign_partition(
+        self, topic: str, partition: int, replicas: Sequence[int] = (), *, cancel: bool = False
+    ) -> PartitionMove:
+        """Move a partition's replicas to ``replicas`` (the preferred leader first), or
+        cancel its move in progress."""
+        req = admin_pb2.ReassignPartitionRequest(
+            topic=topic, partition=partition, replicas=list(replicas), cancel=cancel
+        )
+        resp = await self._any("reassign partition", "ReassignPartition", req)
+        assert isinstance(resp, admin_pb2.ReassignPartitionResponse)
+        return _move(resp.move)
+
+    async def force_recover_partition(
+        self, topic: str, partition: int, *, from_survivors: bool = False
+    ) -> ForceRecoverReport:
+        """UNSAFE: recover a partition that lost a majority of its replicas for good from
+        the surviving replicas (``from_survivors`` must be set). Acknowledged records the
+        lost replicas alone held are lost: see the report and docs/operations.md."""
+        req = admin_pb2.ForceRecoverPartitionRequest(
+            topic=topic, partition=partition, from_survivors=from_survivors
+        )
+        resp = await self._any("force-recover partition", "ForceRecoverPartition", req)
+        assert isinstance(resp, admin_pb2.ForceRecoverPartitionResponse)
+        return ForceRecoverReport(
+            topic=resp.topic,
+            partition=resp.partition,
+            chosen=resp.chosen,
+            survivors=tuple(resp.survivors),
+            lost_replicas=tuple(resp.lost_replicas),
+            kept_end_offset=resp.kept_end_offset,
+            known_acknowledged_end=resp.known_acknowledged_end,
+            target=tuple(resp.target),
+            summary=resp.summary,
+        )
+
+    async def force_recover_controller(
+        self, *, from_survivors: bool = False
+    ) -> ControllerRecoveryReport:
+        """UNSAFE: recover the controller after it lost a majority of its voters for good:
+        its voters shrink to the nodes that answer the node asked (``from_survivors`` must
+        be set). Committed metadata changes only the lost voters held are lost: see the
+        report and docs/operations.md."""
+        req = admin_pb2.ForceRecoverControllerRequest(from_survivors=from_survivors)
+        resp = await self._any("force-recover controller", "ForceRecoverController", req)
+        assert isinstance(resp, admin_pb2.ForceRecoverControllerResponse)
+        return ControllerRecoveryReport(
+            chosen=resp.chosen,
+            survivors=tuple(resp.survivors),
+            lost_voters=tuple(resp.lost_voters),
+            kept_index=resp.kept_index,
+            known_committed_index=resp.known_committed_index,
+            voter_target=resp.voter_target,
+            summary=resp.summary,
+        )
+
+    async def cluster_config(self, keys: Sequence[str] = ()) -> list[ClusterConfigEntry]:
+        """Every cluster setting (or the named ones), with its value and default."""
+        req = admin_pb2.GetClusterConfigRequest(keys=list(keys))
+        resp = await self._any("get cluster config", "GetClusterConfig", req)
+        assert isinstance(resp, admin_pb2.GetClusterConfigResponse)
+        return _entries(resp.entries)
+
+    async def set_cluster_config(
+        self, set: Mapping[str, str] | None = None, delete: Sequence[str] = ()
+    ) -> list[ClusterConfigEntry]:
+        """Set and unset cluster settings in one step; returns the keys changed, as now."""
+        req = admin_pb2.SetClusterConfigRequest(set=dict(set or {}), delete=list(delete))
+        resp = await self._any("set cluster config", "SetClusterConfig", req)
+        assert isinstance(resp, admin_pb2.SetClusterConfigResponse)
+        return _entries(resp.entries)
+
     async def list_topics(self, *, internal: bool = False) -> list[str]:
         view = await self.metadata()
         return sorted(t.name for t in view.topics if internal or not t.internal)
@@ -264,4 +649,186 @@ class Admin:
             controller_id=self._meta.controller_id,
             nodes=tuple(sorted(self._meta.nodes.values(), key=lambda n: n.node_id)),
             topics=tuple(sorted(self._meta.topics.values(), key=lambda t: t.name)),
+            controller_waiting=self._meta.controller_waiting,
         )
+
+    # -- consumer groups ------------------------------------------------------------------------
+
+    def _coordinator(self, group_id: str) -> RemoteCoordinator:
+        return RemoteCoordinator(self._meta, group_id, self._retry_backoff_ms)
+
+    async def list_groups(self) -> list[GroupListing]:
+        """Every group of the cluster: each node lists the groups it coordinates, so every live
+        node is asked and the answers merged (a group two nodes claim during a coordinator
+        move is listed once, by the answer with more members)."""
+        await self._meta.refresh()
+        addresses = {n.node_id: n.address for n in self._meta.nodes.values() if n.alive}
+        if not addresses:
+            addresses = {-1 - i: a for i, a in enumerate(self._meta.bootstrap)}
+
+        async def ask(node_id: int, address: str) -> tuple[int, group_pb2.ListGroupsResponse]:
+            stub = group_pb2_grpc.GroupStub(self._meta.channel(address))
+            try:
+                resp: group_pb2.ListGroupsResponse = await stub.ListGroups(
+                    group_pb2.ListGroupsRequest(), timeout=self._timeout_s
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc) from None
+            return node_id, resp
+
+        answers = await asyncio.gather(
+            *(ask(n, a) for n, a in addresses.items()), return_exceptions=True
+        )
+        found: dict[str, GroupListing] = {}
+        errors: list[TidelogError] = []
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                if not isinstance(answer, TidelogError):
+                    raise answer
+                errors.append(answer)
+                continue
+            node_id, resp = answer
+            for g in resp.groups:
+                old = found.get(g.group_id)
+                if old is None or g.members > old.members:
+                    found[g.group_id] = GroupListing(g.group_id, g.state, g.members, node_id)
+        if errors and len(errors) == len(answers):
+            raise errors[0]
+        return sorted(found.values(), key=lambda g: g.group_id)
+
+    async def describe_group(self, group_id: str) -> GroupDescription:
+        """Members, their assignments, and per partition the committed offset, end offset and
+        lag, from the group's coordinator. An unknown group raises UnknownGroup."""
+        resp = await self._coordinator(group_id).describe(self._timeout_s * 1000)
+        if resp.state == "dead":
+            raise UnknownGroup(f"group {group_id!r} does not exist", group_id=group_id)
+        return _group_description(resp)
+
+    async def delete_group(self, group_id: str) -> None:
+        """Delete a group without members and its committed offsets (GroupNotEmpty while it
+        has members)."""
+        await self._coordinator(group_id).delete(self._timeout_s * 1000)
+
+    async def list_group_offsets(
+        self, group_id: str, partitions: Sequence[TopicPartition] = ()
+    ) -> dict[TopicPartition, int]:
+        """The group's committed offsets (of ``partitions``, default all)."""
+        request = group_pb2.OffsetFetchRequest(
+            group_id=group_id, partitions=topic_partitions(partitions)
+        )
+        resp = await self._coordinator(group_id).fetch(request, self._timeout_s * 1000)
+        return {TopicPartition(e.topic, e.partition): e.offset for e in resp.offsets}
+
+    async def alter_group_offsets(
+        self, group_id: str, offsets: Mapping[TopicPartition, int]
+    ) -> None:
+        """Set committed offsets of a group without members (the coordinator refuses it with
+        GroupNotEmpty while the group has members, who own their partitions' progress)."""
+        request = group_pb2.OffsetCommitRequest(
+            group_id=group_id,
+            member_id="",
+            member_epoch=-1,
+            offsets=[
+                group_pb2.OffsetEntry(topic=tp.topic, partition=tp.partition, offset=o)
+                for tp, o in sorted(offsets.items())
+            ],
+        )
+        await self._coordinator(group_id).commit(request, self._timeout_s * 1000)
+
+    async def reset_group_offsets(
+        self,
+        group_id: str,
+        topic: str,
+        to: ResetTo,
+        *,
+        partitions: Sequence[int] = (),
+        execute: bool = False,
+    ) -> list[OffsetResetPlan]:
+        """Plan (and with ``execute``, apply) moving ``group_id``'s committed offsets of
+        ``topic`` (or its ``partitions``): to the earliest or latest offset, an offset, the
+        first record at or after a timestamp, or shifted by N from the committed offset (the
+        end where nothing was committed). Every new offset is clamped into the partition's
+        range, as Kafka's tool does. Refused with GroupNotEmpty while the group has members."""
+        await self._refuse_active(group_id)
+        info = await self._meta.wait_for_topic(topic, wait_ms=5_000)
+        every = [p.partition for p in info.partitions]
+        for p in partitions:
+            if p not in every:
+                raise UnknownPartition(
+                    f"topic {topic!r} has partitions 0..{len(every) - 1}; there is no "
+                    f"partition {p}",
+                    topic=topic,
+                )
+        tps = [TopicPartition(topic, p) for p in (sorted(set(partitions)) or every)]
+        current = await self.list_group_offsets(group_id, tps)
+        kind, n = to
+        starts = await self._list_offsets(tps, broker_pb2.OFFSET_SPEC_EARLIEST, 0)
+        ends = await self._list_offsets(tps, broker_pb2.OFFSET_SPEC_LATEST, 0)
+        if kind == "datetime":
+            wanted = await self._list_offsets(tps, broker_pb2.OFFSET_SPEC_TIMESTAMP, n)
+        plan: list[OffsetResetPlan] = []
+        for tp in tps:
+            if kind == "earliest":
+                new = starts[tp]
+            elif kind == "latest":
+                new = ends[tp]
+            elif kind == "offset":
+                new = n
+            elif kind == "datetime":
+                new = wanted[tp]
+            elif kind == "shift":
+                new = current.get(tp, ends[tp]) + n
+            else:
+                raise InvalidRequest(f"unknown reset {kind!r}")
+            new = min(max(new, starts[tp]), ends[tp])
+            plan.append(OffsetResetPlan(tp.topic, tp.partition, current.get(tp), new))
+        if execute:
+            await self.alter_group_offsets(
+                group_id, {TopicPartition(p.topic, p.partition): p.new for p in plan}
+            )
+        return plan
+
+    async def _refuse_active(self, group_id: str) -> None:
+        try:
+            desc = await self.describe_group(group_id)
+        except UnknownGroup:
+            return  # a group nobody used yet: its offsets may be set
+        if desc.members:
+            raise GroupNotEmpty(
+                f"group {group_id!r} has {len(desc.members)} active member"
+                + ("" if len(desc.members) == 1 else "s")
+                + ": stop its consumers before resetting its offsets",
+                group_id=group_id,
+            )
+
+    async def _list_offsets(
+        self, tps: Sequence[TopicPartition], spec: broker_pb2.OffsetSpec.ValueType, ts: int
+    ) -> dict[TopicPartition, int]:
+        """ListOffsets at each partition's leader (a refresh and another try when it moved)."""
+
+        async def one(tp: TopicPartition) -> int:
+            request = broker_pb2.ListOffsetsRequest(
+                topic=tp.topic, partition=tp.partition, spec=spec, timestamp_ms=ts
+            )
+            last: TidelogError | None = None
+            for attempt in range(5):
+                address = self._meta.leader_address(tp.topic, tp.partition)
+                if address is None:
+                    await self._meta.refresh()
+                    address = self._meta.leader_address(tp.topic, tp.partition)
+                if address is not None:
+                    try:
+                        resp: broker_pb2.ListOffsetsResponse = await self._meta.broker(
+                            address
+                        ).ListOffsets(request, timeout=self._timeout_s)
+                        return resp.offset
+                    except grpc.aio.AioRpcError as exc:
+                        last = from_rpc_error(exc)
+                        if not last.retriable:
+                            raise last from None
+                await asyncio.sleep(0.1 * 2**attempt)
+                await self._meta.refresh()
+            raise last or NodeUnavailable(f"partition {tp} has no leader right now")
+
+        got = await asyncio.gather(*(one(tp) for tp in tps))
+        return dict(zip(tps, got, strict=True))

@@ -14,6 +14,10 @@ otherwise the short backoff before reconnecting ends early as soon as the polled
 shows a new leader. A position outside the log surfaces
 as :class:`~tidelog.errors.OffsetOutOfRange` naming the valid range, unless
 ``auto_offset_reset`` says to jump to the earliest or latest offset.
+
+With a ``group_id`` the consumer may instead :meth:`Consumer.subscribe` and let the group's
+coordinator assign its partitions; the membership (heartbeats, reconciliation, commits) lives
+in :mod:`tidelog.client.group`, and the consumer only starts and stops the fetchers it asks for.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from types import TracebackType
@@ -32,6 +36,16 @@ import grpc
 import grpc.aio
 
 from tidelog.client.connection import Connection, PemSource
+from tidelog.client.group import (
+    AUTO_COMMIT_INTERVAL_MS_DEFAULT,
+    MAX_POLL_INTERVAL_MS_DEFAULT,
+    SESSION_TIMEOUT_MS_DEFAULT,
+    Assignor,
+    Membership,
+    PartitionsCallback,
+    RemoteCoordinator,
+    validate_pattern,
+)
 from tidelog.client.limits import RETRY_BACKOFF_MS_DEFAULT
 from tidelog.client.metadata import ClusterMetadata, parse_bootstrap
 from tidelog.client.retry import Retry
@@ -56,6 +70,8 @@ _MIB = 1024 * 1024
 #: Batch bytes per Fetch response (the node always sends at least one whole batch).
 FETCH_BYTES_MAX_DEFAULT = 4 * _MIB
 FETCH_MAX_WAIT_MS_DEFAULT = 500
+#: After a follower could not serve a partition, read it from the leader this long.
+FOLLOWER_RETRY_S = 30.0
 #: Bytes of fetched, not yet polled batches held per partition before its fetcher pauses.
 QUEUE_BYTES_MAX_PER_PARTITION_DEFAULT = 16 * _MIB
 POLL_MAX_RECORDS_DEFAULT = 10_000
@@ -136,13 +152,14 @@ class _Fetcher:
                 await retry.wait()
                 self.progressed = False
                 address: str | None = None
+                follower = False
                 try:
                     if self.fetch_offset is None:
                         reset = await c._reset_offset(tp, None)
                         # position() may have resolved it meanwhile: one answer wins.
                         self.fetch_offset = c._positions.setdefault(tp, reset)
-                    address = await c._leader(tp)
-                    await self._stream(meta.broker(address))
+                    address, follower = await c._fetch_target(tp)
+                    await self._stream(meta.broker(address), follower)
                     # The node ended the stream without an error (it is shutting down, say):
                     # reopen, at once if it delivered something, else after a pause.
                     if self.progressed:
@@ -156,6 +173,13 @@ class _Fetcher:
                     err = exc
                 if self.progressed:
                     retry.succeeded()  # the stream worked for a while: this is a fresh failure
+                if follower:
+                    # The rack-local follower could not serve (it lost its leader, is
+                    # recovering, or went away): read from the leader for a while.
+                    c._follower_failed(tp)
+                    if err.retriable or isinstance(err, OffsetOutOfRange):
+                        log.debug("follower fetch of %s: %s; using the leader", tp, err)
+                        continue
                 if isinstance(err, OffsetOutOfRange) and c._reset != "error":
                     self.fetch_offset = await c._reset_offset(tp, err)
                     self._restart_at(self.fetch_offset)
@@ -184,7 +208,7 @@ class _Fetcher:
         self.queued_bytes = 0
         self.consumer._positions[self.tp] = offset
 
-    async def _stream(self, stub: broker_pb2_grpc.BrokerAsyncStub) -> None:
+    async def _stream(self, stub: broker_pb2_grpc.BrokerAsyncStub, follower: bool) -> None:
         c = self.consumer
         assert self.fetch_offset is not None
         request = broker_pb2.FetchRequest(
@@ -193,6 +217,7 @@ class _Fetcher:
             offset=self.fetch_offset,
             max_bytes=c._max_bytes,
             max_wait_ms=c._fetch_max_wait_ms,
+            allow_follower=follower,
         )
         call = stub.Fetch(request)
         try:
@@ -222,6 +247,14 @@ class Consumer:
     default as in Kafka; "earliest"; or "error" to insist on an explicit seek. When a
     position falls outside the log, "earliest"/"latest" jump there and the default raises
     OffsetOutOfRange (Kafka's "none"), since silently skipping data a caller sought is worse.
+
+    **Follower fetching** (Kafka's KIP-392): with ``client_rack`` set, a partition is read
+    from an in-sync replica in that rack (a node started with ``--rack``) when the leader is
+    elsewhere, which saves cross-rack traffic. A follower serves only what it knows is
+    committed, so its records arrive a little later than the leader's and the high
+    watermark it reports (lag, ``until_end``) may trail the leader's. When it cannot serve
+    (it lost its leader, is recovering, or is gone) the partition is read from the leader
+    for FOLLOWER_RETRY_S before the follower is tried again.
     """
 
     def __init__(
@@ -242,6 +275,14 @@ class Consumer:
         client_cert: PemSource | None = None,
         client_key: PemSource | None = None,
         token: str | None = None,
+        client_rack: str | None = None,
+        group_id: str | None = None,
+        group_instance_id: str | None = None,
+        enable_auto_commit: bool = True,
+        auto_commit_interval_ms: int = AUTO_COMMIT_INTERVAL_MS_DEFAULT,
+        session_timeout_ms: int = SESSION_TIMEOUT_MS_DEFAULT,
+        max_poll_interval_ms: int = MAX_POLL_INTERVAL_MS_DEFAULT,
+        assignor: Assignor = "uniform",
     ) -> None:
         if auto_offset_reset not in (None, "earliest", "latest", "error"):
             raise ValueError(
@@ -272,6 +313,29 @@ class Consumer:
         self._iter_buffer: deque[ConsumerRecord] = deque()
         #: High watermarks looked up by poll(until_end=True) before a fetch reported one.
         self._ends: dict[TopicPartition, int] = {}
+        self._client_rack = client_rack or None
+        #: Partitions whose follower failed, read from the leader until this monotonic time.
+        self._leader_only_until: dict[TopicPartition, float] = {}
+        self._paused: set[TopicPartition] = set()
+        if group_instance_id is not None and group_id is None:
+            raise ValueError("group_instance_id needs a group_id")
+        self._group_id = group_id
+        self._group_options: dict[str, Any] = {
+            "group_instance_id": group_instance_id,
+            "session_timeout_ms": session_timeout_ms,
+            "max_poll_interval_ms": max_poll_interval_ms,
+            "assignor": assignor,
+            "enable_auto_commit": enable_auto_commit,
+            "auto_commit_interval_ms": auto_commit_interval_ms,
+            "retry_backoff_ms": retry_backoff_ms,
+            "rack_id": self._client_rack,
+        }
+        #: The group membership once subscribe() was called (None: manual assignment).
+        self._membership: Membership | None = None
+        self._subscription: tuple[tuple[str, ...], str | None, dict[str, Any]] | None = None
+        if group_id is not None:
+            # Validate the options now, not at the first subscribe.
+            Membership(_NoCoordinator(), self, group_id=group_id, **self._group_options)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -288,10 +352,17 @@ class Consumer:
             raise
         for tp in self._assignment:
             self._start_fetcher(tp)
+        if self._subscription is not None:
+            self._join()
 
     async def stop(self) -> None:
+        """Close the consumer. A group member first gives up its partitions (on_revoked, a
+        last auto-commit) and leaves the group (a static member: for the session timeout)."""
         if self._meta is None:
             return
+        membership, self._membership = self._membership, None
+        if membership is not None:
+            await membership.close()
         fetchers = list(self._fetchers.values())
         self._fetchers.clear()
         for f in fetchers:
@@ -323,6 +394,11 @@ class Consumer:
 
     def assign(self, partitions: Iterable[TopicPartition]) -> None:
         """Read exactly these partitions (replacing any earlier assignment)."""
+        if self._subscription is not None:
+            raise TidelogError(
+                "this consumer subscribed to a group: its group assigns its partitions "
+                "(use another Consumer for manual assignment)"
+            )
         wanted = list(dict.fromkeys(TopicPartition(*tp) for tp in partitions))
         for tp in list(self._fetchers):
             if tp not in wanted:
@@ -333,11 +409,214 @@ class Consumer:
         for tp in list(self._ends):
             if tp not in wanted:
                 del self._ends[tp]
+        self._paused.intersection_update(wanted)
         self._assignment = wanted
         if self._meta is not None:
             for tp in wanted:
                 if tp not in self._fetchers:
                     self._start_fetcher(tp)
+
+    # -- consumer groups ------------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        topics: str | Iterable[str] = (),
+        *,
+        pattern: str | None = None,
+        on_assigned: PartitionsCallback | None = None,
+        on_revoked: PartitionsCallback | None = None,
+        on_lost: PartitionsCallback | None = None,
+    ) -> None:
+        """Join the consumer's group (``group_id``) for ``topics``, or for every topic whose
+        name matches ``pattern`` (Python ``re``, full match; topics created later join in).
+
+        The coordinator assigns the partitions. ``on_revoked(partitions)`` runs (inside poll)
+        before partitions go to another member, after fetching them stopped and before their
+        positions are auto-committed; ``on_assigned(partitions)`` after new ones start, with
+        ``[]`` once when the first assignment is empty; ``on_lost(partitions)`` when the
+        member was fenced and its partitions are already someone else's (default:
+        on_revoked). Each may be a function or a coroutine function. Calling subscribe again
+        changes the subscription."""
+        if self._group_id is None:
+            raise TidelogError("subscribe() needs a consumer created with group_id=...")
+        if self._assignment and self._subscription is None:
+            raise TidelogError(
+                "this consumer has partitions assigned by hand: assign([]) first, or use "
+                "another Consumer for the group"
+            )
+        names = (topics,) if isinstance(topics, str) else tuple(topics)
+        if pattern is not None:
+            if names:
+                raise ValueError("subscribe to topics or to a pattern, not both")
+            validate_pattern(pattern)
+        elif not names:
+            raise ValueError("subscribe to at least one topic, or to a pattern")
+        callbacks = {"on_assigned": on_assigned, "on_revoked": on_revoked, "on_lost": on_lost}
+        self._subscription = (names, pattern, callbacks)
+        if self._membership is not None:
+            self._membership.subscribe(names, pattern=pattern, **callbacks)
+        elif self._meta is not None:
+            self._join()
+
+    def _join(self) -> None:
+        assert self._subscription is not None and self._group_id is not None
+        names, pattern, callbacks = self._subscription
+        membership = Membership(
+            RemoteCoordinator(self._meta_(), self._group_id, self._retry_backoff_ms),
+            self,
+            group_id=self._group_id,
+            **self._group_options,
+        )
+        membership.subscribe(names, pattern=pattern, **callbacks)
+        self._membership = membership
+        membership.start()
+
+    def subscription(self) -> list[str] | str | None:
+        """The topics subscribed to, the pattern, or None (manual assignment)."""
+        if self._subscription is None:
+            return None
+        names, pattern, _ = self._subscription
+        return pattern if pattern is not None else list(names)
+
+    async def unsubscribe(self) -> None:
+        """Leave the group (on_revoked, a last auto-commit first) and read nothing."""
+        membership, self._membership = self._membership, None
+        self._subscription = None
+        if membership is not None:
+            await membership.close()
+
+    @property
+    def member_id(self) -> str:
+        """The id the coordinator gave this member ("" before it joined)."""
+        return "" if self._membership is None else self._membership.member_id
+
+    @property
+    def has_assignment(self) -> bool:
+        """A group member: whether the group's first assignment arrived since it joined
+        (possibly an empty one), as opposed to "not assigned yet". Manual: always True."""
+        if self._subscription is None:
+            return True
+        return self._membership is not None and self._membership.assigned
+
+    @property
+    def member_epoch(self) -> int:
+        return 0 if self._membership is None else self._membership.epoch
+
+    def _group(self) -> Membership:
+        if self._membership is None:
+            if self._group_id is None:
+                raise TidelogError("this consumer has no group_id: commits need a group")
+            raise TidelogError("this consumer has not joined its group: subscribe() and start")
+        return self._membership
+
+    def commit_async(
+        self, offsets: Mapping[TopicPartition, int] | None = None
+    ) -> asyncio.Task[None]:
+        """Start a commit (see :meth:`commit`) and return its task, without waiting. A
+        partition this member does not own fails the task at once with PartitionRevoked."""
+        membership = self._group()
+        chosen = self._commit_offsets(membership, offsets)
+        return asyncio.get_running_loop().create_task(membership.commit(chosen))
+
+    async def commit(
+        self, offsets: Mapping[TopicPartition, int] | None = None, *, wait: bool = True
+    ) -> None:
+        """Commit the group's offsets: ``offsets`` (partition -> the next offset to read), or
+        the position of every owned partition (what poll returned so far). Waits for the
+        coordinator's answer unless ``wait=False`` (then it runs on in the background, a
+        failure logged: :meth:`commit_async` returns its task instead). A partition this member
+        does not own (any more) fails at once with
+        :class:`~tidelog.client.errors.PartitionRevoked`."""
+        task = self.commit_async(offsets)
+        if wait:
+            await task
+        else:
+            task.add_done_callback(_log_commit_failure)
+
+    def _commit_offsets(
+        self, membership: Membership, offsets: Mapping[TopicPartition, int] | None
+    ) -> dict[TopicPartition, int]:
+        if offsets is not None:
+            return {TopicPartition(*tp): int(o) for tp, o in offsets.items()}
+        return self.group_positions(membership.owned)
+
+    async def committed(
+        self, partitions: Iterable[TopicPartition] | None = None
+    ) -> dict[TopicPartition, int | None]:
+        """The group's committed offset of each partition (default: the owned ones); None
+        where nothing was committed."""
+        membership = self._group()
+        tps = (
+            [TopicPartition(*tp) for tp in partitions]
+            if partitions is not None
+            else sorted(membership.owned)
+        )
+        got = await membership.fetch_committed(tps)
+        return {tp: got.get(tp) for tp in tps}
+
+    async def lag(self) -> dict[TopicPartition, int]:
+        """Per assigned partition, the records between the position and the high watermark
+        (the fetcher's last, else looked up)."""
+        tps = list(self._assignment)
+        positions = {tp: await self.position(tp) for tp in tps}
+        unknown = [tp for tp in tps if self.high_watermark(tp) < 0]
+        ends = await self.end_offsets(unknown) if unknown else {}
+        out: dict[TopicPartition, int] = {}
+        for tp in tps:
+            hw = max(self.high_watermark(tp), ends.get(tp, -1), self._ends.get(tp, -1))
+            out[tp] = max(0, hw - positions[tp])
+        return out
+
+    # -- pause / resume -------------------------------------------------------------------------
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        """Return no records of these partitions until resume() (the fetch keeps its place;
+        a group member keeps them and keeps heartbeating)."""
+        for tp in partitions:
+            self._paused.add(self._check_assigned(tp))
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        for tp in partitions:
+            self._paused.discard(TopicPartition(*tp))
+        self._data.set()
+
+    def paused(self) -> list[TopicPartition]:
+        return sorted(self._paused)
+
+    # -- MemberHost (tidelog.client.group) ------------------------------------------------------
+
+    def group_take(self, starts: Mapping[TopicPartition, int | None]) -> None:
+        for tp, offset in starts.items():
+            if offset is None:
+                self._positions.pop(tp, None)
+            else:
+                self._positions[tp] = offset
+            if tp not in self._assignment:
+                self._assignment.append(tp)
+            if self._meta is not None:
+                self._start_fetcher(tp)
+        self._data.set()
+
+    def group_stop(self, tps: Sequence[TopicPartition]) -> None:
+        gone = set(tps)
+        for tp in gone:
+            f = self._fetchers.pop(tp, None)
+            if f is not None:
+                f.cancel()
+        self._assignment = [tp for tp in self._assignment if tp not in gone]
+
+    def group_drop(self, tps: Sequence[TopicPartition]) -> None:
+        self.group_stop(tps)
+        for tp in tps:
+            self._positions.pop(tp, None)
+            self._ends.pop(tp, None)
+            self._paused.discard(tp)
+
+    def group_positions(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self._positions[tp] for tp in tps if tp in self._positions}
+
+    def group_wake(self) -> None:
+        self._data.set()
 
     def assignment(self) -> list[TopicPartition]:
         return list(self._assignment)
@@ -487,11 +766,32 @@ class Consumer:
     ) -> list[FetchedBatch]:
         """Like :meth:`poll`, without building a ConsumerRecord per record."""
         self._meta_()
+        membership = self._membership
+        if membership is None:
+            return await self._poll_batches(timeout_ms, max_records, until_end=until_end)
+        membership.poll_started()
+        try:
+            return await self._poll_batches(timeout_ms, max_records, until_end=until_end)
+        finally:
+            membership.poll_ended()
+
+    async def _poll_batches(
+        self, timeout_ms: float, max_records: int, *, until_end: bool
+    ) -> list[FetchedBatch]:
         deadline = time.monotonic() + timeout_ms / 1000
+        membership = self._membership
+        if membership is not None:
+            membership.auto_commit_due()
         if until_end:
             await self._learn_ends()
         while True:
             self._data.clear()
+            if membership is not None:
+                membership.check()
+                if membership.pending:
+                    await membership.reconcile()
+                    if until_end:
+                        await self._learn_ends()
             got = self._collect(max_records)
             if got:
                 return got
@@ -515,7 +815,7 @@ class Consumer:
         self._rr += 1
         for tp in tps[start:] + tps[:start]:
             f = self._fetchers.get(tp)
-            if f is None:
+            if f is None or tp in self._paused:
                 continue
             if f.error is not None and not f.chunks:
                 err, f.error = f.error, None
@@ -598,6 +898,29 @@ class Consumer:
 
     # -- internals ------------------------------------------------------------------------------
 
+    async def _fetch_target(self, tp: TopicPartition) -> tuple[str, bool]:
+        """Where to fetch ``tp`` from, and whether that is a follower (client_rack)."""
+        leader = await self._leader(tp)
+        rack = self._client_rack
+        if rack is None or time.monotonic() < self._leader_only_until.get(tp, 0.0):
+            return leader, False
+        meta = self._meta_()
+        info = meta.topic(tp.topic)
+        if info is None or not 0 <= tp.partition < info.partition_count:
+            return leader, False
+        part = info.partitions[tp.partition]
+        lead = meta.nodes.get(part.leader)
+        if lead is not None and lead.rack == rack:
+            return leader, False
+        for node_id in part.in_sync:
+            node = meta.nodes.get(node_id)
+            if node_id != part.leader and node is not None and node.alive and node.rack == rack:
+                return node.address, True
+        return leader, False
+
+    def _follower_failed(self, tp: TopicPartition) -> None:
+        self._leader_only_until[tp] = time.monotonic() + FOLLOWER_RETRY_S
+
     async def _leader(self, tp: TopicPartition) -> str:
         meta = self._meta_()
         info = await meta.wait_for_topic(tp.topic, wait_ms=self._metadata_wait_ms)
@@ -679,3 +1002,21 @@ class Consumer:
 
 def _consumer_record(topic: str, partition: int, r: Record) -> ConsumerRecord:
     return ConsumerRecord(topic, partition, r.offset, r.timestamp_ms, r.key, r.value, r.headers)
+
+
+def _log_commit_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("commit failed: %s", exc)
+
+
+class _NoCoordinator:
+    """Stands in for the coordinator while Consumer.__init__ validates the group options."""
+
+    async def heartbeat(self, request: Any, timeout_ms: float) -> Any:
+        raise AssertionError("not a coordinator")
+
+    async def commit(self, request: Any, timeout_ms: float) -> None:
+        raise AssertionError("not a coordinator")
+
+    async def fetch(self, request: Any, timeout_ms: float) -> Any:
+        raise AssertionError("not a coordinator")

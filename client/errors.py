@@ -7,9 +7,9 @@ of a send means it surely was not (the node refused it, or it never left the cli
 
 from __future__ import annotations
 
-from tidelog.errors import RequestTimedOut
+from tidelog.errors import RequestTimedOut, Revoked
 
-__all__ = ["OutcomeUnknown"]
+__all__ = ["OutcomeUnknown", "PartitionRevoked"]
 
 
 class OutcomeUnknown(RequestTimedOut):
@@ -25,4 +25,14 @@ class OutcomeUnknown(RequestTimedOut):
     answer. A subclass of RequestTimedOut, as an unanswered request is what it reports."""
 
     reason = "OUTCOME_UNKNOWN"
+    retriable = False
+
+
+class PartitionRevoked(Revoked):
+    """A group consumer was asked to commit an offset for a partition it does not own: the
+    group took it away (a rebalance revoked it, or the member was fenced and lost it) or it
+    was never assigned. Raised at once by :meth:`Consumer.commit` before anything is sent
+    (or when the coordinator answers REVOKED); the new owner commits that partition now.
+    The metadata carries ``partitions``, as ``topic/partition`` separated by commas."""
+
     retriable = False

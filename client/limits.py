@@ -42,6 +42,11 @@ LEADERLESS_EXPIRY_CHECK_MS: Final = 500
 #: state): a retry of any batch still in flight is then recognized as a duplicate and
 #: answered with its first offsets. More in flight could resend a batch the node forgot.
 IDEMPOTENT_IN_FLIGHT_MAX: Final = 5
+#: With adaptive linger, a partition that has requests out sends another only once its batch
+#: holds this many bytes (or is full, or an answer came back): small requests in flight
+#: together queue behind each other's Raft rounds on the nodes (docs/latency.md), so below
+#: this a batch is better sent with everything that arrives until the answer.
+PIPELINE_BATCH_BYTES_MIN: Final = 64 * 1024
 #: With idempotence off the producer keeps ONE request in flight per partition by default:
 #: gRPC does not order concurrent unary calls and the node appends them in the order its
 #: handlers run, so two requests out at once may be stored in either order.

@@ -161,6 +161,8 @@ class NodeInfo:
     address: str
     metrics_address: str
     alive: bool
+    #: The node's failure domain (``--rack``); empty when it has none.
+    rack: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +215,9 @@ class ClusterMetadata:
         self.nodes: dict[int, NodeInfo] = {}
         self.topics: dict[str, TopicInfo] = {}
         self.controller_id = -1
+        #: Why the answering node has no controller yet (a voter waiting for the others to
+        #: form the cluster), or "".
+        self.controller_waiting = ""
         self.cluster_id = ""
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._brokers: dict[str, broker_pb2_grpc.BrokerAsyncStub] = {}
@@ -430,7 +435,7 @@ class ClusterMetadata:
 
     def _apply(self, resp: broker_pb2.MetadataResponse, wanted: frozenset[str] | None) -> None:
         self.nodes = {
-            n.node_id: NodeInfo(n.node_id, n.address, n.metrics_address, n.alive)
+            n.node_id: NodeInfo(n.node_id, n.address, n.metrics_address, n.alive, n.rack)
             for n in resp.nodes
         }
         topics = {t.name: _topic_info(t) for t in resp.topics}
@@ -444,6 +449,7 @@ class ClusterMetadata:
             for name in topics:
                 self._topic_refreshed_s[name] = now
         self.controller_id = resp.controller_id
+        self.controller_waiting = resp.controller_waiting
         self.cluster_id = resp.cluster_id
         self._updated += 1
         self._wake_waiters(full=wanted is None)

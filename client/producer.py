@@ -339,6 +339,17 @@ class Producer:
     ``max_in_flight_per_partition`` is above 5 (then it is off, as Kafka's producer does);
     ``enable_idempotence=True`` with either of those is a ValueError.
 
+    **Batching** (``linger_ms``, ``adaptive_linger``): records of a partition gather into
+    one batch until it holds ``batch_bytes_max``. With ``adaptive_linger`` (the default) a
+    partition with no request in flight sends its batch as soon as the caller yields to the
+    event loop, so a lone record waits for nothing; while requests are out, new records
+    gather until an answer comes back (then they go at once, together) or, once the batch
+    holds 64 KiB, for up to ``linger_ms``; a full batch always goes (up to
+    ``max_in_flight_per_partition`` requests). So batches grow with the load, and small
+    requests do not queue behind each other on the nodes (Nagle's algorithm; docs/latency.md
+    has the figures). ``adaptive_linger=False`` always waits ``linger_ms`` (the Java
+    client's ``linger.ms``).
+
     **What order is guaranteed**, per partition (records of one key go to one partition):
 
     * Idempotent (the default; up to 5 requests in flight per partition): the records are
@@ -370,6 +381,7 @@ class Producer:
         *,
         acks: Acks | str = "all",
         linger_ms: float = LINGER_MS_DEFAULT,
+        adaptive_linger: bool = True,
         batch_bytes_max: int = BATCH_BYTES_MAX_DEFAULT,
         max_in_flight_per_partition: int | None = None,
         enable_idempotence: bool | None = None,
@@ -423,6 +435,7 @@ class Producer:
             tls=tls, ca=ca, client_cert=client_cert, client_key=client_key, token=token
         )
         self._linger_s = linger_ms / 1000
+        self._adaptive_linger = adaptive_linger
         self._max_in_flight = max_in_flight_per_partition
         self._retries = retries
         self._retry_backoff_ms = retry_backoff_ms
@@ -469,6 +482,7 @@ class Producer:
                 request_timeout_ms=self._request_timeout_ms,
                 delivery_timeout_s=self._delivery_timeout_s,
                 idempotent=self._idempotent,
+                adaptive_linger=self._adaptive_linger,
             ),
             on_released=self._on_released,
             force_drain=lambda: self._flushing > 0,
@@ -608,7 +622,8 @@ class Producer:
         ``values`` into batches of ``batch_bytes_max`` with no per-record Python work (keyed
         records are first grouped by partition). ``await`` the result for one BatchMetadata
         per batch the records went to. The producer's serializers apply as in :meth:`send`
-        (costing a call per record); without them values must be bytes."""
+        (costing a call per record); without them values must be bytes. A None value is a
+        tombstone, never serialized."""
         meta = self.metadata
         if self._closed:
             raise TidelogError("the producer is closed")
@@ -616,7 +631,7 @@ class Producer:
             raise self._sender.fatal
         if self._value_serializer is not None:
             ser = self._value_serializer
-            values = [self._to_bytes(v, ser, "value") for v in values]
+            values = [None if v is None else self._to_bytes(v, ser, "value") for v in values]
         if keys is not None and self._key_serializer is not None:
             kser = self._key_serializer
             keys = [None if k is None else self._to_bytes(k, kser, "key") for k in keys]
@@ -746,12 +761,16 @@ class Producer:
         dq = self._acc.batches.get(tp)
         if created and dq is not None and len(dq) > 1:
             self._wake(tp)  # the previous batch is complete and may go
+        elif created and self._adaptive_linger:
+            # Sent at once if nothing of the partition is in flight (the sender decides);
+            # the drain runs after the caller yields, so a burst of sends shares the batch.
+            self._wake(tp)
         self._loop_().call_later(self._linger_s, self._wake, tp)
 
     def _append_many(
         self,
         info: TopicInfo,
-        values: Sequence[bytes],
+        values: Sequence[bytes | None],
         keys: Sequence[bytes | None] | None,
         partition: int | None,
         handle: BatchesFuture,
@@ -788,12 +807,12 @@ class Producer:
     def _append_keyed(
         self,
         info: TopicInfo,
-        values: Sequence[bytes],
+        values: Sequence[bytes | None],
         keys: Sequence[bytes | None],
         handle: BatchesFuture,
     ) -> None:
         n = info.partition_count
-        groups: dict[int, tuple[list[bytes], list[bytes | None]]] = {}
+        groups: dict[int, tuple[list[bytes | None], list[bytes | None]]] = {}
         sticky = self._sticky.current(info.name, n)
         for value, key in zip(values, keys, strict=True):
             if key is not None and type(key) is not bytes:

@@ -70,6 +70,7 @@ from tidelog.client.limits import (
     INIT_PRODUCER_ID_TIMEOUT_MS,
     LEADER_CHECK_AFTER_MS,
     LEADERLESS_EXPIRY_CHECK_MS,
+    PIPELINE_BATCH_BYTES_MIN,
     RETRY_BACKOFF_MAX_MS,
     SEQUENCE_MOD,
 )
@@ -110,6 +111,10 @@ class SenderConfig:
     delivery_timeout_s: float
     #: Stamp batches with a producer id, epoch and sequence (module docstring).
     idempotent: bool = False
+    #: A partition with no request in flight sends its batch at once; while requests are
+    #: out, a batch below PIPELINE_BATCH_BYTES_MIN waits for an answer, a larger one for
+    #: linger (the producer's docstring).
+    adaptive_linger: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +222,9 @@ class Sender:
         #: Sessions obtained, and batches the node answered as already stored (metrics).
         self.sessions_started = 0
         self.duplicates = 0
+        #: With adaptive linger, the smallest batch sent while the partition has requests
+        #: out (a full batch always may go).
+        self._pipeline_bytes = min(PIPELINE_BATCH_BYTES_MIN, acc.batch_bytes_max)
 
     async def close(self) -> None:
         """Stop sending: cancel every request and task (their batches fail as closed)."""
@@ -314,8 +322,27 @@ class Sender:
             return
         limit = 1 if st.recovering else self.config.max_in_flight
         force = self._force_drain() or self.closed
+        # Adaptive linger: with nothing in flight for the partition there is no answer to
+        # batch behind, so its first batch goes now; the records that arrive while it is
+        # out gather into the next one, which goes when linger ends or an answer comes.
+        adaptive = self.config.adaptive_linger
+        idle = adaptive and st.in_flight == 0
         while st.in_flight < limit:
-            batch = self.acc.pop_ready(tp, now_s, self.config.linger_s, force)
+            if adaptive and not (idle or force):
+                # With requests out, an adaptive partition pipelines only large batches: a
+                # small one waits for an answer (and then goes with everything that came
+                # meanwhile), as Nagle's algorithm; small requests in flight together only
+                # queue behind each other in the leader's and the followers' rounds
+                # (docs/latency.md). A large one goes once its linger is over.
+                head = self.acc.head(tp)
+                if head is None or (
+                    not head.closed
+                    and head.size_bytes < self._pipeline_bytes
+                    and len(self.acc.batches[tp]) == 1
+                ):
+                    break
+            batch = self.acc.pop_ready(tp, now_s, self.config.linger_s, force or idle)
+            idle = False
             if batch is None:
                 break
             if now_s - batch.created_s > self.config.delivery_timeout_s:
@@ -348,6 +375,7 @@ class Sender:
         if not batch.first_sent_s:
             batch.first_sent_s = loop.time()
         batch.attempts += 1
+        batch.sent_behind = batch.sequence >= 0 and batch.sequence != st.acked_sequence_next
         request = broker_pb2.ProduceRequest(
             topic=tp.topic,
             partition=tp.partition,
@@ -505,9 +533,13 @@ class Sender:
         go again in order (it was refused because a batch before it is not stored yet, or
         the partition forgot the producer and a new session resends it), else the error
         the batch fails with."""
-        if batch.sequence != st.acked_sequence_next:
+        if batch.sequence != st.acked_sequence_next or batch.sent_behind:
             # A batch before it failed or is still in flight (it may reach the node later:
-            # gRPC does not order concurrent calls): this one goes again after it.
+            # gRPC does not order concurrent calls), or was acknowledged only after this
+            # attempt left: the node may have refused this one before it stored the earlier
+            # batch (answers come back in any order too). It goes again after it; a refusal
+            # is taken for lost state only when every earlier batch was acknowledged before
+            # the attempt was sent.
             return None
         if isinstance(err, UnknownProducerId):
             # Every batch before it is acknowledged, and the partition holds nothing of this

@@ -11,11 +11,19 @@ import abc
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from tidelog.client.admin import Admin, ClusterView, TopicDescription
+from tidelog.client.admin import (
+    Admin,
+    ClusterView,
+    GroupDescription,
+    GroupListing,
+    OffsetResetPlan,
+    ResetTo,
+    TopicDescription,
+)
 from tidelog.client.consumer import Consumer, FetchedBatch
 from tidelog.client.producer import Producer
 from tidelog.client.structs import (
@@ -25,8 +33,18 @@ from tidelog.client.structs import (
     RecordMetadata,
     TopicPartition,
 )
+from tidelog.client.table import (
+    SCAN_PAGE_ROWS_DEFAULT,
+    Key,
+    Row,
+    ScanPage,
+    Table,
+    TableChange,
+    TableContents,
+    TableWatch,
+)
 
-__all__ = ["SyncAdmin", "SyncConsumer", "SyncProducer"]
+__all__ = ["SyncAdmin", "SyncConsumer", "SyncProducer", "SyncTable", "SyncTableWatch"]
 
 T = TypeVar("T")
 
@@ -138,7 +156,7 @@ class SyncProducer(_Facade):
     def send_many(
         self,
         topic: str,
-        values: Sequence[bytes],
+        values: Sequence[bytes | None],
         keys: Sequence[bytes | None] | None = None,
         *,
         partition: int | None = None,
@@ -192,6 +210,78 @@ class SyncConsumer(_Facade):
 
     def assignment(self) -> list[TopicPartition]:
         result: list[TopicPartition] = self._call(self._consumer.assignment)
+        return result
+
+    def subscribe(
+        self,
+        topics: str | Iterable[str] = (),
+        *,
+        pattern: str | None = None,
+        on_assigned: Callable[[list[TopicPartition]], None] | None = None,
+        on_revoked: Callable[[list[TopicPartition]], None] | None = None,
+        on_lost: Callable[[list[TopicPartition]], None] | None = None,
+    ) -> None:
+        """As :meth:`Consumer.subscribe`; the callbacks run on the facade's loop thread,
+        inside poll(), while the calling thread waits for poll to return."""
+        names = [topics] if isinstance(topics, str) else list(topics)
+
+        async def go() -> None:
+            self._consumer.subscribe(
+                names,
+                pattern=pattern,
+                on_assigned=on_assigned,
+                on_revoked=on_revoked,
+                on_lost=on_lost,
+            )
+
+        self._lt.run(go())
+
+    def unsubscribe(self) -> None:
+        self._lt.run(self._consumer.unsubscribe())
+
+    def commit(self, offsets: Mapping[TopicPartition, int] | None = None) -> None:
+        """Commit and wait for the answer (see :meth:`Consumer.commit`)."""
+        self._lt.run(self._consumer.commit(offsets))
+
+    def commit_async(
+        self, offsets: Mapping[TopicPartition, int] | None = None
+    ) -> concurrent.futures.Future[None]:
+        """Start a commit; the future holds its outcome (PartitionRevoked at once for a
+        partition this member does not own)."""
+
+        async def go() -> None:
+            await self._consumer.commit_async(offsets)
+
+        return self._lt.submit(go())
+
+    def committed(
+        self, partitions: Iterable[TopicPartition] | None = None
+    ) -> dict[TopicPartition, int | None]:
+        return self._lt.run(
+            self._consumer.committed(None if partitions is None else list(partitions))
+        )
+
+    def lag(self) -> dict[TopicPartition, int]:
+        return self._lt.run(self._consumer.lag())
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self._call(self._consumer.pause, *partitions)
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self._call(self._consumer.resume, *partitions)
+
+    def paused(self) -> list[TopicPartition]:
+        result: list[TopicPartition] = self._call(self._consumer.paused)
+        return result
+
+    @property
+    def has_assignment(self) -> bool:
+        result: bool = self._call(lambda: self._consumer.has_assignment)
+        return result
+
+    @property
+    def member_id(self) -> str:
+        result: str = self._call(lambda: self._consumer.member_id)
         return result
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
@@ -287,14 +377,193 @@ class SyncAdmin(_Facade):
     ) -> TopicDescription:
         return self._lt.run(self._admin.alter_topic_config(topic, set=set, delete=delete))
 
+    def create_partitions(
+        self, topic: str, total_count: int, *, validate_only: bool = False
+    ) -> TopicDescription:
+        return self._lt.run(
+            self._admin.create_partitions(topic, total_count, validate_only=validate_only)
+        )
+
     def list_topics(self, *, internal: bool = False) -> list[str]:
         return self._lt.run(self._admin.list_topics(internal=internal))
 
     def metadata(self) -> ClusterView:
         return self._lt.run(self._admin.metadata())
 
+    def list_groups(self) -> list[GroupListing]:
+        return self._lt.run(self._admin.list_groups())
+
+    def describe_group(self, group_id: str) -> GroupDescription:
+        return self._lt.run(self._admin.describe_group(group_id))
+
+    def delete_group(self, group_id: str) -> None:
+        self._lt.run(self._admin.delete_group(group_id))
+
+    def list_group_offsets(
+        self, group_id: str, partitions: Sequence[TopicPartition] = ()
+    ) -> dict[TopicPartition, int]:
+        return self._lt.run(self._admin.list_group_offsets(group_id, partitions))
+
+    def alter_group_offsets(self, group_id: str, offsets: Mapping[TopicPartition, int]) -> None:
+        self._lt.run(self._admin.alter_group_offsets(group_id, offsets))
+
+    def reset_group_offsets(
+        self,
+        group_id: str,
+        topic: str,
+        to: ResetTo,
+        *,
+        partitions: Sequence[int] = (),
+        execute: bool = False,
+    ) -> list[OffsetResetPlan]:
+        return self._lt.run(
+            self._admin.reset_group_offsets(
+                group_id, topic, to, partitions=partitions, execute=execute
+            )
+        )
+
     def close(self) -> None:
         try:
             self._lt.run(self._admin.close())
         finally:
             self._lt.close()
+
+
+class SyncTable(_Facade):
+    """``with SyncTable("127.0.0.1:9092", "rates") as t: t.get(b"EUR/USD")``.
+
+    Keyword arguments are those of :class:`Table`.
+    """
+
+    def __init__(self, bootstrap: str | Sequence[str], topic: str, **options: Any) -> None:
+        super().__init__("tidelog-table")
+
+        async def make() -> Table:
+            t = Table(bootstrap, topic, **options)
+            await t.start()
+            return t
+
+        try:
+            self._table = self._lt.run(make())
+        except BaseException:
+            self._lt.close()
+            raise
+
+    @property
+    def topic(self) -> str:
+        return self._table.topic
+
+    def partition_for(self, key: Key) -> int:
+        return self._table.partition_for(key)
+
+    def get(
+        self, key: Key, *, min_offset: int | None = None, partition: int | None = None
+    ) -> Row | None:
+        return self._lt.run(self._table.get(key, min_offset=min_offset, partition=partition))
+
+    def get_many(
+        self, keys: Iterable[Key], *, min_offsets: Mapping[int, int] | None = None
+    ) -> dict[bytes, Row]:
+        return self._lt.run(self._table.get_many(list(keys), min_offsets=min_offsets))
+
+    def scan(
+        self,
+        *,
+        prefix: Key | None = None,
+        start: Key | None = None,
+        end: Key | None = None,
+        partition: int | None = None,
+        page_size: int = SCAN_PAGE_ROWS_DEFAULT,
+        min_offsets: Mapping[int, int] | None = None,
+    ) -> Iterator[ScanPage]:
+        """Pages as :meth:`Table.scan` yields them, each fetched when asked for."""
+        pages = self._table.scan(
+            prefix=prefix,
+            start=start,
+            end=end,
+            partition=partition,
+            page_size=page_size,
+            min_offsets=min_offsets,
+        )
+
+        async def step() -> ScanPage | None:
+            try:
+                return await anext(pages)
+            except StopAsyncIteration:
+                return None
+
+        try:
+            while (page := self._lt.run(step())) is not None:
+                yield page
+        finally:
+            self._lt.run(pages.aclose())
+
+    def read_all(self, *, prefix: Key | None = None, partition: int | None = None) -> TableContents:
+        return self._lt.run(self._table.read_all(prefix=prefix, partition=partition))
+
+    def watch(
+        self,
+        from_offsets: Mapping[int, int] | None = None,
+        *,
+        partitions: Iterable[int] | None = None,
+    ) -> SyncTableWatch:
+        async def make() -> TableWatch:
+            return self._table.watch(
+                from_offsets, partitions=None if partitions is None else list(partitions)
+            )
+
+        return SyncTableWatch(self._lt, self._lt.run(make()))
+
+    def close(self) -> None:
+        try:
+            self._lt.run(self._table.close())
+        finally:
+            self._lt.close()
+
+
+class SyncTableWatch:
+    """The blocking iterator of :meth:`SyncTable.watch`; ``next_change(timeout_s)`` returns
+    None when nothing came within the timeout."""
+
+    def __init__(self, lt: _LoopThread, watch: TableWatch) -> None:
+        self._lt = lt
+        self._watch = watch
+
+    @property
+    def positions(self) -> dict[int, int]:
+        return dict(self._watch.positions)
+
+    @property
+    def snapshot_done(self) -> bool:
+        return self._watch.snapshot_done
+
+    def next_change(self, timeout_s: float | None = None) -> TableChange | None:
+        async def go() -> TableChange | None:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return await anext(self._watch)
+            except TimeoutError:
+                return None
+
+        try:
+            return self._lt.run(go())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def __iter__(self) -> Iterator[TableChange]:
+        while True:
+            try:
+                change = self.next_change()
+            except StopIteration:
+                return
+            if change is not None:
+                yield change
+
+    def close(self) -> None:
+        self._lt.run(self._watch.close())
+
+    def __enter__(self) -> SyncTableWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -64,10 +64,15 @@ class RegisterNode:
 
 @dataclass(frozen=True, slots=True)
 class MarkNodeDead:
-    """The active controller heard nothing from the node for ``node.dead.ms``."""
+    """The active controller heard nothing from the node for ``node.dead.ms``.
+
+    ``at_ms``: the proposer's wall clock when it decided (Unix ms; 0 in commands written
+    before it existed), from which the reprovisioning deadline is counted. Data of the
+    command, so applying it needs no clock."""
 
     TYPE: ClassVar[str] = "mark_node_dead"
     node_id: int
+    at_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +121,19 @@ class AlterTopicConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AddPartitions:
+    """Grow a topic by ``len(assignments)`` partitions (the new ones, in order; each its
+    replicas with the preferred leader first), placed by the proposer."""
+
+    TYPE: ClassVar[str] = "add_partitions"
+    name: str
+    assignments: Sequence[tuple[int, ...]]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "assignments", tuple(tuple(r) for r in self.assignments))
+
+
+@dataclass(frozen=True, slots=True)
 class LeaderHint:
     """The leader a partition's Raft group reported in a term (``leader`` 0: none known)."""
 
@@ -154,6 +172,115 @@ class AllocateProducerIds:
     count: int
 
 
+#: Node states (``SetNodeState``): an active node takes replicas; a draining one has every
+#: replica moved off and takes no new one.
+NODE_ACTIVE = "active"
+NODE_DRAINING = "draining"
+NODE_STATES = (NODE_ACTIVE, NODE_DRAINING)
+
+
+@dataclass(frozen=True, slots=True)
+class SetNodeState:
+    """Start (``draining``) or stop (``active``) draining a node."""
+
+    TYPE: ClassVar[str] = "set_node_state"
+    node_id: int
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveNode:
+    """Forget a node that holds no replica and is dead or drained."""
+
+    TYPE: ClassVar[str] = "remove_node"
+    node_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionMove:
+    """Partition group ``group_id`` should end with replicas ``target`` (preferred leader
+    first); an empty target cancels the move in progress."""
+
+    group_id: int
+    target: tuple[int, ...]
+
+
+#: Moves carried by one MovePartitions.
+MOVES_MAX = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class MovePartitions:
+    """Start (or cancel) replica moves: reassignments, drains, reprovisioning, balancing.
+    The leader of each group drives its Raft configuration to the target and reports the
+    committed configurations back (UpdatePartitionReplicas)."""
+
+    TYPE: ClassVar[str] = "move_partitions"
+    moves: tuple[PartitionMove, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "moves", tuple(PartitionMove(m.group_id, tuple(m.target)) for m in self.moves)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaReport:
+    """The committed Raft configuration of a partition group, reported by its leader in
+    ``term``."""
+
+    group_id: int
+    term: int
+    voters: tuple[int, ...]
+    learners: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UpdatePartitionReplicas:
+    """Committed configurations of partition groups, batched by the active controller; the
+    assignments' ``replicas`` follow them, and a move whose target is reached ends."""
+
+    TYPE: ClassVar[str] = "update_partition_replicas"
+    reports: tuple[ReplicaReport, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "reports",
+            tuple(
+                ReplicaReport(r.group_id, r.term, tuple(r.voters), tuple(r.learners))
+                for r in self.reports
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SetClusterConfig:
+    """Set some cluster settings and unset others (controller/settings.py)."""
+
+    TYPE: ClassVar[str] = "set_cluster_config"
+    set: Mapping[str, str]
+    delete: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "set", _frozen_map(self.set))
+        object.__setattr__(self, "delete", tuple(self.delete))
+
+
+@dataclass(frozen=True, slots=True)
+class ForceRecoverPartition:
+    """UNSAFE (tidelog partition force-recover): partition group ``group_id`` lost a majority
+    of its replicas for good; its replicas become ``survivors``, the first of them the
+    survivor whose log is kept (and the preferred leader). See controller/recovery.py."""
+
+    TYPE: ClassVar[str] = "force_recover_partition"
+    group_id: int
+    survivors: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "survivors", tuple(self.survivors))
+
+
 Command = (
     RegisterNode
     | MarkNodeDead
@@ -163,6 +290,13 @@ Command = (
     | AlterTopicConfig
     | UpdatePartitionLeaders
     | AllocateProducerIds
+    | AddPartitions
+    | SetNodeState
+    | RemoveNode
+    | MovePartitions
+    | UpdatePartitionReplicas
+    | SetClusterConfig
+    | ForceRecoverPartition
 )
 
 
@@ -180,8 +314,26 @@ def encode_command(command: Command) -> bytes:
                 body["directory_id"] = command.directory_id
             if command.internal_address:
                 body["internal_address"] = command.internal_address
-        case MarkNodeDead() | MarkNodeAlive():
+        case MarkNodeDead():
             body = {"node_id": command.node_id}
+            if command.at_ms:
+                body["at_ms"] = command.at_ms
+        case MarkNodeAlive() | RemoveNode():
+            body = {"node_id": command.node_id}
+        case SetNodeState():
+            body = {"node_id": command.node_id, "state": command.state}
+        case MovePartitions():
+            body = {"moves": [[m.group_id, *m.target] for m in command.moves]}
+        case UpdatePartitionReplicas():
+            body = {
+                "reports": [
+                    [r.group_id, r.term, list(r.voters), list(r.learners)] for r in command.reports
+                ]
+            }
+        case SetClusterConfig():
+            body = {"set": dict(command.set), "delete": list(command.delete)}
+        case ForceRecoverPartition():
+            body = {"group_id": command.group_id, "survivors": list(command.survivors)}
         case CreateTopic():
             body = {
                 "name": command.name,
@@ -198,6 +350,8 @@ def encode_command(command: Command) -> bytes:
             body = {"hints": [[h.group_id, h.leader, h.term] for h in command.hints]}
         case AllocateProducerIds():
             body = {"node_id": command.node_id, "count": command.count}
+        case AddPartitions():
+            body = {"name": command.name, "assignments": [list(r) for r in command.assignments]}
         case _:
             raise TypeError(f"not a controller command: {command!r}")
     body["v"] = COMMAND_VERSION
@@ -239,7 +393,34 @@ def decode_command(data: bytes) -> Command:
             internal_address=fields.string("internal_address") if "internal_address" in raw else "",
         )
     elif kind == MarkNodeDead.TYPE:
-        command = MarkNodeDead(node_id=fields.integer("node_id"))
+        command = MarkNodeDead(
+            node_id=fields.integer("node_id"),
+            at_ms=fields.integer("at_ms") if "at_ms" in raw else 0,
+        )
+    elif kind == RemoveNode.TYPE:
+        command = RemoveNode(node_id=fields.integer("node_id"))
+    elif kind == SetNodeState.TYPE:
+        command = SetNodeState(node_id=fields.integer("node_id"), state=fields.string("state"))
+    elif kind == MovePartitions.TYPE:
+        rows = fields.int_rows("moves", width=None)
+        if len(rows) > MOVES_MAX:
+            raise CommandDecodeError(
+                f"move_partitions carries {len(rows)} moves; at most {MOVES_MAX} allowed"
+            )
+        if any(not row for row in rows):
+            raise CommandDecodeError("move_partitions has an empty move")
+        command = MovePartitions(moves=tuple(PartitionMove(row[0], tuple(row[1:])) for row in rows))
+    elif kind == UpdatePartitionReplicas.TYPE:
+        command = UpdatePartitionReplicas(reports=tuple(fields.replica_reports("reports")))
+    elif kind == SetClusterConfig.TYPE:
+        command = SetClusterConfig(
+            set=fields.str_map("set"), delete=tuple(fields.str_list("delete"))
+        )
+    elif kind == ForceRecoverPartition.TYPE:
+        command = ForceRecoverPartition(
+            group_id=fields.integer("group_id"),
+            survivors=tuple(fields.int_list("survivors")),
+        )
     elif kind == MarkNodeAlive.TYPE:
         command = MarkNodeAlive(node_id=fields.integer("node_id"))
     elif kind == CreateTopic.TYPE:
@@ -269,6 +450,11 @@ def decode_command(data: bytes) -> Command:
     elif kind == AllocateProducerIds.TYPE:
         command = AllocateProducerIds(
             node_id=fields.integer("node_id"), count=fields.integer("count")
+        )
+    elif kind == AddPartitions.TYPE:
+        command = AddPartitions(
+            name=fields.string("name"),
+            assignments=[tuple(r) for r in fields.int_rows("assignments", width=None)],
         )
     else:
         raise CommandDecodeError(f"unknown controller command type {kind!r}")
@@ -343,6 +529,12 @@ class _Fields:
             raise self._bad(key, "a list of strings")
         return value
 
+    def int_list(self, key: str) -> list[int]:
+        value = self._get(key)
+        if not isinstance(value, list) or not all(type(x) is int for x in value):
+            raise self._bad(key, "a list of integers")
+        return value
+
     def int_rows(self, key: str, width: int | None) -> list[list[int]]:
         value = self._get(key)
         expected = "a list of lists of integers" + (f", {width} each" if width else "")
@@ -354,6 +546,24 @@ class _Fields:
             if not all(type(x) is int for x in row):
                 raise self._bad(key, expected)
         return value
+
+    def replica_reports(self, key: str) -> list[ReplicaReport]:
+        value = self._get(key)
+        expected = "a list of [group, term, [voters], [learners]] rows"
+        if not isinstance(value, list) or len(value) > MOVES_MAX:
+            raise self._bad(key, expected)
+        out = []
+        for row in value:
+            if not isinstance(row, list) or len(row) != 4:
+                raise self._bad(key, expected)
+            group, term, voters, learners = row
+            if type(group) is not int or type(term) is not int:
+                raise self._bad(key, expected)
+            for ids in (voters, learners):
+                if not isinstance(ids, list) or not all(type(x) is int for x in ids):
+                    raise self._bad(key, expected)
+            out.append(ReplicaReport(group, term, tuple(voters), tuple(learners)))
+        return out
 
     def finish(self) -> None:
         extra = sorted(set(self._raw) - self._used)

@@ -26,7 +26,7 @@ partition does not use yet, least loaded first.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from tidelog.errors import InvalidPartitions, InvalidReplicationFactor
@@ -232,3 +232,28 @@ def _greedy_rack_first(
             replicas[i] += 1
         out.append(tuple(chosen))
     return out
+
+
+def pick_replacement(
+    keep: Sequence[int],
+    exclude: Iterable[int],
+    nodes: Sequence[NodeInfo],
+    load: Mapping[int, int],
+) -> int | None:
+    """The node that should take one more replica of a partition whose other replicas are
+    ``keep``: never one in ``exclude`` (the partition's current hosts, dead or draining
+    nodes), a rack none of ``keep`` uses when there is one (racks respected), then the
+    least loaded, then the lowest id. None when no node qualifies (no room)."""
+    banned = set(exclude) | set(keep)
+    rack = {n.id: n.rack for n in nodes}
+    used = {rack.get(i) for i in keep if rack.get(i) is not None}
+    best: tuple[int, int, int] | None = None
+    for n in nodes:
+        if n.id in banned:
+            continue
+        # A rackless node among racked ones is its own failure domain.
+        shared = 1 if n.rack is not None and n.rack in used else 0
+        key = (shared, load.get(n.id, 0), n.id)
+        if best is None or key < best:
+            best = key
+    return None if best is None else best[2]

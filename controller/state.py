@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -39,21 +39,39 @@ from tidelog.config import (
 )
 from tidelog.controller.commands import (
     LEADER_HINTS_MAX,
+    NODE_ACTIVE,
+    NODE_DRAINING,
+    NODE_STATES,
     PRODUCER_ID_BLOCK_MAX,
+    AddPartitions,
     AllocateProducerIds,
     AlterTopicConfig,
     Command,
     CreateTopic,
     DeleteTopic,
+    ForceRecoverPartition,
     MarkNodeAlive,
     MarkNodeDead,
+    MovePartitions,
     RegisterNode,
+    RemoveNode,
+    SetClusterConfig,
+    SetNodeState,
     UpdatePartitionLeaders,
+    UpdatePartitionReplicas,
     decode_command,
 )
 from tidelog.controller.placement import NodeInfo, assign_replicas
+from tidelog.controller.recovery import check_command, recovered_assignment
+from tidelog.controller.settings import (
+    ALL_KEYS,
+    check_known,
+    topic_defaults,
+    validate_cluster_settings,
+)
 from tidelog.errors import (
     InvalidConfig,
+    InvalidPartitions,
     InvalidReplicationFactor,
     InvalidRequest,
     NodeIdentityConflict,
@@ -80,6 +98,7 @@ DIRECTORY_ID_LENGTH_MAX = 64
 TERM_MAX = 2**63 - 1
 #: "No leader known" in leader hints.
 NO_LEADER = 0
+_NO_DEFAULTS: Mapping[str, str] = MappingProxyType({})
 
 _SNAPSHOT_MAGIC = b"TLCS"
 _SNAPSHOT_FORMAT = 1
@@ -121,6 +140,15 @@ class NodeRecord:
     directory_id: str = ""
     #: Where the other nodes reach its internal listener ("": its client address).
     internal_address: str = ""
+    #: ``NODE_ACTIVE`` or ``NODE_DRAINING`` (SetNodeState).
+    state: str = NODE_ACTIVE
+    #: When it was marked dead (the proposer's Unix ms; 0: alive, or not known).
+    dead_since_ms: int = 0
+
+    @property
+    def active(self) -> bool:
+        """Alive and not draining: may take new replicas."""
+        return self.alive and self.state == NODE_ACTIVE
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,11 +157,25 @@ class PartitionAssignment:
     leader observed (a hint for Metadata answers; ``NO_LEADER`` when unknown)."""
 
     partition: int
+    #: The voters of the group as last reported by its leader (as placed, before that).
     replicas: tuple[int, ...]
     preferred_leader: int
     group_id: int
     leader: int = NO_LEADER
     leader_term: int = 0
+    #: The replicas a move in progress ends with (preferred leader first); None: no move.
+    target: tuple[int, ...] | None = None
+    #: The term of the leader whose report ``replicas`` last followed (older ones are stale).
+    conf_term: int = 0
+
+    @property
+    def hosts(self) -> frozenset[int]:
+        """Every node that must hold a replica: the replicas and the move's target."""
+        return frozenset(self.replicas) | frozenset(self.target or ())
+
+    @property
+    def moving(self) -> bool:
+        return self.target is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,12 +201,14 @@ class TopicRecord:
     #: Overrides only; ``effective_configs`` adds the defaults.
     configs: Mapping[str, str]
     partitions: tuple[PartitionAssignment, ...]
+    #: The cluster's topic defaults (SetClusterConfig), below the topic's own overrides.
+    cluster_defaults: Mapping[str, str] = field(default_factory=lambda: _NO_DEFAULTS)
 
     def effective_configs(self) -> dict[str, str]:
-        return effective_configs(self.configs)
+        return effective_configs({**self.cluster_defaults, **self.configs})
 
     def config(self) -> TopicConfig:
-        return TopicConfig.from_overrides(self.configs)
+        return TopicConfig.from_overrides({**self.cluster_defaults, **self.configs})
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +259,7 @@ class ClusterState:
         self._by_node: dict[int, set[tuple[str, int]]] = {}
         self._next_producer_id = 0
         self._producer_blocks: dict[int, ProducerIdBlock] = {}
+        self._settings: dict[str, str] = {}
 
     @classmethod
     def from_snapshot(cls, data: bytes) -> ClusterState:
@@ -251,6 +296,28 @@ class ClusterState:
 
     def live_node_ids(self) -> list[int]:
         return sorted(i for i, n in self._nodes.items() if n.alive)
+
+    def active_node_ids(self) -> list[int]:
+        """Alive and not draining: the nodes new replicas go to."""
+        return sorted(i for i, n in self._nodes.items() if n.active)
+
+    @property
+    def settings(self) -> Mapping[str, str]:
+        """The cluster settings set (controller/settings.py); unset keys take defaults."""
+        return MappingProxyType(self._settings)
+
+    def assignments(self) -> list[tuple[str, PartitionAssignment]]:
+        """Every partition, by topic name then partition."""
+        return [(name, p) for name in sorted(self._topics) for p in self._topics[name].partitions]
+
+    def leader_counts(self) -> dict[int, int]:
+        """Partitions each registered node leads, by the leader hints (0 included)."""
+        counts = dict.fromkeys(sorted(self._nodes), 0)
+        for topic in self._topics.values():
+            for p in topic.partitions:
+                if p.leader in counts:
+                    counts[p.leader] += 1
+        return counts
 
     def topic(self, name: str) -> TopicRecord:
         record = self._topics.get(name)
@@ -309,11 +376,14 @@ class ClusterState:
                     "internal_address": n.internal_address,
                     "rack": n.rack,
                     "alive": n.alive,
+                    "state": n.state,
+                    "dead_since_ms": n.dead_since_ms,
                     "registered_at_index": n.registered_at_index,
                     "replicas": len(self._by_node.get(n.node_id, ())),
                 }
                 for _, n in sorted(self._nodes.items())
             ],
+            "settings": dict(sorted(self._settings.items())),
             "topics": [
                 {
                     "name": t.name,
@@ -328,6 +398,7 @@ class ClusterState:
                             "preferred_leader": p.preferred_leader,
                             "leader": p.leader,
                             "leader_term": p.leader_term,
+                            "target": None if p.target is None else list(p.target),
                         }
                         for p in t.partitions
                     ],
@@ -350,7 +421,7 @@ class ClusterState:
         load of the existing topics taken into account."""
         configs = dict(configs or {})
         self._check_topic_spec(name, partitions, replication_factor, configs)
-        live = [self._nodes[i] for i in self.live_node_ids()]
+        live = [self._nodes[i] for i in self.active_node_ids()]
         loads = self.replica_counts()
         leads = self.preferred_leader_counts()
         assignments = assign_replicas(
@@ -361,6 +432,43 @@ class ClusterState:
             existing_leaders={n.node_id: leads[n.node_id] for n in live},
         )
         command = CreateTopic(name, partitions, replication_factor, configs, assignments)
+        self.check(command)
+        return command
+
+    def prepare_add_partitions(self, name: str, total: int) -> AddPartitions:
+        """The AddPartitions that grows ``name`` to ``total`` partitions, placed over the
+        live nodes with the load of every topic taken into account (as a new topic's)."""
+        record = self.topic(name)
+        have = len(record.partitions)
+        if record.config().compacted:
+            self._check_add_partitions(AddPartitions(name, [()]))
+        if total <= have:
+            raise InvalidPartitions(
+                f"topic {name!r} has {have} partitions; a topic only grows, so give a count "
+                f"above {have} (got {total})"
+            )
+        try:
+            validate_partitions(total)
+        except TidelogError as err:
+            raise _in_topic(name, err) from None
+        live = [self._nodes[i] for i in self.live_node_ids()]
+        rf = record.replication_factor
+        if rf > len(live):
+            raise InvalidReplicationFactor(
+                f"topic {name!r}: its replication factor {rf} is larger than the {len(live)} "
+                f"live nodes {[n.node_id for n in live]}; start more nodes first"
+            )
+        loads = self.replica_counts()
+        leads = self.preferred_leader_counts()
+        assignments = assign_replicas(
+            total - have,
+            rf,
+            [NodeInfo(n.node_id, n.rack) for n in live],
+            existing_load={n.node_id: loads[n.node_id] for n in live},
+            existing_leaders={n.node_id: leads[n.node_id] for n in live},
+            seed_offset=have,
+        )
+        command = AddPartitions(name, assignments)
         self.check(command)
         return command
 
@@ -381,6 +489,20 @@ class ClusterState:
                 self._check_hints(command)
             case AllocateProducerIds():
                 self._check_allocate(command)
+            case AddPartitions():
+                self._check_add_partitions(command)
+            case SetNodeState():
+                self._check_set_state(command)
+            case RemoveNode():
+                self._check_remove(command)
+            case MovePartitions():
+                self._check_moves(command)
+            case UpdatePartitionReplicas():
+                self._check_reports(command)
+            case SetClusterConfig():
+                self._check_settings(command)
+            case ForceRecoverPartition():
+                self._check_force_recover(command)
             case _:
                 raise TypeError(f"not a controller command: {command!r}")
 
@@ -413,7 +535,7 @@ class ClusterState:
             case RegisterNode():
                 return self._do_register(index, command)
             case MarkNodeDead():
-                return self._do_set_alive(index, command.node_id, alive=False)
+                return self._do_set_alive(index, command.node_id, alive=False, at=command.at_ms)
             case MarkNodeAlive():
                 return self._do_set_alive(index, command.node_id, alive=True)
             case CreateTopic():
@@ -426,6 +548,20 @@ class ClusterState:
                 return self._do_hints(index, command)
             case AllocateProducerIds():
                 return self._do_allocate(index, command)
+            case AddPartitions():
+                return self._do_add_partitions(index, command)
+            case SetNodeState():
+                return self._do_set_state(index, command)
+            case RemoveNode():
+                return self._do_remove(index, command)
+            case MovePartitions():
+                return self._do_moves(index, command)
+            case UpdatePartitionReplicas():
+                return self._do_reports(index, command)
+            case SetClusterConfig():
+                return self._do_settings(index, command)
+            case ForceRecoverPartition():
+                return self._do_force_recover(index, command)
         raise TypeError(f"not a controller command: {command!r}")
 
     # -- nodes -----------------------------------------------------------------------------
@@ -495,17 +631,18 @@ class ClusterState:
             registered_at_index=old.registered_at_index if old is not None else index,
             directory_id=c.directory_id or (old.directory_id if old is not None else ""),
             internal_address=c.internal_address,
+            state=old.state if old is not None else NODE_ACTIVE,
         )
         if new == old:
             return ApplyResult(index)
         self._nodes[c.node_id] = new
         return ApplyResult(index, changed=True)
 
-    def _do_set_alive(self, index: int, node_id: int, *, alive: bool) -> ApplyResult:
+    def _do_set_alive(self, index: int, node_id: int, *, alive: bool, at: int = 0) -> ApplyResult:
         old = self._nodes[node_id]
         if old.alive == alive:
             return ApplyResult(index)
-        self._nodes[node_id] = replace(old, alive=alive)
+        self._nodes[node_id] = replace(old, alive=alive, dead_since_ms=0 if alive else at)
         if not alive:
             # A hint naming a dead node is known to be wrong; the partition's group elects
             # another leader, which a later hint (of a higher term) records.
@@ -586,7 +723,7 @@ class ClusterState:
         record = self._topics.pop(c.name)
         del self._topic_by_id[record.topic_id]
         for p in record.partitions:
-            for node_id in p.replicas:
+            for node_id in p.hosts:
                 hosted = self._by_node[node_id]
                 hosted.discard((record.name, p.partition))
                 if not hosted:
@@ -621,12 +758,316 @@ class ClusterState:
         self._topics[c.name] = new
         return ApplyResult(index, changed=True, topic=new)
 
+    def _check_add_partitions(self, c: AddPartitions) -> None:
+        record = self.topic(c.name)
+        if record.config().compacted:
+            raise InvalidPartitions(
+                f"topic {c.name!r} is compacted (cleanup.policy="
+                f"{record.effective_configs()['cleanup.policy']}): more partitions would send "
+                "its keys to other partitions than their current values, and reads by key "
+                "would miss them; create a new topic with the partitions wanted instead"
+            )
+        total = len(record.partitions) + len(c.assignments)
+        if not c.assignments:
+            raise InvalidPartitions(f"topic {c.name!r}: adding partitions needs at least one")
+        try:
+            validate_partitions(total)
+            group_id_for(record.topic_id, total - 1)
+        except TidelogError as err:
+            raise _in_topic(c.name, err) from None
+        except ValueError as err:
+            raise InvalidPartitions(f"topic {c.name!r}: {err}") from None
+        rf = record.replication_factor
+        for i, replicas in enumerate(c.assignments):
+            p = len(record.partitions) + i
+            if len(replicas) != rf or len(set(replicas)) != len(replicas):
+                raise InvalidRequest(
+                    f"topic {c.name!r} partition {p}: replicas {list(replicas)} are not "
+                    f"{rf} distinct nodes"
+                )
+            for node_id in replicas:
+                node = self._nodes.get(node_id)
+                if node is None or not node.alive:
+                    raise InvalidRequest(
+                        f"topic {c.name!r} partition {p}: replica node {node_id} is "
+                        f"{'not registered' if node is None else 'dead'}; live nodes are "
+                        f"{self.live_node_ids()}"
+                    )
+
+    def _do_add_partitions(self, index: int, c: AddPartitions) -> ApplyResult:
+        record = self._topics[c.name]
+        first = len(record.partitions)
+        added = tuple(
+            PartitionAssignment(
+                partition=first + i,
+                replicas=tuple(replicas),
+                preferred_leader=replicas[0],
+                group_id=group_id_for(record.topic_id, first + i),
+            )
+            for i, replicas in enumerate(c.assignments)
+        )
+        new = replace(record, partitions=record.partitions + added)
+        self._topics[c.name] = new
+        for p in added:
+            for node_id in p.replicas:
+                self._by_node.setdefault(node_id, set()).add((new.name, p.partition))
+        return ApplyResult(index, changed=True, topic=new)
+
+    # -- node states, moves, settings --------------------------------------------------------
+
+    def _check_set_state(self, c: SetNodeState) -> None:
+        self._check_known_node(c.node_id)
+        if c.state not in NODE_STATES:
+            raise InvalidRequest(
+                f"node state must be one of {', '.join(NODE_STATES)}, got {c.state!r}"
+            )
+        if c.state == NODE_DRAINING:
+            stuck = self.unplaceable_without(c.node_id)
+            if stuck:
+                topic, p = stuck[0]
+                raise InvalidReplicationFactor(
+                    f"cannot drain node {c.node_id}: no other live, active node can take its "
+                    f"replica of {topic}/{p} (every such node already holds one); "
+                    f"{len(stuck)} replica{'s' if len(stuck) != 1 else ''} would have nowhere "
+                    "to go: add a node first"
+                )
+
+    def unplaceable_without(self, node_id: int) -> list[tuple[str, int]]:
+        """The partitions on ``node_id`` that no other alive, active node could take (each
+        such node already holds a replica of it)."""
+        candidates = {i for i in self.active_node_ids() if i != node_id}
+        out = []
+        for topic, p in sorted(self._by_node.get(node_id, ())):
+            a = self._topics[topic].partitions[p]
+            if not candidates - a.hosts:
+                out.append((topic, p))
+        return out
+
+    def _do_set_state(self, index: int, c: SetNodeState) -> ApplyResult:
+        old = self._nodes[c.node_id]
+        if old.state == c.state:
+            return ApplyResult(index)
+        self._nodes[c.node_id] = replace(old, state=c.state)
+        return ApplyResult(index, changed=True)
+
+    def _check_remove(self, c: RemoveNode) -> None:
+        self._check_known_node(c.node_id)
+        node = self._nodes[c.node_id]
+        hosted = len(self._by_node.get(c.node_id, ()))
+        if hosted:
+            raise InvalidRequest(
+                f"node {c.node_id} still holds {hosted} replica{'s' if hosted != 1 else ''}: "
+                f"drain it first (tidelog cluster drain {c.node_id}) and remove it once it "
+                "holds none"
+            )
+        if node.alive and node.state != NODE_DRAINING:
+            raise InvalidRequest(
+                f"node {c.node_id} is alive and active: drain it (tidelog cluster drain "
+                f"{c.node_id}) or stop it before removing it"
+            )
+
+    def _do_remove(self, index: int, c: RemoveNode) -> ApplyResult:
+        del self._nodes[c.node_id]
+        self._producer_blocks.pop(c.node_id, None)
+        return ApplyResult(index, changed=True)
+
+    def _check_moves(self, c: MovePartitions) -> None:
+        if not c.moves:
+            raise InvalidRequest("a move of no partition")
+        seen: set[int] = set()
+        for m in c.moves:
+            located = self.locate_group(m.group_id)
+            if located is None:
+                raise UnknownPartition(f"no partition has Raft group {m.group_id} (deleted?)")
+            if m.group_id in seen:
+                raise InvalidRequest(f"partition group {m.group_id} is moved twice in one command")
+            seen.add(m.group_id)
+            topic, p = located
+            record = self._topics[topic]
+            a = record.partitions[p]
+            where = f"{topic}/{p}"
+            if not m.target:
+                if a.target is None:
+                    raise InvalidRequest(f"{where}: no move is in progress to cancel")
+                continue
+            self.check_target(where, record, a, m.target)
+
+    def check_target(
+        self, where: str, record: TopicRecord, a: PartitionAssignment, target: tuple[int, ...]
+    ) -> None:
+        """Raise unless ``target`` is a replica set partition ``a`` may move to now."""
+        rf = record.replication_factor
+        if len(target) != rf or len(set(target)) != len(target):
+            raise InvalidReplicationFactor(
+                f"{where}: the new replicas {list(target)} must be {rf} distinct nodes "
+                f"(the topic's replication factor)"
+            )
+        for node_id in target:
+            node = self._nodes.get(node_id)
+            if node is None:
+                raise InvalidRequest(
+                    f"{where}: node {node_id} is not registered; registered nodes: "
+                    f"{sorted(self._nodes)}"
+                )
+            if node_id in a.replicas:
+                continue
+            if not node.alive:
+                raise InvalidRequest(f"{where}: node {node_id} is dead; it cannot take a replica")
+            if node.state != NODE_ACTIVE:
+                raise InvalidRequest(
+                    f"{where}: node {node_id} is {node.state}; it cannot take a new replica"
+                )
+
+    def _do_moves(self, index: int, c: MovePartitions) -> ApplyResult:
+        changed = False
+        for m in c.moves:
+            located = self.locate_group(m.group_id)
+            assert located is not None
+            topic, p = located
+            a = self._topics[topic].partitions[p]
+            rf = self._topics[topic].replication_factor
+            target: tuple[int, ...] | None
+            if m.target:
+                target = m.target
+            elif len(a.replicas) > rf:
+                # Cancelled half way (a new voter promoted, the old one not yet removed):
+                # back to the first RF, the replicas the move started from come first.
+                target = a.replicas[:rf]
+            else:
+                target = None
+            if target is not None and set(target) == set(a.replicas):
+                # The same nodes (maybe another preferred leader): nothing to move.
+                new = replace(a, replicas=tuple(target), preferred_leader=target[0], target=None)
+            else:
+                new = replace(a, target=target)
+            if new != a:
+                self._replace_partition(topic, new)
+                changed = True
+        return ApplyResult(index, changed=changed)
+
+    def _check_reports(self, c: UpdatePartitionReplicas) -> None:
+        if len(c.reports) > LEADER_HINTS_MAX:
+            raise InvalidRequest(
+                f"{len(c.reports)} replica reports in one command; at most {LEADER_HINTS_MAX}"
+            )
+        for r in c.reports:
+            ids = (*r.voters, *r.learners)
+            if (
+                not 0 <= r.group_id <= GROUP_ID_MAX
+                or not 0 <= r.term <= TERM_MAX
+                or not all(1 <= i <= NODE_ID_MAX for i in ids)
+                or len(set(ids)) != len(ids)
+            ):
+                raise InvalidRequest(f"malformed replica report {r}")
+
+    def _do_reports(self, index: int, c: UpdatePartitionReplicas) -> ApplyResult:
+        """Follow reports that are news; stale ones (an unknown group, an older term, no
+        voters, an unregistered voter) are dropped, not errors."""
+        changed = False
+        for r in c.reports:
+            located = self.locate_group(r.group_id)
+            if located is None or not r.voters:
+                continue
+            topic, p = located
+            a = self._topics[topic].partitions[p]
+            if r.term < a.conf_term or not set(r.voters) <= self._nodes.keys():
+                continue
+            if not set(r.voters) <= a.hosts:
+                # A leader only adds the nodes of the target: voters outside the replicas
+                # and the target are no configuration this partition can have (a stale or
+                # a forged report).
+                continue
+            voters = set(r.voters)
+            target = a.target
+            if target is not None and voters == set(target):
+                replicas, target = tuple(target), None
+                preferred = replicas[0]
+            else:
+                replicas = tuple(i for i in a.replicas if i in voters) + tuple(
+                    sorted(voters - set(a.replicas))
+                )
+                preferred = a.preferred_leader if a.preferred_leader in voters else replicas[0]
+            leader = a.leader if a.leader in voters else NO_LEADER
+            new = replace(
+                a,
+                replicas=replicas,
+                target=target,
+                preferred_leader=preferred,
+                leader=leader,
+                conf_term=r.term,
+            )
+            if new != a:
+                self._replace_partition(topic, new)
+                changed = True
+        return ApplyResult(index, changed=changed)
+
+    def _check_settings(self, c: SetClusterConfig) -> None:
+        both = sorted(set(c.set) & set(c.delete))
+        if both:
+            raise InvalidRequest(f"cluster settings {both} are both set and unset")
+        if not c.set and not c.delete:
+            raise InvalidRequest("a cluster config change that sets and unsets nothing")
+        validate_cluster_settings(c.set)
+        check_known(c.delete)
+
+    def _do_settings(self, index: int, c: SetClusterConfig) -> ApplyResult:
+        settings = dict(self._settings)
+        settings.update(c.set)
+        for key in c.delete:
+            settings.pop(key, None)
+        if settings == self._settings:
+            return ApplyResult(index)
+        old_defaults = topic_defaults(self._settings)
+        self._settings = dict(sorted(settings.items()))
+        defaults = topic_defaults(self._settings)
+        if defaults != old_defaults:
+            frozen = MappingProxyType(defaults)
+            for name, record in list(self._topics.items()):
+                self._topics[name] = replace(record, cluster_defaults=frozen)
+        return ApplyResult(index, changed=True)
+
+    def _check_force_recover(self, c: ForceRecoverPartition) -> None:
+        located = self.locate_group(c.group_id)
+        if located is None:
+            raise UnknownPartition(f"no partition has Raft group {c.group_id} (deleted?)")
+        a = self._topics[located[0]].partitions[located[1]]
+        check_command(c, a.replicas, self._nodes)
+
+    def _do_force_recover(self, index: int, c: ForceRecoverPartition) -> ApplyResult:
+        """UNSAFE (controller/recovery.py): the survivors become the replicas."""
+        located = self.locate_group(c.group_id)
+        assert located is not None
+        topic, p = located
+        a = self._topics[topic].partitions[p]
+        new = recovered_assignment(a, c)
+        if new == a:
+            return ApplyResult(index)
+        self._replace_partition(topic, new)
+        return ApplyResult(index, changed=True)
+
     def _add_topic(self, record: TopicRecord) -> None:
+        record = replace(record, cluster_defaults=MappingProxyType(topic_defaults(self._settings)))
         self._topics[record.name] = record
         self._topic_by_id[record.topic_id] = record.name
         for p in record.partitions:
-            for node_id in p.replicas:
+            for node_id in p.hosts:
                 self._by_node.setdefault(node_id, set()).add((record.name, p.partition))
+
+    def _replace_partition(self, topic: str, new: PartitionAssignment) -> None:
+        """Swap one assignment, keeping the replicas-by-node index in step."""
+        record = self._topics[topic]
+        old = record.partitions[new.partition]
+        key = (topic, new.partition)
+        for node_id in old.hosts - new.hosts:
+            hosted = self._by_node[node_id]
+            hosted.discard(key)
+            if not hosted:
+                del self._by_node[node_id]
+        for node_id in new.hosts - old.hosts:
+            self._by_node.setdefault(node_id, set()).add(key)
+        partitions = list(record.partitions)
+        partitions[new.partition] = new
+        self._topics[topic] = replace(record, partitions=tuple(partitions))
 
     # -- producer ids ----------------------------------------------------------------------
 
@@ -714,6 +1155,12 @@ class ClusterState:
                     n.directory_id,
                     n.internal_address,
                 ]
+                # Node states only when not the default (rows stay as before otherwise).
+                + (
+                    []
+                    if (n.state, n.dead_since_ms) == (NODE_ACTIVE, 0)
+                    else [n.state, n.dead_since_ms]
+                )
                 for _, n in sorted(self._nodes.items())
             ],
             "topics": [
@@ -724,6 +1171,12 @@ class ClusterState:
                     "configs": dict(t.configs),
                     "partitions": [
                         [list(p.replicas), p.preferred_leader, p.leader, p.leader_term]
+                        # Moves only once the partition had one (rows stay as before).
+                        + (
+                            []
+                            if (p.target, p.conf_term) == (None, 0)
+                            else [None if p.target is None else list(p.target), p.conf_term]
+                        )
                         for p in t.partitions
                     ],
                 }
@@ -734,6 +1187,7 @@ class ClusterState:
                 [node_id, b.start, b.count, b.index]
                 for node_id, b in sorted(self._producer_blocks.items())
             ],
+            "settings": dict(self._settings),
         }
         raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
         header = _SNAPSHOT_HEADER.pack(_SNAPSHOT_MAGIC, _SNAPSHOT_FORMAT, crc32c.crc32c(raw))
@@ -750,6 +1204,7 @@ class ClusterState:
         self._by_node = loaded._by_node
         self._next_producer_id = loaded._next_producer_id
         self._producer_blocks = loaded._producer_blocks
+        self._settings = loaded._settings
 
 
 def _load_snapshot(data: bytes) -> ClusterState:
@@ -824,12 +1279,16 @@ def _build(body: Any) -> ClusterState:
     for row in _list(body["nodes"]):
         row = _list(row)
         # Snapshots written before directory ids existed have six fields, before the
-        # internal listener seven.
-        if len(row) not in (6, 7, 8):
+        # internal listener seven, before node states eight.
+        if len(row) not in (6, 7, 8, 10):
             raise ValueError(f"node row has {len(row)} fields")
         node_id, address, metrics_address, rack, alive, registered_at = row[:6]
         directory_id = _str(row[6]) if len(row) >= 7 else ""
-        internal_address = _str(row[7]) if len(row) == 8 else ""
+        internal_address = _str(row[7]) if len(row) >= 8 else ""
+        node_state = _str(row[8]) if len(row) == 10 else NODE_ACTIVE
+        dead_since_ms = _int(row[9]) if len(row) == 10 else 0
+        if node_state not in NODE_STATES:
+            raise ValueError(f"node state {node_state!r}")
         node = NodeRecord(
             node_id=_int(node_id),
             address=_str(address),
@@ -839,12 +1298,19 @@ def _build(body: Any) -> ClusterState:
             registered_at_index=_int(registered_at),
             directory_id=directory_id,
             internal_address=internal_address,
+            state=node_state,
+            dead_since_ms=dead_since_ms,
         )
         if node.node_id in state._nodes or not 1 <= node.node_id <= NODE_ID_MAX:
             raise ValueError(f"node id {node.node_id} repeated or out of range")
         if not 1 <= node.registered_at_index <= state._applied_index:
             raise ValueError(f"node {node.node_id} registered at {node.registered_at_index}")
         state._nodes[node.node_id] = node
+    # Absent from snapshots written before cluster settings existed.
+    settings = _str_map(body.get("settings", {}))
+    if not set(settings) <= ALL_KEYS:
+        raise ValueError(f"unknown cluster settings {sorted(set(settings) - ALL_KEYS)}")
+    state._settings = dict(sorted(validate_cluster_settings(settings).items()))
     for t in _list(body["topics"]):
         name = _str(t["name"])
         validate_topic_name(name)
@@ -856,14 +1322,25 @@ def _build(body: Any) -> ClusterState:
         if not 1 <= topic_id <= state._applied_index:
             raise ValueError(f"topic {name!r} id {topic_id} out of range")
         partitions = []
-        for p, (raw_replicas, raw_preferred, raw_leader, raw_term) in enumerate(
-            _list(t["partitions"])
-        ):
-            replicas = tuple(_int(r) for r in raw_replicas)
+        for p, row in enumerate(_list(t["partitions"])):
+            # Rows written before replica moves existed have four fields.
+            row = _list(row)
+            if len(row) not in (4, 6):
+                raise ValueError(f"topic {name!r} partition {p}: row of {len(row)} fields")
+            raw_replicas, raw_preferred, raw_leader, raw_term = row[:4]
+            replicas = tuple(_int(r) for r in _list(raw_replicas))
             preferred, leader = _int(raw_preferred), _int(raw_leader)
-            if len(replicas) != rf or len(set(replicas)) != rf:
+            target = None
+            conf_term = 0
+            if len(row) == 6:
+                target = None if row[4] is None else tuple(_int(r) for r in _list(row[4]))
+                conf_term = _int(row[5])
+            # A move in progress may hold one replica more (or fewer) than the factor.
+            if not replicas or len(set(replicas)) != len(replicas):
                 raise ValueError(f"topic {name!r} partition {p}: replicas {replicas} for RF {rf}")
-            if not set(replicas) <= state._nodes.keys():
+            if target is not None and (len(target) != rf or len(set(target)) != rf):
+                raise ValueError(f"topic {name!r} partition {p}: target {target} for RF {rf}")
+            if not set(replicas) | set(target or ()) <= state._nodes.keys():
                 raise ValueError(f"topic {name!r} partition {p}: unregistered replica")
             if preferred not in replicas or leader not in (*replicas, NO_LEADER):
                 raise ValueError(f"topic {name!r} partition {p}: leader outside the replicas")
@@ -875,6 +1352,8 @@ def _build(body: Any) -> ClusterState:
                     group_id=group_id_for(topic_id, p),
                     leader=leader,
                     leader_term=_int(raw_term),
+                    target=target,
+                    conf_term=conf_term,
                 )
             )
         validate_partitions(len(partitions))

@@ -66,10 +66,45 @@ class Role(enum.StrEnum):
 #: Every operation of the client API that is guarded, by the name the servicer uses.
 #: InitProducerId is listed ahead of its RPC (idempotent producers, issue 10).
 CLIENT_OPERATIONS: Final = frozenset(
-    {"Produce", "Fetch", "ListOffsets", "Metadata", "InitProducerId"}
+    {
+        "Produce",
+        "Fetch",
+        "ListOffsets",
+        "Metadata",
+        "InitProducerId",
+        # The Table service (node/table_service.py): reads, a client's right.
+        "TableGet",
+        "TableGetMany",
+        "TableScan",
+        "TableWatch",
+        # Consumer groups (node/group_service.py): a member's calls, and the reads.
+        "FindCoordinator",
+        "GroupHeartbeat",
+        "OffsetCommit",
+        "OffsetFetch",
+        "ListGroups",
+        "DescribeGroup",
+    }
 )
 ADMIN_OPERATIONS: Final = frozenset(
-    {"CreateTopics", "DeleteTopics", "DescribeTopics", "AlterTopicConfig"}
+    {
+        "CreateTopics",
+        "DeleteTopics",
+        "DescribeTopics",
+        "AlterTopicConfig",
+        "CreatePartitions",
+        # A group's deletion, and offsets committed without a member (reset-offsets).
+        "DeleteGroup",
+        "AdminOffsetCommit",
+        "DescribeCluster",
+        "DrainNode",
+        "RemoveNode",
+        "ReassignPartition",
+        "GetClusterConfig",
+        "SetClusterConfig",
+        "ForceRecoverPartition",
+        "ForceRecoverController",
+    }
 )
 OPERATIONS: Final = CLIENT_OPERATIONS | ADMIN_OPERATIONS
 

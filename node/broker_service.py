@@ -22,12 +22,14 @@ from tidelog.node import limits, rpc
 from tidelog.node.auth import CLUSTER, Guard, Resource
 from tidelog.node.controller_node import Controller
 from tidelog.node.fetch_quota import FetchQuota, FetchQuotaLimits
+from tidelog.node.group_coordinator import OFFSETS_TOPIC
 from tidelog.node.idempotence import BatchPlan
 from tidelog.node.identity import NodeIdentity
 from tidelog.node.metrics import NodeMetrics
 from tidelog.node.partition import Partition
 from tidelog.node.producer_ids import ProducerIdAllocator
 from tidelog.node.topics import Topic, TopicRegistry
+from tidelog.node.trace import Tracer
 from tidelog.records import (
     HEADER_SIZE,
     LENGTH_PREFIX_SIZE,
@@ -126,9 +128,12 @@ class BrokerService(pb_grpc.BrokerServicer):
         producer_ids: ProducerIdAllocator | None = None,
         *,
         guard: Guard | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         #: Who may call what (node/auth.py); the default lets everyone do everything.
         self.guard = guard or Guard()
+        #: Samples produce requests (--trace-sample; node/trace.py); None: off.
+        self.tracer = tracer if tracer is not None and tracer.every else None
         self.registry = registry
         self.controller = controller
         self.identity = identity
@@ -159,6 +164,11 @@ class BrokerService(pb_grpc.BrokerServicer):
     @rpc.unary("Produce")
     async def Produce(self, request: pb.ProduceRequest, context: rpc.Context) -> pb.ProduceResponse:
         self.guard.check(context, "Produce", Resource.topic(request.topic))
+        if request.topic == OFFSETS_TOPIC:
+            # Its records are the group coordinators' state: only they write it.
+            raise InvalidRequest(
+                f"{OFFSETS_TOPIC} is internal: commit offsets through the Group service"
+            )
         topic, part = self.registry.partition(request.topic, request.partition)
         acks = request.acks
         if acks not in _ACKS:
@@ -178,6 +188,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                 f"{limits.produce_request_bytes_max}: send fewer batches per request"
             )
         timeout_s = (timeout_ms or limits.produce_timeout_default_ms) / 1000
+        span = None if self.tracer is None else self.tracer.produce(topic.name, part.index)
 
         def propose(headers: list[tuple[int, BatchHeader]]) -> _Admitted:
             if part.idempotence.needs_ready_leader(headers):
@@ -200,6 +211,10 @@ class BrokerService(pb_grpc.BrokerServicer):
 
         admitted = await self._check_and_propose(part, topic.config, buf, propose)
         append_time_ms = time.time_ns() // 1_000_000
+        if span is not None and admitted.waits:
+            span.proposed = time.monotonic_ns()
+            span.index = admitted.waits[-1][0]
+            part.trace(span)
         if admitted.waits:
             # Each batch's entry, in request order: if a new leader overwrote a later one
             # while earlier ones committed, the answer says how many (batches_stored).
@@ -210,6 +225,8 @@ class BrokerService(pb_grpc.BrokerServicer):
                 per_batch=admitted.per_batch,
             )
         results = admitted.results
+        if span is not None and self.tracer is not None and admitted.waits:
+            self.tracer.finish(span)
         return pb.ProduceResponse(
             base_offset=results[0].base_offset,
             last_offset=results[-1].last_offset,
@@ -288,6 +305,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             lim,
             timestamp_min_ms=now_ms - config.timestamp_before_max_ms,
             timestamp_max_ms=now_ms + config.timestamp_after_max_ms,
+            keys_required_by=part.topic if config.compacted else None,
         )
         gid = part.group_id
         if scan.check_bytes <= limits.produce_inline_check_bytes_max and gid not in self._queued:
@@ -326,8 +344,9 @@ class BrokerService(pb_grpc.BrokerServicer):
         )
         once = request.once
         offset = request.offset
-        part.check_streaming()
-        part.check_fetch_offset(offset)
+        follower = request.allow_follower
+        part.check_reading(follower)
+        part.check_fetch_offset(offset, follower=follower and not part.serving)
         tm = topic.metrics
         quota = self.fetch_quota
         peer = context.peer() or "unknown"
@@ -337,13 +356,13 @@ class BrokerService(pb_grpc.BrokerServicer):
                 # Take the event before looking at the high watermark: a commit in between
                 # sets this very event, so the wait below cannot miss it.
                 changed = part.changed()
-                part.check_streaming()
+                part.check_reading(follower)
                 if offset < part.high_watermark:
                     # The response's bytes are reserved before it is read and returned once
                     # gRPC took it (the generator resumes after the write): see fetch_quota.
                     held = await quota.reserve(peer, max_bytes)
                     try:
-                        part.check_streaming()
+                        part.check_reading(follower)
                         hw = part.high_watermark
                         data = part.read(offset, held)
                         quota.adjust(peer, held, len(data))
@@ -370,7 +389,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                     async with asyncio.timeout(wait_s):
                         await changed.wait()
                 except TimeoutError:
-                    part.check_streaming()
+                    part.check_reading(follower)
                     yield pb.FetchResponse(
                         high_watermark=part.high_watermark,
                         log_start_offset=part.log_start_offset,
@@ -422,6 +441,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         return pb.MetadataResponse(
             nodes=node_infos(controller, self.identity),
             controller_id=controller.leader_id or -1,
+            controller_waiting=controller.waiting,
             cluster_id=self.identity.cluster_id,
             server_version=tidelog.__version__,
             topics=[

@@ -68,6 +68,30 @@ fetch_buffered_bytes_per_peer_max: Final = 64 * MIB
 fetch_buffered_bytes_per_node_max: Final = 512 * MIB
 fetch_grant_bytes_min: Final = 64 * KIB
 
+# Table API (node/table_service.py). A key is also bounded by the topic's max.message.bytes
+# (no longer key fits in one of its batches).
+table_key_bytes_max: Final = 1 * MIB
+table_get_many_keys_max: Final = 10_000
+# A GetMany answer larger than this is refused: ask for fewer keys per request.
+table_get_many_bytes_max: Final = 64 * MIB
+table_page_rows_default: Final = 1_000
+table_page_rows_max: Final = 10_000
+# A scan page or watch event stops at the first row past this many bytes of keys and values.
+table_page_bytes_max: Final = 4 * MIB
+# min_offset waits: 0 picks the default.
+table_wait_default_ms: Final = 10_000
+table_wait_max_ms: Final = 60_000
+# Open scan snapshots per node, and how long one lives without a page asked of it.
+table_scans_max: Final = 256
+table_scan_idle_ms: Final = 60_000
+table_watch_streams_max: Final = 1024
+# Log bytes a watch reads (and decodes) per event once past its snapshot.
+table_watch_read_bytes: Final = 1 * MIB
+table_watch_keepalive_ms: Final = 5_000
+# The rows the tables of a node keep in memory for point reads (node/table.py's row cache),
+# counted as key + value + ~200 bytes of objects per row.
+table_row_cache_bytes: Final = 128 * MIB
+
 # Admin requests: how many topics one request may name.
 topics_per_request_max: Final = 10_000
 # Every partition holds a few open files (segment, indexes); main raises RLIMIT_NOFILE.
@@ -99,3 +123,7 @@ assert produce_expanded_bytes_max(8 * MIB) == produce_request_bytes_max
 assert 12 * batch_records_max <= produce_request_bytes_max
 assert 0 < produce_inline_check_bytes_max < produce_request_bytes_max
 assert produce_check_threads >= 1
+assert table_page_rows_default <= table_page_rows_max
+assert table_page_bytes_max + 1 * MIB <= grpc_message_bytes_max
+assert table_get_many_bytes_max + 1 * MIB <= grpc_message_bytes_max
+assert 0 < table_wait_default_ms <= table_wait_max_ms

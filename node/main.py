@@ -29,6 +29,9 @@ import prometheus_client
 from tidelog.node import limits
 from tidelog.node.multiraft import RaftTiming
 from tidelog.node.settings import (
+    CLEANER_INTERVAL_MS_DEFAULT,
+    CLEANER_IO_BYTES_PER_SECOND_DEFAULT,
+    CLEANER_MAP_BYTES_DEFAULT,
     ELECTION_TIMEOUT_MS_DEFAULT,
     ENV_PREFIX,
     HEARTBEAT_INTERVAL_MS_DEFAULT,
@@ -75,8 +78,23 @@ class ClusterSettings:
     internal_cert: Path | None = None
     internal_key: Path | None = None
     cluster_secret_file: Path | None = None
+    #: Sampled tracing of produce requests (node/trace.py): every Nth, 0 off; log lines too.
+    trace_sample: int = 0
+    trace_log: bool = False
+    #: The log cleaner of compacted topics (node/log/cleaner.py).
+    cleaner_io_bytes_per_second: int = CLEANER_IO_BYTES_PER_SECOND_DEFAULT
+    cleaner_map_bytes: int = CLEANER_MAP_BYTES_DEFAULT
+    cleaner_interval_ms: int = CLEANER_INTERVAL_MS_DEFAULT
+    #: ``replica.recovery.bytes.per.second`` (node/catchup.py; 0: unlimited).
+    replica_recovery_bytes_per_second: int = 100 * 1024 * 1024
+    #: Snapshot the controller state and truncate its log every this many entries.
+    controller_snapshot_entries: int = 10_000
+    #: Any node's internal address, asked for the controller voters (``--join``).
+    join: str | None = None
 
     def __post_init__(self) -> None:
+        if self.join is not None and self.controller_voters is not None:
+            raise ValueError("--join and --controller-voters exclude each other: give one")
         if self.controller_voters is not None:
             from tidelog.node.controller_node import parse_voters
 
@@ -235,6 +253,7 @@ async def serve(
     """Start a node and run it until SIGTERM or SIGINT, then drain and stop.
 
     A second signal during the drain cuts it short."""
+    from tidelog.node.log.cleaner import CleanerSettings
     from tidelog.node.server import Node
 
     settings = settings or ClusterSettings()
@@ -256,6 +275,16 @@ async def serve(
         internal_key=settings.internal_key,
         cluster_secret_file=settings.cluster_secret_file,
         client_security=security,
+        trace_sample=settings.trace_sample,
+        trace_log=settings.trace_log,
+        cleaner=CleanerSettings(
+            io_bytes_per_second=settings.cleaner_io_bytes_per_second,
+            map_bytes=settings.cleaner_map_bytes,
+            interval_ms=settings.cleaner_interval_ms,
+        ),
+        recovery_bytes_per_second=settings.replica_recovery_bytes_per_second,
+        controller_snapshot_entries=settings.controller_snapshot_entries,
+        join=settings.join,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

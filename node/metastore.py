@@ -2,17 +2,18 @@
 
 RocksDB allows a single read-write opener per database, so the node opens it once here and
 hands out column families: ``raft`` (every group's hard state, node/replica_storage.py),
-``node`` (the node's identity, cluster id, directory id and controller voters, node/server.py)
-and ``idempotence`` (the partitions' producer-state snapshots, node/idempotence_store.py);
-compacted-topic tables and consumer offsets later. Writes that the node's correctness depends
-on are synced (``sync`` defaults to True): a vote or term a node gave must survive a power cut.
+``node`` (the node's identity, cluster id, directory id and controller voters, node/server.py),
+``idempotence`` (the partitions' producer-state snapshots, node/idempotence_store.py) and
+``tables`` (the compacted partitions' tables, node/table.py). Writes that the node's
+correctness depends on are synced (``sync`` defaults to True): a vote or term a node gave must
+survive a power cut.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
@@ -61,11 +62,15 @@ class MetaStore:
         deletes: list[bytes] | None = None,
         *,
         sync: bool = True,
+        delete_ranges: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        """Several puts and deletes in one column, atomically, with (at most) one WAL sync.
+        """Several puts and deletes in one column, atomically, with (at most) one WAL sync:
+        first ``delete_ranges`` (``[begin, end)`` each), then ``puts``, then ``deletes``.
         Safe to call from a worker thread while the event loop reads."""
         handle = self._handle(column)
         batch = WriteBatch(raw_mode=True)
+        for begin, end in delete_ranges or ():
+            batch.delete_range(begin, end, handle)
         for key, value in puts:
             batch.put(key, value, handle)
         for key in deletes or ():
@@ -80,6 +85,21 @@ class MetaStore:
             assert self._db is not None
             handle = self._handles[column] = self._db.get_column_family_handle(column)
         return handle
+
+    def get_many(self, column: str, keys: list[bytes]) -> list[bytes | None]:
+        """One RocksDB multi-get: the value of each key (None when absent), in order."""
+        if not keys:
+            return []
+        values = self._column(column).get(cast("list[str | int | float | bytes | bool]", keys))
+        assert isinstance(values, list)
+        return values
+
+    def iterator(self, column: str) -> Any:
+        """A rocksdict iterator over ``column`` (``seek``, ``valid``, ``key``, ``value``,
+        ``next``). It reads one consistent view: the database as of its creation, whatever
+        is written later (rocksdict's ``Snapshot`` iterators do not honour the snapshot in
+        the version we use, a plain iterator pins its own). Drop it to release that view."""
+        return self._column(column).iter()
 
     def items(self, column: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
         """Key order; only the keys that start with ``prefix``."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from tidelog.node.log.clean_state import CleanerStats
 from tidelog.node.raft.guard import Refusal
 
 # Seconds. Produce under acks=all includes the group commit's fsync (hundreds of us to ms).
@@ -83,6 +84,12 @@ class PartitionStats:
     out_of_order: int = 0
     fenced: int = 0
     unknown_producer: int = 0
+    #: Compacted topics (node/table.py): keys in the replica's table and how far its applied
+    #: offset is behind the high watermark; None for a partition without a table.
+    table_keys: int | None = None
+    table_lag: int = 0
+    #: The log cleaner's figures (node/log/cleaner.py), for compacted partitions only.
+    cleaner: CleanerStats | None = None
 
 
 class _PartitionCollector(Collector):
@@ -156,6 +163,50 @@ class _PartitionCollector(Collector):
             "out_of_order, fenced, unknown_producer.",
             labels=[*labels, "outcome"],
         )
+        table_keys = GaugeMetricFamily(
+            "tidelog_table_keys",
+            "Keys in a compacted partition replica's table (its latest value per key).",
+            labels=labels,
+        )
+        table_lag = GaugeMetricFamily(
+            "tidelog_table_applied_lag_records",
+            "Offsets a compacted partition replica's table has not applied yet: high "
+            "watermark - the table's applied offset (0 when caught up).",
+            labels=labels,
+        )
+        c_runs = CounterMetricFamily(
+            "tidelog_cleaner_runs",
+            "Log cleaner runs that finished on a compacted partition replica.",
+            labels=labels,
+        )
+        c_reclaimed = CounterMetricFamily(
+            "tidelog_cleaner_reclaimed_bytes",
+            "Bytes the log cleaner removed from a compacted partition replica.",
+            labels=labels,
+        )
+        c_io = CounterMetricFamily(
+            "tidelog_cleaner_io_bytes",
+            "Bytes the log cleaner read and wrote for a partition replica (its rate is the "
+            "cleaner's I/O rate, bounded by --cleaner-io-bytes-per-second per node).",
+            labels=labels,
+        )
+        c_dirty = GaugeMetricFamily(
+            "tidelog_cleaner_dirty_ratio",
+            "Share of the cleanable log of a compacted partition replica not cleaned yet.",
+            labels=labels,
+        )
+        c_lag = GaugeMetricFamily(
+            "tidelog_cleaner_compaction_lag_seconds",
+            "Age of the oldest record of the closed segments the cleaner has not cleaned yet "
+            "(an upper bound of how long a superseded record has stayed); 0: all clean.",
+            labels=labels,
+        )
+        c_tomb = GaugeMetricFamily(
+            "tidelog_cleaner_tombstone_age_seconds",
+            "Age of the oldest tombstone the last cleaner run kept (0: none); it should stay "
+            "below delete.retention.ms plus the time between runs.",
+            labels=labels,
+        )
         leaderless = 0
         under = 0
         for s in self._source():
@@ -184,11 +235,23 @@ class _PartitionCollector(Collector):
                 ("unknown_producer", s.unknown_producer),
             ):
                 refused.add_metric([*key, outcome], n)
+            if s.table_keys is not None:
+                table_keys.add_metric(key, s.table_keys)
+                table_lag.add_metric(key, s.table_lag)
+            if (c := s.cleaner) is not None:
+                c_runs.add_metric(key, c.runs)
+                c_reclaimed.add_metric(key, c.bytes_reclaimed)
+                c_io.add_metric(key, c.io_bytes)
+                c_dirty.add_metric(key, c.dirty_ratio)
+                c_lag.add_metric(key, c.compaction_lag_ms / 1000)
+                c_tomb.add_metric(key, c.tombstone_age_ms / 1000)
             leaderless += s.leader_id == 0
             under += s.under_replicated
         yield from (size, start, end, hw, segments, term, role, role_set, leader, lag)
         yield from (started, won)
         yield from (producers, msg_ids, refused)
+        yield from (table_keys, table_lag)
+        yield from (c_runs, c_reclaimed, c_io, c_dirty, c_lag, c_tomb)
         yield GaugeMetricFamily(
             "tidelog_leaderless_partitions",
             "Partition replicas on this node that know of no leader.",
@@ -215,6 +278,213 @@ class _ControllerCollector(Collector):
             "Node id of the active controller (leader of Raft group 0) this node knows of; "
             "0 when none.",
             value=max(0, self._leader_of()),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryStats:
+    """What this node sent to replicas catching up from it, under its recovery rate."""
+
+    #: Bytes of streamed copies (CatchupRead chunks) and of APPENDs to followers far behind.
+    streamed_bytes: int
+    append_bytes: int
+    #: The rate in force (``replica.recovery.bytes.per.second``; 0: unlimited).
+    rate: int
+
+
+class _RecoveryCollector(Collector):
+    def __init__(self, source: Callable[[], RecoveryStats]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            s = self._source()
+        except Exception:  # the node is starting or stopping: skip this scrape
+            return
+        sent = CounterMetricFamily(
+            "tidelog_replica_recovery_sent_bytes",
+            "Bytes this node sent to replicas catching up from it at the recovery rate: "
+            "streamed copies (path=stream) and APPENDs to followers far behind "
+            "(path=append).",
+            labels=["path"],
+        )
+        sent.add_metric(["stream"], s.streamed_bytes)
+        sent.add_metric(["append"], s.append_bytes)
+        yield sent
+        yield GaugeMetricFamily(
+            "tidelog_replica_recovery_rate_bytes_per_second",
+            "The recovery rate in force on this node (replica.recovery.bytes.per.second, "
+            "the cluster setting or else the node's flag; 0: unlimited).",
+            value=s.rate,
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStats:
+    """One consumer group this node coordinates, as the coordinators' ticker last saw it."""
+
+    group_id: str
+    members: int
+    epoch: int
+    #: (topic, partition, lag in records) of every partition with a committed offset.
+    lags: tuple[tuple[str, int, int], ...]
+
+
+#: Bounds on the series of consumer groups one node exports (label cardinality).
+GROUPS_EXPORTED_MAX = 1000
+GROUP_LAG_SERIES_MAX = 20_000
+
+
+class _GroupCollector(Collector):
+    def __init__(self, source: Callable[[], Sequence[GroupStats]], rebalances: Callable[[], int]):
+        self._source = source
+        self._rebalances = rebalances
+
+    def collect(self) -> Iterator[Metric]:
+        members = GaugeMetricFamily(
+            "tidelog_group_members",
+            "Members of a consumer group this node coordinates.",
+            labels=["group"],
+        )
+        epoch = GaugeMetricFamily(
+            "tidelog_group_epoch",
+            "Group epoch of a consumer group this node coordinates.",
+            labels=["group"],
+        )
+        lag = GaugeMetricFamily(
+            "tidelog_group_lag_records",
+            "Records between a group's committed offset and the partition's high watermark "
+            "(as this node's replica sees it), for groups this node coordinates.",
+            labels=["group", "topic", "partition"],
+        )
+        series = 0
+        for stats in list(self._source())[:GROUPS_EXPORTED_MAX]:
+            members.add_metric([stats.group_id], stats.members)
+            epoch.add_metric([stats.group_id], stats.epoch)
+            for topic, partition, records in stats.lags:
+                if series >= GROUP_LAG_SERIES_MAX:
+                    break
+                lag.add_metric([stats.group_id, topic, str(partition)], records)
+                series += 1
+        yield members
+        yield epoch
+        yield lag
+        yield CounterMetricFamily(
+            "tidelog_group_rebalances",
+            "Target assignments computed by this node's group coordinators since it started.",
+            value=self._rebalances(),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ShapeStats:
+    """The cluster's shape as this node's metadata has it (issue 11), for the scrape.
+    Per-node series are bounded by the registered nodes."""
+
+    #: node id -> (replicas, leaders, alive, draining, reprovisioning deadline in Unix s or 0)
+    nodes: Mapping[int, tuple[int, int, bool, bool, float]]
+    moves_in_progress: int
+    moves_stalled: int
+    #: Entries the learners of the moves this node leads still lack (summed).
+    move_entries_left: int
+    #: The controller group's voters (its committed configuration on this node).
+    controller_voters: frozenset[int] = frozenset()
+    #: A controller voter change is in progress (a voter being replaced or refilled).
+    controller_voter_change: bool = False
+    #: Bytes of the leader's log the learners of the moves this node leads lack and hold.
+    move_bytes_left: int = 0
+    move_bytes_copied: int = 0
+
+
+class _ShapeCollector(Collector):
+    def __init__(self, source: Callable[[], ShapeStats | None]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            s = self._source()
+        except Exception:  # the metadata changed under the scrape: skip this one
+            return
+        if s is None:
+            return
+        families = [
+            GaugeMetricFamily(
+                "tidelog_cluster_node_replicas",
+                "Replicas each node holds or is taking (moves included), by the metadata.",
+                labels=["node"],
+            ),
+            GaugeMetricFamily(
+                "tidelog_cluster_node_leaders",
+                "Partitions each node leads, by the controller's leader hints.",
+                labels=["node"],
+            ),
+            GaugeMetricFamily(
+                "tidelog_cluster_node_alive", "1 when the node is alive.", labels=["node"]
+            ),
+            GaugeMetricFamily(
+                "tidelog_cluster_node_draining", "1 while the node is drained.", labels=["node"]
+            ),
+            GaugeMetricFamily(
+                "tidelog_cluster_node_reprovision_deadline_seconds",
+                "When a dead node's replicas are rebuilt elsewhere (Unix seconds; dead nodes "
+                "only).",
+                labels=["node"],
+            ),
+        ]
+        for node_id, (replicas, leaders, alive, draining, deadline) in sorted(s.nodes.items()):
+            label = [str(node_id)]
+            families[0].add_metric(label, replicas)
+            families[1].add_metric(label, leaders)
+            families[2].add_metric(label, 1 if alive else 0)
+            families[3].add_metric(label, 1 if draining else 0)
+            if deadline:
+                families[4].add_metric(label, deadline)
+        yield from families
+        yield GaugeMetricFamily(
+            "tidelog_partition_moves_in_progress",
+            "Partitions whose replicas are being moved (a target set).",
+            value=s.moves_in_progress,
+        )
+        yield GaugeMetricFamily(
+            "tidelog_partition_moves_stalled",
+            "Partitions that need a move but cannot (no room) or whose move is held up "
+            "(target down, no leader).",
+            value=s.moves_stalled,
+        )
+        voter = GaugeMetricFamily(
+            "tidelog_controller_voter",
+            "1 for each node that is a controller voter (group 0's committed configuration).",
+            labels=["node"],
+        )
+        for node_id in sorted(s.controller_voters):
+            voter.add_metric([str(node_id)], 1)
+        yield voter
+        yield GaugeMetricFamily(
+            "tidelog_controller_voter_change_in_progress",
+            "1 while a controller voter is being replaced or a missing one refilled "
+            "(cluster status says which and what it waits for).",
+            value=1 if s.controller_voter_change else 0,
+        )
+        yield GaugeMetricFamily(
+            "tidelog_replica_move_entries_left",
+            "Log entries the learners of the moves this node leads still lack.",
+            value=s.move_entries_left,
+        )
+        yield GaugeMetricFamily(
+            "tidelog_replica_move_bytes_left",
+            "Bytes of the leader's log the learners of the moves this node leads still lack.",
+            value=s.move_bytes_left,
+        )
+        yield GaugeMetricFamily(
+            "tidelog_replica_move_bytes_copied",
+            "Bytes of the leader's log the learners of the moves this node leads hold.",
+            value=s.move_bytes_copied,
         )
 
     def describe(self) -> Iterator[Metric]:
@@ -347,6 +617,12 @@ class NodeMetrics:
             "Raft groups stopped because a committed entry could not be applied (never skipped).",
             registry=r,
         )
+        self.groups_quiet = Gauge(
+            "tidelog_raft_groups_quiet",
+            "Raft groups of this node that are quiet: idle, every replica holds everything, "
+            "no heartbeats and no ticks until the next write or a peer's failure.",
+            registry=r,
+        )
         self.groups_offline = Gauge(
             "tidelog_raft_groups_offline",
             "Raft groups of this node taken offline (storage failure or an entry it cannot "
@@ -397,6 +673,22 @@ class NodeMetrics:
         """Report per-partition gauges from ``source`` at every scrape. ``source`` runs on the
         HTTP server's thread, so it must only read plain attributes."""
         self.registry.register(_PartitionCollector(source))
+
+    def watch_groups(
+        self, source: Callable[[], Sequence[GroupStats]], rebalances: Callable[[], int]
+    ) -> None:
+        """Report consumer groups this node coordinates at every scrape; ``source`` returns a
+        snapshot the event loop built (it runs on the HTTP server's thread)."""
+        self.registry.register(_GroupCollector(source, rebalances))
+
+    def watch_shape(self, source: Callable[[], ShapeStats | None]) -> None:
+        """Report the cluster's shape (replicas and leaders per node, moves) at every
+        scrape; ``source`` runs on the HTTP thread and may fail (the scrape skips it)."""
+        self.registry.register(_ShapeCollector(source))
+
+    def watch_recovery(self, source: Callable[[], RecoveryStats]) -> None:
+        """Report what catch-up sent under the recovery rate at every scrape."""
+        self.registry.register(_RecoveryCollector(source))
 
     def watch_disk(self, data_dir: Path) -> None:
         """Report the data directory's file system (free, total) at every scrape."""

@@ -25,12 +25,28 @@ Driving each with its own tasks, timers and fsyncs would cost more than the data
      hard-state write;
   4. for each group, once its own writes are durable: apply its committed entries (through
      its handler), then ``advance``. A group never waits for another group's fsync.
+     Committed entries that are all older than the Ready's new entries (earlier rounds of
+     the group stored and fsynced them) are applied at once, in step 3, without waiting for
+     the fsync of the new ones: under load a leader's followers answer while it fsyncs the
+     next proposals, and those commits (the producers' answers) need not wait a round.
 
   Proposals, messages and ticks that arrive while a round waits for its fsyncs are picked up
   by the next round, so the busier the node, the more each fsync covers. The next round
   normally starts when the previous one ends; if one is still waiting after half a heartbeat
   interval (a stalled disk), the next starts beside it for the other groups, so one slow
   partition never silences the heartbeats, votes and commits of the rest of the node.
+
+**Quiescence** (CockroachDB's quiesced ranges; on in the node, off by default here): a leader
+whose group has nothing left to do (every member holds and has committed the whole log, no
+read, transfer or change pending: ``RawNode.quiescable``) for two heartbeat intervals sends one
+last heartbeat round marked ``QUIESCE_CONTEXT`` and stops ticking the group; a follower that
+gets it while holding exactly the leader's log stops ticking too. A quiet group costs nothing
+per tick and sends nothing. Any other message of the group, a proposal, a read or a campaign
+wakes it. Liveness no longer comes from the group's heartbeats: the node wakes the quiet groups
+a node leads when the controller marks that node dead or this node's stream to it breaks
+(``wake_led_by``), and a quiet follower wakes by itself after ``quiet_max_ticks`` (30 election
+timeouts) of silence, in case both signals were missed; woken followers elect one election
+timeout later as usual. The controller's group 0 is never quiet.
 
 Topics with ``flush=os`` skip step 2's fsync of their log (their hard state is still
 written): an entry is then acknowledged, by a follower or to a producer, once it is in the
@@ -51,6 +67,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -61,7 +78,7 @@ from typing import Any, Final, Protocol
 
 from tidelog.node import limits
 from tidelog.node.metrics import NodeMetrics
-from tidelog.node.raft.core import NEW_REPLICA, RawNode
+from tidelog.node.raft.core import NEW_REPLICA, QUIESCE_CONTEXT, RawNode
 from tidelog.node.raft.guard import MAX_TERM_GAP, refusal
 from tidelog.node.raft.limits import Config
 from tidelog.node.raft.types import (
@@ -69,14 +86,22 @@ from tidelog.node.raft.types import (
     Entry,
     HardState,
     Message,
+    MessageKind,
     Ready,
     Role,
     Snapshot,
     SoftState,
 )
+from tidelog.node.raft_codec import decode_conf_change_batch
 from tidelog.node.replica_storage import HardStateStore, RaftLogFile, ReplicaStorage
+from tidelog.node.trace import Tracer
 
 log = logging.getLogger(__name__)
+
+#: The controller's group (controller/state.py): never quiet, node liveness rests on it.
+CONTROLLER_GROUP: Final = 0
+#: How often (in ticks) quiet groups are looked at.
+_QUIET_CHECK_TICKS: Final = 20
 
 #: Messages kept for groups this node does not host yet (a topic whose creation the node
 #: has not applied while the preferred leader already campaigns), and how long.
@@ -168,14 +193,22 @@ class RaftGroup:
     """One group on this node: its core, its storage, its owner."""
 
     __slots__ = (
+        "allowed_peers",
+        "conf_listener",
         "durable",
         "failed",
         "group_id",
         "handler",
+        "idle_ticks",
+        "logged_conf",
+        "quiet",
+        "quiet_ticks",
         "raw",
         "reads",
         "removed",
         "storage",
+        "trace_append_ns",
+        "trace_round_ns",
     )
 
     def __init__(
@@ -197,6 +230,23 @@ class RaftGroup:
         #: ReadIndex requests pending in the core, by context: the confirmed read index,
         #: or -1 when the read was dropped (leadership lost, group gone).
         self.reads: dict[bytes, asyncio.Future[int]] = {}
+        #: Quiescence (MultiRaft docstring): not ticked while quiet; ticks the leader found
+        #: nothing to do, and ticks a follower has been quiet (counted by the slow check).
+        self.quiet = False
+        self.idle_ticks = 0
+        self.quiet_ticks = 0
+        #: A sampled APPEND's arrival and its round's start (node/trace.py), 0 when none.
+        self.trace_append_ns = 0
+        self.trace_round_ns = 0
+        #: Membership changes through the log (partitions): the configuration in force is
+        #: stored with the hard state (``HardStateStore.load_conf``). False: the owner
+        #: passes the configuration at each start (the controller group).
+        self.logged_conf = False
+        #: Told the configuration in force each time it changed, once it is stored.
+        self.conf_listener: Callable[[RaftGroup, ConfState], None] | None = None
+        #: Senders the guard admits besides the members of the configuration in force (a
+        #: logged group's replica may not know the current leader yet: raft/guard.py).
+        self.allowed_peers: frozenset[int] = frozenset()
 
     def drop_reads(self) -> None:
         reads, self.reads = self.reads, {}
@@ -261,6 +311,14 @@ class MultiRaft:
         self._pool: Executor = executor or ThreadPoolExecutor(
             threads, thread_name_prefix="tidelog-fsync"
         )
+        # Hard states go through one thread of their own: written in round order (a later
+        # round's state never lands before an earlier one's), and never queued behind the
+        # rounds' fsyncs.
+        self._hs_pool: Executor = executor or ThreadPoolExecutor(
+            1, thread_name_prefix="tidelog-hardstate"
+        )
+        #: The latest hard-state write: the next one starts after it (whatever the executor).
+        self._hs_tail: asyncio.Future[Any] | None = None
         self._clock = clock
         self.groups: dict[int, RaftGroup] = {}
         # Insertion-ordered set of groups that may have a Ready.
@@ -282,10 +340,29 @@ class MultiRaft:
         self._early_bytes = 0
         self.rounds = 0
         self._read_seq = 0
+        #: Sees every SNAPSHOT from a group's leader before its core does: False holds it
+        #: back (``node/catchup.py`` copies a streamed snapshot's data first, then delivers
+        #: the message again, and lets it through once the copy is complete).
+        self.snapshot_gate: Callable[[RaftGroup, Message], bool] | None = None
         #: The data directory is new, and may be a wiped one: every group started empty on
         #: it may have existed before, so it joins as NEW_REPLICA (no vote for a candidate
         #: with entries until caught up; see raft/core.py).
         self.new_directory = False
+        #: Samples follower APPENDs when set (``--trace-sample``; node/trace.py).
+        self.tracer: Tracer | None = None
+        #: Quiescence (module docstring): off unless the node turns it on (it also tells the
+        #: driver when a peer is gone: ``wake_led_by``).
+        self.quiesce = False
+        self._active: dict[RaftGroup, None] = {}
+        self._quiet: dict[RaftGroup, None] = {}
+        timing = self.timing
+        hb_ticks = max(1, timing.heartbeat_interval_ms // timing.tick_ms)
+        #: A leader quiets its group after this many ticks with nothing to do.
+        self.quiesce_after_ticks = 2 * hb_ticks
+        #: A quiet follower that heard nothing for this long wakes and ticks again (in case
+        #: its leader died unnoticed; it then campaigns one election timeout later).
+        self.quiet_max_ticks = max(20, 30 * timing.election_timeout_ms // timing.tick_ms)
+        self._tick_count = 0
 
     # ---- groups ----------------------------------------------------------------------------
 
@@ -302,14 +379,26 @@ class MultiRaft:
         durable: bool,
         config: Config,
         applied: int | None = None,
+        logged_conf: bool = False,
+        bootstrap: bool = True,
     ) -> RaftGroup:
         """Start driving a group over ``partition_log`` (opened, recovered). ``applied``: the
         last index the owner has applied (default: the stored commit index, for owners whose
-        state is derived from the log itself, like a partition's high watermark)."""
+        state is derived from the log itself, like a partition's high watermark).
+        ``logged_conf``: the group's membership changes through CONFIG entries (partitions):
+        ``conf`` is only its initial configuration, the stored one wins once there is one.
+        ``bootstrap``: on a new data directory, whether the group may be brand new (its new
+        replicas may then elect one of their own); False when the owner knows it existed
+        before the directory did (``RawNode(bootstrap=...)``)."""
         if group_id in self.groups:
             raise ValueError(f"raft group {group_id} is already running on this node")
         hs = self._hard_states.load(group_id)
-        storage = ReplicaStorage(partition_log, hs, conf)
+        conf_index: int | None = None
+        if logged_conf:
+            stored_conf = self._hard_states.load_conf(group_id)
+            if stored_conf is not None:
+                conf_index, conf = stored_conf
+        storage = ReplicaStorage(partition_log, hs, conf, conf_index=conf_index)
         if applied is None:
             applied = storage.hard_state().commit
         lost_to = storage.lost_to
@@ -317,14 +406,44 @@ class MultiRaft:
             lost_to = NEW_REPLICA
             # Stored at once: a restart before it caught up must still know.
             self._hard_states.save({group_id: replace(hs, commit=NEW_REPLICA)}, sync=True)
-            log.warning(
-                "raft group %d: new replica on a new data directory: it votes only for "
-                "candidates with an empty log until it has caught up with a leader",
-                group_id,
+            if bootstrap:
+                # The usual case on a node's first run (every group created then): no warning.
+                log.info(
+                    "raft group %d: new replica on a new data directory: it votes only for "
+                    "candidates with an empty log until it has caught up with a leader",
+                    group_id,
+                )
+            else:
+                log.info(
+                    "raft group %d: new replica of a group that may be older than this data "
+                    "directory: it does not vote until it has caught up with a leader",
+                    group_id,
+                )
+        if logged_conf:
+            raw = RawNode(
+                self.node_id,
+                storage,
+                self._rng,
+                config,
+                applied=applied,
+                lost_to=lost_to,
+                conf_decoder=decode_conf_change_batch,
+                bootstrap=bootstrap,
             )
-        raw = RawNode(self.node_id, storage, self._rng, config, applied=applied, lost_to=lost_to)
+        else:
+            raw = RawNode(
+                self.node_id,
+                storage,
+                self._rng,
+                config,
+                applied=applied,
+                lost_to=lost_to,
+                bootstrap=bootstrap,
+            )
         group = RaftGroup(group_id, raw, storage, handler, durable)
+        group.logged_conf = logged_conf
         self.groups[group_id] = group
+        self._active[group] = None
         early = self._early.pop(group_id, None)
         if early:
             self._forget_early(early)
@@ -353,8 +472,49 @@ class MultiRaft:
 
     def touch(self, group: RaftGroup) -> None:
         """The group may have work (a proposal, a step): include it in the next round."""
+        if group.quiet:
+            self._unquiet(group)
         self._dirty[group] = None
         self._wake.set()
+
+    # ---- quiescence ------------------------------------------------------------------------
+
+    def _unquiet(self, group: RaftGroup) -> None:
+        group.quiet = False
+        group.idle_ticks = group.quiet_ticks = 0
+        self._quiet.pop(group, None)
+        if not group.removed:
+            self._active[group] = None
+
+    def _go_quiet(self, group: RaftGroup) -> None:
+        group.quiet = True
+        group.quiet_ticks = 0
+        self._active.pop(group, None)
+        self._quiet[group] = None
+
+    def wake_led_by(self, node_id: int) -> int:
+        """Node ``node_id`` is gone (the controller marked it dead, or its stream broke):
+        the quiet groups it leads tick again, so they elect another leader. Returns how many."""
+        woken = [g for g in self._quiet if g.raw.leader_id == node_id]
+        for group in woken:
+            self._unquiet(group)
+        return len(woken)
+
+    def peer_gone(self, node_id: int) -> int:
+        """Node ``node_id`` died or its stream broke: the quiet groups it leads wake to elect
+        (``wake_led_by``), and so do the quiet groups this node leads that it is a member of
+        (a leader that lost its majority must notice, and step down by check-quorum)."""
+        woken = self.wake_led_by(node_id)
+        for group in [g for g in self._quiet if g.raw.role is Role.LEADER]:
+            if node_id in group.raw.conf_state.members:
+                group.raw.mark_unreachable(node_id)
+                self._unquiet(group)
+                woken += 1
+        return woken
+
+    @property
+    def quiet_groups(self) -> int:
+        return len(self._quiet)
 
     async def remove_group(self, group_id: int, *, forget: bool) -> RaftGroup | None:
         """Stop driving a group; returns once no round uses it (its log may then be closed).
@@ -365,6 +525,8 @@ class MultiRaft:
         group.removed = True
         group.drop_reads()
         self._dirty.pop(group, None)
+        self._active.pop(group, None)
+        self._quiet.pop(group, None)
         while group in self._in_round:
             await self._left_round.wait()
         if forget:
@@ -389,13 +551,16 @@ class MultiRaft:
     def _step(self, group: RaftGroup, msg: Message) -> None:
         if group.failed or msg.to != self.node_id:
             return
-        refused = refusal(group.raw, msg, self.max_term_gap)
+        refused = refusal(group.raw, msg, self.max_term_gap, also=group.allowed_peers)
         if refused is not None:
             self._metrics.raft_refused[refused].inc()
             log.debug(
                 "raft group %d refused a %s of term %d from node %d: %s",
                 group.group_id, msg.kind.name, msg.term, msg.frm, refused.value,
             )  # fmt: skip
+            return
+        gate = self.snapshot_gate
+        if gate is not None and msg.kind == MessageKind.SNAPSHOT and not gate(group, msg):
             return
         try:
             group.raw.step(msg)
@@ -404,6 +569,28 @@ class MultiRaft:
                 "raft group %d rejected a %s from %d", group.group_id, msg.kind.name, msg.frm
             )
             return
+        if msg.context == QUIESCE_CONTEXT:
+            if msg.kind == MessageKind.HEARTBEAT and self.quiesce:
+                raw = group.raw
+                if (
+                    raw.role == Role.FOLLOWER
+                    and raw.leader_id == msg.frm
+                    and raw.last_index() == msg.commit
+                    and group.group_id != CONTROLLER_GROUP
+                ):
+                    self._go_quiet(group)
+            # The answers to a quiesce round leave the leader quiet.
+        elif group.quiet:
+            self._unquiet(group)
+        tracer = self.tracer
+        if (
+            tracer is not None
+            and msg.kind == MessageKind.APPEND
+            and msg.entries
+            and not group.trace_append_ns
+            and tracer.append_sampled()
+        ):
+            group.trace_append_ns = time.monotonic_ns()
         self._dirty[group] = None
         self._wake.set()
 
@@ -455,7 +642,11 @@ class MultiRaft:
             self._ready_task = None
         while self._rounds:
             await asyncio.wait(set(self._rounds))
+        if self._hs_tail is not None:
+            await asyncio.wait({self._hs_tail})
         self._pool.shutdown(wait=True)
+        if self._hs_pool is not self._pool:
+            self._hs_pool.shutdown(wait=True)
 
     def abort(self) -> None:
         """Stop at once, as a crash would: ticks, the ready loop and every running round
@@ -478,15 +669,47 @@ class MultiRaft:
 
     def _tick_all(self) -> None:
         dirty = self._dirty
-        for group in self.groups.values():
+        quiesce = self.quiesce
+        after = self.quiesce_after_ticks
+        going_quiet: list[RaftGroup] = []
+        for group in self._active:
             if group.failed:
                 continue
             raw = group.raw
+            if quiesce and group.group_id != CONTROLLER_GROUP and raw.quiescable():
+                group.idle_ticks += 1
+                if group.idle_ticks >= after:
+                    raw.quiesce()  # one last heartbeat round, then no ticks
+                    going_quiet.append(group)
+                    dirty[group] = None
+                    continue
+            else:
+                group.idle_ticks = 0
             raw.tick()
             if raw.has_ready():
                 dirty[group] = None
+        for group in going_quiet:
+            self._go_quiet(group)
+        self._tick_count += 1
+        if self._quiet and self._tick_count % _QUIET_CHECK_TICKS == 0:
+            self._check_quiet()
         if dirty:
             self._wake.set()
+
+    def _check_quiet(self) -> None:
+        """Now and then: a quiet follower silent for ``quiet_max_ticks`` ticks ticks again
+        (its leader may have died unnoticed). A quiet leader needs no check: whatever could
+        give it work (a write, a read, a member's message, a change) wakes it."""
+        waking = []
+        step, limit, leader = _QUIET_CHECK_TICKS, self.quiet_max_ticks, Role.LEADER
+        for group in self._quiet:
+            if group.raw.role is leader:
+                continue
+            group.quiet_ticks += step
+            if group.quiet_ticks >= limit:
+                waking.append(group)
+        for group in waking:
+            self._unquiet(group)
         self._expire_early()
 
     def _expire_early(self) -> None:
@@ -565,13 +788,20 @@ class MultiRaft:
         yet; each group leaves it as soon as ITS writes are durable, not when the round's
         slowest fsync ends."""
         t0 = time.perf_counter()
+        if self.tracer is not None:
+            round_ns = time.monotonic_ns()
+            for group, _rd in readies:
+                if group.trace_append_ns and not group.trace_round_ns:
+                    group.trace_round_ns = round_ns
         m = self._metrics
         hard_states: dict[int, HardState] = {}
+        confs: dict[int, tuple[int, ConfState]] = {}
         sync_states = False
         to_fsync: list[RaftGroup] = []
         stored: list[tuple[RaftGroup, Ready, bool]] = []
         for group, rd in readies:
             handler = group.handler
+            replaced: int | None = None
             if rd.soft_state is not None:
                 handler.on_soft_state(group, rd.soft_state)
                 if rd.soft_state.role != Role.LEADER and group.reads:
@@ -584,6 +814,7 @@ class MultiRaft:
                     truncated = group.storage.append(rd.entries)
                     if truncated is not None:
                         handler.on_truncated(group, truncated)
+                        replaced = truncated
                     if group.durable:
                         to_fsync.append(group)
             except Exception as exc:
@@ -605,12 +836,26 @@ class MultiRaft:
                     continue
                 before = group.storage.hard_state()
                 vote_changed = before.term != hs.term or before.vote != hs.vote
+                if replaced is not None and hs.commit >= replaced:
+                    # The hard state and the log are separate files, written in parallel:
+                    # a commit covering entries that replaced a stored suffix, stored before
+                    # their fsync, would after a power loss cover the old suffix, and the
+                    # restarted replica would serve it as committed. Store only the commit
+                    # below the replaced entries (a lower stored commit is relearned from
+                    # the leader; a commit beyond the log's end, when appended entries are
+                    # lost, makes the replica a recovering one: both are safe).
+                    hs = replace(hs, commit=max(before.commit, replaced - 1))
                 if group.raw.lost_to > hs.commit:
                     # Recovering lost entries: the stored commit stays the evidence of them.
                     hs = replace(hs, commit=group.raw.lost_to)
                 hard_states[group.group_id] = hs
                 group.storage.set_hard_state(rd.hard_state)
                 sync_states = sync_states or rd.must_sync
+                if rd.conf_state is not None and group.logged_conf:
+                    # The core hands a new configuration out with the hard state it goes
+                    # with: both in the same write.
+                    confs[group.group_id] = (rd.conf_index, rd.conf_state)
+                    group.storage.set_conf_state(rd.conf_state, rd.conf_index)
             stored.append((group, rd, vote_changed))
 
         loop = asyncio.get_running_loop()
@@ -618,9 +863,8 @@ class MultiRaft:
         if hard_states:
             states = hard_states
             sync = sync_states
-            hs_fut = loop.run_in_executor(
-                self._pool, lambda: self._hard_states.save(states, sync=sync)
-            )
+            hs_fut = loop.create_task(self._write_hard_states(states, sync, self._hs_tail, confs))
+            self._hs_tail = hs_fut
         # One fsync job per group while there are few, so that one stalled disk holds up
         # only its own group; chunks of several beyond that, to bound the jobs per round.
         fsync_of: dict[RaftGroup, asyncio.Future[Any]] = {}
@@ -640,13 +884,24 @@ class MultiRaft:
         # waits for the hard state's write; a follower's answer (acknowledging entries)
         # waits for its own fsync. A leader's appends and heartbeats wait for nothing: a
         # leader may write its log in parallel with replicating it (Raft thesis 10.2.1),
-        # because it counts its own copy only once this round advanced it.
+        # because it counts its own copy only once this round advanced it. A commit-only
+        # change of the hard state holds nothing back: the commit index is relearned from
+        # the leader, so applying and answering need not wait for it to be stored (a
+        # recovering group waits: its stored commit is the evidence of what it lost; so does
+        # a group whose configuration in force changed, stored in the same write).
         waiting: dict[RaftGroup, tuple[Ready, set[asyncio.Future[Any]]]] = {}
         sent_early: set[RaftGroup] = set()
+        applied_early: set[RaftGroup] = set()
+        hs_awaited = False
         for group, rd, vote_changed in stored:
             deps: set[asyncio.Future[Any]] = set()
-            if rd.hard_state is not None and hs_fut is not None:
+            if (
+                rd.hard_state is not None
+                and hs_fut is not None
+                and (vote_changed or group.raw.lost_to or group.group_id in confs)
+            ):
                 deps.add(hs_fut)
+                hs_awaited = True
             own = fsync_of.get(group)
             if own is not None:
                 deps.add(own)
@@ -655,8 +910,18 @@ class MultiRaft:
             if not vote_changed and (leader or own is None):
                 self._send(group, rd)
                 sent_early.add(group)
+            if own is not None and self._apply_early_ok(group, rd, deps, own):
+                # Its committed entries were made durable by earlier rounds: apply them (and
+                # answer their producers) now, not after this round's fsync of newer ones.
+                self._apply(group, rd)
+                applied_early.add(group)
 
         outstanding: set[asyncio.Future[Any]] = {f for _rd, deps in waiting.values() for f in deps}
+        if hs_fut is not None and not hs_awaited:
+            # Commit-only changes: the round does not wait, but a failed write still takes
+            # its groups offline (the store is failing; a vote would not be stored either).
+            failing = [g for g, _rd, _vc in stored if g.group_id in hard_states]
+            hs_fut.add_done_callback(functools.partial(self._hard_states_written, failing))
         failed_hs: BaseException | None = None
         while True:
             # Groups whose own writes are all done: send, apply and advance them now.
@@ -667,7 +932,7 @@ class MultiRaft:
                 elif not group.failed:
                     if group not in sent_early:
                         self._send(group, rd)
-                    self._complete(group, rd)
+                    self._complete(group, rd, applied=group in applied_early)
                 self._leave_round((group,))
                 pending.discard(group)
             if not outstanding:
@@ -696,6 +961,29 @@ class MultiRaft:
         m.raft_ready_rounds.observe(time.perf_counter() - t0)
         m.raft_ready_groups.observe(len(readies))
 
+    async def _write_hard_states(
+        self,
+        states: dict[int, HardState],
+        sync: bool,
+        prev: asyncio.Future[Any] | None,
+        confs: dict[int, tuple[int, ConfState]],
+    ) -> None:
+        """Store one round's hard states after the previous round's (in round order: a
+        commit-only write may still be running when the group's next round stores a vote)."""
+        if prev is not None and not prev.done():
+            await asyncio.wait({prev})
+        await asyncio.get_running_loop().run_in_executor(
+            self._hs_pool, lambda: self._hard_states.save(states, sync=sync, confs=confs)
+        )
+
+    def _hard_states_written(self, groups: list[RaftGroup], fut: asyncio.Future[Any]) -> None:
+        error = None if fut.cancelled() else fut.exception()
+        if error is None:
+            return
+        log.error("cannot store raft hard states: %s", error)
+        for group in groups:
+            self._fail(group, error)
+
     def _send(self, group: RaftGroup, rd: Ready) -> None:
         sender = self._sender
         if sender is None or not rd.messages:
@@ -706,15 +994,40 @@ class MultiRaft:
                 sender.send(msg.to, gid, msg)
         except Exception:  # lost messages are retried by Raft; the group goes on
             log.exception("raft group %d: sending messages failed", gid)
+        if group.trace_round_ns and self.tracer is not None:
+            if any(msg.kind == MessageKind.APPEND_RESP for msg in rd.messages):
+                self.tracer.follower(
+                    group.trace_append_ns, group.trace_round_ns, time.monotonic_ns()
+                )
+                group.trace_append_ns = group.trace_round_ns = 0
 
-    def _complete(self, group: RaftGroup, rd: Ready) -> None:
-        """The group's writes of ``rd`` are durable: tell its owner, apply, advance."""
-        handler = group.handler
+    @staticmethod
+    def _apply_early_ok(
+        group: RaftGroup, rd: Ready, deps: set[asyncio.Future[Any]], own: asyncio.Future[Any]
+    ) -> bool:
+        """Whether ``rd``'s committed entries may be applied before its own fsync ends: they
+        are all older than its new entries (stored and fsynced by earlier rounds of the
+        group: a group has one Ready out at a time), and the Ready waits for nothing else
+        (no vote, term, configuration or snapshot, no recovery of lost entries). On a leader
+        this is every commit under load: its followers' answers arrive while it fsyncs the
+        next proposals, and the commit need not wait for that fsync."""
+        committed = rd.committed
+        return (
+            bool(committed)
+            and bool(rd.entries)
+            and committed[-1].index < rd.entries[0].index
+            and deps == {own}
+            and rd.snapshot is None
+            and rd.conf_state is None
+            and not group.raw.lost_to
+            and not group.failed
+        )
+
+    def _apply(self, group: RaftGroup, rd: Ready) -> bool:
+        """Hand ``rd``'s committed entries to the group's owner; False (the group is stopped)
+        if applying them failed."""
         try:
-            if rd.entries:
-                handler.on_persisted(group, rd.entries[-1].index)
-            if rd.committed:
-                handler.on_committed(group, rd.committed)
+            group.handler.on_committed(group, rd.committed)
         except Exception as exc:
             # A replicated state machine never skips an entry: advancing now would mark
             # the rest of this Ready applied on this node only. Stop the group instead.
@@ -724,6 +1037,27 @@ class MultiRaft:
             )  # fmt: skip
             self._metrics.apply_failures.inc()
             self._fail(group, exc, what="applying committed entries failed")
+            return False
+        return True
+
+    def _complete(self, group: RaftGroup, rd: Ready, *, applied: bool = False) -> None:
+        """The group's writes of ``rd`` are durable: tell its owner, apply (unless
+        ``applied`` already), advance."""
+        handler = group.handler
+        try:
+            if rd.conf_state is not None and group.conf_listener is not None:
+                group.conf_listener(group, rd.conf_state)
+            if rd.entries:
+                handler.on_persisted(group, rd.entries[-1].index)
+        except Exception as exc:
+            log.critical(
+                "raft group %d stopped: applying its committed entries failed",
+                group.group_id, exc_info=True,
+            )  # fmt: skip
+            self._metrics.apply_failures.inc()
+            self._fail(group, exc, what="applying committed entries failed")
+            return
+        if rd.committed and not applied and not self._apply(group, rd):
             return
         if rd.read_states and group.reads:
             for rs in rd.read_states:

@@ -26,6 +26,12 @@ adds what a partition means:
   EARLIEST see the logical start. A follower never deletes on its own clock; a follower
   that misses the control batch (a snapshot covers it) gets the start in the snapshot.
 
+A replica of a compacted topic (``cleanup.policy`` with ``compact``) also keeps its table
+(:attr:`Partition.table`, node/table.py): the latest value per key, which every replica
+applies from the same committed entries in :meth:`Partition.apply`, prunes below a new log
+start, clears when a snapshot replaces the log and rebuilds when applied records were
+overwritten; retention (``delete``) does not apply to a topic that is only ``compact``.
+
 Only the leader serves reads, and only once it is *synced* (the seam's sync step: it has
 applied the entries it holds from earlier terms): until then its high watermark may lag the
 old leader's, and a consumer at the old high watermark would be told its offset is out of
@@ -40,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -55,12 +62,17 @@ from tidelog.errors import (
     TidelogError,
     UnknownTopic,
 )
+from tidelog.node.catchup import IDEMPOTENCE_PART
 from tidelog.node.idempotence import PartitionIdempotence
+from tidelog.node.membership import ConfChanged, MembershipDriver
 from tidelog.node.raft.errors import NotRaftLeader as RaftNotLeader
 from tidelog.node.raft.errors import ProposalDropped
-from tidelog.node.raft.types import NONE, Entry, Role, Snapshot, SoftState
+from tidelog.node.raft.progress import ProgressState
+from tidelog.node.raft.types import NONE, ConfState, Entry, Role, Snapshot, SoftState
 from tidelog.node.replica_storage import NOOP_SIZE, decode_snapshot
 from tidelog.node.stm import BatchSpan, LostHow, StateMachine, UnappliableEntry
+from tidelog.node.table import PartitionTable
+from tidelog.node.trace import ProduceSpan
 from tidelog.records import BatchHeader, decode_records, encode_batch, unpack_header
 
 if TYPE_CHECKING:
@@ -91,11 +103,14 @@ class LogLike(Protocol):
     @property
     def last_term(self) -> int: ...
 
-    def read(self, offset: int, max_bytes: int, *, upto: int | None = None) -> bytes: ...
+    def read(
+        self, offset: int, max_bytes: int, *, upto: int | None = None, stored: bool = False
+    ) -> bytes: ...
     def offset_for_timestamp(self, timestamp_ms: int) -> tuple[int, int] | None: ...
     def term_at_index(self, raft_index: int) -> int | None: ...
     def end_offset_at_index(self, raft_index: int) -> int | None: ...
     def entries_by_index(self, lo: int, hi: int, max_bytes: int) -> list[bytes]: ...
+    def bytes_after_index(self, raft_index: int) -> int: ...
     def append_stamped(self, batches: bytes | bytearray | memoryview) -> None: ...
     def truncate_suffix(self, offset: int) -> None: ...
     def reset(
@@ -120,6 +135,8 @@ AddressOf = Callable[[int], "str | None"]
 #: (8 bytes, big-endian).
 LOG_START_KEY: Final = b"tidelog-log-start"
 _LOG_START_VALUE = struct.Struct(">Q")
+#: Sampled requests a partition follows at most (more means they stopped committing).
+_TRACED_MAX = 1024
 
 
 def log_start_batch(offset: int) -> bytes:
@@ -167,7 +184,9 @@ class Partition(StateMachine[None]):
         "_closed_error",
         "_hw",
         "_log_start_proposed",
+        "_membership",
         "_stream_error",
+        "_traced",
         "config",
         "elections_started",
         "elections_won",
@@ -175,7 +194,9 @@ class Partition(StateMachine[None]):
         "idempotence",
         "index",
         "log",
+        "on_conf_changed",
         "replicas",
+        "table",
         "topic",
     )
 
@@ -189,6 +210,7 @@ class Partition(StateMachine[None]):
         group_id: int,
         replicas: Sequence[int],
         address_of: AddressOf = lambda _node: None,
+        table: PartitionTable | None = None,
     ) -> None:
         super().__init__()
         self.topic = topic
@@ -210,6 +232,16 @@ class Partition(StateMachine[None]):
         self.elections_won = 0
         # Producer state and msg-id window, derived from the committed log (idempotence.py).
         self.idempotence = PartitionIdempotence(f"{topic}/{index}", config)
+        #: The latest value per key (node/table.py), on every replica of a compacted topic
+        #: (``cleanup.policy`` with ``compact``); None otherwise.
+        self.table: PartitionTable | None = table
+        # Sampled produce requests waiting here, by the Raft index of their last entry.
+        self._traced: dict[int, ProduceSpan] = {}
+        # Replica moves (node/membership.py).
+        self._membership = MembershipDriver(f"{topic}/{index}")
+        #: Told every committed configuration of the group (set by the node; see
+        #: :meth:`set_target_replicas`).
+        self.on_conf_changed: ConfChanged | None = None
 
     def __repr__(self) -> str:
         return f"Partition({self.topic!r}, {self.index}, group={self.group_id}, hw={self._hw})"
@@ -225,6 +257,102 @@ class Partition(StateMachine[None]):
         # through apply().
         self.idempotence.recover(self.log, self._hw)
         self.idempotence.applied_index = group.raw.commit_index
+        if self.table is not None:
+            self.table.recover(self.log, self._hw)
+        group.conf_listener = self._conf_committed
+        # The guard admits the replicas the controller named, and (below) every target and
+        # every configuration seen since: a lagging replica must hear the current leader.
+        group.allowed_peers = frozenset(self.replicas) | group.raw.conf_state.members
+
+    def set_table(self, table: PartitionTable | None) -> None:
+        """``cleanup.policy`` changed: ``table`` (a new one, built here from the committed
+        log) replaces the current one, which is dropped; None drops it."""
+        old, self.table = self.table, table
+        if old is not None:
+            old.drop()
+        if table is not None:
+            table.recover(self.log, self._hw)
+
+    # -- replica moves (node/membership.py) --------------------------------------------------
+
+    def set_target_replicas(self, target: frozenset[int] | None) -> None:
+        """The replica set this partition should end with (the controller's
+        ``PartitionAssignment.target``; None: no move). On the leader the group's Raft
+        configuration is driven there one safe change at a time (learners added, caught up,
+        promoted, then the others removed; leadership handed over first if this node leaves);
+        a follower only remembers it, for when it leads."""
+        self._membership.set_target(None if target is None else frozenset(target))
+        if target is not None and self.group is not None:
+            self.group.allowed_peers |= frozenset(target)
+        self._drive_membership()
+
+    @property
+    def target_replicas(self) -> frozenset[int] | None:
+        return self._membership.target
+
+    @property
+    def conf_state(self) -> ConfState:
+        """The group's configuration in force on this replica (a committed one)."""
+        if self.group is None:
+            return ConfState(voters=frozenset(self.replicas))
+        return self.group.raw.conf_state
+
+    def move_progress(
+        self, streamed: Callable[[int], int] = lambda _node: 0
+    ) -> dict[int, tuple[int, int]]:
+        """On the leader, for each learner: (bytes of the leader's log it holds, bytes it
+        still lacks); {} elsewhere or when no learner is catching up. A learner copying a
+        streamed snapshot (node/catchup.py) holds what ``streamed(node)`` says was sent."""
+        group = self.group
+        if group is None or group.raw.role != Role.LEADER:
+            return {}
+        raw = group.raw
+        lg = self.log
+        size = lg.size_bytes
+        out: dict[int, tuple[int, int]] = {}
+        for node in sorted(raw.conf_state.learners):
+            pr = raw.progress(node)
+            match = pr.match if pr is not None else 0
+            left = lg.bytes_after_index(match)
+            if pr is not None and pr.state == ProgressState.SNAPSHOT:
+                copied = min(size, streamed(node))
+                out[node] = (copied, size - copied)
+            else:
+                out[node] = (size - left, left)
+        return out
+
+    def move_entries_left(self) -> int:
+        """On the leader: the log entries its learners still lack, summed (0 elsewhere)."""
+        group = self.group
+        if group is None or group.raw.role != Role.LEADER:
+            return 0
+        raw = group.raw
+        last = raw.last_index()
+        left = 0
+        for node in raw.conf_state.learners:
+            pr = raw.progress(node)
+            left += max(0, last - (pr.match if pr is not None else 0))
+        return left
+
+    def _conf_committed(self, group: RaftGroup, conf: ConfState) -> None:
+        group.allowed_peers |= conf.members
+        log.info(
+            "%s/%d: configuration in force: voters %s, learners %s",
+            self.topic, self.index, sorted(conf.voters), sorted(conf.learners),
+        )  # fmt: skip
+        callback = self.on_conf_changed
+        if callback is not None:
+            try:
+                callback(self.topic, self.index, conf.voters, conf.learners)
+            except Exception:
+                log.exception("%s/%d: on_conf_changed failed", self.topic, self.index)
+        self._drive_membership()
+
+    def _drive_membership(self) -> None:
+        group, raft = self.group, self._raft
+        if group is None or raft is None or self._closed_error is not None:
+            return
+        self._membership.ensure_running(group, raft)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -266,7 +394,7 @@ class Partition(StateMachine[None]):
         raw = group.raw
         commit = raw.commit_index
         out = []
-        for node in self.replicas:
+        for node in sorted(raw.conf_state.voters):
             pr = raw.progress(node)
             if node == raw.id or (pr is not None and pr.match >= commit):
                 out.append(node)
@@ -280,7 +408,7 @@ class Partition(StateMachine[None]):
         raw = group.raw
         last = raw.last_index()
         out = []
-        for node in self.replicas:
+        for node in sorted(raw.conf_state.members):
             if node == raw.id:
                 continue
             pr = raw.progress(node)
@@ -300,6 +428,33 @@ class Partition(StateMachine[None]):
         if self._stream_error is not None:
             raise self._stream_error
         if not self.serving:
+            raise self.not_leader()
+
+    @property
+    def follower_readable(self) -> bool:
+        """A follower that heard from its leader within an election timeout and holds every
+        entry it acknowledged: its high watermark is committed data, maybe behind the
+        leader's (follower fetching, ``FetchRequest.allow_follower``)."""
+        group = self.group
+        if group is None or self.role != Role.FOLLOWER:
+            return False
+        raw = group.raw
+        return (
+            raw.leader_id != NONE
+            and raw.election_elapsed < raw.cfg.election_timeout_ticks
+            and not raw.recovering
+        )
+
+    def check_reading(self, allow_follower: bool) -> None:
+        """For fetch streams: the serving leader, or (``allow_follower``) a readable follower."""
+        if not allow_follower or self.serving:
+            self.check_streaming()
+            return
+        if self._closed_error is not None:
+            raise self._closed_error
+        if self._stream_error is not None:
+            raise self._stream_error
+        if not self.follower_readable:
             raise self.not_leader()
 
     def check_serving(self) -> None:
@@ -441,6 +596,43 @@ class Partition(StateMachine[None]):
 
     # -- the seam's hooks: the state ------------------------------------------------------
 
+    # -- tracing (node/trace.py) ---------------------------------------------------------
+
+    def trace(self, span: ProduceSpan) -> None:
+        """Follow a sampled request's last entry through store, commit and apply."""
+        if len(self._traced) >= _TRACED_MAX:
+            self._traced.clear()  # entries that never committed (a lost leadership)
+        self._traced[span.index] = span
+
+    def _trace_mark(self, step: str, upto: int) -> None:
+        now = time.monotonic_ns()
+        done = []
+        for index, span in self._traced.items():
+            if index > upto:
+                continue
+            if step == "stored":
+                span.stored = span.stored or now
+            elif step == "committed":
+                span.committed = span.committed or now
+            else:
+                span.applied = now
+                done.append(index)
+        for index in done:
+            del self._traced[index]
+
+    def on_persisted(self, group: RaftGroup, last_index: int) -> None:
+        if self._traced:
+            self._trace_mark("stored", last_index)
+        super().on_persisted(group, last_index)
+
+    def on_committed(self, group: RaftGroup, entries: tuple[Entry, ...]) -> None:
+        traced = bool(self._traced)
+        if traced:
+            self._trace_mark("committed", entries[-1].index)
+        super().on_committed(group, entries)
+        if traced:
+            self._trace_mark("applied", entries[-1].index)
+
     def on_role_change(self, soft: SoftState, was_leader: bool) -> None:
         term = self.term
         self._log_start_proposed = 0
@@ -449,6 +641,7 @@ class Partition(StateMachine[None]):
                 self.idempotence.leadership_lost()  # proposals in flight are an old term's
                 self.elections_won += 1
                 log.info("%s/%d: this node leads, term %d", self.topic, self.index, term)
+                self._drive_membership()
         else:
             if soft.role in (Role.PRE_CANDIDATE, Role.CANDIDATE):
                 self.elections_started += 1
@@ -476,16 +669,39 @@ class Partition(StateMachine[None]):
 
     def restore_snapshot(self, snapshot: Snapshot) -> None:
         idem = self.idempotence
+        streamed = False
         try:
-            state = decode_snapshot(snapshot.data).state
+            data = decode_snapshot(snapshot.data)
+            state = data.state
+            if data.stream is not None and self.group is not None:
+                # A streamed snapshot (node/catchup.py): its state came as a copied part.
+                streamed = True
+                state = self.group.storage.installed_parts.get(IDEMPOTENCE_PART)
         except StorageError:
             state = None  # install_snapshot already refused bytes that are not ours
         idem.snapshot_installed(self.log.log_start_offset, state)
         idem.applied_index = max(idem.applied_index, snapshot.meta.index)
         self._advance_hw(_floor_hw(self.log))
+        if streamed:
+            # The copied records up to the snapshot's index are committed.
+            end = self.log.end_offset_at_index(snapshot.meta.index)
+            if end is not None:
+                self._advance_hw(end)
+        if self.table is not None:
+            # The log holds nothing below the snapshot now: the table continues from there
+            # (what the leader's table held below its log start it pruned too).
+            lg = self.log
+            self.table.clear(min(lg.log_start_offset, lg.log_end_offset))
+            self.table.replay(lg, self._hw)
 
     def on_log_truncated(self, from_index: int) -> None:
         self.idempotence.truncated(from_index)
+        table = self.table
+        if table is not None:
+            kept = self.log.end_offset_at_index(from_index - 1)
+            if kept is not None and table.applied_offset > kept:
+                # Only entries this replica lost (flush=os) can be committed and overwritten.
+                table.rebuild(self.log, min(kept, self._hw), "applied records were overwritten")
 
     def apply(self, entries: tuple[Entry, ...]) -> None:
         """A partition's state is its high watermark, its producer state (idempotence) and
@@ -498,6 +714,8 @@ class Partition(StateMachine[None]):
             s = decode_log_start(e.data)
             if s is not None:
                 log_start = s if log_start is None else max(log_start, s)
+        if self.table is not None:
+            self.table.apply_entries([e.data for e in entries])
         idem.applied_index = last
         idem.committed(last)
         end = self.log.end_offset_at_index(last)
@@ -514,6 +732,8 @@ class Partition(StateMachine[None]):
         if offset <= before:
             return  # an old start replayed after a restart, or a snapshot brought a later one
         deleted = self.log.advance_start(offset)
+        if self.table is not None:
+            self.table.prune_below(offset)
         log.info(
             "%s/%d: log start %d -> %d (the leader's), %d local segment(s) deleted",
             self.topic, self.index, before, offset, deleted,
@@ -528,6 +748,8 @@ class Partition(StateMachine[None]):
         is applied. A refused proposal is retried at the next pass."""
         if self._closed_error is not None or not self.serving:
             return None
+        if not self.config.retention_deletes:
+            return None  # cleanup.policy=compact: no retention
         point = self.log.retention_point(now_ms, below=self._hw)
         if point is None or point <= max(self.log.log_start_offset, self._log_start_proposed):
             return None
@@ -551,9 +773,11 @@ class Partition(StateMachine[None]):
 
     # -- reads ---------------------------------------------------------------------------
 
-    def check_fetch_offset(self, offset: int) -> None:
+    def check_fetch_offset(self, offset: int, *, follower: bool = False) -> None:
+        """OffsetOutOfRange outside [log start, high watermark]; a follower read may also
+        ask above its high watermark, which may trail the leader's (the stream waits)."""
         start, hw = self.log.log_start_offset, self._hw
-        if not start <= offset <= hw:
+        if not start <= offset <= hw and not (follower and offset > hw):
             raise OffsetOutOfRange(
                 f"{self.topic}/{self.index}: offset {offset} is outside the log, "
                 f"valid offsets are {start}..{hw} (log start offset..high watermark)",
@@ -593,7 +817,10 @@ class Partition(StateMachine[None]):
         if self._closed_error is not None:
             return
         self._closed_error = error
+        self._membership.stop()
         self.fail_waiters(error)
+        if self.table is not None:
+            self.table.close()
 
     def end_streams(self, error: TidelogError) -> None:
         """End fetch streams (they get ``error``) but keep accepting and committing appends:

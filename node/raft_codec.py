@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Final
 
 from tidelog.node.raft.types import (
+    ConfChange,
     ConfState,
     Entry,
     EntryKind,
@@ -26,6 +27,9 @@ from tidelog.node.raft.types import (
     Snapshot,
     SnapshotMeta,
 )
+from tidelog.records import decode_records as _decode_records
+from tidelog.records import encode_batch as _encode_record_batch
+from tidelog.records import read_header
 from tidelog.v1 import raft_pb2
 
 #: Bytes a message costs on the wire beyond its payloads (group, kind, ids, term, indexes,
@@ -58,6 +62,55 @@ assert len(raft_pb2.RaftEntryKind.keys()) == len(EntryKind)
 
 class CodecError(ValueError):
     """A batch that does not decode into valid Raft messages (a bug or a foreign sender)."""
+
+
+#: The key of the one record of a membership-change control batch (a partition's CONFIG
+#: entry); its value is the ``ConfChange`` (``raft.types.ConfChange.encode``).
+CONF_CHANGE_KEY: Final = b"tidelog-conf-change"
+
+
+def conf_change_batch(cc: ConfChange) -> bytes:
+    """The stored form of a partition's CONFIG entry (before stamping): a control batch of
+    one record, timestamp 0, no producer, so every replica holds the same bytes; consumers
+    never see it (control batches are skipped) and it takes one offset."""
+    return _encode_record_batch(
+        [cc.encode()], keys=[CONF_CHANGE_KEY], timestamps_ms=0, control=True
+    )
+
+
+def is_conf_change_batch(data: bytes) -> bool:
+    """Whether a stored control batch is a membership change (cheap for everything else)."""
+    try:
+        h = read_header(data)
+    except Exception:
+        return False
+    if not h.is_control or h.producer_id >= 0 or h.record_count != 1:
+        return False
+    try:
+        recs = _decode_records(data, verify_crc=False)
+    except Exception:
+        return False
+    return len(recs) == 1 and recs[0].key == CONF_CHANGE_KEY
+
+
+def decode_conf_change_batch(data: bytes) -> ConfChange:
+    """Strict: the change of a membership-change control batch, CodecError for anything
+    else (a wrong CRC, another control batch, more records, a change that does not decode).
+    The partitions' ``conf_decoder`` and the wire's check of CONFIG entries."""
+    try:
+        h = read_header(data)
+        if not h.is_control or h.producer_id >= 0 or h.record_count != 1:
+            raise CodecError("a CONFIG entry that is not a membership-change control batch")
+        if h.size != len(data):
+            raise CodecError(f"a CONFIG entry of {len(data)} bytes holds a batch of {h.size}")
+        recs = _decode_records(data, verify_crc=True)
+        if len(recs) != 1 or recs[0].key != CONF_CHANGE_KEY or recs[0].value is None:
+            raise CodecError("a CONFIG entry whose batch is not one membership change")
+        return ConfChange.decode(recs[0].value)
+    except CodecError:
+        raise
+    except Exception as exc:
+        raise CodecError(f"a CONFIG entry that does not decode: {exc}") from None
 
 
 def wire_size_estimate(msg: Message) -> int:
@@ -234,6 +287,11 @@ def _decode_message(gm: raft_pb2.GroupMessage, frm: int, to: int) -> Message:
         for e in entries:
             _check_u63(group, "entry term", e.term)
             _check_u63(group, "entry index", e.index)
+            if e.kind is EntryKind.CONFIG:
+                try:
+                    decode_conf_change_batch(e.data)
+                except CodecError as exc:
+                    raise CodecError(f"group {group}, entry {e.index}: {exc}") from None
     snapshot: Snapshot | None = None
     if gm.HasField("snapshot"):
         s = gm.snapshot
@@ -340,13 +398,17 @@ def decode_batch(
 
 
 __all__ = [
+    "CONF_CHANGE_KEY",
     "MESSAGE_OVERHEAD_BYTES",
     "NODE_ID_MAX",
     "UINT63_MAX",
     "CodecError",
     "HeartbeatCache",
+    "conf_change_batch",
     "decode_batch",
+    "decode_conf_change_batch",
     "encode_batch",
     "heartbeat_cache_groups_max",
+    "is_conf_change_batch",
     "wire_size_estimate",
 ]

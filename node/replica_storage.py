@@ -20,8 +20,15 @@ entry need a word:
   ``node/partition.py``), and the owner restores the state (``decode_snapshot``). Formats
   1 (offset only) and 2 (offset and logical start) are still read; format 3 carries all
   three. The state is bounded by :data:`SNAPSHOT_STATE_BYTES_MAX` so the snapshot fits one
-  Raft message; the owner trims what does not fit (and says so in its log) until snapshots
-  are streamed in chunks.
+  Raft message; the owner trims what does not fit (and says so in its log).
+* Format 4 is a *streamed* snapshot (``node/catchup.py``): the Raft message carries only
+  where the snapshot's log range starts and ends (the batch holding the leader's logical
+  start, and the offset after the snapshot's index, which is the leader's applied index)
+  and the names, sizes and CRCs of its state parts. The follower copies the range's records
+  and the parts over the internal listener in checksummed chunks before its Raft core ever
+  sees the message; installing it adopts the copied log (``PartitionLog.adopt``), so the
+  follower holds the same retained records as the leader. ``snapshot_maker`` makes them
+  (a leader), ``stream_installer`` installs them (a follower).
 
 Raft indexes and consumer offsets are translated only through the log (``term_at_index``,
 ``end_offset_at_index``); this module never keeps its own mapping.
@@ -60,6 +67,7 @@ from tidelog.node.raft.types import (
     Snapshot,
     SnapshotMeta,
 )
+from tidelog.node.raft_codec import is_conf_change_batch
 from tidelog.records import HEADER_SIZE, batch_end_offset, encode_batch, stamp, unpack_header
 
 log = logging.getLogger(__name__)
@@ -78,6 +86,11 @@ RAFT_COLUMN: Final = "raft"
 _HS_PREFIX: Final = b"hs/"
 _GROUP_KEY = struct.Struct(">Q")
 _HARD_STATE = struct.Struct(">QQQ")
+#: A group's configuration in force (groups whose membership changes through the log):
+#: the index it is in force from, the counts of voters and learners, then their ids.
+_CONF_PREFIX: Final = b"conf/"
+_CONF_HEAD = struct.Struct(">QHH")
+_CONF_ID = struct.Struct(">I")
 _SNAPSHOT_DATA = struct.Struct(">BQ")
 _SNAPSHOT_FORMAT: Final = 1
 #: Format 2 adds the logical log start.
@@ -86,6 +99,15 @@ _SNAPSHOT_FORMAT_2: Final = 2
 #: Format 3: format 2's fields, then the length of the owner's state and the state.
 _SNAPSHOT_DATA_3 = struct.Struct(">BQQI")
 _SNAPSHOT_FORMAT_3: Final = 3
+#: Format 4: the streamed range (start offset, logical start, end offset, the Raft index
+#: and term before the start) and the count of state parts; then each part's name
+#: (length-prefixed UTF-8), size and CRC-32C.
+_SNAPSHOT_DATA_4 = struct.Struct(">BQQQQQH")
+_SNAPSHOT_PART = struct.Struct(">QI")
+_SNAPSHOT_FORMAT_4: Final = 4
+#: State parts of one streamed snapshot at most, and the length of a part's name.
+SNAPSHOT_PARTS_MAX: Final = 1024
+PART_NAME_BYTES_MAX: Final = 255
 #: The owner's state in one snapshot at most: a snapshot travels as one Raft message
 #: (``node/transport.message_bytes_max``, about 71 MiB), and a follower holds it in memory
 #: while installing it. Beyond it the owner trims its state (``state_source``).
@@ -101,10 +123,14 @@ def noop_batch(base_offset: int, term: int, index: int) -> bytes:
 
 
 def entry_kind(data: bytes) -> EntryKind:
-    """What a stored batch is to Raft: EMPTY for the no-op control batch, NORMAL otherwise."""
+    """What a stored batch is to Raft: EMPTY for the no-op control batch, CONFIG for a
+    membership change (``raft_codec.conf_change_batch``), NORMAL otherwise."""
     h = unpack_header(data)
-    if h.is_control and h.size == NOOP_SIZE:
-        return EntryKind.EMPTY
+    if h.is_control:
+        if h.size == NOOP_SIZE:
+            return EntryKind.EMPTY
+        if is_conf_change_batch(data):
+            return EntryKind.CONFIG
     return EntryKind.NORMAL
 
 
@@ -125,6 +151,90 @@ def next_offset(raw: RawNode, partition_log: RaftLogFile) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class PartInfo:
+    """One state part of a streamed snapshot, as the Raft message announces it."""
+
+    name: str
+    size: int
+    crc32c: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamedRange:
+    """What a streamed snapshot (format 4) asks the follower to copy before installing it."""
+
+    #: Base offset of the first batch to copy (the one holding the logical start).
+    start_offset: int
+    #: The leader's logical log start (at or above ``start_offset``).
+    logical_start: int
+    #: The offset after the snapshot's Raft index: the copy ends there.
+    end_offset: int
+    #: The Raft index and term of the entry before the first copied batch.
+    prev_index: int
+    prev_term: int
+    parts: tuple[PartInfo, ...] = ()
+
+
+def encode_streamed(r: StreamedRange) -> bytes:
+    if not (r.start_offset <= r.logical_start and r.start_offset <= r.end_offset):
+        raise StorageError(f"streamed snapshot range is not ordered: {r}")
+    if len(r.parts) > SNAPSHOT_PARTS_MAX:
+        raise StorageError(f"a streamed snapshot has {len(r.parts)} parts")
+    out = [
+        _SNAPSHOT_DATA_4.pack(
+            _SNAPSHOT_FORMAT_4, r.start_offset, r.logical_start, r.end_offset,
+            r.prev_index, r.prev_term, len(r.parts),
+        )
+    ]  # fmt: skip
+    for part in r.parts:
+        name = part.name.encode()
+        if not 0 < len(name) <= PART_NAME_BYTES_MAX:
+            raise StorageError(f"snapshot part name {part.name!r} is empty or too long")
+        out.append(
+            struct.pack(">H", len(name)) + name + _SNAPSHOT_PART.pack(part.size, part.crc32c)
+        )
+    return b"".join(out)
+
+
+def _decode_streamed(data: bytes) -> StreamedRange:
+    head = _SNAPSHOT_DATA_4.size
+    if len(data) < head:
+        raise StorageError(f"partition snapshot of format 4 is {len(data)} bytes")
+    _fmt, start, logical, end, prev_index, prev_term, count = _SNAPSHOT_DATA_4.unpack_from(data)
+    if count > SNAPSHOT_PARTS_MAX:
+        raise StorageError(f"partition snapshot announces {count} parts")
+    if (
+        not (start <= logical <= UINT63_MAX and start <= end <= UINT63_MAX)
+        or max(prev_index, prev_term) > UINT63_MAX
+    ):
+        raise StorageError(f"partition snapshot range {start}, {logical}, {end} is not ordered")
+    pos = head
+    parts: list[PartInfo] = []
+    for _ in range(count):
+        if pos + 2 > len(data):
+            raise StorageError("partition snapshot ends inside its part list")
+        (n,) = struct.unpack_from(">H", data, pos)
+        pos += 2
+        if not 0 < n <= PART_NAME_BYTES_MAX or pos + n + _SNAPSHOT_PART.size > len(data):
+            raise StorageError("partition snapshot has a bad part name")
+        try:
+            name = bytes(data[pos : pos + n]).decode()
+        except UnicodeDecodeError:
+            raise StorageError("partition snapshot has a part name that is not UTF-8") from None
+        pos += n
+        size, crc = _SNAPSHOT_PART.unpack_from(data, pos)
+        pos += _SNAPSHOT_PART.size
+        parts.append(PartInfo(name, int(size), int(crc)))
+    if pos != len(data):
+        raise StorageError(f"partition snapshot has {len(data) - pos} bytes after its parts")
+    if len({p.name for p in parts}) != len(parts):
+        raise StorageError("partition snapshot names a part twice")
+    return StreamedRange(
+        int(start), int(logical), int(end), int(prev_index), int(prev_term), tuple(parts)
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class SnapshotData:
     """What a partition snapshot carries besides its Raft metadata."""
 
@@ -134,6 +244,8 @@ class SnapshotData:
     state: bytes | None = None
     #: The leader's logical log start when above ``log_start_offset``, else None.
     logical_start: int | None = None
+    #: Format 4: the range and parts to copy before installing (``node/catchup.py``).
+    stream: StreamedRange | None = None
 
     @property
     def logical(self) -> int:
@@ -181,6 +293,14 @@ def decode_snapshot(data: bytes) -> SnapshotData:
                 f"{_SNAPSHOT_DATA_2.size}"
             )
         _fmt, offset, logical = _SNAPSHOT_DATA_2.unpack(data)
+    elif fmt == _SNAPSHOT_FORMAT_4:
+        r = _decode_streamed(data)
+        return SnapshotData(
+            r.start_offset,
+            None,
+            None if r.logical_start == r.start_offset else r.logical_start,
+            r,
+        )
     elif fmt == _SNAPSHOT_FORMAT_3:
         head = _SNAPSHOT_DATA_3.size
         if len(data) < head:
@@ -238,10 +358,15 @@ class ReplicaStorage:
         "_cache_bytes",
         "_cache_max_bytes",
         "_conf",
+        "_conf_index",
         "_hs",
+        "custom_installer",
+        "installed_parts",
         "log",
         "lost_to",
+        "snapshot_maker",
         "state_source",
+        "stream_installer",
     )
 
     def __init__(
@@ -251,7 +376,11 @@ class ReplicaStorage:
         conf: ConfState,
         *,
         cache_bytes_max: int = entry_cache_bytes_max,
+        conf_index: int | None = None,
     ) -> None:
+        """``conf_index``: where the stored ``conf`` is in force from (None: no configuration
+        was ever stored for the group, so no CONFIG entry up to its commit index took effect,
+        and ``conf`` is its initial one)."""
         self.log = partition_log
         last = partition_log.last_index
         #: The stored commit index when the log no longer reaches it (0: no loss). The node
@@ -260,9 +389,14 @@ class ReplicaStorage:
         #: until then, so that a second crash meanwhile still knows.
         self.lost_to = 0
         if hard_state.commit >= NEW_REPLICA:
-            # A new replica that had not caught up yet (the driver stores the marker).
+            # A new replica that had not caught up yet (the driver stores the marker). It
+            # may hold entries all the same (the hard state that cleared the marker is a
+            # commit-only write, not synced, or the log's fsync landed before it): its own
+            # as a leader, or a leader's, committed or not. Nothing says which, so none
+            # counts as committed; the commit index is relearned from a leader (RaftLog
+            # still counts the log's compaction point and the owner's applied index).
             self.lost_to = NEW_REPLICA
-            hard_state = HardState(hard_state.term, hard_state.vote, last)
+            hard_state = HardState(hard_state.term, hard_state.vote, 0)
         elif hard_state.commit > last:
             # Only possible when the log lost fsynced data, or lost writes it never fsynced
             # (flush=os after a machine crash): what it no longer holds cannot be committed here.
@@ -276,6 +410,7 @@ class ReplicaStorage:
             hard_state = HardState(hard_state.term, hard_state.vote, last)
         self._hs = hard_state
         self._conf = conf
+        self._conf_index = hard_state.commit if conf_index is None else conf_index
         self._cache: deque[Entry] = deque()
         self._cache_bytes = 0
         self._cache_max_bytes = cache_bytes_max
@@ -283,6 +418,16 @@ class ReplicaStorage:
         #: given bytes (the partition's idempotence state; set by ``Partition.attach``).
         #: None: format-1 snapshots (offset only).
         self.state_source: Callable[[int], bytes] | None = None
+        #: Makes the streamed snapshots (format 4) this replica sends as leader, or None
+        #: when nothing lies beyond the log's start (then the formats above).
+        self.snapshot_maker: Callable[[], Snapshot | None] | None = None
+        #: Installs a streamed snapshot whose copy is complete (adopting the copied log);
+        #: returns the state parts' bytes, kept in ``installed_parts`` for the owner.
+        self.stream_installer: Callable[[Snapshot, StreamedRange], dict[str, bytes]] | None = None
+        self.installed_parts: dict[str, bytes] = {}
+        #: An owner whose snapshots are not a partition's (the controller,
+        #: ``node/controller_snapshots.py``) installs them itself.
+        self.custom_installer: Callable[[Snapshot], None] | None = None
 
     # ---- StorageReader -------------------------------------------------------------------
 
@@ -291,6 +436,9 @@ class ReplicaStorage:
 
     def conf_state(self) -> ConfState:
         return self._conf
+
+    def conf_index(self) -> int:
+        return self._conf_index
 
     def first_index(self) -> int:
         return self.log.first_index
@@ -340,11 +488,16 @@ class ReplicaStorage:
         out = []
         for data in self.log.entries_by_index(lo, hi, max_bytes):
             h = unpack_header(data)
-            kind = EntryKind.EMPTY if h.is_control and h.size == NOOP_SIZE else EntryKind.NORMAL
+            kind = entry_kind(data) if h.is_control else EntryKind.NORMAL
             out.append(Entry(h.raft_term, h.raft_index, data, kind))
         return out
 
     def snapshot(self) -> Snapshot:
+        maker = self.snapshot_maker
+        if maker is not None:
+            streamed = maker()
+            if streamed is not None:
+                return streamed
         index = self.log.first_index - 1
         term = self.log.term_at_index(index)
         if term is None:
@@ -363,8 +516,10 @@ class ReplicaStorage:
     def set_hard_state(self, hard_state: HardState) -> None:
         self._hs = hard_state
 
-    def set_conf_state(self, conf: ConfState) -> None:
+    def set_conf_state(self, conf: ConfState, index: int | None = None) -> None:
         self._conf = conf
+        if index is not None:
+            self._conf_index = index
 
     def append(self, entries: tuple[Entry, ...] | list[Entry]) -> int | None:
         """Store ``entries`` (contiguous) with one write, replacing a conflicting suffix from
@@ -423,9 +578,31 @@ class ReplicaStorage:
         """Empty the log and make it continue after the snapshot's point (the owner restores
         the state it carries: ``GroupHandler.on_snapshot``)."""
         meta = snapshot.meta
+        if self.custom_installer is not None:
+            self.custom_installer(snapshot)
+            self._conf = meta.conf
+            self._cache.clear()
+            self._cache_bytes = 0
+            return
         data = decode_snapshot(snapshot.data)
-        self.log.reset(data.log_start_offset, meta.index, meta.term, log_start=data.logical)
+        if data.stream is not None:
+            installer = self.stream_installer
+            if installer is None:
+                raise StorageError(
+                    f"a streamed snapshot at raft index {meta.index} reached a replica that "
+                    "cannot copy one"
+                )
+            self.installed_parts = installer(snapshot, data.stream)
+            if self.log.last_index != meta.index or self.log.last_term != meta.term:
+                raise StorageError(
+                    f"the copied log ends at raft index {self.log.last_index} term "
+                    f"{self.log.last_term}, not at the snapshot's {meta.index} term {meta.term}"
+                )
+        else:
+            self.installed_parts = {}
+            self.log.reset(data.log_start_offset, meta.index, meta.term, log_start=data.logical)
         self._conf = meta.conf
+        self._conf_index = meta.index
         self._cache.clear()
         self._cache_bytes = 0
 
@@ -471,19 +648,65 @@ class HardStateStore:
         term, vote, commit = _HARD_STATE.unpack(raw)
         return HardState(term, vote, commit)
 
-    def save(self, states: dict[int, HardState], *, sync: bool) -> None:
-        """One write batch for all of them (the caller may run it in a worker thread)."""
-        self._store.write_batch(
-            RAFT_COLUMN,
-            [
-                (self._key(g), _HARD_STATE.pack(hs.term, hs.vote, hs.commit))
-                for g, hs in states.items()
-            ],
-            sync=sync,
-        )
+    def save(
+        self,
+        states: dict[int, HardState],
+        *,
+        sync: bool,
+        confs: dict[int, tuple[int, ConfState]] | None = None,
+    ) -> None:
+        """One write batch for all of them (the caller may run it in a worker thread), with
+        the configurations that changed (``confs``: group -> (index in force from, conf)),
+        so a configuration and the commit index that includes it are stored together."""
+        items = [
+            (self._key(g), _HARD_STATE.pack(hs.term, hs.vote, hs.commit))
+            for g, hs in states.items()
+        ]
+        for g, (index, conf) in (confs or {}).items():
+            items.append((self._conf_key(g), encode_conf(index, conf)))
+        self._store.write_batch(RAFT_COLUMN, items, sync=sync)
+
+    @staticmethod
+    def _conf_key(group_id: int) -> bytes:
+        return _CONF_PREFIX + _GROUP_KEY.pack(group_id)
+
+    def load_conf(self, group_id: int) -> tuple[int, ConfState] | None:
+        """The stored configuration of a group whose membership changes through the log
+        (with the index it is in force from), or None if none was ever stored."""
+        raw = self._store.get(RAFT_COLUMN, self._conf_key(group_id))
+        if raw is None:
+            return None
+        return decode_conf(raw, group_id)
 
     def delete(self, group_id: int) -> None:
         self._store.delete(RAFT_COLUMN, self._key(group_id))
+        self._store.delete(RAFT_COLUMN, self._conf_key(group_id))
+
+
+def encode_conf(index: int, conf: ConfState) -> bytes:
+    voters = sorted(conf.voters)
+    learners = sorted(conf.learners)
+    head = _CONF_HEAD.pack(index, len(voters), len(learners))
+    return head + b"".join(_CONF_ID.pack(n) for n in (*voters, *learners))
+
+
+def decode_conf(raw: bytes, group_id: int) -> tuple[int, ConfState]:
+    """Strict: StorageError for bytes that are not one stored configuration."""
+    if len(raw) < _CONF_HEAD.size:
+        raise StorageError(f"raft configuration of group {group_id} is {len(raw)} bytes")
+    index, nv, nl = _CONF_HEAD.unpack_from(raw)
+    if len(raw) != _CONF_HEAD.size + _CONF_ID.size * (nv + nl) or nv == 0:
+        raise StorageError(
+            f"raft configuration of group {group_id} is {len(raw)} bytes for {nv} voters "
+            f"and {nl} learners"
+        )
+    ids = [
+        _CONF_ID.unpack_from(raw, _CONF_HEAD.size + _CONF_ID.size * i)[0] for i in range(nv + nl)
+    ]
+    voters, learners = frozenset(ids[:nv]), frozenset(ids[nv:])
+    if len(voters) != nv or len(learners) != nl or voters & learners or 0 in ids:
+        raise StorageError(f"raft configuration of group {group_id} repeats node ids")
+    return int(index), ConfState(voters, learners)
 
 
 __all__ = [
@@ -492,12 +715,15 @@ __all__ = [
     "RAFT_COLUMN",
     "SNAPSHOT_STATE_BYTES_MAX",
     "HardStateStore",
+    "PartInfo",
     "RaftLogFile",
     "ReplicaStorage",
     "SnapshotData",
+    "StreamedRange",
     "decode_snapshot",
     "decode_snapshot_data",
     "encode_snapshot_data",
+    "encode_streamed",
     "entry_cache_bytes_max",
     "entry_kind",
     "next_offset",

@@ -29,28 +29,45 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tidelog.config import TopicConfig
 from tidelog.controller.commands import RegisterNode
+from tidelog.controller.settings import (
+    RECOVERY_BYTES_PER_SECOND,
+    RECOVERY_LAG_BYTES,
+    int_setting,
+)
 from tidelog.errors import NodeUnavailable
 from tidelog.node import limits
-from tidelog.node.admin_service import AdminService
+from tidelog.node.admin_service import AdminService, shape_stats
 from tidelog.node.auth import ClientListener, load_client_security
 from tidelog.node.broker_service import BrokerService
+from tidelog.node.catchup import (
+    RECOVERY_BYTES_PER_SECOND_DEFAULT,
+    RECOVERY_LAG_BYTES_DEFAULT,
+    CatchupManager,
+    grpc_reader,
+)
 from tidelog.node.controller_node import (
+    CATCHUP_READ,
     CONTROLLER_DIR,
     ClusterService,
     Controller,
     node_dead_ms_default,
     parse_voters,
 )
+from tidelog.node.controller_snapshots import CONTROLLER_SNAPSHOT_ENTRIES_DEFAULT, SNAPSHOT_FILE
+from tidelog.node.group_coordinator import GroupRuntime
+from tidelog.node.group_service import GroupService
 from tidelog.node.idempotence_store import SNAPSHOT_INTERVAL_S, IdempotenceSnapshots
 from tidelog.node.identity import DIRECTORY_ID_KEY, NodeIdentity
 from tidelog.node.internal_auth import (
@@ -61,15 +78,30 @@ from tidelog.node.internal_auth import (
     load_internal_auth,
 )
 from tidelog.node.log import PartitionLog
+from tidelog.node.log.cleaner import CleanerSettings, LogCleaner
 from tidelog.node.metastore import MetaStore
-from tidelog.node.metrics import MetricsServer, NodeMetrics
+from tidelog.node.metrics import MetricsServer, NodeMetrics, RecoveryStats
 from tidelog.node.multiraft import MultiRaft, RaftTiming
 from tidelog.node.partition import LogLike
+from tidelog.node.recovery import serve_recover_replica
 from tidelog.node.replica_storage import HardStateStore
 from tidelog.node.settings import ClientSecurity
+from tidelog.node.table_service import TableService
 from tidelog.node.topics import LogOpener, TopicRegistry
+from tidelog.node.trace import Tracer
 from tidelog.node.transport import RaftTransport
-from tidelog.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, broker_pb2_grpc, cluster_pb2_grpc
+from tidelog.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    broker_pb2,
+    broker_pb2_grpc,
+    cluster_pb2,
+    cluster_pb2_grpc,
+    group_pb2,
+    group_pb2_grpc,
+    table_pb2,
+    table_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +124,8 @@ _CLUSTER_ID_NAMESPACE = uuid.UUID("7f0c1c4e-2a41-4c1b-9d5e-6f1d2b7a9c30")
 
 BROKER_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+TABLE_SERVICE = table_pb2.DESCRIPTOR.services_by_name["Table"].full_name
+GROUP_SERVICE = group_pb2.DESCRIPTOR.services_by_name["Group"].full_name
 
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", limits.grpc_message_bytes_max),
@@ -105,6 +139,48 @@ GRPC_OPTIONS = [
 
 class StartupError(Exception):
     """The node cannot start for a reason the operator can fix; the message says which."""
+
+
+#: How long a node started with --join keeps asking for the controller voters.
+join_timeout_ms = 30_000
+
+
+async def _voters_from(address: str, auth: InternalAuth) -> tuple[dict[int, str], str]:
+    """The controller voters (the committed configuration) and the cluster id, asked from
+    the node at ``address`` (its internal listener)."""
+    from tidelog.node.controller_node import CONTROLLER_VOTERS
+
+    deadline = time.monotonic() + join_timeout_ms / 1000
+    last = ""
+    channel = auth.channel(address)
+    try:
+        stub = cluster_pb2_grpc.ClusterStub(channel)  # type: ignore[no-untyped-call]
+        while time.monotonic() < deadline:
+            try:
+                resp: cluster_pb2.ControllerVotersResponse = await stub.ControllerVoters(
+                    cluster_pb2.ControllerVotersRequest(),
+                    timeout=2.0,
+                    metadata=auth.call_metadata(CONTROLLER_VOTERS),
+                )
+                return parse_voters(resp.voters), resp.cluster_id
+            except grpc.RpcError as exc:
+                last = (
+                    f"{exc.code().name}: {exc.details()}"
+                    if isinstance(exc, aio.AioRpcError)
+                    else str(exc)
+                )
+            except ValueError as exc:
+                raise StartupError(
+                    f"--join {address}: the node answered bad voters: {exc}"
+                ) from None
+            await asyncio.sleep(0.5)
+    finally:
+        await channel.close(None)
+    raise StartupError(
+        f"--join {address}: no answer with the controller voters within "
+        f"{join_timeout_ms / 1000:.0f} s ({last}); give a running node's internal address "
+        "(its --internal-listen) and the cluster's credentials"
+    )
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -173,8 +249,25 @@ class Node:
         internal_key: Path | None = None,
         cluster_secret_file: Path | None = None,
         client_security: ClientSecurity | None = None,
+        trace_sample: int = 0,
+        trace_log: bool = False,
+        cleaner: CleanerSettings | None = None,
+        recovery_bytes_per_second: int = RECOVERY_BYTES_PER_SECOND_DEFAULT,
+        controller_snapshot_entries: int = CONTROLLER_SNAPSHOT_ENTRIES_DEFAULT,
+        join: str | None = None,
     ) -> None:
         self.node_id = node_id
+        #: A node's internal address to ask for the controller voters (``--join``).
+        self.join = join
+        #: The log cleaner of compacted partitions (started with the node).
+        self.cleaner = LogCleaner(cleaner or CleanerSettings(), self._cleanable_logs)
+        self._cleaner_task: asyncio.Task[None] | None = None
+        #: Snapshot the controller state every this many entries (node/controller_snapshots).
+        self.controller_snapshot_entries = controller_snapshot_entries
+        #: ``replica.recovery.bytes.per.second`` (0: unlimited); read by recovery_rate.
+        self.recovery_bytes_per_second = recovery_bytes_per_second
+        self._catchup: CatchupManager | None = None
+        self._parsed_settings: dict[str, tuple[str, int]] = {}
         #: TLS and authentication of the client listener (node/auth.py); None: neither.
         self.client_security = client_security or ClientSecurity()
         self.internal_listen = internal_listen
@@ -193,8 +286,11 @@ class Node:
         self.controller_voters = controller_voters
         self.node_dead_ms = node_dead_ms
         self.cluster_id_flag = cluster_id
+        self._joined_cluster_id = ""
         self.metrics = NodeMetrics()
         self.metrics.watch_disk(data_dir)
+        #: Sampled spans of produce requests and follower appends (node/trace.py).
+        self.tracer = Tracer(self.metrics.registry, trace_sample, trace_log)
         self.timing = timing or RaftTiming()
         self.port = 0
         self.identity: NodeIdentity | None = None
@@ -206,11 +302,13 @@ class Node:
         self._registry: TopicRegistry | None = None
         self._server: aio.Server | None = None
         self._health: Any = None
+        self._table_service: TableService | None = None
         self._metrics_server: MetricsServer | None = None
         self._retention_task: asyncio.Task[None] | None = None
         self.retention_interval_s = limits.retention_interval_ms / 1000
         self._idem_snapshots: IdempotenceSnapshots | None = None
         self._idem_task: asyncio.Task[None] | None = None
+        self._groups: GroupRuntime | None = None
         #: How often idle producers expire and idempotence snapshots are written.
         self.idempotence_interval_s = SNAPSHOT_INTERVAL_S
 
@@ -224,20 +322,46 @@ class Node:
         assert self._controller is not None, "node not started"
         return self._controller
 
-    def _load_identity(self, store: MetaStore, voters: Iterable[int]) -> tuple[str, str, bool]:
-        """Check the data directory belongs to this node id and was started with the same
-        controller voters; return the cluster id, the directory id and whether the directory
-        is new (its id made now)."""
+    def recovery_rate(self) -> int:
+        """The current ``replica.recovery.bytes.per.second``, the one place catch-up (streamed
+        copies and APPENDs to followers far behind) reads its rate from, at every chunk and
+        message: the cluster setting when it is set (``cluster config set`` changes copies in
+        progress), else this node's ``--replica-recovery-bytes-per-second``."""
+        raw = self._setting(RECOVERY_BYTES_PER_SECOND)
+        if raw is None:
+            return self.recovery_bytes_per_second
+        return self._parsed(RECOVERY_BYTES_PER_SECOND, raw)
+
+    def recovery_lag_bytes(self) -> int:
+        """``replica.recovery.lag.bytes``: how far behind a follower's catch-up is limited."""
+        raw = self._setting(RECOVERY_LAG_BYTES)
+        if raw is None:
+            return RECOVERY_LAG_BYTES_DEFAULT
+        return self._parsed(RECOVERY_LAG_BYTES, raw)
+
+    def _setting(self, key: str) -> str | None:
+        controller = self._controller
+        return None if controller is None else controller.state.settings.get(key)
+
+    def _parsed(self, key: str, raw: str) -> int:
+        """``int_setting`` of a value read at every Raft message: parsed once per value."""
+        cached = self._parsed_settings.get(key)
+        if cached is not None and cached[0] == raw:
+            return cached[1]
+        value = int_setting({key: raw}, key)
+        self._parsed_settings[key] = (raw, value)
+        return value
+
+    def _load_identity(
+        self, store: MetaStore, voters: Iterable[int]
+    ) -> tuple[str, str, bool, frozenset[int]]:
+        """Check the data directory belongs to this node id; return the cluster id, the
+        directory id, whether the directory is new (its id made now) and the controller
+        voters it was first started with (its bootstrap configuration: the committed one
+        until the controller group changes its voters through its log)."""
         cluster_id = self._load_cluster_id(store, voters)
         voter_ids = ",".join(str(i) for i in sorted(voters))
         stored_voters = store.get(NODE_COLUMN, _VOTERS_KEY)
-        if stored_voters is not None and stored_voters.decode() != voter_ids:
-            raise StartupError(
-                f"--controller-voters names nodes {voter_ids} but data directory "
-                f"{self.data_dir} belongs to a controller of nodes {stored_voters.decode()}: "
-                "changing the controller's voters is not supported yet; start with the same "
-                "voters (addresses may change)"
-            )
         directory_id = store.get(NODE_COLUMN, DIRECTORY_ID_KEY)
         new = directory_id is None
         if directory_id is None:
@@ -246,7 +370,10 @@ class Node:
             log.info("data directory %s: new directory id %s", self.data_dir, directory_id.decode())
         if stored_voters is None:
             store.put(NODE_COLUMN, _VOTERS_KEY, voter_ids.encode())
-        return cluster_id, directory_id.decode(), new
+            bootstrap = frozenset(voters)
+        else:
+            bootstrap = frozenset(int(i) for i in stored_voters.decode().split(",") if i)
+        return cluster_id, directory_id.decode(), new, bootstrap
 
     def _load_cluster_id(self, store: MetaStore, voters: Iterable[int]) -> str:
         raw = store.get(NODE_COLUMN, _NODE_ID_KEY)
@@ -265,7 +392,9 @@ class Node:
                     f"{self.cluster_id_flag}: use another --data-dir or drop --cluster-id"
                 )
             return stored.decode()
-        cluster_id = self.cluster_id_flag or derived_cluster_id(voters)
+        # A joining node takes the cluster's id as its node answered it: derived from the
+        # voters it has now, it would differ once the controller's voters changed.
+        cluster_id = self.cluster_id_flag or self._joined_cluster_id or derived_cluster_id(voters)
         store.put(NODE_COLUMN, _CLUSTER_ID_KEY, cluster_id.encode())
         return cluster_id
 
@@ -331,6 +460,9 @@ class Node:
                 f"cannot serve metrics on port {self.metrics_port}: {exc.strerror or exc}"
             ) from exc
 
+        joining = voters is None and bool(self.join)
+        if voters is None and self.join:
+            voters, self._joined_cluster_id = await _voters_from(self.join, auth)
         advertised = self.advertised or join_host_port(_reachable_host(host), self.port)
         internal_advertised = self.internal_advertised or join_host_port(
             _reachable_host(ihost), self.internal_port
@@ -350,7 +482,7 @@ class Node:
                 "--controller-voters gives node %d the address %s, but its internal listener "
                 "advertises %s", self.node_id, voters[self.node_id], internal_advertised,
             )  # fmt: skip
-        cluster_id, directory_id, new_directory = self._load_identity(store, voters)
+        cluster_id, directory_id, new_directory, bootstrap = self._load_identity(store, voters)
         self.identity = NodeIdentity(
             self.node_id,
             advertised,
@@ -363,6 +495,8 @@ class Node:
         self._raft = raft = MultiRaft(
             self.node_id, HardStateStore(store), self.metrics, self.timing
         )
+        if self.tracer.every:
+            raft.tracer = self.tracer
         if new_directory and set(voters) != {self.node_id}:
             # A new directory may be a wiped one of a node the cluster knew: it may have voted
             # in the current term and acknowledged entries it no longer holds. Every group it
@@ -378,16 +512,36 @@ class Node:
             auth=auth,
         )
         raft.set_sender(transport)
+        # Streamed snapshots: copies in checksummed chunks over the internal listener, at
+        # the recovery rate (node/catchup.py).
+        self._catchup = catchup = CatchupManager(
+            self.node_id,
+            raft,
+            grpc_reader(
+                lambda node: transport.peers().get(node),
+                auth.channel,
+                auth.call_metadata,
+                CATCHUP_READ,
+            ),
+            self.recovery_rate,
+            lag_bytes=self.recovery_lag_bytes,
+            cluster_id=lambda: self.controller.cluster_id,
+        )
+        raft.snapshot_gate = catchup.gate
         self._controller = controller = Controller(
             self.node_id,
             voters,
             raft,
             cluster_id,
+            bootstrap_voters=bootstrap,
             node_dead_ms=self.node_dead_ms,
             set_peer=transport.set_peer,
             leading=lambda: self.registry.leading(),
             directory_id=directory_id,
             auth=auth,
+            snapshot_entries=self.controller_snapshot_entries,
+            confs=lambda: self.registry.conf_reports(),
+            transfer=lambda group, to: self.registry.transfer(group, to),
         )
         self._idem_snapshots = snapshots = IdempotenceSnapshots(store)
         self._registry = registry = TopicRegistry(
@@ -398,40 +552,111 @@ class Node:
             controller,
             self._open_log,
             snapshots=snapshots,
+            tables=store,
+            catchup=catchup,
         )
-        controller.on_change = registry.schedule
+        # Quiescence (node/multiraft.py): idle partitions stop heartbeating; a quiet group
+        # whose leader's node dies wakes when the controller marks that node dead or, sooner,
+        # when this node's stream to it breaks.
+        raft.quiesce = True
+        transport.on_peer_failed = raft.peer_gone
+        self.metrics.groups_quiet.set_function(lambda: raft.quiet_groups)
+        dead_seen: set[int] = set()
+
+        def on_metadata_change() -> None:
+            registry.schedule()
+            dead = {n.node_id for n in controller.state.nodes.values() if not n.alive}
+            for node_id in dead - dead_seen:
+                woken = raft.peer_gone(node_id)
+                if woken:
+                    log.info("node %d is dead: %d quiet groups it led wake up", node_id, woken)
+            dead_seen.clear()
+            dead_seen.update(dead)
+
+        controller.on_change = on_metadata_change
         self.metrics.watch_partitions(registry.partition_stats)
+        self.metrics.watch_shape(
+            lambda: shape_stats(controller.state, registry, int(time.time() * 1000), controller)
+        )
         self.metrics.watch_controller(lambda: controller.leader_id or 0)
+        self.metrics.watch_recovery(
+            lambda: RecoveryStats(
+                catchup.bytes_sent,
+                catchup.bytes_appended,
+                self.recovery_rate(),
+            )
+        )
         try:
             self._controller_log = await asyncio.to_thread(
                 PartitionLog, self.data_dir / CONTROLLER_DIR, TopicConfig.from_overrides({})
             )
         except Exception as exc:
             raise StartupError(f"cannot open the controller log in {self.data_dir}: {exc}") from exc
-        controller.open(self._controller_log)
+        controller.open(self._controller_log, self.data_dir / SNAPSHOT_FILE, joining=joining)
 
-        broker_pb2_grpc.add_BrokerServicer_to_server(
+        services = (
             BrokerService(
-                registry, controller, self.identity, self.metrics, guard=client_listener.guard
+                registry,
+                controller,
+                self.identity,
+                self.metrics,
+                guard=client_listener.guard,
+                tracer=self.tracer,
             ),
-            server,
-        )
-        admin_pb2_grpc.add_AdminServicer_to_server(
             AdminService(
                 registry, controller, self.identity, self.metrics, guard=client_listener.guard
             ),
+        )
+        broker_pb2_grpc.add_BrokerServicer_to_server(services[0], server)
+        admin_pb2_grpc.add_AdminServicer_to_server(services[1], server)
+        broker_service, admin_service = services
+
+        def adopt_cluster_id(new_id: str) -> None:
+            # A voter on a new directory took a derived cluster id; a voter holding the
+            # cluster's state answered another (node/controller_bootstrap.py): this node
+            # joins that cluster, under its id.
+            log.warning("node %d takes the cluster id %s of its voters", self.node_id, new_id)
+            store.put(NODE_COLUMN, _CLUSTER_ID_KEY, new_id.encode())
+            transport.cluster_id = new_id
+            assert self.identity is not None
+            self.identity = replace(self.identity, cluster_id=new_id)
+            broker_service.identity = admin_service.identity = self.identity
+
+        controller.on_cluster_id = adopt_cluster_id
+        self._table_service = TableService(registry, self.metrics, guard=client_listener.guard)
+        table_pb2_grpc.add_TableServicer_to_server(self._table_service, server)
+        self._groups = groups = GroupRuntime(registry, controller)
+        self.metrics.watch_groups(lambda: groups.stats, lambda: groups.rebalances)
+        group_pb2_grpc.add_GroupServicer_to_server(
+            GroupService(groups, registry, self.metrics, self.node_id, guard=client_listener.guard),
             server,
         )
         # The internal services on the internal listener only: a caller of the client port
         # that names them gets UNIMPLEMENTED.
         cluster_pb2_grpc.add_ClusterServicer_to_server(
-            ClusterService(controller, registry.digest, self.metrics, auth), internal
+            ClusterService(
+                controller,
+                registry.digest,
+                self.metrics,
+                auth,
+                lambda request: catchup.serve(request, registry.log_of_group(request.group)),
+                recover=lambda req: serve_recover_replica(registry, controller.node_id, req),
+            ),
+            internal,
         )
         transport.add_servicer(internal)
         self._health = _AioHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            [BROKER_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+            [
+                BROKER_SERVICE,
+                ADMIN_SERVICE,
+                TABLE_SERVICE,
+                GROUP_SERVICE,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ],
+            server,
         )
         raft.start()
         registry.start()
@@ -445,9 +670,11 @@ class Node:
             )
         )  # fmt: skip
         await self._until_ready()
-        for service in ("", BROKER_SERVICE, ADMIN_SERVICE):
+        groups.start()
+        for service in ("", BROKER_SERVICE, ADMIN_SERVICE, TABLE_SERVICE, GROUP_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._retention_task = asyncio.create_task(self._retention_loop(), name="retention")
+        self._cleaner_task = asyncio.create_task(self.cleaner.run(), name="log-cleaner")
         self._idem_task = asyncio.create_task(
             snapshots.run(registry.partitions, self.idempotence_interval_s), name="idempotence"
         )
@@ -551,6 +778,15 @@ class Node:
                 except Exception as exc:
                     p.fail_storage(exc)
 
+    def _cleanable_logs(self) -> Iterator[tuple[PartitionLog, int]]:
+        """Each open partition log of this node with its high watermark (every replica
+        cleans its own copy, below what Raft has committed)."""
+        if self._registry is None:
+            return
+        for p in self._registry.partitions():
+            if not p.closed and isinstance(p.log, PartitionLog):
+                yield p.log, p.high_watermark
+
     async def wait_closed(self) -> None:
         assert self._server is not None
         await self._server.wait_for_termination()
@@ -559,11 +795,13 @@ class Node:
         log.info("node %d stopping (drain deadline %.1fs)", self.node_id, grace_s)
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        for task in (self._retention_task, self._idem_task):
+        for task in (self._retention_task, self._cleaner_task, self._idem_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._groups is not None:
+            await self._groups.close()
         if self._registry is not None:
             stopping = NodeUnavailable("the node is shutting down: reconnect to another node")
             for p in self._registry.partitions():
@@ -592,6 +830,8 @@ class Node:
             await self._controller.stop()
         if self._transport is not None:
             await self._transport.close()
+        if self._catchup is not None:
+            await self._catchup.close()
         if self._raft is not None:
             await self._raft.stop()
         if self._registry is not None and self._idem_snapshots is not None:
@@ -602,6 +842,8 @@ class Node:
                 )
             except Exception as exc:
                 log.warning("cannot write idempotence snapshots at shutdown: %s", exc)
+        if self._table_service is not None:
+            self._table_service.scans.close()  # their RocksDB snapshots, before the store
         if self._registry is not None:
             await self._registry.close()
         if self._controller_log is not None:

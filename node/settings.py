@@ -55,6 +55,9 @@ __all__ = [
 ELECTION_TIMEOUT_MS_DEFAULT: Final = 1_000
 HEARTBEAT_INTERVAL_MS_DEFAULT: Final = 100
 NODE_DEAD_MS_DEFAULT: Final = 3_000
+CLEANER_IO_BYTES_PER_SECOND_DEFAULT: Final = 64 * 1024 * 1024
+CLEANER_MAP_BYTES_DEFAULT: Final = 64 * 1024 * 1024
+CLEANER_INTERVAL_MS_DEFAULT: Final = 15_000
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")
 PORT_MAX: Final = 65535
@@ -202,6 +205,11 @@ NODE_FLAGS: Final[tuple[NodeFlag, ...]] = (
         metavar="ID@HOST:PORT,...",
     ),
     NodeFlag(
+        "--join", "join", "addr",
+        "Join the cluster of the node at this internal address (its --internal-listen): "
+        "the controller voters are asked from it (instead of --controller-voters).",
+    ),
+    NodeFlag(
         "--election-timeout-ms", "election_timeout_ms", "int",
         "Raft election timeout (followers wait a random time in [T, 1.5T)).",
         default=ELECTION_TIMEOUT_MS_DEFAULT, min=1,
@@ -216,12 +224,49 @@ NODE_FLAGS: Final[tuple[NodeFlag, ...]] = (
         default=NODE_DEAD_MS_DEFAULT, min=1,
     ),
     NodeFlag(
+        "--replica-recovery-bytes-per-second", "replica_recovery_bytes_per_second", "int",
+        "replica.recovery.bytes.per.second: the rate at which this node sends catch-up "
+        "copies to replicas behind the log's start (0: unlimited).",
+        default=100 * 1024 * 1024, min=0,
+    ),
+    NodeFlag(
+        "--controller-snapshot-entries", "controller_snapshot_entries", "int",
+        "Snapshot the controller's state and truncate its log every this many entries.",
+        default=10_000, min=1,
+    ),
+    NodeFlag(
         "--cluster-id", "cluster_id", "str",
         "Cluster id (default: derived from the controller voters' ids).",
     ),
     NodeFlag(
         "--rack", "rack", "str",
         "Failure domain of this node (a partition's replicas go to distinct racks).",
+    ),
+    NodeFlag(
+        "--trace-sample", "trace_sample", "int",
+        "Trace every Nth produce request and follower append: the time of each step goes "
+        "to the tidelog_trace_* histograms (docs/latency.md); 0 turns tracing off.",
+        default=0, min=0,
+    ),
+    NodeFlag(
+        "--trace-log", "trace_log", "bool",
+        "With --trace-sample: also log one line per traced produce request.",
+    ),
+    # -- the log cleaner of compacted topics (node/log/cleaner.py)
+    NodeFlag(
+        "--cleaner-io-bytes-per-second", "cleaner_io_bytes_per_second", "int",
+        "Bytes per second the log cleaner reads and writes, all partitions together "
+        "(0: unlimited).", default=CLEANER_IO_BYTES_PER_SECOND_DEFAULT, min=0,
+    ),
+    NodeFlag(
+        "--cleaner-map-bytes", "cleaner_map_bytes", "int",
+        "Memory of the log cleaner's key -> offset map; a larger dirty part is cleaned over "
+        "several runs.", default=CLEANER_MAP_BYTES_DEFAULT, min=4096,
+    ),
+    NodeFlag(
+        "--cleaner-interval-ms", "cleaner_interval_ms", "int",
+        "How often the log cleaner looks for a compacted partition to clean.",
+        default=CLEANER_INTERVAL_MS_DEFAULT, min=10,
     ),
     # -- the client listener's security (node/auth.py; docs/configuration.md#tls-and-authentication)
     NodeFlag(
@@ -271,6 +316,14 @@ class NodeFlags:
     log_format: str = "text"
     config: Path | None = None
     id_from_hostname: bool = False
+    trace_sample: int = 0
+    trace_log: bool = False
+    cleaner_io_bytes_per_second: int = CLEANER_IO_BYTES_PER_SECOND_DEFAULT
+    cleaner_map_bytes: int = CLEANER_MAP_BYTES_DEFAULT
+    cleaner_interval_ms: int = CLEANER_INTERVAL_MS_DEFAULT
+    replica_recovery_bytes_per_second: int = 100 * 1024 * 1024
+    controller_snapshot_entries: int = 10_000
+    join: str | None = None
 
     def client_security(self) -> ClientSecurity:
         return ClientSecurity(

@@ -336,6 +336,9 @@ class RaftTransport:
         self._unknown_logged_at = float("-inf")
         self._unknown_since_log = 0
         self._closed = False
+        #: Called with a peer's id whenever its stream fails (the driver wakes the quiet
+        #: groups that peer leads: MultiRaft.wake_led_by).
+        self.on_peer_failed: Callable[[int], object] = lambda _node_id: None
 
     # ---- peers -----------------------------------------------------------------------------
 
@@ -477,6 +480,7 @@ class RaftTransport:
             backoff_ms = min(2 * backoff_ms, reconnect_backoff_max_ms)
 
     def _note_failure(self, peer: _Peer, error: str) -> None:
+        self.on_peer_failed(peer.node_id)
         # Log a change of reason once, not every retry of a peer that stays down.
         kind = error.split(":", 1)[0]
         previous = peer.last_error.split(":", 1)[0] if peer.last_error else None

@@ -10,6 +10,6 @@ rm -rf "$LAYOUT"
 mkdir -p "$LAYOUT/tidelog"
 for f in "$ROOT"/tidelog/*; do ln -s "$f" "$LAYOUT/tidelog/"; done
 for pkg in node controller client; do ln -s "$ROOT/$pkg" "$LAYOUT/tidelog/$pkg"; done
-for d in tests bench scripts; do ln -s "$ROOT/$d" "$LAYOUT/$d"; done
+for d in tests bench scripts examples; do ln -s "$ROOT/$d" "$LAYOUT/$d"; done
 cd "$LAYOUT"
-exec "$ROOT/.venv/bin/mypy" --config-file "$ROOT/pyproject.toml" --cache-dir "$ROOT/build/mypy-cache" tidelog tests bench scripts "$@"
+exec "$ROOT/.venv/bin/mypy" --config-file "$ROOT/pyproject.toml" --cache-dir "$ROOT/build/mypy-cache" tidelog tests bench scripts examples "$@"

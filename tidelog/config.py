@@ -64,6 +64,18 @@ def _int_in(lo: int, hi: int) -> Callable[[str, str], int]:
     return parse
 
 
+_RATIO_RE = re.compile(r"(0(\.[0-9]{1,6})?|1(\.0{1,6})?)")
+
+
+def _ratio(key: str, raw: str) -> float:
+    """A share from 0 to 1, written in plain decimal (``0.5``, ``1``, ``0.01``)."""
+    if not _RATIO_RE.fullmatch(raw):
+        raise InvalidConfig(
+            f"{key}={excerpt(raw)} is not a ratio from 0 to 1 in plain decimal (such as 0.5)"
+        )
+    return float(raw)
+
+
 def _one_of(*choices: str) -> Callable[[str, str], str]:
     def parse(key: str, raw: str) -> str:
         if raw not in choices:
@@ -82,6 +94,8 @@ class ConfigKey:
 
 
 _I64 = 2**63 - 1
+#: The values of ``cleanup.policy``, exactly (Kafka's spellings, one order).
+CLEANUP_POLICIES = ("delete", "compact", "compact,delete")
 TOPIC_CONFIG_KEYS: dict[str, ConfigKey] = {
     k.name: k
     for k in (
@@ -124,8 +138,29 @@ TOPIC_CONFIG_KEYS: dict[str, ConfigKey] = {
         ConfigKey(
             "cleanup.policy",
             "delete",
-            _one_of("delete"),
-            "delete: retention removes whole old segments. (compact is not available yet.)",
+            _one_of(*CLEANUP_POLICIES),
+            "delete: retention removes whole old segments; compact: the latest record per key "
+            "is kept (a table of the topic's keys, every record needs a key, a null value "
+            "deletes the key) and the log cleaner removes superseded records, no retention; "
+            "compact,delete: both.",
+        ),
+        ConfigKey(
+            "delete.retention.ms",
+            str(24 * 3600 * 1000),
+            _int_in(0, _I64),
+            "Compacted topics: the cleaner removes a tombstone once its timestamp is this old.",
+        ),
+        ConfigKey(
+            "min.cleanable.dirty.ratio",
+            "0.5",
+            _ratio,
+            "Compacted topics: clean when the uncleaned share of the cleanable log reaches this.",
+        ),
+        ConfigKey(
+            "min.compaction.lag.ms",
+            "0",
+            _int_in(0, _I64),
+            "Compacted topics: records younger than this (by segment) are not cleaned.",
         ),
         ConfigKey(
             "message.timestamp.before.max.ms",
@@ -197,6 +232,20 @@ class TopicConfig:
     message_dedup_max_ids: int = 100_000
     timestamp_before_max_ms: int = _I64
     timestamp_after_max_ms: int = 3600 * 1000
+    delete_retention_ms: int = 24 * 3600 * 1000
+    min_cleanable_dirty_ratio: float = 0.5
+    min_compaction_lag_ms: int = 0
+
+    @property
+    def compacted(self) -> bool:
+        """``cleanup.policy`` has ``compact``: records need keys and every replica keeps a
+        table of the latest value per key (node/table.py)."""
+        return "compact" in self.cleanup_policy.split(",")
+
+    @property
+    def retention_deletes(self) -> bool:
+        """``cleanup.policy`` has ``delete``: retention.ms / retention.bytes apply."""
+        return "delete" in self.cleanup_policy.split(",")
 
     @classmethod
     def from_overrides(cls, overrides: Mapping[str, str]) -> TopicConfig:
@@ -221,6 +270,9 @@ class TopicConfig:
             message_dedup_max_ids=geti("message.dedup.max.ids"),
             timestamp_before_max_ms=geti("message.timestamp.before.max.ms"),
             timestamp_after_max_ms=geti("message.timestamp.after.max.ms"),
+            delete_retention_ms=geti("delete.retention.ms"),
+            min_cleanable_dirty_ratio=float(merged["min.cleanable.dirty.ratio"]),
+            min_compaction_lag_ms=geti("min.compaction.lag.ms"),
         )
 
 

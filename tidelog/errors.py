@@ -100,6 +100,14 @@ class InvalidRecord(TidelogError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class KeyRequired(InvalidRecord):
+    """A record without a key sent to a compacted topic (``cleanup.policy`` with
+    ``compact``), whose records are kept per key: nothing of the request was stored."""
+
+    reason = "KEY_REQUIRED"
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
 class InvalidTimestamp(TidelogError):
     """A record's timestamp lies further from the node's clock than the topic allows
     (message.timestamp.before.max.ms / message.timestamp.after.max.ms)."""
@@ -215,11 +223,130 @@ class PermissionDenied(TidelogError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class NotATable(TidelogError):
+    """A Table API call on a topic whose ``cleanup.policy`` does not contain ``compact``: it
+    keeps no table. The metadata carries ``topic`` and ``cleanup_policy``."""
+
+    reason = "NOT_A_TABLE"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class KeyTooLarge(TidelogError):
+    """A Table API key longer than any key the topic can hold. The metadata carries
+    ``key_bytes`` and ``key_bytes_max``."""
+
+    reason = "KEY_TOO_LARGE"
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class InvalidToken(TidelogError):
+    """A scan's continuation token is malformed (truncated, damaged, of another version) or
+    belongs to another topic or partition."""
+
+    reason = "INVALID_TOKEN"
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ScanExpired(TidelogError):
+    """The snapshot a scan's continuation token names is gone (idle too long, evicted, or
+    the partition's leader changed): restart the scan from its first page."""
+
+    reason = "SCAN_EXPIRED"
+    code = grpc.StatusCode.ABORTED
+
+
 class TlsError(NodeUnavailable):
     """The TLS handshake with a node failed (wrong CA, expired or missing certificate, TLS on
     one side only); the message says why, as the TLS library reported it."""
 
     reason = "TLS_HANDSHAKE"
+
+
+# Consumer groups (issue 13). A member's errors say what it must do next: NOT_COORDINATOR,
+# find the coordinator again; UNKNOWN_MEMBER_ID and FENCED_MEMBER_EPOCH, drop every partition
+# without committing and join again with epoch 0; STALE_MEMBER_EPOCH, heartbeat and retry the
+# commit with the newer epoch; REVOKED, the partition is no longer the member's to commit.
+
+
+class NotCoordinator(TidelogError):
+    """The node does not coordinate the group (it does not lead the group's partition of
+    ``__consumer_offsets``, or just lost it). The metadata carries ``group_id``."""
+
+    reason = "NOT_COORDINATOR"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    retriable = True
+
+
+class CoordinatorLoading(TidelogError):
+    """The node just became the group's coordinator and is still rebuilding its groups."""
+
+    reason = "COORDINATOR_LOADING"
+    code = grpc.StatusCode.UNAVAILABLE
+    retriable = True
+
+
+class UnknownMemberId(TidelogError):
+    """The member id is not (or no longer) a member of the group: it left, its session
+    expired, or the group was deleted."""
+
+    reason = "UNKNOWN_MEMBER_ID"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class FencedMemberEpoch(TidelogError):
+    """A heartbeat carries a member epoch the coordinator does not accept (neither the
+    member's current nor its previous one): the member must drop its partitions and join
+    again. The metadata carries ``member_epoch`` (sent) and ``current_epoch``."""
+
+    reason = "FENCED_MEMBER_EPOCH"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class StaleMemberEpoch(TidelogError):
+    """An offset commit carries a member epoch other than the member's current one. The
+    metadata carries ``member_epoch`` (sent) and ``current_epoch``."""
+
+    reason = "STALE_MEMBER_EPOCH"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Revoked(TidelogError):
+    """An offset commit names a partition the member does not own (any more). The metadata
+    carries ``topic`` and ``partition``."""
+
+    reason = "REVOKED"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class UnreleasedInstanceId(TidelogError):
+    """A member joins with a ``group_instance_id`` an active member still holds (it did not
+    leave, or its session has not expired yet): retry after the session timeout."""
+
+    reason = "UNRELEASED_INSTANCE_ID"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    retriable = True
+
+
+class GroupNotEmpty(TidelogError):
+    """The operation (delete, an admin offset commit) needs a group without members."""
+
+    reason = "GROUP_NOT_EMPTY"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class UnknownGroup(TidelogError):
+    """The group has neither members nor committed offsets."""
+
+    reason = "UNKNOWN_GROUP"
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class InvalidSubscription(TidelogError):
+    """A subscription is malformed: names and a regex at once, or a regex Python's ``re``
+    does not compile."""
+
+    reason = "INVALID_SUBSCRIPTION"
+    code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 _BY_REASON: dict[str, type[TidelogError]] = {
@@ -237,6 +364,7 @@ _BY_REASON: dict[str, type[TidelogError]] = {
         OffsetOutOfRange,
         CorruptBatch,
         InvalidRecord,
+        KeyRequired,
         InvalidTimestamp,
         BatchTooLarge,
         NotLeader,
@@ -253,6 +381,20 @@ _BY_REASON: dict[str, type[TidelogError]] = {
         NodeIdentityConflict,
         Unauthenticated,
         PermissionDenied,
+        NotATable,
+        KeyTooLarge,
+        InvalidToken,
+        ScanExpired,
+        NotCoordinator,
+        CoordinatorLoading,
+        UnknownMemberId,
+        FencedMemberEpoch,
+        StaleMemberEpoch,
+        Revoked,
+        UnreleasedInstanceId,
+        GroupNotEmpty,
+        UnknownGroup,
+        InvalidSubscription,
     )
 }
 

@@ -15,6 +15,7 @@ partition log checks them through offset and index continuity instead.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import gc
 import struct
@@ -31,7 +32,13 @@ import crc32c
 import lz4.frame
 import zstandard
 
-from tidelog.errors import BatchTooLarge, CorruptBatch, InvalidRecord, InvalidTimestamp
+from tidelog.errors import (
+    BatchTooLarge,
+    CorruptBatch,
+    InvalidRecord,
+    InvalidTimestamp,
+    KeyRequired,
+)
 
 __all__ = [
     "BATCH_OVERHEAD_BYTES",
@@ -40,13 +47,17 @@ __all__ = [
     "RECORDS_BLOCK_BYTES_MAX",
     "BatchHeader",
     "Codec",
+    "KeyColumns",
     "ProduceLimits",
     "Record",
     "Scan",
     "batch_end_offset",
     "check_batches",
+    "compact_batch",
     "declared_block_bytes",
     "decode_batches",
+    "decode_key_columns",
+    "decode_last_per_key",
     "decode_records",
     "decode_values",
     "encode_batch",
@@ -96,7 +107,10 @@ INT32_MIN = -(2**31)
 ATTR_CODEC_MASK = 0x07
 ATTR_HAS_HEADERS = 0x10
 ATTR_CONTROL = 0x20
-_ATTR_KNOWN = ATTR_CODEC_MASK | ATTR_HAS_HEADERS | ATTR_CONTROL
+#: Written by the log cleaner only: the records block starts with the number of records that
+#: survived and their offset deltas (see :func:`compact_batch` and docs/wire-format.md).
+ATTR_COMPACTED = 0x80
+_ATTR_KNOWN = ATTR_CODEC_MASK | ATTR_HAS_HEADERS | ATTR_CONTROL | ATTR_COMPACTED
 
 # base_offset, batch_length, raft_term, raft_index, magic, crc, attributes, last_offset_delta,
 # first_timestamp, max_timestamp, producer_id, producer_epoch, base_sequence, record_count
@@ -193,6 +207,11 @@ class BatchHeader(NamedTuple):
     @property
     def has_headers(self) -> bool:
         return bool(self.attributes & ATTR_HAS_HEADERS)
+
+    @property
+    def is_compacted(self) -> bool:
+        """Rewritten by the log cleaner: fewer records than ``record_count`` may remain."""
+        return bool(self.attributes & ATTR_COMPACTED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,6 +418,33 @@ def encode_batch(
         ts_col = _column_bytes(_int32_column(deltas, "timestamp delta (ms)"))
         max_ts = first_ts + max(deltas)
 
+    parts, has_headers = _columns(n, ts_col, keys, values, headers)
+    attributes = int(codec) | (ATTR_HAS_HEADERS if has_headers else 0)
+    if control:
+        attributes |= ATTR_CONTROL
+    return _assemble(
+        parts,
+        codec,
+        attributes,
+        n - 1,
+        first_ts,
+        max_ts,
+        producer_id,
+        producer_epoch,
+        base_sequence,
+        n,
+        base_offset,
+    )
+
+
+def _columns(
+    n: int,
+    ts_col: bytes,
+    keys: Sequence[bytes | None] | None,
+    values: Sequence[bytes | None],
+    headers: Sequence[Sequence[tuple[str, bytes | None]]] | None,
+) -> tuple[list[bytes], bool]:
+    """The columns of ``n`` records after ``ts_col``, and whether header columns are in."""
     if keys is None:
         key_lens_col = _column_bytes(array("i", [-1]) * n)
         key_data = b""
@@ -410,15 +456,28 @@ def encode_batch(
     value_lens, value_data = _lengths(values, "value")
 
     parts = [ts_col, key_lens_col, _column_bytes(value_lens), key_data, value_data]
-    attributes = int(codec)
     if headers is not None and any(headers):
         parts += _encode_headers(headers, n)
-        attributes |= ATTR_HAS_HEADERS
-    elif headers is not None and len(headers) != n:
+        return parts, True
+    if headers is not None and len(headers) != n:
         raise ValueError(f"got {len(headers)} header lists for {n} values: pass one per record")
-    if control:
-        attributes |= ATTR_CONTROL
+    return parts, False
 
+
+def _assemble(
+    parts: list[bytes],
+    codec: Codec,
+    attributes: int,
+    last_offset_delta: int,
+    first_ts: int,
+    max_ts: int,
+    producer_id: int,
+    producer_epoch: int,
+    base_sequence: int,
+    record_count: int,
+    base_offset: int,
+) -> bytes:
+    """Header, CRC and (compressed) block of a batch made of the block ``parts``."""
     if codec is Codec.NONE:
         block_parts = parts
         block_len = sum(map(len, parts))
@@ -437,7 +496,14 @@ def encode_batch(
         raise ValueError(f"batch of {batch_length} bytes is too large for one batch")
     try:
         covered = _COVERED.pack(
-            attributes, n - 1, first_ts, max_ts, producer_id, producer_epoch, base_sequence, n
+            attributes,
+            last_offset_delta,
+            first_ts,
+            max_ts,
+            producer_id,
+            producer_epoch,
+            base_sequence,
+            record_count,
         )
         prefix = _PREFIX.pack(base_offset, batch_length, 0, 0, MAGIC, 0)
     except struct.error as exc:
@@ -452,6 +518,60 @@ def encode_batch(
         crc = crc32c.crc32c(part, crc)
     prefix = prefix[:CRC_OFFSET] + _CRC.pack(crc)
     return b"".join([prefix, covered, *block_parts])
+
+
+def compact_batch(h: BatchHeader, survivors: Sequence[Record]) -> bytes:
+    """The batch ``h`` rewritten by the log cleaner to hold only ``survivors`` (records of
+    that batch, in offset order; possibly none).
+
+    Everything the header says stays as it was: the stamps (base offset, Raft term and index),
+    ``last_offset_delta`` and ``record_count`` (the offsets the batch spans), the timestamps,
+    producer id, epoch and base sequence, the codec and the control bit; the ``compacted``
+    attribute is set. The records block starts with the number of survivors and their offset
+    deltas, then the usual columns of the survivors. Offsets are therefore kept exactly (gaps
+    where records were removed), and whatever reads only headers (Raft, idempotence, offset
+    lookups) reads the same values as before the cleaning.
+    """
+    deltas = [r.offset - h.base_offset for r in survivors]
+    if any(b <= a for a, b in pairwise(deltas)) or (
+        deltas and not 0 <= deltas[0] <= deltas[-1] <= h.last_offset_delta
+    ):
+        raise ValueError(
+            f"survivors of batch [{h.base_offset}, {h.last_offset}] must be its own records "
+            "in offset order"
+        )
+    n = len(survivors)
+    first_ts = h.first_timestamp
+    ts_col = _column_bytes(
+        _int32_column([r.timestamp_ms - first_ts for r in survivors], "timestamp delta (ms)")
+    )
+    parts, has_headers = _columns(
+        n,
+        ts_col,
+        [r.key for r in survivors],
+        [r.value for r in survivors],
+        [r.headers for r in survivors],
+    )
+    parts[:0] = [_INT32.pack(n), _column_bytes(array("i", deltas))]
+    attributes = (h.attributes & ~ATTR_HAS_HEADERS) | ATTR_COMPACTED
+    if has_headers:
+        attributes |= ATTR_HAS_HEADERS
+    batch = _assemble(
+        parts,
+        h.codec,
+        attributes,
+        h.last_offset_delta,
+        first_ts,
+        h.max_timestamp,
+        h.producer_id,
+        h.producer_epoch,
+        h.base_sequence,
+        h.record_count,
+        h.base_offset,
+    )
+    buf = bytearray(batch)
+    stamp(buf, 0, h.base_offset, h.raft_term, h.raft_index)
+    return bytes(buf)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,12 +704,45 @@ class _Layout(NamedTuple):
     hkey_lens: array[int]
     hvalues: _Lengths
     hkeys_at: int
+    #: Records in the block: ``record_count``, or the survivors of a compacted batch.
+    n: int = 0
+    #: Offset delta of each record of a compacted batch (None: record i has delta i).
+    offset_deltas: array[int] | None = None
+
+
+def _compacted_prefix(
+    h: BatchHeader, block: bytes, start: int, end: int, where: int
+) -> tuple[int, array[int] | None, int]:
+    """How many records the block holds, their offset deltas (None when implicit) and where
+    the columns start, for a compacted batch: ``int32 live_count`` and ``live_count`` int32
+    offset deltas, strictly increasing within ``[0, last_offset_delta]``."""
+    if not h.is_compacted:
+        return h.record_count, None, start
+    if end - start < 4:
+        raise CorruptBatch(f"compacted batch at byte {where} has no survivor count")
+    (n,) = _INT32.unpack_from(block, start)
+    if not 0 <= n <= h.record_count or start + 4 + 4 * n > end:
+        raise CorruptBatch(
+            f"compacted batch at byte {where} claims {n} surviving records of "
+            f"{h.record_count} in a records block of {end - start} bytes"
+        )
+    deltas = _int_column("i", block[start + 4 : start + 4 + 4 * n])
+    if n and (
+        deltas[0] < 0
+        or deltas[-1] > h.last_offset_delta
+        or any(b <= a for a, b in pairwise(deltas))
+    ):
+        raise CorruptBatch(
+            f"compacted batch at byte {where} has offset deltas that are not increasing "
+            f"within [0, {h.last_offset_delta}]"
+        )
+    return n, deltas, start + 4 + 4 * n
 
 
 def _layout(h: BatchHeader, block: bytes, start: int, end: int, where: int) -> _Layout:
     """Parse the columns and check that they imply exactly the block's length: this is the
     record-count check, as a wrong count shifts every column boundary."""
-    n = h.record_count
+    n, deltas, start = _compacted_prefix(h, block, start, end, where)
     block_len = end - start
     fixed = 12 * n + (2 * n if h.has_headers else 0)
     if block_len < fixed:
@@ -623,13 +776,16 @@ def _layout(h: BatchHeader, block: bytes, start: int, end: int, where: int) -> _
         at = hvalues_at + hvalues.total
     if at != end:
         raise _length_mismatch(h, where, block_len, at - start)
-    implied_max = h.first_timestamp + (0 if ts is None else max(ts))
-    if implied_max != h.max_timestamp:
+    implied_max = h.first_timestamp + (0 if ts is None or not n else max(ts))
+    # A compacted batch keeps the max_timestamp of all the records it once held.
+    if implied_max != h.max_timestamp and not (
+        deltas is not None and implied_max <= h.max_timestamp
+    ):
         raise CorruptBatch(
             f"batch at byte {where} has max_timestamp {h.max_timestamp} but its records "
             f"imply {implied_max}"
         )
-    return _Layout(ts, keys, values, counts, hkey_lens, hvalues, hkeys_at)
+    return _Layout(ts, keys, values, counts, hkey_lens, hvalues, hkeys_at, n, deltas)
 
 
 def _length_mismatch(h: BatchHeader, where: int, actual: int, implied: int) -> CorruptBatch:
@@ -717,6 +873,11 @@ def scan_batches(buf: Buffer, limits: ProduceLimits) -> Scan:
                 f"batch at byte {pos} is a control batch (attribute bit {ATTR_CONTROL:#x}); "
                 "only the node writes those: clear the bit"
             )
+        if h.is_compacted:
+            raise InvalidRecord(
+                f"batch at byte {pos} sets the compacted attribute bit {ATTR_COMPACTED:#x}; "
+                "only the log cleaner writes such batches: clear the bit"
+            )
         declared = declared_block_bytes(buf, pos, h)
         fixed = 12 * h.record_count + (2 * h.record_count if h.has_headers else 0)
         if declared is not None and declared < fixed:
@@ -749,10 +910,12 @@ def check_batches(
     *,
     timestamp_min_ms: int | None = None,
     timestamp_max_ms: int | None = None,
+    keys_required_by: str | None = None,
 ) -> None:
     """The checks that read the records (CRC, the columns, record timestamps within
-    ``[timestamp_min_ms, timestamp_max_ms]``): O(records), so the node runs them off its
-    event loop for large requests. ``scan`` is what :func:`scan_batches` returned."""
+    ``[timestamp_min_ms, timestamp_max_ms]``, with ``keys_required_by`` (a compacted topic's
+    name) a key on every record): O(records), so the node runs them off its event loop for
+    large requests. ``scan`` is what :func:`scan_batches` returned."""
     left = limits.expanded_bytes_max
     for pos, h in scan.headers:
         _check_crc(buf, pos, h)
@@ -760,6 +923,13 @@ def check_batches(
         if h.codec is not Codec.NONE:
             left -= end - start
         lay = _layout(h, block, start, end, pos)
+        if keys_required_by is not None and (lay.keys.lens is None or lay.keys.nulls):
+            missing = h.record_count if lay.keys.lens is None else lay.keys.nulls
+            raise KeyRequired(
+                f"batch at byte {pos} has {missing} record(s) without a key, but topic "
+                f"{keys_required_by!r} is compacted (cleanup.policy has compact): every "
+                "record of a compacted topic needs a key; nothing of this request was stored"
+            )
         if timestamp_max_ms is not None and h.max_timestamp > timestamp_max_ms:
             raise InvalidTimestamp(
                 f"batch at byte {pos} has a record with timestamp {h.max_timestamp} ms, "
@@ -854,7 +1024,7 @@ def _split(block: bytes, col: _Lengths, n: int) -> list[bytes | None]:
 
 def _decode_block(h: BatchHeader, block: bytes, start: int, end: int, where: int) -> list[Record]:
     lay = _layout(h, block, start, end, where)
-    n = h.record_count
+    n = lay.n
     first = h.first_timestamp
     timestamps: Iterable[int] = repeat(first, n) if lay.ts is None else [first + d for d in lay.ts]
     keys = _split(block, lay.keys, n)
@@ -872,7 +1042,12 @@ def _decode_block(h: BatchHeader, block: bytes, start: int, end: int, where: int
             headers: list[list[tuple[str, bytes | None]]] = [[] for _ in range(n)]
         else:
             headers = _decode_headers(block, lay, lay.counts, where)
-        return list(map(Record, range(base, base + n), timestamps, keys, values, headers))
+        offsets: Iterable[int] = (
+            range(base, base + n)
+            if lay.offset_deltas is None
+            else [base + d for d in lay.offset_deltas]
+        )
+        return list(map(Record, offsets, timestamps, keys, values, headers))
     finally:
         if pause_gc:
             gc.enable()
@@ -915,7 +1090,10 @@ def decode_batches(buf: Buffer, *, min_offset: int = 0, verify_crc: bool = True)
             _check_crc(buf, pos, h)
         records = _decode_block(h, *_raw_block(buf, pos, h), pos)
         if h.base_offset < min_offset:
-            records = records[min_offset - h.base_offset :]
+            if h.is_compacted:
+                records = [r for r in records if r.offset >= min_offset]
+            else:
+                records = records[min_offset - h.base_offset :]
         out += records
     return out
 
@@ -928,4 +1106,82 @@ def decode_values(buf: Buffer, pos: int = 0, *, verify_crc: bool = True) -> list
         _check_crc(buf, pos, h)
     block, start, end = _raw_block(buf, pos, h)
     lay = _layout(h, block, start, end, pos)
-    return _split(block, lay.values, h.record_count)
+    return _split(block, lay.values, lay.n)
+
+
+def decode_last_per_key(
+    buf: Buffer, pos: int = 0, *, skip: int = 0, verify_crc: bool = True
+) -> dict[bytes, tuple[int, int, bytes | None]]:
+    """The last record per key of the batch at ``pos``, leaving out keyless records and
+    those with an offset below ``base_offset + skip``: ``key -> (offset, timestamp_ms,
+    value)``, value None for a tombstone. A cleaned (compacted) batch's offsets come from
+    its offset deltas. Only the winners' values are cut out of the block: what a compacted
+    table applies, at the cost of one dict insertion per record."""
+    h = read_header(buf, pos)
+    if verify_crc:
+        _check_crc(buf, pos, h)
+    block, start, end = _raw_block(buf, pos, h)
+    lay = _layout(h, block, start, end, pos)
+    n = lay.n
+    deltas = lay.offset_deltas
+    keys = _split(block, lay.keys, n)
+    first_i = (skip if deltas is None else bisect.bisect_left(deltas, skip)) if skip > 0 else 0
+    last = (
+        {k: i for i, k in enumerate(keys) if i >= first_i}
+        if first_i
+        else dict(zip(keys, range(n), strict=True))
+    )
+    last.pop(None, None)  # type: ignore[call-overload]
+    if not last:
+        return {}
+    vals = lay.values
+    base, first = h.base_offset, h.first_timestamp
+    ts = lay.ts
+
+    def offset(i: int) -> int:
+        return base + (i if deltas is None else deltas[i])
+
+    out: dict[bytes, tuple[int, int, bytes | None]] = {}
+    if vals.lens is None:
+        for k, i in last.items():
+            out[k] = (offset(i), first if ts is None else first + ts[i], None)  # type: ignore[index]
+        return out
+    lens = vals.lens
+    bounds = list(
+        accumulate([0 if x < 0 else x for x in lens] if vals.nulls else lens, initial=vals.at)
+    )
+    for k, i in last.items():
+        value = None if lens[i] < 0 else block[bounds[i] : bounds[i + 1]]
+        out[k] = (offset(i), first if ts is None else first + ts[i], value)  # type: ignore[index]
+    return out
+
+
+class KeyColumns(NamedTuple):
+    """What the log cleaner needs of a batch's records, without building a Record each."""
+
+    offsets: list[int]
+    keys: list[bytes | None]
+    #: Whether each record's value is null.
+    tombstones: list[bool]
+    timestamps: list[int]
+
+
+def decode_key_columns(buf: Buffer, pos: int = 0, *, verify_crc: bool = True) -> KeyColumns:
+    """Offsets, keys, null-value flags and timestamps of the batch at ``pos``."""
+    h = read_header(buf, pos)
+    if verify_crc:
+        _check_crc(buf, pos, h)
+    block, start, end = _raw_block(buf, pos, h)
+    lay = _layout(h, block, start, end, pos)
+    n = lay.n
+    base = h.base_offset
+    offsets = (
+        list(range(base, base + n))
+        if lay.offset_deltas is None
+        else [base + d for d in lay.offset_deltas]
+    )
+    lens = lay.values.lens
+    tombstones = [True] * n if lens is None else [x < 0 for x in lens]
+    first = h.first_timestamp
+    timestamps = [first] * n if lay.ts is None else [first + d for d in lay.ts]
+    return KeyColumns(offsets, _split(block, lay.keys, n), tombstones, timestamps)

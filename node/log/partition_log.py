@@ -58,6 +58,7 @@ from tidelog.errors import OffsetOutOfRange, StorageError
 from tidelog.node.io import REAL_FS, FileSystem
 from tidelog.records import HEADER_SIZE
 
+from .clean_state import CleanerStats
 from .segment import (
     INDEX_SUFFIX,
     LOG_SUFFIX,
@@ -73,6 +74,10 @@ log = logging.getLogger(__name__)
 
 START_FILE = "log_start.json"
 RECOVERY_POINT_FILE = "recovery_point"
+#: The log cleaner's checkpoint: the first offset it has not cleaned (see cleaner.py).
+CLEANER_CHECKPOINT_FILE = "cleaner_checkpoint"
+#: A segment the cleaner is writing; on open such a file is half a swap and is discarded.
+CLEANED_SUFFIX = ".cleaned"
 #: entries_by_index reads entries at least this large (on average) with one pread each.
 ENTRY_OWN_READ_BYTES_MIN = 16 * 1024
 _START_FILE_VERSION = 1
@@ -152,6 +157,10 @@ class PartitionLog:
         # throughout: a flush never records a point above a cut.
         self._recovery_point = 0
         self._rp_lock = threading.Lock()
+        #: The log cleaner's first dirty offset (persisted in CLEANER_CHECKPOINT_FILE).
+        self._cleaner_checkpoint = 0
+        #: What the cleaner reports about this log (node/log/cleaner.py; metrics read it).
+        self.cleaner_stats = CleanerStats()
         fs.makedirs(self._dir)
         try:
             self._recover()
@@ -162,6 +171,10 @@ class PartitionLog:
         self._size_bytes = sum(s.size for s in self._segments)
         self._flushed = self._trunc_low = self.log_end_offset
         self._write_recovery_point(self._flushed)  # recovery fsynced everything
+        self._cleaner_checkpoint = self._read_cleaner_checkpoint()
+        # A log that lost its tail (flush=os after a power loss) gets those offsets again
+        # from its leader, uncleaned: the checkpoint must not claim them.
+        self._lower_cleaner_checkpoint(self.log_end_offset)
 
     # ---- state -------------------------------------------------------------------------
 
@@ -350,6 +363,16 @@ class PartitionLog:
         self._segments.append(new)
         self._dir_dirty = True
 
+    def roll(self) -> bool:
+        """Seal the active segment now (unless it is empty), so that what it holds can be
+        deleted as a whole later (the controller log after a snapshot)."""
+        self._check_open()
+        with self._lock:
+            if self._segments[-1].size == 0:
+                return False
+            self._roll()
+            return True
+
     def maybe_roll(self, now_ms: int | None = None) -> bool:
         """Roll by ``segment.ms`` even when nothing is appended, so that retention can
         delete old data of a partition that went quiet. An empty active segment stays."""
@@ -383,14 +406,19 @@ class PartitionLog:
             high_watermark=str(hw),
         )
 
-    def read(self, offset: int, max_bytes: int, *, upto: int | None = None) -> bytes:
+    def read(
+        self, offset: int, max_bytes: int, *, upto: int | None = None, stored: bool = False
+    ) -> bytes:
         """Whole batches from the one holding ``offset`` on, all entirely below ``upto``
         (default: the log end), within one segment, as many as fit in ``max_bytes`` but at
-        least one. A batch that straddles ``upto`` is not served (b"" if it is the first)."""
+        least one. A batch that straddles ``upto`` is not served (b"" if it is the first).
+        ``stored``: offsets from the stored start on are served, not only from the logical
+        start (a catch-up copy sends the batch holding the logical start whole)."""
         self._check_open()
         end = self.log_end_offset
         limit = end if upto is None else min(upto, end)
-        if offset < self.log_start_offset or offset > end:
+        floor = self.stored_start_offset if stored else self.log_start_offset
+        if offset < floor or offset > end:
             raise self._out_of_range(offset, limit)
         if offset >= limit:
             return b""
@@ -476,6 +504,27 @@ class PartitionLog:
         pos = seg.ensure_positions()[raft_index - seg.first_index]
         return seg.header_at(pos).last_offset + 1
 
+    def bytes_after_index(self, raft_index: int) -> int:
+        """Bytes of the stored batches after the entry at ``raft_index`` (every stored byte
+        below the log's first index, 0 from its last): what a follower whose log ends there
+        still lacks."""
+        self._check_open()
+        segments = self._segments
+        active = segments[-1]
+        if raft_index >= active.last_index:
+            return 0
+        if raft_index >= active.first_index:  # the usual case: a follower keeping up
+            j = raft_index - active.first_index + 1
+            return active.size - active.ensure_positions()[j]
+        if raft_index < segments[0].first_index:
+            return self._size_bytes
+        i = bisect_right(segments, raft_index, key=_by_first_index) - 1
+        seg = segments[i]
+        positions = seg.ensure_positions()
+        j = raft_index - seg.first_index + 1
+        pos = positions[j] if j < len(positions) else seg.size
+        return seg.size - pos + sum(s.size for s in segments[i + 1 :])
+
     def entries_by_index(self, lo: int, hi: int, max_bytes: int) -> list[bytes]:
         """The batches of Raft entries ``[lo, hi)`` (``hi`` is capped at the log end), one
         ``bytes`` each, stopping before ``max_bytes`` would be exceeded but returning at least
@@ -545,6 +594,7 @@ class PartitionLog:
             if offset < self._recovery_point:
                 self._write_recovery_point(offset)
             self._truncate_at(i, seg, pos, h, offset)
+        self._lower_cleaner_checkpoint(offset)
 
     def _truncate_at(
         self, i: int, seg: Segment, pos: int, h: records.BatchHeader, offset: int
@@ -605,6 +655,8 @@ class PartitionLog:
         nothing. ``below`` protects offsets at and above it; the active segment is always
         kept. Decides only: nothing is deleted."""
         self._check_open()
+        if "delete" not in self._config.cleanup_policy.split(","):
+            return None  # cleanup.policy=compact: the cleaner alone removes records
         now = self._clock_ms() if now_ms is None else now_ms
         retention_ms = self._config.retention_ms
         retention_bytes = self._config.retention_bytes
@@ -704,6 +756,8 @@ class PartitionLog:
             if next_offset < self._recovery_point:
                 self._write_recovery_point(next_offset)
             self._reset(next_offset, last_index, last_term, logical)
+        # Raft may send entries below the old checkpoint again: not cleaned.
+        self._lower_cleaner_checkpoint(next_offset)
 
     def _reset(self, next_offset: int, last_index: int, last_term: int, logical: int) -> None:
         self._write_start(_Start(next_offset, last_index + 1, last_term, True, logical))
@@ -736,6 +790,137 @@ class PartitionLog:
             last_index + 1,
             logical,
         )
+
+    # ---- the log cleaner's view (node/log/cleaner.py) ----------------------------------
+
+    @property
+    def cleaner_checkpoint(self) -> int:
+        """The first offset the cleaner has not cleaned, within the stored log."""
+        return min(max(self._cleaner_checkpoint, self.stored_start_offset), self.log_end_offset)
+
+    def set_cleaner_checkpoint(self, offset: int) -> None:
+        """Persist the cleaner's progress (atomically; a crash before it only costs a clean
+        of the same records again, which removes nothing more)."""
+        self._check_open()
+        self._replace_file(CLEANER_CHECKPOINT_FILE, b"%d\n" % offset)
+        self._cleaner_checkpoint = offset
+
+    def _lower_cleaner_checkpoint(self, offset: int) -> None:
+        """The log was cut at ``offset`` (truncation, reset, lost tail): what is written there
+        next has not been cleaned. (Removing a tombstone is safe only once every older record
+        of its key is gone, which holds for what lies below the checkpoint alone.)"""
+        if self._cleaner_checkpoint > offset:
+            self.set_cleaner_checkpoint(offset)
+
+    def _read_cleaner_checkpoint(self) -> int:
+        try:
+            return max(0, int(self._fs.read_bytes(self._dir / CLEANER_CHECKPOINT_FILE)))
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            log.warning("%s: ignoring unreadable %s: %s", self._dir, CLEANER_CHECKPOINT_FILE, exc)
+            return 0
+
+    def create_cleaned_file(self, path: Path) -> int:
+        """Create (truncate) a file of the cleaner in the log's directory and return its
+        descriptor; any thread. Refused once the log is closed, so nothing new appears in a
+        directory that ``delete`` is removing."""
+        with self._lock:
+            self._check_open()
+            return self._fs.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+
+    def closed_segments(self) -> list[Segment]:
+        """The segments other than the active one, oldest first (a copy of the list)."""
+        return self._segments[:-1]
+
+    def swap_cleaned(
+        self, old: Segment, new: Segment, tmp: Path, hook: Callable[[str], None] | None = None
+    ) -> bool:
+        """Put the cleaned segment ``new`` (its file at ``tmp``, written and fsynced, same base
+        offset, same batch headers) in place of the closed segment ``old``.
+
+        On disk: the old index files go first (data without an index is re-indexed on open),
+        then one rename replaces the data file, then the directory is fsynced and the new
+        indexes are written (caches). A crash at any point leaves the old or the new data file
+        under the segment's name, never neither; a stray ``.cleaned`` file is removed on open.
+        Returns False (and removes ``tmp``) when ``old`` is no longer part of the log or
+        changed since the cleaner read it (a deletion or reset meanwhile).
+        """
+        self._check_open()
+        step = hook or (lambda _s: None)
+        with self._lock:
+            current = old in self._segments[:-1]
+        if (
+            not current
+            or new.base_offset != old.base_offset
+            or new.first_index != old.first_index
+            or new.last_index != old.last_index
+            or new.next_offset != old.next_offset
+        ):
+            new.close()
+            self._fs.unlink(tmp)
+            return False
+        fs = self._fs
+        step("unlink_indexes")
+        for stale in (old.index_path, old.timeindex_path):
+            fs.unlink(stale)
+        step("rename")
+        fs.replace(tmp, old.path)
+        step("fsync_dir")
+        self._fsync_dir()
+        step("swap")
+        with self._lock:
+            i = self._segments.index(old)
+            self._segments[i] = new
+            self._size_bytes += new.size - old.size
+        old.close()
+        step("write_indexes")
+        self._write_indexes(new)
+        return True
+
+    def adopt(self, source: Path, *, logical_start: int) -> None:
+        """Replace the whole log by the segments of the closed log in ``source`` (a replica's
+        catch-up copy, ``node/catchup.py``), whose logical start becomes ``logical_start``;
+        ``source`` is left without segments. Renames only. A crash part-way leaves this log
+        empty at the copy's start (log_start.json says a reset is in progress until the
+        segments are in place), never a mix of the two."""
+        self._check_open()
+        if self._dir_dirty or any(s.dirty for s in self._segments):
+            self.flush()
+        src = PartitionLog(source, self._config, clock_ms=self._clock_ms, fs=self._fs)
+        first = src._segments[0]
+        start = _Start(
+            first.base_offset,
+            first.first_index,
+            -1 if src._prev_term is None else src._prev_term,
+            True,
+            max(logical_start, first.base_offset),
+        )
+        end = src.log_end_offset
+        src.close()
+        names = [n for n in self._fs.listdir(source) if _SEGMENT_FILE_RE.match(n)]
+        with self._rp_lock:
+            self._write_start(start)
+            with self._lock:
+                doomed = self._segments
+                self._segments = []
+            for seg in doomed:
+                seg.unlink()
+            for name in names:
+                self._fs.replace(Path(source) / name, self._dir / name)
+            self._fsync_dir()
+            self._write_start(start._replace(reset=False))
+            self._write_recovery_point(end)
+            self._recover()
+            with self._lock:
+                self._size_bytes = sum(s.size for s in self._segments)
+                self._flushed = self._trunc_low = self.log_end_offset
+                self._dir_dirty = False
+        log.info(
+            "%s: adopted a copied log: offsets [%d, %d), raft indexes [%d, %d], log start %d",
+            self._dir, self.stored_start_offset, self.log_end_offset, self.first_index,
+            self.last_index, self.log_start_offset,
+        )  # fmt: skip
 
     # ---- durability --------------------------------------------------------------------
 
@@ -921,9 +1106,15 @@ class PartitionLog:
         start = self._read_start()
         self._fs.unlink(self._dir / (START_FILE + ".tmp"))
         self._fs.unlink(self._dir / (RECOVERY_POINT_FILE + ".tmp"))
+        self._fs.unlink(self._dir / (CLEANER_CHECKPOINT_FILE + ".tmp"))
         self._recovery_point = recovery_point = self._read_recovery_point()
         files: dict[int, set[str]] = {}
         for name in sorted(self._fs.listdir(self._dir)):
+            if name.endswith(CLEANED_SUFFIX):
+                # Half a cleaner swap: the segment's own file is still the old one.
+                log.info("%s: discarding %s of an interrupted clean", self._dir, name)
+                self._fs.unlink(self._dir / name)
+                continue
             m = _SEGMENT_FILE_RE.match(name)
             if m:
                 files.setdefault(int(m.group(1)), set()).add(m.group(2))
@@ -1108,4 +1299,12 @@ class PartitionLog:
         self._fsync_dir()
 
 
-__all__ = ["RECOVERY_POINT_FILE", "START_FILE", "ContinuityError", "PartitionLog", "wall_clock_ms"]
+__all__ = [
+    "CLEANED_SUFFIX",
+    "CLEANER_CHECKPOINT_FILE",
+    "RECOVERY_POINT_FILE",
+    "START_FILE",
+    "ContinuityError",
+    "PartitionLog",
+    "wall_clock_ms",
+]

@@ -8,7 +8,8 @@ Each role swaps in its own tick and step functions (``_tick``, ``_step``), as in
 
 - follower / pre-candidate / candidate: ``_tick_election`` (a counter and a compare, nothing
   else, so thousands of idle followers cost next to nothing);
-- leader: ``_tick_heartbeat`` (heartbeats, check-quorum, transfer and snapshot timeouts).
+- leader: ``_tick_heartbeat`` (heartbeats, check-quorum, transfer and snapshot timeouts,
+  APPENDs the catch-up throttle held back).
 
 Protocol choices (Raft paper = Ongaro & Ousterhout 2014; thesis = Ongaro 2014):
 
@@ -38,6 +39,11 @@ Protocol choices (Raft paper = Ongaro & Ousterhout 2014; thesis = Ongaro 2014):
   read issued in the same Ready cycle).
 - Snapshots: a follower that needs entries below the leader's first index gets the
   application's snapshot (``Storage.snapshot()``), which it installs through its Ready.
+- Catch-up throttle (beyond the paper): with the driver's ``catchup`` (a ``CatchupThrottle``)
+  an APPEND to a follower the driver calls far behind goes only when its budget allows,
+  else at a later tick: a learner, or a voter while the voters known to keep up are a
+  majority without it (so commits never wait for the budget), never a transfer's target.
+  Delaying messages is all it does, which Raft tolerates anyway.
 - Lost entries (beyond the paper, which assumes stable storage): a node whose log no longer
   holds entries it acknowledged (a machine crash under ``flush=os``, a recovery that cut
   fsynced data) is *recovering* up to ``lost_to``: the driver passes the stored commit index
@@ -47,7 +53,8 @@ Protocol choices (Raft paper = Ongaro & Ousterhout 2014; thesis = Ongaro 2014):
   a leader made its log reach ``lost_to`` again. It still acknowledges what it now holds: an
   acknowledgement only ever claims a prefix the node holds, which is what commit counting
   needs. The leader, told by a rejection whose hint lies below ``match`` that the follower
-  lost entries, forgets ``match`` and probes again from the hint.
+  lost entries, forgets ``match`` and probes again from the hint. Only a rejection that is
+  not stale counts (``Progress.is_stale_rejection``): reordered answers hint below it too.
 - New replicas of a group that existed before (a wiped data directory: the node may have
   voted in the current term and acknowledged entries, and remembers neither): the driver
   passes ``lost_to=NEW_REPLICA``. Such a node grants (pre-)votes only to candidates whose
@@ -55,7 +62,13 @@ Protocol choices (Raft paper = Ongaro & Ousterhout 2014; thesis = Ongaro 2014):
   brand-new group (every log empty) and never elects anyone in a group that has entries,
   since no node holding one votes for an empty log. The first APPEND of a leader turns it into
   an ordinary recovering node up to that APPEND's commit index (the group's commit when it
-  joined), and it votes again once its log reaches it.
+  joined), and it votes again once its log reaches it. A driver that knows the group existed
+  before the data directory did (``bootstrap=False``) takes that exception away: such a new
+  replica grants no vote at all, not even the unanimous rule's answer below, and its own
+  vote does not count, until a leader's APPEND reached it. Otherwise a majority of replicas
+  that lost their disks would elect one of themselves with an empty log and erase what the
+  survivor holds; with it, the group stays without a leader (correct: what it committed may
+  be on the survivor alone) until an operator recovers it.
 - Unanimous elections: when a majority of a group lost entries (a power loss of several
   machines under ``flush=os``), withholding their votes would leave the group without a leader
   for good. So a recovering voter does not grant, but answers a candidate whose log is at
@@ -66,6 +79,29 @@ Protocol choices (Raft paper = Ongaro & Ousterhout 2014; thesis = Ongaro 2014):
   gone from every replica. One voter that holds its log intact and does not grant (it is
   down, cut off, or more up to date) keeps the old rule: no leader. Recovering nodes still
   do not campaign, so a group whose replicas all lost entries stays without a leader.
+- Membership changes: one server at a time (thesis §4.1, 4.3), not joint consensus. Any
+  two majorities of configurations that differ by one voter intersect, so no joint phase is
+  needed; the three changes (``ConfChangeKind``: add a learner, promote a learner, remove a
+  voter or learner) each move at most one voter. We chose it over etcd's ``ConfChangeV2``
+  because moving a replica is a sequence of such steps anyway (learner, catch up, promote,
+  remove) and one change per entry keeps a single code path, a single state (no joint
+  configuration to enter and leave automatically, nor to recover after a crash halfway) and
+  a simple checker. Safety conditions: a leader proposes a change only once an entry of its
+  own term is committed (the fix of the thesis's bug, found by Ongaro in 2015: otherwise two
+  leaders of consecutive terms may each commit a change of a different base configuration),
+  and only while no other change is in the log uncommitted (``RaftLog.confs``: one in
+  flight). A CONFIG entry carries the change and the configuration it leads to
+  (``ConfChange``). It takes effect on a replica when that replica learns it is committed
+  (as in etcd, which applies changes when they are applied), not when it is appended: so a
+  truncated conf entry never was in force and there is nothing to undo, and the
+  configuration in force is always a committed one, stored by the driver with the commit
+  index that includes it (``Ready.conf_state`` / ``conf_index``; restored from
+  ``StorageReader.conf_state`` / ``conf_index`` and from snapshots, which carry it). A leader
+  that is no longer a voter steps down as soon as its removal commits (drivers transfer
+  leadership first). ``force_configuration`` replaces the configuration without consensus,
+  for an operator recovering a group whose majority is lost for good.
+  Learners outside the log (``add_learner``): the controller group still adds its learners
+  without entries (safe: a learner never counts); partitions use logged changes only.
 """
 
 from __future__ import annotations
@@ -82,12 +118,14 @@ from .errors import (
     SnapshotTemporarilyUnavailable,
     UnavailableError,
 )
-from .limits import DEFAULT_CONFIG, Config, Rand
+from .limits import DEFAULT_CONFIG, CatchupThrottle, Config, Rand
 from .progress import Progress, ProgressState, ProgressTracker
 from .raft_log import RaftLog
 from .storage import StorageReader
 from .types import (
     NONE,
+    ConfChange,
+    ConfChangeKind,
     ConfState,
     Entry,
     EntryKind,
@@ -99,6 +137,7 @@ from .types import (
     Role,
     Snapshot,
     SoftState,
+    apply_change,
 )
 
 #: The context of a VOTE caused by TIMEOUT_NOW: it overrides the voters' leader lease, since
@@ -109,6 +148,14 @@ NEW_REPLICA = 1 << 62
 #: The context of a (pre-)vote rejection by a recovering voter whose own log the
 #: candidate's is at least as up to date as: it counts in a unanimous election only.
 RECOVERING_CONTEXT = b"recovering"
+#: The context of the rejection by which a follower tells the leader that a heartbeat's commit
+#: lies beyond its log (it lost entries it acknowledged). It answers no APPEND, so the leader
+#: does not judge it by the stale-rejection test (``Progress.is_stale_rejection``).
+LOST_ENTRIES_CONTEXT = b"lost"
+#: The context of the heartbeat round by which an idle leader tells its group to go quiet
+#: (the driver's quiescence, node/multiraft.py): a follower that holds the whole log stops
+#: its election timer until the next message of the group.
+QUIESCE_CONTEXT = b"quiesce"
 
 
 _K = MessageKind
@@ -125,7 +172,10 @@ class RawNode:
     """One Raft group member. Not thread-safe; one driver owns it."""
 
     __slots__ = (
+        "_applying_conf",
         "_bcast_pending",
+        "_conf_decoder",
+        "_conf_dirty",
         "_dirty",
         "_hb_resp",
         "_heartbeat_elapsed",
@@ -141,9 +191,13 @@ class RawNode:
         "_ready_outstanding",
         "_rng",
         "_step",
+        "_throttled",
         "_tick",
         "_uncommitted_bytes",
+        "bootstrap",
+        "catchup",
         "cfg",
+        "conf_index",
         "election_elapsed",
         "id",
         "lead_transferee",
@@ -164,12 +218,19 @@ class RawNode:
         config: Config = DEFAULT_CONFIG,
         applied: int = 0,
         lost_to: int = 0,
+        conf_decoder: Callable[[bytes], ConfChange] = ConfChange.decode,
+        bootstrap: bool = True,
     ) -> None:
         """Builds the core from whatever ``storage`` holds: a fresh group (empty log) or a
         restart after a crash (term, vote, commit, membership and log come back from it).
         ``applied`` is the last index the state machine had applied durably; committed entries
         after it are delivered again. ``lost_to``: an index this node acknowledged (its stored
-        commit index) that its log no longer reaches; it recovers up to it before voting."""
+        commit index) that its log no longer reaches; it recovers up to it before voting.
+        ``conf_decoder`` reads the ``ConfChange`` out of a CONFIG entry's payload (a driver
+        that wraps it, as the partitions do in a control batch, passes its own).
+        ``bootstrap``: with ``lost_to=NEW_REPLICA``, whether the group may be brand new (every
+        log empty), so that new replicas may elect one of themselves; False when the group is
+        known to have existed before this replica (see the module doc)."""
         assert node_id != NONE, "node id 0 is reserved"
         self.id = node_id
         self.cfg = config
@@ -178,6 +239,8 @@ class RawNode:
         #: Recovering: acknowledged entries up to here were lost (0: none). No votes until
         #: the log reaches it again through a leader's APPEND.
         self.lost_to = lost_to if lost_to > self.log.last_index() else 0
+        #: Whether a new replica (``lost_to == NEW_REPLICA``) may help bootstrap the group.
+        self.bootstrap = bootstrap
         hs = storage.hard_state()
         conf = storage.conf_state()
         self.term = hs.term
@@ -210,9 +273,21 @@ class RawNode:
         #: NEW_REPLICA marker left behind would make the replica new again at its restart).
         self._prev_lost_to = self.lost_to
         self._prev_soft_state = SoftState(NONE, Role.FOLLOWER)
+        self._conf_decoder = conf_decoder
+        #: The log index the configuration in force comes from (``Ready.conf_index``).
+        self.conf_index = storage.conf_index()
+        #: The configuration changed through the log since the last Ready: hand it out.
+        self._conf_dirty = False
+        self._applying_conf = False
+        #: The driver's limit on catching up by APPEND (None: none); see ``CatchupThrottle``.
+        self.catchup: CatchupThrottle | None = None
+        #: Some progress is ``throttled``: the next tick retries it.
+        self._throttled = False
         self._tick: Callable[[], None] = self._tick_election
         self._step: Callable[[Message], None] = self._step_follower
         self._become_follower(self.term, NONE)
+        # CONFIG entries the stored configuration does not include yet, but committed.
+        self._apply_confs()
 
     # ---- accessors ----------------------------------------------------------------------
 
@@ -259,16 +334,27 @@ class RawNode:
         unstable = self.log.unstable
         return unstable.offset, unstable.entries
 
+    @property
+    def conf_change_pending(self) -> bool:
+        """A CONFIG entry is in the log but not known committed yet (one change in flight)."""
+        return bool(self.log.confs)
+
     def progress(self, node_id: int) -> Progress | None:
         """The leader's view of ``node_id`` (None on a non-leader or for a non-member)."""
         if self.role != Role.LEADER:
             return None
         return self.tracker.progress.get(node_id)
 
+    @property
+    def recovering(self) -> bool:
+        """Whether this replica is recovering entries it lost (it neither votes nor may
+        serve follower reads until it caught up)."""
+        return self._recovering()
+
     def _recovering(self) -> bool:
         """Recovering lost entries (a new replica with an empty log is not: it bootstraps)."""
         return bool(self.lost_to) and not (
-            self.lost_to == NEW_REPLICA and self.log.last_index() == 0
+            self.lost_to == NEW_REPLICA and self.bootstrap and self.log.last_index() == 0
         )
 
     def _promotable(self) -> bool:
@@ -284,6 +370,41 @@ class RawNode:
     def tick(self) -> None:
         """Advances logical time by one tick."""
         self._tick()
+
+    def quiescable(self) -> bool:
+        """A leader with nothing left to do: every member holds the whole log, all of it is
+        committed and applied, and no read, transfer or stored change is pending. Its group
+        may go quiet (no heartbeats) until something happens."""
+        if self.role != Role.LEADER or self.lead_transferee != NONE or self._read_only:
+            return False
+        log = self.log
+        last = log.last_index()
+        if log.committed != last or log.applied != last or log.unstable.entries:
+            return False
+        if self._ready_outstanding or self._msgs or self._bcast_pending:
+            return False
+        # Every member heard from since the last quorum check (a dead one keeps the leader
+        # awake, so check-quorum still steps it down when a majority is gone).
+        return all(
+            pr.match == last and pr.recent_active
+            for nid, pr in self.tracker.progress.items()
+            if nid != self.id
+        )
+
+    def mark_unreachable(self, node_id: int) -> None:
+        """The driver learnt that ``node_id`` is gone (its node died, its stream broke): it
+        counts as not heard from, so the group does not go quiet again while it is away and
+        the next quorum check counts it out."""
+        pr = self.tracker.progress.get(node_id)
+        if pr is not None and node_id != self.id:
+            pr.recent_active = False
+
+    def quiesce(self) -> None:
+        """Tell every member the group goes quiet: one heartbeat round carrying
+        QUIESCE_CONTEXT (and the commit index, which every member then holds)."""
+        assert self.role == Role.LEADER, "only a leader quiesces its group"
+        self._bcast_heartbeat(QUIESCE_CONTEXT)
+        self._dirty = True
 
     def campaign(self) -> None:
         """Starts an election now (as if the election timer had fired)."""
@@ -328,18 +449,27 @@ class RawNode:
             self._handle_vote_request(m)
         else:
             self._step(m)
+        log = self.log
+        if log.confs and log.confs[0].index <= log.committed:
+            self._apply_confs()
 
     def propose(self, data: bytes, kind: EntryKind = EntryKind.NORMAL) -> int:
         """Appends ``data`` to the leader's log; returns its index (its term is ``self.term``).
         The entry is committed once it appears in ``Ready.committed``. Raises ``NotRaftLeader``
         on a non-leader, ``ProposalDropped`` during a leadership transfer or when too many
-        bytes are uncommitted."""
+        bytes are uncommitted. A CONFIG entry must decode (``conf_decoder``) into the change
+        :meth:`check_conf_change` accepts now (ValueError otherwise)."""
         if self.role != Role.LEADER:
             raise NotRaftLeader("this node is not the leader", self.leader_id)
         if self.lead_transferee != NONE:
             raise ProposalDropped(
                 f"leadership transfer to {self.lead_transferee} in progress", self.id
             )
+        if kind == EntryKind.CONFIG:
+            cc = self._conf_decoder(data)
+            expected = self.check_conf_change(cc.kind, cc.node_id)
+            if expected != cc:
+                raise ValueError(f"{cc} does not follow from the configuration {self.conf_state}")
         entry = Entry(self.term, self.log.last_index() + 1, data, kind)
         size = entry.size_bytes
         if (
@@ -388,6 +518,127 @@ class RawNode:
         self._append_entries(entries)
         self._bcast_pending = True
         return entries[-1].index
+
+    # ---- membership changes ------------------------------------------------------------
+
+    def check_conf_change(self, kind: ConfChangeKind, node_id: int) -> ConfChange:
+        """The change the leader may propose now (see the module doc: one at a time, only
+        once an entry of its term is committed, only on top of the configuration in force):
+        NotRaftLeader off the leader, ProposalDropped while a change is in flight or the
+        leader has not committed an entry of its term yet (retry later), ValueError for a
+        change that makes no sense in the configuration in force."""
+        if self.role != Role.LEADER:
+            raise NotRaftLeader("this node is not the leader", self.leader_id)
+        if self.log.confs:
+            raise ProposalDropped(
+                f"a membership change at index {self.log.confs[-1].index} is not committed yet",
+                self.id,
+            )
+        if not self._committed_in_term():
+            if self.log.last_term() != self.term and self.lead_transferee == NONE:
+                # A leader whose log holds no entry of its term (partitions append none when
+                # everything was committed): append one so the change can follow it.
+                self._dirty = True
+                self._append_entries(
+                    [Entry(self.term, self.log.last_index() + 1, b"", EntryKind.EMPTY)]
+                )
+                self._bcast_pending = True
+            raise ProposalDropped(
+                f"no entry of term {self.term} is committed yet: no membership change before",
+                self.id,
+            )
+        return apply_change(self.tracker.conf, kind, node_id)
+
+    def propose_conf_change(self, kind: ConfChangeKind, node_id: int) -> int:
+        """Proposes one membership change in the core's own encoding (``ConfChange.encode``;
+        a driver with its own ``conf_decoder`` proposes its payload through :meth:`propose`).
+        It takes effect on each replica when that replica learns it is committed."""
+        cc = self.check_conf_change(kind, node_id)
+        return self.propose(cc.encode(), EntryKind.CONFIG)
+
+    def force_configuration(self, voters: frozenset[int], through_index: int | None = None) -> None:
+        """UNSAFE, for recovering a group that lost a majority for good: makes ``voters`` the
+        configuration in force on this replica at once, without consensus (learners that are
+        not among them stay learners). The operator does it on each survivor (they must all
+        end up agreeing, or two majorities may form), then the most up-to-date survivor can
+        be elected by the others. Entries committed by the lost majority only may be lost:
+        that is what makes it unsafe, and why nothing calls it on its own.
+
+        CONFIG entries at or below ``through_index`` (default: this replica's last index)
+        never take effect here, even when they commit later: they belong to the lost group.
+        Give every survivor the same one, the last index of the most up-to-date survivor,
+        so a survivor with a shorter log ignores them too when the new leader sends them."""
+        if not voters or NONE in voters:
+            raise ValueError(f"cannot force the voters {sorted(voters)}")
+        floor = self.log.last_index() if through_index is None else through_index
+        conf = self.tracker.conf
+        self._dirty = True
+        self._set_conf(
+            ConfState(frozenset(voters), conf.learners - voters), max(self.conf_index, floor)
+        )
+        if self.role != Role.FOLLOWER:
+            self._become_follower(self.term, NONE)
+
+    def _apply_confs(self) -> None:
+        """Takes into force every CONFIG entry known committed, in order."""
+        if self._applying_conf:
+            return
+        self._applying_conf = True
+        try:
+            log = self.log
+            while log.confs and log.confs[0].index <= log.committed:
+                e = log.confs.pop(0)
+                if e.index <= self.conf_index:
+                    continue  # already in the configuration (a forced one covers it)
+                cc = self._conf_decoder(e.data)
+                self._set_conf(cc.conf, e.index)
+        finally:
+            self._applying_conf = False
+
+    def _set_conf(self, conf: ConfState, index: int) -> None:
+        tracker = self.tracker
+        old = tracker.conf
+        tracker.conf = conf
+        self.conf_index = index
+        self._conf_dirty = True
+        self._dirty = True
+        last = self.log.last_index()
+        for nid in old.members - conf.members:
+            tracker.progress.pop(nid, None)
+        for nid in sorted(conf.members):
+            pr = tracker.progress.get(nid)
+            if pr is None:
+                pr = tracker.progress[nid] = Progress(
+                    last + 1,
+                    self.cfg.max_inflight_msgs,
+                    self.cfg.max_inflight_bytes,
+                    is_learner=nid in conf.learners,
+                )
+                if nid == self.id:
+                    pr.match = last
+            else:
+                pr.is_learner = nid in conf.learners
+        if self.role == Role.LEADER:
+            if self.lead_transferee != NONE and self.lead_transferee not in conf.voters:
+                self.lead_transferee = NONE
+            if self.id not in conf.voters:
+                # Removed (or demoted): a leader outside the configuration steps down; the
+                # voters elect one of theirs (the driver transfers leadership first). It
+                # tells them first that the change is committed, so they take it into force
+                # now rather than after the next leader commits an entry.
+                for nid, pr in tracker.progress.items():
+                    if nid != self.id:
+                        pr.probe_sent = False if pr.state == ProgressState.PROBE else pr.probe_sent
+                        self._send_append(nid, pr, send_if_empty=True)
+                self._become_follower(self.term, NONE)
+                return
+            self._maybe_commit()  # fewer voters may have a majority already
+            self._bcast_pending = True  # a new learner gets the log
+        elif self.role != Role.FOLLOWER and self.id not in conf.voters:
+            self._become_follower(self.term, NONE)
+        elif self.leader_id != NONE and self.leader_id not in conf.voters:
+            # Our leader was removed and steps down: its lease protects nobody any more.
+            self.leader_id = NONE
 
     def transfer_leadership(self, to: int) -> None:
         """Asks the leader to hand leadership to voter ``to`` (forwarded if we are a follower)."""
@@ -482,6 +733,10 @@ class RawNode:
             return True
         if self._prev_lost_to != self.lost_to:
             return True
+        if self._conf_dirty:
+            return True
+        if log.confs and log.confs[0].index <= log.committed:
+            return True
         ss = self._prev_soft_state
         if ss.leader_id != self.leader_id or ss.role != self.role:
             return True
@@ -491,9 +746,11 @@ class RawNode:
     def ready(self) -> Ready:
         """Takes the pending work. Call ``advance`` with it before the next ``ready``."""
         assert not self._ready_outstanding, "ready() called twice without advance()"
+        log = self.log
+        if log.confs and log.confs[0].index <= log.committed:
+            self._apply_confs()
         if self._bcast_pending or self._read_heartbeat_ctx is not None:
             self._flush_lazy_sends()
-        log = self.log
         hs: HardState | None = None
         prev = self._prev_hard_state
         must_sync = False
@@ -537,9 +794,29 @@ class RawNode:
         if self._read_states:
             read_states = tuple(self._read_states)
             self._read_states.clear()
+        conf: ConfState | None = None
+        if self._conf_dirty:
+            self._conf_dirty = False
+            conf = self.tracker.conf
+            if hs is None:
+                # Stored together: the configuration and the commit index it goes with.
+                hs = self._prev_hard_state = HardState(self.term, self.vote, log.committed)
+                self._prev_lost_to = self.lost_to
+            must_sync = True
         self._ready_outstanding = True
         self._dirty = False
-        return Ready(hs, entries, must_sync, committed, msgs, snapshot, read_states, soft)
+        return Ready(
+            hs,
+            entries,
+            must_sync,
+            committed,
+            msgs,
+            snapshot,
+            read_states,
+            soft,
+            conf,
+            self.conf_index,
+        )
 
     def advance(self, rd: Ready) -> None:
         """The driver persisted, sent and applied everything in ``rd``."""
@@ -681,14 +958,20 @@ class RawNode:
         pre = m.kind == _K.PRE_VOTE
         resp = _K.PRE_VOTE_RESP if pre else _K.VOTE_RESP
         recovering = bool(self.lost_to) and not (
-            self.lost_to == NEW_REPLICA and m.index == 0 and self.log.last_index() == 0
+            self.lost_to == NEW_REPLICA
+            and self.bootstrap
+            and m.index == 0
+            and self.log.last_index() == 0
         )
+        # A new replica of a group that existed before it: it knows nothing of what the group
+        # committed, so it cannot even tell that a candidate's log is up to date enough.
+        stranger = self.lost_to == NEW_REPLICA and not self.bootstrap
         can_vote = (
             self.vote == m.frm
             or (self.vote == NONE and self.leader_id == NONE)
             or (pre and m.term > self.term)
         )
-        if can_vote and recovering and self.log.is_up_to_date(m.index, m.log_term):
+        if can_vote and recovering and not stranger and self.log.is_up_to_date(m.index, m.log_term):
             # No vote, but a rejection that says the candidate's log is at least as up to
             # date as ours: it counts only if every voter grants or says so (see the module
             # doc). A pre-vote's answers in the asked term, as a granted one would.
@@ -721,10 +1004,13 @@ class RawNode:
             self._election_timeout()
 
     def _election_timeout(self) -> None:
-        self._dirty = True
-        self.election_elapsed = 0
         if self._promotable():
+            self._dirty = True
+            self.election_elapsed = 0
             self._hup(transfer=False)
+        # A node that may not campaign (a learner, or a voter that does not know it was
+        # promoted yet) lets the count run on, so its lease of a silent leader ends and it
+        # can grant the votes of an election that needs it (as etcd's tickElection does).
 
     def _tick_heartbeat(self) -> None:
         self._dirty = True
@@ -739,6 +1025,12 @@ class RawNode:
             self._check_snapshot_transfers()
         if self.role != Role.LEADER:
             return
+        if self._throttled:
+            self._throttled = False
+            for nid, pr in self.tracker.progress.items():
+                if pr.throttled:
+                    pr.throttled = False
+                    self._send_append(nid, pr, send_if_empty=False)
         if self._heartbeat_elapsed >= self.cfg.heartbeat_interval_ticks:
             self._heartbeat_elapsed = 0
             self._bcast_heartbeat(b"")
@@ -790,6 +1082,7 @@ class RawNode:
                         reject=True,
                         reject_hint=last,
                         reject_hint_term=self.log.last_term(),
+                        context=LOST_ENTRIES_CONTEXT,
                     )
                 )
             else:
@@ -884,14 +1177,17 @@ class RawNode:
         log = self.log
         if meta.index <= log.committed:
             return False  # old news
-        if self.id not in meta.conf.members:
-            return False  # not a member at that point: it cannot be meant for us
+        # The snapshot's configuration need not name us: a learner added (or a removed node
+        # added again) after the snapshot's point is not in it, and the entries after it,
+        # which the leader sends next, add it. Only our leader's snapshots get here.
         if log.match_term(meta.index, meta.term):
             # Our log already holds the snapshot's last entry: just fast-forward the commit.
             log.commit_to(meta.index)
             return False
         log.restore(snap)
         self.tracker.reset(meta.conf, log.last_index() + 1)
+        self.conf_index = meta.index
+        self._conf_dirty = True
         return True
 
     # ---- leader -------------------------------------------------------------------------
@@ -910,6 +1206,9 @@ class RawNode:
             self._bcast_pending = True
             if self._pending_reads:
                 self._release_pending_reads()
+            log = self.log
+            if log.confs and log.confs[0].index <= log.committed:
+                self._apply_confs()
             return True
         return False
 
@@ -953,6 +1252,15 @@ class RawNode:
 
     def _handle_append_resp(self, m: Message, pr: Progress) -> None:
         if m.reject:
+            if m.context != LOST_ENTRIES_CONTEXT and pr.is_stale_rejection(m.index):
+                # An answer to an APPEND older than the ones that count now: what it says
+                # about the follower's log is out of date. This comes first, before the test
+                # for lost entries below: a stale rejection hints below ``match`` too (it left
+                # before the follower reached ``match``), and reading it as a loss forgot
+                # ``match`` and probed again from the old hint, each time one arrived. (A
+                # follower's report of lost entries answers a heartbeat, not an APPEND: its
+                # ``index`` is the heartbeat's commit, at or below ``match``.)
+                return
             next_probe = m.reject_hint
             if m.reject_hint_term > 0:
                 next_probe, _ = self.log.find_conflict_by_term(m.reject_hint, m.reject_hint_term)
@@ -963,8 +1271,9 @@ class RawNode:
             ):
                 # A follower whose log matches up to ``match`` never hints below it, nor at it
                 # with another term than ours: it lost entries it acknowledged (or the answer
-                # is stale, and probing costs a round trip). Forget what it acknowledged and
-                # probe from its hint.
+                # is stale all the same: in REPLICATE, one to an APPEND beyond ``match`` sent
+                # before the last reset; probing costs a round trip). Forget what it
+                # acknowledged and probe from its hint.
                 pr.reset_to_probe(next_probe + 1)
                 self._send_append(m.frm, pr, send_if_empty=True)
                 return
@@ -1013,6 +1322,10 @@ class RawNode:
         nbytes = 0
         for e in entries:
             nbytes += e.size_bytes
+        if entries and self.catchup is not None and self._limited(to, pr):
+            if not self.catchup.take(nbytes):
+                pr.throttled = self._throttled = True
+                return False
         self._send(
             Message(
                 _K.APPEND,
@@ -1029,6 +1342,38 @@ class RawNode:
         pr.appended_since_heartbeat = True
         pr.sent_entries(prev_index + len(entries), nbytes, len(entries))
         return True
+
+    def _limited(self, to: int, pr: Progress) -> bool:
+        """Whether entries to ``to`` go through the catch-up throttle: it is far behind, not
+        the target of a leadership transfer, and a learner or the voters not far behind (this
+        leader among them) are a majority without it, so the throttle never slows the
+        commits of live traffic."""
+        catchup = self.catchup
+        assert catchup is not None
+        last = self.log.last_index()
+        # Where its log ends: ``match`` once replicating; while probing ``match`` is only a
+        # lower bound (0 after a leader change) and ``next - 1`` the better guess.
+        end = pr.match if pr.state == ProgressState.REPLICATE else max(pr.match, pr.next - 1)
+        if to == self.id or to == self.lead_transferee or not catchup.behind(end, last):
+            # A leadership transfer's target is never held back: proposals wait for the
+            # transfer, so holding it back would hold live traffic back instead.
+            return False
+        if pr.is_learner:
+            return True
+        conf = self.tracker.conf
+        if conf.voters_outgoing:
+            return False  # a joint configuration: two majorities to keep; leave voters be
+        voters = conf.voters
+        ahead = 0
+        for v in voters:
+            if v == self.id:
+                ahead += 1
+            elif v != to:
+                # Known to keep up: by what it acknowledged (a guess would not do here).
+                other = self.tracker.progress.get(v)
+                if other is not None and not catchup.behind(other.match, last):
+                    ahead += 1
+        return ahead > len(voters) // 2
 
     def _send_snapshot(self, to: int, pr: Progress) -> bool:
         if not pr.recent_active:
@@ -1110,6 +1455,14 @@ class RawNode:
     def _committed_in_term(self) -> bool:
         return self.log.term_or_none(self.log.committed) == self.term
 
+    def _reads_ready(self) -> bool:
+        """Whether the commit index is known to be the group's, so reads may be answered:
+        an entry of this term is committed, or the log is empty (a leader holds every
+        committed entry, so nothing was ever committed; without this a first leader that
+        appends no empty entry would hold reads until the first write). Membership changes
+        keep the stricter rule: an entry of the term committed first."""
+        return self._committed_in_term() or self.log.last_index() == 0
+
     def _leader_read(self, frm: int, ctx: bytes) -> None:
         if self.tracker.is_singleton():
             self._answer_read(frm, self.log.committed, ctx)
@@ -1120,7 +1473,7 @@ class RawNode:
                     f"{self.cfg.max_pending_reads} reads pending (max_pending_reads)", self.id
                 )
             return  # a remote requester times out and retries
-        if not self._committed_in_term():
+        if not self._reads_ready():
             # Our commit index may lag the true one until an entry of our term commits.
             self._pending_reads.append((frm, ctx))
             return
@@ -1133,7 +1486,7 @@ class RawNode:
         self._read_heartbeat_ctx = ctx
 
     def _release_pending_reads(self) -> None:
-        if not self._committed_in_term():
+        if not self._reads_ready():
             return
         pending, self._pending_reads = self._pending_reads, []
         for frm, ctx in pending:

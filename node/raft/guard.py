@@ -7,7 +7,14 @@ tolerates loss, and a legitimate sender that was refused retries by itself.
 
 - ``NOT_MEMBER``: the sender is not in the group's configuration (voters, outgoing voters,
   learners). Only members exchange messages; a new learner is added to the configuration of
-  every member when its registration is applied, before any member talks to it.
+  every member when its registration is applied, before any member talks to it. Where
+  membership changes through the log (partitions), a replica's configuration may lag the
+  group's (a new replica knows only the replicas it was created with; a replica that was
+  down missed the changes that added the current leader), and refusing the leader would
+  keep it from ever catching up: the owner then also admits ``also``, every node the
+  controller named for the partition (its replicas and the targets of its moves) and every
+  member of a configuration the replica was in. A node the controller never named for the
+  partition is still refused.
 - ``TERM_TOO_FAR``: the message's term lies more than ``max_term_gap`` beyond the group's
   own. Terms grow by one per election, and elections are at least an election timeout apart
   (pre-vote keeps a partitioned node from inflating its term), so a live group takes more
@@ -47,11 +54,26 @@ class Refusal(enum.Enum):
     NOT_LEADER = "not_leader"
 
 
-def refusal(raw: RawNode, m: Message, max_term_gap: int = MAX_TERM_GAP) -> Refusal | None:
-    """Why ``raw`` must not step ``m`` (None: step it)."""
+def refusal(
+    raw: RawNode,
+    m: Message,
+    max_term_gap: int = MAX_TERM_GAP,
+    *,
+    also: frozenset[int] = frozenset(),
+    members_only: bool = True,
+) -> Refusal | None:
+    """Why ``raw`` must not step ``m`` (None: step it). ``also``: senders admitted besides
+    the members (see above); ``members_only=False`` skips the membership check (the
+    simulation of the core alone, which has no controller to name replicas)."""
     conf = raw.tracker.conf
     frm = m.frm
-    if frm not in conf.voters and frm not in conf.learners and frm not in conf.voters_outgoing:
+    if (
+        members_only
+        and frm not in conf.voters
+        and frm not in conf.learners
+        and frm not in conf.voters_outgoing
+        and frm not in also
+    ):
         return Refusal.NOT_MEMBER
     term = raw.term
     if m.term > term + max_term_gap:

@@ -24,6 +24,26 @@ class Rand(Protocol):
         ...
 
 
+class CatchupThrottle(Protocol):
+    """The driver's rate limit on catching up by APPEND (``RawNode.catchup``): a follower far
+    behind its leader is sent entries only as fast as the driver's budget allows, so a
+    replica rebuilt from the log does not starve live traffic; one a little behind is not
+    held back. The core asks, it never waits: a refused APPEND is retried at the next tick.
+    The driver's answers may depend on its clock; the core's behaviour stays a function of
+    them (the simulators pass none; the unit tests a deterministic one)."""
+
+    def behind(self, match: int, last: int) -> bool:
+        """Whether a follower whose log ends at index ``match`` (as far as the leader knows)
+        is far enough behind ``last`` (the leader's last index) that its catch-up is
+        limited."""
+        ...
+
+    def take(self, nbytes: int) -> bool:
+        """Whether an APPEND of ``nbytes`` entry bytes to a follower far behind may go now
+        (then it is counted against the budget)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """Limits and features of one Raft group. Immutable; shared by every group of a node."""

@@ -91,6 +91,7 @@ class Progress:
         "sent_commit",
         "snapshot_checks",
         "state",
+        "throttled",
     )
 
     def __init__(
@@ -119,6 +120,9 @@ class Progress:
         self.last_heartbeat: Message | None = None
         self.is_learner = is_learner
         self.inflights = Inflights(max_inflight_msgs, max_inflight_bytes)
+        #: An APPEND to it was held back by the catch-up throttle (``RawNode.catchup``):
+        #: the next tick tries again.
+        self.throttled = False
 
     def __repr__(self) -> str:
         return (
@@ -182,16 +186,31 @@ class Progress:
         else:
             raise AssertionError(f"sending entries in state {self.state.name}")
 
+    def is_stale_rejection(self, rejected: int) -> bool:
+        """Whether a rejection of the APPEND after index ``rejected`` answers a message older
+        than the ones that count now (etcd's test, in its ``MaybeDecrTo``).
+
+        In REPLICATE, an APPEND after an index at or below ``match`` cannot fail on a log that
+        holds ``match``: its rejection left the follower before the acknowledgement of
+        ``match`` did (the network reorders), or the follower lost entries since, which the
+        next APPEND (always after an index beyond ``match`` here) reveals as well. In PROBE
+        (and SNAPSHOT), only the answer to the APPEND after ``next - 1`` counts; the others
+        answer APPENDs sent before ``next`` moved. Acting on such a rejection resets the
+        progress again and resends the whole window; pipelined APPENDs that arrived out of
+        order leave dozens of rejections in flight, and each reset brought more (the sim's
+        seed 7928 never caught a follower up)."""
+        if self.state == ProgressState.REPLICATE:
+            return rejected <= self.match
+        return rejected != self.next - 1
+
     def maybe_decr_to(self, rejected: int, match_hint: int) -> bool:
         """The follower rejected an APPEND after index ``rejected``; its log can match at most
         at ``match_hint``. False if the rejection is stale (answers an older message)."""
+        if self.is_stale_rejection(rejected):
+            return False
         if self.state == ProgressState.REPLICATE:
-            if rejected <= self.match:
-                return False
             self.next = self.match + 1
             return True
-        if self.next - 1 != rejected:
-            return False
         self.next = max(min(rejected, match_hint + 1), self.match + 1)
         self.probe_sent = False
         return True

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from .errors import CompactedError, UnavailableError
 from .storage import StorageReader
-from .types import Entry, Snapshot
+from .types import Entry, EntryKind, Snapshot
+
+#: Bytes read per step when the log is scanned for CONFIG entries at start-up.
+_SCAN_BYTES = 4 << 20
 
 
 class Unstable:
@@ -79,7 +82,7 @@ class Unstable:
 
 
 class RaftLog:
-    __slots__ = ("applied", "committed", "storage", "unstable")
+    __slots__ = ("applied", "committed", "confs", "storage", "unstable")
 
     def __init__(self, storage: StorageReader, applied: int = 0) -> None:
         self.storage = storage
@@ -98,6 +101,15 @@ class RaftLog:
         # (``Ready.must_sync``), so the stored commit may lag the applied index after a crash.
         self.committed = max(hs.commit, first - 1, applied)
         self.applied = max(applied, first - 1)
+        #: The CONFIG entries of the log after ``storage.conf_index()`` not yet in force, in
+        #: index order: the core takes each into force once it is committed. With one change
+        #: in flight there is at most one uncommitted (see core.py).
+        self.confs: list[Entry] = []
+        lo = max(first, storage.conf_index() + 1)
+        while lo <= last:
+            chunk = storage.entries(lo, last + 1, _SCAN_BYTES)
+            self.confs.extend(e for e in chunk if e.kind == EntryKind.CONFIG)
+            lo = chunk[-1].index + 1
 
     def __repr__(self) -> str:
         return (
@@ -152,6 +164,10 @@ class RaftLog:
             return self.last_index()
         after = entries[0].index - 1
         assert after >= self.committed, f"append after {after} would rewrite committed entries"
+        confs = self.confs
+        while confs and confs[-1].index > after:
+            confs.pop()  # truncated: the configuration before it stays in force
+        confs.extend(e for e in entries if e.kind == EntryKind.CONFIG)
         self.unstable.truncate_and_append(entries)
         return self.last_index()
 
@@ -274,6 +290,7 @@ class RaftLog:
 
     def restore(self, snapshot: Snapshot) -> None:
         self.committed = snapshot.meta.index
+        self.confs = []  # the snapshot's configuration replaces them
         self.unstable.restore(snapshot)
 
     def stable_to(self, index: int, term: int) -> None:

@@ -56,6 +56,13 @@ class StorageReader(Protocol):
         """The membership in force at the last applied configuration (or snapshot)."""
         ...
 
+    def conf_index(self) -> int:
+        """The log index up to which ``conf_state`` includes every committed CONFIG entry
+        (stored with it from ``Ready.conf_index``). The core looks for CONFIG entries only
+        after it, so a driver that never stored one answers with the stored commit index
+        (no CONFIG entry below it was ever committed) or 0."""
+        ...
+
     def first_index(self) -> int:
         """The first index still held (compaction point + 1)."""
         ...
@@ -113,11 +120,12 @@ class MemoryStorage:
     ``_ents[i - offset]`` is the entry at index ``i`` with ``offset = _ents[0].index``.
     """
 
-    __slots__ = ("_conf", "_ents", "_hard_state", "_snapshot")
+    __slots__ = ("_conf", "_conf_index", "_ents", "_hard_state", "_snapshot")
 
     def __init__(self, conf: ConfState | None = None) -> None:
         self._hard_state: HardState = EMPTY_HARD_STATE
         self._conf: ConfState = conf if conf is not None else ConfState()
+        self._conf_index = 0
         self._snapshot: Snapshot = EMPTY_SNAPSHOT
         self._ents: list[Entry] = [Entry(term=0, index=0)]
 
@@ -128,6 +136,9 @@ class MemoryStorage:
 
     def conf_state(self) -> ConfState:
         return self._conf
+
+    def conf_index(self) -> int:
+        return self._conf_index
 
     def first_index(self) -> int:
         return self._ents[0].index + 1
@@ -169,9 +180,12 @@ class MemoryStorage:
     def set_hard_state(self, hard_state: HardState) -> None:
         self._hard_state = hard_state
 
-    def set_conf_state(self, conf: ConfState) -> None:
-        """Records the membership once a configuration change is applied."""
+    def set_conf_state(self, conf: ConfState, index: int | None = None) -> None:
+        """Records the membership once a configuration change is applied (``Ready.conf_state``
+        with ``Ready.conf_index``)."""
         self._conf = conf
+        if index is not None:
+            self._conf_index = index
 
     def append(self, entries: list[Entry] | tuple[Entry, ...]) -> None:
         if not entries:
@@ -221,4 +235,5 @@ class MemoryStorage:
             raise SnapshotOutOfDate(f"snapshot at {meta.index} is not newer than the stored one")
         self._snapshot = snapshot
         self._conf = meta.conf
+        self._conf_index = meta.index
         self._ents = [Entry(term=meta.term, index=meta.index)]

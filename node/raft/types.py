@@ -13,6 +13,7 @@ ever added (with defaults), never renamed or removed.
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass
 
 #: "No node": no vote cast, no leader known, no transfer target.
@@ -28,7 +29,8 @@ class EntryKind(enum.IntEnum):
 
     #: An opaque application payload (a record batch, a controller command).
     NORMAL = 0
-    #: A membership change (later issue); its payload is the encoded change.
+    #: A membership change; its payload is the encoded ``ConfChange`` (the driver may wrap
+    #: it, then it gives the core its own decoder: ``RawNode(conf_decoder=...)``).
     CONFIG = 1
     #: The entry a new leader appends at the start of its term. Committing it by counting
     #: commits every earlier entry (Raft §5.4.2); the application skips it when applying.
@@ -90,6 +92,115 @@ class ConfState:
 
     def is_voter(self, node_id: int) -> bool:
         return node_id in self.voters or node_id in self.voters_outgoing
+
+
+class ConfChangeKind(enum.IntEnum):
+    """One membership change at a time (``core.py`` explains the choice)."""
+
+    #: A node that is not a member becomes a learner (gets the log, no vote).
+    ADD_LEARNER = 1
+    #: A learner becomes a voter.
+    PROMOTE = 2
+    #: A voter or a learner leaves the group.
+    REMOVE = 3
+    #: Replace the voters outright (``RawNode.force_configuration``, never proposed: it is
+    #: recorded so that an operator's unsafe recovery shows in the same history).
+    FORCE = 4
+
+
+#: version, kind, node id, voter count, learner count; then the ids (all big-endian).
+_CONF_CHANGE_HEAD = struct.Struct(">BBIHH")
+_CONF_CHANGE_VERSION = 1
+_NODE_ID = struct.Struct(">I")
+#: A group never has more members than this (a bound for strict decoding).
+CONF_MEMBERS_MAX = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ConfChange:
+    """A membership change and the configuration it leads to.
+
+    The resulting ``voters`` and ``learners`` travel with the change, so applying it is
+    "take this configuration" on every replica whatever it believed before (a replica that
+    replays the log from its start, or from a stale configuration, ends where the leader did);
+    the leader checked at proposal time that the result is ``kind`` applied to its own
+    configuration (:func:`apply_change`)."""
+
+    kind: ConfChangeKind
+    node_id: int
+    voters: frozenset[int]
+    learners: frozenset[int]
+
+    @property
+    def conf(self) -> ConfState:
+        return ConfState(self.voters, self.learners)
+
+    def encode(self) -> bytes:
+        voters = sorted(self.voters)
+        learners = sorted(self.learners)
+        head = _CONF_CHANGE_HEAD.pack(
+            _CONF_CHANGE_VERSION, self.kind, self.node_id, len(voters), len(learners)
+        )
+        return head + b"".join(_NODE_ID.pack(n) for n in (*voters, *learners))
+
+    @classmethod
+    def decode(cls, data: bytes) -> ConfChange:
+        """Strict: ValueError for anything but exactly one valid change of this version."""
+        if len(data) < _CONF_CHANGE_HEAD.size:
+            raise ValueError(f"conf change of {len(data)} bytes")
+        version, kind, node, nv, nl = _CONF_CHANGE_HEAD.unpack_from(data)
+        if version != _CONF_CHANGE_VERSION:
+            raise ValueError(f"conf change of version {version}")
+        try:
+            k = ConfChangeKind(kind)
+        except ValueError:
+            raise ValueError(f"conf change of unknown kind {kind}") from None
+        if nv + nl > CONF_MEMBERS_MAX or nv == 0:
+            raise ValueError(f"conf change with {nv} voters and {nl} learners")
+        if len(data) != _CONF_CHANGE_HEAD.size + _NODE_ID.size * (nv + nl):
+            raise ValueError(f"conf change of {len(data)} bytes for {nv + nl} members")
+        ids = [
+            _NODE_ID.unpack_from(data, _CONF_CHANGE_HEAD.size + _NODE_ID.size * i)[0]
+            for i in range(nv + nl)
+        ]
+        voters, learners = frozenset(ids[:nv]), frozenset(ids[nv:])
+        if len(voters) != nv or len(learners) != nl or voters & learners or NONE in ids:
+            raise ValueError("conf change with repeated, shared or zero node ids")
+        if k != ConfChangeKind.FORCE and node == NONE:
+            raise ValueError("conf change of node 0")
+        return cls(k, node, voters, learners)
+
+
+def apply_change(conf: ConfState, kind: ConfChangeKind, node_id: int) -> ConfChange:
+    """The change ``kind`` of ``node_id`` on ``conf`` (a simple configuration), or
+    ValueError when it makes no sense there (adding a member, promoting a non-learner,
+    removing a non-member or the last voter)."""
+    if conf.voters_outgoing:
+        raise ValueError("joint configurations are not used")
+    if node_id == NONE:
+        raise ValueError("node id 0 is reserved")
+    voters, learners = conf.voters, conf.learners
+    if kind == ConfChangeKind.ADD_LEARNER:
+        if node_id in conf.members:
+            raise ValueError(f"node {node_id} is already a member")
+        learners = learners | {node_id}
+    elif kind == ConfChangeKind.PROMOTE:
+        if node_id not in learners:
+            raise ValueError(f"node {node_id} is not a learner")
+        learners = learners - {node_id}
+        voters = voters | {node_id}
+    elif kind == ConfChangeKind.REMOVE:
+        if node_id not in conf.members:
+            raise ValueError(f"node {node_id} is not a member")
+        if voters == {node_id}:
+            raise ValueError(f"node {node_id} is the last voter")
+        voters = voters - {node_id}
+        learners = learners - {node_id}
+    else:
+        raise ValueError(f"{kind.name} is not proposed")
+    if len(voters) + len(learners) > CONF_MEMBERS_MAX:
+        raise ValueError(f"more than {CONF_MEMBERS_MAX} members")
+    return ConfChange(kind, node_id, voters, learners)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +325,10 @@ class Ready:
     5. Call ``advance(ready)`` with this same object.
 
     ``soft_state`` is set when the leader or role changed (for metrics and routing).
+    ``conf_state`` is set when the configuration in force changed through the log (a
+    committed CONFIG entry, an installed snapshot, a forced configuration): the driver stores
+    it with ``conf_index`` (the log index it is in force from) in the same write as
+    ``hard_state``, so that a restart finds it again (``StorageReader.conf_index``).
     """
 
     hard_state: HardState | None = None
@@ -224,11 +339,14 @@ class Ready:
     snapshot: Snapshot | None = None
     read_states: tuple[ReadState, ...] = ()
     soft_state: SoftState | None = None
+    conf_state: ConfState | None = None
+    conf_index: int = 0
 
     @property
     def is_empty(self) -> bool:
         return (
-            self.hard_state is None
+            self.conf_state is None
+            and self.hard_state is None
             and not self.entries
             and not self.committed
             and not self.messages
@@ -239,10 +357,13 @@ class Ready:
 
 
 __all__ = [
+    "CONF_MEMBERS_MAX",
     "EMPTY_HARD_STATE",
     "EMPTY_SNAPSHOT",
     "ENTRY_OVERHEAD_BYTES",
     "NONE",
+    "ConfChange",
+    "ConfChangeKind",
     "ConfState",
     "Entry",
     "EntryKind",
@@ -255,4 +376,5 @@ __all__ = [
     "Snapshot",
     "SnapshotMeta",
     "SoftState",
+    "apply_change",
 ]

@@ -1,4 +1,4 @@
-"""A 20-round ``tidelog chaos`` run on a 3-node local cluster: every round SIGKILLs a
+"""A 12-round ``tidelog chaos`` run on a 3-node local cluster: every round SIGKILLs a
 partition leader under an acks=all load from the default (idempotent, 5 in flight) producer
 and restarts it; no acknowledged record may be lost, reordered or overwritten, and no record
 stored twice. ``TIDELOG_CHAOS_ROUNDS=100`` runs the issue's 100 rounds. A short run with
@@ -18,12 +18,13 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
+from tests.support import free_port
 from tidelog.ops import localcluster
 from tidelog.ops.cli_cluster import register
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.slow]
 
-ROUNDS = int(os.environ.get("TIDELOG_CHAOS_ROUNDS", "20"))
+ROUNDS = int(os.environ.get("TIDELOG_CHAOS_ROUNDS", "12"))
 #: Rounds of the run without idempotence: enough for a retry or two, not a figure.
 ROUNDS_NOT_IDEMPOTENT = 3
 #: A light load: the cluster, the tester and other work share 2 cores.

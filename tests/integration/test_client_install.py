@@ -58,11 +58,33 @@ def run(*argv: str | Path, cwd: Path | None = None) -> subprocess.CompletedProce
     return result
 
 
-def test_client_alone_in_a_fresh_venv(tmp_path: Path) -> None:
+LOWEST = ROOT / ".ci" / "client-lowest.txt"
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[name.lower()] = version
+    return pins
+
+
+@pytest.mark.parametrize("versions", ["newest", "lowest"])
+def test_client_alone_in_a_fresh_venv(tmp_path: Path, versions: str) -> None:
+    """Both ends of the client's dependency ranges: the newest versions pip picks, and the
+    lowest the ranges allow (.ci/client-lowest.txt as constraints)."""
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", venv)
     py = venv / "bin" / "python"
-    run(py, "-m", "pip", "install", "--quiet", ROOT)
+    constraints = ["-c", str(LOWEST)] if versions == "lowest" else []
+    run(py, "-m", "pip", "install", "--quiet", *constraints, ROOT)
+    if versions == "lowest":
+        frozen = run(py, "-m", "pip", "freeze").stdout.lower().splitlines()
+        installed = dict(line.partition("==")[::2] for line in frozen if "==" in line)
+        for name, version in _pins(LOWEST).items():
+            assert installed.get(name) == version, (name, installed.get(name), version)
     # Nothing of the node came with it.
     probe = f"import importlib.util as u; print([m for m in {NODE_ONLY!r} if u.find_spec(m)])"
     assert run(py, "-c", probe, cwd=tmp_path).stdout.strip() == "[]"

@@ -75,6 +75,14 @@ async def cluster(procs: dict[int, Node]) -> AsyncIterator[Cluster]:
     assert md is not None
     if TOPIC not in {t.name for t in md.topics}:
         admin = admin_pb2_grpc.AdminStub(c.channel(1))
+        # These tests compare terms and leaders before and after forged messages: the
+        # controller's balancing must not move leaders meanwhile.
+        await admin.SetClusterConfig(
+            admin_pb2.SetClusterConfigRequest(
+                set={"leader.balance.enable": "false", "replica.balance.enable": "false"}
+            ),
+            timeout=30,
+        )
         await admin.CreateTopics(
             admin_pb2.CreateTopicsRequest(
                 topics=[

@@ -5,6 +5,8 @@
     .venv/bin/python -m tests.sim --seed 123 -v            # one seed, every event traced
     .venv/bin/python -m tests.sim --regressions            # every seed that once failed
     .venv/bin/python -m tests.sim --steady                 # messages per committed entry
+    .venv/bin/python -m tests.sim --membership --seeds 500 # with membership changes
+    .venv/bin/python -m tests.sim --seeds 10000 --processes 2  # in two worker processes
 
 Each failing seed prints one line, ``reproduce: ... --seed S  # invariant: detail``; the exit
 status is 1 if any seed failed. ``--record`` appends failing seeds to ``regressions.txt``.
@@ -25,7 +27,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .runner import load_regressions, record_regression, run_many
+from .runner import MEMBERSHIP_REGRESSIONS_PATH, load_regressions, record_regression, run_many
 from .sim import RunResult, run_seed
 from .steady import measure_steady_state
 
@@ -39,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", action="store_true", help="append failures to regressions")
     parser.add_argument("-v", "--verbose", action="store_true", help="trace every event")
     parser.add_argument("--steady", action="store_true", help="measure messages per entry")
+    parser.add_argument(
+        "--membership", action="store_true", help="the profile with membership changes"
+    )
+    parser.add_argument("--processes", type=int, default=1, help="worker processes (default 1)")
     args = parser.parse_args(argv)
     console = Console()
 
@@ -48,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.seed is not None:
-        result = run_seed(args.seed, trace=print if args.verbose else None)
+        result = run_seed(
+            args.seed, trace=print if args.verbose else None, membership=args.membership
+        )
         if args.verbose:
             print(result.options.describe())
         if result.ok:
@@ -63,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             record_regression(result)
         return 1
 
-    seeds = load_regressions() if args.regressions else range(args.start, args.start + args.seeds)
+    regressions = (
+        load_regressions(MEMBERSHIP_REGRESSIONS_PATH) if args.membership else load_regressions()
+    )
+    seeds = regressions if args.regressions else range(args.start, args.start + args.seeds)
     seeds = list(seeds)
     columns = (
         TextColumn("[bold]sim"),
@@ -86,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                     record_regression(result)
             progress.update(task, advance=1, failed=failed)
 
-        summary = run_many(seeds, on_result)
+        summary = run_many(seeds, on_result, membership=args.membership, processes=args.processes)
     for line in summary.lines():
         print(line)
     return 1 if summary.failures else 0

@@ -22,6 +22,22 @@ Invariants (the name a violation reports):
   promises is on its durable disk (the Ready contract, seen from the outside).
 - ``read-linearizability``: a read index is never below an index acknowledged to a client
   before the read was requested.
+
+Membership changes (the membership profile, ``sim.py``) add, with every configuration each
+node believes in recorded at each step it changes (``Checker.conf_history``):
+
+- ``election-safety`` and ``leader-completeness`` above hold across configurations: at most
+  one leader per term whatever configuration each node believed it was elected in, and
+  every committed entry is in every later leader. Two disjoint majorities of different
+  configurations would break one or the other: two leaders of one term, or a leader elected
+  by a majority that holds none of what the other majority committed.
+- ``commit-quorum``: when a leader's commit index moves to ``i``, a majority of the voters
+  of the configuration it believes in hold entry ``i`` (durably, the leader's own copy
+  aside), so a commit is never counted on a configuration's say-so alone.
+- ``conf-committed``: the configuration a node believes in is a committed one (it comes
+  from a committed CONFIG entry, with exactly that entry's configuration, or from a
+  snapshot of committed state, or is the initial one).
+- ``one-change-in-flight``: in any log, every CONFIG entry but the last is committed.
 """
 
 from __future__ import annotations
@@ -33,7 +49,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tidelog.node.raft.storage import StorageReader
-from tidelog.node.raft.types import Entry, EntryKind, Message, MessageKind, Role
+from tidelog.node.raft.types import (
+    ConfChange,
+    ConfState,
+    Entry,
+    EntryKind,
+    Message,
+    MessageKind,
+    Role,
+)
 
 #: The chain hash of the empty log (index 0).
 GENESIS_HASH = 0
@@ -64,7 +88,7 @@ class LogShadow:
     ``hashes[k]`` are those of index ``base_index + 1 + k``.
     """
 
-    __slots__ = ("base_hash", "base_index", "base_term", "commit", "hashes", "terms")
+    __slots__ = ("base_hash", "base_index", "base_term", "commit", "confs", "hashes", "terms")
 
     def __init__(
         self, base_index: int = 0, base_term: int = 0, base_hash: int = GENESIS_HASH
@@ -76,6 +100,8 @@ class LogShadow:
         self.hashes: list[int] = []
         #: The commit index of the last hard state written.
         self.commit = 0
+        #: Indexes of the CONFIG entries in the log (above the compaction point).
+        self.confs: list[int] = []
 
     @property
     def last_index(self) -> int:
@@ -120,12 +146,15 @@ class Checker:
         "_commit_max_by_term",
         "_commit_term",
         "_committed",
+        "_conf_entries",
         "_entry_term",
         "_leaders",
         "_payload_index",
         "_sm_digests",
         "acked_max_index",
         "acks",
+        "conf_history",
+        "confs",
     )
 
     def __init__(self) -> None:
@@ -148,6 +177,12 @@ class Checker:
         self._payload_index: dict[bytes, int] = {}
         self.acks: list[Ack] = []
         self.acked_max_index = 0
+        #: (index, term) -> the configuration of each CONFIG entry any node wrote.
+        self._conf_entries: dict[tuple[int, int], ConfState] = {}
+        #: node -> (index in force from, configuration) it believes in now.
+        self.confs: dict[int, tuple[int, ConfState]] = {}
+        #: Every change of belief: (time, node, index, configuration).
+        self.conf_history: list[tuple[int, int, int, ConfState]] = []
 
     # ---- elections ---------------------------------------------------------------------
 
@@ -241,6 +276,8 @@ class Checker:
         cut = first - log.base_index - 1
         del log.terms[cut:]
         del log.hashes[cut:]
+        while log.confs and log.confs[-1] >= first:
+            log.confs.pop()
         prev = log.hash_at(first - 1)
         assert prev is not None
         chains = self._chains
@@ -256,6 +293,9 @@ class Checker:
             log.terms.append(e.term)
             log.hashes.append(h)
             prev = h
+            if e.kind == EntryKind.CONFIG:
+                log.confs.append(e.index)
+                self._conf_entries.setdefault((e.index, e.term), ConfChange.decode(e.data).conf)
 
     def on_commit(self, node: int, log: LogShadow, commit: int, term: int) -> None:
         """Records the node's new commit index; the entries it newly covers must be the ones
@@ -328,6 +368,7 @@ class Checker:
         log.base_index, log.base_term, log.base_hash = index, term, h
         log.terms.clear()
         log.hashes.clear()
+        log.confs.clear()
 
     def on_compact(self, log: LogShadow, index: int) -> None:
         k = index - log.base_index
@@ -338,6 +379,7 @@ class Checker:
         log.base_index = index
         del log.terms[:k]
         del log.hashes[:k]
+        log.confs = [c for c in log.confs if c > index]
 
     def on_restart(
         self,
@@ -468,4 +510,53 @@ class Checker:
                 "read-linearizability",
                 f"node {node} served read index {read_index} although index {acked_before} was "
                 "acknowledged before the read began",
+            )
+
+    # ---- membership ----------------------------------------------------------------------
+
+    def beliefs(self) -> str:
+        """What each node believes its group is, for a violation's detail."""
+        return " ".join(
+            f"n{n}:{sorted(c.voters)}+{sorted(c.learners)}@{i}"
+            for n, (i, c) in sorted(self.confs.items())
+        )
+
+    def on_conf(self, now: int, node: int, index: int, conf: ConfState, log: LogShadow) -> None:
+        """The configuration ``node`` believes in (after a change, a snapshot or a restart)."""
+        if self.confs.get(node) != (index, conf):
+            self.confs[node] = (index, conf)
+            self.conf_history.append((now, node, index, conf))
+        if index == 0:
+            return
+        if index not in self._committed:
+            raise InvariantViolation(
+                "conf-committed",
+                f"node {node} believes in the configuration of index {index}, which is not "
+                f"committed ({self.beliefs()})",
+            )
+        expected = self._conf_entries.get((index, self._entry_term[index]))
+        if expected is not None and index > log.base_index and expected != conf:
+            raise InvariantViolation(
+                "conf-committed",
+                f"node {node} believes in {conf} at index {index}, whose entry says {expected}",
+            )
+
+    def check_in_flight(self, node: int, log: LogShadow) -> None:
+        for c in log.confs[:-1]:
+            if c > log.base_index and c not in self._committed:
+                raise InvariantViolation(
+                    "one-change-in-flight",
+                    f"node {node} holds CONFIG entries at {log.confs} but {c} is not committed",
+                )
+
+    def on_leader_commit(
+        self, node: int, term: int, conf: ConfState, index: int, holders: set[int]
+    ) -> None:
+        voters = conf.voters
+        if len(holders & voters) * 2 <= len(voters):
+            raise InvariantViolation(
+                "commit-quorum",
+                f"leader {node} of term {term} committed index {index} held by "
+                f"{sorted(holders)} only, not a majority of its voters {sorted(voters)} "
+                f"({self.beliefs()})",
             )

@@ -13,7 +13,7 @@ from typing import Protocol
 from tidelog.node.raft.core import RawNode
 from tidelog.node.raft.limits import Config
 from tidelog.node.raft.storage import MemoryStorage
-from tidelog.node.raft.types import Message, Ready, Role
+from tidelog.node.raft.types import ConfChangeKind, ConfState, Message, Ready, Role
 
 from .options import SimOptions
 
@@ -55,6 +55,18 @@ def log_first_index(core: Core) -> int:
     """The first index the core's log still holds (its compaction point + 1)."""
     assert isinstance(core, RawNode)
     return core.first_index()
+
+
+def conf_of(core: Core) -> tuple[int, ConfState]:
+    """The configuration the core believes in and the index it is in force from."""
+    assert isinstance(core, RawNode)
+    return core.conf_index, core.conf_state
+
+
+def propose_conf_change(core: Core, kind: ConfChangeKind, node_id: int) -> int:
+    """A membership change on the leader (raises like ``RawNode.propose_conf_change``)."""
+    assert isinstance(core, RawNode)
+    return core.propose_conf_change(kind, node_id)
 
 
 def config_for(opts: SimOptions) -> Config:

@@ -30,6 +30,14 @@ class _SetHardState:
 
 
 @dataclass(frozen=True, slots=True)
+class _SetConf:
+    """The configuration in force and the index it is in force from (``Ready.conf_state``)."""
+
+    conf: ConfState
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
 class _InstallSnapshot:
     snapshot: Snapshot
 
@@ -42,7 +50,7 @@ class _Compact:
     data: bytes
 
 
-_Op = _Append | _SetHardState | _InstallSnapshot | _Compact
+_Op = _Append | _SetHardState | _SetConf | _InstallSnapshot | _Compact
 
 
 def _apply(storage: MemoryStorage, op: _Op) -> None:
@@ -50,6 +58,8 @@ def _apply(storage: MemoryStorage, op: _Op) -> None:
         storage.append(op.entries)
     elif isinstance(op, _SetHardState):
         storage.set_hard_state(op.hard_state)
+    elif isinstance(op, _SetConf):
+        storage.set_conf_state(op.conf, op.index)
     elif isinstance(op, _InstallSnapshot):
         storage.apply_snapshot(op.snapshot)
     else:
@@ -67,6 +77,7 @@ def copy_storage(src: MemoryStorage, conf: ConfState) -> MemoryStorage:
     if last >= first:
         dst.append(src.entries(first, last + 1, NO_LIMIT_BYTES))
     dst.set_hard_state(src.hard_state())
+    dst.set_conf_state(src.conf_state(), src.conf_index())
     return dst
 
 
@@ -107,6 +118,9 @@ class SimDisk:
 
     def set_hard_state(self, hard_state: HardState) -> None:
         self._write(_SetHardState(hard_state))
+
+    def set_conf(self, conf: ConfState, index: int) -> None:
+        self._write(_SetConf(conf, index))
 
     def compact(self, index: int, data: bytes) -> None:
         """Snapshots the state machine at ``index`` and drops the log up to it; the snapshot

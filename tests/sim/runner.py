@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -10,6 +11,8 @@ from pathlib import Path
 from .sim import RunResult, run_seed
 
 REGRESSIONS_PATH = Path(__file__).with_name("regressions.txt")
+#: The seeds of the membership profile that once failed.
+MEMBERSHIP_REGRESSIONS_PATH = Path(__file__).with_name("regressions_membership.txt")
 
 
 def load_regressions(path: Path = REGRESSIONS_PATH) -> list[int]:
@@ -24,8 +27,10 @@ def load_regressions(path: Path = REGRESSIONS_PATH) -> list[int]:
     return seeds
 
 
-def record_regression(result: RunResult, path: Path = REGRESSIONS_PATH) -> bool:
+def record_regression(result: RunResult, path: Path | None = None) -> bool:
     """Appends a failing seed (with its invariant as a comment) unless already listed."""
+    if path is None:
+        path = MEMBERSHIP_REGRESSIONS_PATH if result.membership else REGRESSIONS_PATH
     if result.seed in load_regressions(path):
         return False
     with path.open("a") as f:
@@ -47,6 +52,7 @@ class Summary:
     proposals: int = 0
     acks: int = 0
     snapshots_installed: int = 0
+    conf_changes: int = 0
     liveness_ticks_max: int = 0
 
     def add(self, r: RunResult) -> None:
@@ -61,6 +67,7 @@ class Summary:
         self.proposals += s.proposals
         self.acks += s.acks
         self.snapshots_installed += s.snapshots_installed
+        self.conf_changes += s.conf_changes
         if r.ok:
             self.liveness_ticks_max = max(self.liveness_ticks_max, s.liveness_ticks)
         else:
@@ -68,24 +75,50 @@ class Summary:
 
     def lines(self) -> list[str]:
         per_seed_ms = 1000 * self.wall_s / max(1, self.seeds)
+        rate = self.seeds / self.wall_s if self.wall_s else 0.0
         return [
-            f"seeds run: {self.seeds}  wall time: {self.wall_s:.1f} s ({per_seed_ms:.0f} ms/seed)"
-            f"  failures: {len(self.failures)}",
+            f"seeds run: {self.seeds}  wall time: {self.wall_s:.1f} s ({per_seed_ms:.0f} ms/seed, "
+            f"{rate:.1f} seeds/s)  failures: {len(self.failures)}",
             f"events: {self.events}  node ticks: {self.ticks}  elections: {self.elections}"
             f"  crashes: {self.crashes}  partitions: {self.partitions}"
-            f"  transfers: {self.transfers}  snapshots installed: {self.snapshots_installed}",
+            f"  transfers: {self.transfers}  snapshots installed: {self.snapshots_installed}"
+            f"  membership changes: {self.conf_changes}",
             f"proposals: {self.proposals}  acknowledged: {self.acks}"
             f"  slowest liveness recovery: {self.liveness_ticks_max} ticks",
         ]
 
 
-def run_many(seeds: Iterable[int], on_result: Callable[[RunResult], None] | None = None) -> Summary:
+def _run_membership(seed: int) -> RunResult:
+    return run_seed(seed, membership=True)
+
+
+def _run_plain(seed: int) -> RunResult:
+    return run_seed(seed)
+
+
+def run_many(
+    seeds: Iterable[int],
+    on_result: Callable[[RunResult], None] | None = None,
+    *,
+    membership: bool = False,
+    processes: int = 1,
+) -> Summary:
+    """Run ``seeds`` (in ``processes`` worker processes when above 1: each seed is
+    deterministic on its own, so the results do not depend on it)."""
     summary = Summary()
     start = time.perf_counter()
-    for seed in seeds:
-        result = run_seed(seed)
-        summary.add(result)
-        if on_result is not None:
-            on_result(result)
+    run = _run_membership if membership else _run_plain
+    results: Iterable[RunResult]
+    pool = multiprocessing.Pool(processes) if processes > 1 else None
+    results = map(run, seeds) if pool is None else pool.imap(run, seeds, chunksize=16)
+    try:
+        for result in results:
+            summary.add(result)
+            if on_result is not None:
+                on_result(result)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     summary.wall_s = time.perf_counter() - start
     return summary

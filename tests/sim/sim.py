@@ -11,12 +11,21 @@ A run has two phases:
 2. Liveness: every fault healed and every node up; the cluster must elect a leader, commit a
    fresh proposal and have every node apply it within a bound, else the run fails.
 
+The membership profile (``run_seed(seed, membership=True)``, ``--membership``) adds one or
+two spare nodes (new, empty replicas that know they are not voters) and, interleaved with
+every other fault, random membership changes on the leader: add a learner (a spare, or a
+node removed earlier, with its old log), promote a learner, remove a voter (the leader
+included) or a learner. Its options come from a generator of their own, so the seeds of the
+plain profile run exactly as before. Liveness then concerns the members of the leader's
+configuration.
+
 Every random choice comes from ``random.Random(seed)`` (via child generators drawn from it in
 a fixed order), so a seed reproduces its run exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import random
 import struct
@@ -25,10 +34,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tidelog.node.raft.core import RawNode
-from tidelog.node.raft.errors import ProposalDropped
+from tidelog.node.raft.errors import NotRaftLeader, ProposalDropped
 from tidelog.node.raft.guard import refusal
 from tidelog.node.raft.storage import NO_LIMIT_BYTES
 from tidelog.node.raft.types import (
+    ConfChangeKind,
     ConfState,
     EntryKind,
     Message,
@@ -72,6 +82,19 @@ _READ = 10
 _PAUSE = 11
 _RESUME = 12
 _READY = 13
+_MEMBERSHIP = 14
+
+#: The membership profile: mean ticks between two membership changes, drawn per seed.
+MEMBERSHIP_EVERY_TICKS = (8, 15, 30)
+#: The membership profile's safety phase lasts at most this many ticks.
+MEMBERSHIP_SAFETY_TICKS_MAX = 400
+#: At most this many voters (promotions stop there).
+MEMBERSHIP_VOTERS_MAX = 6
+#: At least this many (removals stop there): a one-voter group commits its own writes before
+#: they are synced (``RawNode._append_entries``; nothing is applied or acknowledged before the
+#: sync), which the checker, recording commits when the hard state is written, would take for
+#: lost committed entries after a crash.
+MEMBERSHIP_VOTERS_MIN = 2
 
 _SNAPSHOT_DATA = struct.Struct(">QQ")
 
@@ -137,6 +160,10 @@ class SimNode:
     paused: bool = False
     #: A ready() is scheduled for the end of the loop iteration (``ready_delay_units``).
     ready_scheduled: bool = False
+    #: The commit index when it last became leader (commits above it are its own counting).
+    lead_commit: int = 0
+    #: The configuration the core believed in at the previous observation.
+    conf_seen: ConfState | None = None
 
     @property
     def up(self) -> bool:
@@ -164,6 +191,7 @@ class RunStats:
     acks: int = 0
     elections: int = 0
     snapshots_installed: int = 0
+    conf_changes: int = 0
     messages_sent: int = 0
     #: Messages raft/guard.py refused before the core (as node/multiraft.py does).
     messages_refused: int = 0
@@ -178,10 +206,12 @@ class RunResult:
     detail: str
     stats: RunStats
     options: SimOptions
+    membership: bool = False
 
     @property
     def reproduce(self) -> str:
-        return f"reproduce: .venv/bin/python -m tests.sim --seed {self.seed}"
+        flag = " --membership" if self.membership else ""
+        return f"reproduce: .venv/bin/python -m tests.sim{flag} --seed {self.seed}"
 
     def line(self) -> str:
         """The one line a failing seed prints."""
@@ -192,13 +222,28 @@ class Simulation:
     """One seed's run. ``run()`` never raises for a violation: it returns the result."""
 
     def __init__(
-        self, seed: int, trace: Trace | None = None, opts: SimOptions | None = None
+        self,
+        seed: int,
+        trace: Trace | None = None,
+        opts: SimOptions | None = None,
+        *,
+        membership: bool = False,
     ) -> None:
         self.seed = seed
         rng = random.Random(seed)
         drawn = SimOptions.draw(rng)
         #: ``opts`` overrides the drawn options (the steady-state measurement uses it); the
         #: draw still happens so the child generators stay the same.
+        if opts is None and membership:
+            # A shorter safety phase, so that a few hundred seeds fit CI's budget. And leader
+            # stickiness (pre-vote or check-quorum, as the node always runs): without it a
+            # removed server that never learns of its removal disrupts the group with ever
+            # higher terms for good (thesis 4.2.3; seed 7000).
+            drawn = dataclasses.replace(
+                drawn,
+                safety_ticks=min(drawn.safety_ticks, MEMBERSHIP_SAFETY_TICKS_MAX),
+                pre_vote=drawn.pre_vote or not drawn.check_quorum,
+            )
         self.opts = opts if opts is not None else drawn
         # Child generators in a fixed order: faults, network, disk, clients, then one per node.
         self._fault_rng = random.Random(rng.getrandbits(64))
@@ -221,6 +266,27 @@ class Simulation:
                 rng=random.Random(rng.getrandbits(64)),
                 tick_period_units=period,
             )
+        self._membership = membership
+        self.membership_every_ticks = 0
+        self._member_rng = random.Random(0)
+        if membership:
+            # A generator of its own: the plain profile's draws stay as they were.
+            mrng = random.Random(f"membership-{seed}")
+            self._member_rng = random.Random(mrng.getrandbits(64))
+            self.membership_every_ticks = mrng.choice(MEMBERSHIP_EVERY_TICKS)
+            first = max(self.nodes) + 1
+            for nid in range(first, first + mrng.randint(1, 2)):
+                # A new replica: it knows the group and that it is no voter of it.
+                conf = ConfState(self.conf.voters, self.conf.learners | {nid})
+                period = TICK_UNITS + mrng.randint(-TICK_SKEW_UNITS_MAX, TICK_SKEW_UNITS_MAX)
+                self.nodes[nid] = SimNode(
+                    id=nid,
+                    learner=True,
+                    disk=SimDisk(conf),
+                    rng=random.Random(mrng.getrandbits(64)),
+                    tick_period_units=period,
+                )
+            self.voter_ids = sorted(self.nodes)  # clients may reach any node
         self.clients = [
             Client(id=c, guess=self._client_rng.choice(voters)) for c in range(opts.clients)
         ]
@@ -260,12 +326,16 @@ class Simulation:
             self._run()
         except InvariantViolation as v:
             self._log(f"VIOLATION {v.invariant}: {v.detail}")
-            return RunResult(self.seed, False, v.invariant, v.detail, self.stats, self.opts)
+            return RunResult(
+                self.seed, False, v.invariant, v.detail, self.stats, self.opts, self._membership
+            )
         except Exception as e:  # the core (or the driver) crashed: also a failing seed
             detail = f"{type(e).__name__}: {e} at {_where(e)}"
             self._log(f"EXCEPTION {detail}")
-            return RunResult(self.seed, False, "exception", detail, self.stats, self.opts)
-        return RunResult(self.seed, True, "", "", self.stats, self.opts)
+            return RunResult(
+                self.seed, False, "exception", detail, self.stats, self.opts, self._membership
+            )
+        return RunResult(self.seed, True, "", "", self.stats, self.opts, self._membership)
 
     def _run(self) -> None:
         opts = self.opts
@@ -281,6 +351,8 @@ class Simulation:
             self._at(self._mean_gap(opts.pause_every_ticks), _PAUSE)
         if opts.read_every_units:
             self._at(self._client_rng.randint(1, opts.read_every_units), _READ)
+        if self.membership_every_ticks:
+            self._at(self._member_gap(), _MEMBERSHIP)
         self._at(self.safety_end, _LIVENESS)
         self.run_until(None)
 
@@ -328,6 +400,8 @@ class Simulation:
                 self._on_resume(a, obj)
             elif kind == _READY:
                 self._on_ready(a, obj)
+            elif kind == _MEMBERSHIP:
+                self._on_membership()
             if self.in_liveness and self._liveness_done():
                 self.stats.liveness_ticks = (self.now - self.liveness_start) // TICK_UNITS
                 self._log(f"liveness reached after {self.stats.liveness_ticks} ticks")
@@ -363,6 +437,8 @@ class Simulation:
             node.applied, node.digest = applied, digest
         node.core = core_adapter.make_core(node.id, storage, self.opts, node.rng, node.applied)
         node.role, node.term = node.core.role, node.core.term
+        index, conf = core_adapter.conf_of(node.core)
+        self.checker.on_conf(self.now, node.id, index, conf, node.log)
         node.syncing = None
         node.inbox.clear()
         self._log(
@@ -482,7 +558,8 @@ class Simulation:
                 self._log(_describe(item))
             # The node's driver refuses what raft/guard.py refuses before the core sees it;
             # the simulation checks that this costs neither safety nor liveness.
-            if isinstance(core, RawNode) and refusal(core, item) is not None:
+            members_only = not self.membership_every_ticks
+            if isinstance(core, RawNode) and refusal(core, item, members_only=members_only):
                 self.stats.messages_refused += 1
                 return
             core.step(item)
@@ -551,6 +628,15 @@ class Simulation:
         if rd.hard_state is not None:
             checker.on_commit(node.id, log, rd.hard_state.commit, rd.hard_state.term)
             disk.set_hard_state(rd.hard_state)
+        if rd.conf_state is not None:
+            disk.set_conf(rd.conf_state, rd.conf_index)
+            checker.on_conf(self.now, node.id, rd.conf_index, rd.conf_state, log)
+            self._log(
+                f"n{node.id} configuration {sorted(rd.conf_state.voters)} learners "
+                f"{sorted(rd.conf_state.learners)} from index {rd.conf_index}"
+            )
+        if log.confs and any(e.kind == EntryKind.CONFIG for e in rd.entries):
+            checker.check_in_flight(node.id, log)
 
     def _install_snapshot(self, node: SimNode, snap: Snapshot) -> None:
         meta = snap.meta
@@ -614,15 +700,27 @@ class Simulation:
     # ---- stepping ----------------------------------------------------------------------
 
     def _observe(self, node: SimNode) -> None:
-        """Role and term checks after anything that may have changed them."""
+        """Role and term checks after anything that may have changed them (and, on a leader,
+        that what it newly committed is held by a majority of its configuration, as it was
+        before the step or is now)."""
         core = node.core
         if core is None:
             return
         role, term = core.role, core.term
+        if self.membership_every_ticks:
+            conf_before = node.conf_seen
+            node.conf_seen = core_adapter.conf_of(core)[1]
+            if role == Role.LEADER and node.role == Role.LEADER and term == node.term:
+                commit = core.commit_index
+                if commit > node.lead_commit:
+                    self._check_commit_quorum(node, commit, conf_before)
+                    node.lead_commit = commit
         if role == node.role and term == node.term:
             return
-        self.checker.on_role(node.id, role, term, node.learner)
+        _index, conf = core_adapter.conf_of(core)
+        self.checker.on_role(node.id, role, term, not conf.is_voter(node.id))
         if role == Role.LEADER:
+            node.lead_commit = core.commit_index
             self.stats.elections += 1
             self._log(
                 f"n{node.id} becomes LEADER of term {term} (last index {node.log.last_index})"
@@ -636,6 +734,24 @@ class Simulation:
         elif role != node.role:
             self._log(f"n{node.id} becomes {role.name} term {term}")
         node.role, node.term = role, term
+
+    def _check_commit_quorum(self, node: SimNode, commit: int, before: ConfState | None) -> None:
+        core = node.core
+        assert core is not None
+        term = core_adapter.log_term(core, commit)
+        holders = {node.id}
+        for other in self.nodes.values():
+            st = other.disk.durable
+            if commit < st.first_index():
+                holders.add(other.id)  # compacted: only committed entries are
+            elif commit <= st.last_index() and st.term(commit) == term:
+                holders.add(other.id)
+        _index, conf = core_adapter.conf_of(core)
+        if before is not None and before != conf:
+            voters = before.voters
+            if len(holders & voters) * 2 > len(voters):
+                return  # counted on the configuration before the step
+        self.checker.on_leader_commit(node.id, core.term, conf, commit, holders)
 
     def _on_tick(self, nid: int, incarnation: object) -> None:
         node = self.nodes[nid]
@@ -804,14 +920,67 @@ class Simulation:
         leader = self._leader()
         if leader is None or not self._takes_input(leader):
             return
-        target = rng.choice([v for v in self.voter_ids if v != leader.id])
         core = leader.core
         assert core is not None
+        voters = sorted(core_adapter.conf_of(core)[1].voters - {leader.id})
+        if not voters:
+            return
+        target = rng.choice(voters)
         self.stats.transfers += 1
         self._log(f"n{leader.id} TRANSFER leadership to n{target}")
         core.transfer_leadership(target)
         self._observe(leader)
         self._kick(leader)
+
+    # ---- membership changes ------------------------------------------------------------
+
+    def _member_gap(self) -> int:
+        every = self.membership_every_ticks * TICK_UNITS
+        return max(1, int(self._member_rng.expovariate(1.0 / every)))
+
+    def _on_membership(self) -> None:
+        """A random membership change on the leader: the core refuses what is not safe now
+        (a change in flight, no entry of its term committed yet), as in the node."""
+        if self.in_liveness:
+            return
+        rng = self._member_rng
+        self._at(self.now + self._member_gap(), _MEMBERSHIP)
+        leader = self._leader()
+        if leader is None or not self._takes_input(leader):
+            return
+        core = leader.core
+        assert core is not None
+        conf = core_adapter.conf_of(core)[1]
+        options: list[tuple[ConfChangeKind, int]] = []
+        options += [(ConfChangeKind.ADD_LEARNER, n) for n in self.nodes if n not in conf.members]
+        if len(conf.voters) < MEMBERSHIP_VOTERS_MAX:
+            options += [(ConfChangeKind.PROMOTE, n) for n in sorted(conf.learners)]
+        if len(conf.voters) > MEMBERSHIP_VOTERS_MIN:
+            options += [(ConfChangeKind.REMOVE, n) for n in sorted(conf.voters)]
+        options += [(ConfChangeKind.REMOVE, n) for n in sorted(conf.learners)]
+        if not options:
+            return
+        kind, nid = rng.choice(options)
+        try:
+            index = core_adapter.propose_conf_change(core, kind, nid)
+        except (ProposalDropped, NotRaftLeader, ValueError) as e:
+            self._log(f"n{leader.id} membership {kind.name} n{nid} refused: {e}")
+        else:
+            self.stats.conf_changes += 1
+            self._log(f"n{leader.id} proposes membership {kind.name} n{nid} at {index}")
+        self._observe(leader)
+        self._kick(leader)
+
+    def _members(self) -> list[SimNode]:
+        """The nodes liveness concerns: all of them, or (membership profile) the members of
+        the configuration of the latest leader."""
+        if not self.membership_every_ticks:
+            return list(self.nodes.values())
+        leader = self._leader()
+        if leader is None or leader.core is None:
+            return list(self.nodes.values())
+        conf = core_adapter.conf_of(leader.core)[1]
+        return [n for n in self.nodes.values() if n.id in conf.members]
 
     # ---- liveness ----------------------------------------------------------------------
 
@@ -837,7 +1006,7 @@ class Simulation:
         at one entry per round trip (the narrowest flow-control window moves one entry per
         round trip, and the bound must not turn slow configurations into failures)."""
         opts = self.opts
-        backlog = max(0, index - min(n.applied for n in self.nodes.values()))
+        backlog = max(0, index - min(n.applied for n in self._members()))
         per_entry = 2 * (opts.latency_units_max + opts.sync_units_max) + TICK_UNITS
         return LIVENESS_ELECTIONS_MAX * opts.election_ticks * TICK_UNITS + backlog * per_entry
 
@@ -845,7 +1014,7 @@ class Simulation:
         ack = self._liveness_ack
         if ack is None:
             return False
-        return all(n.up and n.applied >= ack.index for n in self.nodes.values())
+        return all(n.up and n.applied >= ack.index for n in self._members())
 
     def _liveness_failure(self) -> str:
         ack = self._liveness_ack
@@ -888,5 +1057,5 @@ def _where(e: BaseException) -> str:
     return f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} ({code.co_name})"
 
 
-def run_seed(seed: int, trace: Trace | None = None) -> RunResult:
-    return Simulation(seed, trace).run()
+def run_seed(seed: int, trace: Trace | None = None, *, membership: bool = False) -> RunResult:
+    return Simulation(seed, trace, membership=membership).run()

@@ -1,4 +1,6 @@
-"""CI entry point of the deterministic simulation: 300 seeds plus every regression seed.
+"""CI entry point of the deterministic simulation: 200 seeds plus every regression seed, and
+100 seeds of the membership profile plus its regression seeds (``python -m tests.sim`` runs
+thousands).
 
 Seeds run in chunks so a failure names its chunk, and each failure carries the one-line
 command that reproduces it (with ``-v`` for the event trace).
@@ -8,14 +10,16 @@ from __future__ import annotations
 
 import pytest
 
-from .runner import load_regressions, run_many
+from .runner import MEMBERSHIP_REGRESSIONS_PATH, load_regressions, run_many
 
-CI_SEEDS = 300
+CI_SEEDS = 200
 CHUNK_SEEDS = 50
+#: Membership-profile seeds: about a quarter of a second each, so about 25 s in all.
+MEMBERSHIP_CI_SEEDS = 100
 
 
-def _check(seeds: list[int]) -> None:
-    summary = run_many(seeds)
+def _check(seeds: list[int], *, membership: bool = False) -> None:
+    summary = run_many(seeds, membership=membership)
     assert summary.seeds == len(seeds)
     if summary.failures:
         lines = "\n".join(r.line() for r in summary.failures)
@@ -31,3 +35,14 @@ def test_seeds(first: int) -> None:
 @pytest.mark.timeout(240)
 def test_regression_seeds() -> None:
     _check(load_regressions())
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("first", range(0, MEMBERSHIP_CI_SEEDS, CHUNK_SEEDS))
+def test_membership_seeds(first: int) -> None:
+    _check(list(range(first, first + CHUNK_SEEDS)), membership=True)
+
+
+@pytest.mark.timeout(240)
+def test_membership_regression_seeds() -> None:
+    _check(load_regressions(MEMBERSHIP_REGRESSIONS_PATH), membership=True)

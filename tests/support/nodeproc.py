@@ -16,7 +16,7 @@ import asyncio
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -165,9 +165,15 @@ def cluster_security(
     return {}, None
 
 
-def spawn_cluster(base: Path, ids: tuple[int, ...], security: Security = "tls") -> dict[int, Node]:
+def spawn_cluster(
+    base: Path,
+    ids: tuple[int, ...],
+    security: Security = "tls",
+    extra_args: Mapping[int, tuple[str, ...]] | None = None,
+) -> dict[int, Node]:
     """Start one node per id (all of them controller voters) without waiting: they can only
-    serve once a majority is up. ``security``: how the nodes authenticate each other."""
+    serve once a majority is up. ``security``: how the nodes authenticate each other;
+    ``extra_args``: more flags for some nodes, by id."""
     ports = {i: (free_port(), free_port(), free_port()) for i in ids}
     voters = ",".join(f"{i}@127.0.0.1:{ports[i][2]}" for i in ids)
     tls, secret_file = cluster_security(base, ids, security)
@@ -182,6 +188,7 @@ def spawn_cluster(base: Path, ids: tuple[int, ...], security: Security = "tls") 
             internal_port=ports[i][2],
             tls=tls.get(i),
             secret_file=secret_file,
+            extra_args=(extra_args or {}).get(i, ()),
         )
         for i in ids
     }

@@ -139,6 +139,9 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
     produce_delay_s: float = 0.0
     #: Per request number, a delay before serving it (overrides produce_delay_s).
     produce_delay_fn: Callable[[int], float] | None = None
+    #: Sequence refusals are answered this long after the node decided them (an answer
+    #: overtaken by the answer of a request the node served later).
+    refusal_delay_s: float = 0.0
     #: An error to answer with AFTER the batches were appended: a lost answer.
     answer_fault: ProduceFault | None = None
     producers: FakeProducers = field(default_factory=FakeProducers)
@@ -231,6 +234,8 @@ class FakeBroker(broker_pb2_grpc.BrokerServicer):
                     h.record_count,
                 )
                 if isinstance(verdict, TidelogError):
+                    if self.refusal_delay_s:
+                        await asyncio.sleep(self.refusal_delay_s)
                     await self._abort(context, verdict)
                 elif verdict is not None:
                     results.append(
@@ -522,6 +527,60 @@ class FakeAdmin(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.AlterTopicConfigRequest, context: Context
     ) -> admin_pb2.AlterTopicConfigResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake cluster has no configs")
+        raise AssertionError("unreachable")
+
+    async def CreatePartitions(
+        self, request: admin_pb2.CreatePartitionsRequest, context: Context
+    ) -> admin_pb2.CreatePartitionsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake cluster's topics are fixed")
+        raise AssertionError("unreachable")
+
+    async def DescribeCluster(
+        self, request: admin_pb2.DescribeClusterRequest, context: Context
+    ) -> admin_pb2.DescribeClusterResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake cluster's shape is fixed")
+        raise AssertionError("unreachable")
+
+    async def DrainNode(
+        self, request: admin_pb2.DrainNodeRequest, context: Context
+    ) -> admin_pb2.DrainNodeResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake cluster's shape is fixed")
+        raise AssertionError("unreachable")
+
+    async def RemoveNode(
+        self, request: admin_pb2.RemoveNodeRequest, context: Context
+    ) -> admin_pb2.RemoveNodeResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake cluster's shape is fixed")
+        raise AssertionError("unreachable")
+
+    async def ReassignPartition(
+        self, request: admin_pb2.ReassignPartitionRequest, context: Context
+    ) -> admin_pb2.ReassignPartitionResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake cluster's shape is fixed")
+        raise AssertionError("unreachable")
+
+    async def GetClusterConfig(
+        self, request: admin_pb2.GetClusterConfigRequest, context: Context
+    ) -> admin_pb2.GetClusterConfigResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake cluster's shape is fixed")
+        raise AssertionError("unreachable")
+
+    async def SetClusterConfig(
+        self, request: admin_pb2.SetClusterConfigRequest, context: Context
+    ) -> admin_pb2.SetClusterConfigResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake cluster's shape is fixed")
+        raise AssertionError("unreachable")
+
+    async def ForceRecoverPartition(
+        self, request: admin_pb2.ForceRecoverPartitionRequest, context: Context
+    ) -> admin_pb2.ForceRecoverPartitionResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake cluster's shape is fixed")
+        raise AssertionError("unreachable")
+
+    async def ForceRecoverController(
+        self, request: admin_pb2.ForceRecoverControllerRequest, context: Context
+    ) -> admin_pb2.ForceRecoverControllerResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the fake cluster's shape is fixed")
         raise AssertionError("unreachable")
 
 

@@ -32,7 +32,16 @@ class InstrumentedLog(PartitionLog):
         self.deleted = False
         self.rolls = 0
         self.retention_runs = 0
+        #: The first raft index of a suffix replaced since the last flush began (None: every
+        #: replaced entry is fsynced); what a power loss could bring back is from there.
+        self.replaced_unsynced_from: int | None = None
         self._counter_lock = threading.Lock()
+
+    def truncate_suffix(self, offset: int) -> None:
+        cut = offset < self.log_end_offset
+        super().truncate_suffix(offset)
+        if cut and self.replaced_unsynced_from is None:
+            self.replaced_unsynced_from = self.last_index + 1
 
     def flush(self) -> int:
         with self._counter_lock:
@@ -43,7 +52,11 @@ class InstrumentedLog(PartitionLog):
             if self.flush_error is not None:
                 raise self.flush_error
             self.flush_calls += 1
-            return super().flush()
+            replaced = self.replaced_unsynced_from
+            done = super().flush()
+            if self.replaced_unsynced_from == replaced:
+                self.replaced_unsynced_from = None
+            return done
         finally:
             with self._counter_lock:
                 self.flushing_now -= 1

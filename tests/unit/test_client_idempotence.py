@@ -52,6 +52,24 @@ async def test_five_in_flight_with_reordered_arrivals_store_each_batch_once_in_s
         assert len({pid for _, pid, _, _, _ in fake.producers.seen}) == 1
 
 
+async def test_a_refusal_answered_after_the_earlier_batch_was_acknowledged_is_resent() -> None:
+    """The node refuses a batch whose predecessor has not arrived yet, then stores the
+    predecessor; the predecessor's answer overtakes the refusal. The refusal is not taken
+    for lost state (every earlier batch now acknowledged): the batch went out before its
+    predecessor was acknowledged, so it goes again and is stored."""
+    async with FakeCluster({"t": 1}) as fake:
+        async with Producer(fake.address, linger_ms=0, batch_bytes_max=400) as p:
+            await p.send("t", b"first")
+            fake.produce_delay_fn = lambda n: 0.05 if n == 1 else 0.0
+            fake.refusal_delay_s = 0.2
+            values = [b"%05d" % i for i in range(60)]
+            results = await asyncio.wait_for(p.send_many("t", values), 10)
+        assert values_of(fake, "t", 0) == [b"first", *values]
+        assert sum(md.record_count for md in results) == 60 and results[0].base_offset == 1
+        assert fake.producers.verdicts["OUT_OF_ORDER_SEQUENCE"] > 0
+        assert fake.producers.init_requests == 1
+
+
 async def test_a_lost_answer_is_resent_with_the_same_sequence_and_stored_once() -> None:
     lost = {2, 5, 6}
 

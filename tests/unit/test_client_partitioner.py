@@ -10,6 +10,7 @@ from tidelog.client.partitioner import (
     StickyPartitioner,
     murmur2,
     partition_for_key,
+    partitions_for_keys,
     to_positive,
 )
 
@@ -78,3 +79,47 @@ def test_sticky_partitioner_survives_fewer_partitions() -> None:
     for _ in range(20):
         sp.next("t", 50)
     assert 0 <= sp.current("t", 2) < 2
+
+
+def _murmur2_word_by_word(data: bytes) -> int:
+    """The plain transcription of Kafka's Utils.murmur2 (the fast one folds and batches)."""
+    m, mask = 0x5BD1E995, 0xFFFFFFFF
+    length = len(data)
+    h = (0x9747B28C ^ length) & mask
+    whole = length - (length & 3)
+    for i in range(0, whole, 4):
+        k = int.from_bytes(data[i : i + 4], "little")
+        k = (k * m) & mask
+        k ^= k >> 24
+        k = (k * m) & mask
+        h = ((h * m) & mask) ^ k
+    rest = length & 3
+    if rest == 3:
+        h ^= data[whole + 2] << 16
+    if rest >= 2:
+        h ^= data[whole + 1] << 8
+    if rest >= 1:
+        h ^= data[whole]
+        h = (h * m) & mask
+    h ^= h >> 13
+    h = (h * m) & mask
+    h ^= h >> 15
+    return h - (1 << 32) if h & 0x80000000 else h
+
+
+def test_murmur2_equals_the_word_by_word_algorithm_for_any_key() -> None:
+    rng = random.Random(7)
+    # Every length up to past the 63-word unpacker table, then random long keys.
+    keys = [rng.randbytes(n) for n in range(0, 300)] + [
+        rng.randbytes(rng.randrange(300, 5000)) for _ in range(50)
+    ]
+    for key in keys:
+        assert murmur2(key) == _murmur2_word_by_word(key), key
+
+
+def test_partitions_for_keys_is_partition_for_key_per_key() -> None:
+    keys = [b"key-%d" % i for i in range(2000)] + [b""]
+    for count in (1, 3, 16):
+        assert partitions_for_keys(keys, count) == [partition_for_key(k, count) for k in keys]
+    with pytest.raises(ValueError):
+        partitions_for_keys(keys, 0)

@@ -247,3 +247,55 @@ async def test_stop_with_a_timeout_fails_what_cannot_be_delivered() -> None:
         await asyncio.wait_for(p.stop(timeout_ms=300), 5)
         with pytest.raises(TidelogError, match="closed before delivering"):
             await fut
+
+
+async def test_adaptive_linger_sends_a_lone_record_at_once_and_batches_under_load() -> None:
+    async with FakeCluster({"t": 1}) as fake, Producer(fake.address, linger_ms=30_000) as p:
+        # Nothing in flight: the record goes without waiting 30 s of linger.
+        md = await asyncio.wait_for(p.send("t", b"alone"), timeout=10)
+        assert md.offset == 0 and fake.produce_requests == 1
+        # A burst of sends made before the caller yields shares one batch.
+        futures = [p.send("t", b"b%d" % i) for i in range(200)]
+        await asyncio.wait_for(asyncio.gather(*futures), timeout=10)
+        assert fake.produce_requests == 2
+        assert values_of(fake, "t", 0) == [b"alone"] + [b"b%d" % i for i in range(200)]
+
+
+async def test_adaptive_linger_holds_small_batches_while_a_request_is_out() -> None:
+    """Issue 15: small requests in flight together queue behind each other's Raft rounds on
+    the nodes. With a request out, records sent one by one wait for its answer (not only for
+    linger) and then go together in one request; a batch of 64 KiB or more may go beside."""
+    async with FakeCluster({"t": 1}) as fake, Producer(fake.address, linger_ms=1) as p:
+        fake.produce_delay_s = 0.3
+        first = p.send("t", b"first")
+        await asyncio.sleep(0.05)
+        assert fake.serving == 1
+        held = []
+        for i in range(20):  # one at a time, each well past the 1 ms linger
+            held.append(p.send("t", b"s%d" % i))
+            await asyncio.sleep(0.005)
+        assert fake.produce_requests == 1, "a small batch went beside the request in flight"
+        await asyncio.wait_for(first, timeout=10)
+        await asyncio.wait_for(asyncio.gather(*held), timeout=10)
+        assert fake.produce_requests == 2  # everything that waited, in one request
+        # A large batch pipelines: 256 KiB of records goes while a request is out.
+        fake.produce_delay_s = 0.5
+        p.send("t", b"x")  # nothing in flight: goes at once
+        await asyncio.sleep(0.05)
+        big = [p.send("t", bytes([i]) * (64 * 1024)) for i in range(4)]
+        await asyncio.sleep(0.2)
+        assert fake.serving >= 2, "a batch of 64 KiB waited for the answer"
+        await asyncio.wait_for(asyncio.gather(*big), timeout=10)
+    assert values_of(fake, "t", 0)[:22] == [b"first"] + [b"s%d" % i for i in range(20)] + [b"x"]
+
+
+async def test_without_adaptive_linger_a_batch_waits_for_linger() -> None:
+    async with (
+        FakeCluster({"t": 1}) as fake,
+        Producer(fake.address, linger_ms=30_000, adaptive_linger=False) as p,
+    ):
+        fut = p.send("t", b"waits")
+        await asyncio.sleep(0.5)
+        assert not fut.done() and fake.produce_requests == 0
+        await asyncio.wait_for(p.flush(), timeout=10)
+        assert (await fut).offset == 0

@@ -39,3 +39,15 @@ def test_each_problem_is_named() -> None:
         "Controller id:                none" in text and "Nodes down:                   [2]" in text
     )
     assert not assess(ClusterView("c", 1, (), ())).healthy  # nothing registered
+
+
+def test_a_voter_waiting_for_the_others_says_so() -> None:
+    waiting = "waiting for the controller voters to form the cluster: no answer from node 3"
+    h = assess(ClusterView("c", -1, (), (), controller_waiting=waiting))
+    assert f"no active controller ({waiting})" in h.problems
+    assert waiting in render_health(h)
+    # Once a controller is known, a stale reason is not shown.
+    h = assess(
+        ClusterView("c", 1, (NodeInfo(1, "h:1", "h:91", True),), (), controller_waiting=waiting)
+    )
+    assert not any(waiting in p for p in h.problems)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from tidelog.controller.commands import (
     COMMAND_BYTES_MAX,
+    AddPartitions,
     AllocateProducerIds,
     AlterTopicConfig,
     Command,
@@ -41,6 +42,7 @@ EXAMPLES: list[Command] = [
     UpdatePartitionLeaders((LeaderHint(40_000, 2, 5), LeaderHint(40_001, 0, 6))),
     UpdatePartitionLeaders(()),
     AllocateProducerIds(2, 1000),
+    AddPartitions("orders", [(1, 2), (3, 1)]),
 ]
 
 
@@ -181,6 +183,7 @@ commands: st.SearchStrategy[Command] = st.one_of(
         st.lists(st.builds(LeaderHint, ints, ints, ints), max_size=5).map(tuple),
     ),
     st.builds(AllocateProducerIds, ints, ints),
+    st.builds(AddPartitions, text, st.lists(st.lists(ints, max_size=4).map(tuple), max_size=5)),
 )
 
 
@@ -216,6 +219,7 @@ def test_damaged_bytes_decode_or_fail_cleanly(command: Command, data: st.DataObj
             AlterTopicConfig,
             UpdatePartitionLeaders,
             AllocateProducerIds,
+            AddPartitions,
         ),
     )
 

@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,7 @@ from tidelog.node.raft.limits import Config
 from tidelog.node.raft.types import (
     ConfState,
     Entry,
+    HardState,
     Message,
     MessageKind,
     Role,
@@ -78,6 +80,13 @@ class Cluster:
         p.attach(group, raft)
         self.parts[node] = p
         return p
+
+    async def start(self) -> Partition:
+        """All three replicas, node 1 campaigning: the leader once elected."""
+        for n in (1, 2, 3):
+            self.add(n)
+        self.net.nodes[1].campaign(self.parts[1].group)  # type: ignore[arg-type]
+        return await self.leader()
 
     async def leader(self, among: frozenset[int] | set[int] | None = None) -> Partition:
         among = among or set(self.parts)
@@ -142,10 +151,7 @@ async def test_replicates_commits_and_logs_are_identical(cluster: Cluster) -> No
 
 @pytest.mark.timeout(30)
 async def test_failover_overwrites_the_deposed_leaders_suffix(cluster: Cluster) -> None:
-    for n in (1, 2, 3):
-        cluster.add(n)
-    cluster.net.nodes[1].campaign(cluster.parts[1].group)  # type: ignore[arg-type]
-    old = await cluster.leader()
+    old = await cluster.start()
     await cluster.produce(old, b"kept")
     old_id = old.group.raw.id  # type: ignore[union-attr]
     cluster.net.down.add(old_id)
@@ -170,6 +176,54 @@ async def test_failover_overwrites_the_deposed_leaders_suffix(cluster: Cluster) 
     # log held entries beyond its commit; either way the offsets of records stay increasing.
     await cluster.produce(new, b"more")
     assert values_of(new) == [b"kept", b"after", b"more"]
+
+
+@pytest.mark.timeout(30)
+async def test_a_stored_commit_never_covers_a_replaced_entry_before_its_fsync(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deposed leader's suffix is replaced by one APPEND whose commit covers the new
+    entries. The hard state and the log are separate files: if that commit were stored
+    before the new entries' fsync, a power loss in between would bring the old suffix back
+    under a stored commit, and the restarted replica would serve it as committed."""
+    old = await cluster.start()
+    await cluster.produce(old, b"kept")
+    old_id = old.group.raw.id  # type: ignore[union-attr]
+    old_log = old.log
+    assert isinstance(old_log, InstrumentedLog)
+    old_store = cluster.net.nodes[old_id]._hard_states
+    violations: list[tuple[int, int]] = []
+    saved: list[int] = []
+    real_save = HardStateStore.save
+
+    def save(self: HardStateStore, states: dict[int, HardState], **kw: Any) -> None:
+        hs = states.get(GROUP)
+        if self is old_store and hs is not None:
+            saved.append(hs.commit)
+            replaced = old_log.replaced_unsynced_from
+            if replaced is not None and hs.commit >= replaced:
+                violations.append((hs.commit, replaced))
+        real_save(self, states, **kw)
+
+    monkeypatch.setattr(HardStateStore, "save", save)
+    cluster.net.down.add(old_id)
+    for i in range(3):  # a suffix of several entries that can never commit
+        buf = encode_batch([b"lost%d" % i])
+        old.propose(buf, validate_batches(buf))
+    new = await cluster.leader(VOTERS - {old_id})
+    for i in range(3):
+        await cluster.produce(new, b"after%d" % i)
+    async with asyncio.timeout(5):
+        while old.role == Role.LEADER:
+            await asyncio.sleep(0.01)
+    old_log.flush_delay_s = 0.3  # the new suffix's fsync takes a while
+    cluster.net.down.clear()
+    async with asyncio.timeout(10):
+        while old.high_watermark != new.high_watermark or values_of(old)[-1] != b"after2":
+            await asyncio.sleep(0.01)
+    assert raw_log(old) == raw_log(new)
+    assert saved, "the replica stored no hard state"
+    assert violations == []
 
 
 @pytest.mark.timeout(30)
@@ -232,10 +286,7 @@ async def test_read_barrier_confirms_leadership_and_refuses_a_cut_off_leader(
     """Issue 8 defect 7c: a leader cut off from the others still believes it leads (and
     answers ListOffsets LATEST from its view) until check-quorum deposes it. A linearizable
     read (ReadIndex) is answered only once a majority confirmed the leadership."""
-    for n in (1, 2, 3):
-        cluster.add(n)
-    cluster.net.nodes[1].campaign(cluster.parts[1].group)  # type: ignore[arg-type]
-    old = await cluster.leader()
+    old = await cluster.start()
     await cluster.produce(old, b"a")
     await old.read_barrier(5)
     assert old.high_watermark == 1
@@ -440,3 +491,53 @@ async def test_a_stalled_fsync_of_one_group_does_not_silence_the_others(
     assert cluster.parts[1].serving and cluster.parts[1].term == term  # no election
     await stalled
     logs[1].flush_delay_s = 0.0
+
+
+@pytest.mark.timeout(60)
+async def test_a_commit_does_not_wait_for_the_fsync_of_newer_entries(cluster: Cluster) -> None:
+    """Issue 15: under load the leader's rounds run back to back, each fsyncing the newest
+    proposals; the followers' answers for an entry arrive while the leader fsyncs the next
+    ones. The entry's commit used to be applied (and its producer answered) only after that
+    later fsync too; now it is applied at once, since earlier rounds already made it durable.
+    It is still never acknowledged before the leader's own fsync of it."""
+    # Elections far slower than the stalled fsyncs below (a leader's group sends nothing
+    # while its round waits for its disk).
+    patient = RaftTiming(tick_ms=10, heartbeat_interval_ms=20, election_timeout_ms=10_000)
+    config = TopicConfig.from_overrides({})
+    for n in (1, 2, 3):
+        lg_n = InstrumentedLog(cluster.dir / f"n{n}" / "log", config)
+        p = Partition("t", 0, lg_n, config, group_id=GROUP, replicas=sorted(VOTERS))
+        raft = cluster.net.nodes[n]
+        g = raft.add_group(
+            GROUP, lg_n, ConfState(voters=VOTERS), p, durable=True,
+            config=patient.config(Config(always_append_empty=False)),
+        )  # fmt: skip
+        p.attach(g, raft)
+        cluster.parts[n] = p
+    cluster.net.nodes[1].campaign(cluster.parts[1].group)  # type: ignore[arg-type]
+    leader = await cluster.leader()
+    assert leader is cluster.parts[1]
+    await cluster.produce(leader, b"warm")
+    lg = leader.log
+    assert isinstance(lg, InstrumentedLog)
+    delay = 0.6
+    lg.flush_delay_s = delay  # the leader's disk is slow; the followers' are not
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    first = asyncio.ensure_future(cluster.produce(leader, b"first"))
+    await asyncio.sleep(0.1)  # while the leader fsyncs "first"
+    second = asyncio.ensure_future(cluster.produce(leader, b"second"))
+    await first
+    took = loop.time() - t0
+    # Not before the leader's own copy is durable (one fsync) ...
+    assert took >= delay * 0.95, f"acknowledged before the leader's fsync ({took:.2f} s)"
+    # ... and not after the fsync of "second" (which ends about 2 * delay from t0).
+    assert took < 1.6 * delay, f"the commit waited for the next round's fsync ({took:.2f} s)"
+    assert not second.done()
+    await second
+    lg.flush_delay_s = 0.0
+    assert values_of(leader) == [b"warm", b"first", b"second"]
+    for n in (2, 3):
+        async with asyncio.timeout(5):
+            while values_of(cluster.parts[n]) != values_of(leader):
+                await asyncio.sleep(0.01)

@@ -7,6 +7,7 @@ node process and the real log; this one is fast and checks the streaming details
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import grpc
@@ -114,7 +115,9 @@ async def test_unexpected_exception_is_internal_and_node_keeps_serving(
     await client.create("i")
     _, part = node.registry.partition("i", 0)
 
-    def boom(offset: int, max_bytes: int, *, upto: int | None = None) -> bytes:
+    def boom(
+        offset: int, max_bytes: int, *, upto: int | None = None, stored: bool = False
+    ) -> bytes:
         raise ZeroDivisionError("boom")
 
     part.log.read = boom  # type: ignore[method-assign]
@@ -188,10 +191,13 @@ async def test_data_dir_of_another_node_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(20)
-async def test_changed_controller_voters_are_refused(tmp_path: Path) -> None:
+async def test_changed_controller_voters_keep_the_committed_configuration(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Issue 8 defect 3: a data directory started with one voter list and restarted with
-    another was accepted silently, an unsafe membership change. It is refused until
-    membership changes exist; the addresses may change. The directory has an id of its own."""
+    another was accepted silently, an unsafe membership change. Now the voters are the
+    controller group's committed configuration (issue 11): the restart keeps them, warning
+    with both lists; the addresses may change. The directory has an id of its own."""
     port, iport = free_port(), free_port()
     data = tmp_path / "data"
     first = Node(
@@ -208,9 +214,15 @@ async def test_changed_controller_voters_are_refused(tmp_path: Path) -> None:
         controller_voters=f"1@127.0.0.1:{iport},2@127.0.0.1:{free_port()}",
         internal_listen=f"127.0.0.1:{iport}",
     )  # fmt: skip
-    with pytest.raises(StartupError, match=r"names nodes 1,2 but .* nodes 1: changing"):
+    with caplog.at_level(logging.WARNING, logger="tidelog.node.controller_node"):
         await changed.start()
-    await changed.stop(0)
+    assert changed.controller.voter_ids == {1}
+    assert any(
+        "names nodes 1,2 but the controller's committed configuration has voters 1" in r.message
+        and r.levelno == logging.WARNING
+        for r in caplog.records
+    )
+    await changed.stop(1)
     port2, iport2 = free_port(), free_port()
     moved = Node(
         1, f"127.0.0.1:{port2}", data, free_port(), open_log=InstrumentedLog,

@@ -35,6 +35,7 @@ def test_flag_names_and_defaults_are_the_documented_ones() -> None:
     assert {f.name: f.default for f in NODE_FLAGS} == {
         "--config": None,
         "--id-from-hostname": None,
+        "--join": None,
         "--log-format": "text",
         "--id": None,
         "--listen": None,
@@ -54,10 +55,17 @@ def test_flag_names_and_defaults_are_the_documented_ones() -> None:
         "--node-dead-ms": 3000,
         "--cluster-id": None,
         "--rack": None,
+        "--trace-sample": 0,
+        "--trace-log": None,
         "--tls-cert": None,
         "--tls-key": None,
         "--tls-client-ca": None,
         "--auth-tokens-file": None,
+        "--cleaner-io-bytes-per-second": 64 * 1024 * 1024,
+        "--cleaner-map-bytes": 64 * 1024 * 1024,
+        "--cleaner-interval-ms": 15_000,
+        "--replica-recovery-bytes-per-second": 100 * 1024 * 1024,
+        "--controller-snapshot-entries": 10_000,
     }
     assert {f.name for f in NODE_FLAGS if f.required} == {
         "--id",

@@ -3,6 +3,7 @@ across restarts (the metadata log is replayed), replica directories, delete, alt
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -247,3 +248,20 @@ async def test_a_replica_whose_log_fails_to_open_is_not_served(env: Env) -> None
     assert sorted(r.topic("full").local) == [0, 1, 3]
     with pytest.raises(LeaderNotAvailable):
         r.partition("full", 2)
+
+
+@pytest.mark.timeout(20)
+async def test_a_replica_whose_log_failed_to_open_is_opened_again(env: Env) -> None:
+    # An I/O error opening a log (an fsync failing during recovery or creation) does not
+    # leave the replica closed until the controller's state changes: the node retries.
+    env.fail_dir = "1"
+    await env.create(TopicSpec("eio", 2))
+    r = reg(env)
+    assert sorted(r.topic("eio").local) == [0]
+    await asyncio.sleep(1.5)  # the controller's state stays as it is meanwhile
+    assert sorted(r.topic("eio").local) == [0]
+    env.fail_dir = None
+    async with asyncio.timeout(10):
+        while sorted(r.topic("eio").local) != [0, 1] or not r.topic("eio").local[1].serving:
+            await asyncio.sleep(0.05)
+    assert r.partition("eio", 1)[1].serving

@@ -14,6 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tidelog.node.raft.types import (
+    ConfChange,
+    ConfChangeKind,
     ConfState,
     Entry,
     EntryKind,
@@ -25,11 +27,13 @@ from tidelog.node.raft.types import (
 from tidelog.node.raft_codec import (
     CodecError,
     HeartbeatCache,
+    conf_change_batch,
     decode_batch,
     encode_batch,
     heartbeat_cache_groups_max,
     wire_size_estimate,
 )
+from tidelog.records import encode_batch as encode_record_batch
 from tidelog.v1 import raft_pb2
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -57,12 +61,34 @@ snapshots = st.builds(
     meta=st.builds(SnapshotMeta, index=index, term=index, conf=conf_states()),
     data=st.binary(max_size=256),
 )
-entries = st.builds(
-    Entry, term=index, index=index, data=small_bytes, kind=st.sampled_from(EntryKind)
+
+
+@st.composite
+def conf_batches(draw: st.DrawFn) -> bytes:
+    """A CONFIG entry's payload: the wire refuses any other (strict decoding)."""
+    ids = st.integers(min_value=1, max_value=50)
+    voters = draw(st.frozensets(ids, min_size=1, max_size=5))
+    learners = draw(st.frozensets(ids, max_size=3)) - voters
+    kind = draw(st.sampled_from(ConfChangeKind))
+    return conf_change_batch(ConfChange(kind, draw(ids), voters, learners))
+
+
+entries = st.one_of(
+    st.builds(
+        Entry,
+        term=index,
+        index=index,
+        data=small_bytes,
+        kind=st.sampled_from([k for k in EntryKind if k != EntryKind.CONFIG]),
+    ),
+    st.builds(Entry, term=index, index=index, data=conf_batches(), kind=st.just(EntryKind.CONFIG)),
 )
 
 
 ANY_KIND = st.sampled_from(MessageKind)
+CONF_BATCH = conf_change_batch(
+    ConfChange(ConfChangeKind.ADD_LEARNER, 4, frozenset({1, 2, 3}), frozenset({4}))
+)
 
 
 def messages(kind: st.SearchStrategy[MessageKind] = ANY_KIND) -> st.SearchStrategy[Message]:
@@ -141,7 +167,7 @@ def test_each_kind_as_the_core_sends_it(kind: MessageKind) -> None:
     ents = (
         Entry(3, 11, b"batch"),
         Entry(3, 12, b"", EntryKind.EMPTY),
-        Entry(3, 13, b"c", EntryKind.CONFIG),
+        Entry(3, 13, CONF_BATCH, EntryKind.CONFIG),
     )
     by_kind = {
         MessageKind.PRE_VOTE: Message(kind, FROM, TO, 4, log_term=3, index=12),
@@ -407,3 +433,20 @@ def test_heartbeat_columns_out_of_range_are_refused(column: str) -> None:
     getattr(cols, column)[1] = 2**64 - 1
     with pytest.raises(CodecError, match="exceeds"):
         decode_batch(batch)
+
+
+def test_a_config_entry_that_is_not_one_membership_change_is_refused() -> None:
+    good = conf_change_batch(ConfChange(ConfChangeKind.PROMOTE, 4, frozenset({1, 4}), frozenset()))
+    corrupt = bytearray(good)
+    corrupt[-3] ^= 0xFF  # inside the CRC-covered records
+    other = encode_record_batch([b"x"], keys=[b"k"], timestamps_ms=0, control=True)
+    for data in (b"", b"garbage", bytes(corrupt), other, good + b"\0"):
+        msg = Message(
+            MessageKind.APPEND, FROM, TO, 1, entries=(Entry(1, 1, data, EntryKind.CONFIG),)
+        )
+        raw = encode_batch(FROM, TO, CLUSTER, [(7, msg)]).SerializeToString()
+        with pytest.raises(CodecError, match="CONFIG entry"):
+            decode_batch(raft_pb2.RaftBatch.FromString(raw))
+    ok = Message(MessageKind.APPEND, FROM, TO, 1, entries=(Entry(1, 1, good, EntryKind.CONFIG),))
+    raw = encode_batch(FROM, TO, CLUSTER, [(7, ok)]).SerializeToString()
+    assert decode_batch(raft_pb2.RaftBatch.FromString(raw)) == [(7, ok)]

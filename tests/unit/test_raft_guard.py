@@ -6,6 +6,8 @@ unchanged after the driver refuses it (tests/unit/test_multiraft.py covers the d
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from tests.unit.raft_interaction.harness import Cluster
@@ -117,3 +119,14 @@ def test_append_heartbeat_and_snapshot_only_from_the_leader_of_the_term() -> Non
 def test_other_kinds_from_members_pass(kind: MessageKind) -> None:
     c = elected()
     assert refusal(c[1], Message(kind, 3, 1, c[1].term)) is None
+
+
+def test_named_nodes_outside_a_lagging_configuration_are_admitted() -> None:
+    # A replica whose configuration lags (the leader was added after it last heard) admits
+    # the nodes its owner names (the controller's replicas and targets), and only those.
+    raw = elected()[2]
+    term = raw.term
+    append = Message(K.APPEND, 5, 2, term + 1, log_term=term, index=2, commit=2)
+    assert refusal(raw, append) is Refusal.NOT_MEMBER
+    assert refusal(raw, append, also=frozenset({4, 5})) is None
+    assert refusal(raw, replace(append, frm=99), also=frozenset({4, 5})) is Refusal.NOT_MEMBER

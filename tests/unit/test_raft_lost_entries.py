@@ -267,14 +267,17 @@ def stamped(values: list[bytes], offset: int, term: int, index: int) -> bytes:
     return bytes(buf)
 
 
-def wipe(c: Cluster, nid: int) -> None:
+def wipe(c: Cluster, nid: int, *, bootstrap: bool = True) -> None:
     """``nid`` comes back with an empty data directory, as a new replica (what the node does
-    when its directory is new and the group may have existed before)."""
+    when its directory is new and the group may have existed before). ``bootstrap=False``:
+    the owner knows the group is older than the directory."""
     node = c.nodes[nid]
     node.storage = MemoryStorage(c.conf)
     node.applied = []
     c.outbox = [m for m in c.outbox if m.frm != nid and m.to != nid]
-    node.raft = RawNode(nid, node.storage, c.rngs[nid], c.config, lost_to=NEW_REPLICA)
+    node.raft = RawNode(
+        nid, node.storage, c.rngs[nid], c.config, lost_to=NEW_REPLICA, bootstrap=bootstrap
+    )
 
 
 def test_a_wiped_replica_does_not_vote_for_a_candidate_with_entries_until_caught_up() -> None:
@@ -323,6 +326,63 @@ def test_new_replicas_of_a_new_group_still_elect_a_leader() -> None:
     assert c[3].commit_index == c[1].commit_index == c[1].log.last_index()
 
 
+def _committed_then_majority_wiped(*, bootstrap: bool) -> Cluster:
+    c = Cluster([1, 2, 3], rngs={2: seeded(2), 3: seeded(3)})
+    c.elect(1)
+    for i in range(3):
+        c[1].propose(b"%d" % i)
+    c.stabilize()
+    assert all(c[n].commit_index == 4 for n in (1, 2, 3))
+    wipe(c, 2, bootstrap=bootstrap)
+    wipe(c, 3, bootstrap=bootstrap)
+    return c
+
+
+def test_a_wiped_majority_that_may_bootstrap_elects_an_empty_leader() -> None:
+    """Why ``bootstrap=False`` exists (node simulation, profile wipe-majority): two new
+    replicas that may bootstrap the group elect one of their own, whose log is empty."""
+    c = _committed_then_majority_wiped(bootstrap=True)
+    c.down.add(1)
+    c[2].campaign()
+    c.stabilize()
+    assert c[2].role == Role.LEADER and c[2].log.last_index() <= 1
+
+
+def test_a_wiped_majority_of_an_older_group_elects_nobody() -> None:
+    """A majority of the replicas lost their disks: the new replicas (``bootstrap=False``)
+    grant no vote, not even the unanimous rule's answer, so neither an empty replica nor the
+    survivor (whose log may lack what the wiped ones committed) is elected; the group stays
+    without a leader."""
+    c = _committed_then_majority_wiped(bootstrap=False)
+    survivor_log = [e.data for e in c.log_of(1)]
+    for _ in range(3):
+        for nid in (1, 2, 3):
+            c[nid].campaign()
+            c.stabilize()
+        c.tick(1, 3 * c.config.election_timeout_ticks)
+        c.tick(2, 3 * c.config.election_timeout_ticks)
+        c.tick(3, 3 * c.config.election_timeout_ticks)
+        c.stabilize()
+        assert all(c[n].role != Role.LEADER for n in (1, 2, 3))
+    assert [e.data for e in c.log_of(1)] == survivor_log  # nothing erased
+
+
+def test_a_new_replica_of_an_older_group_votes_once_a_leader_reached_it() -> None:
+    """One replica wiped (a minority): the other two elect a leader, whose first APPEND turns
+    the new replica into an ordinary one that catches up and votes again."""
+    c = Cluster([1, 2, 3], rngs={2: seeded(2), 3: seeded(3)})
+    c.elect(1)
+    c[1].propose(b"x")
+    c.stabilize()
+    wipe(c, 3, bootstrap=False)
+    c.tick(1, 2 * c.config.heartbeat_interval_ticks)
+    c.stabilize()
+    assert c[3].lost_to == 0 and c[3].log.last_index() == c[1].log.last_index()
+    c.down.add(1)
+    leader = elect_among_2_and_3(c)
+    assert [e.data for e in c.log_of(leader)][:2] == [e.data for e in c.log_of(1)]
+
+
 def test_a_new_replica_that_leads_or_joins_has_its_hard_state_stored_again() -> None:
     """Node simulation, default seed 83 (after the simulator started fresh nodes with new
     data directories, as the server does): a new replica (the driver stores the NEW_REPLICA
@@ -350,3 +410,41 @@ def test_a_new_replica_that_leads_or_joins_has_its_hard_state_stored_again() -> 
     raw.step(Message(K.VOTE_RESP, 2, 1, 1))
     assert raw.role.name == "LEADER" and raw.lost_to == 0
     assert drain() == [HardState(1, 1, 0)]  # term, vote and commit unchanged, marker gone
+
+
+def test_a_new_replica_restarted_with_entries_counts_none_committed(tmp_path: Path) -> None:
+    """Node simulation, default seeds 1685, 3544, 3623: a new replica (the NEW_REPLICA marker
+    stored as its commit index) won the first election and appended entries; the hard state
+    that cleared the marker (a commit-only write, not synced) was lost in a power loss, the
+    entries were not. It restarted with the marker and a log: the storage took the whole log
+    as committed, so the node applied entries no majority held, and answered every APPEND
+    below that bogus commit with "matches up to it", while its entries there conflicted with
+    the leader's: the leader's progress for it flipped between probe and replicate forever
+    and it never caught up. None of those entries counts as committed now."""
+    conf = ConfState(voters=frozenset({1, 2, 3}))
+    cfg = TopicConfig.from_overrides({})
+    lg = PartitionLog(tmp_path / "log", cfg)
+    s = ReplicaStorage(lg, HardState(), conf)
+    # Its own entries as the leader of term 1; only 1..2 were committed (by the group).
+    s.append([Entry(1, i, stamped([b"%d" % i], i - 1, 1, i)) for i in range(1, 6)])
+    lg.flush()
+    store = MetaStore(tmp_path / "meta")
+    hard_states = HardStateStore(store)
+    hard_states.save({GROUP: HardState(term=1, vote=1, commit=NEW_REPLICA)}, sync=True)
+
+    storage = ReplicaStorage(lg, hard_states.load(GROUP), conf)
+    assert storage.lost_to == NEW_REPLICA and storage.hard_state().commit == 0
+    driver = MultiRaft(1, hard_states, NodeMetrics())
+    group = driver.add_group(GROUP, lg, conf, _NullHandler(), durable=True, config=Config())
+    raw = group.raw
+    assert raw.commit_index == 0 and raw.last_index() == 5
+    # The leader of term 2 holds 1..2 of term 1, then its own entries from 3: the replica
+    # must not claim to match beyond 2; it takes the leader's entries in place of its own.
+    entries = tuple(Entry(2, i, stamped([b"n%d" % i], i - 1, 2, i)) for i in (3, 4))
+    raw.step(Message(K.APPEND, 2, 1, 2, log_term=1, index=2, entries=entries, commit=4))
+    answers = [m for m in raw.ready().messages if m.kind == K.APPEND_RESP]
+    assert len(answers) == 1 and not answers[0].reject and answers[0].index == 4
+    assert raw.term_at(3) == 2 and raw.last_index() == 4 and raw.commit_index == 4
+    assert raw.lost_to == 0
+    store.close()
+    lg.close()

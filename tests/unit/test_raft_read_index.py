@@ -108,3 +108,15 @@ def test_single_voter_answers_at_once_and_pending_reads_are_bounded() -> None:
     c[1].read_index(b"2")
     with pytest.raises(ProposalDropped, match="max_pending_reads"):
         c[1].read_index(b"3")
+
+
+def test_a_first_leader_of_an_empty_log_answers_reads_before_any_write() -> None:
+    """Without the empty entry of a new term (always_append_empty off, as a new partition's
+    first leader), an empty log's commit index 0 is already the group's: reads are answered
+    after one heartbeat round instead of waiting for the first write."""
+    c = Cluster([1, 2, 3], config=Config(always_append_empty=False))
+    c.elect(1)
+    assert c[1].log.last_index() == 0
+    c[1].read_index(b"empty")
+    c.stabilize()
+    assert c.nodes[1].read_states == [ReadState(0, b"empty")]

@@ -116,6 +116,57 @@ def test_lost_appends_are_recovered_through_heartbeats() -> None:
     assert c[3].commit_index == 6
 
 
+def test_stale_rejections_after_a_reset_leave_the_progress_alone() -> None:
+    """Pipelined APPENDs that reach a follower out of order are rejected, and the answers are
+    reordered too. The first rejection to arrive resets the progress (probe); once the probe
+    is acknowledged, the rejections still in flight answer APPENDs sent before the reset and
+    say nothing about the follower's log now. Acting on them reset the progress again and
+    again (the sim's seed 7928: a follower never caught up)."""
+    c = Cluster([1, 2, 3], config=Config(max_msg_bytes=ENTRY_BYTES))
+    c.elect(1)
+    for _ in range(4):
+        c[1].propose(PAYLOAD)
+    c.process_ready(1)
+    sent = appends_to(c.outbox, 2)
+    c.outbox = [m for m in c.outbox if m.to != 2]
+    assert [m.index for m in sent] == [1, 2, 3, 4]  # one entry each, 2..5
+    # They reach 2 in reverse order: only the APPEND after 1 fits its log.
+    for m in reversed(sent):
+        c[2].step(m)
+    c.process_ready(2)
+    answers = [m for m in c.outbox if m.frm == 2]
+    c.outbox = [m for m in c.outbox if m.frm != 2]
+    rej = {m.index: m for m in answers if m.reject}
+    (ack,) = [m for m in answers if not m.reject]
+    assert sorted(rej) == [2, 3, 4] and {m.reject_hint for m in rej.values()} == {1}
+    assert ack.index == 2
+    pr = c[1].progress(2)
+    assert pr is not None and (pr.state, pr.match) == (ProgressState.REPLICATE, 1)
+    # The answers arrive in yet another order. The first rejection resets the progress to
+    # probe from 2; the next one answers an APPEND sent before that reset.
+    c[1].step(rej[3])
+    assert (pr.state, pr.match, pr.next) == (ProgressState.PROBE, 1, 2)
+    c[1].step(rej[4])
+    assert (pr.state, pr.match, pr.next) == (ProgressState.PROBE, 1, 2)
+    c.process_ready(1)
+    (probe,) = appends_to(c.outbox, 2)
+    assert probe.index == 1
+    c.outbox.remove(probe)  # lost: 2 has entry 2 already
+    c[1].step(ack)
+    assert (pr.state, pr.match) == (ProgressState.REPLICATE, 2)
+    # Overtaken by the acknowledgement of 2: the rejection of the APPEND after 2, hinting
+    # below match. Not a sign that 2 lost entries: it left before 2 acknowledged them.
+    c[1].step(rej[2])
+    assert (pr.state, pr.match) == (ProgressState.REPLICATE, 2)
+    rd = c[1].ready()
+    assert [m.index for m in appends_to(rd.messages, 2)] == [2, 3, 4]
+    c.outbox.extend(rd.messages)
+    c[1].advance(rd)
+    c.stabilize()
+    assert [e.data for e in c.log_of(2)] == [e.data for e in c.log_of(1)]
+    assert (pr.state, pr.match) == (ProgressState.REPLICATE, c[1].log.last_index())
+
+
 def test_only_current_term_entries_commit_by_counting() -> None:
     """Raft §5.4.2 / figure 8: an entry from an older term on a majority is not committed
     by counting; it commits once an entry of the leader's own term does."""

@@ -294,7 +294,12 @@ def test_stamp_in_place_through_memoryview_mid_buffer() -> None:
     assert [r.offset for r in decode_batches(buf)] == [0, 1, 2, 3, 4]
 
 
-@SETTINGS
+# Concatenations of whole batches are large inputs on purpose.
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(st.lists(batches(), min_size=1, max_size=5))
 def test_iter_headers_and_validate_batches_over_concatenations(
     specs: list[dict[str, object]],

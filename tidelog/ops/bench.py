@@ -212,8 +212,10 @@ async def ensure_topic(
     partitions: int,
     replication_factor: int,
     connection: Mapping[str, Any] | None = None,
+    configs: Mapping[str, str] | None = None,
 ) -> tuple[int, bool]:
-    """The topic's partition count, creating the topic first when it is missing."""
+    """The topic's partition count, creating the topic first (with ``configs``) when it is
+    missing."""
     async with Admin(bootstrap, **(connection or {})) as admin:
         try:
             desc = await admin.describe_topics(topic)
@@ -221,7 +223,7 @@ async def ensure_topic(
             desc = []
         if desc:
             return len(desc[0].partitions), False
-        await admin.create_topics(topic, partitions, replication_factor)
+        await admin.create_topics(topic, partitions, replication_factor, dict(configs or {}))
         return partitions, True
 
 
@@ -250,14 +252,19 @@ async def produce_bench(
     idempotence: bool | None = None,
     progress: bool = True,
     connection: Mapping[str, Any] | None = None,
+    keys: int = 0,
+    topic_configs: Mapping[str, str] | None = None,
 ) -> BenchResult:
     """Produce ``records`` records as fast as possible. ``idempotence``: as the client
     decides when None (on unless ``acks`` is not "all"); the result says which ran.
-    ``connection``: TLS and credentials, the clients' keyword arguments (tls, ca, ...)."""
+    ``connection``: TLS and credentials, the clients' keyword arguments (tls, ca, ...).
+    ``keys``: 0 sends keyless records, N keys them ``key-0`` .. ``key-N-1`` in turn (what a
+    compacted topic needs). ``topic_configs``: of the topic, if the bench creates it."""
     actual_partitions, created = await ensure_topic(
-        bootstrap, topic, partitions, replication_factor, connection
+        bootstrap, topic, partitions, replication_factor, connection, topic_configs
     )
     values = _values(records, record_bytes)
+    key_list = [b"key-%d" % (i % keys) for i in range(records)] if keys else None
     # One send_many call per batch: each call's metadata is then one batch's latency.
     per_batch = max(
         1, (batch_bytes_max - BATCH_OVERHEAD_BYTES) // (record_bytes + RECORD_OVERHEAD_BYTES)
@@ -291,7 +298,9 @@ async def produce_bench(
 
             last_draw = 0.0
             for start in range(0, records, per_batch):
-                window.append(producer.send_many(topic, values[start : start + per_batch]))
+                end = start + per_batch
+                batch_keys = None if key_list is None else key_list[start:end]
+                window.append(producer.send_many(topic, values[start:end], batch_keys))
                 while len(window) > IN_FLIGHT_CALLS_MAX:
                     collect(await window.popleft())
                 now = time.perf_counter()
@@ -323,6 +332,8 @@ async def produce_bench(
             "partitions": actual_partitions,
             "topic_created": created,
             "records_per_batch": per_batch,
+            "keys": keys,
+            "topic_configs": dict(topic_configs or {}),
         },
     )
 

@@ -1,4 +1,5 @@
-"""The ``tidelog`` command: run a node, manage topics, produce, consume and benchmark.
+"""The ``tidelog`` command: run a node, manage topics, produce, consume, read tables
+(cli_table.py) and benchmark.
 
 Every expected failure (a TidelogError from the cluster, a bad option) ends with one line on
 stderr, ``error: ...``, and a non-zero exit: 2 for usage mistakes, 1 for everything else. A
@@ -18,7 +19,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any, Literal, NoReturn, TypeVar, cast
 
 import click
 import grpc
@@ -34,6 +35,10 @@ from tidelog.ops.cli_cluster import GLOBAL_BOOTSTRAP_META
 from tidelog.ops.cli_cluster import cluster as cluster_group
 from tidelog.ops.cli_cluster import register as register_cluster_commands
 from tidelog.ops.cli_connection import client_options, connection_options, note_discovered_cluster
+from tidelog.ops.cli_group import add_group_commands
+from tidelog.ops.cli_heal import register as register_heal_commands
+from tidelog.ops.cli_recover import register as register_recover_commands
+from tidelog.ops.cli_table import register as register_table_commands
 from tidelog.records import Codec
 
 __all__ = ["cli", "main"]
@@ -433,6 +438,11 @@ def _describe_json(d: TopicDescription) -> dict[str, Any]:
                 "log_start_offset": p.log_start_offset,
                 "high_watermark": p.high_watermark,
                 "size_bytes": p.size_bytes,
+                "target": list(p.target),
+                "moving": {
+                    str(n): {"copied": c, "left": left} for n, (c, left) in sorted(p.moving.items())
+                },
+                "stalled": p.stalled,
             }
             for p in d.partitions
         ],
@@ -512,6 +522,15 @@ def topic_describe(names: tuple[str, ...], as_json: bool, bootstrap: str) -> Non
                 _human_bytes(p.size_bytes),
             )
         console.print(table)
+        for p in d.partitions:
+            if not p.target:
+                continue
+            line = f"moving {d.name}/{p.partition}: {_ids(p.replicas)} -> {_ids(p.target)}"
+            for n, (copied, left) in sorted(p.moving.items()):
+                line += f"; node {n}: {copied} bytes copied, {left} bytes left"
+            if p.stalled:
+                line += f"; stalled: {p.stalled}"
+            console.print(line)
         if d.overrides:
             console.print(
                 "overrides: " + ", ".join(f"{k}={d.configs.get(k, '')}" for k in d.overrides)
@@ -522,6 +541,10 @@ def topic_describe(names: tuple[str, ...], as_json: bool, bootstrap: str) -> Non
         for key in sorted(d.configs):
             configs.add_row(key, d.configs[key], "set" if key in d.overrides else "default")
         console.print(configs)
+
+
+def _ids(ids: Sequence[int]) -> str:
+    return ",".join(map(str, ids))
 
 
 def _human_bytes(n: int) -> str:
@@ -547,6 +570,51 @@ def topic_delete(names: tuple[str, ...], bootstrap: str) -> None:
 
     for name in _run(go()):
         click.echo(f"deleted topic {name}")
+
+
+@topic.command("add-partitions")
+@click.argument("name")
+@click.option(
+    "--to",
+    "to",
+    type=click.IntRange(min=1),
+    default=None,
+    help="The partition count wanted (Kafka's --partitions).",
+)
+@click.option(
+    "--add",
+    "-n",
+    "add",
+    type=click.IntRange(min=1),
+    default=None,
+    help="How many partitions to add (rpk's -n).",
+)
+@click.option("--dry-run", is_flag=True, help="Check and print the plan, change nothing.")
+@_bootstrap_option
+def topic_add_partitions(
+    name: str, to: int | None, add: int | None, dry_run: bool, bootstrap: str
+) -> None:
+    """Grow topic NAME: --to N partitions in all, or --add N more. Records already stored
+    stay in their partitions, so a key may map to another partition from now on."""
+    if (to is None) == (add is None):
+        raise click.UsageError("give exactly one of --to N (the count in the end) or --add N")
+    connection = client_options()
+
+    async def go() -> tuple[int, int]:
+        async with Admin(bootstrap, **connection) as admin:
+            (desc,) = await admin.describe_topics(name)
+            have = len(desc.partitions)
+            total = to if to is not None else have + (add or 0)
+            if total <= have:
+                raise click.UsageError(
+                    f"topic {name} has {have} partitions already; --to must be above {have}"
+                )
+            after = await admin.create_partitions(name, total, validate_only=dry_run)
+            return have, len(after.partitions) if not dry_run else total
+
+    have, total = _run(go())
+    verb = "would grow" if dry_run else "grew"
+    click.echo(f"{verb} topic {name} from {have} to {total} partitions")
 
 
 @topic.command("alter")
@@ -893,7 +961,7 @@ class _StdinChunks:
 
 
 @cli.command()
-@click.argument("topic_name", metavar="TOPIC")
+@click.argument("topic_name", metavar="TOPIC", required=False)
 @click.option("--from-beginning", is_flag=True, help="Start at the earliest offset.")
 @click.option(
     "--partition",
@@ -932,9 +1000,30 @@ class _StdinChunks:
     default=None,
     help="Stop after this long without a record (default: follow until Ctrl-C).",
 )
+@click.option(
+    "--group",
+    "group_id",
+    default=None,
+    metavar="GROUP",
+    help="Read as a member of GROUP: its coordinator assigns the partitions, reading starts "
+    "at the group's committed offsets (--from-beginning / --offset start|end where there is "
+    "none) and the offsets are committed as records are printed and on exit.",
+)
+@click.option(
+    "--pattern",
+    default=None,
+    metavar="REGEX",
+    help="With --group: subscribe to every topic whose name matches REGEX (instead of TOPIC).",
+)
+@click.option(
+    "--instance-id",
+    default=None,
+    metavar="ID",
+    help="With --group: a static member id (a restart within the session keeps the partitions).",
+)
 @_bootstrap_option
 def consume(
-    topic_name: str,
+    topic_name: str | None,
     from_beginning: bool,
     partitions: tuple[int, ...],
     offset: str | None,
@@ -943,16 +1032,51 @@ def consume(
     fmt: str,
     key_separator: str,
     timeout_ms: int | None,
+    group_id: str | None,
+    pattern: str | None,
+    instance_id: str | None,
     bootstrap: str,
 ) -> None:
-    """Print TOPIC's records, one per line, from the end (or --from-beginning / --offset).
-    Ctrl-C stops following (exit status 130, as every command)."""
+    """Print TOPIC's records, one per line, from the end (or --from-beginning / --offset),
+    or as a member of --group. Ctrl-C stops following (exit status 130, as every command)."""
     if from_beginning and offset is not None:
         raise click.UsageError("give --from-beginning or --offset, not both")
     try:
         spec = parse_offset_spec("start" if from_beginning else (offset or "end"))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--offset") from None
+    if group_id is None:
+        if pattern is not None or instance_id is not None:
+            raise click.UsageError("--pattern and --instance-id need --group")
+        if topic_name is None:
+            raise click.UsageError("give a TOPIC to read (or --group GROUP with --pattern)")
+    else:
+        if (topic_name is None) == (pattern is None):
+            raise click.UsageError("with --group give a TOPIC or --pattern REGEX, not both")
+        if partitions:
+            raise click.UsageError("--partition does not go with --group: the group assigns")
+        if spec not in (("start", 0), ("end", 0)):
+            raise click.UsageError(
+                "with --group, --offset may only be start or end (where nothing is committed); "
+                "move a group's offsets with `tidelog group reset-offsets`"
+            )
+        _run(
+            _consume_group(
+                bootstrap,
+                group_id,
+                topic_name,
+                pattern,
+                instance_id,
+                "earliest" if spec == ("start", 0) else "latest",
+                until_end,
+                max_records,
+                fmt,
+                key_separator.encode(),
+                timeout_ms,
+            )
+        )
+        return
+    assert topic_name is not None
     _run(
         _consume(
             bootstrap,
@@ -1094,14 +1218,67 @@ async def _consume(
                     return
                 continue
             seen += len(records)
-            if fmt == "value":
-                lines = [r.value or b"" for r in records]
-            elif fmt == "kv":
-                lines = [(r.key or b"") + key_sep + (r.value or b"") for r in records]
-            else:
-                lines = [_json_line(r) for r in records]
-            out.write(b"\n".join(lines) + b"\n")
-            out.flush()
+            _write_records(out, records, fmt, key_sep)
+
+
+def _write_records(out: Any, records: list[ConsumerRecord], fmt: str, key_sep: bytes) -> None:
+    if fmt == "value":
+        lines = [r.value or b"" for r in records]
+    elif fmt == "kv":
+        lines = [(r.key or b"") + key_sep + (r.value or b"") for r in records]
+    else:
+        lines = [_json_line(r) for r in records]
+    out.write(b"\n".join(lines) + b"\n")
+    out.flush()
+
+
+async def _consume_group(
+    bootstrap: str,
+    group_id: str,
+    topic_name: str | None,
+    pattern: str | None,
+    instance_id: str | None,
+    reset: Literal["earliest", "latest"],
+    until_end: bool,
+    max_records: int | None,
+    fmt: str,
+    key_sep: bytes,
+    timeout_ms: int | None,
+) -> None:
+    """``consume --group``: the group assigns; positions are committed every few seconds
+    (auto-commit, at the next poll: after the records were printed) and on exit."""
+    out = sys.stdout.buffer
+    async with Consumer(
+        bootstrap,
+        group_id=group_id,
+        group_instance_id=instance_id,
+        auto_offset_reset=reset,
+        metadata_wait_ms=CLI_METADATA_WAIT_MS,
+        **client_options(),
+    ) as consumer:
+        if pattern is not None:
+            consumer.subscribe(pattern=pattern)
+        else:
+            assert topic_name is not None
+            await consumer.partitions_for(topic_name)  # an unknown topic: one line
+            consumer.subscribe([topic_name])
+        seen = 0
+        idle_ms = timeout_ms if timeout_ms is not None else 1000
+        while max_records is None or seen < max_records:
+            want = 10_000 if max_records is None else min(10_000, max_records - seen)
+            records = await consumer.poll(
+                timeout_ms=idle_ms,
+                max_records=want,
+                until_end=until_end and consumer.has_assignment,
+            )
+            if not records:
+                if timeout_ms is not None:
+                    return
+                if until_end and consumer.has_assignment and consumer.at_end():
+                    return
+                continue
+            seen += len(records)
+            _write_records(out, records, fmt, key_sep)
 
 
 async def _seek_all(
@@ -1181,6 +1358,22 @@ def _bench_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     help="Produce requests in flight per partition. Default 5 (the idempotent producer's "
     "limit), with or without idempotence, so the two modes compare like for like.",
 )
+@click.option(
+    "--keys",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Key the records key-0 .. key-N-1 in turn (0: no keys). A compacted topic needs keys.",
+)
+@click.option(
+    "--topic-config",
+    "-c",
+    "topic_configs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A config of the topic when the bench creates it (repeatable), for example "
+    "cleanup.policy=compact.",
+)
 def bench_produce(
     topic: str,
     records: int,
@@ -1195,9 +1388,18 @@ def bench_produce(
     linger_ms: float,
     idempotence: bool | None,
     max_in_flight: int | None,
+    keys: int,
+    topic_configs: tuple[str, ...],
 ) -> None:
     """Produce --records records of --record-bytes of random hex text, as fast as possible."""
     from tidelog.ops.bench import BENCH_IN_FLIGHT_DEFAULT, produce_bench
+
+    configs: dict[str, str] = {}
+    for item in topic_configs:
+        k, found, v = item.partition("=")
+        if not found or not k:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--topic-config")
+        configs[k] = v
 
     if max_in_flight is None:
         max_in_flight = BENCH_IN_FLIGHT_DEFAULT
@@ -1224,6 +1426,8 @@ def bench_produce(
             idempotence=idempotence,
             progress=sys.stderr.isatty(),
             connection=client_options(),
+            keys=keys,
+            topic_configs=configs,
         )
     )
     click.echo(json.dumps(result.to_json()) if as_json else result.summary())
@@ -1263,7 +1467,207 @@ def bench_consume(
     click.echo(json.dumps(result.to_json()) if as_json else result.summary())
 
 
+@bench.command("table")
+@click.option("--topic", default="bench-table", show_default=True)
+@click.option("--keys", type=click.IntRange(min=1), default=100_000, show_default=True)
+@click.option("--value-bytes", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option(
+    "--partitions",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Partitions of the topic when the bench creates it.",
+)
+@click.option("--replication-factor", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--gets", type=click.IntRange(min=1), default=20_000, show_default=True)
+@click.option(
+    "--get-many-keys",
+    type=click.IntRange(min=1),
+    default=1_000_000,
+    show_default=True,
+    help="Keys read by get_many in all.",
+)
+@click.option("--batch-keys", type=click.IntRange(min=1), default=1_000, show_default=True)
+@click.option("--concurrency", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_bootstrap_option
+def bench_table(
+    topic: str,
+    keys: int,
+    value_bytes: int,
+    partitions: int,
+    replication_factor: int,
+    gets: int,
+    get_many_keys: int,
+    batch_keys: int,
+    concurrency: int,
+    as_json: bool,
+    bootstrap: str,
+) -> None:
+    """The Table API from one client: get/s, get_many keys/s and a full scan, over a
+    compacted topic of --keys keys (created and filled when missing)."""
+    from tidelog.ops.bench_table import table_bench
+
+    result = _run(
+        table_bench(
+            bootstrap,
+            topic,
+            keys=keys,
+            value_bytes=value_bytes,
+            partitions=partitions,
+            replication_factor=replication_factor,
+            gets=gets,
+            get_many_keys=get_many_keys,
+            batch_keys=batch_keys,
+            concurrency=concurrency,
+            connection=client_options(),
+        )
+    )
+    click.echo(json.dumps(result.to_json()) if as_json else result.summary())
+
+
+def _rates(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        rates = [float(x.replace("_", "")) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give rates as numbers, e.g. 1000,20000") from None
+    if not rates or any(r < 0 for r in rates):
+        raise click.BadParameter(f"{value!r}: give one or more rates >= 0 (0: closed loop)")
+    return rates
+
+
+@bench.command("workload")
+@click.option("--topic", default="workload", show_default=True)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0),
+    default=1000,
+    show_default=True,
+    help="Records per second on a fixed schedule (open loop); 0: one record at a time, "
+    "each awaited (closed loop).",
+)
+@click.option(
+    "--sweep",
+    callback=_rates,
+    default=None,
+    help="Comma-separated rates to run in turn (e.g. 0,1000,20000,50000): prints the "
+    "latency-throughput curve; with --plot also as a PNG.",
+)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--duration", type=click.FloatRange(min=0.1), default=20, show_default=True)
+@click.option("--warmup", type=click.FloatRange(min=0), default=5, show_default=True)
+@click.option("--record-bytes", type=click.IntRange(min=16), default=100, show_default=True)
+@click.option("--partitions", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--replication-factor", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--acks", type=ACKS_CHOICE, default="all", show_default=True)
+@click.option("--linger-ms", type=click.FloatRange(min=0), default=1, show_default=True)
+@click.option(
+    "--adaptive-linger/--no-adaptive-linger",
+    default=True,
+    show_default=True,
+    help="The producer's adaptive linger: a partition with nothing in flight sends at once.",
+)
+@click.option(
+    "--batch-bytes", type=click.IntRange(min=1024), default=1024 * 1024, show_default=True
+)
+@click.option("--max-in-flight", type=click.IntRange(min=1), default=None)
+@click.option("--idempotence/--no-idempotence", default=None)
+@click.option(
+    "--consumer/--no-consumer",
+    default=True,
+    show_default=True,
+    help="Measure end-to-end latency with a consumer in its own process.",
+)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
+@_bootstrap_option
+def bench_workload(
+    topic: str,
+    rate: float,
+    sweep: list[float] | None,
+    plot: Path | None,
+    duration: float,
+    warmup: float,
+    record_bytes: int,
+    partitions: int,
+    replication_factor: int,
+    acks: str,
+    linger_ms: float,
+    adaptive_linger: bool,
+    batch_bytes: int,
+    max_in_flight: int | None,
+    idempotence: bool | None,
+    consumer: bool,
+    json_path: Path | None,
+    bootstrap: str,
+) -> None:
+    """Publish and end-to-end latency at a fixed rate (open loop), as the OpenMessaging
+    Benchmark measures: latency counts from each record's scheduled send time, so a stall
+    is not hidden by a sender that waits. p50/p99/p99.9/max from HDR histograms, the rate
+    achieved against the rate asked, CPU seconds per million records per process."""
+    try:
+        from tidelog.ops.workload import (
+            WorkloadSpec,
+            plot_sweep,
+            run_sweep,
+            run_workload,
+            sweep_table,
+        )
+    except ImportError as err:
+        raise click.ClickException(
+            f"bench workload needs the bench extra ({err.name} is missing): "
+            "pip install 'tidelog[bench]'"
+        ) from None
+
+    try:
+        spec = WorkloadSpec(
+            topic=topic,
+            partitions=partitions,
+            replication_factor=replication_factor,
+            record_bytes=record_bytes,
+            rate=rate,
+            warmup_s=warmup,
+            duration_s=duration,
+            linger_ms=linger_ms,
+            adaptive_linger=adaptive_linger,
+            acks=acks,
+            batch_bytes=batch_bytes,
+            idempotence=idempotence,
+            max_in_flight=max_in_flight,
+            consumer=consumer,
+        )
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+
+    def note(msg: str) -> None:
+        click.echo(msg, err=True)
+
+    if sweep is None:
+        results = [_run(run_workload(bootstrap, spec, connection=client_options(), note=note))]
+        click.echo(results[0].summary())
+    else:
+        results = _run(run_sweep(bootstrap, spec, sweep, connection=client_options(), note=note))
+        rows = sweep_table(results)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            click.echo("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        if plot is not None:
+            title = (
+                f"tidelog: {record_bytes} B records, {partitions} partition(s), "
+                f"RF {replication_factor}, acks={acks}"
+            )
+            plot_sweep(results, plot, title)
+            click.echo(f"plot written to {plot}", err=True)
+    if json_path is not None:
+        json_path.write_text(json.dumps([r.to_json() for r in results], indent=2) + "\n")
+
+
 register_cluster_commands(cli)
+register_table_commands(cli, _bootstrap_option, client_options)
+add_group_commands(cli, _bootstrap_option)
+register_heal_commands(cli, cluster_group, _bootstrap_option)
+register_recover_commands(cli, _bootstrap_option)
 
 
 # ---------------------------------------------------------------------------------------------

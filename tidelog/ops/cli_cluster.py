@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -235,10 +236,48 @@ def cluster_status(directory: Path, as_json: bool, bootstrap: str | None) -> Non
             _print(_render_remote(report))
         return
     status = localcluster.cluster_status(directory)
+    shape = _local_shape(ctx, directory)
     if as_json:
-        click.echo(json.dumps(localcluster.status_to_json(status), indent=2))
+        out = localcluster.status_to_json(status)
+        if shape is not None:
+            out["moves"] = shape["moves"]
+            out["controller_voters"] = shape["controller_voters"]
+            out["controller_voter_change"] = shape["controller_voter_change"]
+            out["shape"] = [
+                {k: n[k] for k in ("id", "state", "reprovision_deadline_ms", "stalled")}
+                for n in shape["nodes"]
+            ]
+        click.echo(json.dumps(out, indent=2))
         return
-    _print(localcluster.render_status(status))
+    lines = localcluster.render_status(status)
+    if shape is not None:
+        for n in shape["nodes"]:
+            if n["state"] != "active":
+                lines.append(f"node {n['id']}: {n['state']}")
+            if n.get("reprovision_deadline_ms"):
+                lines.append(
+                    f"node {n['id']}: dead; replicas rebuilt elsewhere at "
+                    f"{_when(n['reprovision_deadline_ms'])}"
+                )
+            for why in n.get("stalled", []):
+                lines.append(f"node {n['id']}: cannot move {why}")
+        lines.extend(render_controller_voters(shape))
+        lines.extend(render_moves(shape["moves"]))
+    _print(lines)
+
+
+def _local_shape(ctx: click.Context, directory: Path) -> dict[str, Any] | None:
+    """Node states, deadlines and moves of the running local cluster (None: none answered)."""
+    from tidelog.ops.cli_connection import note_discovered_cluster
+
+    bootstrap = localcluster.discover_bootstrap_in(directory)
+    if bootstrap is None:
+        return None
+    note_discovered_cluster(ctx, directory)
+    try:
+        return asyncio.run(_remote_status(bootstrap, client_options()))
+    except (TidelogError, OSError):
+        return None
 
 
 async def _remote_status(bootstrap: str, connection: dict[str, Any]) -> dict[str, Any]:
@@ -248,6 +287,8 @@ async def _remote_status(bootstrap: str, connection: dict[str, Any]) -> dict[str
     async with Admin(bootstrap, **connection) as admin:
         view = await admin.metadata()
         descs = await admin.describe_topics(None)
+        shape = await admin.describe_cluster()
+    states = {n.node_id: n for n in shape.nodes}
     leaders: dict[int, int] = {n.node_id: 0 for n in view.nodes}
     replicas: dict[int, int] = {n.node_id: 0 for n in view.nodes}
     under: list[str] = []
@@ -274,14 +315,90 @@ async def _remote_status(bootstrap: str, connection: dict[str, Any]) -> dict[str
                 "alive": n.alive,
                 "leaders": leaders.get(n.node_id, 0),
                 "replicas": replicas.get(n.node_id, 0),
+                **_node_shape(states.get(n.node_id)),
             }
             for n in view.nodes
         ],
+        "moves": _moves(descs),
+        "controller_voters": list(shape.controller_voters),
+        "controller_voter_change": shape.controller_voter_change,
         "topics": len(descs),
         "partitions": sum(len(d.partitions) for d in descs),
         "under_replicated": under,
         "leaderless": leaderless,
     }
+
+
+def _node_shape(n: Any) -> dict[str, Any]:
+    """State, reprovisioning deadline and stuck replicas of a node (DescribeCluster)."""
+    if n is None:
+        return {"state": "unknown", "reprovision_deadline_ms": 0, "stalled": []}
+    return {
+        "state": n.state,
+        "dead_since_ms": n.dead_since_ms,
+        "reprovision_deadline_ms": n.reprovision_deadline_ms,
+        "stalled": list(n.stalled),
+        "controller_voter": n.controller_voter,
+    }
+
+
+def _moves(descs: Any) -> list[dict[str, Any]]:
+    """Partitions being moved: from where to where, copy progress, why stalled."""
+    out = []
+    for d in descs:
+        for p in d.partitions:
+            if not p.target:
+                continue
+            out.append(
+                {
+                    "partition": f"{d.name}/{p.partition}",
+                    "replicas": list(p.replicas),
+                    "target": list(p.target),
+                    "moving": {
+                        str(node): {"copied": c, "left": left}
+                        for node, (c, left) in sorted(p.moving.items())
+                    },
+                    "stalled": p.stalled,
+                }
+            )
+    return out
+
+
+def render_controller_voters(report: dict[str, Any]) -> list[str]:
+    """The controller's voters and a voter change in progress."""
+    voters = report.get("controller_voters") or []
+    lines = []
+    if voters:
+        lines.append(f"controller voters: {', '.join(map(str, voters))}")
+    if report.get("controller_voter_change"):
+        lines.append(f"controller voter change: {report['controller_voter_change']}")
+    return lines
+
+
+def render_moves(moves: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for m in moves:
+        line = (
+            f"moving {m['partition']}: {','.join(map(str, m['replicas']))} -> "
+            f"{','.join(map(str, m['target']))}"
+        )
+        for node, prog in m["moving"].items():
+            line += f"; node {node}: {prog['copied']} bytes copied, {prog['left']} bytes left"
+        if m["stalled"]:
+            line += f"; stalled: {m['stalled']}"
+        lines.append(line)
+    return lines
+
+
+def _when(ms: int) -> str:
+    import datetime
+
+    if not ms:
+        return ""
+    at = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC)
+    left = ms / 1000 - time.time()
+    rel = f"in {left:.0f} s" if left > 0 else "passed"
+    return f"{at:%H:%M:%S} UTC ({rel})"
 
 
 def _render_remote(report: dict[str, Any]) -> list[Any]:
@@ -292,17 +409,24 @@ def _render_remote(report: dict[str, Any]) -> list[Any]:
         f"(controller: node {report['controller_id']})",
         title_justify="left",
     )
-    for col in ("node", "address", "alive", "leaders", "replicas"):
+    for col in ("node", "address", "alive", "state", "leaders", "replicas", "reprovision at"):
         table.add_column(col)
     for n in report["nodes"]:
         table.add_row(
             str(n["id"]),
             n["address"],
             "yes" if n["alive"] else "NO",
+            n.get("state", ""),
             str(n["leaders"]),
             str(n["replicas"]),
+            _when(n.get("reprovision_deadline_ms", 0)),
         )
     lines: list[Any] = [table, f"{report['topics']} topic(s), {report['partitions']} partition(s)"]
+    lines.extend(render_controller_voters(report))
+    lines.extend(render_moves(report.get("moves", [])))
+    for n in report["nodes"]:
+        for why in n.get("stalled", []):
+            lines.append(f"node {n['id']}: cannot move {why}")
     for key, label in (("under_replicated", "under-replicated"), ("leaderless", "leaderless")):
         items = report[key]
         lines.append(f"{label}: {', '.join(items) if items else 'none'}")

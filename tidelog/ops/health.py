@@ -28,12 +28,15 @@ class Health:
     #: "topic/partition"
     under_replicated: tuple[str, ...]
     leaderless: tuple[str, ...]
+    #: Why the answering node has no controller yet (ClusterView.controller_waiting).
+    controller_waiting: str = ""
 
     @property
     def problems(self) -> list[str]:
         out: list[str] = []
         if self.controller_id <= 0:
-            out.append("no active controller")
+            waiting = f" ({self.controller_waiting})" if self.controller_waiting else ""
+            out.append(f"no active controller{waiting}")
         if not self.nodes:
             out.append("no node is registered")
         if self.down:
@@ -69,6 +72,7 @@ def assess(view: ClusterView) -> Health:
         partitions=partitions,
         under_replicated=tuple(under),
         leaderless=tuple(leaderless),
+        controller_waiting="" if view.controller_id > 0 else view.controller_waiting,
     )
 
 

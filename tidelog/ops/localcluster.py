@@ -44,6 +44,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from tidelog.ops.cluster_file import (
@@ -118,6 +119,7 @@ __all__ = [
     "PartitionProblem",
     "ProcState",
     "UpResult",
+    "add_node",
     "allocate_ports",
     "build_status",
     "cluster_status",
@@ -260,6 +262,89 @@ def _new_cluster(directory: Path, nodes: int, base_port: int, *, tls: bool) -> C
             )
         )
     return ClusterFile(directory, tuple(specs), voters, time.time_ns() // 1_000_000)
+
+
+def add_node(
+    directory: Path,
+    *,
+    timeout_s: float = NODE_READY_TIMEOUT_S,
+) -> NodeSpec:
+    """Start one more node in the running local cluster in ``directory``: the next node id,
+    free ports, its certificate (or the cluster secret), joining through a running node's
+    internal listener (``--join``). Returns it once it serves, registered alive; the
+    controller then balances replicas onto it."""
+    directory = directory.absolute()
+    with locked(directory):
+        cluster = load_cluster(directory)
+        running = [
+            n
+            for n in cluster.nodes
+            if process_state(n.pid, n.data_dir) is ProcState.RUNNING and n.internal_address
+        ]
+        if not running:
+            raise ClusterError(
+                f"no node of the local cluster in {directory} is running: `tidelog cluster "
+                "up` first (a new node joins through a running one)"
+            )
+        if len(cluster.nodes) >= NODES_MAX:
+            raise ClusterError(f"the local cluster has {NODES_MAX} nodes, the most it may have")
+        node_id = max(n.node_id for n in cluster.nodes) + 1
+        taken = {
+            port_of(a)
+            for n in cluster.nodes
+            for a in (n.address, n.metrics_address, n.internal_address)
+            if a
+        }
+        base = port_of(cluster.nodes[0].address)
+        [(port, metrics_port)] = allocate_ports(
+            1, base, in_use=lambda p: p in taken or port_in_use(p)
+        )
+        [internal_port] = allocate_internal_ports(1, base, avoid=[*taken, port, metrics_port])
+        tls: tuple[Path, Path, Path] | None = None
+        secret_file: Path | None = None
+        if (directory / SECRET_FILE).exists():
+            secret_file = directory / SECRET_FILE
+        else:
+            from tidelog.ops.certs import CA_CERT, CertError, local_cluster_certs
+
+            certs_dir = directory / CERTS_DIR
+            try:
+                files = local_cluster_certs(certs_dir, [node_id])[node_id]
+            except (CertError, OSError) as exc:
+                raise ClusterError(
+                    f"cannot make the certificate of node {node_id}: {exc}"
+                ) from None
+            tls = (certs_dir / CA_CERT, files.cert, files.key)
+        node_dir = directory / f"node-{node_id}"
+        data_dir = node_dir / "data"
+        address = f"{HOST}:{port}"
+        internal = f"{HOST}:{internal_port}"
+        spec = NodeSpec(
+            node_id=node_id,
+            pid=0,
+            address=address,
+            metrics_address=f"{HOST}:{metrics_port}",
+            data_dir=data_dir,
+            log_path=node_dir / "node.log",
+            argv=node_argv(
+                node_id,
+                address,
+                data_dir,
+                metrics_port,
+                None,
+                internal_listen=internal,
+                tls=tls,
+                secret_file=secret_file,
+                join=running[0].internal_address,
+            ),
+            internal_address=internal,
+        )
+        cluster = replace(cluster, nodes=(*cluster.nodes, spec))
+        cluster = cluster.with_pid(node_id, launch(spec))
+        save_cluster(cluster)
+        spec = cluster.node(node_id)
+    wait_node_ready(spec, timeout_s)
+    return spec
 
 
 def _write_secret(path: Path) -> Path:

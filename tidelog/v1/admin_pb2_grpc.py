@@ -54,6 +54,51 @@ class AdminStub:
                 request_serializer=tidelog_dot_v1_dot_admin__pb2.AlterTopicConfigRequest.SerializeToString,
                 response_deserializer=tidelog_dot_v1_dot_admin__pb2.AlterTopicConfigResponse.FromString,
                 _registered_method=True)
+        self.CreatePartitions = channel.unary_unary(
+                '/tidelog.v1.Admin/CreatePartitions',
+                request_serializer=tidelog_dot_v1_dot_admin__pb2.CreatePartitionsRequest.SerializeToString,
+                response_deserializer=tidelog_dot_v1_dot_admin__pb2.CreatePartitionsResponse.FromString,
+                _registered_method=True)
+        self.DescribeCluster = channel.unary_unary(
+                '/tidelog.v1.Admin/DescribeCluster',
+                request_serializer=tidelog_dot_v1_dot_admin__pb2.DescribeClusterRequest.SerializeToString,
+                response_deserializer=tidelog_dot_v1_dot_admin__pb2.DescribeClusterResponse.FromString,
+                _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/tidelog.v1.Admin/DrainNode',
+                request_serializer=tidelog_dot_v1_dot_admin__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=tidelog_dot_v1_dot_admin__pb2.DrainNodeResponse.FromString,
+                _registered_method=True)
+        self.RemoveNode = channel.unary_unary(
+                '/tidelog.v1.Admin/RemoveNode',
+                request_serializer=tidelog_dot_v1_dot_admin__pb2.RemoveNodeRequest.SerializeToString,
+                response_deserializer=tidelog_dot_v1_dot_admin__pb2.RemoveNodeResponse.FromString,
+                _registered_method=True)
+        self.ReassignPartition = channel.unary_unary(
+                '/tidelog.v1.Admin/ReassignPartition',
+                request_serializer=tidelog_dot_v1_dot_admin__pb2.ReassignPartitionRequest.SerializeToString,
+                response_deserializer=tidelog_dot_v1_dot_admin__pb2.ReassignPartitionResponse.FromString,
+                _registered_method=True)
+        self.GetClusterConfig = channel.unary_unary(
+                '/tidelog.v1.Admin/GetClusterConfig',
+                request_serializer=tidelog_dot_v1_dot_admin__pb2.GetClusterConfigRequest.SerializeToString,
+                response_deserializer=tidelog_dot_v1_dot_admin__pb2.GetClusterConfigResponse.FromString,
+                _registered_method=True)
+        self.SetClusterConfig = channel.unary_unary(
+                '/tidelog.v1.Admin/SetClusterConfig',
+                request_serializer=tidelog_dot_v1_dot_admin__pb2.SetClusterConfigRequest.SerializeToString,
+                response_deserializer=tidelog_dot_v1_dot_admin__pb2.SetClusterConfigResponse.FromString,
+                _registered_method=True)
+        self.ForceRecoverPartition = channel.unary_unary(
+                '/tidelog.v1.Admin/ForceRecoverPartition',
+                request_serializer=tidelog_dot_v1_dot_admin__pb2.ForceRecoverPartitionRequest.SerializeToString,
+                response_deserializer=tidelog_dot_v1_dot_admin__pb2.ForceRecoverPartitionResponse.FromString,
+                _registered_method=True)
+        self.ForceRecoverController = channel.unary_unary(
+                '/tidelog.v1.Admin/ForceRecoverController',
+                request_serializer=tidelog_dot_v1_dot_admin__pb2.ForceRecoverControllerRequest.SerializeToString,
+                response_deserializer=tidelog_dot_v1_dot_admin__pb2.ForceRecoverControllerResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -83,6 +128,67 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreatePartitions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeCluster(self, request, context):
+        """Nodes, their replicas, leaders and states, and the moves in progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainNode(self, request, context):
+        """Move every replica off a node (new replica in before the old one goes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveNode(self, request, context):
+        """Forget a dead or drained node that holds no replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReassignPartition(self, request, context):
+        """Move one partition's replicas to the given nodes, or cancel its move.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetClusterConfig(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetClusterConfig(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForceRecoverPartition(self, request, context):
+        """UNSAFE: recover a partition that lost a majority of its replicas for good.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForceRecoverController(self, request, context):
+        """UNSAFE: the controller lost a majority of its voters for good; shrink its voters to the
+        survivors (the nodes that answer) and elect the most up-to-date (docs/operations.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +211,51 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.AlterTopicConfig,
                     request_deserializer=tidelog_dot_v1_dot_admin__pb2.AlterTopicConfigRequest.FromString,
                     response_serializer=tidelog_dot_v1_dot_admin__pb2.AlterTopicConfigResponse.SerializeToString,
+            ),
+            'CreatePartitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePartitions,
+                    request_deserializer=tidelog_dot_v1_dot_admin__pb2.CreatePartitionsRequest.FromString,
+                    response_serializer=tidelog_dot_v1_dot_admin__pb2.CreatePartitionsResponse.SerializeToString,
+            ),
+            'DescribeCluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeCluster,
+                    request_deserializer=tidelog_dot_v1_dot_admin__pb2.DescribeClusterRequest.FromString,
+                    response_serializer=tidelog_dot_v1_dot_admin__pb2.DescribeClusterResponse.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=tidelog_dot_v1_dot_admin__pb2.DrainNodeRequest.FromString,
+                    response_serializer=tidelog_dot_v1_dot_admin__pb2.DrainNodeResponse.SerializeToString,
+            ),
+            'RemoveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveNode,
+                    request_deserializer=tidelog_dot_v1_dot_admin__pb2.RemoveNodeRequest.FromString,
+                    response_serializer=tidelog_dot_v1_dot_admin__pb2.RemoveNodeResponse.SerializeToString,
+            ),
+            'ReassignPartition': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReassignPartition,
+                    request_deserializer=tidelog_dot_v1_dot_admin__pb2.ReassignPartitionRequest.FromString,
+                    response_serializer=tidelog_dot_v1_dot_admin__pb2.ReassignPartitionResponse.SerializeToString,
+            ),
+            'GetClusterConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetClusterConfig,
+                    request_deserializer=tidelog_dot_v1_dot_admin__pb2.GetClusterConfigRequest.FromString,
+                    response_serializer=tidelog_dot_v1_dot_admin__pb2.GetClusterConfigResponse.SerializeToString,
+            ),
+            'SetClusterConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetClusterConfig,
+                    request_deserializer=tidelog_dot_v1_dot_admin__pb2.SetClusterConfigRequest.FromString,
+                    response_serializer=tidelog_dot_v1_dot_admin__pb2.SetClusterConfigResponse.SerializeToString,
+            ),
+            'ForceRecoverPartition': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForceRecoverPartition,
+                    request_deserializer=tidelog_dot_v1_dot_admin__pb2.ForceRecoverPartitionRequest.FromString,
+                    response_serializer=tidelog_dot_v1_dot_admin__pb2.ForceRecoverPartitionResponse.SerializeToString,
+            ),
+            'ForceRecoverController': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForceRecoverController,
+                    request_deserializer=tidelog_dot_v1_dot_admin__pb2.ForceRecoverControllerRequest.FromString,
+                    response_serializer=tidelog_dot_v1_dot_admin__pb2.ForceRecoverControllerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +366,249 @@ class Admin:
             '/tidelog.v1.Admin/AlterTopicConfig',
             tidelog_dot_v1_dot_admin__pb2.AlterTopicConfigRequest.SerializeToString,
             tidelog_dot_v1_dot_admin__pb2.AlterTopicConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePartitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.v1.Admin/CreatePartitions',
+            tidelog_dot_v1_dot_admin__pb2.CreatePartitionsRequest.SerializeToString,
+            tidelog_dot_v1_dot_admin__pb2.CreatePartitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeCluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.v1.Admin/DescribeCluster',
+            tidelog_dot_v1_dot_admin__pb2.DescribeClusterRequest.SerializeToString,
+            tidelog_dot_v1_dot_admin__pb2.DescribeClusterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.v1.Admin/DrainNode',
+            tidelog_dot_v1_dot_admin__pb2.DrainNodeRequest.SerializeToString,
+            tidelog_dot_v1_dot_admin__pb2.DrainNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.v1.Admin/RemoveNode',
+            tidelog_dot_v1_dot_admin__pb2.RemoveNodeRequest.SerializeToString,
+            tidelog_dot_v1_dot_admin__pb2.RemoveNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReassignPartition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.v1.Admin/ReassignPartition',
+            tidelog_dot_v1_dot_admin__pb2.ReassignPartitionRequest.SerializeToString,
+            tidelog_dot_v1_dot_admin__pb2.ReassignPartitionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetClusterConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.v1.Admin/GetClusterConfig',
+            tidelog_dot_v1_dot_admin__pb2.GetClusterConfigRequest.SerializeToString,
+            tidelog_dot_v1_dot_admin__pb2.GetClusterConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetClusterConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.v1.Admin/SetClusterConfig',
+            tidelog_dot_v1_dot_admin__pb2.SetClusterConfigRequest.SerializeToString,
+            tidelog_dot_v1_dot_admin__pb2.SetClusterConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForceRecoverPartition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.v1.Admin/ForceRecoverPartition',
+            tidelog_dot_v1_dot_admin__pb2.ForceRecoverPartitionRequest.SerializeToString,
+            tidelog_dot_v1_dot_admin__pb2.ForceRecoverPartitionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForceRecoverController(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.v1.Admin/ForceRecoverController',
+            tidelog_dot_v1_dot_admin__pb2.ForceRecoverControllerRequest.SerializeToString,
+            tidelog_dot_v1_dot_admin__pb2.ForceRecoverControllerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tidelog/v1/broker.proto\x12\ntidelog.v1\"w\n\x0eProduceRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x0c\x12\x1e\n\x04\x61\x63ks\x18\x04 \x01(\x0e\x32\x10.tidelog.v1.Acks\x12\x12\n\ntimeout_ms\x18\x05 \x01(\x05\"J\n\x0b\x42\x61tchResult\x12\x13\n\x0b\x62\x61se_offset\x18\x01 \x01(\x03\x12\x13\n\x0blast_offset\x18\x02 \x01(\x03\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"\x97\x01\n\x0fProduceResponse\x12\x13\n\x0b\x62\x61se_offset\x18\x01 \x01(\x03\x12\x13\n\x0blast_offset\x18\x02 \x01(\x03\x12\x18\n\x10log_start_offset\x18\x03 \x01(\x03\x12\x16\n\x0e\x61ppend_time_ms\x18\x04 \x01(\x03\x12(\n\x07results\x18\x05 \x03(\x0b\x32\x17.tidelog.v1.BatchResult\"Y\n\x15InitProducerIdRequest\x12\x18\n\x0bproducer_id\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0eproducer_epoch\x18\x02 \x01(\x05\x42\x0e\n\x0c_producer_id\"E\n\x16InitProducerIdResponse\x12\x13\n\x0bproducer_id\x18\x01 \x01(\x03\x12\x16\n\x0eproducer_epoch\x18\x02 \x01(\x05\"v\n\x0c\x46\x65tchRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x11\n\tmax_bytes\x18\x04 \x01(\x05\x12\x13\n\x0bmax_wait_ms\x18\x05 \x01(\x05\x12\x0c\n\x04once\x18\x06 \x01(\x08\"g\n\rFetchResponse\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x0c\x12\x16\n\x0ehigh_watermark\x18\x02 \x01(\x03\x12\x18\n\x10log_start_offset\x18\x03 \x01(\x03\x12\x13\n\x0bnext_offset\x18\x04 \x01(\x03\"\x88\x01\n\x12ListOffsetsRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12$\n\x04spec\x18\x03 \x01(\x0e\x32\x16.tidelog.v1.OffsetSpec\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x03\x12\x14\n\x0clinearizable\x18\x05 \x01(\x08\"m\n\x13ListOffsetsResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x03\x12\x18\n\x10log_start_offset\x18\x03 \x01(\x03\x12\x16\n\x0ehigh_watermark\x18\x04 \x01(\x03\"b\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x03 \x01(\t\x12\x0c\n\x04rack\x18\x04 \x01(\t\x12\r\n\x05\x61live\x18\x05 \x01(\x08\"n\n\x11PartitionMetadata\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\x0e\n\x06leader\x18\x02 \x01(\x05\x12\x10\n\x08replicas\x18\x03 \x03(\x05\x12\x0f\n\x07in_sync\x18\x04 \x03(\x05\x12\x13\n\x0bleader_term\x18\x05 \x01(\x03\"b\n\rTopicMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x31\n\npartitions\x18\x02 \x03(\x0b\x32\x1d.tidelog.v1.PartitionMetadata\x12\x10\n\x08internal\x18\x03 \x01(\x08\"!\n\x0fMetadataRequest\x12\x0e\n\x06topics\x18\x01 \x03(\t\"\xa5\x01\n\x10MetadataResponse\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.tidelog.v1.NodeInfo\x12\x15\n\rcontroller_id\x18\x02 \x01(\x05\x12)\n\x06topics\x18\x03 \x03(\x0b\x32\x19.tidelog.v1.TopicMetadata\x12\x12\n\ncluster_id\x18\x04 \x01(\t\x12\x16\n\x0eserver_version\x18\x05 \x01(\t*J\n\x04\x41\x63ks\x12\x14\n\x10\x41\x43KS_UNSPECIFIED\x10\x00\x12\r\n\tACKS_NONE\x10\x01\x12\x0f\n\x0b\x41\x43KS_LEADER\x10\x02\x12\x0c\n\x08\x41\x43KS_ALL\x10\x03*Y\n\nOffsetSpec\x12\x16\n\x12OFFSET_SPEC_LATEST\x10\x00\x12\x18\n\x14OFFSET_SPEC_EARLIEST\x10\x01\x12\x19\n\x15OFFSET_SPEC_TIMESTAMP\x10\x02\x32\xfc\x02\n\x06\x42roker\x12\x42\n\x07Produce\x12\x1a.tidelog.v1.ProduceRequest\x1a\x1b.tidelog.v1.ProduceResponse\x12W\n\x0eInitProducerId\x12!.tidelog.v1.InitProducerIdRequest\x1a\".tidelog.v1.InitProducerIdResponse\x12>\n\x05\x46\x65tch\x12\x18.tidelog.v1.FetchRequest\x1a\x19.tidelog.v1.FetchResponse0\x01\x12N\n\x0bListOffsets\x12\x1e.tidelog.v1.ListOffsetsRequest\x1a\x1f.tidelog.v1.ListOffsetsResponse\x12\x45\n\x08Metadata\x12\x1b.tidelog.v1.MetadataRequest\x1a\x1c.tidelog.v1.MetadataResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tidelog/v1/broker.proto\x12\ntidelog.v1\"w\n\x0eProduceRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x0c\x12\x1e\n\x04\x61\x63ks\x18\x04 \x01(\x0e\x32\x10.tidelog.v1.Acks\x12\x12\n\ntimeout_ms\x18\x05 \x01(\x05\"J\n\x0b\x42\x61tchResult\x12\x13\n\x0b\x62\x61se_offset\x18\x01 \x01(\x03\x12\x13\n\x0blast_offset\x18\x02 \x01(\x03\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"\x97\x01\n\x0fProduceResponse\x12\x13\n\x0b\x62\x61se_offset\x18\x01 \x01(\x03\x12\x13\n\x0blast_offset\x18\x02 \x01(\x03\x12\x18\n\x10log_start_offset\x18\x03 \x01(\x03\x12\x16\n\x0e\x61ppend_time_ms\x18\x04 \x01(\x03\x12(\n\x07results\x18\x05 \x03(\x0b\x32\x17.tidelog.v1.BatchResult\"Y\n\x15InitProducerIdRequest\x12\x18\n\x0bproducer_id\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0eproducer_epoch\x18\x02 \x01(\x05\x42\x0e\n\x0c_producer_id\"E\n\x16InitProducerIdResponse\x12\x13\n\x0bproducer_id\x18\x01 \x01(\x03\x12\x16\n\x0eproducer_epoch\x18\x02 \x01(\x05\"\x8e\x01\n\x0c\x46\x65tchRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x11\n\tmax_bytes\x18\x04 \x01(\x05\x12\x13\n\x0bmax_wait_ms\x18\x05 \x01(\x05\x12\x0c\n\x04once\x18\x06 \x01(\x08\x12\x16\n\x0e\x61llow_follower\x18\x07 \x01(\x08\"g\n\rFetchResponse\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x0c\x12\x16\n\x0ehigh_watermark\x18\x02 \x01(\x03\x12\x18\n\x10log_start_offset\x18\x03 \x01(\x03\x12\x13\n\x0bnext_offset\x18\x04 \x01(\x03\"\x88\x01\n\x12ListOffsetsRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12$\n\x04spec\x18\x03 \x01(\x0e\x32\x16.tidelog.v1.OffsetSpec\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x03\x12\x14\n\x0clinearizable\x18\x05 \x01(\x08\"m\n\x13ListOffsetsResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x03\x12\x18\n\x10log_start_offset\x18\x03 \x01(\x03\x12\x16\n\x0ehigh_watermark\x18\x04 \x01(\x03\"b\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x03 \x01(\t\x12\x0c\n\x04rack\x18\x04 \x01(\t\x12\r\n\x05\x61live\x18\x05 \x01(\x08\"n\n\x11PartitionMetadata\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\x0e\n\x06leader\x18\x02 \x01(\x05\x12\x10\n\x08replicas\x18\x03 \x03(\x05\x12\x0f\n\x07in_sync\x18\x04 \x03(\x05\x12\x13\n\x0bleader_term\x18\x05 \x01(\x03\"b\n\rTopicMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x31\n\npartitions\x18\x02 \x03(\x0b\x32\x1d.tidelog.v1.PartitionMetadata\x12\x10\n\x08internal\x18\x03 \x01(\x08\"!\n\x0fMetadataRequest\x12\x0e\n\x06topics\x18\x01 \x03(\t\"\xc1\x01\n\x10MetadataResponse\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.tidelog.v1.NodeInfo\x12\x15\n\rcontroller_id\x18\x02 \x01(\x05\x12)\n\x06topics\x18\x03 \x03(\x0b\x32\x19.tidelog.v1.TopicMetadata\x12\x12\n\ncluster_id\x18\x04 \x01(\t\x12\x16\n\x0eserver_version\x18\x05 \x01(\t\x12\x1a\n\x12\x63ontroller_waiting\x18\x06 \x01(\t*J\n\x04\x41\x63ks\x12\x14\n\x10\x41\x43KS_UNSPECIFIED\x10\x00\x12\r\n\tACKS_NONE\x10\x01\x12\x0f\n\x0b\x41\x43KS_LEADER\x10\x02\x12\x0c\n\x08\x41\x43KS_ALL\x10\x03*Y\n\nOffsetSpec\x12\x16\n\x12OFFSET_SPEC_LATEST\x10\x00\x12\x18\n\x14OFFSET_SPEC_EARLIEST\x10\x01\x12\x19\n\x15OFFSET_SPEC_TIMESTAMP\x10\x02\x32\xfc\x02\n\x06\x42roker\x12\x42\n\x07Produce\x12\x1a.tidelog.v1.ProduceRequest\x1a\x1b.tidelog.v1.ProduceResponse\x12W\n\x0eInitProducerId\x12!.tidelog.v1.InitProducerIdRequest\x1a\".tidelog.v1.InitProducerIdResponse\x12>\n\x05\x46\x65tch\x12\x18.tidelog.v1.FetchRequest\x1a\x19.tidelog.v1.FetchResponse0\x01\x12N\n\x0bListOffsets\x12\x1e.tidelog.v1.ListOffsetsRequest\x1a\x1f.tidelog.v1.ListOffsetsResponse\x12\x45\n\x08Metadata\x12\x1b.tidelog.v1.MetadataRequest\x1a\x1c.tidelog.v1.MetadataResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tidelog.v1.broker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACKS']._serialized_start=1542
-  _globals['_ACKS']._serialized_end=1616
-  _globals['_OFFSETSPEC']._serialized_start=1618
-  _globals['_OFFSETSPEC']._serialized_end=1707
+  _globals['_ACKS']._serialized_start=1595
+  _globals['_ACKS']._serialized_end=1669
+  _globals['_OFFSETSPEC']._serialized_start=1671
+  _globals['_OFFSETSPEC']._serialized_end=1760
   _globals['_PRODUCEREQUEST']._serialized_start=39
   _globals['_PRODUCEREQUEST']._serialized_end=158
   _globals['_BATCHRESULT']._serialized_start=160
@@ -45,24 +45,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INITPRODUCERIDREQUEST']._serialized_end=479
   _globals['_INITPRODUCERIDRESPONSE']._serialized_start=481
   _globals['_INITPRODUCERIDRESPONSE']._serialized_end=550
-  _globals['_FETCHREQUEST']._serialized_start=552
-  _globals['_FETCHREQUEST']._serialized_end=670
-  _globals['_FETCHRESPONSE']._serialized_start=672
-  _globals['_FETCHRESPONSE']._serialized_end=775
-  _globals['_LISTOFFSETSREQUEST']._serialized_start=778
-  _globals['_LISTOFFSETSREQUEST']._serialized_end=914
-  _globals['_LISTOFFSETSRESPONSE']._serialized_start=916
-  _globals['_LISTOFFSETSRESPONSE']._serialized_end=1025
-  _globals['_NODEINFO']._serialized_start=1027
-  _globals['_NODEINFO']._serialized_end=1125
-  _globals['_PARTITIONMETADATA']._serialized_start=1127
-  _globals['_PARTITIONMETADATA']._serialized_end=1237
-  _globals['_TOPICMETADATA']._serialized_start=1239
-  _globals['_TOPICMETADATA']._serialized_end=1337
-  _globals['_METADATAREQUEST']._serialized_start=1339
-  _globals['_METADATAREQUEST']._serialized_end=1372
-  _globals['_METADATARESPONSE']._serialized_start=1375
-  _globals['_METADATARESPONSE']._serialized_end=1540
-  _globals['_BROKER']._serialized_start=1710
-  _globals['_BROKER']._serialized_end=2090
+  _globals['_FETCHREQUEST']._serialized_start=553
+  _globals['_FETCHREQUEST']._serialized_end=695
+  _globals['_FETCHRESPONSE']._serialized_start=697
+  _globals['_FETCHRESPONSE']._serialized_end=800
+  _globals['_LISTOFFSETSREQUEST']._serialized_start=803
+  _globals['_LISTOFFSETSREQUEST']._serialized_end=939
+  _globals['_LISTOFFSETSRESPONSE']._serialized_start=941
+  _globals['_LISTOFFSETSRESPONSE']._serialized_end=1050
+  _globals['_NODEINFO']._serialized_start=1052
+  _globals['_NODEINFO']._serialized_end=1150
+  _globals['_PARTITIONMETADATA']._serialized_start=1152
+  _globals['_PARTITIONMETADATA']._serialized_end=1262
+  _globals['_TOPICMETADATA']._serialized_start=1264
+  _globals['_TOPICMETADATA']._serialized_end=1362
+  _globals['_METADATAREQUEST']._serialized_start=1364
+  _globals['_METADATAREQUEST']._serialized_end=1397
+  _globals['_METADATARESPONSE']._serialized_start=1400
+  _globals['_METADATARESPONSE']._serialized_end=1593
+  _globals['_BROKER']._serialized_start=1763
+  _globals['_BROKER']._serialized_end=2143
 # @@protoc_insertion_point(module_scope)

@@ -244,6 +244,7 @@ class FetchRequest(_message.Message):
     MAX_BYTES_FIELD_NUMBER: _builtins.int
     MAX_WAIT_MS_FIELD_NUMBER: _builtins.int
     ONCE_FIELD_NUMBER: _builtins.int
+    ALLOW_FOLLOWER_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
     partition: _builtins.int
     offset: _builtins.int
@@ -258,6 +259,13 @@ class FetchRequest(_message.Message):
     """
     once: _builtins.bool
     """Return after the first response instead of streaming on."""
+    allow_follower: _builtins.bool
+    """Follower fetching (Kafka's KIP-392): the consumer accepts records from this replica even
+    if it is a follower. A follower serves only what it knows is committed (below the high
+    watermark it learnt from the leader, which may trail the leader's), waits for offsets
+    above it, and refuses with NOT_LEADER (naming the leader) when it has not heard from a
+    leader within an election timeout or is recovering lost entries.
+    """
     def __init__(
         self,
         *,
@@ -267,10 +275,11 @@ class FetchRequest(_message.Message):
         max_bytes: _builtins.int = ...,
         max_wait_ms: _builtins.int = ...,
         once: _builtins.bool = ...,
+        allow_follower: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_bytes", b"max_bytes", "max_wait_ms", b"max_wait_ms", "offset", b"offset", "once", b"once", "partition", b"partition", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_follower", b"allow_follower", "max_bytes", b"max_bytes", "max_wait_ms", b"max_wait_ms", "offset", b"offset", "once", b"once", "partition", b"partition", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -500,11 +509,16 @@ class MetadataResponse(_message.Message):
     TOPICS_FIELD_NUMBER: _builtins.int
     CLUSTER_ID_FIELD_NUMBER: _builtins.int
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
+    CONTROLLER_WAITING_FIELD_NUMBER: _builtins.int
     controller_id: _builtins.int
     """-1 when unknown."""
     cluster_id: _builtins.str
     server_version: _builtins.str
     """The tidelog version of the node that answers (empty from older nodes)."""
+    controller_waiting: _builtins.str
+    """Why the answering node has no controller yet, when it is a controller voter on an empty
+    data directory waiting for the other voters to form the cluster (else empty).
+    """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeInfo]: ...
     @_builtins.property
@@ -517,10 +531,11 @@ class MetadataResponse(_message.Message):
         topics: _abc.Iterable[Global___TopicMetadata] | None = ...,
         cluster_id: _builtins.str = ...,
         server_version: _builtins.str = ...,
+        controller_waiting: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "controller_id", b"controller_id", "nodes", b"nodes", "server_version", b"server_version", "topics", b"topics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "controller_id", b"controller_id", "controller_waiting", b"controller_waiting", "nodes", b"nodes", "server_version", b"server_version", "topics", b"topics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

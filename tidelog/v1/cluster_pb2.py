@@ -25,29 +25,47 @@ _sym_db = _symbol_database.Default()
 from tidelog.v1 import admin_pb2 as tidelog_dot_v1_dot_admin__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tidelog/v1/cluster.proto\x12\ntidelog.v1\x1a\x16tidelog/v1/admin.proto\"\x89\x02\n\x0e\x46orwardRequest\x12\x11\n\tfrom_node\x18\x01 \x01(\x05\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\x38\n\rcreate_topics\x18\x03 \x01(\x0b\x32\x1f.tidelog.v1.CreateTopicsRequestH\x00\x12\x38\n\rdelete_topics\x18\x04 \x01(\x0b\x32\x1f.tidelog.v1.DeleteTopicsRequestH\x00\x12\x41\n\x12\x61lter_topic_config\x18\x05 \x01(\x0b\x32#.tidelog.v1.AlterTopicConfigRequestH\x00\x12\x11\n\x07\x63ommand\x18\x06 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"7\n\x0f\x46orwardResponse\x12\x15\n\rapplied_index\x18\x01 \x01(\x04\x12\r\n\x05names\x18\x02 \x03(\t\"+\n\x0cLeaderReport\x12\r\n\x05group\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\"_\n\rNodeHeartbeat\x12\x0f\n\x07node_id\x18\x01 \x01(\x05\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12)\n\x07leading\x18\x03 \x03(\x0b\x32\x18.tidelog.v1.LeaderReport\"%\n\x0cHeartbeatAck\x12\x15\n\rcontroller_id\x18\x01 \x01(\x05\"6\n\x10LogDigestRequest\x12\x0e\n\x06topics\x18\x01 \x03(\t\x12\x12\n\nend_offset\x18\x02 \x01(\x03\"\xe1\x01\n\x0fPartitionDigest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x18\n\x10log_start_offset\x18\x03 \x01(\x03\x12\x16\n\x0ehigh_watermark\x18\x04 \x01(\x03\x12\x19\n\x11\x64igest_end_offset\x18\x05 \x01(\x03\x12\x0e\n\x06\x63rc32c\x18\x06 \x01(\r\x12\x14\n\x0c\x63ommit_index\x18\x07 \x01(\x04\x12\x0c\n\x04term\x18\x08 \x01(\x04\x12\x0c\n\x04role\x18\t \x01(\x05\x12\x0e\n\x06leader\x18\n \x01(\x05\x12\r\n\x05group\x18\x0b \x01(\x04\"U\n\x11LogDigestResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x05\x12/\n\npartitions\x18\x02 \x03(\x0b\x32\x1b.tidelog.v1.PartitionDigest2\xd9\x01\n\x07\x43luster\x12\x42\n\x07\x46orward\x12\x1a.tidelog.v1.ForwardRequest\x1a\x1b.tidelog.v1.ForwardResponse\x12@\n\tHeartbeat\x12\x19.tidelog.v1.NodeHeartbeat\x1a\x18.tidelog.v1.HeartbeatAck\x12H\n\tLogDigest\x12\x1c.tidelog.v1.LogDigestRequest\x1a\x1d.tidelog.v1.LogDigestResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tidelog/v1/cluster.proto\x12\ntidelog.v1\x1a\x16tidelog/v1/admin.proto\"\x83\x01\n\x15RecoverReplicaRequest\x12\x11\n\tfrom_node\x18\x01 \x01(\x05\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\x04\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\x12\x0e\n\x06voters\x18\x05 \x03(\x05\x12\x15\n\rthrough_index\x18\x06 \x01(\x04\"\x9f\x01\n\x16RecoverReplicaResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x05\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x11\n\tlast_term\x18\x03 \x01(\x04\x12\x12\n\nlast_index\x18\x04 \x01(\x04\x12\x16\n\x0elog_end_offset\x18\x05 \x01(\x04\x12\x16\n\x0ehigh_watermark\x18\x06 \x01(\x04\x12\x0e\n\x06voters\x18\x07 \x03(\x05\"\x19\n\x17\x43ontrollerVotersRequest\"M\n\x18\x43ontrollerVotersResponse\x12\x0e\n\x06voters\x18\x01 \x01(\t\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\r\n\x05\x66resh\x18\x03 \x01(\x08\"\x89\x01\n\x18RecoverControllerRequest\x12\x11\n\tfrom_node\x18\x01 \x01(\x05\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\x12\x0e\n\x06voters\x18\x04 \x03(\x05\x12\x15\n\rthrough_index\x18\x05 \x01(\x04\x12\x10\n\x08\x63\x61mpaign\x18\x06 \x01(\x08\"\x9c\x01\n\x19RecoverControllerResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x05\x12\x11\n\tlast_term\x18\x02 \x01(\x04\x12\x12\n\nlast_index\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\x04 \x01(\x04\x12\x0e\n\x06voters\x18\x05 \x03(\x05\x12\x11\n\tleader_id\x18\x06 \x01(\x05\x12\x0e\n\x06leader\x18\x07 \x01(\x08\"\x89\x05\n\x0e\x46orwardRequest\x12\x11\n\tfrom_node\x18\x01 \x01(\x05\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\x38\n\rcreate_topics\x18\x03 \x01(\x0b\x32\x1f.tidelog.v1.CreateTopicsRequestH\x00\x12\x38\n\rdelete_topics\x18\x04 \x01(\x0b\x32\x1f.tidelog.v1.DeleteTopicsRequestH\x00\x12\x41\n\x12\x61lter_topic_config\x18\x05 \x01(\x0b\x32#.tidelog.v1.AlterTopicConfigRequestH\x00\x12\x11\n\x07\x63ommand\x18\x06 \x01(\x0cH\x00\x12\x32\n\ndrain_node\x18\x07 \x01(\x0b\x32\x1c.tidelog.v1.DrainNodeRequestH\x00\x12\x34\n\x0bremove_node\x18\x08 \x01(\x0b\x32\x1d.tidelog.v1.RemoveNodeRequestH\x00\x12\x42\n\x12reassign_partition\x18\t \x01(\x0b\x32$.tidelog.v1.ReassignPartitionRequestH\x00\x12\x41\n\x12set_cluster_config\x18\n \x01(\x0b\x32#.tidelog.v1.SetClusterConfigRequestH\x00\x12K\n\x17\x66orce_recover_partition\x18\x0b \x01(\x0b\x32(.tidelog.v1.ForceRecoverPartitionRequestH\x00\x12@\n\x11\x63reate_partitions\x18\x0c \x01(\x0b\x32#.tidelog.v1.CreatePartitionsRequestH\x00\x42\x06\n\x04\x62ody\"\x88\x01\n\x0f\x46orwardResponse\x12\x15\n\rapplied_index\x18\x01 \x01(\x04\x12\r\n\x05names\x18\x02 \x03(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12@\n\rforce_recover\x18\x04 \x01(\x0b\x32).tidelog.v1.ForceRecoverPartitionResponse\"_\n\x0cLeaderReport\x12\r\n\x05group\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x10\n\x08has_conf\x18\x03 \x01(\x08\x12\x0e\n\x06voters\x18\x04 \x03(\x05\x12\x10\n\x08learners\x18\x05 \x03(\x05\"+\n\x0eLeaderTransfer\x12\r\n\x05group\x18\x01 \x01(\x04\x12\n\n\x02to\x18\x02 \x01(\x05\"_\n\rNodeHeartbeat\x12\x0f\n\x07node_id\x18\x01 \x01(\x05\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12)\n\x07leading\x18\x03 \x03(\x0b\x32\x18.tidelog.v1.LeaderReport\"T\n\x0cHeartbeatAck\x12\x15\n\rcontroller_id\x18\x01 \x01(\x05\x12-\n\ttransfers\x18\x02 \x03(\x0b\x32\x1a.tidelog.v1.LeaderTransfer\"6\n\x10LogDigestRequest\x12\x0e\n\x06topics\x18\x01 \x03(\t\x12\x12\n\nend_offset\x18\x02 \x01(\x03\"\xe1\x01\n\x0fPartitionDigest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x18\n\x10log_start_offset\x18\x03 \x01(\x03\x12\x16\n\x0ehigh_watermark\x18\x04 \x01(\x03\x12\x19\n\x11\x64igest_end_offset\x18\x05 \x01(\x03\x12\x0e\n\x06\x63rc32c\x18\x06 \x01(\r\x12\x14\n\x0c\x63ommit_index\x18\x07 \x01(\x04\x12\x0c\n\x04term\x18\x08 \x01(\x04\x12\x0c\n\x04role\x18\t \x01(\x05\x12\x0e\n\x06leader\x18\n \x01(\x05\x12\r\n\x05group\x18\x0b \x01(\x04\"U\n\x11LogDigestResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x05\x12/\n\npartitions\x18\x02 \x03(\x0b\x32\x1b.tidelog.v1.PartitionDigest\"\xad\x01\n\x12\x43\x61tchupReadRequest\x12\x11\n\tfrom_node\x18\x01 \x01(\x05\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\x04\x12\x16\n\x0esnapshot_index\x18\x04 \x01(\x04\x12\x15\n\rsnapshot_term\x18\x05 \x01(\x04\x12\x0c\n\x04part\x18\x06 \x01(\t\x12\x10\n\x08position\x18\x07 \x01(\x03\x12\x12\n\nend_offset\x18\x08 \x01(\x03\">\n\x0c\x43\x61tchupChunk\x12\x10\n\x08position\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x03 \x01(\r2\xbe\x04\n\x07\x43luster\x12\x42\n\x07\x46orward\x12\x1a.tidelog.v1.ForwardRequest\x1a\x1b.tidelog.v1.ForwardResponse\x12@\n\tHeartbeat\x12\x19.tidelog.v1.NodeHeartbeat\x1a\x18.tidelog.v1.HeartbeatAck\x12H\n\tLogDigest\x12\x1c.tidelog.v1.LogDigestRequest\x1a\x1d.tidelog.v1.LogDigestResponse\x12I\n\x0b\x43\x61tchupRead\x12\x1e.tidelog.v1.CatchupReadRequest\x1a\x18.tidelog.v1.CatchupChunk0\x01\x12]\n\x10\x43ontrollerVoters\x12#.tidelog.v1.ControllerVotersRequest\x1a$.tidelog.v1.ControllerVotersResponse\x12W\n\x0eRecoverReplica\x12!.tidelog.v1.RecoverReplicaRequest\x1a\".tidelog.v1.RecoverReplicaResponse\x12`\n\x11RecoverController\x12$.tidelog.v1.RecoverControllerRequest\x1a%.tidelog.v1.RecoverControllerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tidelog.v1.cluster_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FORWARDREQUEST']._serialized_start=65
-  _globals['_FORWARDREQUEST']._serialized_end=330
-  _globals['_FORWARDRESPONSE']._serialized_start=332
-  _globals['_FORWARDRESPONSE']._serialized_end=387
-  _globals['_LEADERREPORT']._serialized_start=389
-  _globals['_LEADERREPORT']._serialized_end=432
-  _globals['_NODEHEARTBEAT']._serialized_start=434
-  _globals['_NODEHEARTBEAT']._serialized_end=529
-  _globals['_HEARTBEATACK']._serialized_start=531
-  _globals['_HEARTBEATACK']._serialized_end=568
-  _globals['_LOGDIGESTREQUEST']._serialized_start=570
-  _globals['_LOGDIGESTREQUEST']._serialized_end=624
-  _globals['_PARTITIONDIGEST']._serialized_start=627
-  _globals['_PARTITIONDIGEST']._serialized_end=852
-  _globals['_LOGDIGESTRESPONSE']._serialized_start=854
-  _globals['_LOGDIGESTRESPONSE']._serialized_end=939
-  _globals['_CLUSTER']._serialized_start=942
-  _globals['_CLUSTER']._serialized_end=1159
+  _globals['_RECOVERREPLICAREQUEST']._serialized_start=65
+  _globals['_RECOVERREPLICAREQUEST']._serialized_end=196
+  _globals['_RECOVERREPLICARESPONSE']._serialized_start=199
+  _globals['_RECOVERREPLICARESPONSE']._serialized_end=358
+  _globals['_CONTROLLERVOTERSREQUEST']._serialized_start=360
+  _globals['_CONTROLLERVOTERSREQUEST']._serialized_end=385
+  _globals['_CONTROLLERVOTERSRESPONSE']._serialized_start=387
+  _globals['_CONTROLLERVOTERSRESPONSE']._serialized_end=464
+  _globals['_RECOVERCONTROLLERREQUEST']._serialized_start=467
+  _globals['_RECOVERCONTROLLERREQUEST']._serialized_end=604
+  _globals['_RECOVERCONTROLLERRESPONSE']._serialized_start=607
+  _globals['_RECOVERCONTROLLERRESPONSE']._serialized_end=763
+  _globals['_FORWARDREQUEST']._serialized_start=766
+  _globals['_FORWARDREQUEST']._serialized_end=1415
+  _globals['_FORWARDRESPONSE']._serialized_start=1418
+  _globals['_FORWARDRESPONSE']._serialized_end=1554
+  _globals['_LEADERREPORT']._serialized_start=1556
+  _globals['_LEADERREPORT']._serialized_end=1651
+  _globals['_LEADERTRANSFER']._serialized_start=1653
+  _globals['_LEADERTRANSFER']._serialized_end=1696
+  _globals['_NODEHEARTBEAT']._serialized_start=1698
+  _globals['_NODEHEARTBEAT']._serialized_end=1793
+  _globals['_HEARTBEATACK']._serialized_start=1795
+  _globals['_HEARTBEATACK']._serialized_end=1879
+  _globals['_LOGDIGESTREQUEST']._serialized_start=1881
+  _globals['_LOGDIGESTREQUEST']._serialized_end=1935
+  _globals['_PARTITIONDIGEST']._serialized_start=1938
+  _globals['_PARTITIONDIGEST']._serialized_end=2163
+  _globals['_LOGDIGESTRESPONSE']._serialized_start=2165
+  _globals['_LOGDIGESTRESPONSE']._serialized_end=2250
+  _globals['_CATCHUPREADREQUEST']._serialized_start=2253
+  _globals['_CATCHUPREADREQUEST']._serialized_end=2426
+  _globals['_CATCHUPCHUNK']._serialized_start=2428
+  _globals['_CATCHUPCHUNK']._serialized_end=2490
+  _globals['_CLUSTER']._serialized_start=2493
+  _globals['_CLUSTER']._serialized_end=3067
 # @@protoc_insertion_point(module_scope)

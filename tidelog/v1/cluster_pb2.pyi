@@ -31,6 +31,206 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class RecoverReplicaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_NODE_FIELD_NUMBER: _builtins.int
+    CLUSTER_ID_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    VOTERS_FIELD_NUMBER: _builtins.int
+    THROUGH_INDEX_FIELD_NUMBER: _builtins.int
+    from_node: _builtins.int
+    cluster_id: _builtins.str
+    group: _builtins.int
+    force: _builtins.bool
+    through_index: _builtins.int
+    """CONFIG entries at or below this index never take effect (RawNode.force_configuration)."""
+    @_builtins.property
+    def voters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        from_node: _builtins.int = ...,
+        cluster_id: _builtins.str = ...,
+        group: _builtins.int = ...,
+        force: _builtins.bool = ...,
+        voters: _abc.Iterable[_builtins.int] | None = ...,
+        through_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "force", b"force", "from_node", b"from_node", "group", b"group", "through_index", b"through_index", "voters", b"voters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecoverReplicaRequest: _TypeAlias = RecoverReplicaRequest  # noqa: Y015
+
+@_typing.final
+class RecoverReplicaResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    FOUND_FIELD_NUMBER: _builtins.int
+    LAST_TERM_FIELD_NUMBER: _builtins.int
+    LAST_INDEX_FIELD_NUMBER: _builtins.int
+    LOG_END_OFFSET_FIELD_NUMBER: _builtins.int
+    HIGH_WATERMARK_FIELD_NUMBER: _builtins.int
+    VOTERS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.int
+    found: _builtins.bool
+    """False: this node holds no open replica of the group."""
+    last_term: _builtins.int
+    last_index: _builtins.int
+    log_end_offset: _builtins.int
+    high_watermark: _builtins.int
+    @_builtins.property
+    def voters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.int = ...,
+        found: _builtins.bool = ...,
+        last_term: _builtins.int = ...,
+        last_index: _builtins.int = ...,
+        log_end_offset: _builtins.int = ...,
+        high_watermark: _builtins.int = ...,
+        voters: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "high_watermark", b"high_watermark", "last_index", b"last_index", "last_term", b"last_term", "log_end_offset", b"log_end_offset", "node_id", b"node_id", "voters", b"voters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecoverReplicaResponse: _TypeAlias = RecoverReplicaResponse  # noqa: Y015
+
+@_typing.final
+class ControllerVotersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControllerVotersRequest: _TypeAlias = ControllerVotersRequest  # noqa: Y015
+
+@_typing.final
+class ControllerVotersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOTERS_FIELD_NUMBER: _builtins.int
+    CLUSTER_ID_FIELD_NUMBER: _builtins.int
+    FRESH_FIELD_NUMBER: _builtins.int
+    voters: _builtins.str
+    """ID@HOST:PORT,... as --controller-voters takes it: the committed configuration's voters."""
+    cluster_id: _builtins.str
+    """The cluster's id (a joining node takes it: derived from today's voters it would differ
+    once the voters changed).
+    """
+    fresh: _builtins.bool
+    """The answering node holds no controller state and has not joined a cluster: a voter on
+    an empty data directory waiting to form one (node/controller_bootstrap.py).
+    """
+    def __init__(
+        self,
+        *,
+        voters: _builtins.str = ...,
+        cluster_id: _builtins.str = ...,
+        fresh: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "fresh", b"fresh", "voters", b"voters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControllerVotersResponse: _TypeAlias = ControllerVotersResponse  # noqa: Y015
+
+@_typing.final
+class RecoverControllerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_NODE_FIELD_NUMBER: _builtins.int
+    CLUSTER_ID_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    VOTERS_FIELD_NUMBER: _builtins.int
+    THROUGH_INDEX_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    from_node: _builtins.int
+    cluster_id: _builtins.str
+    force: _builtins.bool
+    through_index: _builtins.int
+    """CONFIG entries at or below this index never take effect (RawNode.force_configuration)."""
+    campaign: _builtins.bool
+    """The chosen survivor: campaign at once after forcing."""
+    @_builtins.property
+    def voters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        from_node: _builtins.int = ...,
+        cluster_id: _builtins.str = ...,
+        force: _builtins.bool = ...,
+        voters: _abc.Iterable[_builtins.int] | None = ...,
+        through_index: _builtins.int = ...,
+        campaign: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "cluster_id", b"cluster_id", "force", b"force", "from_node", b"from_node", "through_index", b"through_index", "voters", b"voters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecoverControllerRequest: _TypeAlias = RecoverControllerRequest  # noqa: Y015
+
+@_typing.final
+class RecoverControllerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    LAST_TERM_FIELD_NUMBER: _builtins.int
+    LAST_INDEX_FIELD_NUMBER: _builtins.int
+    COMMIT_INDEX_FIELD_NUMBER: _builtins.int
+    VOTERS_FIELD_NUMBER: _builtins.int
+    LEADER_ID_FIELD_NUMBER: _builtins.int
+    LEADER_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.int
+    last_term: _builtins.int
+    last_index: _builtins.int
+    commit_index: _builtins.int
+    leader_id: _builtins.int
+    """The controller leader it knows (0: none) and whether it is that leader."""
+    leader: _builtins.bool
+    @_builtins.property
+    def voters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The controller configuration in force on the node."""
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.int = ...,
+        last_term: _builtins.int = ...,
+        last_index: _builtins.int = ...,
+        commit_index: _builtins.int = ...,
+        voters: _abc.Iterable[_builtins.int] | None = ...,
+        leader_id: _builtins.int = ...,
+        leader: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_index", b"commit_index", "last_index", b"last_index", "last_term", b"last_term", "leader", b"leader", "leader_id", b"leader_id", "node_id", b"node_id", "voters", b"voters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecoverControllerResponse: _TypeAlias = RecoverControllerResponse  # noqa: Y015
+
+@_typing.final
 class ForwardRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -40,6 +240,12 @@ class ForwardRequest(_message.Message):
     DELETE_TOPICS_FIELD_NUMBER: _builtins.int
     ALTER_TOPIC_CONFIG_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
+    DRAIN_NODE_FIELD_NUMBER: _builtins.int
+    REMOVE_NODE_FIELD_NUMBER: _builtins.int
+    REASSIGN_PARTITION_FIELD_NUMBER: _builtins.int
+    SET_CLUSTER_CONFIG_FIELD_NUMBER: _builtins.int
+    FORCE_RECOVER_PARTITION_FIELD_NUMBER: _builtins.int
+    CREATE_PARTITIONS_FIELD_NUMBER: _builtins.int
     from_node: _builtins.int
     cluster_id: _builtins.str
     command: _builtins.bytes
@@ -52,6 +258,20 @@ class ForwardRequest(_message.Message):
     def delete_topics(self) -> _admin_pb2.DeleteTopicsRequest: ...
     @_builtins.property
     def alter_topic_config(self) -> _admin_pb2.AlterTopicConfigRequest: ...
+    @_builtins.property
+    def drain_node(self) -> _admin_pb2.DrainNodeRequest:
+        """Changes of the cluster's shape and settings (admin.proto), checked by the controller."""
+
+    @_builtins.property
+    def remove_node(self) -> _admin_pb2.RemoveNodeRequest: ...
+    @_builtins.property
+    def reassign_partition(self) -> _admin_pb2.ReassignPartitionRequest: ...
+    @_builtins.property
+    def set_cluster_config(self) -> _admin_pb2.SetClusterConfigRequest: ...
+    @_builtins.property
+    def force_recover_partition(self) -> _admin_pb2.ForceRecoverPartitionRequest: ...
+    @_builtins.property
+    def create_partitions(self) -> _admin_pb2.CreatePartitionsRequest: ...
     def __init__(
         self,
         *,
@@ -61,12 +281,18 @@ class ForwardRequest(_message.Message):
         delete_topics: _admin_pb2.DeleteTopicsRequest | None = ...,
         alter_topic_config: _admin_pb2.AlterTopicConfigRequest | None = ...,
         command: _builtins.bytes = ...,
+        drain_node: _admin_pb2.DrainNodeRequest | None = ...,
+        remove_node: _admin_pb2.RemoveNodeRequest | None = ...,
+        reassign_partition: _admin_pb2.ReassignPartitionRequest | None = ...,
+        set_cluster_config: _admin_pb2.SetClusterConfigRequest | None = ...,
+        force_recover_partition: _admin_pb2.ForceRecoverPartitionRequest | None = ...,
+        create_partitions: _admin_pb2.CreatePartitionsRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["alter_topic_config", b"alter_topic_config", "body", b"body", "command", b"command", "create_topics", b"create_topics", "delete_topics", b"delete_topics"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alter_topic_config", b"alter_topic_config", "body", b"body", "command", b"command", "create_partitions", b"create_partitions", "create_topics", b"create_topics", "delete_topics", b"delete_topics", "drain_node", b"drain_node", "force_recover_partition", b"force_recover_partition", "reassign_partition", b"reassign_partition", "remove_node", b"remove_node", "set_cluster_config", b"set_cluster_config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alter_topic_config", b"alter_topic_config", "body", b"body", "cluster_id", b"cluster_id", "command", b"command", "create_topics", b"create_topics", "delete_topics", b"delete_topics", "from_node", b"from_node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alter_topic_config", b"alter_topic_config", "body", b"body", "cluster_id", b"cluster_id", "command", b"command", "create_partitions", b"create_partitions", "create_topics", b"create_topics", "delete_topics", b"delete_topics", "drain_node", b"drain_node", "force_recover_partition", b"force_recover_partition", "from_node", b"from_node", "reassign_partition", b"reassign_partition", "remove_node", b"remove_node", "set_cluster_config", b"set_cluster_config"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["create_topics", "delete_topics", "alter_topic_config", "command"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["create_topics", "delete_topics", "alter_topic_config", "command", "drain_node", "remove_node", "reassign_partition", "set_cluster_config", "force_recover_partition", "create_partitions"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -78,21 +304,31 @@ class ForwardResponse(_message.Message):
 
     APPLIED_INDEX_FIELD_NUMBER: _builtins.int
     NAMES_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    FORCE_RECOVER_FIELD_NUMBER: _builtins.int
     applied_index: _builtins.int
     """The controller applied the change at (up to) this index of its log."""
+    count: _builtins.int
+    """DrainNode: the replicas on the node."""
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Topics created or deleted (CreateTopics, DeleteTopics)."""
+
+    @_builtins.property
+    def force_recover(self) -> _admin_pb2.ForceRecoverPartitionResponse:
+        """ForceRecoverPartition: what was done and what may have been lost."""
 
     def __init__(
         self,
         *,
         applied_index: _builtins.int = ...,
         names: _abc.Iterable[_builtins.str] | None = ...,
+        count: _builtins.int = ...,
+        force_recover: _admin_pb2.ForceRecoverPartitionResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["force_recover", b"force_recover"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_index", b"applied_index", "names", b"names"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_index", b"applied_index", "count", b"count", "force_recover", b"force_recover", "names", b"names"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -106,21 +342,61 @@ class LeaderReport(_message.Message):
 
     GROUP_FIELD_NUMBER: _builtins.int
     TERM_FIELD_NUMBER: _builtins.int
+    HAS_CONF_FIELD_NUMBER: _builtins.int
+    VOTERS_FIELD_NUMBER: _builtins.int
+    LEARNERS_FIELD_NUMBER: _builtins.int
     group: _builtins.int
     term: _builtins.int
+    has_conf: _builtins.bool
+    """Set when the group's committed Raft configuration differs from the replicas the
+    metadata records: its voters and learners (the controller records them).
+    """
+    @_builtins.property
+    def voters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def learners(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         group: _builtins.int = ...,
         term: _builtins.int = ...,
+        has_conf: _builtins.bool = ...,
+        voters: _abc.Iterable[_builtins.int] | None = ...,
+        learners: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "term", b"term"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "has_conf", b"has_conf", "learners", b"learners", "term", b"term", "voters", b"voters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LeaderReport: _TypeAlias = LeaderReport  # noqa: Y015
+
+@_typing.final
+class LeaderTransfer(_message.Message):
+    """The active controller asks the heartbeating node, leader of `group`, to hand its
+    leadership to node `to` (leader balance).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    TO_FIELD_NUMBER: _builtins.int
+    group: _builtins.int
+    to: _builtins.int
+    def __init__(
+        self,
+        *,
+        group: _builtins.int = ...,
+        to: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "to", b"to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaderTransfer: _TypeAlias = LeaderTransfer  # noqa: Y015
 
 @_typing.final
 class NodeHeartbeat(_message.Message):
@@ -153,15 +429,19 @@ class HeartbeatAck(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CONTROLLER_ID_FIELD_NUMBER: _builtins.int
+    TRANSFERS_FIELD_NUMBER: _builtins.int
     controller_id: _builtins.int
+    @_builtins.property
+    def transfers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaderTransfer]: ...
     def __init__(
         self,
         *,
         controller_id: _builtins.int = ...,
+        transfers: _abc.Iterable[Global___LeaderTransfer] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["controller_id", b"controller_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["controller_id", b"controller_id", "transfers", b"transfers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -270,3 +550,77 @@ class LogDigestResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LogDigestResponse: _TypeAlias = LogDigestResponse  # noqa: Y015
+
+@_typing.final
+class CatchupReadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_NODE_FIELD_NUMBER: _builtins.int
+    CLUSTER_ID_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_INDEX_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_TERM_FIELD_NUMBER: _builtins.int
+    PART_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    END_OFFSET_FIELD_NUMBER: _builtins.int
+    from_node: _builtins.int
+    cluster_id: _builtins.str
+    group: _builtins.int
+    """The partition's Raft group."""
+    snapshot_index: _builtins.int
+    """The streamed snapshot the copy belongs to (its Raft index and term)."""
+    snapshot_term: _builtins.int
+    part: _builtins.str
+    """Empty: the log range; else the name of a state part of the snapshot."""
+    position: _builtins.int
+    """The log: the base offset of the first batch to send; a part: the first byte to send."""
+    end_offset: _builtins.int
+    """The log: send the batches entirely below this offset (the snapshot's end offset)."""
+    def __init__(
+        self,
+        *,
+        from_node: _builtins.int = ...,
+        cluster_id: _builtins.str = ...,
+        group: _builtins.int = ...,
+        snapshot_index: _builtins.int = ...,
+        snapshot_term: _builtins.int = ...,
+        part: _builtins.str = ...,
+        position: _builtins.int = ...,
+        end_offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "end_offset", b"end_offset", "from_node", b"from_node", "group", b"group", "part", b"part", "position", b"position", "snapshot_index", b"snapshot_index", "snapshot_term", b"snapshot_term"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CatchupReadRequest: _TypeAlias = CatchupReadRequest  # noqa: Y015
+
+@_typing.final
+class CatchupChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    CRC32C_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """Byte position of `data` in the answer (the log: from the requested offset's batch on;
+    a part: in the part).
+    """
+    data: _builtins.bytes
+    crc32c: _builtins.int
+    """CRC-32C of `data`."""
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        crc32c: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "data", b"data", "position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CatchupChunk: _TypeAlias = CatchupChunk  # noqa: Y015

@@ -49,6 +49,26 @@ class ClusterStub:
                 request_serializer=tidelog_dot_v1_dot_cluster__pb2.LogDigestRequest.SerializeToString,
                 response_deserializer=tidelog_dot_v1_dot_cluster__pb2.LogDigestResponse.FromString,
                 _registered_method=True)
+        self.CatchupRead = channel.unary_stream(
+                '/tidelog.v1.Cluster/CatchupRead',
+                request_serializer=tidelog_dot_v1_dot_cluster__pb2.CatchupReadRequest.SerializeToString,
+                response_deserializer=tidelog_dot_v1_dot_cluster__pb2.CatchupChunk.FromString,
+                _registered_method=True)
+        self.ControllerVoters = channel.unary_unary(
+                '/tidelog.v1.Cluster/ControllerVoters',
+                request_serializer=tidelog_dot_v1_dot_cluster__pb2.ControllerVotersRequest.SerializeToString,
+                response_deserializer=tidelog_dot_v1_dot_cluster__pb2.ControllerVotersResponse.FromString,
+                _registered_method=True)
+        self.RecoverReplica = channel.unary_unary(
+                '/tidelog.v1.Cluster/RecoverReplica',
+                request_serializer=tidelog_dot_v1_dot_cluster__pb2.RecoverReplicaRequest.SerializeToString,
+                response_deserializer=tidelog_dot_v1_dot_cluster__pb2.RecoverReplicaResponse.FromString,
+                _registered_method=True)
+        self.RecoverController = channel.unary_unary(
+                '/tidelog.v1.Cluster/RecoverController',
+                request_serializer=tidelog_dot_v1_dot_cluster__pb2.RecoverControllerRequest.SerializeToString,
+                response_deserializer=tidelog_dot_v1_dot_cluster__pb2.RecoverControllerResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServicer:
@@ -76,6 +96,39 @@ class ClusterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CatchupRead(self, request, context):
+        """Catch-up of a replica behind the leader's first retained Raft entry (node/catchup.py):
+        the records of a streamed snapshot's log range, or one of its state parts, from a
+        position on, in chunks of at most 1 MiB, each with its CRC-32C, at the sender's
+        recovery rate (replica.recovery.bytes.per.second).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ControllerVoters(self, request, context):
+        """The controller voters as this node was started with (a node started with --join asks).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecoverReplica(self, request, context):
+        """The active controller asks a surviving replica for its log end, and (force set) makes it
+        take `voters` as its Raft configuration without consensus (force-recover, UNSAFE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecoverController(self, request, context):
+        """Force-recover of the controller group (UNSAFE; node/controller_recovery.py): a node's
+        controller log end, and (force set) its controller configuration forced to `voters`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +146,26 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.LogDigest,
                     request_deserializer=tidelog_dot_v1_dot_cluster__pb2.LogDigestRequest.FromString,
                     response_serializer=tidelog_dot_v1_dot_cluster__pb2.LogDigestResponse.SerializeToString,
+            ),
+            'CatchupRead': grpc.unary_stream_rpc_method_handler(
+                    servicer.CatchupRead,
+                    request_deserializer=tidelog_dot_v1_dot_cluster__pb2.CatchupReadRequest.FromString,
+                    response_serializer=tidelog_dot_v1_dot_cluster__pb2.CatchupChunk.SerializeToString,
+            ),
+            'ControllerVoters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ControllerVoters,
+                    request_deserializer=tidelog_dot_v1_dot_cluster__pb2.ControllerVotersRequest.FromString,
+                    response_serializer=tidelog_dot_v1_dot_cluster__pb2.ControllerVotersResponse.SerializeToString,
+            ),
+            'RecoverReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecoverReplica,
+                    request_deserializer=tidelog_dot_v1_dot_cluster__pb2.RecoverReplicaRequest.FromString,
+                    response_serializer=tidelog_dot_v1_dot_cluster__pb2.RecoverReplicaResponse.SerializeToString,
+            ),
+            'RecoverController': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecoverController,
+                    request_deserializer=tidelog_dot_v1_dot_cluster__pb2.RecoverControllerRequest.FromString,
+                    response_serializer=tidelog_dot_v1_dot_cluster__pb2.RecoverControllerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +249,114 @@ class Cluster:
             '/tidelog.v1.Cluster/LogDigest',
             tidelog_dot_v1_dot_cluster__pb2.LogDigestRequest.SerializeToString,
             tidelog_dot_v1_dot_cluster__pb2.LogDigestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CatchupRead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tidelog.v1.Cluster/CatchupRead',
+            tidelog_dot_v1_dot_cluster__pb2.CatchupReadRequest.SerializeToString,
+            tidelog_dot_v1_dot_cluster__pb2.CatchupChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ControllerVoters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.v1.Cluster/ControllerVoters',
+            tidelog_dot_v1_dot_cluster__pb2.ControllerVotersRequest.SerializeToString,
+            tidelog_dot_v1_dot_cluster__pb2.ControllerVotersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecoverReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.v1.Cluster/RecoverReplica',
+            tidelog_dot_v1_dot_cluster__pb2.RecoverReplicaRequest.SerializeToString,
+            tidelog_dot_v1_dot_cluster__pb2.RecoverReplicaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecoverController(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.v1.Cluster/RecoverController',
+            tidelog_dot_v1_dot_cluster__pb2.RecoverControllerRequest.SerializeToString,
+            tidelog_dot_v1_dot_cluster__pb2.RecoverControllerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,22 @@ class ClusterStub:
     """Liveness and leadership reports, every few hundred milliseconds."""
     LogDigest: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.LogDigestRequest, _cluster_pb2.LogDigestResponse]
     """Checksums of the committed prefix of the partition logs on this node (tests, repair)."""
+    CatchupRead: _grpc.UnaryStreamMultiCallable[_cluster_pb2.CatchupReadRequest, _cluster_pb2.CatchupChunk]
+    """Catch-up of a replica behind the leader's first retained Raft entry (node/catchup.py):
+    the records of a streamed snapshot's log range, or one of its state parts, from a
+    position on, in chunks of at most 1 MiB, each with its CRC-32C, at the sender's
+    recovery rate (replica.recovery.bytes.per.second).
+    """
+    ControllerVoters: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.ControllerVotersRequest, _cluster_pb2.ControllerVotersResponse]
+    """The controller voters as this node was started with (a node started with --join asks)."""
+    RecoverReplica: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.RecoverReplicaRequest, _cluster_pb2.RecoverReplicaResponse]
+    """The active controller asks a surviving replica for its log end, and (force set) makes it
+    take `voters` as its Raft configuration without consensus (force-recover, UNSAFE).
+    """
+    RecoverController: _grpc.UnaryUnaryMultiCallable[_cluster_pb2.RecoverControllerRequest, _cluster_pb2.RecoverControllerResponse]
+    """Force-recover of the controller group (UNSAFE; node/controller_recovery.py): a node's
+    controller log end, and (force set) its controller configuration forced to `voters`.
+    """
 
 @_typing.type_check_only
 class ClusterAsyncStub(ClusterStub):
@@ -62,6 +78,22 @@ class ClusterAsyncStub(ClusterStub):
     """Liveness and leadership reports, every few hundred milliseconds."""
     LogDigest: _aio.UnaryUnaryMultiCallable[_cluster_pb2.LogDigestRequest, _cluster_pb2.LogDigestResponse]  # type: ignore[assignment]
     """Checksums of the committed prefix of the partition logs on this node (tests, repair)."""
+    CatchupRead: _aio.UnaryStreamMultiCallable[_cluster_pb2.CatchupReadRequest, _cluster_pb2.CatchupChunk]  # type: ignore[assignment]
+    """Catch-up of a replica behind the leader's first retained Raft entry (node/catchup.py):
+    the records of a streamed snapshot's log range, or one of its state parts, from a
+    position on, in chunks of at most 1 MiB, each with its CRC-32C, at the sender's
+    recovery rate (replica.recovery.bytes.per.second).
+    """
+    ControllerVoters: _aio.UnaryUnaryMultiCallable[_cluster_pb2.ControllerVotersRequest, _cluster_pb2.ControllerVotersResponse]  # type: ignore[assignment]
+    """The controller voters as this node was started with (a node started with --join asks)."""
+    RecoverReplica: _aio.UnaryUnaryMultiCallable[_cluster_pb2.RecoverReplicaRequest, _cluster_pb2.RecoverReplicaResponse]  # type: ignore[assignment]
+    """The active controller asks a surviving replica for its log end, and (force set) makes it
+    take `voters` as its Raft configuration without consensus (force-recover, UNSAFE).
+    """
+    RecoverController: _aio.UnaryUnaryMultiCallable[_cluster_pb2.RecoverControllerRequest, _cluster_pb2.RecoverControllerResponse]  # type: ignore[assignment]
+    """Force-recover of the controller group (UNSAFE; node/controller_recovery.py): a node's
+    controller log end, and (force set) its controller configuration forced to `voters`.
+    """
 
 class ClusterServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -89,5 +121,45 @@ class ClusterServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cluster_pb2.LogDigestResponse, _abc.Awaitable[_cluster_pb2.LogDigestResponse]]:
         """Checksums of the committed prefix of the partition logs on this node (tests, repair)."""
+
+    @_abc_1.abstractmethod
+    def CatchupRead(
+        self,
+        request: _cluster_pb2.CatchupReadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_cluster_pb2.CatchupChunk], _abc.AsyncIterator[_cluster_pb2.CatchupChunk]]:
+        """Catch-up of a replica behind the leader's first retained Raft entry (node/catchup.py):
+        the records of a streamed snapshot's log range, or one of its state parts, from a
+        position on, in chunks of at most 1 MiB, each with its CRC-32C, at the sender's
+        recovery rate (replica.recovery.bytes.per.second).
+        """
+
+    @_abc_1.abstractmethod
+    def ControllerVoters(
+        self,
+        request: _cluster_pb2.ControllerVotersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cluster_pb2.ControllerVotersResponse, _abc.Awaitable[_cluster_pb2.ControllerVotersResponse]]:
+        """The controller voters as this node was started with (a node started with --join asks)."""
+
+    @_abc_1.abstractmethod
+    def RecoverReplica(
+        self,
+        request: _cluster_pb2.RecoverReplicaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cluster_pb2.RecoverReplicaResponse, _abc.Awaitable[_cluster_pb2.RecoverReplicaResponse]]:
+        """The active controller asks a surviving replica for its log end, and (force set) makes it
+        take `voters` as its Raft configuration without consensus (force-recover, UNSAFE).
+        """
+
+    @_abc_1.abstractmethod
+    def RecoverController(
+        self,
+        request: _cluster_pb2.RecoverControllerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cluster_pb2.RecoverControllerResponse, _abc.Awaitable[_cluster_pb2.RecoverControllerResponse]]:
+        """Force-recover of the controller group (UNSAFE; node/controller_recovery.py): a node's
+        controller log end, and (force set) its controller configuration forced to `voters`.
+        """
 
 def add_ClusterServicer_to_server(servicer: ClusterServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

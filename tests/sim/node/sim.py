@@ -17,7 +17,15 @@ the high watermark, ``read``). What the simulation owns are the seams:
 
 A nemesis crashes nodes (process crash, or power loss that drops unsynced writes and
 tears the last one), partitions and heals the network, stalls and fails fsyncs, and (when
-the options say so) wipes a node's disk. Producers send with acks=0, 1 and all to whoever
+the options say so) wipes a node's disk. In the ``move`` profile a mover also moves each
+group's replicas at random moments (``Partition.set_target_replicas`` on every replica, as
+the node does when it applies a controller target; a node named by a target opens a learner
+replica), and the checks concern the group's final configuration. In the ``controller``
+profiles every node also runs the controller's group 0 (``node.controller_node.Controller``
+over the same seams, its snapshots included) under a workload of controller commands, checked
+entry by entry (``controller.py``). In the ``wipe-majority`` profiles a majority of a group's
+replicas lose their disks at once: nothing a survivor holds may be erased, and the group may
+stay without a leader (the correct outcome). Producers send with acks=0, 1 and all to whoever
 leads; consumers read committed records from the serving leader. Then everything heals,
 the cluster must converge, and the checkers compare what clients were told with every
 replica's final log (see :func:`check`).
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import random
 import zlib
@@ -58,10 +67,13 @@ from tidelog.node.server import NODE_COLUMN
 from tidelog.records import decode_batches, encode_batch, unpack_header, validate_batches
 from tidelog.v1 import raft_pb2
 
+from . import controller as ctlsim
 from .disk import SimDisk, SimMetaStore
 from .loop import SimExecutor, SimLoop
 
 TOPIC = "t"
+#: The id of every node's data directory at the first start (later ones: a wiped disk).
+FIRST_DIRECTORY = "dir-1"
 CLUSTER_ID = "sim"
 
 
@@ -86,6 +98,13 @@ class Options:
     multi_batch: float
     flush_os: bool
     group_stall_every_s: float
+    #: Run the controller group (Raft group 0, ``node/controller_node.py``) with a
+    #: workload of controller commands, on this many voters (the other nodes learn).
+    controller_voters: int = 0
+    #: The controller snapshots its state every this many applied entries.
+    controller_snapshot_entries: int = 10_000
+    #: Wipe a majority of one group's replicas at once (profile ``wipe-majority``).
+    wipe_majority: bool = False
 
     @classmethod
     def draw(cls, seed: int, rng: random.Random, profile: str = "default") -> Options:
@@ -96,9 +115,34 @@ class Options:
         must keep their leader); ``backpressure`` (leaders drop proposals beyond 2 KiB
         uncommitted, and most produce requests carry several batches); ``five`` (groups of
         five replicas, frequent fsync stalls: a new leader reaches a follower whose fsync
-        of the old leader's entries is still running)."""
+        of the old leader's entries is still running); ``move`` (four or five nodes, the
+        default's faults, and replicas moved to random targets under load)."""
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}: use one of {PROFILES}")
+        if profile == "move":
+            return replace(cls.draw(seed, rng), nodes=rng.choice((4, 5)))
+        if profile == "controller":
+            o = cls.draw(seed, rng)
+            # Fewer partition groups than the default (the controller is the subject),
+            # and now and then a wiped disk (of a minority at a time).
+            return replace(
+                o,
+                groups=1,
+                controller_voters=3 if o.nodes == 3 else rng.choice((3, 5)),
+                wipe=rng.choice((0.0, 0.0, 0.2)),
+                controller_snapshot_entries=rng.choice((5, 12, 30, 10_000)),
+            )
+        if profile in ("wipe-majority", "wipe-majority-controller"):
+            o = cls.draw(seed, rng)
+            return replace(
+                o,
+                nodes=3,
+                groups=1,
+                duration_s=rng.uniform(2.0, 3.0),
+                controller_voters=3 if profile == "wipe-majority-controller" else 0,
+                wipe_majority=True,
+                power_loss=0.0,
+            )
         calm = rng.random() < 0.15 or profile == "stall-one"
         return cls(
             seed=seed,
@@ -131,7 +175,22 @@ class Options:
 NEVER = 99.0
 TIMING = RaftTiming(tick_ms=10, heartbeat_interval_ms=30, election_timeout_ms=300)
 RAFT_CONFIG = TIMING.config(Config(always_append_empty=False))
-PROFILES = ("default", "wipe", "flush-os", "stall-one", "backpressure", "five")
+PROFILES = (
+    "default",
+    "wipe",
+    "flush-os",
+    "stall-one",
+    "backpressure",
+    "five",
+    "move",
+    "controller",
+    "wipe-majority",
+    "wipe-majority-controller",
+)
+#: The move profile: mean seconds between two replica moves.
+MOVE_EVERY_S = 0.5
+#: After an I/O error opening a replica's log, the node tries again this much later.
+OPEN_RETRY_S = 0.2
 #: The backpressure profile: a leader drops proposals beyond 2 KiB uncommitted.
 RAFT_CONFIG_SMALL = replace(RAFT_CONFIG, max_msg_bytes=1024, max_uncommitted_bytes=2048)
 TOPIC_CONFIG = TopicConfig.from_overrides({"segment.bytes": "4096", "index.interval.bytes": "256"})
@@ -164,9 +223,17 @@ class Stats:
     stalls: int = 0
     fsync_failures: int = 0
     wipes: int = 0
+    moves: int = 0
     messages: int = 0
     elections: int = 0
     virtual_s: float = 0.0
+    #: Controller commands acknowledged, of them rejected by apply, entries applied.
+    ctl_acked: int = 0
+    ctl_rejected: int = 0
+    ctl_applies: int = 0
+    ctl_snapshots_restored: int = 0
+    #: Groups left without a leader after a majority of replicas lost their disks.
+    unavailable: str = ""
 
 
 @dataclass(slots=True)
@@ -275,6 +342,8 @@ class WatchedPartition(Partition):
                 f"node {self.sim_node.node_id} group {self.group_id}: {soft.role.name} in term "
                 f"{raw.term} (log ends at {raw.last_index()}, commit {raw.commit_index})"
             )
+            if soft.role == Role.LEADER:
+                self.sim_node.sim.partition_elected(self, raw)
 
     def on_truncated(self, group: RaftGroup, from_index: int) -> None:
         lg = self.log
@@ -338,6 +407,13 @@ class SimNode:
         #: Wiped, and maybe not caught up yet (see rebuilding).
         self.wiped = False
         self.group_stall: dict[int, float] = {}
+        #: Group 0 on this node (when the options run the controller).
+        self.controller: ctlsim.WatchedController | None = None
+
+    @property
+    def directory_id(self) -> str:
+        raw = self.meta.get(NODE_COLUMN, DIRECTORY_ID_KEY)
+        return raw.decode() if raw is not None else ""
 
     def directory(self, group: int) -> Path:
         return Path(f"/node{self.node_id}/data/{TOPIC}/{group}")
@@ -374,41 +450,88 @@ class SimNode:
         # or a wiped disk); every group started empty on it joins as a new replica.
         if self.meta.get(NODE_COLUMN, DIRECTORY_ID_KEY) is None:
             self.meta.put(NODE_COLUMN, DIRECTORY_ID_KEY, f"dir-{self.incarnation}".encode())
+            assert self.incarnation > 1 or self.directory_id == FIRST_DIRECTORY
             raft.new_directory = True
         self.raft = raft
         self.parts = {}
-        for gid, replicas in sim.replicas.items():
-            if self.node_id not in replicas:
-                continue
-            try:
-                lg = WatchedLog(
-                    self.directory(gid),
-                    sim.topic_config,
-                    clock_ms=sim.clock_ms,
-                    fs=self.disk,
-                )
-            except Exception as exc:
-                sim.violate("log recovery failed", f"node {self.node_id} group {gid}: {exc!r}")
-                raise
-            part = WatchedPartition(
-                TOPIC, gid, lg, sim.topic_config, group_id=gid, replicas=replicas
+        if sim.options.controller_voters:
+            self.controller = ctlsim.open_controller(
+                self, sim.controller_voters, sim.options.controller_snapshot_entries
             )
-            part.sim_node = self
-            group = raft.add_group(
-                gid,
-                lg,
-                ConfState(voters=frozenset(replicas)),
-                part,
-                durable=not sim.options.flush_os,
-                config=sim.raft_config,
-            )
-            part.attach(group, raft)
-            self.parts[gid] = part
-            if group.raw.term == 0 and lg.last_index == 0 and replicas[0] == self.node_id:
-                raft.campaign(group)
+        for gid in sim.replicas:
+            if self.node_id in sim.hosts[gid]:
+                self.open_group(gid)
         self.up = True
         raft.start()
         sim.trace(f"node {self.node_id} started (incarnation {self.incarnation})")
+        if self.controller is not None:
+            sim.loop.create_task(ctlsim.register(self, self.incarnation))
+            sim.loop.create_task(ctlsim.form(self, self.incarnation))
+
+    def open_group(self, gid: int) -> None:
+        """Open this node's replica of group ``gid`` (at start, or when a move names it)."""
+        sim = self.sim
+        raft = self.raft
+        assert raft is not None
+        replicas = sim.replicas[gid]
+        try:
+            lg = WatchedLog(
+                self.directory(gid),
+                sim.topic_config,
+                clock_ms=sim.clock_ms,
+                fs=self.disk,
+            )
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                sim.violate("log recovery failed", f"node {self.node_id} group {gid}: {exc!r}")
+                raise
+            # An injected fsync failure (fsync-fail): an I/O error of the disk, not a defect.
+            # As node/topics.py does, the node reports it and opens the replica again later.
+            sim.trace(f"node {self.node_id} group {gid}: cannot open the log ({exc}); retrying")
+            incarnation = self.incarnation
+            sim.loop.call_later(OPEN_RETRY_S, self._retry_open, gid, incarnation)
+            return
+        except Exception as exc:
+            sim.violate("log recovery failed", f"node {self.node_id} group {gid}: {exc!r}")
+            raise
+        part = WatchedPartition(TOPIC, gid, lg, sim.topic_config, group_id=gid, replicas=replicas)
+        part.sim_node = self
+        moves = sim.profile == "move"
+        voters = frozenset(replicas)
+        # A replica opened for a move starts as a learner (it knows the initial group).
+        learners = frozenset() if self.node_id in voters else frozenset({self.node_id})
+        group = raft.add_group(
+            gid,
+            lg,
+            ConfState(voters=voters, learners=learners),
+            part,
+            durable=not sim.options.flush_os,
+            config=sim.raft_config,
+            logged_conf=moves,
+            # What the controller knows (node/topics.py): every group here was created on
+            # the first data directories; on a later one (a wiped disk) it is older.
+            bootstrap=self.directory_id == FIRST_DIRECTORY,
+        )
+        part.attach(group, raft)
+        if moves:
+            # Every node the controller named for the group since (its replicas and targets)
+            # may talk to this replica (raft/guard.py).
+            group.allowed_peers |= frozenset(sim.hosts[gid])
+        self.parts[gid] = part
+        target = sim.targets.get(gid)
+        if target is not None:
+            part.set_target_replicas(target)
+        if group.raw.term == 0 and lg.last_index == 0 and replicas[0] == self.node_id:
+            raft.campaign(group)
+
+    def _retry_open(self, gid: int, incarnation: int) -> None:
+        if (
+            self.up
+            and self.incarnation == incarnation
+            and gid not in self.parts
+            and self.node_id in self.sim.hosts[gid]
+        ):
+            self.open_group(gid)
 
     def rebuilding(self) -> bool:
         """Wiped and not yet caught up in every group it holds: another wipe now could take
@@ -431,6 +554,9 @@ class SimNode:
             self.executor.cancel_all()
         for part in self.parts.values():
             part.fail(NodeUnavailable("the simulated node crashed"))
+        if self.controller is not None:
+            self.controller.fail_waiters(NodeUnavailable("the simulated node crashed"))
+            self.controller = None
         what = self.disk.crash(power=power)
         self.meta.crash(power=power)
         if wipe:
@@ -443,6 +569,14 @@ class SimNode:
         sim.stats.crashes += 1
         sim.stats.power_losses += power
         sim.trace(f"node {self.node_id} CRASHED: {what}")
+
+    def disk_log(self, gid: int) -> PartitionLog:
+        """This node's log of ``gid``: the open one, or (node down) recovered from its disk
+        as a restart would."""
+        part = self.parts.get(gid)
+        if self.up and part is not None and isinstance(part.log, PartitionLog):
+            return part.log
+        return PartitionLog(self.directory(gid), self.sim.topic_config, fs=self.disk)
 
     def leader_part(self, gid: int) -> WatchedPartition | None:
         part = self.parts.get(gid)
@@ -500,9 +634,23 @@ class Simulation:
             if profile != "stall-one":  # there, one node is every group's preferred leader
                 self.rng.shuffle(ids)
             self.replicas[g] = tuple(ids if profile == "five" else ids[:3])
+        #: Nodes that hold a replica of each group: the initial replicas and every node a
+        #: move named since (replicas are never deleted here: removed ones keep a prefix).
+        self.hosts: dict[int, set[int]] = {g: set(r) for g, r in self.replicas.items()}
+        #: The target each group's replicas were last told (move profile).
+        self.targets: dict[int, frozenset[int]] = {}
         self.attempts: list[Attempt] = []
         self.observed: dict[tuple[int, int], bytes] = {}
         self.running = True
+        #: The controller voters (when the options run the controller) and its checks.
+        self.controller_voters = tuple(range(1, self.options.controller_voters + 1))
+        self.controller_checks = ctlsim.ControllerChecks(self)
+        #: Nodes the wipe-majority profile wiped (their logs start over).
+        self.majority_wiped: set[int] = set()
+        #: (group, value) of records only the wiped majority held (lost with it).
+        self.lost_with_majority: set[tuple[int, bytes]] = set()
+        #: Groups (and "controller") left without a leader after a majority wipe.
+        self.unavailable: set[str] = set()
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -523,6 +671,42 @@ class Simulation:
             self.trace(f"VIOLATION {invariant}: {detail}")
         if self.violation is None:
             self.violation = Violation(invariant, detail)
+
+    def controller_leader(self) -> ctlsim.WatchedController | None:
+        best: ctlsim.WatchedController | None = None
+        for node in self.nodes.values():
+            ctl = node.controller
+            if node.up and ctl is not None and ctl.is_leader and ctl.halted is None:
+                if best is None or ctl.term > best.term:
+                    best = ctl
+        return best
+
+    def partition_elected(self, part: WatchedPartition, raw: Any) -> None:
+        """A new leader must hold the last entry an acks=all producer was told is
+        committed (by Log Matching, it then holds every committed entry before it too).
+        Not under flush=os after a power loss: there, losing them is documented."""
+        if self.options.flush_os and self.stats.power_losses:
+            return
+        best: Attempt | None = None
+        for a in self.attempts:
+            if (
+                a.group == part.group_id
+                and a.acks == -1
+                and a.outcome == "ok"
+                and ((a.group, a.value) not in self.lost_with_majority)
+            ):
+                if best is None or a.index > best.index:
+                    best = a
+        if best is None or best.index < raw.first_index():
+            return
+        if raw.term_at(best.index) != best.term:
+            self.violate(
+                "a leader lacks committed entries",
+                f"group {part.group_id}: node {part.sim_node.node_id} leads in term "
+                f"{raw.term} with a log ending at {raw.last_index()}, without raft index "
+                f"{best.index} (term {best.term}) that acks=all acknowledged "
+                f"({best.value!r})",
+            )
 
     def leader(self, gid: int) -> WatchedPartition | None:
         best: WatchedPartition | None = None
@@ -720,6 +904,87 @@ class Simulation:
                     self.stats.fsync_failures += 1
                     self.trace(f"node {node.node_id}: the next fsync fails")
 
+    async def wipe_majority(self) -> None:
+        """Profile ``wipe-majority``: once, a majority of the replicas of group 1 (and of
+        the controller's voters, when it runs: the same three nodes) lose their whole data
+        directory at once and restart on empty disks. Their directories are new (issue 8
+        item 3): they are new replicas, which must not elect anyone lacking what the group
+        committed. The group may stay without a leader: the correct outcome."""
+        rng = random.Random(self.rng.random())
+        o = self.options
+        await asyncio.sleep(rng.uniform(0.35, 0.6) * o.duration_s)
+        if not self.running:
+            return
+        victims = rng.sample(sorted(self.replicas[1]), len(self.replicas[1]) // 2 + 1)
+        self.trace(f"MAJORITY WIPE: nodes {victims} lose their data directories")
+        # What only the wiped replicas held is gone, whatever the protocol: not counted.
+        # Everything a survivor holds must stay (no leader may erase it).
+        survivors = [self.nodes[n] for n in self.replicas[1] if n not in victims]
+        logs = [n.disk_log(1) for n in survivors]
+        for a in self.attempts:
+            if a.group == 1 and a.outcome == "ok" and a.acks == -1:
+                if not any(lg.term_at_index(a.index) == a.term for lg in logs):
+                    self.lost_with_majority.add((1, a.value))
+        held = [set(self._log_records(lg).items()) for lg in logs]
+        for (gid, off), v in self.observed.items():
+            if gid == 1 and not any((off, v) in h for h in held):
+                self.lost_with_majority.add((1, v))
+        if self.lost_with_majority:
+            self.trace(
+                f"{len(self.lost_with_majority)} acknowledged or consumed record(s) were on "
+                f"the wiped replicas only (nodes {[n.node_id for n in survivors]} never got "
+                "them): lost with them, not counted"
+            )
+        if o.controller_voters:
+            ctlsim.lost_with_majority(self, victims)
+        for nid in victims:
+            node = self.nodes[nid]
+            if node.up:
+                node.crash(power=True, wipe=True)
+            else:
+                node.disk.wipe()
+                node.meta.wipe()
+                node.wiped = True
+                self.trace(f"node {nid} (down) disk wiped")
+            self.stats.wipes += 1
+            self.majority_wiped.add(nid)
+            self.loop.call_later(rng.uniform(0.05, 0.5), self._restart, node)
+
+    async def mover(self) -> None:
+        """Moves a random group's replicas to a random set of three nodes, now and then, as
+        the controller would: every node the target names hosts a replica, and every up
+        replica is told the target (a restarted node is told at its start)."""
+        rng = random.Random(self.rng.random())
+        ids = sorted(self.nodes)
+        while self.running:
+            await asyncio.sleep(rng.expovariate(1 / MOVE_EVERY_S))
+            if not self.running:
+                return
+            gid = rng.choice(sorted(self.replicas))
+            target = frozenset(rng.sample(ids, 3))
+            self.targets[gid] = target
+            self.stats.moves += 1
+            self.trace(f"group {gid}: move to {sorted(target)}")
+            for nid in sorted(target - self.hosts[gid]):
+                self.hosts[gid].add(nid)
+                node = self.nodes[nid]
+                if node.up and gid not in node.parts:
+                    node.open_group(gid)
+            for node in self.nodes.values():
+                part = node.parts.get(gid)
+                if node.up and part is not None and not part.closed:
+                    part.set_target_replicas(target)
+
+    def members(self, gid: int) -> list[int]:
+        """The replicas the checks concern: the initial ones, or (move profile) the members
+        of the configuration of the group's leader."""
+        if self.profile != "move":
+            return list(self.replicas[gid])
+        lead = self.leader(gid)
+        if lead is None or lead.group is None:
+            return sorted(self.hosts[gid])
+        return sorted(lead.group.raw.conf_state.members)
+
     def _stall_one_group(self, rng: random.Random) -> None:
         """Stall the fsyncs of one group on a node that leads others too; when the stall
         ends, those others must still be led by it in the same term."""
@@ -788,6 +1053,12 @@ class Simulation:
             for gid in self.replicas
         ]
         tasks.append(loop.create_task(self.nemesis()))
+        if self.profile == "move":
+            tasks.append(loop.create_task(self.mover()))
+        if o.controller_voters:
+            tasks += [loop.create_task(ctlsim.workload(self, w)) for w in range(2)]
+        if o.wipe_majority:
+            tasks.append(loop.create_task(self.wipe_majority()))
         await asyncio.sleep(o.duration_s)
         self.running = False
         self.trace("workload over: healing everything")
@@ -815,14 +1086,18 @@ class Simulation:
             await asyncio.sleep(0.05)
             if self.violation is not None:
                 return
-            if all(self._converged(gid) for gid in self.replicas):
+            if all(self._converged(gid) for gid in self.replicas) and (
+                not self.options.controller_voters or ctlsim.converged(self)
+            ):
                 return
-        for gid, replicas in self.replicas.items():
+        if self.majority_wiped and self._unavailable():
+            return
+        for gid in self.replicas:
             lead = self.leader(gid)
             if lead is None or lead.group is None:
                 continue
             last = lead.group.raw.last_index()
-            for nid in replicas:
+            for nid in self.members(gid):
                 part = self.nodes[nid].parts.get(gid)
                 if part is not None and part.group is not None:
                     if part.group.raw.commit_index > last:
@@ -834,8 +1109,8 @@ class Simulation:
                         )
                         return
         states = []
-        for gid, replicas in self.replicas.items():
-            for nid in replicas:
+        for gid in self.replicas:
+            for nid in self.members(gid):
                 node = self.nodes[nid]
                 part = node.parts.get(gid)
                 if part is None or part.group is None:
@@ -847,7 +1122,27 @@ class Simulation:
                     f"{raw.last_index()} commit {raw.commit_index} "
                     f"failed={part.group.failed}"
                 )
+        if self.options.controller_voters:
+            states += ctlsim.describe(self)
         self.violate("no convergence after healing (15 s)", "; ".join(states))
+
+    def _unavailable(self) -> bool:
+        """After a majority wipe: whether every group that did not converge is one without
+        a leader (it stays unavailable, the correct outcome: its committed entries are on a
+        minority of replicas only); those are recorded in ``unavailable``."""
+        stuck = {str(g) for g in self.replicas if not self._converged(g)}
+        if self.options.controller_voters and not ctlsim.converged(self):
+            stuck.add("controller")
+        for name in stuck:
+            if name == "controller":
+                if self.controller_leader() is not None:
+                    return False
+            elif self.leader(int(name)) is not None:
+                return False
+        self.unavailable = stuck
+        self.stats.unavailable = ",".join(sorted(stuck))
+        self.trace(f"left without a leader after the majority wipe (correct): {sorted(stuck)}")
+        return True
 
     def _converged(self, gid: int) -> bool:
         leader = self.leader(gid)
@@ -857,13 +1152,23 @@ class Simulation:
         last = raw.last_index()
         if raw.commit_index != last:
             return False
-        for nid in self.replicas[gid]:
+        if self.profile == "move" and raw.conf_change_pending:
+            return False
+        for nid in self.members(gid):
             part = self.nodes[nid].parts.get(gid)
             if part is None or part.group is None or part.group.failed:
                 return False
             # Committed everywhere, and stored: a follower may hold an uncommitted suffix of
             # an old term (a leader appends no empty entry), which is no business of ours.
-            if part.group.raw.commit_index != last or part.log.last_index < last:
+            # Stored means the core has nothing of the log up to ``last`` left to write: a
+            # follower learns the commit with the entries that replace its old suffix, and
+            # until its Ready is stored its log file still holds the old, uncommitted ones
+            # (never applied: check() would compare those against the leader's).
+            member = part.group.raw
+            unstored_from, unstored = member.unstored_entries()
+            if member.commit_index != last or part.log.last_index < last:
+                return False
+            if unstored and unstored_from <= last:
                 return False
         return True
 
@@ -874,10 +1179,17 @@ class Simulation:
         record at its offset; no refused or failed record committed; every record a consumer
         saw still at its offset."""
         final: dict[int, dict[int, bytes]] = {}
-        for gid, replicas in self.replicas.items():
+        if "controller" in self.unavailable:
+            ctlsim.check_unavailable(self)
+        for gid in self.replicas:
+            if str(gid) in self.unavailable:
+                final[gid] = self._surviving_records(gid)
+                continue
             ref: list[tuple[int, int, int]] | None = None
             ref_node = 0
-            for nid in replicas:
+            members = self.members(gid)
+            others = sorted(self.hosts[gid] - set(members))
+            for nid in [*members, *others]:
                 part = self.nodes[nid].parts[gid]
                 assert part.group is not None
                 commit = part.group.raw.commit_index
@@ -895,6 +1207,8 @@ class Simulation:
                             assert rec.value is not None
                             values[rec.offset] = rec.value
                     final[gid] = values
+                elif nid in others and digest == ref[: len(digest)]:
+                    pass  # a replica removed from the group holds a prefix of its log
                 elif digest != ref:
                     diff = next(
                         (i for i, (a, b) in enumerate(zip(digest, ref, strict=False)) if a != b),
@@ -917,6 +1231,10 @@ class Simulation:
                 where[(gid, v)] = off
         for a in self.attempts:
             at = where.get((a.group, a.value))
+            if str(a.group) in self.unavailable and a.outcome != "ok":
+                continue  # the survivor's log holds uncommitted entries: no verdict on them
+            if (a.group, a.value) in self.lost_with_majority:
+                continue
             if a.outcome == "ok" and a.acks == -1:
                 if at is None:
                     raise Violation(
@@ -951,12 +1269,38 @@ class Simulation:
                     ),
                 )
         for (gid, off), v in self.observed.items():
+            if (gid, v) in self.lost_with_majority:
+                continue
             got = final[gid].get(off)
             if got != v:
                 raise Violation(
                     "a record a consumer saw is gone",
                     f"group {gid} offset {off}: consumer saw {v!r}, final log has {got!r}",
                 )
+
+    def _surviving_records(self, gid: int) -> dict[int, bytes]:
+        """A group left without a leader: the records of the whole logs of the replicas
+        that kept their disks (what acks=all acknowledged must all be there, at their
+        offsets; two survivors must agree where their logs overlap)."""
+        values: dict[int, bytes] = {}
+        for nid in sorted(set(self.replicas[gid]) - self.majority_wiped):
+            for off, v in self._log_records(self.nodes[nid].disk_log(gid)).items():
+                old = values.setdefault(off, v)
+                if old != v:
+                    raise Violation(
+                        "surviving replicas differ",
+                        f"group {gid} offset {off}: {old!r} vs {v!r} (node {nid})",
+                    )
+        return values
+
+    @staticmethod
+    def _log_records(lg: PartitionLog) -> dict[int, bytes]:
+        out: dict[int, bytes] = {}
+        for d in lg.entries_by_index(lg.first_index, lg.last_index + 1, 1 << 40):
+            for rec in decode_batches(d):
+                assert rec.value is not None
+                out[rec.offset] = rec.value
+        return out
 
     def run(self) -> RunResult:
         loop = self.loop
@@ -980,6 +1324,11 @@ class Simulation:
             root.removeHandler(handler)
             root.setLevel(old_level)
             self.stats.virtual_s = loop.time()
+            checks = self.controller_checks
+            self.stats.ctl_acked = checks.acknowledged
+            self.stats.ctl_rejected = checks.rejected
+            self.stats.ctl_applies = checks.applies
+            self.stats.ctl_snapshots_restored = checks.snapshots_restored
             _close(loop)
             asyncio.set_event_loop(None)
         found = self.violation

@@ -152,6 +152,8 @@ class Cluster:
             node.storage.append(rd.entries)
         if rd.hard_state is not None:
             node.storage.set_hard_state(rd.hard_state)
+        if rd.conf_state is not None:
+            node.storage.set_conf_state(rd.conf_state, rd.conf_index)
         self.outbox.extend(rd.messages)
         node.applied.extend(rd.committed)
         node.read_states.extend(rd.read_states)
