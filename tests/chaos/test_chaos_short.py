@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,7 @@ RATE = 600
 
 @pytest.fixture
 def cluster_dir(tmp_path: Path) -> Iterator[Path]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        base_port = s.getsockname()[1]
+    base_port = free_port()
     directory = tmp_path / "cluster"
     localcluster.up(directory, 3, base_port)
     try:

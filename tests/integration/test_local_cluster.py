@@ -6,7 +6,6 @@ its data."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
+from tests.support import free_port
 from tidelog.client import SyncAdmin, SyncConsumer, SyncProducer, TopicPartition
 from tidelog.ops import localcluster
 from tidelog.ops.cli_cluster import register
@@ -33,13 +33,6 @@ def _cli() -> click.Group:
     group = click.Group("tidelog")
     register(group)
     return group
-
-
-def _free_base_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def run(*args: str) -> Result:
@@ -100,7 +93,7 @@ def read_all(bootstrap: str) -> list[int]:
 @pytest.mark.timeout(420)
 def test_local_cluster_lifecycle(cluster_dir: Path) -> None:
     d = str(cluster_dir)
-    out = run("cluster", "up", "--nodes", "3", "--dir", d, "--base-port", str(_free_base_port()))
+    out = run("cluster", "up", "--nodes", "3", "--dir", d, "--base-port", str(free_port()))
     assert "controller leader: node" in out.output
 
     st = status(cluster_dir)
@@ -184,7 +177,7 @@ def test_local_cluster_lifecycle(cluster_dir: Path) -> None:
 @pytest.mark.timeout(120)
 def test_up_no_tls_authenticates_nodes_with_a_generated_secret(cluster_dir: Path) -> None:
     d = str(cluster_dir)
-    base = str(_free_base_port())
+    base = str(free_port())
     run("cluster", "up", "--nodes", "2", "--dir", d, "--base-port", base, "--no-tls")
     secret = cluster_dir / "cluster.secret"
     assert secret.stat().st_mode & 0o077 == 0
@@ -199,7 +192,7 @@ def test_up_no_tls_authenticates_nodes_with_a_generated_secret(cluster_dir: Path
 @pytest.mark.timeout(120)
 def test_up_refuses_a_second_cluster_in_the_same_directory(cluster_dir: Path) -> None:
     d = str(cluster_dir)
-    run("cluster", "up", "--nodes", "1", "--dir", d, "--base-port", str(_free_base_port()))
+    run("cluster", "up", "--nodes", "1", "--dir", d, "--base-port", str(free_port()))
     result = CliRunner().invoke(_cli(), ["cluster", "up", "--nodes", "1", "--dir", d])
     assert result.exit_code == 1
     assert "already running" in result.output

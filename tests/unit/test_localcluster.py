@@ -91,6 +91,21 @@ def test_port_in_use_sees_a_listener() -> None:
         assert localcluster.port_in_use(port)
 
 
+def test_free_ports_are_distinct_and_below_the_ephemeral_range() -> None:
+    """A port the kernel may also hand out as a connection's source port is one a node can
+    fail to bind ("address in use"): free_port keeps below that range and never repeats."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    if low - 20000 >= 2000:
+        assert all(20000 <= p < low for p in ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1] + 1))
+        s.listen()
+        taken = s.getsockname()[1]
+        assert taken not in {free_port() for _ in range(5)}
+
+
 def test_controller_voters_are_the_first_three_ids() -> None:
     addrs = {i: f"127.0.0.1:{9091 + i}" for i in (4, 1, 3, 2, 5)}
     assert controller_voters(addrs) == "1@127.0.0.1:9092,2@127.0.0.1:9093,3@127.0.0.1:9094"

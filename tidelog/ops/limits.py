@@ -20,6 +20,17 @@ INTERNAL_PORT_OFFSET: Final = 200
 CERTS_DIR: Final = "certs"
 SECRET_FILE: Final = "cluster.secret"
 PORT_MAX: Final = 65535
+#: Ports for tests and benchmarks (``free_port``) start here, above the well-known and the
+#: local cluster's default ports, and end below the kernel's ephemeral range.
+FREE_PORT_FLOOR: Final = 20000
+#: The least room between the floor and the ephemeral range worth walking; with less (an
+#: unusual ip_local_port_range) free_port takes the kernel's pick.
+FREE_PORT_MIN_SPAN: Final = 2000
+#: Where each process starts in that range: pid times a prime, so parallel workers (pids
+#: close together) start thousands of ports apart.
+FREE_PORT_PID_STRIDE: Final = 1543
+#: Linux's default first ephemeral port, where /proc does not say.
+EPHEMERAL_LOW_DEFAULT: Final = 32768
 NODES_MAX: Final = 100
 #: The controller (Raft group 0) runs on the first nodes; more voters only slow it down.
 CONTROLLER_VOTERS_MAX: Final = 3

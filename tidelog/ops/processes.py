@@ -24,6 +24,10 @@ from tidelog.ops.limits import (
     CMDLINE_READS_MAX,
     CMDLINE_RETRY_S,
     CONTROLLER_VOTERS_MAX,
+    EPHEMERAL_LOW_DEFAULT,
+    FREE_PORT_FLOOR,
+    FREE_PORT_MIN_SPAN,
+    FREE_PORT_PID_STRIDE,
     HOST,
     INTERNAL_PORT_OFFSET,
     LOG_TAIL_BYTES,
@@ -232,11 +236,44 @@ def with_log_tail(message: str, node: NodeSpec) -> str:
 
 
 def free_port(host: str = HOST) -> int:
-    """A port nothing listens on right now (the kernel's pick), for tests and benchmarks."""
+    """A port nothing listens on right now, for tests and benchmarks, never one this process
+    has given out before.
+
+    It comes from below the kernel's ephemeral range (``ip_local_port_range``) when there is
+    room there: a port the kernel picked (bind to port 0) is one it may hand again, as the
+    source port of any outgoing connection, between this call and the moment a node binds
+    it, and the node then fails to start with "address in use". Below the range only another
+    listener can take it. Each process walks the range from its own offset (its pid), so
+    parallel test workers do not race for the same ports.
+    """
+    global _port_cursor
+    lo, hi = FREE_PORT_FLOOR, _ephemeral_low()
+    if hi - lo >= FREE_PORT_MIN_SPAN:
+        span = hi - lo
+        if _port_cursor is None:
+            _port_cursor = (os.getpid() * FREE_PORT_PID_STRIDE) % span
+        for _ in range(span):
+            port = lo + _port_cursor
+            _port_cursor = (_port_cursor + 1) % span
+            if not port_in_use(port, host):
+                return port
     with socket.socket() as s:
         s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+        picked: int = s.getsockname()[1]
+        return picked
+
+
+#: Where :func:`free_port` goes next in its range (an offset from the floor); None until the
+#: first call.
+_port_cursor: int | None = None
+
+
+def _ephemeral_low(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> int:
+    """The first port of the kernel's ephemeral range (the Linux default where unknown)."""
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return EPHEMERAL_LOW_DEFAULT
 
 
 def port_in_use(port: int, host: str = HOST) -> bool:
@@ -323,6 +360,7 @@ def node_argv(
     internal_listen: str | None = None,
     tls: tuple[Path, Path, Path] | None = None,
     secret_file: Path | None = None,
+    join: str | None = None,
 ) -> tuple[str, ...]:
     """The command line of one node: ``python -m tidelog.node`` (the CLI's dependencies
     unloaded), or ``python -m tidelog node start`` with ``via_cli``; the flags come from the
@@ -342,6 +380,7 @@ def node_argv(
             "internal_cert": tls[1] if tls else None,
             "internal_key": tls[2] if tls else None,
             "cluster_secret_file": secret_file,
+            "join": join,
         }
     )
     return (python, *command, *flags)
