@@ -97,6 +97,34 @@ def test_vote_refused_to_a_less_up_to_date_log() -> None:
     assert [(m.to, m.reject) for m in n.ready().messages] == [(1, True), (2, True), (1, False)]
 
 
+def test_refusing_a_stale_candidate_keeps_the_election_timer_running() -> None:
+    """Raft restarts the election timer on a leader's message or a granted vote, not on a
+    higher term: a candidate too stale to win must not hold back a voter that could win
+    (core sim seed 2881, no pre-vote: the stale node's requests kept restarting everyone's
+    timer, and no election succeeded for 13 timeouts)."""
+    c = Cluster([1, 2, 3], config=Config(pre_vote=False))
+    c.set_log(3, [1, 2, 2], term=2)
+    n = c[3]
+    for _ in range(c.config.election_timeout_ticks - 1):
+        n.tick()
+    assert n.role == Role.FOLLOWER
+    elapsed = n.election_elapsed
+    n.step(Message(K.VOTE, 1, 3, 5, log_term=1, index=9))  # stale: refused
+    assert [(m.to, m.reject) for m in n.ready().messages] == [(1, True)]
+    assert n.term == 5 and n.role == Role.FOLLOWER and n.election_elapsed == elapsed
+    ticks = 0
+    while n.role == Role.FOLLOWER:
+        n.tick()
+        ticks += 1
+    assert ticks <= c.config.election_timeout_ticks + 1  # its own timeout, not a fresh one
+    assert n.role == Role.CANDIDATE and n.term == 6
+    # A granted vote does restart it.
+    m = c[2]
+    m.step(Message(K.VOTE, 3, 2, 7, log_term=2, index=3))
+    assert [(x.to, x.reject) for x in m.ready().messages] == [(3, False)]
+    assert m.election_elapsed == 0
+
+
 def test_split_vote_retries_in_a_later_term() -> None:
     c = Cluster([1, 2, 3, 4], config=Config(pre_vote=False, check_quorum=False))
     c.partition([1, 2], [3, 4])
