@@ -15,6 +15,7 @@ The re-executed process gets every effective setting as a flag and none of the
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import resource
@@ -347,6 +348,9 @@ def run_node(
         )
     )
     _configure_logging(log_level, log_format)
+    # A crash below Python (a signal such as SIGSEGV or SIGABRT in a native library) then
+    # leaves the Python stacks in the node's log instead of nothing.
+    faulthandler.enable()
     _raise_open_files_limit()
     _install_uvloop()
     # A `_created` timestamp per series doubles what every scrape carries, for nothing.

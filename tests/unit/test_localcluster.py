@@ -559,3 +559,19 @@ def test_up_rendering_says_how_other_commands_find_the_cluster(tmp_path: Path) -
     elsewhere = _text(localcluster.render_nodes(result, cwd=tmp_path / "sub"))
     assert "--bootstrap 127.0.0.1:19001,127.0.0.1:19002,127.0.0.1:19003" in elsewhere
     assert "--dir" in elsewhere
+
+
+@pytest.mark.timeout(30)
+def test_a_node_that_dies_after_starting_says_how(tmp_path: Path) -> None:
+    """`cluster start` reports how a node that died at once ended (a signal, an exit status),
+    not only that it is gone: a node killed by a signal leaves no line in its log."""
+    data = tmp_path / "node-1" / "data"
+    for code, how in (
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "killed by SIGKILL"),
+        ("raise SystemExit(3)", "exit status 3"),
+    ):
+        argv = (sys.executable, "-c", code, "--data-dir", str(data))
+        spec = _spec(tmp_path, 1, argv=argv)
+        node = dataclasses.replace(spec, pid=localcluster.launch(spec))
+        with pytest.raises(ClusterError, match=f"exited after starting \\({how}\\)"):
+            localcluster.wait_node_ready(node, timeout_s=20)

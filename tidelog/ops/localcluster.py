@@ -79,6 +79,7 @@ from tidelog.ops.processes import (
     allocate_internal_ports,
     allocate_ports,
     controller_voters,
+    how_it_ended,
     launch,
     node_argv,
     parse_proc_stat,
@@ -518,8 +519,10 @@ def wait_node_ready(node: NodeSpec, timeout_s: float = NODE_READY_TIMEOUT_S) -> 
         while True:
             state = process_state(node.pid, node.data_dir)
             if state is ProcState.DEAD:
+                ended = how_it_ended(node.pid)
+                how = f" ({ended})" if ended else ""
                 raise ClusterError(
-                    with_log_tail(f"node {node.node_id} exited after starting", node)
+                    with_log_tail(f"node {node.node_id} exited after starting{how}", node)
                 )
             resp = probe.metadata(node.address) if state is ProcState.RUNNING else None
             if resp is not None and resp.controller_id >= 0:

@@ -44,6 +44,7 @@ __all__ = [
     "allocate_ports",
     "controller_voters",
     "free_port",
+    "how_it_ended",
     "launch",
     "log_tail",
     "node_argv",
@@ -79,6 +80,8 @@ class ProcState(enum.StrEnum):
 #: Processes this Python process started, kept so that they are reaped (no zombies) and their
 #: Popen objects never warn about a running child when collected.
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+#: How reaped children ended (their Popen return code: negative for a signal), by pid.
+_EXITS: dict[int, int] = {}
 
 
 def parse_proc_stat(text: str) -> ProcState:
@@ -102,6 +105,23 @@ def _reap(pid: int) -> None:
     child = _CHILDREN.get(pid)
     if child is not None and child.poll() is not None:
         del _CHILDREN[pid]
+        _EXITS[pid] = child.returncode
+
+
+def how_it_ended(pid: int) -> str:
+    """How a process this one started and found dead ended: "exit status N" or "killed by
+    SIGNAME"; for a process still there, that it does not look like the node it should be
+    (its command line names another data directory); "" when unknown (not our child)."""
+    _reap(pid)
+    code = _EXITS.get(pid)
+    if code is None:
+        return "still running, but not as that node" if pid in _CHILDREN else ""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
 
 
 def _is_node_process(pid: int, data_dir: Path) -> bool:
