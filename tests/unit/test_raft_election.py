@@ -123,6 +123,12 @@ def test_refusing_a_stale_candidate_keeps_the_election_timer_running() -> None:
     m.step(Message(K.VOTE, 3, 2, 7, log_term=2, index=3))
     assert [(x.to, x.reject) for x in m.ready().messages] == [(3, False)]
     assert m.election_elapsed == 0
+    # A candidate that sees a newer election backs off for a fresh timeout (membership seed
+    # 1793: two candidates keeping their timers kept campaigning together).
+    n.ready()
+    n.tick()
+    n.step(Message(K.VOTE, 1, 3, 8, log_term=1, index=9))
+    assert n.role == Role.FOLLOWER and n.term == 8 and n.election_elapsed == 0
 
 
 def test_split_vote_retries_in_a_later_term() -> None:
