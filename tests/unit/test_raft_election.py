@@ -110,7 +110,9 @@ def test_refusing_a_stale_candidate_keeps_the_election_timer_running() -> None:
     assert n.role == Role.FOLLOWER
     elapsed = n.election_elapsed
     n.step(Message(K.VOTE, 1, 3, 5, log_term=1, index=9))  # stale: refused
-    assert [(m.to, m.reject) for m in n.ready().messages] == [(1, True)]
+    rd = n.ready()
+    assert [(m.to, m.reject) for m in rd.messages] == [(1, True)]
+    n.advance(rd)
     assert n.term == 5 and n.role == Role.FOLLOWER and n.election_elapsed == elapsed
     ticks = 0
     while n.role == Role.FOLLOWER:
@@ -125,7 +127,6 @@ def test_refusing_a_stale_candidate_keeps_the_election_timer_running() -> None:
     assert m.election_elapsed == 0
     # A candidate that sees a newer election backs off for a fresh timeout (membership seed
     # 1793: two candidates keeping their timers kept campaigning together).
-    n.ready()
     n.tick()
     n.step(Message(K.VOTE, 1, 3, 8, log_term=1, index=9))
     assert n.role == Role.FOLLOWER and n.term == 8 and n.election_elapsed == 0
