@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -40,6 +41,7 @@ from tidelog.ops.localcluster import (
     save_cluster,
     status_to_json,
 )
+from tidelog.ops.processes import launch
 from tidelog.v1 import broker_pb2
 
 # -- ports ------------------------------------------------------------------------------------
@@ -572,6 +574,41 @@ def test_a_node_that_dies_after_starting_says_how(tmp_path: Path) -> None:
     ):
         argv = (sys.executable, "-c", code, "--data-dir", str(data))
         spec = _spec(tmp_path, 1, argv=argv)
-        node = dataclasses.replace(spec, pid=localcluster.launch(spec))
+        node = dataclasses.replace(spec, pid=launch(spec))
         with pytest.raises(ClusterError, match=f"exited after starting \\({how}\\)"):
             localcluster.wait_node_ready(node, timeout_s=20)
+
+
+@pytest.mark.timeout(30)
+def test_a_child_in_the_middle_of_exec_is_still_the_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node execs twice at start (it replaces itself to tune the allocator); while it does,
+    its /proc command line reads empty, on a loaded machine for longer than any fixed wait.
+    CI's chaos run once took such a node for dead ("exited after starting") and stopped.
+    A child we started and have not reaped is that node; someone else's empty command line
+    still counts as not the node."""
+    data = tmp_path / "node-1" / "data"
+    spec = _spec(tmp_path, 1, argv=tuple(_sleeper(data)))
+    pid = launch(spec)
+    real_read = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        return b"" if self.name == "cmdline" else real_read(self)
+
+    try:
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+        monkeypatch.setattr("tidelog.ops.processes.CMDLINE_RETRY_S", 0.0)
+        assert process_state(pid, data) is ProcState.RUNNING
+        other = subprocess.Popen(_sleeper(data))  # not started by launch: not known as ours
+        try:
+            assert process_state(other.pid, data) is ProcState.DEAD
+        finally:
+            other.kill()
+            other.wait()
+    finally:
+        monkeypatch.undo()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while process_state(pid) is not ProcState.DEAD and time.monotonic() < deadline:
+            time.sleep(0.01)

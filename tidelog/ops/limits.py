@@ -52,8 +52,8 @@ METADATA_TIMEOUT_S: Final = 2.0
 LOG_TAIL_LINES: Final = 5
 LOG_TAIL_BYTES: Final = 8192
 #: Reads of an empty /proc/PID/cmdline (a process being exec'd) before giving up on it.
-CMDLINE_READS_MAX: Final = 50
-CMDLINE_RETRY_S: Final = 0.002
+CMDLINE_READS_MAX: Final = 100
+CMDLINE_RETRY_S: Final = 0.01
 
 assert 0 < CONTROLLER_VOTERS_MAX <= NODES_MAX <= METRICS_PORT_OFFSET
 assert INTERNAL_PORT_OFFSET >= METRICS_PORT_OFFSET + NODES_MAX

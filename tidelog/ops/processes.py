@@ -127,8 +127,12 @@ def how_it_ended(pid: int) -> str:
 def _is_node_process(pid: int, data_dir: Path) -> bool:
     """Whether ``pid`` runs the node whose data lives in ``data_dir`` (not a reused pid).
 
-    A process in the middle of exec shows an empty command line for a moment, so an empty
-    one is read again a few times before it counts as someone else's."""
+    A process in the middle of exec shows an empty command line for a moment (the node
+    execs twice: it replaces itself to tune the allocator), and on a loaded machine that
+    moment can last longer than any fixed wait. A child this process started and has not
+    reaped is the node it started, whatever its command line shows now; anyone else's
+    empty command line is read again a few times before it counts as someone else's."""
+    child = _CHILDREN.get(pid)
     for _ in range(CMDLINE_READS_MAX):
         try:
             raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -136,6 +140,8 @@ def _is_node_process(pid: int, data_dir: Path) -> bool:
             return False
         if raw:
             return os.fsencode(str(data_dir)) in raw.split(b"\0")
+        if child is not None and child.poll() is None:
+            return True
         time.sleep(CMDLINE_RETRY_S)
     return False
 
