@@ -6,8 +6,8 @@ throughput producer's rate while the replicas are copied, relative to before.
     python bench/reprovision_bench.py --data-mb 50                           # does it work
 
 Starts 4 real nodes (voters 1-3, node 4 joined with --join; node-to-node TLS) in a temporary
-directory, one RF=3 topic of ``--partitions`` partitions, and writes to it until the node to
-be killed (neither the controller nor node 1) holds ``--data-mb`` MiB. Then a live producer
+directory, one RF=3 topic of ``--partitions`` partitions, and writes ``--data-mb`` MiB to the
+partitions the node to be killed (neither the controller nor node 1) holds. Then a live producer
 runs: acks=all, ``send_many`` of ``--chunk`` records of ``--record-bytes`` to each partition
 in turn with ``--window`` calls in flight (a throughput load, not one request at a time). After
 ``--baseline-s`` seconds the node is killed; the cluster marks it dead after --node-dead-ms
@@ -107,22 +107,32 @@ class ThroughputLoad:
         await self.producer.stop()
 
 
-async def preload(bootstrap: str, partitions: int, mib: float) -> None:
-    """About ``mib`` MiB into the topic, spread evenly over its partitions."""
+async def preload(bootstrap: str, partitions: list[int], mib: float) -> None:
+    """About ``mib`` MiB of acks=all records into ``partitions``, spread evenly."""
     values = [os.urandom(1000) for _ in range(1000)]
     calls = int(mib * MIB // (1000 * 1000)) + 1
     async with Producer(bootstrap, acks="all", linger_ms=5) as producer:
         futs = []
         for i in range(calls):
-            futs.append(producer.send_many(TOPIC, values, partition=i % partitions))
+            part = partitions[i % len(partitions)]
+            futs.append(producer.send_many(TOPIC, values, partition=part))
             if len(futs) >= 8:
                 await futs.pop(0)
         for f in futs:
             await f
 
 
+async def replicas_of(bootstrap: str, node: int) -> list[int]:
+    """The partitions of the topic ``node`` holds a replica of."""
+    async with Admin(bootstrap) as admin:
+        [d] = await admin.describe_topics([TOPIC])
+    return [p.partition for p in d.partitions if node in p.replicas]
+
+
 async def held_by(bootstrap: str, node: int) -> int:
-    """Bytes of the partitions ``node`` holds a replica of (the leaders' log sizes)."""
+    """Bytes of the partitions ``node`` holds a replica of (the leaders' log sizes, as the
+    cluster reports them: a figure to print, never what the fill stops on, since a
+    description that could not reach a leader reports 0 for its partitions)."""
     async with Admin(bootstrap) as admin:
         [d] = await admin.describe_topics([TOPIC])
     return sum(p.size_bytes for p in d.partitions if node in p.replicas)
@@ -161,9 +171,11 @@ async def run(args: argparse.Namespace, base: Path) -> dict[str, object]:
 
         await until("every partition has a leader", led, 60)
         t0 = time.monotonic()
-        # Each node holds about 3/4 of the topic: fill until the victim holds --data-mb.
-        while (held := await held_by(b, victim)) < args.data_mb * MIB:
-            await preload(b, args.partitions, (args.data_mb * MIB - held) / MIB * 4 / 3)
+        # Fill the victim's partitions with --data-mb MiB, counted by what was acknowledged
+        # (the fill once read 0 from a description that missed a leader under load and
+        # wrote 30 GiB, until the disk was full).
+        await preload(b, await replicas_of(b, victim), args.data_mb)
+        held = await held_by(b, victim)
         preload_s = time.monotonic() - t0
         settings = [f"replica.reprovision.ms={args.reprovision_ms}"]
         if args.rate_mb is not None:
