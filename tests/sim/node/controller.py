@@ -336,7 +336,10 @@ async def form(node: SimNode, incarnation: int) -> None:
     # Its own stream, derived without drawing from the simulation's: seeds keep the runs they
     # had before this step existed.
     rng = random.Random(f"{sim.options.seed}/form/{node.node_id}/{incarnation}")
-    while sim.running and node.incarnation == incarnation and node.up:
+    # As long as the node runs, not only while the workload does: the node's own loop does
+    # not stop when the faults do (a voter still waiting at the heal, or restarted by it,
+    # must go on asking, or the controller never forms: controller seeds 168, 399, 501).
+    while node.incarnation == incarnation and node.up:
         ctl = node.controller
         if ctl is None or not ctl.forming:
             return
@@ -367,7 +370,7 @@ async def register(node: SimNode, incarnation: int) -> None:
     whoever is the active controller until this node applied it."""
     sim = node.sim
     rng = random.Random(sim.rng.random())
-    while sim.running and node.incarnation == incarnation and node.up:
+    while node.incarnation == incarnation and node.up:  # the node's lifetime, as form()
         ctl = node.controller
         if ctl is None or ctl.registered.is_set():
             return
