@@ -9,7 +9,10 @@ Starts 4 real nodes (voters 1-3, node 4 joined with --join; node-to-node TLS) in
 directory, one RF=3 topic of ``--partitions`` partitions, and writes ``--data-mb`` MiB to the
 partitions the node to be killed (neither the controller nor node 1) holds. Then a live producer
 runs: acks=all, ``send_many`` of ``--chunk`` records of ``--record-bytes`` to each partition
-in turn with ``--window`` calls in flight (a throughput load, not one request at a time). After
+in turn with ``--window`` calls in flight: as fast as it can (a saturating load, not one
+request at a time), or at ``--live-mb-s`` MiB/s on a fixed schedule (a live service's load,
+which a copy must not starve: on a saturated 2-core machine any copy takes from the producer
+what it uses of the CPU, so the two loads answer different questions). After
 ``--baseline-s`` seconds the node is killed; the cluster marks it dead after --node-dead-ms
 (2 s in the test clusters), rebuilds its replicas on the live nodes ``replica.reprovision.ms``
 later, copying them at ``replica.recovery.bytes.per.second`` (``--rate-mb``; unset: the nodes'
@@ -44,11 +47,19 @@ TOPIC = "reprovision"
 
 
 class ThroughputLoad:
-    """An acks=all producer keeping ``window`` ``send_many`` calls in flight, each of
-    ``chunk`` records to the next partition; acknowledged bytes are kept with their time."""
+    """An acks=all producer keeping up to ``window`` ``send_many`` calls in flight, each of
+    ``chunk`` records to the next partition; acknowledged bytes are kept with their time.
+    With ``rate_mib_s`` the calls go on a fixed schedule (that many MiB/s asked, a live
+    service's load) instead of as fast as the window allows (a saturating load)."""
 
     def __init__(
-        self, bootstrap: str, partitions: int, record_bytes: int, chunk: int, window: int
+        self,
+        bootstrap: str,
+        partitions: int,
+        record_bytes: int,
+        chunk: int,
+        window: int,
+        rate_mib_s: float | None = None,
     ) -> None:
         self.producer = Producer(
             bootstrap,
@@ -63,6 +74,7 @@ class ThroughputLoad:
         self.values = [os.urandom(record_bytes) for _ in range(chunk)]
         self.bytes = record_bytes * chunk
         self.window = window
+        self.rate_mib_s = rate_mib_s
         self.acked: list[tuple[float, int]] = []
         self.errors: list[str] = []
         self._stop = asyncio.Event()
@@ -76,7 +88,13 @@ class ThroughputLoad:
         room = asyncio.Semaphore(self.window)
         pending: set[asyncio.Task[None]] = set()
         i = 0
+        began = time.monotonic()
         while not self._stop.is_set():
+            if self.rate_mib_s:
+                due = began + i * self.bytes / (self.rate_mib_s * MIB)
+                if (delay := due - time.monotonic()) > 0:
+                    await asyncio.sleep(delay)
+                    continue
             await room.acquire()
             fut = self.producer.send_many(TOPIC, self.values, partition=i % self.partitions)
             i += 1
@@ -183,7 +201,9 @@ async def run(args: argparse.Namespace, base: Path) -> dict[str, object]:
         if args.lag_mb is not None:
             settings.append(f"replica.recovery.lag.bytes={int(args.lag_mb * MIB)}")
         ok(await asyncio.to_thread(tidelog, b, "cluster", "config", "set", *settings))
-        load = ThroughputLoad(b, args.partitions, args.record_bytes, args.chunk, args.window)
+        load = ThroughputLoad(
+            b, args.partitions, args.record_bytes, args.chunk, args.window, args.live_mb_s
+        )
         await load.start()
         await asyncio.sleep(2.0)  # warm up
         b0 = time.monotonic()
@@ -235,6 +255,7 @@ async def run(args: argparse.Namespace, base: Path) -> dict[str, object]:
             "kill_to_copy_start_s": round(start - killed, 1),
             "copy_s": round(done - start, 1),
             "kill_to_rf_restored_s": round(done - killed, 1),
+            "producer_mib_s_asked": args.live_mb_s if args.live_mb_s else "as fast as it can",
             "producer_mib_s_before": round(before, 2),
             "producer_mib_s_during_copy": round(during, 2),
             "during_over_before": round(during / before, 2) if before else None,
@@ -270,6 +291,12 @@ def main() -> None:
     ap.add_argument("--record-bytes", type=int, default=1000)
     ap.add_argument("--chunk", type=int, default=200, help="records per send_many call")
     ap.add_argument("--window", type=int, default=16, help="send_many calls in flight")
+    ap.add_argument(
+        "--live-mb-s",
+        type=float,
+        default=None,
+        help="the live producer's fixed rate in MiB/s (default: as fast as it can)",
+    )
     ap.add_argument("--baseline-s", type=float, default=10.0)
     ap.add_argument("--timeout-s", type=float, default=3600.0)
     ap.add_argument("--dir", type=Path, default=None, help="where the nodes' data goes")
@@ -288,7 +315,8 @@ def main() -> None:
         f"{result['copy_s']} s)"
     )
     print(
-        f"live producer: {result['producer_mib_s_before']} MiB/s before, "
+        f"live producer ({result['producer_mib_s_asked']} MiB/s asked): "
+        f"{result['producer_mib_s_before']} MiB/s before, "
         f"{result['producer_mib_s_during_copy']} MiB/s during the copy = "
         f"{result['during_over_before']} of before (target >= 0.70)"
     )
