@@ -16,7 +16,7 @@ what it uses of the CPU, so the two loads answer different questions). After
 ``--baseline-s`` seconds the node is killed; the cluster marks it dead after --node-dead-ms
 (2 s in the test clusters), rebuilds its replicas on the live nodes ``replica.reprovision.ms``
 later, copying them at ``replica.recovery.bytes.per.second`` (``--rate-mb``; unset: the nodes'
-default of 100 MiB/s; the part of a replica beyond ``replica.recovery.lag.bytes``, ``--lag-mb``,
+default of 40 MiB/s; the part of a replica beyond ``replica.recovery.lag.bytes``, ``--lag-mb``,
 default 64 MiB, goes at that rate), and the run ends when the replication factor is restored.
 
 Prints the figures, then one JSON object. "During the copy" is from the first move the

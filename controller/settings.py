@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from tidelog.config import TOPIC_CONFIG_KEYS, ConfigKey, _int_in, _one_of, validate_topic_configs
 from tidelog.errors import InvalidConfig, excerpt
+from tidelog.node.settings import RECOVERY_BYTES_PER_SECOND_DEFAULT
 
 REPROVISION_MS = "replica.reprovision.ms"
 RECOVERY_BYTES_PER_SECOND = "replica.recovery.bytes.per.second"
@@ -46,13 +47,13 @@ CLUSTER_SETTING_KEYS: dict[str, ConfigKey] = {
         ),
         ConfigKey(
             RECOVERY_BYTES_PER_SECOND,
-            str(100 * 1024 * 1024),
+            str(RECOVERY_BYTES_PER_SECOND_DEFAULT),
             _int_in(0, _I64),
             "Most bytes per second each node sends to the replicas catching up from it, "
             "streamed copies and APPENDs to replicas far behind together (0: no limit), so "
             "catch-up does not starve live traffic. Set, it applies to every node at once, "
             "copies in progress included; unset, each node uses its "
-            "--replica-recovery-bytes-per-second (default 104857600).",
+            f"--replica-recovery-bytes-per-second (default {RECOVERY_BYTES_PER_SECOND_DEFAULT}).",
         ),
         ConfigKey(
             RECOVERY_LAG_BYTES,

@@ -82,8 +82,6 @@ KIB: Final = 1024
 MIB: Final = 1024 * KIB
 #: Bytes of one chunk at most (the data of one CatchupChunk message).
 CHUNK_BYTES: Final = 1 * MIB
-#: The default of ``replica.recovery.bytes.per.second`` (0: unlimited).
-RECOVERY_BYTES_PER_SECOND_DEFAULT: Final = 100 * MIB
 #: The idempotence state of a streamed snapshot at most (it is kept in memory while copied).
 STREAMED_STATE_BYTES_MAX: Final = 256 * MIB
 #: The state part holding the partition's idempotence state.
@@ -946,7 +944,6 @@ def grpc_reader(
 __all__ = [
     "CHUNK_BYTES",
     "IDEMPOTENCE_PART",
-    "RECOVERY_BYTES_PER_SECOND_DEFAULT",
     "RECOVERY_LAG_BYTES_DEFAULT",
     "BytesPart",
     "CatchupManager",

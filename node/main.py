@@ -37,6 +37,7 @@ from tidelog.node.settings import (
     ENV_PREFIX,
     HEARTBEAT_INTERVAL_MS_DEFAULT,
     NODE_DEAD_MS_DEFAULT,
+    RECOVERY_BYTES_PER_SECOND_DEFAULT,
     ClientSecurity,
     NodeFlags,
     parse_flags,
@@ -87,7 +88,7 @@ class ClusterSettings:
     cleaner_map_bytes: int = CLEANER_MAP_BYTES_DEFAULT
     cleaner_interval_ms: int = CLEANER_INTERVAL_MS_DEFAULT
     #: ``replica.recovery.bytes.per.second`` (node/catchup.py; 0: unlimited).
-    replica_recovery_bytes_per_second: int = 100 * 1024 * 1024
+    replica_recovery_bytes_per_second: int = RECOVERY_BYTES_PER_SECOND_DEFAULT
     #: Snapshot the controller state and truncate its log every this many entries.
     controller_snapshot_entries: int = 10_000
     #: Any node's internal address, asked for the controller voters (``--join``).

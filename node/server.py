@@ -52,7 +52,6 @@ from tidelog.node.admin_service import AdminService, shape_stats
 from tidelog.node.auth import ClientListener, load_client_security
 from tidelog.node.broker_service import BrokerService
 from tidelog.node.catchup import (
-    RECOVERY_BYTES_PER_SECOND_DEFAULT,
     RECOVERY_LAG_BYTES_DEFAULT,
     CatchupManager,
     grpc_reader,
@@ -85,7 +84,7 @@ from tidelog.node.multiraft import MultiRaft, RaftTiming
 from tidelog.node.partition import LogLike
 from tidelog.node.recovery import serve_recover_replica
 from tidelog.node.replica_storage import HardStateStore
-from tidelog.node.settings import ClientSecurity
+from tidelog.node.settings import RECOVERY_BYTES_PER_SECOND_DEFAULT, ClientSecurity
 from tidelog.node.table_service import TableService
 from tidelog.node.topics import LogOpener, TopicRegistry
 from tidelog.node.trace import Tracer

@@ -64,7 +64,7 @@ def test_flag_names_and_defaults_are_the_documented_ones() -> None:
         "--cleaner-io-bytes-per-second": 64 * 1024 * 1024,
         "--cleaner-map-bytes": 64 * 1024 * 1024,
         "--cleaner-interval-ms": 15_000,
-        "--replica-recovery-bytes-per-second": 100 * 1024 * 1024,
+        "--replica-recovery-bytes-per-second": 40 * 1024 * 1024,
         "--controller-snapshot-entries": 10_000,
     }
     assert {f.name for f in NODE_FLAGS if f.required} == {

@@ -28,7 +28,7 @@ async def settle(node: Node, key: str, present: bool) -> None:
 async def test_the_cluster_setting_overrides_the_node_flag_at_run_time(
     node: Node, client: Client
 ) -> None:
-    assert node.recovery_rate() == node.recovery_bytes_per_second == 100 * MIB
+    assert node.recovery_rate() == node.recovery_bytes_per_second == 40 * MIB
     assert node.recovery_lag_bytes() == RECOVERY_LAG_BYTES_DEFAULT
     await client.create("t", partitions=1)
     part = next(iter(node.registry.partitions()))
