@@ -132,6 +132,21 @@ def test_refusing_a_stale_candidate_keeps_the_election_timer_running() -> None:
     assert n.role == Role.FOLLOWER and n.term == 8 and n.election_elapsed == 0
 
 
+def test_with_prevote_a_higher_term_vote_restarts_the_follower_timer() -> None:
+    """With pre-vote a higher-term VOTE comes only from a candidate a majority found up to
+    date: the follower gives it a full timeout to finish, as etcd does (the node runs so)."""
+    c = Cluster([1, 2, 3], config=Config(pre_vote=True))
+    c.set_log(3, [1, 2, 2], term=2)
+    n = c[3]
+    for _ in range(c.config.election_timeout_ticks - 1):
+        n.tick()
+    n.step(Message(K.VOTE, 1, 3, 5, log_term=1, index=9))  # stale: refused
+    rd = n.ready()
+    assert [(m.to, m.reject) for m in rd.messages] == [(1, True)]
+    n.advance(rd)
+    assert n.term == 5 and n.role == Role.FOLLOWER and n.election_elapsed == 0
+
+
 def test_split_vote_retries_in_a_later_term() -> None:
     c = Cluster([1, 2, 3, 4], config=Config(pre_vote=False, check_quorum=False))
     c.partition([1, 2], [3, 4])
