@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc import aio
 
-from tests.support.nodeproc import Cluster, Node, spawn_cluster, until
+from tests.support.nodeproc import Cluster, Node, running_cluster, until
 from tidelog.errors import TidelogError, from_rpc_error
 from tidelog.records import encode_batch
 from tidelog.v1 import admin_pb2, admin_pb2_grpc, broker_pb2, group_pb2, group_pb2_grpc
@@ -32,29 +32,14 @@ TP = tuple[str, int]
 
 @pytest.fixture(scope="module")
 def procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, Node]]:
-    nodes = spawn_cluster(tmp_path_factory.mktemp("groups"), NODES)
-    try:
+    with running_cluster(tmp_path_factory.mktemp("groups"), NODES) as nodes:
         yield nodes
-    finally:
-        for n in nodes.values():
-            n.kill()
 
 
 @pytest.fixture
 async def cluster(procs: dict[int, Node]) -> AsyncIterator[Cluster]:
     c = Cluster(procs, TOPIC)
-    await c.wait_all_alive(STARTUP_TIMEOUT_S)
-    md = await c.metadata(1)
-    assert md is not None
-    if TOPIC not in {t.name for t in md.topics}:
-        spec = admin_pb2.TopicSpec(name=TOPIC, partitions=PARTITIONS, replication_factor=3)
-        admin = admin_pb2_grpc.AdminStub(c.channel(1))
-        await admin.CreateTopics(admin_pb2.CreateTopicsRequest(topics=[spec]))
-
-    async def led() -> bool:
-        return len(await c.leaders()) == PARTITIONS
-
-    await until("every partition has a leader", led)
+    await c.with_topic(PARTITIONS, STARTUP_TIMEOUT_S)
     yield c
     await c.close()
 

@@ -21,13 +21,9 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from tests.support.nodeproc import Cluster, Node, spawn_cluster, until
+from tests.support.nodeproc import Cluster, Node, running_cluster, until
 from tidelog.client import Consumer, Producer, TopicPartition
 from tidelog.errors import TidelogError
-from tidelog.v1 import (
-    admin_pb2,
-    admin_pb2_grpc,
-)
 
 pytestmark = pytest.mark.integration
 
@@ -48,29 +44,14 @@ RESUME_WHILE_PAUSED_MAX_S = PAUSE_S
 
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, Node]]:
-    procs = spawn_cluster(tmp_path_factory.mktemp("pfail"), NODES)
-    try:
-        yield procs
-    finally:
-        for p in procs.values():
-            p.kill()
+    with running_cluster(tmp_path_factory.mktemp("pfail"), NODES) as nodes:
+        yield nodes
 
 
 @pytest.fixture
 async def cluster(nodes: dict[int, Node]) -> AsyncIterator[Cluster]:
     c = Cluster(nodes, TOPIC)
-    await c.wait_all_alive(STARTUP_TIMEOUT_S)
-    md = await c.metadata(1)
-    assert md is not None
-    if TOPIC not in {t.name for t in md.topics}:
-        spec = admin_pb2.TopicSpec(name=TOPIC, partitions=PARTITIONS, replication_factor=3)
-        admin = admin_pb2_grpc.AdminStub(c.channel(1))
-        await admin.CreateTopics(admin_pb2.CreateTopicsRequest(topics=[spec]), timeout=10)
-
-    async def led() -> bool:
-        return len(await c.leaders()) == PARTITIONS
-
-    await until("every partition has a leader", led)
+    await c.with_topic(PARTITIONS, STARTUP_TIMEOUT_S)
     yield c
     await c.close()
 

@@ -13,10 +13,11 @@ node 1's credentials."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,7 +29,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tidelog.node.controller_node import LOG_DIGEST
 from tidelog.node.internal_auth import InternalAuth, TlsFiles
 from tidelog.ops.processes import free_port, node_argv, spawn_node
-from tidelog.v1 import broker_pb2, broker_pb2_grpc, cluster_pb2, cluster_pb2_grpc
+from tidelog.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    broker_pb2,
+    broker_pb2_grpc,
+    cluster_pb2,
+    cluster_pb2_grpc,
+)
 
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
@@ -165,6 +173,17 @@ def cluster_security(
     return {}, None
 
 
+@contextlib.contextmanager
+def running_cluster(base: Path, ids: tuple[int, ...]) -> Iterator[dict[int, Node]]:
+    """:func:`spawn_cluster`, every node killed (SIGKILL) when the block ends."""
+    nodes = spawn_cluster(base, ids)
+    try:
+        yield nodes
+    finally:
+        for n in nodes.values():
+            n.kill()
+
+
 def spawn_cluster(
     base: Path,
     ids: tuple[int, ...],
@@ -297,6 +316,26 @@ class Cluster:
             return True
 
         await until("every node is up and alive", ready, timeout_s)
+
+    async def with_topic(
+        self, partitions: int, timeout_s: float = STARTUP_TIMEOUT_S, replication_factor: int = 3
+    ) -> None:
+        """Every node alive (:meth:`wait_all_alive`), the cluster's topic created if it is not
+        yet (a module's cluster outlives each test), and every partition with a leader."""
+        await self.wait_all_alive(timeout_s)
+        md = await self.metadata(1)
+        assert md is not None
+        if self.topic not in {t.name for t in md.topics}:
+            spec = admin_pb2.TopicSpec(
+                name=self.topic, partitions=partitions, replication_factor=replication_factor
+            )
+            admin = admin_pb2_grpc.AdminStub(self.channel(1))  # type: ignore[no-untyped-call]
+            await admin.CreateTopics(admin_pb2.CreateTopicsRequest(topics=[spec]), timeout=10)
+
+        async def led() -> bool:
+            return len(await self.leaders()) == partitions
+
+        await until("every partition has a leader", led)
 
     async def close(self) -> None:
         for ch in [*self.channels.values(), *self.internal_channels.values()]:
