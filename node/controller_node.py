@@ -349,6 +349,9 @@ class Controller(StateMachine[ApplyResult]):
         #: why it still waits.
         self.forming = False
         self.waiting = ""
+        #: This voter decided to form a new cluster on this data directory (stored: it stays
+        #: fresh for the other forming voters while its log is empty, after a restart too).
+        self._formed = False
         #: Called with the cluster id a voter holding state answered, when it differs from
         #: this node's (a new directory took a derived one).
         self.on_cluster_id: Callable[[str], None] = lambda _cluster_id: None
@@ -423,6 +426,7 @@ class Controller(StateMachine[ApplyResult]):
             bootstrap=voters == {self.node_id},
         )
         raw = group.raw
+        self._formed = self._driver.formed(group)
         self.forming = (
             not joining
             and voters != {self.node_id}
@@ -475,7 +479,7 @@ class Controller(StateMachine[ApplyResult]):
         if group is None or group.storage.last_index() != 0 or self.snapshot_index:
             return False
         raw = group.raw
-        return raw.lost_to == NEW_REPLICA and (self.forming or raw.bootstrap)
+        return self.forming or self._formed or (raw.lost_to == NEW_REPLICA and raw.bootstrap)
 
     def resolve_bootstrap(self, decision: Decision) -> None:
         """Act on :func:`controller_bootstrap.decide` while :attr:`forming`."""
@@ -495,7 +499,8 @@ class Controller(StateMachine[ApplyResult]):
                 self.cluster_id,
             )
             group.raw.bootstrap = True
-            self._driver.touch(group)
+            self._formed = True
+            self._driver.settle(group)
             return
         log.info(
             "controller: a voter holds the state of cluster %s: joining it as a new replica "

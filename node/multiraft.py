@@ -402,6 +402,10 @@ class MultiRaft:
         if applied is None:
             applied = storage.hard_state().commit
         lost_to = storage.lost_to
+        if lost_to == NEW_REPLICA and self._hard_states.formed(group_id):
+            # It helped form the group brand new on this directory (settle): it never lost
+            # anything, whatever the marker a restart before it was cleared left stored.
+            lost_to = 0
         if self.new_directory and lost_to == 0 and hs.term == 0 and storage.last_index() == 0:
             lost_to = NEW_REPLICA
             # Stored at once: a restart before it caught up must still know.
@@ -469,6 +473,23 @@ class MultiRaft:
     def campaign(self, group: RaftGroup) -> None:
         group.raw.campaign()
         self.touch(group)
+
+    def settle(self, group: RaftGroup) -> None:
+        """The owner established that ``group`` is brand new and this new replica one of its
+        first members (every first voter answered that it is fresh): everything it ever
+        acknowledged is on this directory, so it is an ordinary replica from now on (it votes
+        for any candidate whose log is up to date), after a restart too. Without it, a first
+        voter that never received an entry (cut off while the others formed the group) would
+        stay a new replica after a restart and never vote for the holder of the group's log."""
+        if group.raw.lost_to != NEW_REPLICA:
+            return
+        self._hard_states.mark_formed(group.group_id)
+        group.raw.lost_to = 0
+        self.touch(group)
+
+    def formed(self, group: RaftGroup) -> bool:
+        """Whether :meth:`settle` was ever called for the group on this data directory."""
+        return self._hard_states.formed(group.group_id)
 
     def touch(self, group: RaftGroup) -> None:
         """The group may have work (a proposal, a step): include it in the next round."""

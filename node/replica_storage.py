@@ -89,6 +89,10 @@ _HARD_STATE = struct.Struct(">QQQ")
 #: A group's configuration in force (groups whose membership changes through the log):
 #: the index it is in force from, the counts of voters and learners, then their ids.
 _CONF_PREFIX: Final = b"conf/"
+#: A group this replica helped form brand new on this data directory (its owner established
+#: that every first replica was fresh: node/controller_bootstrap.py): present, the replica is
+#: an ordinary one from then on, even if the new-replica marker is still its stored commit.
+_FORMED_PREFIX: Final = b"formed/"
 _CONF_HEAD = struct.Struct(">QHH")
 _CONF_ID = struct.Struct(">I")
 _SNAPSHOT_DATA = struct.Struct(">BQ")
@@ -678,9 +682,20 @@ class HardStateStore:
             return None
         return decode_conf(raw, group_id)
 
+    def formed(self, group_id: int) -> bool:
+        """Whether :meth:`mark_formed` was stored for the group on this data directory."""
+        return self._store.get(RAFT_COLUMN, _FORMED_PREFIX + _GROUP_KEY.pack(group_id)) is not None
+
+    def mark_formed(self, group_id: int) -> None:
+        """Record, synced, that this replica is one of the first of a brand-new group."""
+        self._store.write_batch(
+            RAFT_COLUMN, [(_FORMED_PREFIX + _GROUP_KEY.pack(group_id), b"1")], sync=True
+        )
+
     def delete(self, group_id: int) -> None:
         self._store.delete(RAFT_COLUMN, self._key(group_id))
         self._store.delete(RAFT_COLUMN, self._conf_key(group_id))
+        self._store.delete(RAFT_COLUMN, _FORMED_PREFIX + _GROUP_KEY.pack(group_id))
 
 
 def encode_conf(index: int, conf: ConfState) -> bytes:

@@ -55,7 +55,7 @@ from tidelog.controller.commands import (
 )
 from tidelog.controller.settings import LEADER_BALANCE_ENABLE, MOVES_CONCURRENT_MAX
 from tidelog.controller.state import ApplyResult
-from tidelog.errors import TidelogError
+from tidelog.errors import NodeIdentityConflict, TidelogError
 from tidelog.node.controller_bootstrap import Outcome, PeerAnswer, decide
 from tidelog.node.controller_node import Controller
 from tidelog.node.controller_snapshots import SNAPSHOT_FILE
@@ -230,14 +230,16 @@ def lost_with_majority(sim: Simulation, victims: list[int]) -> None:
     def holds(n: SimNode, index: int, term: int) -> bool:
         ctl = n.controller
         if n.up and ctl is not None and ctl.group is not None:
-            return index <= ctl.snapshot_index or ctl.group.raw.term_at(index) == term
+            # What its log file holds, not what its core holds unstored (a stalled fsync's
+            # entries are lost by a crash of this node whatever the protocol).
+            return index <= ctl.snapshot_index or ctl.group.storage.stored_term(index) == term
         lg = disk_log(n)
         return index < lg.first_index or lg.term_at_index(index) == term
 
     def has_entries(n: SimNode) -> bool:
         ctl = n.controller
         if n.up and ctl is not None and ctl.group is not None:
-            return bool(ctl.snapshot_index or ctl.group.raw.last_index())
+            return bool(ctl.snapshot_index or ctl.group.storage.last_index())
         return disk_log(n).last_index > 0
 
     survivors = [
@@ -370,13 +372,27 @@ async def register(node: SimNode, incarnation: int) -> None:
     whoever is the active controller until this node applied it."""
     sim = node.sim
     rng = random.Random(sim.rng.random())
+    started = sim.loop.time()
     while node.incarnation == incarnation and node.up:  # the node's lifetime, as form()
         ctl = node.controller
         if ctl is None or ctl.registered.is_set():
             return
         lead = sim.controller_leader()
         if lead is not None:
-            await propose(sim, lead, registration(node), timeout_s=1.0)
+            result = await propose(sim, lead, registration(node), timeout_s=1.0)
+            refused = result is not None and isinstance(result.error, NodeIdentityConflict)
+            old = lead.state.nodes.get(node.node_id)
+            if (
+                refused
+                and old is not None
+                and old.alive
+                and sim.loop.time() - started > lead.node_dead_ms / 1000
+            ):
+                # What the active controller's liveness check does (not started here): an
+                # incarnation whose registration is refused sends no heartbeats, so the old
+                # one it replaces (a wiped disk) falls silent and is marked dead after
+                # node.dead.ms; only then is the new data directory accepted.
+                await propose(sim, lead, MarkNodeDead(node.node_id, at_ms=sim.clock_ms()))
         await asyncio.sleep(rng.uniform(0.05, 0.2))
 
 
