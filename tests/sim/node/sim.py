@@ -53,7 +53,7 @@ from tidelog.errors import (
     StorageError,
     TidelogError,
 )
-from tidelog.node.identity import DIRECTORY_ID_KEY
+from tidelog.node.identity import DIRECTORY_ID_KEY, machine_restarted
 from tidelog.node.log import PartitionLog
 from tidelog.node.metrics import NodeMetrics
 from tidelog.node.multiraft import MultiRaft, RaftGroup, RaftTiming, _fsync_chunk
@@ -406,6 +406,8 @@ class SimNode:
         self.stall_until = 0.0
         #: Wiped, and maybe not caught up yet (see rebuilding).
         self.wiped = False
+        #: The machine's boot (``/proc/sys/kernel/random/boot_id``): a power loss reboots it.
+        self.boot = 1
         self.group_stall: dict[int, float] = {}
         #: Group 0 on this node (when the options run the controller).
         self.controller: ctlsim.WatchedController | None = None
@@ -452,6 +454,8 @@ class SimNode:
             self.meta.put(NODE_COLUMN, DIRECTORY_ID_KEY, f"dir-{self.incarnation}".encode())
             assert self.incarnation > 1 or self.directory_id == FIRST_DIRECTORY
             raft.new_directory = True
+        # As node/server.py does: a new boot id tells the node its page cache is gone.
+        raft.machine_restarted = machine_restarted(self.meta, NODE_COLUMN, f"boot-{self.boot}")
         self.raft = raft
         self.parts = {}
         if sim.options.controller_voters:
@@ -558,6 +562,7 @@ class SimNode:
             self.controller.fail_waiters(NodeUnavailable("the simulated node crashed"))
             self.controller = None
         what = self.disk.crash(power=power)
+        self.boot += power
         self.meta.crash(power=power)
         if wipe:
             self.disk.wipe()
