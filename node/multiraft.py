@@ -93,7 +93,12 @@ from tidelog.node.raft.types import (
     SoftState,
 )
 from tidelog.node.raft_codec import decode_conf_change_batch
-from tidelog.node.replica_storage import HardStateStore, RaftLogFile, ReplicaStorage
+from tidelog.node.replica_storage import (
+    LOSS_UNKNOWN,
+    HardStateStore,
+    RaftLogFile,
+    ReplicaStorage,
+)
 from tidelog.node.trace import Tracer
 
 log = logging.getLogger(__name__)
@@ -348,6 +353,12 @@ class MultiRaft:
         #: it may have existed before, so it joins as NEW_REPLICA (no vote for a candidate
         #: with entries until caught up; see raft/core.py).
         self.new_directory = False
+        #: The machine restarted since this data directory was last used (the owner compares
+        #: boot ids: ``identity.machine_restarted``): the page cache is gone, so every flush=os
+        #: group may have lost acknowledged entries, and so may the unsynced hard states that
+        #: recorded them. Each such group opened in this run recovers before it votes again
+        #: (``replica_storage.LOSS_UNKNOWN``).
+        self.machine_restarted = False
         #: Samples follower APPENDs when set (``--trace-sample``; node/trace.py).
         self.tracer: Tracer | None = None
         #: Quiescence (module docstring): off unless the node turns it on (it also tells the
@@ -423,6 +434,20 @@ class MultiRaft:
                     "directory: it does not vote until it has caught up with a leader",
                     group_id,
                 )
+        if self.machine_restarted and not durable and lost_to == 0 and hs.term > 0:
+            storage.mark_loss_unknown()
+            lost_to = storage.lost_to
+            stored = storage.hard_state()
+            # Stored at once: a restart before it caught up must still know.
+            self._hard_states.save(
+                {group_id: replace(stored, commit=LOSS_UNKNOWN + stored.commit)}, sync=True
+            )
+            log.warning(
+                "raft group %d (flush=os): the machine restarted, acknowledged entries after "
+                "index %d may be lost; this replica does not vote until a leader caught it up",
+                group_id,
+                storage.last_index(),
+            )
         if logged_conf:
             raw = RawNode(
                 self.node_id,
@@ -866,7 +891,13 @@ class MultiRaft:
                     # the leader; a commit beyond the log's end, when appended entries are
                     # lost, makes the replica a recovering one: both are safe).
                     hs = replace(hs, commit=max(before.commit, replaced - 1))
-                if group.raw.lost_to > hs.commit:
+                if group.storage.loss_unknown:
+                    # Recovering an unknown loss: the mark stays the evidence until caught up.
+                    if group.raw.lost_to:
+                        hs = replace(hs, commit=LOSS_UNKNOWN + hs.commit)
+                    else:
+                        group.storage.loss_unknown = False
+                elif group.raw.lost_to > hs.commit:
                     # Recovering lost entries: the stored commit stays the evidence of them.
                     hs = replace(hs, commit=group.raw.lost_to)
                 hard_states[group.group_id] = hs

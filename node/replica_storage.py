@@ -86,6 +86,11 @@ RAFT_COLUMN: Final = "raft"
 _HS_PREFIX: Final = b"hs/"
 _GROUP_KEY = struct.Struct(">Q")
 _HARD_STATE = struct.Struct(">QQQ")
+#: A stored commit index with this bit set: the replica may have lost acknowledged entries,
+#: it cannot tell how many (a flush=os log after a machine restart: its unsynced tail and the
+#: unsynced hard states that recorded what it acknowledged may be gone together); the rest of
+#: the value is its commit index. Below ``NEW_REPLICA``, above any real index.
+LOSS_UNKNOWN: Final = 1 << 61
 #: A group's configuration in force (groups whose membership changes through the log):
 #: the index it is in force from, the counts of voters and learners, then their ids.
 _CONF_PREFIX: Final = b"conf/"
@@ -367,6 +372,7 @@ class ReplicaStorage:
         "custom_installer",
         "installed_parts",
         "log",
+        "loss_unknown",
         "lost_to",
         "snapshot_maker",
         "state_source",
@@ -392,6 +398,15 @@ class ReplicaStorage:
         #: (``RawNode(lost_to=...)``), and the driver keeps storing it as the commit index
         #: until then, so that a second crash meanwhile still knows.
         self.lost_to = 0
+        #: Stored with ``LOSS_UNKNOWN`` (``mark_loss_unknown``): recovering up to ``lost_to`` =
+        #: one past its last index, since nothing says how far it acknowledged; the driver
+        #: keeps storing the mark (not ``lost_to``) until a leader caught it up.
+        self.loss_unknown = False
+        if LOSS_UNKNOWN <= hard_state.commit < NEW_REPLICA:
+            self.loss_unknown = True
+            hard_state = HardState(
+                hard_state.term, hard_state.vote, hard_state.commit - LOSS_UNKNOWN
+            )
         if hard_state.commit >= NEW_REPLICA:
             # A new replica that had not caught up yet (the driver stores the marker). It
             # may hold entries all the same (the hard state that cleared the marker is a
@@ -412,6 +427,8 @@ class ReplicaStorage:
             )
             self.lost_to = hard_state.commit
             hard_state = HardState(hard_state.term, hard_state.vote, last)
+        if self.loss_unknown and not self.lost_to:
+            self.lost_to = last + 1
         self._hs = hard_state
         self._conf = conf
         self._conf_index = hard_state.commit if conf_index is None else conf_index
@@ -432,6 +449,14 @@ class ReplicaStorage:
         #: An owner whose snapshots are not a partition's (the controller,
         #: ``node/controller_snapshots.py``) installs them itself.
         self.custom_installer: Callable[[Snapshot], None] | None = None
+
+    def mark_loss_unknown(self) -> None:
+        """The replica may have lost acknowledged entries and cannot tell how many (see
+        ``LOSS_UNKNOWN``): it recovers up to one past its last index at least (the core
+        learns more from a leader's heartbeat) before it votes again."""
+        self.loss_unknown = True
+        if not self.lost_to:
+            self.lost_to = self.log.last_index + 1
 
     # ---- StorageReader -------------------------------------------------------------------
 
@@ -725,6 +750,7 @@ def decode_conf(raw: bytes, group_id: int) -> tuple[int, ConfState]:
 
 
 __all__ = [
+    "LOSS_UNKNOWN",
     "NOOP",
     "NOOP_SIZE",
     "RAFT_COLUMN",

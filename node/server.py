@@ -68,7 +68,12 @@ from tidelog.node.controller_snapshots import CONTROLLER_SNAPSHOT_ENTRIES_DEFAUL
 from tidelog.node.group_coordinator import GroupRuntime
 from tidelog.node.group_service import GroupService
 from tidelog.node.idempotence_store import SNAPSHOT_INTERVAL_S, IdempotenceSnapshots
-from tidelog.node.identity import DIRECTORY_ID_KEY, NodeIdentity
+from tidelog.node.identity import (
+    DIRECTORY_ID_KEY,
+    NodeIdentity,
+    machine_restarted,
+    read_boot_id,
+)
 from tidelog.node.internal_auth import (
     AuthConfigError,
     InternalAuth,
@@ -496,6 +501,9 @@ class Node:
         )
         if self.tracer.every:
             raft.tracer = self.tracer
+        # flush=os groups may have lost acknowledged entries in a machine restart (not in a
+        # process restart: the page cache kept them): they recover before voting again.
+        raft.machine_restarted = machine_restarted(store, NODE_COLUMN, read_boot_id())
         if new_directory and set(voters) != {self.node_id}:
             # A new directory may be a wiped one of a node the cluster knew: it may have voted
             # in the current term and acknowledged entries it no longer holds. Every group it

@@ -10,12 +10,14 @@ import pytest
 
 from tidelog.config import TopicConfig
 from tidelog.errors import StorageError
+from tidelog.node.identity import machine_restarted
 from tidelog.node.log import PartitionLog
 from tidelog.node.metastore import MetaStore
 from tidelog.node.raft.errors import CompactedError, UnavailableError
 from tidelog.node.raft.storage import NO_LIMIT_BYTES
 from tidelog.node.raft.types import ConfState, Entry, EntryKind, HardState
 from tidelog.node.replica_storage import (
+    LOSS_UNKNOWN,
     NOOP_SIZE,
     HardStateStore,
     ReplicaStorage,
@@ -167,6 +169,30 @@ def test_commit_beyond_a_lost_tail_is_clamped(tmp_path: Path) -> None:
     lg = PartitionLog(tmp_path, TopicConfig.from_overrides({}))
     s = ReplicaStorage(lg, HardState(term=3, vote=1, commit=9), CONF)
     assert s.hard_state() == HardState(term=3, vote=1, commit=0)
+
+
+def test_unknown_loss_mark_keeps_the_commit_and_recovers_past_the_log(tmp_path: Path) -> None:
+    # flush=os after a machine restart (the driver stores the mark): the commit index is
+    # still the stored one, and the replica recovers up to one past its last entry.
+    lg = PartitionLog(tmp_path, TopicConfig.from_overrides({}))
+    lg.append_stamped(b"".join(stamped([b"x"], i - 1, 1, i) for i in (1, 2, 3)))
+    s = ReplicaStorage(lg, HardState(term=1, vote=2, commit=LOSS_UNKNOWN + 2), CONF)
+    assert s.hard_state() == HardState(term=1, vote=2, commit=2)
+    assert s.loss_unknown and s.lost_to == 4
+    plain = ReplicaStorage(lg, HardState(term=1, vote=2, commit=2), CONF)
+    assert not plain.loss_unknown and plain.lost_to == 0
+    plain.mark_loss_unknown()
+    assert plain.loss_unknown and plain.lost_to == 4
+
+
+def test_machine_restart_is_a_new_boot_id(tmp_path: Path) -> None:
+    store = MetaStore(tmp_path / "meta")
+    assert machine_restarted(store, "node", "boot-a")  # none stored: assumed
+    assert not machine_restarted(store, "node", "boot-a")  # a process restart
+    assert machine_restarted(store, "node", "boot-b")
+    assert not machine_restarted(store, "node", "boot-b")
+    assert machine_restarted(store, "node", None)  # the system does not tell
+    store.close()
 
 
 def test_hard_states_in_one_batch_survive_reopen(tmp_path: Path) -> None:
