@@ -845,9 +845,11 @@ class MultiRaft:
                     # the leader; a commit beyond the log's end, when appended entries are
                     # lost, makes the replica a recovering one: both are safe).
                     hs = replace(hs, commit=max(before.commit, replaced - 1))
-                if group.raw.lost_to > hs.commit:
-                    # Recovering lost entries: the stored commit stays the evidence of them.
-                    hs = replace(hs, commit=group.raw.lost_to)
+                stored_lost_to = group.raw.stored_lost_to
+                if stored_lost_to > hs.commit:
+                    # Recovering lost entries: the stored commit stays the evidence of them
+                    # (a new replica that has not caught up: the NEW_REPLICA marker).
+                    hs = replace(hs, commit=stored_lost_to)
                 hard_states[group.group_id] = hs
                 group.storage.set_hard_state(rd.hard_state)
                 sync_states = sync_states or rd.must_sync
