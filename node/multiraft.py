@@ -897,9 +897,10 @@ class MultiRaft:
                         hs = replace(hs, commit=LOSS_UNKNOWN + hs.commit)
                     else:
                         group.storage.loss_unknown = False
-                elif group.raw.lost_to > hs.commit:
-                    # Recovering lost entries: the stored commit stays the evidence of them.
-                    hs = replace(hs, commit=group.raw.lost_to)
+                elif (stored_lost_to := group.raw.stored_lost_to) > hs.commit:
+                    # Recovering lost entries: the stored commit stays the evidence of them
+                    # (a new replica that has not caught up: the NEW_REPLICA marker).
+                    hs = replace(hs, commit=stored_lost_to)
                 hard_states[group.group_id] = hs
                 group.storage.set_hard_state(rd.hard_state)
                 sync_states = sync_states or rd.must_sync

@@ -64,11 +64,17 @@ Protocol choices (Raft paper = Ongaro & Ousterhout 2014; thesis = Ongaro 2014):
   an ordinary recovering node up to that APPEND's commit index (the group's commit when it
   joined), and it votes again once its log reaches it. A driver that knows the group existed
   before the data directory did (``bootstrap=False``) takes that exception away: such a new
-  replica grants no vote at all, not even the unanimous rule's answer below, and its own
-  vote does not count, until a leader's APPEND reached it. Otherwise a majority of replicas
-  that lost their disks would elect one of themselves with an empty log and erase what the
-  survivor holds; with it, the group stays without a leader (correct: what it committed may
-  be on the survivor alone) until an operator recovers it.
+  replica (a *stranger*) grants no vote at all, and its own vote does not count, until it
+  caught up with a leader (reached by a leader's APPEND, it recovers up to that APPEND's
+  commit like the others, but stays a stranger until then, and the driver stores it as one:
+  ``stored_lost_to``; the APPEND may come from a leader wiped since). Otherwise a majority
+  of replicas that lost their disks would elect one of themselves with an empty log and
+  erase what the survivor holds; with it, the group stays without a leader (correct: what it
+  committed may be on the survivor alone) until an operator recovers it. In the unanimous rule below a stranger answers like a
+  recovering voter that lost its whole log (``NEW_REPLICA_CONTEXT``), but those answers win
+  only while the voters that are not strangers are a majority (of each configuration): then
+  every entry the group committed was acknowledged by one of them, and each of them vouched
+  for the winner; strangers that are a majority keep the group without a leader.
 - Unanimous elections: when a majority of a group lost entries (a power loss of several
   machines under ``flush=os``), withholding their votes would leave the group without a leader
   for good. So a recovering voter does not grant, but answers a candidate whose log is at
@@ -79,6 +85,10 @@ Protocol choices (Raft paper = Ongaro & Ousterhout 2014; thesis = Ongaro 2014):
   gone from every replica. One voter that holds its log intact and does not grant (it is
   down, cut off, or more up to date) keeps the old rule: no leader. Recovering nodes still
   do not campaign, so a group whose replicas all lost entries stays without a leader.
+  (Without the strangers' answers one wiped replica beside one recovering one, say a new
+  replica that never heard from a leader, left a group of three without a leader for good
+  although the third held every committed entry: node simulation, wipe seeds 443 664 693
+  858 916.)
 - Membership changes: one server at a time (thesis §4.1, 4.3), not joint consensus. Any
   two majorities of configurations that differ by one voter intersect, so no joint phase is
   needed; the three changes (``ConfChangeKind``: add a learner, promote a learner, remove a
@@ -148,6 +158,10 @@ NEW_REPLICA = 1 << 62
 #: The context of a (pre-)vote rejection by a recovering voter whose own log the
 #: candidate's is at least as up to date as: it counts in a unanimous election only.
 RECOVERING_CONTEXT = b"recovering"
+#: The same answer from a stranger (a new replica of a group older than its data directory,
+#: ``bootstrap=False``): it counts in a unanimous election only while the voters that are not
+#: strangers are a majority.
+NEW_REPLICA_CONTEXT = b"new-replica"
 #: The context of the rejection by which a follower tells the leader that a heartbeat's commit
 #: lies beyond its log (it lost entries it acknowledged). It answers no APPEND, so the leader
 #: does not judge it by the stale-rejection test (``Progress.is_stale_rejection``).
@@ -179,6 +193,7 @@ class RawNode:
         "_dirty",
         "_hb_resp",
         "_heartbeat_elapsed",
+        "_joined_stranger",
         "_msgs",
         "_pending_reads",
         "_prev_hard_state",
@@ -239,6 +254,10 @@ class RawNode:
         #: Recovering: acknowledged entries up to here were lost (0: none). No votes until
         #: the log reaches it again through a leader's APPEND.
         self.lost_to = lost_to if lost_to > self.log.last_index() else 0
+        #: A stranger (below) that a leader's APPEND reached, recovering up to that APPEND's
+        #: commit: it still knows nothing of what it acknowledged before its directory was
+        #: lost, so it stays a stranger (and is stored as one: ``stored_lost_to``) until then.
+        self._joined_stranger = False
         #: Whether a new replica (``lost_to == NEW_REPLICA``) may help bootstrap the group.
         self.bootstrap = bootstrap
         hs = storage.hard_state()
@@ -357,6 +376,21 @@ class RawNode:
             self.lost_to == NEW_REPLICA and self.bootstrap and self.log.last_index() == 0
         )
 
+    def _stranger(self) -> bool:
+        """A new replica of a group older than its data directory that has not caught up
+        with a leader yet: it knows nothing of what it acknowledged before (module doc)."""
+        if not self.lost_to:
+            return False
+        return self._joined_stranger or (self.lost_to == NEW_REPLICA and not self.bootstrap)
+
+    @property
+    def stored_lost_to(self) -> int:
+        """What the driver stores as the commit index while this replica recovers (it keeps
+        the larger of it and the commit): ``lost_to``, but NEW_REPLICA for a stranger until it
+        caught up, so that it restarts as one (it then relearns the group's commit from the
+        next APPEND)."""
+        return NEW_REPLICA if self._stranger() else self.lost_to
+
     def _promotable(self) -> bool:
         # A recovering node may stand, but its own vote does not count (its log may lack
         # what it acknowledged): it wins only on the grants of a majority of the others, or
@@ -423,7 +457,8 @@ class RawNode:
                 if self._in_lease(m):
                     return  # a leader is alive: do not let this candidate disrupt it
             if m.kind == _K.PRE_VOTE or (
-                m.kind == _K.PRE_VOTE_RESP and (not m.reject or m.context == RECOVERING_CONTEXT)
+                m.kind == _K.PRE_VOTE_RESP
+                and (not m.reject or m.context in (RECOVERING_CONTEXT, NEW_REPLICA_CONTEXT))
             ):
                 # A pre-vote never changes terms; a granted answer (or a recovering voter's)
                 # carries the term the pre-candidate will campaign in, which is not ours yet.
@@ -886,6 +921,7 @@ class RawNode:
         self._tick = self._tick_election
         self.tracker.votes = {}
         self.tracker.recovering_votes = set()
+        self.tracker.stranger_votes = set()
         self.leader_id = NONE
         self.role = Role.PRE_CANDIDATE
 
@@ -904,6 +940,7 @@ class RawNode:
         self._tick = self._tick_heartbeat
         self.leader_id = self.id
         self.lost_to = 0  # a new replica elected by new replicas: its log is the group's
+        self._joined_stranger = False
         self.role = Role.LEADER
         own = self.tracker.progress.get(self.id)
         if own is not None:
@@ -949,7 +986,7 @@ class RawNode:
             self._become_candidate()
             kind, term = _K.VOTE, self.term
         if self._recovering():
-            self.tracker.record_vote(self.id, False, recovering=True)
+            self.tracker.record_vote(self.id, False, recovering=True, stranger=self._stranger())
         else:
             self.tracker.record_vote(self.id, True)
         if self.tracker.tally_votes() == quorum.VoteResult.WON:
@@ -979,18 +1016,17 @@ class RawNode:
             and m.index == 0
             and self.log.last_index() == 0
         )
-        # A new replica of a group that existed before it: it knows nothing of what the group
-        # committed, so it cannot even tell that a candidate's log is up to date enough.
-        stranger = self.lost_to == NEW_REPLICA and not self.bootstrap
         can_vote = (
             self.vote == m.frm
             or (self.vote == NONE and self.leader_id == NONE)
             or (pre and m.term > self.term)
         )
-        if can_vote and recovering and not stranger and self.log.is_up_to_date(m.index, m.log_term):
+        if can_vote and recovering and self.log.is_up_to_date(m.index, m.log_term):
             # No vote, but a rejection that says the candidate's log is at least as up to
             # date as ours: it counts only if every voter grants or says so (see the module
-            # doc). A pre-vote's answers in the asked term, as a granted one would.
+            # doc). A pre-vote's answers in the asked term, as a granted one would. A new
+            # replica of a group that existed before it knows nothing of what the group
+            # committed: its answer says so, and counts only beside a majority that knows.
             self._send(
                 Message(
                     resp,
@@ -998,7 +1034,7 @@ class RawNode:
                     m.frm,
                     m.term if pre else self.term,
                     reject=True,
-                    context=RECOVERING_CONTEXT,
+                    context=NEW_REPLICA_CONTEXT if self._stranger() else RECOVERING_CONTEXT,
                 )
             )
             # No vote is recorded: a unanimous winner of this term is its only candidate
@@ -1079,7 +1115,9 @@ class RawNode:
             self.leader_id = m.frm
             if self.lost_to == NEW_REPLICA:
                 # What the group committed when we joined: catch up to it before voting.
+                stranger = self._stranger()
                 self.lost_to = m.commit if m.commit > self.log.last_index() else 0
+                self._joined_stranger = stranger and self.lost_to != 0
             self._handle_append(m)
         elif k == _K.HEARTBEAT:
             self.election_elapsed = 0
@@ -1136,8 +1174,12 @@ class RawNode:
         expected = _K.PRE_VOTE_RESP if self.role == Role.PRE_CANDIDATE else _K.VOTE_RESP
         if k != expected:
             return
+        stranger = m.reject and m.context == NEW_REPLICA_CONTEXT
         self.tracker.record_vote(
-            m.frm, not m.reject, recovering=m.reject and m.context == RECOVERING_CONTEXT
+            m.frm,
+            not m.reject,
+            recovering=stranger or (m.reject and m.context == RECOVERING_CONTEXT),
+            stranger=stranger,
         )
         result = self.tracker.tally_votes()
         if result == quorum.VoteResult.WON:
@@ -1159,6 +1201,7 @@ class RawNode:
         if last is not None:
             if self.lost_to and last >= self.lost_to:
                 self.lost_to = 0  # the log matches the leader's beyond what it lost
+                self._joined_stranger = False
             self._send(Message(_K.APPEND_RESP, self.id, m.frm, self.term, index=last))
             return
         # Mismatch at m.index: point the leader at the last entry that could still match.
@@ -1184,6 +1227,7 @@ class RawNode:
             index = self.log.last_index()
             if self.lost_to and index >= self.lost_to:
                 self.lost_to = 0
+                self._joined_stranger = False
         else:
             index = self.log.committed
         self._send(Message(_K.APPEND_RESP, self.id, m.frm, self.term, index=index))

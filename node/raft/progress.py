@@ -232,6 +232,7 @@ class ProgressTracker:
         "max_inflight_msgs",
         "progress",
         "recovering_votes",
+        "stranger_votes",
         "votes",
     )
 
@@ -243,6 +244,8 @@ class ProgressTracker:
         self.votes: dict[int, bool] = {}
         #: Voters whose rejection said "recovering, your log is as up to date as mine".
         self.recovering_votes: set[int] = set()
+        #: Those of them that are strangers (new replicas of an older group, core.py).
+        self.stranger_votes: set[int] = set()
         self.reset(conf, next_index=1)
 
     def reset(self, conf: ConfState, next_index: int) -> None:
@@ -259,6 +262,7 @@ class ProgressTracker:
         }
         self.votes = {}
         self.recovering_votes = set()
+        self.stranger_votes = set()
 
     def is_singleton(self) -> bool:
         return len(self.conf.voters) == 1 and not self.conf.voters_outgoing
@@ -268,22 +272,35 @@ class ProgressTracker:
         acked = {nid: pr.match for nid, pr in self.progress.items() if not pr.is_learner}
         return quorum.joint_committed_index(self.conf.voters, self.conf.voters_outgoing, acked)
 
-    def record_vote(self, nid: int, granted: bool, *, recovering: bool = False) -> None:
+    def record_vote(
+        self, nid: int, granted: bool, *, recovering: bool = False, stranger: bool = False
+    ) -> None:
         if nid not in self.votes:
             self.votes[nid] = granted
             if recovering:
                 self.recovering_votes.add(nid)
+                if stranger:
+                    self.stranger_votes.add(nid)
 
     def tally_votes(self) -> quorum.VoteResult:
         """A majority of grants, or (raft/core.py: unanimous elections) every voter either
-        granted or is recovering and found the candidate's log as up to date as its own."""
+        granted or is recovering and found the candidate's log as up to date as its own, the
+        voters that are not strangers being a majority."""
         result = quorum.joint_vote_result(self.conf.voters, self.conf.voters_outgoing, self.votes)
         rec = self.recovering_votes
         if result == quorum.VoteResult.WON or not rec:
             return result
         voters = set(self.conf.voters) | set(self.conf.voters_outgoing)
         if all(self.votes.get(v) or v in rec for v in voters):
-            return quorum.VoteResult.WON
+            strangers = self.stranger_votes
+            knowing = dict.fromkeys((v for v in voters if v not in strangers), True)
+            if (
+                not strangers
+                or quorum.joint_vote_result(self.conf.voters, self.conf.voters_outgoing, knowing)
+                == quorum.VoteResult.WON
+            ):
+                return quorum.VoteResult.WON
+            return quorum.VoteResult.LOST  # every voter answered; strangers are a majority
         if result == quorum.VoteResult.LOST and any(
             self.votes.get(v) is False and v not in rec for v in voters
         ):

@@ -350,9 +350,9 @@ def test_a_wiped_majority_that_may_bootstrap_elects_an_empty_leader() -> None:
 
 def test_a_wiped_majority_of_an_older_group_elects_nobody() -> None:
     """A majority of the replicas lost their disks: the new replicas (``bootstrap=False``)
-    grant no vote, not even the unanimous rule's answer, so neither an empty replica nor the
-    survivor (whose log may lack what the wiped ones committed) is elected; the group stays
-    without a leader."""
+    grant no vote, and their answers in the unanimous rule do not count while they are a
+    majority, so neither an empty replica nor the survivor (whose log may lack what the wiped
+    ones committed) is elected; the group stays without a leader."""
     c = _committed_then_majority_wiped(bootstrap=False)
     survivor_log = [e.data for e in c.log_of(1)]
     for _ in range(3):
@@ -365,6 +365,60 @@ def test_a_wiped_majority_of_an_older_group_elects_nobody() -> None:
         c.stabilize()
         assert all(c[n].role != Role.LEADER for n in (1, 2, 3))
     assert [e.data for e in c.log_of(1)] == survivor_log  # nothing erased
+
+
+def test_one_wiped_replica_beside_a_new_one_that_never_caught_up_elects_the_third() -> None:
+    """Node simulation, wipe seeds 664 693 (443 858 916 alike): replica 3 is new (its first
+    directory, NEW_REPLICA) and never heard from a leader; the leader, 1, loses its disk and
+    comes back a stranger (``bootstrap=False``). Only 2 holds the committed entries. 3 must not
+    grant (it cannot tell what it acknowledged), the stranger grants nothing: without the
+    strangers' answers in the unanimous rule, 2 was never elected. The strangers are a
+    minority, so every committed entry was acknowledged by 2 or 3, who both vouch for 2."""
+    c = Cluster([1, 2, 3], rngs={2: seeded(2), 3: seeded(3)})
+    c.elect(1)
+    for i in range(3):
+        c[1].propose(b"%d" % i)
+    c.stabilize()
+    log_of_2 = [e.data for e in c.log_of(2)]
+    assert c[2].commit_index == 4
+    wipe(c, 3)  # a new replica that never caught up: empty log, NEW_REPLICA, may bootstrap
+    wipe(c, 1, bootstrap=False)
+    for nid in (1, 3):
+        c[nid].campaign()  # empty logs: nobody holding entries helps them
+        c.stabilize()
+        assert c[nid].role != Role.LEADER
+    c[2].campaign()
+    c.stabilize()
+    assert c[2].role == Role.LEADER
+    c.tick(2, 2 * c.config.heartbeat_interval_ticks)
+    c.stabilize()
+    assert c[1].lost_to == 0 and c[3].lost_to == 0
+    for nid in (1, 3):
+        assert [e.data for e in c.log_of(nid)][:4] == log_of_2
+
+
+def test_a_wiped_majority_stays_without_a_leader_after_a_stale_append() -> None:
+    """Node simulation, wipe-majority-controller seed 76 (with the strangers' answers): a
+    wiped replica got an APPEND the old leader sent before it was wiped too, and recovers up
+    to its commit with an empty log. It still knows nothing of what it acknowledged before,
+    so it stays a stranger (and is stored as one) until it caught up: the strangers are
+    still a majority and the survivor is not elected."""
+    c = _committed_then_majority_wiped(bootstrap=False)
+    c[2].step(Message(K.APPEND, 1, 2, c[1].term, log_term=c[1].term, index=4, commit=4))
+    assert c[2].lost_to == 4 and c[2].stored_lost_to == NEW_REPLICA
+    c.outbox.clear()
+    c.isolate(1)  # the survivor loses its leadership (check-quorum)
+    c.tick(1, 3 * c.config.election_timeout_ticks)
+    c.stabilize()
+    assert c[1].role != Role.LEADER
+    c.heal()
+    for _ in range(3):
+        for nid in (2, 3):  # their leases of the old leader end
+            c.tick(nid, 3 * c.config.election_timeout_ticks)
+        c.outbox.clear()
+        c[1].campaign()
+        c.stabilize()
+        assert all(c[n].role != Role.LEADER for n in (1, 2, 3))
 
 
 def test_a_new_replica_of_an_older_group_votes_once_a_leader_reached_it() -> None:
