@@ -42,11 +42,10 @@ def machine_restarted(store: _Store, column: str, boot_id: str | None) -> bool:
     and what it wrote without fsync is still in the page cache; a new boot id, no stored one
     (a directory of an older version) or no boot id at all (another system) counts as a
     restart: losses of unsynced writes (flush=os) are then possible, and assumed."""
-    stored = store.get(column, BOOT_ID_KEY)
     if boot_id is None:
         return True
     current = boot_id.encode()
-    if stored == current:
+    if store.get(column, BOOT_ID_KEY) == current:
         return False
     store.put(column, BOOT_ID_KEY, current, sync=True)
     return True

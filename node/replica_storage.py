@@ -696,6 +696,10 @@ class HardStateStore:
         self._store.write_batch(RAFT_COLUMN, items, sync=sync)
 
     @staticmethod
+    def _formed_key(group_id: int) -> bytes:
+        return _FORMED_PREFIX + _GROUP_KEY.pack(group_id)
+
+    @staticmethod
     def _conf_key(group_id: int) -> bytes:
         return _CONF_PREFIX + _GROUP_KEY.pack(group_id)
 
@@ -709,18 +713,16 @@ class HardStateStore:
 
     def formed(self, group_id: int) -> bool:
         """Whether :meth:`mark_formed` was stored for the group on this data directory."""
-        return self._store.get(RAFT_COLUMN, _FORMED_PREFIX + _GROUP_KEY.pack(group_id)) is not None
+        return self._store.get(RAFT_COLUMN, self._formed_key(group_id)) is not None
 
     def mark_formed(self, group_id: int) -> None:
         """Record, synced, that this replica is one of the first of a brand-new group."""
-        self._store.write_batch(
-            RAFT_COLUMN, [(_FORMED_PREFIX + _GROUP_KEY.pack(group_id), b"1")], sync=True
-        )
+        self._store.write_batch(RAFT_COLUMN, [(self._formed_key(group_id), b"1")], sync=True)
 
     def delete(self, group_id: int) -> None:
         self._store.delete(RAFT_COLUMN, self._key(group_id))
         self._store.delete(RAFT_COLUMN, self._conf_key(group_id))
-        self._store.delete(RAFT_COLUMN, _FORMED_PREFIX + _GROUP_KEY.pack(group_id))
+        self._store.delete(RAFT_COLUMN, self._formed_key(group_id))
 
 
 def encode_conf(index: int, conf: ConfState) -> bytes:
