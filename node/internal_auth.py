@@ -99,6 +99,13 @@ def mac(secret: bytes, node_id: int, method: str, ts_ms: int) -> str:
     return hmac.new(secret, f"{node_id}|{method}|{ts_ms}".encode(), hashlib.sha256).hexdigest()
 
 
+def hello_mac(secret: bytes, nonce: bytes, from_node: int, to_node: int, cluster_id: str) -> bytes:
+    """RaftHello.mac (proto/tidelog/v1/raft.proto, The TCP listener): bound to the
+    listener's fresh nonce, so a captured handshake cannot be replayed."""
+    msg = b"raft-tcp|" + nonce + f"|{from_node}|{to_node}|{cluster_id}".encode()
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -218,6 +225,36 @@ class InternalAuth:
             return nid
         return None
 
+    # ---- the Raft TCP listener (node/raft_tcp.py) -----------------------------------------
+
+    def hello_mac(self, nonce: bytes, to_node: int, cluster_id: str) -> bytes:
+        """RaftHello.mac of this node for a listener's challenge; empty without a secret."""
+        if self._secret is None:
+            return b""
+        return hello_mac(self._secret, nonce, self.node_id, to_node, cluster_id)
+
+    def hello_peer(
+        self, nonce: bytes, from_node: int, to_node: int, cluster_id: str, got: bytes
+    ) -> int | None:
+        """Under a cluster secret, the node a RaftHello authenticates (its ``from_node``);
+        None in the other modes (TLS names the caller in its certificate). Raises
+        Unauthenticated."""
+        if self.mode is not Mode.SECRET:
+            return None
+        assert self._secret is not None
+        if not got:
+            raise Unauthenticated(
+                f"a raft connection from node {from_node} carries no cluster-secret "
+                "authentication: the caller has no --cluster-secret-file (or another secret)"
+            )
+        want = hello_mac(self._secret, nonce, from_node, to_node, cluster_id)
+        if not hmac.compare_digest(want, got):
+            raise Unauthenticated(
+                f"a raft connection from node {from_node}: the cluster-secret MAC is wrong "
+                "(the caller uses another cluster secret)"
+            )
+        return from_node
+
     def check_sender(self, peer: int | None, claimed: int, what: str) -> None:
         """Refuse ``what`` claiming to come from ``claimed`` when the peer is another node."""
         if peer is not None and peer != claimed:
@@ -317,6 +354,7 @@ __all__ = [
     "TlsFiles",
     "Unauthenticated",
     "abort",
+    "hello_mac",
     "is_loopback",
     "load_internal_auth",
     "mac",

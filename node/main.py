@@ -83,6 +83,9 @@ class ClusterSettings:
     #: Sampled tracing of produce requests (node/trace.py): every Nth, 0 off; log lines too.
     trace_sample: int = 0
     trace_log: bool = False
+    #: The Raft TCP listener's port (0: any free), or none at all (node/transport.py).
+    raft_port: int = 0
+    raft_stream_only: bool = False
     #: The log cleaner of compacted topics (node/log/cleaner.py).
     cleaner_io_bytes_per_second: int = CLEANER_IO_BYTES_PER_SECOND_DEFAULT
     cleaner_map_bytes: int = CLEANER_MAP_BYTES_DEFAULT
@@ -279,6 +282,7 @@ async def serve(
         client_security=security,
         trace_sample=settings.trace_sample,
         trace_log=settings.trace_log,
+        raft_port=None if settings.raft_stream_only else settings.raft_port,
         cleaner=CleanerSettings(
             io_bytes_per_second=settings.cleaner_io_bytes_per_second,
             map_bytes=settings.cleaner_map_bytes,

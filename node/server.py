@@ -255,6 +255,7 @@ class Node:
         client_security: ClientSecurity | None = None,
         trace_sample: int = 0,
         trace_log: bool = False,
+        raft_port: int | None = 0,
         cleaner: CleanerSettings | None = None,
         recovery_bytes_per_second: int = RECOVERY_BYTES_PER_SECOND_DEFAULT,
         controller_snapshot_entries: int = CONTROLLER_SNAPSHOT_ENTRIES_DEFAULT,
@@ -295,6 +296,8 @@ class Node:
         self.metrics.watch_disk(data_dir)
         #: Sampled spans of produce requests and follower appends (node/trace.py).
         self.tracer = Tracer(self.metrics.registry, trace_sample, trace_log)
+        #: The Raft TCP listener's port (0: any free); None: none, peers use the gRPC stream.
+        self.raft_port = raft_port
         self.timing = timing or RaftTiming()
         self.port = 0
         self.identity: NodeIdentity | None = None
@@ -652,6 +655,14 @@ class Node:
             internal,
         )
         transport.add_servicer(internal)
+        if self.raft_port is not None:
+            try:
+                await transport.listen(ihost, self.raft_port)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen for Raft messages on {ihost or '*'}:{self.raft_port}: "
+                    f"{exc.strerror or exc}"
+                ) from exc
         self._health = _AioHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

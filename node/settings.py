@@ -183,6 +183,17 @@ NODE_FLAGS: Final[tuple[NodeFlag, ...]] = (
         "host:port the other nodes dial (default: --internal-listen).",
     ),
     NodeFlag(
+        "--raft-port", "raft_port", "int",
+        "Port of the TCP listener (on the internal listener's host) that carries the Raft "
+        "messages from the other nodes; 0: any free one (the peers ask for it, "
+        "Raft.Endpoint).", default=0, min=0, max=PORT_MAX,
+    ),
+    NodeFlag(
+        "--raft-stream-only", "raft_stream_only", "bool",
+        "No Raft TCP listener: the other nodes send Raft messages on the internal gRPC "
+        "listener's stream (slower; docs/latency.md).",
+    ),
+    NodeFlag(
         "--internal-ca", "internal_ca", "file",
         "PEM file of the cluster CA: node-to-node mutual TLS (with --internal-cert/-key).",
     ),
@@ -322,6 +333,8 @@ class NodeFlags:
     id_from_hostname: bool = False
     trace_sample: int = 0
     trace_log: bool = False
+    raft_port: int = 0
+    raft_stream_only: bool = False
     cleaner_io_bytes_per_second: int = CLEANER_IO_BYTES_PER_SECOND_DEFAULT
     cleaner_map_bytes: int = CLEANER_MAP_BYTES_DEFAULT
     cleaner_interval_ms: int = CLEANER_INTERVAL_MS_DEFAULT

@@ -1,6 +1,9 @@
 """RaftTransport between real grpc.aio servers on 127.0.0.1 in one process: order per peer,
 one batch per loop iteration, coalesced heartbeats, reconnect after a peer comes back, the
 outbox bound under a dead peer, and batches for another node or cluster refused.
+
+Every test runs twice: with the peers' TCP listeners (the node's default) and without them,
+when the batches travel on the gRPC stream (a peer whose Raft.Endpoint answers port 0).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class Peer:
     transport: RaftTransport
     server: aio.Server | None
     port: int
+    tcp: bool
     deliveries: list[tuple[int, list[tuple[int, Message]]]] = field(default_factory=list)
 
     @property
@@ -64,8 +68,11 @@ class Peer:
         assert bound == self.port, f"port {self.port} could not be bound again"
         await server.start()
         self.server = server
+        if self.tcp:
+            await self.transport.listen("127.0.0.1")
 
     async def stop_serving(self) -> None:
+        self.transport.close_inbound()  # the TCP listener and its connections too
         if self.server is not None:
             await self.server.stop(None)
             self.server = None
@@ -83,8 +90,9 @@ class MakePeer(Protocol):
     ) -> Peer: ...
 
 
-@pytest.fixture
-async def cluster() -> AsyncIterator[MakePeer]:
+@pytest.fixture(params=["tcp", "grpc-stream"])
+async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[MakePeer]:
+    tcp = request.param == "tcp"
     peers: list[Peer] = []
 
     async def make(
@@ -103,7 +111,7 @@ async def cluster() -> AsyncIterator[MakePeer]:
             outbox_messages_max=outbox_messages_max,
             outbox_bytes_max=outbox_bytes_max,
         )
-        peer = Peer(node_id, transport, None, port or free_port(), deliveries)
+        peer = Peer(node_id, transport, None, port or free_port(), tcp, deliveries)
         await peer.serve()
         peers.append(peer)
         return peer
@@ -180,6 +188,9 @@ async def test_three_nodes_in_order_one_batch_per_iteration(cluster: MakePeer) -
         assert receiver.metric("bytes_received", 1) == a.metric("bytes_sent", receiver.node_id)
     assert a.metric("messages_dropped", 2) == 0
     assert a.transport.peer_status(2).connected
+    want = "tcp" if a.tcp else "grpc-stream"
+    assert a.transport.peer_status(2).carrier == want
+    assert b.transport.peer_status(1).carrier == want
 
 
 @pytest.mark.timeout(30)

@@ -24,35 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tidelog/v1/raft.proto\x12\ntidelog.v1\"\x9f\x01\n\tRaftBatch\x12\x11\n\tfrom_node\x18\x01 \x01(\x05\x12\x0f\n\x07to_node\x18\x02 \x01(\x05\x12\x12\n\ncluster_id\x18\x03 \x01(\t\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.tidelog.v1.GroupMessage\x12.\n\nheartbeats\x18\x05 \x01(\x0b\x32\x1a.tidelog.v1.HeartbeatBatch\"\xcf\x02\n\x0cGroupMessage\x12\r\n\x05group\x18\x01 \x01(\x04\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.tidelog.v1.RaftMessageKind\x12\x11\n\tfrom_node\x18\x03 \x01(\x05\x12\x0f\n\x07to_node\x18\x04 \x01(\x05\x12\x0c\n\x04term\x18\x05 \x01(\x04\x12\x10\n\x08log_term\x18\x06 \x01(\x04\x12\r\n\x05index\x18\x07 \x01(\x04\x12&\n\x07\x65ntries\x18\x08 \x03(\x0b\x32\x15.tidelog.v1.RaftEntry\x12\x0e\n\x06\x63ommit\x18\t \x01(\x04\x12\x0e\n\x06reject\x18\n \x01(\x08\x12\x13\n\x0breject_hint\x18\x0b \x01(\x04\x12\x18\n\x10reject_hint_term\x18\x0c \x01(\x04\x12\x0f\n\x07\x63ontext\x18\r \x01(\x0c\x12*\n\x08snapshot\x18\x0e \x01(\x0b\x32\x18.tidelog.v1.RaftSnapshot\"_\n\tRaftEntry\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\x04\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.tidelog.v1.RaftEntryKind\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"J\n\rRaftConfState\x12\x0e\n\x06voters\x18\x01 \x03(\x05\x12\x10\n\x08learners\x18\x02 \x03(\x05\x12\x17\n\x0fvoters_outgoing\x18\x03 \x03(\x05\"X\n\x10RaftSnapshotMeta\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\'\n\x04\x63onf\x18\x03 \x01(\x0b\x32\x19.tidelog.v1.RaftConfState\"H\n\x0cRaftSnapshot\x12*\n\x04meta\x18\x01 \x01(\x0b\x32\x1c.tidelog.v1.RaftSnapshotMeta\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"q\n\x0eHeartbeatBatch\x12.\n\x08requests\x18\x01 \x01(\x0b\x32\x1c.tidelog.v1.HeartbeatColumns\x12/\n\tresponses\x18\x02 \x01(\x0b\x32\x1c.tidelog.v1.HeartbeatColumns\"T\n\x10HeartbeatColumns\x12\x0e\n\x06groups\x18\x01 \x03(\x04\x12\r\n\x05terms\x18\x02 \x03(\x04\x12\x0f\n\x07\x63ommits\x18\x03 \x03(\x04\x12\x10\n\x08\x63ontexts\x18\x04 \x03(\x0c\"\x0e\n\x0cStreamClosed*\x96\x04\n\x0fRaftMessageKind\x12!\n\x1dRAFT_MESSAGE_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aRAFT_MESSAGE_KIND_PRE_VOTE\x10\x01\x12#\n\x1fRAFT_MESSAGE_KIND_PRE_VOTE_RESP\x10\x02\x12\x1a\n\x16RAFT_MESSAGE_KIND_VOTE\x10\x03\x12\x1f\n\x1bRAFT_MESSAGE_KIND_VOTE_RESP\x10\x04\x12\x1c\n\x18RAFT_MESSAGE_KIND_APPEND\x10\x05\x12!\n\x1dRAFT_MESSAGE_KIND_APPEND_RESP\x10\x06\x12\x1f\n\x1bRAFT_MESSAGE_KIND_HEARTBEAT\x10\x07\x12$\n RAFT_MESSAGE_KIND_HEARTBEAT_RESP\x10\x08\x12!\n\x1dRAFT_MESSAGE_KIND_TIMEOUT_NOW\x10\t\x12\x1e\n\x1aRAFT_MESSAGE_KIND_SNAPSHOT\x10\n\x12#\n\x1fRAFT_MESSAGE_KIND_SNAPSHOT_RESP\x10\x0b\x12 \n\x1cRAFT_MESSAGE_KIND_READ_INDEX\x10\x0c\x12%\n!RAFT_MESSAGE_KIND_READ_INDEX_RESP\x10\r\x12%\n!RAFT_MESSAGE_KIND_TRANSFER_LEADER\x10\x0e*b\n\rRaftEntryKind\x12\x1a\n\x16RAFT_ENTRY_KIND_NORMAL\x10\x00\x12\x1a\n\x16RAFT_ENTRY_KIND_CONFIG\x10\x01\x12\x19\n\x15RAFT_ENTRY_KIND_EMPTY\x10\x02\x32\x43\n\x04Raft\x12;\n\x06Stream\x12\x15.tidelog.v1.RaftBatch\x1a\x18.tidelog.v1.StreamClosed(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tidelog/v1/raft.proto\x12\ntidelog.v1\"\x11\n\x0f\x45ndpointRequest\" \n\x10\x45ndpointResponse\x12\x0c\n\x04port\x18\x01 \x01(\r\"/\n\rRaftChallenge\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\x0c\"a\n\tRaftHello\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\tfrom_node\x18\x02 \x01(\x05\x12\x0f\n\x07to_node\x18\x03 \x01(\x05\x12\x12\n\ncluster_id\x18\x04 \x01(\t\x12\x0b\n\x03mac\x18\x05 \x01(\x0c\"<\n\x0bRaftWelcome\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\"\x9f\x01\n\tRaftBatch\x12\x11\n\tfrom_node\x18\x01 \x01(\x05\x12\x0f\n\x07to_node\x18\x02 \x01(\x05\x12\x12\n\ncluster_id\x18\x03 \x01(\t\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.tidelog.v1.GroupMessage\x12.\n\nheartbeats\x18\x05 \x01(\x0b\x32\x1a.tidelog.v1.HeartbeatBatch\"\xcf\x02\n\x0cGroupMessage\x12\r\n\x05group\x18\x01 \x01(\x04\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.tidelog.v1.RaftMessageKind\x12\x11\n\tfrom_node\x18\x03 \x01(\x05\x12\x0f\n\x07to_node\x18\x04 \x01(\x05\x12\x0c\n\x04term\x18\x05 \x01(\x04\x12\x10\n\x08log_term\x18\x06 \x01(\x04\x12\r\n\x05index\x18\x07 \x01(\x04\x12&\n\x07\x65ntries\x18\x08 \x03(\x0b\x32\x15.tidelog.v1.RaftEntry\x12\x0e\n\x06\x63ommit\x18\t \x01(\x04\x12\x0e\n\x06reject\x18\n \x01(\x08\x12\x13\n\x0breject_hint\x18\x0b \x01(\x04\x12\x18\n\x10reject_hint_term\x18\x0c \x01(\x04\x12\x0f\n\x07\x63ontext\x18\r \x01(\x0c\x12*\n\x08snapshot\x18\x0e \x01(\x0b\x32\x18.tidelog.v1.RaftSnapshot\"_\n\tRaftEntry\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\x04\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.tidelog.v1.RaftEntryKind\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"J\n\rRaftConfState\x12\x0e\n\x06voters\x18\x01 \x03(\x05\x12\x10\n\x08learners\x18\x02 \x03(\x05\x12\x17\n\x0fvoters_outgoing\x18\x03 \x03(\x05\"X\n\x10RaftSnapshotMeta\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\'\n\x04\x63onf\x18\x03 \x01(\x0b\x32\x19.tidelog.v1.RaftConfState\"H\n\x0cRaftSnapshot\x12*\n\x04meta\x18\x01 \x01(\x0b\x32\x1c.tidelog.v1.RaftSnapshotMeta\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"q\n\x0eHeartbeatBatch\x12.\n\x08requests\x18\x01 \x01(\x0b\x32\x1c.tidelog.v1.HeartbeatColumns\x12/\n\tresponses\x18\x02 \x01(\x0b\x32\x1c.tidelog.v1.HeartbeatColumns\"T\n\x10HeartbeatColumns\x12\x0e\n\x06groups\x18\x01 \x03(\x04\x12\r\n\x05terms\x18\x02 \x03(\x04\x12\x0f\n\x07\x63ommits\x18\x03 \x03(\x04\x12\x10\n\x08\x63ontexts\x18\x04 \x03(\x0c\"\x0e\n\x0cStreamClosed*\x96\x04\n\x0fRaftMessageKind\x12!\n\x1dRAFT_MESSAGE_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aRAFT_MESSAGE_KIND_PRE_VOTE\x10\x01\x12#\n\x1fRAFT_MESSAGE_KIND_PRE_VOTE_RESP\x10\x02\x12\x1a\n\x16RAFT_MESSAGE_KIND_VOTE\x10\x03\x12\x1f\n\x1bRAFT_MESSAGE_KIND_VOTE_RESP\x10\x04\x12\x1c\n\x18RAFT_MESSAGE_KIND_APPEND\x10\x05\x12!\n\x1dRAFT_MESSAGE_KIND_APPEND_RESP\x10\x06\x12\x1f\n\x1bRAFT_MESSAGE_KIND_HEARTBEAT\x10\x07\x12$\n RAFT_MESSAGE_KIND_HEARTBEAT_RESP\x10\x08\x12!\n\x1dRAFT_MESSAGE_KIND_TIMEOUT_NOW\x10\t\x12\x1e\n\x1aRAFT_MESSAGE_KIND_SNAPSHOT\x10\n\x12#\n\x1fRAFT_MESSAGE_KIND_SNAPSHOT_RESP\x10\x0b\x12 \n\x1cRAFT_MESSAGE_KIND_READ_INDEX\x10\x0c\x12%\n!RAFT_MESSAGE_KIND_READ_INDEX_RESP\x10\r\x12%\n!RAFT_MESSAGE_KIND_TRANSFER_LEADER\x10\x0e*b\n\rRaftEntryKind\x12\x1a\n\x16RAFT_ENTRY_KIND_NORMAL\x10\x00\x12\x1a\n\x16RAFT_ENTRY_KIND_CONFIG\x10\x01\x12\x19\n\x15RAFT_ENTRY_KIND_EMPTY\x10\x02\x32\x8a\x01\n\x04Raft\x12;\n\x06Stream\x12\x15.tidelog.v1.RaftBatch\x1a\x18.tidelog.v1.StreamClosed(\x01\x12\x45\n\x08\x45ndpoint\x12\x1b.tidelog.v1.EndpointRequest\x1a\x1c.tidelog.v1.EndpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tidelog.v1.raft_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RAFTMESSAGEKIND']._serialized_start=1092
-  _globals['_RAFTMESSAGEKIND']._serialized_end=1626
-  _globals['_RAFTENTRYKIND']._serialized_start=1628
-  _globals['_RAFTENTRYKIND']._serialized_end=1726
-  _globals['_RAFTBATCH']._serialized_start=38
-  _globals['_RAFTBATCH']._serialized_end=197
-  _globals['_GROUPMESSAGE']._serialized_start=200
-  _globals['_GROUPMESSAGE']._serialized_end=535
-  _globals['_RAFTENTRY']._serialized_start=537
-  _globals['_RAFTENTRY']._serialized_end=632
-  _globals['_RAFTCONFSTATE']._serialized_start=634
-  _globals['_RAFTCONFSTATE']._serialized_end=708
-  _globals['_RAFTSNAPSHOTMETA']._serialized_start=710
-  _globals['_RAFTSNAPSHOTMETA']._serialized_end=798
-  _globals['_RAFTSNAPSHOT']._serialized_start=800
-  _globals['_RAFTSNAPSHOT']._serialized_end=872
-  _globals['_HEARTBEATBATCH']._serialized_start=874
-  _globals['_HEARTBEATBATCH']._serialized_end=987
-  _globals['_HEARTBEATCOLUMNS']._serialized_start=989
-  _globals['_HEARTBEATCOLUMNS']._serialized_end=1073
-  _globals['_STREAMCLOSED']._serialized_start=1075
-  _globals['_STREAMCLOSED']._serialized_end=1089
-  _globals['_RAFT']._serialized_start=1728
-  _globals['_RAFT']._serialized_end=1795
+  _globals['_RAFTMESSAGEKIND']._serialized_start=1355
+  _globals['_RAFTMESSAGEKIND']._serialized_end=1889
+  _globals['_RAFTENTRYKIND']._serialized_start=1891
+  _globals['_RAFTENTRYKIND']._serialized_end=1989
+  _globals['_ENDPOINTREQUEST']._serialized_start=37
+  _globals['_ENDPOINTREQUEST']._serialized_end=54
+  _globals['_ENDPOINTRESPONSE']._serialized_start=56
+  _globals['_ENDPOINTRESPONSE']._serialized_end=88
+  _globals['_RAFTCHALLENGE']._serialized_start=90
+  _globals['_RAFTCHALLENGE']._serialized_end=137
+  _globals['_RAFTHELLO']._serialized_start=139
+  _globals['_RAFTHELLO']._serialized_end=236
+  _globals['_RAFTWELCOME']._serialized_start=238
+  _globals['_RAFTWELCOME']._serialized_end=298
+  _globals['_RAFTBATCH']._serialized_start=301
+  _globals['_RAFTBATCH']._serialized_end=460
+  _globals['_GROUPMESSAGE']._serialized_start=463
+  _globals['_GROUPMESSAGE']._serialized_end=798
+  _globals['_RAFTENTRY']._serialized_start=800
+  _globals['_RAFTENTRY']._serialized_end=895
+  _globals['_RAFTCONFSTATE']._serialized_start=897
+  _globals['_RAFTCONFSTATE']._serialized_end=971
+  _globals['_RAFTSNAPSHOTMETA']._serialized_start=973
+  _globals['_RAFTSNAPSHOTMETA']._serialized_end=1061
+  _globals['_RAFTSNAPSHOT']._serialized_start=1063
+  _globals['_RAFTSNAPSHOT']._serialized_end=1135
+  _globals['_HEARTBEATBATCH']._serialized_start=1137
+  _globals['_HEARTBEATBATCH']._serialized_end=1250
+  _globals['_HEARTBEATCOLUMNS']._serialized_start=1252
+  _globals['_HEARTBEATCOLUMNS']._serialized_end=1336
+  _globals['_STREAMCLOSED']._serialized_start=1338
+  _globals['_STREAMCLOSED']._serialized_end=1352
+  _globals['_RAFT']._serialized_start=1992
+  _globals['_RAFT']._serialized_end=2130
 # @@protoc_insertion_point(module_scope)

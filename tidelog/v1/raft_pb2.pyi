@@ -33,6 +33,27 @@ Framing
   heartbeat travels as a GroupMessage like everything else.
 * Entries are the stored record batches of the partition log and travel as opaque bytes.
 
+The TCP listener
+----------------
+A gRPC stream message costs about 4 times the CPU of a plain socket write and adds about
+0.7 ms to a round trip between two local processes (measured on the 2-core development
+machine), and a produce at acks=all waits for an APPEND and its answer. So each node also
+serves the same one-way batches on a plain TCP listener of its internal host, and its peers
+use it once they know its port (Raft.Endpoint, asked on the authenticated channel before
+each connection; port 0 means there is none and the sender uses Raft.Stream):
+* every frame is a 4-byte big-endian length, then that many bytes of one protobuf message;
+* the listener speaks first, a RaftChallenge with a fresh nonce; the caller answers with a
+  RaftHello naming itself, the node it dialled and the cluster; the listener answers with a
+  RaftWelcome (an empty one accepts, one with a reason refuses and closes);
+* after that the caller writes RaftBatch frames only, checked exactly as on Raft.Stream;
+  the listener writes nothing more except one RaftWelcome with the reason when it refuses
+  a batch, then closes;
+* authentication: under mutual TLS the connection is TLS with the same certificates (the
+  listener requires the caller's certificate of the cluster CA, the caller checks that the
+  listener's names the node it dialled); under a cluster secret RaftHello.mac is the
+  HMAC-SHA256 of "raft-tcp|" + nonce + "|from|to|cluster" under the secret (a fresh nonce
+  per connection, so a captured handshake cannot be replayed).
+
 Field types mirror node/raft/types.py (Message, Entry, Snapshot, ConfState). Fields are
 only ever added, never renumbered, like the types they carry.
 """
@@ -116,6 +137,129 @@ RAFT_ENTRY_KIND_NORMAL: RaftEntryKind.ValueType  # 0
 RAFT_ENTRY_KIND_CONFIG: RaftEntryKind.ValueType  # 1
 RAFT_ENTRY_KIND_EMPTY: RaftEntryKind.ValueType  # 2
 Global___RaftEntryKind: _TypeAlias = RaftEntryKind  # noqa: Y015
+
+@_typing.final
+class EndpointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndpointRequest: _TypeAlias = EndpointRequest  # noqa: Y015
+
+@_typing.final
+class EndpointResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PORT_FIELD_NUMBER: _builtins.int
+    port: _builtins.int
+    """The TCP listener's port on the host the caller dialled; 0: none, use Stream."""
+    def __init__(
+        self,
+        *,
+        port: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndpointResponse: _TypeAlias = EndpointResponse  # noqa: Y015
+
+@_typing.final
+class RaftChallenge(_message.Message):
+    """The first frame on a TCP connection, from the listener."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    nonce: _builtins.bytes
+    """16 random bytes, fresh for each connection."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        nonce: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nonce", b"nonce", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RaftChallenge: _TypeAlias = RaftChallenge  # noqa: Y015
+
+@_typing.final
+class RaftHello(_message.Message):
+    """The caller's answer to RaftChallenge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    FROM_NODE_FIELD_NUMBER: _builtins.int
+    TO_NODE_FIELD_NUMBER: _builtins.int
+    CLUSTER_ID_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    from_node: _builtins.int
+    to_node: _builtins.int
+    cluster_id: _builtins.str
+    mac: _builtins.bytes
+    """Under a cluster secret: HMAC-SHA256 (see The TCP listener); empty otherwise."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        from_node: _builtins.int = ...,
+        to_node: _builtins.int = ...,
+        cluster_id: _builtins.str = ...,
+        mac: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "from_node", b"from_node", "mac", b"mac", "to_node", b"to_node", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RaftHello: _TypeAlias = RaftHello  # noqa: Y015
+
+@_typing.final
+class RaftWelcome(_message.Message):
+    """The listener's answer to RaftHello (empty: accepted), or why it closes the connection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """The machine-readable reason (PEER_MISMATCH, PEER_NOT_AUTHENTICATED, ...); empty: accepted."""
+    message: _builtins.str
+    code: _builtins.str
+    """The gRPC status code name Raft.Stream would have ended with (FAILED_PRECONDITION, ...)."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+        code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RaftWelcome: _TypeAlias = RaftWelcome  # noqa: Y015
 
 @_typing.final
 class RaftBatch(_message.Message):

@@ -40,6 +40,11 @@ class RaftStub:
                 request_serializer=tidelog_dot_v1_dot_raft__pb2.RaftBatch.SerializeToString,
                 response_deserializer=tidelog_dot_v1_dot_raft__pb2.StreamClosed.FromString,
                 _registered_method=True)
+        self.Endpoint = channel.unary_unary(
+                '/tidelog.v1.Raft/Endpoint',
+                request_serializer=tidelog_dot_v1_dot_raft__pb2.EndpointRequest.SerializeToString,
+                response_deserializer=tidelog_dot_v1_dot_raft__pb2.EndpointResponse.FromString,
+                _registered_method=True)
 
 
 class RaftServicer:
@@ -54,6 +59,13 @@ class RaftServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Endpoint(self, request, context):
+        """Where this node's TCP listener for the same batches is (see The TCP listener).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RaftServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +73,11 @@ def add_RaftServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=tidelog_dot_v1_dot_raft__pb2.RaftBatch.FromString,
                     response_serializer=tidelog_dot_v1_dot_raft__pb2.StreamClosed.SerializeToString,
+            ),
+            'Endpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Endpoint,
+                    request_deserializer=tidelog_dot_v1_dot_raft__pb2.EndpointRequest.FromString,
+                    response_serializer=tidelog_dot_v1_dot_raft__pb2.EndpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +108,33 @@ class Raft:
             '/tidelog.v1.Raft/Stream',
             tidelog_dot_v1_dot_raft__pb2.RaftBatch.SerializeToString,
             tidelog_dot_v1_dot_raft__pb2.StreamClosed.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Endpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tidelog.v1.Raft/Endpoint',
+            tidelog_dot_v1_dot_raft__pb2.EndpointRequest.SerializeToString,
+            tidelog_dot_v1_dot_raft__pb2.EndpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
