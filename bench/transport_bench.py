@@ -1,10 +1,13 @@
 """Throughput of the Raft transport between two RaftTransports on loopback.
 
-Node 1 pumps messages to node 2 over the real gRPC stream; node 2 answers each batch it
+Node 1 pumps messages to node 2 over the real transport (the TCP listener by default,
+``--carrier grpc-stream`` for the gRPC stream); node 2 answers each batch it
 receives with one APPEND_RESP carrying the highest index seen, and node 1 keeps a bounded
 window of unacknowledged messages (as Raft's in-flight limits do), so nothing is dropped and
 the figures are delivered messages, not queued ones. Cases:
 
+- ping-pong: one small message at a time, each answered before the next: the round trip
+  (the part of an acks=all produce the transport adds twice);
 - small: APPEND_RESP-sized messages (no payload), bursts of ``--burst`` per loop iteration;
 - heartbeats: one tick of heartbeats for ``--groups`` idle groups, repeated;
 - large: APPENDs carrying one ``--entry-kib`` entry each (1 MiB by default): MB/s.
@@ -16,6 +19,7 @@ By default node 2 runs in a child process (``--same-process`` keeps both on one 
 one core does all the work). Usage:
 
     python bench/transport_bench.py [--seconds 3] [--same-process] [--uvloop]
+                                    [--carrier tcp|grpc-stream]
 """
 
 from __future__ import annotations
@@ -42,11 +46,13 @@ ACK_GROUP = 0
 CLUSTER = "bench"
 
 
-async def start_server(transport: RaftTransport, port: int) -> aio.Server:
+async def start_server(transport: RaftTransport, port: int, carrier: str) -> aio.Server:
     server = aio.server(options=GRPC_SERVER_OPTIONS)
     transport.add_servicer(server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
+    if carrier == "tcp":
+        await transport.listen("127.0.0.1")
     return server
 
 
@@ -69,12 +75,12 @@ def make_echo(
     return deliver
 
 
-async def serve_receiver(port: int, sender_address: str) -> None:
+async def serve_receiver(port: int, sender_address: str, carrier: str) -> None:
     """The child process: node 2 until stdin closes."""
     ref: list[RaftTransport] = []
     transport = RaftTransport(RECEIVER, CLUSTER, deliver=make_echo(ref))
     ref.append(transport)
-    server = await start_server(transport, port)
+    server = await start_server(transport, port, carrier)
     transport.set_peer(SENDER, sender_address)
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -183,7 +189,7 @@ async def main(ns: argparse.Namespace) -> None:
     sender = RaftTransport(SENDER, CLUSTER, deliver=lambda f, i: pump_ref[0].deliver(f, i))
     pump = Pump(sender)
     pump_ref.append(pump)
-    server1 = await start_server(sender, port1)
+    server1 = await start_server(sender, port1, ns.carrier)
     child: subprocess.Popen[str] | None = None
     receiver: RaftTransport | None = None
     server2: aio.Server | None = None
@@ -191,10 +197,11 @@ async def main(ns: argparse.Namespace) -> None:
         ref: list[RaftTransport] = []
         receiver = RaftTransport(RECEIVER, CLUSTER, deliver=make_echo(ref))
         ref.append(receiver)
-        server2 = await start_server(receiver, port2)
+        server2 = await start_server(receiver, port2, ns.carrier)
         receiver.set_peer(SENDER, f"127.0.0.1:{port1}")
     else:
         argv = [sys.executable, __file__, "--serve", str(port2), "--peer", f"127.0.0.1:{port1}"]
+        argv += ["--carrier", ns.carrier]
         if ns.uvloop:
             argv.append("--uvloop")
         child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -203,7 +210,8 @@ async def main(ns: argparse.Namespace) -> None:
         assert line.strip() == "ready", line
     sender.set_peer(RECEIVER, f"127.0.0.1:{port2}")
     mode = "one process" if ns.same_process else "two processes"
-    print(f"# transport bench, {mode}, loop {type(asyncio.get_running_loop()).__module__}")
+    loop_name = type(asyncio.get_running_loop()).__module__
+    print(f"# transport bench, {mode}, carrier {ns.carrier}, loop {loop_name}")
     try:
 
         def small(i: int) -> list[tuple[int, Message]]:
@@ -211,6 +219,9 @@ async def main(ns: argparse.Namespace) -> None:
 
         # Warm up the connection and the code paths.
         _, idx = await pump.run("warmup", small, 0, 0.3, ns.burst, ns.burst * 4, 1)
+        res, idx = await pump.run("ping-pong", small, 0, ns.seconds, 1, 1, idx)
+        print(res.line())
+        print(f"{'':<34} = {res.seconds / res.messages * 1e6:,.0f} us per round trip")
         res, idx = await pump.run(
             f"small (burst {ns.burst})", small, 0, ns.seconds, ns.burst, ns.burst * 4, idx
         )
@@ -283,6 +294,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--window-mib", type=int, default=32, help="unacknowledged MiB (large)")
     p.add_argument("--same-process", action="store_true", help="both nodes on one loop")
     p.add_argument("--uvloop", action="store_true")
+    p.add_argument("--carrier", choices=("tcp", "grpc-stream"), default="tcp")
     p.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     p.add_argument("--peer", help=argparse.SUPPRESS)
     return p.parse_args()
@@ -290,7 +302,7 @@ def parse() -> argparse.Namespace:
 
 def run() -> None:
     ns = parse()
-    coro = serve_receiver(ns.serve, ns.peer) if ns.serve is not None else main(ns)
+    coro = serve_receiver(ns.serve, ns.peer, ns.carrier) if ns.serve is not None else main(ns)
     if ns.uvloop:
         import uvloop
 

@@ -43,7 +43,7 @@ reader_limit: Final = 8 * 1024 * 1024
 #: written as two buffers.
 copy_bytes_max: Final = 256 * 1024
 #: Bytes the sender lets its socket buffer hold before it waits for them to drain.
-write_buffer_high: Final = 4 * 1024 * 1024
+write_buffer_high: Final = 16 * 1024 * 1024
 #: TCP keepalive on both ends: a dead peer's connection ends without waiting for TCP's hours.
 keepalive_idle_s: Final = 10
 keepalive_interval_s: Final = 5

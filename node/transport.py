@@ -592,6 +592,11 @@ class RaftTransport:
             closed.add_done_callback(lambda _task: wake.set())
             counters = peer.counters
             transport = writer.transport
+            # Wait for the socket only above the high mark, and only until the low one:
+            # asyncio's defaults (64 KiB / 16 KiB) would stop the pipeline at every APPEND.
+            transport.set_write_buffer_limits(
+                raft_tcp.write_buffer_high, raft_tcp.write_buffer_high // 4
+            )
             while not closed.done():
                 if not peer.flushed:
                     wake.clear()
