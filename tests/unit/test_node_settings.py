@@ -44,6 +44,8 @@ def test_flag_names_and_defaults_are_the_documented_ones() -> None:
         "--advertised": None,
         "--internal-listen": None,
         "--internal-advertised": None,
+        "--raft-port": 0,
+        "--raft-stream-only": None,
         "--internal-ca": None,
         "--internal-cert": None,
         "--internal-key": None,
