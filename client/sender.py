@@ -4,8 +4,9 @@ partition's requests in order through retries and leader moves.
 Shape (after aiokafka's Sender, kept apart from the accumulator as there): the
 :class:`~tidelog.client.producer.Producer` appends records to the
 :class:`~tidelog.client.accumulator.Accumulator` and calls :meth:`Sender.wake` for a
-partition with something to send; one task per leader node drains the batches that are full
-or whose ``linger_ms`` ran out, with up to ``max_in_flight`` Produce requests per partition.
+partition with something to send; one drainer per leader node (a loop callback) drains the
+batches that are full or whose ``linger_ms`` ran out, with up to ``max_in_flight`` Produce
+requests per partition.
 A batch that fails with a retriable error (the leader moved, the node is down, a timeout)
 goes back to the front of its partition's queue once the requests sent before it have
 answered, so a partition's batches are resent in their original order; after a failure the
@@ -163,28 +164,35 @@ class _PartitionState:
 
 
 class _NodeDrainer:
-    """The one task that drains the accumulator for the partitions led by one node."""
+    """Drains the accumulator for the partitions led by one node: one pass over the woken
+    partitions per event-loop iteration, scheduled with ``call_soon`` on the first wake-up
+    (so it runs once the caller of ``send`` yields, and a burst of sends shares a batch). A
+    callback rather than a task waiting on an Event: that costs an Event, a future and a
+    task step per request, about 40 us of CPU on the one-record-at-a-time path."""
 
     def __init__(self, sender: Sender, address: str) -> None:
         self.sender = sender
         self.address = address
         self.pending: set[TopicPartition] = set()
-        self.event = asyncio.Event()
-        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"sender {address}")
+        self._loop = asyncio.get_running_loop()
+        self._scheduled: asyncio.Handle | None = None
 
     def wake(self, tp: TopicPartition) -> None:
         self.pending.add(tp)
-        self.event.set()
+        if self._scheduled is None:
+            self._scheduled = self._loop.call_soon(self._run)
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self.event.wait()
-            self.event.clear()
-            pending, self.pending = self.pending, set()
-            now = loop.time()
-            for tp in pending:
-                self.sender._drain(tp, self, now)
+    def cancel(self) -> None:
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+
+    def _run(self) -> None:
+        self._scheduled = None
+        pending, self.pending = self.pending, set()
+        now = self._loop.time()
+        for tp in pending:
+            self.sender._drain(tp, self, now)
 
 
 class Sender:
@@ -229,8 +237,9 @@ class Sender:
     async def close(self) -> None:
         """Stop sending: cancel every request and task (their batches fail as closed)."""
         self.closed = True
-        tasks: list[asyncio.Task[Any]] = [d.task for d in self._drainers.values()]
-        tasks += self._background
+        for drainer in self._drainers.values():
+            drainer.cancel()
+        tasks: list[asyncio.Task[Any]] = list(self._background)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -596,7 +605,10 @@ class Sender:
                 self._schedule_retry(tp, st)
             else:
                 st.retry_at_s = 0.0
-        self.wake(tp)
+        if self.acc.head(tp) is not None:
+            # Something queued may go now; with nothing queued (the caller awaited this
+            # answer before sending more), the next send wakes the partition itself.
+            self.wake(tp)
 
     def _schedule_retry(self, tp: TopicPartition, st: _PartitionState) -> None:
         """Set when the requeued batches go again: at once at a new leader, else after the
