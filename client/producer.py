@@ -765,6 +765,8 @@ class Producer:
             # Sent at once if nothing of the partition is in flight (the sender decides);
             # the drain runs after the caller yields, so a burst of sends shares the batch.
             self._wake(tp)
+            if self._sender is not None and self._sender.sends_at_once(tp):
+                return  # no linger timer: it would only wake the drain for nothing
         self._loop_().call_later(self._linger_s, self._wake, tp)
 
     def _append_many(

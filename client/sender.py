@@ -233,6 +233,9 @@ class Sender:
         #: With adaptive linger, the smallest batch sent while the partition has requests
         #: out (a full batch always may go).
         self._pipeline_bytes = min(PIPELINE_BATCH_BYTES_MIN, acc.batch_bytes_max)
+        #: The gRPC deadline of a Produce call: a second past the node's own timeout, so
+        #: the node's answer (REQUEST_TIMED_OUT) normally comes first.
+        self._call_timeout_s = config.request_timeout_ms / 1000 + 1
 
     async def close(self) -> None:
         """Stop sending: cancel every request and task (their batches fail as closed)."""
@@ -366,23 +369,35 @@ class Sender:
                 self._stamp(st, batch)
             st.in_flight += 1
             st.in_flight_at = sender.address
-            self._spawn(self._produce(sender.address, tp, st, batch), f"produce {tp}")
+            if not self._send(sender.address, tp, st, batch):
+                break
 
-    async def _produce(
+    def sends_at_once(self, tp: TopicPartition) -> bool:
+        """Whether the partition's next drain sends its front batch whatever its age
+        (adaptive linger with nothing in flight), so a new batch needs no linger timer:
+        when that drain cannot send (no leader, no session, a backoff), whatever it waits
+        for wakes the partition again, still with nothing in flight."""
+        if not self.config.adaptive_linger:
+            return False
+        st = self._parts.get(tp)
+        return st is None or st.in_flight == 0
+
+    def _send(
         self, address: str, tp: TopicPartition, st: _PartitionState, batch: PendingBatch
-    ) -> None:
-        loop = self._loop
-        err: TidelogError | None = None
-        resp: broker_pb2.ProduceResponse | None = None
+    ) -> bool:
+        """Start one attempt of ``batch`` (counted in flight already): the call is made here,
+        in the drain, so the request leaves in the loop's next iteration, and a task awaits
+        the answer (:meth:`_produce`). False when the batch could not be encoded (it failed,
+        and the partition is woken again)."""
         try:
             payload = batch.encode(self.config.codec)
         except ValueError as exc:
             st.in_flight -= 1
             self._fail_batch(batch, TidelogError(f"cannot encode the batch: {exc}"))
             self._after_response(tp, st)
-            return
+            return False
         if not batch.first_sent_s:
-            batch.first_sent_s = loop.time()
+            batch.first_sent_s = self._loop.time()
         batch.attempts += 1
         batch.sent_behind = batch.sequence >= 0 and batch.sequence != st.acked_sequence_next
         request = broker_pb2.ProduceRequest(
@@ -394,15 +409,41 @@ class Sender:
         )
         call: grpc.aio.UnaryUnaryCall[Any, Any] | None = None
         stall_check: asyncio.TimerHandle | None = None
+        failure: Exception | None = None
         try:
             call = self.meta.broker(address).Produce(  # type: ignore[assignment]
-                request, timeout=self.config.request_timeout_ms / 1000 + 1
+                request, timeout=self._call_timeout_s
             )
+        except Exception as exc:  # the channel closed under us, or similar: retry elsewhere
+            failure = exc
+        else:
             assert call is not None
             st.calls.add(call)
-            stall_check = loop.call_later(
+            stall_check = self._loop.call_later(
                 LEADER_CHECK_AFTER_MS / 1000, self._on_stalled, tp, st, address
             )
+        self._spawn(
+            self._produce(address, tp, st, batch, call, stall_check, failure), f"produce {tp}"
+        )
+        return True
+
+    async def _produce(
+        self,
+        address: str,
+        tp: TopicPartition,
+        st: _PartitionState,
+        batch: PendingBatch,
+        call: grpc.aio.UnaryUnaryCall[Any, Any] | None,
+        stall_check: asyncio.TimerHandle | None,
+        failure: Exception | None,
+    ) -> None:
+        """Await the answer to the attempt :meth:`_send` started, and settle the batch."""
+        err: TidelogError | None = None
+        resp: broker_pb2.ProduceResponse | None = None
+        try:
+            if call is None:
+                assert failure is not None
+                raise failure
             resp = await call
         except grpc.aio.AioRpcError as exc:
             err = from_rpc_error(exc)
