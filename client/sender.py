@@ -167,8 +167,8 @@ class _NodeDrainer:
     """Drains the accumulator for the partitions led by one node: one pass over the woken
     partitions per event-loop iteration, scheduled with ``call_soon`` on the first wake-up
     (so it runs once the caller of ``send`` yields, and a burst of sends shares a batch). A
-    callback rather than a task waiting on an Event: that costs an Event, a future and a
-    task step per request, about 40 us of CPU on the one-record-at-a-time path."""
+    callback rather than a task waiting on an Event, which cost an Event future and a task
+    step per request on the one-record-at-a-time path."""
 
     def __init__(self, sender: Sender, address: str) -> None:
         self.sender = sender
