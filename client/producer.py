@@ -2,9 +2,9 @@
 
 Shape (after aiokafka and the Java client): :meth:`Producer.send` appends a record to the
 :class:`~tidelog.client.accumulator.Accumulator` and returns at once with a cheap
-:class:`RecordFuture`; one sender task per leader node drains the batches that are full or
-whose ``linger_ms`` ran out, with up to ``max_in_flight_per_partition`` Produce requests per
-partition (5 with idempotence, the default; 1 without: :class:`Producer` says what order
+:class:`RecordFuture`; one drainer per leader node (a loop callback) drains the batches that
+are full or whose ``linger_ms`` ran out, with up to ``max_in_flight_per_partition`` Produce
+requests per partition (5 with idempotence, the default; 1 without: :class:`Producer` says what order
 each guarantees). A batch that fails with a retriable error (the leader moved, the node is down, a
 timeout) goes back to the front of its partition's queue once the requests sent before it
 have answered, so a partition's batches are resent in their original order. Other errors
@@ -765,6 +765,8 @@ class Producer:
             # Sent at once if nothing of the partition is in flight (the sender decides);
             # the drain runs after the caller yields, so a burst of sends shares the batch.
             self._wake(tp)
+            if self._sender is not None and self._sender.sends_at_once(tp):
+                return  # no linger timer: it would only wake the drain for nothing
         self._loop_().call_later(self._linger_s, self._wake, tp)
 
     def _append_many(

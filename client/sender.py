@@ -4,8 +4,9 @@ partition's requests in order through retries and leader moves.
 Shape (after aiokafka's Sender, kept apart from the accumulator as there): the
 :class:`~tidelog.client.producer.Producer` appends records to the
 :class:`~tidelog.client.accumulator.Accumulator` and calls :meth:`Sender.wake` for a
-partition with something to send; one task per leader node drains the batches that are full
-or whose ``linger_ms`` ran out, with up to ``max_in_flight`` Produce requests per partition.
+partition with something to send; one drainer per leader node (a loop callback) drains the
+batches that are full or whose ``linger_ms`` ran out, with up to ``max_in_flight`` Produce
+requests per partition.
 A batch that fails with a retriable error (the leader moved, the node is down, a timeout)
 goes back to the front of its partition's queue once the requests sent before it have
 answered, so a partition's batches are resent in their original order; after a failure the
@@ -163,28 +164,35 @@ class _PartitionState:
 
 
 class _NodeDrainer:
-    """The one task that drains the accumulator for the partitions led by one node."""
+    """Drains the accumulator for the partitions led by one node: one pass over the woken
+    partitions per event-loop iteration, scheduled with ``call_soon`` on the first wake-up
+    (so it runs once the caller of ``send`` yields, and a burst of sends shares a batch). A
+    callback rather than a task waiting on an Event, which cost an Event future and a task
+    step per request on the one-record-at-a-time path."""
 
     def __init__(self, sender: Sender, address: str) -> None:
         self.sender = sender
         self.address = address
         self.pending: set[TopicPartition] = set()
-        self.event = asyncio.Event()
-        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"sender {address}")
+        self._loop = asyncio.get_running_loop()
+        self._scheduled: asyncio.Handle | None = None
 
     def wake(self, tp: TopicPartition) -> None:
         self.pending.add(tp)
-        self.event.set()
+        if self._scheduled is None:
+            self._scheduled = self._loop.call_soon(self._run)
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self.event.wait()
-            self.event.clear()
-            pending, self.pending = self.pending, set()
-            now = loop.time()
-            for tp in pending:
-                self.sender._drain(tp, self, now)
+    def cancel(self) -> None:
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+
+    def _run(self) -> None:
+        self._scheduled = None
+        pending, self.pending = self.pending, set()
+        now = self._loop.time()
+        for tp in pending:
+            self.sender._drain(tp, self, now)
 
 
 class Sender:
@@ -225,12 +233,16 @@ class Sender:
         #: With adaptive linger, the smallest batch sent while the partition has requests
         #: out (a full batch always may go).
         self._pipeline_bytes = min(PIPELINE_BATCH_BYTES_MIN, acc.batch_bytes_max)
+        #: The gRPC deadline of a Produce call: a second past the node's own timeout, so
+        #: the node's answer (REQUEST_TIMED_OUT) normally comes first.
+        self._call_timeout_s = config.request_timeout_ms / 1000 + 1
 
     async def close(self) -> None:
         """Stop sending: cancel every request and task (their batches fail as closed)."""
         self.closed = True
-        tasks: list[asyncio.Task[Any]] = [d.task for d in self._drainers.values()]
-        tasks += self._background
+        for drainer in self._drainers.values():
+            drainer.cancel()
+        tasks: list[asyncio.Task[Any]] = list(self._background)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -357,23 +369,35 @@ class Sender:
                 self._stamp(st, batch)
             st.in_flight += 1
             st.in_flight_at = sender.address
-            self._spawn(self._produce(sender.address, tp, st, batch), f"produce {tp}")
+            if not self._send(sender.address, tp, st, batch):
+                break
 
-    async def _produce(
+    def sends_at_once(self, tp: TopicPartition) -> bool:
+        """Whether the partition's next drain sends its front batch whatever its age
+        (adaptive linger with nothing in flight), so a new batch needs no linger timer:
+        when that drain cannot send (no leader, no session, a backoff), whatever it waits
+        for wakes the partition again, still with nothing in flight."""
+        if not self.config.adaptive_linger:
+            return False
+        st = self._parts.get(tp)
+        return st is None or st.in_flight == 0
+
+    def _send(
         self, address: str, tp: TopicPartition, st: _PartitionState, batch: PendingBatch
-    ) -> None:
-        loop = self._loop
-        err: TidelogError | None = None
-        resp: broker_pb2.ProduceResponse | None = None
+    ) -> bool:
+        """Start one attempt of ``batch`` (counted in flight already): the call is made here,
+        in the drain, so the request leaves in the loop's next iteration, and a task awaits
+        the answer (:meth:`_produce`). False when the batch could not be encoded (it failed,
+        and the partition is woken again)."""
         try:
             payload = batch.encode(self.config.codec)
         except ValueError as exc:
             st.in_flight -= 1
             self._fail_batch(batch, TidelogError(f"cannot encode the batch: {exc}"))
             self._after_response(tp, st)
-            return
+            return False
         if not batch.first_sent_s:
-            batch.first_sent_s = loop.time()
+            batch.first_sent_s = self._loop.time()
         batch.attempts += 1
         batch.sent_behind = batch.sequence >= 0 and batch.sequence != st.acked_sequence_next
         request = broker_pb2.ProduceRequest(
@@ -385,15 +409,41 @@ class Sender:
         )
         call: grpc.aio.UnaryUnaryCall[Any, Any] | None = None
         stall_check: asyncio.TimerHandle | None = None
+        failure: Exception | None = None
         try:
             call = self.meta.broker(address).Produce(  # type: ignore[assignment]
-                request, timeout=self.config.request_timeout_ms / 1000 + 1
+                request, timeout=self._call_timeout_s
             )
+        except Exception as exc:  # the channel closed under us, or similar: retry elsewhere
+            failure = exc
+        else:
             assert call is not None
             st.calls.add(call)
-            stall_check = loop.call_later(
+            stall_check = self._loop.call_later(
                 LEADER_CHECK_AFTER_MS / 1000, self._on_stalled, tp, st, address
             )
+        self._spawn(
+            self._produce(address, tp, st, batch, call, stall_check, failure), f"produce {tp}"
+        )
+        return True
+
+    async def _produce(
+        self,
+        address: str,
+        tp: TopicPartition,
+        st: _PartitionState,
+        batch: PendingBatch,
+        call: grpc.aio.UnaryUnaryCall[Any, Any] | None,
+        stall_check: asyncio.TimerHandle | None,
+        failure: Exception | None,
+    ) -> None:
+        """Await the answer to the attempt :meth:`_send` started, and settle the batch."""
+        err: TidelogError | None = None
+        resp: broker_pb2.ProduceResponse | None = None
+        try:
+            if call is None:
+                assert failure is not None
+                raise failure
             resp = await call
         except grpc.aio.AioRpcError as exc:
             err = from_rpc_error(exc)
@@ -596,7 +646,10 @@ class Sender:
                 self._schedule_retry(tp, st)
             else:
                 st.retry_at_s = 0.0
-        self.wake(tp)
+        if self.acc.head(tp) is not None:
+            # Something queued may go now; with nothing queued (the caller awaited this
+            # answer before sending more), the next send wakes the partition itself.
+            self.wake(tp)
 
     def _schedule_retry(self, tp: TopicPartition, st: _PartitionState) -> None:
         """Set when the requeued batches go again: at once at a new leader, else after the

@@ -52,6 +52,46 @@ async def test_five_in_flight_with_reordered_arrivals_store_each_batch_once_in_s
         assert len({pid for _, pid, _, _, _ in fake.producers.seen}) == 1
 
 
+async def test_sends_at_once_and_queued_sends_interleave_in_order_with_contiguous_sequences() -> (
+    None
+):
+    """Adaptive linger's two paths, mixed: a record sent while nothing is in flight goes at
+    the next loop iteration with no linger timer; records sent while a request is out queue
+    and go together once it answers. Linger is 30 s, so a batch that needed a timer would
+    hang the test. Send order, offsets and sequences (one session, no gaps, no refusals)
+    all come out as with one path alone."""
+    async with FakeCluster({"t": 1}) as fake:
+        fake.produce_delay_s = 0.005
+        async with Producer(fake.address, linger_ms=30_000) as p:
+            sent: list[bytes] = []
+            futures = []
+
+            def send(value: bytes) -> None:
+                sent.append(value)
+                futures.append(p.send("t", value))
+
+            for r in range(30):
+                send(b"lone-%d" % r)  # nothing in flight (awaited below): goes at once
+                await asyncio.sleep(0)
+                for i in range(r % 4):  # while it is out: these wait for its answer
+                    send(b"queued-%d-%d" % (r, i))
+                    await asyncio.sleep(0.001 * (r % 3))
+                if r % 3 == 0:
+                    send(b"burst-%d" % r)  # lands in the queued batch, or an idle one
+                if r % 2 == 0:
+                    await asyncio.wait_for(futures[-1], 10)
+            results = await asyncio.wait_for(asyncio.gather(*futures), 10)
+        assert values_of(fake, "t", 0) == sent
+        assert [md.offset for md in results] == list(range(len(sent)))
+        producers = fake.producers
+        assert set(producers.verdicts) == {"accept"} and producers.init_requests == 1
+        expected = 0
+        for _, _, _, sequence, count in producers.seen:
+            assert sequence == expected
+            expected += count
+        assert expected == len(sent) and len(producers.seen) < len(sent)
+
+
 async def test_a_refusal_answered_after_the_earlier_batch_was_acknowledged_is_resent() -> None:
     """The node refuses a batch whose predecessor has not arrived yet, then stores the
     predecessor; the predecessor's answer overtakes the refusal. The refusal is not taken
