@@ -59,7 +59,7 @@ async def serve(case: str, port: int, peer_port: int) -> None:
         server: Any = await asyncio.start_server(on_conn, "127.0.0.1", port)
     else:
         server = aio.server()
-        handlers: dict[str, grpc.RpcMethodHandler] = {}
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         if case == "grpc-unary":
 
             async def echo(request: bytes, _ctx: Any) -> bytes:
@@ -71,7 +71,7 @@ async def serve(case: str, port: int, peer_port: int) -> None:
 
             async def stream(requests: Any, _ctx: Any) -> bytes:
                 channel = aio.insecure_channel(f"127.0.0.1:{peer_port}")
-                call = channel.stream_unary(f"/{SERVICE}/Stream")()
+                call = channel.stream_unary(f"/{SERVICE}/Stream", None, None)(None)
                 back.append(channel)
                 async for message in requests:
                     await call.write(message)
@@ -95,7 +95,7 @@ async def call_rounds(case: str, port: int, own_port: int, count: int, size: int
     times: list[float] = []
     if case == "grpc-unary":
         async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            unary = channel.unary_unary(f"/{SERVICE}/Unary")
+            unary = channel.unary_unary(f"/{SERVICE}/Unary", None, None)
             await unary(payload)
             for _ in range(count):
                 t0 = time.perf_counter()
@@ -135,7 +135,7 @@ async def call_rounds(case: str, port: int, own_port: int, count: int, size: int
         grpc_server.add_insecure_port(f"127.0.0.1:{own_port}")
         await grpc_server.start()
         channel = aio.insecure_channel(f"127.0.0.1:{port}")
-        call = channel.stream_unary(f"/{SERVICE}/Stream")()
+        call = channel.stream_unary(f"/{SERVICE}/Stream", None, None)(None)
 
         async def send(data: bytes) -> None:
             await call.write(data)
