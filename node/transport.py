@@ -261,7 +261,6 @@ class _Peer:
         "address",
         "call",
         "channel",
-        "connected_at",
         "counters",
         "dirty",
         "flushed",
@@ -288,10 +287,8 @@ class _Peer:
         self.task: asyncio.Task[None] | None = None
         self.channel: aio.Channel | None = None
         self.call: aio.StreamUnaryCall[bytes, bytes] | None = None
-        #: The TCP connection's writer while one is open (instead of ``call``), and when
-        #: it passed its handshake (set while batches may be written on it directly).
+        #: The TCP connection's writer while one is open (instead of ``call``).
         self.writer: asyncio.StreamWriter | None = None
-        self.connected_at: float | None = None
         self.last_error: str | None = None
 
     def take(self) -> list[tuple[int, Message]]:
@@ -496,10 +493,8 @@ class RaftTransport:
         peer.counters.dropped.inc(dropped)
 
     def flush(self) -> None:
-        """Send everything queued so far (runs by itself once per loop iteration after a
-        :meth:`send`; call it directly to send without waiting for that): written at once
-        on a peer's TCP connection while it is up and not backed up, else handed to the
-        peer's sender task."""
+        """Hand everything queued so far to the sender tasks (runs by itself once per loop
+        iteration after a :meth:`send`; call it directly to send without waiting for that)."""
         handle, self._flush_handle = self._flush_handle, None
         if handle is not None:
             handle.cancel()
@@ -507,8 +502,7 @@ class RaftTransport:
             peer.dirty = False
             if not peer.removed and peer.flushed != len(peer.queue):
                 peer.flushed = len(peer.queue)
-                if not self._write_now(peer):
-                    peer.wake.set()
+                peer.wake.set()
         self._dirty.clear()
 
     async def _run_peer(self, peer: _Peer) -> None:
@@ -596,24 +590,40 @@ class RaftTransport:
             wake = peer.wake
             closed = asyncio.get_running_loop().create_task(self._watch(reader))
             closed.add_done_callback(lambda _task: wake.set())
+            counters = peer.counters
             transport = writer.transport
             # Wait for the socket only above the high mark, and only until the low one:
             # asyncio's defaults (64 KiB / 16 KiB) would stop the pipeline at every APPEND.
             transport.set_write_buffer_limits(
                 raft_tcp.write_buffer_high, raft_tcp.write_buffer_high // 4
             )
-            peer.connected_at = connected_at
             while not closed.done():
-                if transport.get_write_buffer_size() > raft_tcp.write_buffer_high:
-                    # Direct writes (flush) stop above the mark; the backlog waits here.
-                    async with asyncio.timeout(drain_timeout_ms / 1000):
-                        await writer.drain()
-                    continue
                 if not peer.flushed:
                     wake.clear()
                     await wake.wait()
                     continue
-                self._write_batch(peer, writer)
+                items = peer.take()
+                data = encode_batch(
+                    self.node_id, peer.node_id, self.cluster_id, items
+                ).SerializeToString()
+                try:
+                    if len(data) < raft_tcp.copy_bytes_max:
+                        # One write (and one TLS record), not two: cheaper than the copy.
+                        writer.write(raft_tcp.frame_header(len(data)) + data)
+                    else:
+                        writer.writelines((raft_tcp.frame_header(len(data)), data))
+                    if transport.get_write_buffer_size() > raft_tcp.write_buffer_high:
+                        async with asyncio.timeout(drain_timeout_ms / 1000):
+                            await writer.drain()
+                except BaseException:
+                    counters.dropped.inc(len(items))
+                    raise
+                counters.batches_sent.inc()
+                counters.messages_sent.inc(len(items))
+                counters.bytes_sent.inc(len(data))
+                if peer.last_error is not None and time.monotonic() - connected_at >= _STABLE_S:
+                    log.info("raft connection to node %d at %s is up", peer.node_id, peer.address)
+                    peer.last_error = None
             reason = closed.result()
             if reason is not None:
                 raise PeerRefused(reason)
@@ -623,55 +633,10 @@ class RaftTransport:
                 closed.cancel()
             if peer.writer is writer:
                 peer.writer = None
-                peer.connected_at = None
             writer.close()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
                     await writer.wait_closed()
-
-    def _write_batch(self, peer: _Peer, writer: asyncio.StreamWriter) -> None:
-        """Write one batch of the peer's flushed messages on its TCP connection (a write
-        that fails drops them: Raft resends)."""
-        items = peer.take()
-        data = encode_batch(self.node_id, peer.node_id, self.cluster_id, items).SerializeToString()
-        counters = peer.counters
-        try:
-            if len(data) < raft_tcp.copy_bytes_max:
-                # One write (and one TLS record), not two: cheaper than the copy.
-                writer.write(raft_tcp.frame_header(len(data)) + data)
-            else:
-                writer.writelines((raft_tcp.frame_header(len(data)), data))
-        except BaseException:
-            counters.dropped.inc(len(items))
-            raise
-        counters.batches_sent.inc()
-        counters.messages_sent.inc(len(items))
-        counters.bytes_sent.inc(len(data))
-        connected_at = peer.connected_at
-        if (
-            peer.last_error is not None
-            and connected_at is not None
-            and time.monotonic() - connected_at >= _STABLE_S
-        ):
-            log.info("raft connection to node %d at %s is up", peer.node_id, peer.address)
-            peer.last_error = None
-
-    def _write_now(self, peer: _Peer) -> bool:
-        """Write the peer's flushed messages at once, from the caller (no task switch), when
-        its TCP connection is up and not backed up; False when its sender task must."""
-        writer = peer.writer
-        if writer is None or peer.connected_at is None or writer.is_closing():
-            return False
-        transport = writer.transport
-        try:
-            while peer.flushed:
-                if transport.get_write_buffer_size() > raft_tcp.write_buffer_high:
-                    return False
-                self._write_batch(peer, writer)
-        except Exception as exc:  # the connection broke: its task sees it and reconnects
-            log.debug("raft write to node %d failed: %r", peer.node_id, exc)
-            return False
-        return True
 
     @staticmethod
     async def _watch(reader: asyncio.StreamReader) -> str | None:
