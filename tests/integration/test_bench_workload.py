@@ -49,7 +49,9 @@ def test_sweep_reports_latency_and_plots(node: Node, tmp_path: Path) -> None:
         assert run["cpu_s_per_million"]["nodes"] > 0
     # Open loop: the schedule fixes how many records are sent, whatever the latency.
     assert fixed["measured_records"] == 300
-    assert fixed["achieved_rate"] == pytest.approx(200, rel=0.01)
+    # Within 5%: the acknowledgements of warm-up records still in flight when the window
+    # opens count in it, as those of its last records answered after it closes do not.
+    assert fixed["achieved_rate"] == pytest.approx(200, rel=0.05)
     assert plot_path.read_bytes().startswith(b"\x89PNG")
 
     # --trace-sample 1: every request's steps are in the node's trace histograms.

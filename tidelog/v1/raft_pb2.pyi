@@ -35,9 +35,10 @@ Framing
 
 The TCP listener
 ----------------
-A gRPC stream message costs about 4 times the CPU of a plain socket write and adds about
-0.7 ms to a round trip between two local processes (measured on the 2-core development
-machine), and a produce at acks=all waits for an APPEND and its answer. So each node also
+A gRPC stream message costs four to five times the CPU of a plain socket write and adds
+0.35 to 0.7 ms to a round trip between two local processes (measured on the 2-core
+development machine, bench/rpc_floor.py), and a produce at acks=all waits for an APPEND
+and its answer. So each node also
 serves the same one-way batches on a plain TCP listener of its internal host, and its peers
 use it once they know its port (Raft.Endpoint, asked on the authenticated channel before
 each connection; port 0 means there is none and the sender uses Raft.Stream):
