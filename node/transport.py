@@ -373,7 +373,7 @@ class RaftTransport:
         self._unknown_logged_at = float("-inf")
         self._unknown_since_log = 0
         self._closed = False
-        self._tcp_server: asyncio.AbstractServer | None = None
+        self._tcp_server: asyncio.Server | None = None
         #: The TCP listener's port (:meth:`listen`); None while there is none.
         self.tcp_port: int | None = None
         self._client_ssl: ssl.SSLContext | None = None
@@ -805,14 +805,26 @@ class RaftTransport:
         if self._tcp_server is not None:
             raise RuntimeError("the transport already listens")
         tls = raft_tcp.server_context(self.auth)
-        server = await asyncio.start_server(
-            self._serve_tcp,
-            host or None,
-            port,
-            ssl=tls,
-            ssl_handshake_timeout=raft_tcp.handshake_timeout_ms / 1000 if tls else None,
-            limit=raft_tcp.reader_limit,
-        )
+
+        async def start(at: int) -> asyncio.Server:
+            return await asyncio.start_server(
+                self._serve_tcp,
+                host or None,
+                at,
+                ssl=tls,
+                ssl_handshake_timeout=raft_tcp.handshake_timeout_ms / 1000 if tls else None,
+                limit=raft_tcp.reader_limit,
+            )
+
+        server = await start(port)
+        ports = {int(sock.getsockname()[1]) for sock in server.sockets}
+        if len(ports) > 1:
+            # A name of several addresses ("localhost": ::1 and 127.0.0.1) with port 0 binds
+            # each on a port of its own, and the peers learn one port: bind them all on the
+            # first one's.
+            first = int(server.sockets[0].getsockname()[1])
+            server.close()
+            server = await start(first)
         self._tcp_server = server
         self.tcp_port = port = int(server.sockets[0].getsockname()[1])
         return port

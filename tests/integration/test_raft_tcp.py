@@ -293,3 +293,19 @@ async def test_tls_connections_are_bound_to_the_certificates_node(
     assert not served, "the listener sent its challenge to a caller without a certificate"
     assert b.refused("invalid") == 0
     assert [m.index for _, items in b.deliveries for _, m in items] == [5]
+
+
+@pytest.mark.timeout(30)
+async def test_a_listener_on_a_name_of_several_addresses_has_one_port() -> None:
+    """``localhost`` may resolve to ::1 and 127.0.0.1; with port 0 each would get a port of
+    its own, and the peers learn only one (Raft.Endpoint)."""
+    transport = RaftTransport(1, CLUSTER, deliver=lambda _frm, _items: None)
+    try:
+        port = await transport.listen("localhost")
+        server = transport._tcp_server
+        assert server is not None
+        assert {sock.getsockname()[1] for sock in server.sockets} == {port}
+        _reader, writer = await asyncio.open_connection("localhost", port)
+        writer.close()
+    finally:
+        await transport.close()
