@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from tidelog.node import limits
-from tidelog.node.internal_auth import InternalAuth, Mode, TlsFiles, node_id_from_names
+from tidelog.node.internal_auth import InternalAuth, Mode, node_id_from_names
 from tidelog.v1 import raft_pb2
 
 #: The handshake's version (RaftChallenge.version, RaftHello.version).
@@ -139,43 +139,38 @@ def tune_socket(writer: asyncio.StreamWriter) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive_probes)
 
 
-def _load_chain(ctx: ssl.SSLContext, files: TlsFiles) -> None:
+def _context(auth: InternalAuth, *, server: bool) -> ssl.SSLContext | None:
+    """Mutual TLS with the node's certificate and the cluster CA (both ends verify the
+    other's certificate); None unless the node uses mutual TLS."""
+    if auth.mode is not Mode.TLS or auth.tls is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not server:
+        # The caller checks instead that the certificate names the node it dialled.
+        ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=auth.tls.ca.decode())
     # The ssl module loads a certificate chain from files only: a private temporary copy.
     with tempfile.TemporaryDirectory(prefix="tidelog-tls-") as tmp:
         cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
-        for path, data in ((cert, files.cert), (key, files.key)):
+        for path, data in ((cert, auth.tls.cert), (key, auth.tls.key)):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
         ctx.load_cert_chain(cert, key)
+    return ctx
 
 
 def server_context(auth: InternalAuth) -> ssl.SSLContext | None:
-    """The listener's TLS: the node's certificate, a caller's certificate of the cluster CA
-    required. None unless the node uses mutual TLS."""
-    if auth.mode is not Mode.TLS or auth.tls is None:
-        return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cadata=auth.tls.ca.decode())
-    _load_chain(ctx, auth.tls)
-    return ctx
+    """The listener's TLS: a caller's certificate of the cluster CA required."""
+    return _context(auth, server=True)
 
 
 def client_context(auth: InternalAuth) -> ssl.SSLContext | None:
-    """A connection's TLS: the node's certificate presented, the listener's verified against
-    the cluster CA. The host name is not checked: the caller checks instead that the
-    certificate names the node it dialled (:func:`peer_node`)."""
-    if auth.mode is not Mode.TLS or auth.tls is None:
-        return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cadata=auth.tls.ca.decode())
-    _load_chain(ctx, auth.tls)
-    return ctx
+    """A connection's TLS: the listener's certificate verified against the cluster CA; the
+    host name is not checked, the certificate must name the node dialled (:func:`peer_node`)."""
+    return _context(auth, server=False)
 
 
 def peer_node(writer: asyncio.StreamWriter) -> int | None:

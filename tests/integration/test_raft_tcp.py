@@ -201,6 +201,14 @@ async def test_a_caller_that_never_finishes_its_handshake_is_dropped(
 # ---- the cluster secret ------------------------------------------------------------------
 
 
+def signed_hello(auth: InternalAuth, nonce: bytes, *, from_node: int) -> raft_pb2.RaftHello:
+    """A hello to node 2 claiming ``from_node``, with ``auth``'s MAC for ``nonce``."""
+    return raft_pb2.RaftHello(
+        version=1, from_node=from_node, to_node=2, cluster_id=CLUSTER,
+        mac=auth.hello_mac(nonce, 2, CLUSTER),
+    )  # fmt: skip
+
+
 @pytest.mark.timeout(30)
 async def test_a_secret_listener_refuses_a_wrong_or_missing_mac_and_a_replayed_handshake(
     make: Callable[[int, InternalAuth], object],
@@ -217,10 +225,7 @@ async def test_a_secret_listener_refuses_a_wrong_or_missing_mac_and_a_replayed_h
     # An honest handshake, recorded, then replayed on a new connection: a new nonce.
     right = InternalAuth(1, secret=SECRET)
     reader, writer, nonce = await raw_connection(b.tcp_port)
-    hello = raft_pb2.RaftHello(
-        version=1, from_node=1, to_node=2, cluster_id=CLUSTER,
-        mac=right.hello_mac(nonce, 2, CLUSTER),
-    )  # fmt: skip
+    hello = signed_hello(right, nonce, from_node=1)
     writer.write(raft_tcp.frame(hello.SerializeToString()))
     assert (await answer(reader)).reason == ""
     writer.close()
@@ -232,10 +237,7 @@ async def test_a_secret_listener_refuses_a_wrong_or_missing_mac_and_a_replayed_h
     writer.close()
     # A right MAC for node 1 cannot claim node 3 either: the MAC covers the sender.
     reader, writer, nonce = await raw_connection(b.tcp_port)
-    forged = raft_pb2.RaftHello(
-        version=1, from_node=3, to_node=2, cluster_id=CLUSTER,
-        mac=right.hello_mac(nonce, 2, CLUSTER),
-    )  # fmt: skip
+    forged = signed_hello(right, nonce, from_node=3)
     writer.write(raft_tcp.frame(forged.SerializeToString()))
     assert (await answer(reader)).reason == "PEER_NOT_AUTHENTICATED"
     writer.close()
