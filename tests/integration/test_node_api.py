@@ -13,6 +13,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -518,5 +519,16 @@ async def test_topics_and_records_survive_restart(node: Node) -> None:
     node.start()
     channel = aio.insecure_channel(node.address)
     api = Api(channel, broker_pb2_grpc.BrokerStub(channel), admin_pb2_grpc.AdminStub(channel))  # type: ignore[arg-type]
-    assert await latest(api, "durable", 1) == 51
+    # Serving is not leading: the partition elects itself after the restart (UNAVAILABLE,
+    # "no leader is known right now; retry", until it has).
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            end = await latest(api, "durable", 1)
+            break
+        except aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+    assert end == 51
     await channel.close(None)
