@@ -121,6 +121,9 @@ def compose_nodes(base: Path) -> dict[int, ComposeNode]:
 
         env = {k: remap(v) for k, v in env.items()}
         env["TIDELOG_NODE_METRICS_PORT"] = str(metrics_port)
+        if "TIDELOG_NODE_RAFT_PORT" in env:
+            # A container's own port (9094 in each); three local processes need three.
+            env["TIDELOG_NODE_RAFT_PORT"] = str(free_port())
         env["TIDELOG_NODE_DATA_DIR"] = str(base / name)
         node_id = int(env["TIDELOG_NODE_ID"])
         nodes[node_id] = ComposeNode(
