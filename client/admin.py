@@ -366,17 +366,19 @@ class Admin:
         self,
         name: str | Sequence[str],
         partitions: int = 1,
-        replication_factor: int = 1,
+        replication_factor: int | None = None,
         configs: Mapping[str, str] | None = None,
         *,
         validate_only: bool = False,
     ) -> list[str]:
-        """Create one topic (or several alike); returns the names created."""
+        """Create one topic (or several alike); returns the names created.
+        ``replication_factor`` None: the cluster's default, 3 replicas or every node alive
+        when fewer are."""
         specs = [
             admin_pb2.TopicSpec(
                 name=n,
                 partitions=partitions,
-                replication_factor=replication_factor,
+                replication_factor=replication_factor or 0,
                 configs=dict(configs or {}),
             )
             for n in _names(name)

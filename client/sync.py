@@ -351,7 +351,7 @@ class SyncAdmin(_Facade):
         self,
         name: str | Sequence[str],
         partitions: int = 1,
-        replication_factor: int = 1,
+        replication_factor: int | None = None,
         configs: Mapping[str, str] | None = None,
         *,
         validate_only: bool = False,

@@ -168,8 +168,10 @@ node_dead_ms_default: Final = 3_000
 admin_timeout_ms: Final = 30_000
 #: Pause between attempts while the controller is unknown or moving.
 retry_backoff_ms: Final = 50
-#: Replication factor of a CreateTopics request that leaves it at 0.
-DEFAULT_REPLICATION_FACTOR: Final = 1
+#: Replication factor of a CreateTopics request that leaves it at 0: this many, or every
+#: node alive when fewer are (rpk's and the CLI's rule; Kafka's broker default is 1, which
+#: leaves a new user's topic without a second copy on a cluster built to survive a kill).
+DEFAULT_REPLICATION_FACTOR: Final = 3
 #: A group whose leadership the balancer moved is left alone this long (the new leader's
 #: report takes a heartbeat or two to arrive).
 leader_transfer_cooldown_ms: Final = 5_000
@@ -1128,7 +1130,7 @@ class Controller(StateMachine[ApplyResult]):
             seen.add(name)
             if name in state.topics:
                 raise TopicExists(f"topic {name!r} already exists")
-            rf = spec.replication_factor or DEFAULT_REPLICATION_FACTOR
+            rf = spec.replication_factor or max(1, min(DEFAULT_REPLICATION_FACTOR, len(live)))
             configs = dict(spec.configs or {})
             try:
                 validate_partitions(spec.partitions)

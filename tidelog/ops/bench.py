@@ -210,12 +210,12 @@ async def ensure_topic(
     bootstrap: str,
     topic: str,
     partitions: int,
-    replication_factor: int,
+    replication_factor: int | None,
     connection: Mapping[str, Any] | None = None,
     configs: Mapping[str, str] | None = None,
 ) -> tuple[int, bool]:
-    """The topic's partition count, creating the topic first (with ``configs``) when it is
-    missing."""
+    """The topic's partition count, creating the topic first (with ``configs``; a
+    ``replication_factor`` of None takes the cluster's default) when it is missing."""
     async with Admin(bootstrap, **(connection or {})) as admin:
         try:
             desc = await admin.describe_topics(topic)
@@ -245,7 +245,7 @@ async def produce_bench(
     acks: str = "all",
     compression: str = "none",
     partitions: int = 1,
-    replication_factor: int = 1,
+    replication_factor: int | None = None,
     batch_bytes_max: int = 1 * _MIB,
     linger_ms: float = 5,
     max_in_flight: int = BENCH_IN_FLIGHT_DEFAULT,
@@ -359,7 +359,7 @@ async def consume_bench(
     record_bytes: int,
     *,
     partitions: int = 1,
-    replication_factor: int = 1,
+    replication_factor: int | None = None,
     acks: str = "all",
     compression: str = "none",
     progress: bool = True,

@@ -127,7 +127,7 @@ async def _fill(
     keys: int,
     value_bytes: int,
     partitions: int,
-    replication_factor: int,
+    replication_factor: int | None,
     connection: Mapping[str, Any],
 ) -> tuple[int, float | None, dict[int, int]]:
     """Partition count, fill time (None: the topic was full already) and the offset per
@@ -175,7 +175,7 @@ async def table_bench(
     keys: int = 100_000,
     value_bytes: int = 100,
     partitions: int = 1,
-    replication_factor: int = 1,
+    replication_factor: int | None = None,
     gets: int = 20_000,
     get_many_keys: int = 1_000_000,
     batch_keys: int = 1_000,

@@ -361,7 +361,7 @@ def topic() -> None:
     "-r",
     type=int,
     default=None,
-    help="Replicas per partition. Default: min(3, the nodes alive), as rpk.",
+    help="Replicas per partition. Default: the cluster's, 3 (or every node alive when fewer).",
 )
 @click.option(
     "--config",
@@ -1314,6 +1314,13 @@ def bench() -> None:
     """Measure throughput, latency and CPU cost against a running cluster."""
 
 
+#: The benches' --replication-factor when they create the topic.
+RF_HELP = (
+    "Replicas per partition when the bench creates the topic. Default: the cluster's "
+    "(3, or every node alive when fewer), as topic create."
+)
+
+
 def _bench_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     opts: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         click.option("--topic", default="bench", show_default=True),
@@ -1328,7 +1335,10 @@ def _bench_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Partitions of the topic when the bench creates it.",
         ),
         click.option(
-            "--replication-factor", type=click.IntRange(min=1), default=1, show_default=True
+            "--replication-factor",
+            type=click.IntRange(min=1),
+            default=None,
+            help=RF_HELP,
         ),
         click.option("--compression", default="none", show_default=True, callback=_check_codec),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
@@ -1380,7 +1390,7 @@ def bench_produce(
     record_bytes: int,
     acks: str,
     partitions: int,
-    replication_factor: int,
+    replication_factor: int | None,
     compression: str,
     as_json: bool,
     bootstrap: str,
@@ -1441,7 +1451,7 @@ def bench_consume(
     record_bytes: int,
     acks: str,
     partitions: int,
-    replication_factor: int,
+    replication_factor: int | None,
     compression: str,
     as_json: bool,
     bootstrap: str,
@@ -1478,7 +1488,7 @@ def bench_consume(
     show_default=True,
     help="Partitions of the topic when the bench creates it.",
 )
-@click.option("--replication-factor", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--replication-factor", type=click.IntRange(min=1), default=None, help=RF_HELP)
 @click.option("--gets", type=click.IntRange(min=1), default=20_000, show_default=True)
 @click.option(
     "--get-many-keys",
@@ -1496,7 +1506,7 @@ def bench_table(
     keys: int,
     value_bytes: int,
     partitions: int,
-    replication_factor: int,
+    replication_factor: int | None,
     gets: int,
     get_many_keys: int,
     batch_keys: int,
