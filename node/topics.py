@@ -173,7 +173,11 @@ class TopicRegistry:
         #: Streamed snapshots and catch-up copies (node/catchup.py); None: plain snapshots.
         self.catchup = catchup
         # Partitions keep their offsets dense: a leader of a committed log appends nothing.
-        self._raft_config: Config = raft.timing.config(Config(always_append_empty=False))
+        # Their followers learn commits lazily (with the next APPEND or heartbeat): a write
+        # costs no commit-only APPEND round (the controller's group tells its at once).
+        self._raft_config: Config = raft.timing.config(
+            Config(always_append_empty=False, lazy_commit=True)
+        )
         self._topics: dict[str, Topic] = {}
         self._local: dict[int, Partition] = {}
         self._wake = asyncio.Event()

@@ -1377,7 +1377,9 @@ class RawNode:
             pr.become_probe()
             return False
         commit = log.committed
-        if not entries and not send_if_empty and pr.sent_commit >= commit:
+        if not entries and not send_if_empty and (pr.sent_commit >= commit or self.cfg.lazy_commit):
+            # Nothing new to tell, or only a commit and that waits for the next APPEND or
+            # heartbeat (Config.lazy_commit; the heartbeat round sends it, see there).
             return False
         nbytes = 0
         for e in entries:
@@ -1456,13 +1458,18 @@ class RawNode:
         for nid, pr in self.tracker.progress.items():
             if nid == self.id:
                 continue
-            if pr.appended_since_heartbeat:
-                pr.appended_since_heartbeat = False
-                if not ctx:
-                    continue
-            pr.match_at_heartbeat = pr.match
             # Never tell a follower to commit beyond what it is known to hold.
             commit = min(pr.match, committed)
+            if pr.appended_since_heartbeat:
+                pr.appended_since_heartbeat = False
+                if not ctx and (not self.cfg.lazy_commit or pr.sent_commit >= commit):
+                    # Its APPENDs carried everything a heartbeat would (with lazy commits,
+                    # a commit that advanced since goes now: no follower waits more than a
+                    # heartbeat interval to learn it).
+                    continue
+            pr.match_at_heartbeat = pr.match
+            if self.cfg.lazy_commit:
+                pr.sent_commit = max(pr.sent_commit, commit)
             if ctx:
                 self._send(
                     Message(_K.HEARTBEAT, self.id, nid, self.term, commit=commit, context=ctx)

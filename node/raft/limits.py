@@ -86,6 +86,14 @@ class Config:
     #: whose every entry takes a consumer offset (a partition) keeps its offsets dense
     #: across restarts. Then ``read_index`` waits for the term's first proposal to commit.
     always_append_empty: bool = True
+    #: A commit index that advanced with no entries to send waits for the next APPEND or
+    #: heartbeat (within a heartbeat interval) instead of going out in an APPEND of its own
+    #: (Redpanda's followers learn it so too). Followers then apply a little later, but a
+    #: write costs two messages and a follower round fewer: its commit no longer needs an
+    #: APPEND to each follower, their rounds and their answers. The leader's commit, its
+    #: answers to writers and every safety property are unchanged; only what followers
+    #: know of the commit lags (it is never required of them: Raft only needs it eventually).
+    lazy_commit: bool = False
 
     def __post_init__(self) -> None:
         assert self.heartbeat_interval_ticks >= 1, "heartbeat_interval_ticks must be >= 1"

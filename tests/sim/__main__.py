@@ -6,6 +6,7 @@
     .venv/bin/python -m tests.sim --regressions            # every seed that once failed
     .venv/bin/python -m tests.sim --steady                 # messages per committed entry
     .venv/bin/python -m tests.sim --membership --seeds 500 # with membership changes
+    .venv/bin/python -m tests.sim --lazy-commit --seeds 500 # commits told lazily, as partitions
     .venv/bin/python -m tests.sim --seeds 10000 --processes 2  # in two worker processes
 
 Each failing seed prints one line, ``reproduce: ... --seed S  # invariant: detail``; the exit
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         "--membership", action="store_true", help="the profile with membership changes"
     )
     parser.add_argument("--processes", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument(
+        "--lazy-commit",
+        action="store_true",
+        help="followers learn commits lazily (Config.lazy_commit, as the node's partitions)",
+    )
     args = parser.parse_args(argv)
     console = Console()
 
@@ -55,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.seed is not None:
         result = run_seed(
-            args.seed, trace=print if args.verbose else None, membership=args.membership
+            args.seed,
+            trace=print if args.verbose else None,
+            membership=args.membership,
+            lazy_commit=args.lazy_commit,
         )
         if args.verbose:
             print(result.options.describe())
@@ -97,7 +106,13 @@ def main(argv: list[str] | None = None) -> int:
                     record_regression(result)
             progress.update(task, advance=1, failed=failed)
 
-        summary = run_many(seeds, on_result, membership=args.membership, processes=args.processes)
+        summary = run_many(
+            seeds,
+            on_result,
+            membership=args.membership,
+            lazy_commit=args.lazy_commit,
+            processes=args.processes,
+        )
     for line in summary.lines():
         print(line)
     return 1 if summary.failures else 0

@@ -74,6 +74,7 @@ def config_for(opts: SimOptions) -> Config:
         election_timeout_ticks=opts.election_ticks,
         election_timeout_span_ticks=opts.election_span_ticks,
         always_append_empty=opts.always_append_empty,
+        lazy_commit=opts.lazy_commit,
         heartbeat_interval_ticks=opts.heartbeat_ticks,
         max_msg_bytes=opts.max_msg_bytes,
         max_inflight_msgs=opts.max_inflight_msgs,

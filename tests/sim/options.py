@@ -123,6 +123,9 @@ class SimOptions:
     #: Whether the transport reports undeliverable messages and snapshot outcomes to the
     #: sender's core (``report_unreachable``, ``report_snapshot``).
     transport_reports: bool
+    #: Whether commits travel lazily (``Config.lazy_commit``, as the node's partitions run).
+    #: Not drawn: the profile sets it, so every seed keeps its eager run and gets a lazy one.
+    lazy_commit: bool = False
 
     @classmethod
     def draw(cls, rng: random.Random) -> SimOptions:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import time
 from collections.abc import Callable, Iterable
@@ -88,26 +89,19 @@ class Summary:
         ]
 
 
-def _run_membership(seed: int) -> RunResult:
-    return run_seed(seed, membership=True)
-
-
-def _run_plain(seed: int) -> RunResult:
-    return run_seed(seed)
-
-
 def run_many(
     seeds: Iterable[int],
     on_result: Callable[[RunResult], None] | None = None,
     *,
     membership: bool = False,
+    lazy_commit: bool = False,
     processes: int = 1,
 ) -> Summary:
     """Run ``seeds`` (in ``processes`` worker processes when above 1: each seed is
     deterministic on its own, so the results do not depend on it)."""
     summary = Summary()
     start = time.perf_counter()
-    run = _run_membership if membership else _run_plain
+    run = functools.partial(run_seed, membership=membership, lazy_commit=lazy_commit)
     results: Iterable[RunResult]
     pool = multiprocessing.Pool(processes) if processes > 1 else None
     results = map(run, seeds) if pool is None else pool.imap(run, seeds, chunksize=16)

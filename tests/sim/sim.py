@@ -211,6 +211,7 @@ class RunResult:
     @property
     def reproduce(self) -> str:
         flag = " --membership" if self.membership else ""
+        flag += " --lazy-commit" if self.options.lazy_commit else ""
         return f"reproduce: .venv/bin/python -m tests.sim{flag} --seed {self.seed}"
 
     def line(self) -> str:
@@ -228,10 +229,11 @@ class Simulation:
         opts: SimOptions | None = None,
         *,
         membership: bool = False,
+        lazy_commit: bool = False,
     ) -> None:
         self.seed = seed
         rng = random.Random(seed)
-        drawn = SimOptions.draw(rng)
+        drawn = dataclasses.replace(SimOptions.draw(rng), lazy_commit=lazy_commit)
         #: ``opts`` overrides the drawn options (the steady-state measurement uses it); the
         #: draw still happens so the child generators stay the same.
         if opts is None and membership:
@@ -1057,5 +1059,11 @@ def _where(e: BaseException) -> str:
     return f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} ({code.co_name})"
 
 
-def run_seed(seed: int, trace: Trace | None = None, *, membership: bool = False) -> RunResult:
-    return Simulation(seed, trace, membership=membership).run()
+def run_seed(
+    seed: int,
+    trace: Trace | None = None,
+    *,
+    membership: bool = False,
+    lazy_commit: bool = False,
+) -> RunResult:
+    return Simulation(seed, trace, membership=membership, lazy_commit=lazy_commit).run()

@@ -300,3 +300,54 @@ def test_propose_all_appends_every_entry_or_none() -> None:
     assert c[1].propose_all([PAYLOAD, PAYLOAD]) == last + 2
     with pytest.raises(NotRaftLeader):
         c[2].propose_all([PAYLOAD])
+
+
+# ---- lazy commits (Config.lazy_commit, the node's partitions) --------------------------------
+
+
+def test_lazy_commit_halves_the_messages_of_a_write_one_at_a_time() -> None:
+    """A commit with nothing else to send waits for the next APPEND: one write at a time
+    costs APPEND + APPEND_RESP per follower, not twice that (the eager count is above)."""
+    c = Cluster([1, 2, 3], config=Config(lazy_commit=True))
+    c.elect(1)
+    before = c.delivered
+    for i in range(100):
+        c[1].propose(b"x")
+        c.stabilize()
+        # The leader committed it at once (its writer is answered), the followers hold it.
+        assert c[1].commit_index == c[1].log.last_index()
+        assert c[2].log.last_index() == c[1].log.last_index()
+        if i:  # each APPEND told the followers the commit of the write before
+            assert c[2].commit_index == c[3].commit_index == c[1].commit_index - 1
+    assert (c.delivered - before) / 100 == 4
+
+
+def test_lazy_commit_reaches_idle_followers_with_the_next_heartbeat() -> None:
+    c = Cluster([1, 2, 3], config=Config(lazy_commit=True, heartbeat_interval_ticks=1))
+    c.elect(1)
+    c[1].propose(b"x")
+    c.stabilize()
+    last = c[1].log.last_index()
+    assert c[1].commit_index == last and c[2].commit_index == c[3].commit_index == last - 1
+    # The followers got an APPEND since the last heartbeat round, but not this commit: the
+    # round does not skip them.
+    c.tick(1)
+    c.process_ready(1)
+    heartbeats = [m for m in c.outbox if m.kind == K.HEARTBEAT]
+    assert sorted(m.to for m in heartbeats) == [2, 3]
+    assert all(m.commit == last for m in heartbeats)
+    c.stabilize()
+    assert c[2].commit_index == c[3].commit_index == last
+    assert [e.index for e in c.nodes[2].applied][-1] == last
+    # Later heartbeat rounds carry the same commit.
+    c.tick(1)
+    c.process_ready(1)
+    assert all(m.commit == last for m in c.outbox if m.kind == K.HEARTBEAT)
+
+
+def test_eager_commit_still_sends_a_commit_only_append() -> None:
+    c = Cluster([1, 2, 3])
+    c.elect(1)
+    c[1].propose(b"x")
+    c.stabilize()
+    assert c[2].commit_index == c[3].commit_index == c[1].commit_index

@@ -181,7 +181,7 @@ class Options:
 #: The period of a fault that does not happen.
 NEVER = 99.0
 TIMING = RaftTiming(tick_ms=10, heartbeat_interval_ms=30, election_timeout_ms=300)
-RAFT_CONFIG = TIMING.config(Config(always_append_empty=False))
+RAFT_CONFIG = TIMING.config(Config(always_append_empty=False, lazy_commit=True))  # as topics.py
 PROFILES = (
     "default",
     "wipe",
