@@ -88,7 +88,8 @@ class Config:
     always_append_empty: bool = True
     #: A commit index that advanced with no entries to send waits for the next APPEND or
     #: heartbeat (within a heartbeat interval) instead of going out in an APPEND of its own
-    #: (Redpanda's followers learn it so too). Followers then apply a little later, but a
+    #: (the Raft paper's rule, §5.3: the leader includes it in future AppendEntries,
+    #: heartbeats included, so followers eventually find out). Followers apply later, but a
     #: write costs two messages and a follower round fewer: its commit no longer needs an
     #: APPEND to each follower, their rounds and their answers. The leader's commit, its
     #: answers to writers and every safety property are unchanged; only what followers
