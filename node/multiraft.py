@@ -110,6 +110,10 @@ log = logging.getLogger(__name__)
 CONTROLLER_GROUP: Final = 0
 #: How often (in ticks) quiet groups are looked at.
 _QUIET_CHECK_TICKS: Final = 20
+#: A partition's hard state whose only change is its commit index is stored at most this
+#: often (with the next write that must go at once, or on its own after this long), not by
+#: every round: a commit index is relearned from the leader, so a stored one may lag.
+COMMIT_STORE_INTERVAL_S: Final = 0.1
 
 #: Messages kept for groups this node does not host yet (a topic whose creation the node
 #: has not applied while the preferred leader already campaigns), and how long.
@@ -304,6 +308,7 @@ class MultiRaft:
         executor: Executor | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_term_gap: int = MAX_TERM_GAP,
+        commit_store_interval_s: float = COMMIT_STORE_INTERVAL_S,
     ) -> None:
         """``executor`` runs the round's fsyncs and hard-state write (default: a pool of
         ``threads`` threads); ``clock`` is the monotonic clock of the early-message cache.
@@ -327,6 +332,10 @@ class MultiRaft:
         )
         #: The latest hard-state write: the next one starts after it (whatever the executor).
         self._hs_tail: asyncio.Future[Any] | None = None
+        #: Commit-only hard states waiting to be stored (COMMIT_STORE_INTERVAL_S; 0: none wait).
+        self._commit_store_s = commit_store_interval_s
+        self._deferred_hs: dict[int, HardState] = {}
+        self._deferred_timer: asyncio.TimerHandle | None = None
         self._clock = clock
         self.groups: dict[int, RaftGroup] = {}
         # Insertion-ordered set of groups that may have a Ready.
@@ -578,8 +587,16 @@ class MultiRaft:
         self._quiet.pop(group, None)
         while group in self._in_round:
             await self._left_round.wait()
+        waiting = self._deferred_hs.pop(group_id, None)
         if forget:
-            self._hard_states.delete(group_id)
+            self._hard_states.delete(group_id)  # and what waited is never stored after it
+        elif waiting is not None:
+            # A replica closed to be reopened (a restart of it) finds its latest commit.
+            fut = asyncio.get_running_loop().create_task(
+                self._write_hard_states({group_id: waiting}, False, self._hs_tail, {})
+            )
+            self._hs_tail = fut
+            await asyncio.wait({fut})
         return group
 
     def set_durable(self, group: RaftGroup, durable: bool) -> None:
@@ -691,6 +708,9 @@ class MultiRaft:
             self._ready_task = None
         while self._rounds:
             await asyncio.wait(set(self._rounds))
+        if self._deferred_timer is not None:
+            self._deferred_timer.cancel()
+        self._store_deferred()  # what waited is stored before the node stops
         if self._hs_tail is not None:
             await asyncio.wait({self._hs_tail})
         self._pool.shutdown(wait=True)
@@ -703,6 +723,10 @@ class MultiRaft:
         for task in (self._tick_task, self._ready_task, *self._rounds):
             if task is not None:
                 task.cancel()
+        if self._deferred_timer is not None:
+            self._deferred_timer.cancel()  # what waited is lost, as in a crash
+            self._deferred_timer = None
+        self._deferred_hs.clear()
 
     async def _tick_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -904,23 +928,46 @@ class MultiRaft:
                     # Recovering lost entries: the stored commit stays the evidence of them
                     # (a new replica that has not caught up: the NEW_REPLICA marker).
                     hs = replace(hs, commit=stored_lost_to)
-                hard_states[group.group_id] = hs
                 group.storage.set_hard_state(rd.hard_state)
-                sync_states = sync_states or rd.must_sync
-                if rd.conf_state is not None and group.logged_conf:
+                conf_changed = rd.conf_state is not None and group.logged_conf
+                # Stored and synced now when it holds a term or vote (Raft's persistent
+                # state), a snapshot's commit, a configuration, or the evidence of lost
+                # entries (an adjusted commit, a recovering replica). A commit-only change
+                # is not synced, even in a round with entries (``rd.must_sync``): the entries
+                # are durable through their log's own fsync and a lost commit index is
+                # relearned from the leader. A partition's waits, the controller's goes now.
+                must_store = (
+                    vote_changed
+                    or rd.snapshot is not None
+                    or hs is not rd.hard_state
+                    or conf_changed
+                    or bool(group.raw.lost_to)
+                )
+                gid = group.group_id
+                if must_store or gid == CONTROLLER_GROUP or self._commit_store_s <= 0:
+                    hard_states[gid] = hs
+                    self._deferred_hs.pop(gid, None)
+                    sync_states = sync_states or must_store
+                else:
+                    self._deferred_hs[gid] = hs
+                if conf_changed:
                     # The core hands a new configuration out with the hard state it goes
                     # with: both in the same write.
-                    confs[group.group_id] = (rd.conf_index, rd.conf_state)
+                    confs[gid] = (rd.conf_index, rd.conf_state)
                     group.storage.set_conf_state(rd.conf_state, rd.conf_index)
             stored.append((group, rd, vote_changed))
 
         loop = asyncio.get_running_loop()
         hs_fut: asyncio.Future[Any] | None = None
         if hard_states:
-            states = hard_states
+            # The commits waiting go with it (a later state of a group replaced its own).
+            states = {**self._deferred_hs, **hard_states}
+            self._deferred_hs.clear()
             sync = sync_states
             hs_fut = loop.create_task(self._write_hard_states(states, sync, self._hs_tail, confs))
             self._hs_tail = hs_fut
+        elif self._deferred_hs and self._deferred_timer is None:
+            self._deferred_timer = loop.call_later(self._commit_store_s, self._store_deferred)
         # One fsync job per group while there are few, so that one stalled disk holds up
         # only its own group; chunks of several beyond that, to bound the jobs per round.
         fsync_of: dict[RaftGroup, asyncio.Future[Any]] = {}
@@ -976,7 +1023,7 @@ class MultiRaft:
         if hs_fut is not None and not hs_awaited:
             # Commit-only changes: the round does not wait, but a failed write still takes
             # its groups offline (the store is failing; a vote would not be stored either).
-            failing = [g for g, _rd, _vc in stored if g.group_id in hard_states]
+            failing = [self.groups[g] for g in states if g in self.groups]
             hs_fut.add_done_callback(functools.partial(self._hard_states_written, failing))
         failed_hs: BaseException | None = None
         while True:
@@ -1037,6 +1084,20 @@ class MultiRaft:
         await asyncio.get_running_loop().run_in_executor(
             self._hs_pool, lambda: self._hard_states.save(states, sync=sync, confs=confs)
         )
+
+    def _store_deferred(self) -> None:
+        """Store the commit-only hard states that waited (COMMIT_STORE_INTERVAL_S), unsynced,
+        after the writes before them."""
+        self._deferred_timer = None
+        if not self._deferred_hs:
+            return
+        states, self._deferred_hs = self._deferred_hs, {}
+        fut = asyncio.get_running_loop().create_task(
+            self._write_hard_states(states, False, self._hs_tail, {})
+        )
+        self._hs_tail = fut
+        groups = [self.groups[g] for g in states if g in self.groups]
+        fut.add_done_callback(functools.partial(self._hard_states_written, groups))
 
     def _hard_states_written(self, groups: list[RaftGroup], fut: asyncio.Future[Any]) -> None:
         error = None if fut.cancelled() else fut.exception()

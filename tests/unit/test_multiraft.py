@@ -541,3 +541,48 @@ async def test_a_commit_does_not_wait_for_the_fsync_of_newer_entries(cluster: Cl
         async with asyncio.timeout(5):
             while values_of(cluster.parts[n]) != values_of(leader):
                 await asyncio.sleep(0.01)
+
+
+@pytest.mark.timeout(30)
+async def test_commit_only_hard_states_are_stored_unsynced_and_seldom(cluster: Cluster) -> None:
+    """A term or vote is synced before anything depends on it. A partition's commit-only
+    change is stored unsynced and at most every COMMIT_STORE_INTERVAL_S, even from rounds
+    that appended entries (their log's own fsync makes them durable; a lost commit index is
+    relearned from the leader), and what waited is stored in the end."""
+    saves: dict[int, list[tuple[dict[int, HardState], bool]]] = {1: [], 2: [], 3: []}
+    for n, raft in cluster.net.nodes.items():
+        store = raft._hard_states
+        real = store.save
+
+        def save(
+            states: dict[int, HardState],
+            *,
+            sync: bool,
+            confs: Any = None,
+            real: Any = real,
+            n: int = n,
+        ) -> None:
+            saves[n].append((dict(states), sync))
+            real(states, sync=sync, confs=confs)
+
+        store.save = save  # type: ignore[method-assign]
+    leader = await cluster.start()
+    # The election stored terms and votes, synced, on every node.
+    for n in (1, 2, 3):
+        assert any(sync and GROUP in states for states, sync in saves[n]), saves[n]
+        saves[n].clear()
+    rounds = {n: raft.rounds for n, raft in cluster.net.nodes.items()}
+    for i in range(40):
+        await cluster.produce(leader, b"v%d" % i)
+    commit = leader.group.raw.commit_index  # type: ignore[union-attr]
+    async with asyncio.timeout(5):
+        while any(
+            raft._hard_states.load(GROUP).commit < commit for raft in cluster.net.nodes.values()
+        ):
+            await asyncio.sleep(0.01)
+    for n, raft in cluster.net.nodes.items():
+        writes = [sync for states, sync in saves[n] if GROUP in states]
+        assert writes and not any(writes), saves[n]
+        # Far fewer writes than rounds (40 writes one at a time take tens of rounds).
+        assert raft.rounds - rounds[n] >= 40
+        assert len(writes) <= (raft.rounds - rounds[n]) // 4, (len(writes), raft.rounds)
