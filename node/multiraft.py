@@ -950,7 +950,7 @@ class MultiRaft:
                     sync_states = sync_states or must_store
                 else:
                     self._deferred_hs[gid] = hs
-                if conf_changed:
+                if conf_changed and rd.conf_state is not None:
                     # The core hands a new configuration out with the hard state it goes
                     # with: both in the same write.
                     confs[gid] = (rd.conf_index, rd.conf_state)
