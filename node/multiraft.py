@@ -110,9 +110,10 @@ log = logging.getLogger(__name__)
 CONTROLLER_GROUP: Final = 0
 #: How often (in ticks) quiet groups are looked at.
 _QUIET_CHECK_TICKS: Final = 20
-#: A partition's hard state whose only change is its commit index is stored at most this
-#: often (with the next write that must go at once, or on its own after this long), not by
-#: every round: a commit index is relearned from the leader, so a stored one may lag.
+#: A partition follower's hard state whose only change is its commit index is stored at
+#: most this often (with the next write that must go at once, or on its own after this
+#: long), not by every round: a commit index is relearned from the leader, so a stored one
+#: may lag. A leader stores its commit every round (see ``_round``).
 COMMIT_STORE_INTERVAL_S: Final = 0.1
 
 #: Messages kept for groups this node does not host yet (a topic whose creation the node
@@ -935,7 +936,10 @@ class MultiRaft:
                 # entries (an adjusted commit, a recovering replica). A commit-only change
                 # is not synced, even in a round with entries (``rd.must_sync``): the entries
                 # are durable through their log's own fsync and a lost commit index is
-                # relearned from the leader. A partition's waits, the controller's goes now.
+                # relearned from the leader. A partition follower's waits; a leader's goes now
+                # (a leader restarted with entries beyond its stored commit appends an EMPTY
+                # entry to commit them, and that takes an offset: a lone replica killed and
+                # restarted would show a gap), and so does the controller's.
                 must_store = (
                     vote_changed
                     or rd.snapshot is not None
@@ -944,7 +948,12 @@ class MultiRaft:
                     or bool(group.raw.lost_to)
                 )
                 gid = group.group_id
-                if must_store or gid == CONTROLLER_GROUP or self._commit_store_s <= 0:
+                if (
+                    must_store
+                    or gid == CONTROLLER_GROUP
+                    or group.raw.role == Role.LEADER
+                    or self._commit_store_s <= 0
+                ):
                     hard_states[gid] = hs
                     self._deferred_hs.pop(gid, None)
                     sync_states = sync_states or must_store
