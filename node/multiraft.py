@@ -593,11 +593,7 @@ class MultiRaft:
             self._hard_states.delete(group_id)  # and what waited is never stored after it
         elif waiting is not None:
             # A replica closed to be reopened (a restart of it) finds its latest commit.
-            fut = asyncio.get_running_loop().create_task(
-                self._write_hard_states({group_id: waiting}, False, self._hs_tail, {})
-            )
-            self._hs_tail = fut
-            await asyncio.wait({fut})
+            await asyncio.wait({self._queue_hard_states({group_id: waiting}, False, {})})
         return group
 
     def set_durable(self, group: RaftGroup, durable: bool) -> None:
@@ -972,9 +968,7 @@ class MultiRaft:
             # The commits waiting go with it (a later state of a group replaced its own).
             states = {**self._deferred_hs, **hard_states}
             self._deferred_hs.clear()
-            sync = sync_states
-            hs_fut = loop.create_task(self._write_hard_states(states, sync, self._hs_tail, confs))
-            self._hs_tail = hs_fut
+            hs_fut = self._queue_hard_states(states, sync_states, confs)
         elif self._deferred_hs and self._deferred_timer is None:
             self._deferred_timer = loop.call_later(self._commit_store_s, self._store_deferred)
         # One fsync job per group while there are few, so that one stalled disk holds up
@@ -1079,6 +1073,19 @@ class MultiRaft:
         m.raft_ready_rounds.observe(time.perf_counter() - t0)
         m.raft_ready_groups.observe(len(readies))
 
+    def _queue_hard_states(
+        self,
+        states: dict[int, HardState],
+        sync: bool,
+        confs: dict[int, tuple[int, ConfState]],
+    ) -> asyncio.Future[Any]:
+        """Start storing ``states`` after every write queued before (the new tail)."""
+        fut = asyncio.get_running_loop().create_task(
+            self._write_hard_states(states, sync, self._hs_tail, confs)
+        )
+        self._hs_tail = fut
+        return fut
+
     async def _write_hard_states(
         self,
         states: dict[int, HardState],
@@ -1101,10 +1108,7 @@ class MultiRaft:
         if not self._deferred_hs:
             return
         states, self._deferred_hs = self._deferred_hs, {}
-        fut = asyncio.get_running_loop().create_task(
-            self._write_hard_states(states, False, self._hs_tail, {})
-        )
-        self._hs_tail = fut
+        fut = self._queue_hard_states(states, False, {})
         groups = [self.groups[g] for g in states if g in self.groups]
         fut.add_done_callback(functools.partial(self._hard_states_written, groups))
 
